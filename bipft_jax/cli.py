@@ -1,0 +1,47 @@
+"""The `bipft` command line: one subcommand per job, each in its own module.
+
+A subcommand module defines `add_arguments(parser)` and `run(args) -> int`; it is imported only
+when used, so `bipft --help` stays fast. Bad input raises `UserError`: one line, exit code 2.
+"""
+import argparse
+import importlib
+import sys
+
+from bipft_jax import __version__
+from bipft_jax.errors import UserError
+
+# name -> (module, one-line help). Subcommands register here.
+COMMANDS = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="bipft", description="BiPFT binary BERT in JAX: pretrain, finetune, evaluate, convert, export.")
+  parser.add_argument("--version", action="version", version=f"bipft-jax {__version__}")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for name, (module_name, help_text) in COMMANDS.items():
+    sub.add_parser(name, help=help_text, add_help=False)
+  return parser
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = build_parser()
+  if not argv or argv[0] not in COMMANDS:
+    parser.parse_args(argv or ["--help"])  # prints help/version, or the usage error (exit 2)
+    return 2
+  name, rest = argv[0], argv[1:]
+  module = importlib.import_module(COMMANDS[name][0])
+  sub = argparse.ArgumentParser(prog=f"bipft {name}", description=COMMANDS[name][1])
+  module.add_arguments(sub)
+  args = sub.parse_args(rest)
+  try:
+    return int(module.run(args) or 0)
+  except UserError as e:
+    print(f"bipft {name}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

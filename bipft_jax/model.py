@@ -1,0 +1,423 @@
+"""BERT in Flax: the full-precision teacher and the 1-bit BiPFT student (METHOD.md sections 3-5).
+
+One set of modules serves both: `BertConfig.binary` swaps every Linear named in METHOD.md
+section 3 for its binarized form and adds the low-rank residual estimators to self-attention.
+The parameter tree is named like Hugging Face's BERT (`bert/encoder/layer/0/attention/self/query`),
+so the student's tree is the teacher's plus a few extra leaves (`move_bias`, `*_alpha`, estimators).
+
+Shapes: B batch, L length, D hidden, H heads, K head size (D/H), F FFN size, V vocab, R estimator rank.
+"""
+import dataclasses
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bipft_jax import binarize
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Architecture and binarization settings; built from `configs/model.py` by `from_dict`."""
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  classifier_dropout: float = 0.1
+  num_labels: int = 2            # 1 = regression (STS-B)
+  pad_token_id: int = 0
+  mlm_transform_act: str = "gelu"  # the release's student uses "relu" here (METHOD.md section 5)
+  binary: bool = False
+  estimator_rank: int = 1        # rank of the residual estimators; 0 = BiPFT-A
+  weight_binarizer: str = "bwn"
+  activation_binarizer: str = "elastic"
+  matmul_precision: str = "highest"  # reduced-precision fp32 matmuls flip signs
+
+  @classmethod
+  def from_dict(cls, values: Any) -> "BertConfig":
+    values = dict(values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown model config fields {unknown}; known: {sorted(known)}")
+    config = cls(**values)
+    if config.hidden_size % config.num_heads:
+      raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_heads {config.num_heads}")
+    return config
+
+  @property
+  def head_size(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+def _dense_init():
+  return nn.initializers.normal(stddev=0.02)
+
+
+def _partitioned(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name,
+                      scale_init=_partitioned(nn.initializers.ones, ("embed",)),
+                      bias_init=_partitioned(nn.initializers.zeros, ("embed",)))
+
+
+def _dense(config: BertConfig, features: int, axes: tuple, name: str) -> nn.Dense:
+  return nn.Dense(features, name=name, precision=config.matmul_precision,
+                  kernel_init=_partitioned(_dense_init(), axes),
+                  bias_init=_partitioned(nn.initializers.zeros, axes[-1:]))
+
+
+def binarize_activation(module: nn.Module, name: str, x: Array, *, signed: bool,
+                        config: BertConfig, calibrate: bool) -> Array:
+  """Binarizes `x` with the learned scalar `module.<name>`.
+
+  With `calibrate=True` the scale is set from `x` itself (the release's lazy init, done once,
+  deterministically) and recorded in the 'calibration' collection for `calibrate_alphas`.
+  """
+  signed_fn, unsigned_fn = binarize.activation_binarizers(config.activation_binarizer)
+  binarizer = signed_fn if signed else unsigned_fn
+  alpha = module.param(name, _partitioned(nn.initializers.ones, ()), ())
+  if calibrate:
+    alpha = jax.lax.stop_gradient(binarizer.initial_alpha(x))
+    module.put_variable("calibration", name, alpha)
+  return binarizer.apply(x, alpha)
+
+
+class BinaryDense(nn.Module):
+  """out = B_act(x + move_bias) @ B_w(kernel) + bias  (METHOD.md section 3)."""
+  features: int
+  config: BertConfig
+  axes: tuple = ("embed", "mlp")
+
+  @nn.compact
+  def __call__(self, x: Array, calibrate: bool = False) -> Array:
+    in_features = x.shape[-1]
+    kernel = self.param("kernel", _partitioned(_dense_init(), self.axes), (in_features, self.features))
+    bias = self.param("bias", _partitioned(nn.initializers.zeros, self.axes[-1:]), (self.features,))
+    move_bias = self.param("move_bias", _partitioned(nn.initializers.zeros, self.axes[:1]), (in_features,))
+    x_b = binarize_activation(self, "input_alpha", x + move_bias, signed=True,
+                              config=self.config, calibrate=calibrate)
+    w_b = binarize.weight_binarizers(self.config.weight_binarizer)[0](kernel)
+    return jnp.matmul(x_b, w_b, precision=self.config.matmul_precision) + bias
+
+
+def linear(config: BertConfig, features: int, axes: tuple, name: str, binary: bool):
+  """A Linear layer that METHOD.md binarizes in the student; call it as f(x, calibrate)."""
+  if binary:
+    return BinaryDense(features, config, axes, name=name)
+  dense = _dense(config, features, axes, name)
+  return lambda x, calibrate=False: dense(x)
+
+
+class WordEmbeddings(nn.Module):
+  """Token lookup; the student looks up the row-wise BWN binarized table (METHOD.md section 1)."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BxL) -> Array:
+    cfg = self.config
+    table_VxD = self.param("embedding", _partitioned(_dense_init(), ("vocab", "embed")),
+                           (cfg.vocab_size, cfg.hidden_size))
+    if cfg.binary:
+      table_VxD = binarize.weight_binarizers(cfg.weight_binarizer)[1](table_VxD)
+    words_BxLxD = jnp.take(table_VxD, input_ids_BxL, axis=0)
+    # torch's padding_idx: the padding token's lookup sends no gradient to its row.
+    is_pad_BxLx1 = (input_ids_BxL == cfg.pad_token_id)[..., None]
+    return jnp.where(is_pad_BxLx1, jax.lax.stop_gradient(words_BxLxD), words_BxLxD)
+
+
+class Embeddings(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, token_type_ids_BxL, deterministic: bool) -> Array:
+    cfg = self.config
+    words_BxLxD = WordEmbeddings(cfg, name="word_embeddings")(input_ids_BxL)
+    length = input_ids_BxL.shape[1]
+    positions_LxD = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings",
+                             embedding_init=_partitioned(_dense_init(), (None, "embed")))(jnp.arange(length))
+    types_BxLxD = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings",
+                           embedding_init=_partitioned(_dense_init(), (None, "embed")))(token_type_ids_BxL)
+    x_BxLxD = _layer_norm(cfg, "LayerNorm")(words_BxLxD + positions_LxD[None] + types_BxLxD)
+    return nn.Dropout(cfg.hidden_dropout)(x_BxLxD, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention; in the student with binarized Q/K/V/P and residual estimators."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask_bias_Bx1x1xL, deterministic: bool, calibrate: bool):
+    cfg, binary = self.config, self.config.binary
+    B, L, _ = x_BxLxD.shape
+    H, K = cfg.num_heads, cfg.head_size
+
+    def heads(name):
+      y_BxLxD = linear(cfg, cfg.hidden_size, ("embed", "heads"), name, binary)(x_BxLxD, calibrate)
+      y_BxLxHxK = y_BxLxD.reshape(B, L, H, K)
+      if binary:
+        y_BxLxHxK = binarize_activation(self, f"{name}_alpha", y_BxLxHxK, signed=True,
+                                        config=cfg, calibrate=calibrate)
+      return y_BxLxHxK
+
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = heads("query"), heads("key"), heads("value")
+    scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, precision=cfg.matmul_precision)
+    estimate = binary and cfg.estimator_rank > 0
+    if estimate:
+      # Low-rank estimates of the three terms a binary Q K^T drops (METHOD.md section 4):
+      # Qh dK^T ~ q_m k_p^T, dQ Kh^T ~ q_p k_m^T, dQ dK^T ~ q_p k_p^T; one correction for all heads.
+      def project(name):
+        return _dense(cfg, cfg.estimator_rank, ("embed", None), name)(x_BxLxD)
+      q_p, k_p, q_m, k_m = (project(n) for n in ("q_p", "k_p", "q_m", "k_m"))
+      correction_BxLxL = (jnp.einsum("bqr,bsr->bqs", q_m, k_p, precision=cfg.matmul_precision)
+                          + jnp.einsum("bqr,bsr->bqs", q_p, k_m, precision=cfg.matmul_precision)
+                          + jnp.einsum("bqr,bsr->bqs", q_p, k_p, precision=cfg.matmul_precision))
+      scores_BxHxLxL = scores_BxHxLxL + correction_BxLxL[:, None]
+    scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + mask_bias_Bx1x1xL
+    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
+    probs_BxHxLxL = nn.Dropout(cfg.attention_dropout)(probs_BxHxLxL, deterministic=deterministic)
+    if binary:
+      probs_BxHxLxL = binarize_activation(self, "probs_alpha", probs_BxHxLxL, signed=False,
+                                          config=cfg, calibrate=calibrate)
+    context_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK, precision=cfg.matmul_precision)
+    if estimate:
+      # The value residual dV ~ v_p(X), tiled over each head's channels (R = 1: the release's broadcast).
+      v_p_BxLxR = _dense(cfg, cfg.estimator_rank, ("embed", None), "v_p")(x_BxLxD)
+      if K % cfg.estimator_rank:
+        raise ValueError(f"estimator_rank {cfg.estimator_rank} must divide the head size {K}")
+      residual_BxLxHxR = jnp.einsum("bhqs,bsr->bqhr", probs_BxHxLxL, v_p_BxLxR, precision=cfg.matmul_precision)
+      context_BxLxHxK = context_BxLxHxK + jnp.tile(residual_BxLxHxR, (1, 1, 1, K // cfg.estimator_rank))
+    return context_BxLxHxK.reshape(B, L, H * K), probs_BxHxLxL
+
+
+class ResidualOutput(nn.Module):
+  """LN(residual + dropout(Linear(x))): the `output` block after attention and after the FFN."""
+  config: BertConfig
+  axes: tuple = ("mlp", "embed")
+
+  @nn.compact
+  def __call__(self, x, residual_BxLxD, deterministic: bool, calibrate: bool):
+    cfg = self.config
+    y_BxLxD = linear(cfg, cfg.hidden_size, self.axes, "dense", cfg.binary)(x, calibrate)
+    y_BxLxD = nn.Dropout(cfg.hidden_dropout)(y_BxLxD, deterministic=deterministic)
+    return _layer_norm(cfg, "LayerNorm")(y_BxLxD + residual_BxLxD)
+
+
+class Attention(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask_bias_Bx1x1xL, deterministic: bool, calibrate: bool):
+    context_BxLxD, probs_BxHxLxL = SelfAttention(self.config, name="self")(
+        x_BxLxD, mask_bias_Bx1x1xL, deterministic, calibrate)
+    out_BxLxD = ResidualOutput(self.config, ("heads", "embed"), name="output")(
+        context_BxLxD, x_BxLxD, deterministic, calibrate)
+    return out_BxLxD, probs_BxHxLxL
+
+
+class Intermediate(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, calibrate: bool):
+    cfg = self.config
+    h_BxLxF = linear(cfg, cfg.intermediate_size, ("embed", "mlp"), "dense", cfg.binary)(x_BxLxD, calibrate)
+    return jax.nn.gelu(h_BxLxF, approximate=False)
+
+
+class Layer(nn.Module):
+  """Post-LN transformer layer."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask_bias_Bx1x1xL, deterministic: bool, calibrate: bool):
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    attended_BxLxD, probs_BxHxLxL = Attention(self.config, name="attention")(
+        x_BxLxD, mask_bias_Bx1x1xL, deterministic, calibrate)
+    h_BxLxF = Intermediate(self.config, name="intermediate")(attended_BxLxD, calibrate)
+    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+    out_BxLxD = ResidualOutput(self.config, name="output")(h_BxLxF, attended_BxLxD, deterministic, calibrate)
+    return out_BxLxD, probs_BxHxLxL
+
+
+class Pooler(nn.Module):
+  """FP: tanh(Dense(h_cls)). Student: tanh(LN(BinDense(h_cls)) + h_cls) with a new LayerNorm."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, h_cls_BxD, calibrate: bool):
+    cfg = self.config
+    y_BxD = linear(cfg, cfg.hidden_size, ("embed", "embed_out"), "dense", cfg.binary)(h_cls_BxD, calibrate)
+    if cfg.binary:
+      y_BxD = _layer_norm(cfg, "LayerNorm")(y_BxD) + h_cls_BxD
+    return jnp.tanh(y_BxD)
+
+
+class LayerStack(nn.Module):
+  """The layers, named 0..n-1 so parameter paths read encoder/layer/<i>/..., as in Hugging Face."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask_bias_Bx1x1xL, deterministic: bool, calibrate: bool):
+    hidden_states, attentions = [x_BxLxD], []
+    for i in range(self.config.num_layers):
+      x_BxLxD, probs_BxHxLxL = Layer(self.config, name=str(i))(
+          x_BxLxD, mask_bias_Bx1x1xL, deterministic, calibrate)
+      hidden_states.append(x_BxLxD)
+      attentions.append(probs_BxHxLxL)
+    return hidden_states, attentions
+
+
+class Encoder(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, *args):
+    return LayerStack(self.config, name="layer")(*args)
+
+
+class BertModel(nn.Module):
+  """Embeddings, encoder and pooler; returns every hidden state (the embedding output first)."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, token_type_ids_BxL=None, attention_mask_BxL=None, *,
+               deterministic: bool = True, calibrate: bool = False) -> dict:
+    if token_type_ids_BxL is None:
+      token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
+    if attention_mask_BxL is None:
+      attention_mask_BxL = jnp.ones_like(input_ids_BxL)
+    # Added after the scaled scores (and estimator terms): masked probabilities become exactly 0.
+    mask_bias_Bx1x1xL = ((1.0 - attention_mask_BxL.astype(jnp.float32))
+                         * jnp.finfo(jnp.float32).min)[:, None, None, :]
+    x_BxLxD = Embeddings(self.config, name="embeddings")(input_ids_BxL, token_type_ids_BxL, deterministic)
+    hidden_states, attentions = Encoder(self.config, name="encoder")(
+        x_BxLxD, mask_bias_Bx1x1xL, deterministic, calibrate)
+    pooled_BxD = Pooler(self.config, name="pooler")(hidden_states[-1][:, 0], calibrate)
+    return {"hidden_states": hidden_states, "attentions": attentions, "pooled": pooled_BxD}
+
+
+class MlmTransform(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, h_BxNxD):
+    cfg = self.config
+    h_BxNxD = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "dense")(h_BxNxD)
+    act = {"gelu": lambda y: jax.nn.gelu(y, approximate=False), "relu": jax.nn.relu}[cfg.mlm_transform_act]
+    return _layer_norm(cfg, "LayerNorm")(act(h_BxNxD))
+
+
+class MlmPredictions(nn.Module):
+  """The transform, then the decoder tied to the latent FP word embedding, plus a bias."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, h_BxNxD, word_embeddings_VxD):
+    cfg = self.config
+    h_BxNxD = MlmTransform(cfg, name="transform")(h_BxNxD)
+    bias_V = self.param("bias", _partitioned(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,))
+    return jnp.einsum("bnd,vd->bnv", h_BxNxD, word_embeddings_VxD, precision=cfg.matmul_precision) + bias_V
+
+
+class PretrainingHeads(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, sequence_BxNxD, pooled_BxD, word_embeddings_VxD):
+    mlm_logits_BxNxV = MlmPredictions(self.config, name="predictions")(sequence_BxNxD, word_embeddings_VxD)
+    nsp_logits_Bx2 = _dense(self.config, 2, ("embed", None), "seq_relationship")(pooled_BxD)
+    return mlm_logits_BxNxV, nsp_logits_Bx2
+
+
+def _gather_positions(x_BxLxD, positions_BxN):
+  return jnp.take_along_axis(x_BxLxD, positions_BxN[..., None], axis=1)
+
+
+class BertForPreTraining(nn.Module):
+  """`bert` + `cls` heads. With `mlm_positions_BxN` the MLM decoder runs only at those positions."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, token_type_ids_BxL=None, attention_mask_BxL=None, *,
+               mlm_positions_BxN=None, deterministic: bool = True, calibrate: bool = False) -> dict:
+    bert = BertModel(self.config, name="bert")
+    out = bert(input_ids_BxL, token_type_ids_BxL, attention_mask_BxL,
+               deterministic=deterministic, calibrate=calibrate)
+    sequence_BxNxD = out["hidden_states"][-1]
+    if mlm_positions_BxN is not None:
+      sequence_BxNxD = _gather_positions(sequence_BxNxD, mlm_positions_BxN)
+    word_embeddings_VxD = nn.meta.unbox(bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"])
+    out["mlm_logits"], out["nsp_logits"] = PretrainingHeads(self.config, name="cls")(
+        sequence_BxNxD, out["pooled"], word_embeddings_VxD)
+    return out
+
+
+class BertForSequenceClassification(nn.Module):
+  """`bert` + dropout + an FP `classifier` on the pooled output (num_labels = 1: regression)."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, token_type_ids_BxL=None, attention_mask_BxL=None, *,
+               deterministic: bool = True, calibrate: bool = False) -> dict:
+    cfg = self.config
+    out = BertModel(cfg, name="bert")(input_ids_BxL, token_type_ids_BxL, attention_mask_BxL,
+                                      deterministic=deterministic, calibrate=calibrate)
+    pooled_BxD = nn.Dropout(cfg.classifier_dropout)(out["pooled"], deterministic=deterministic)
+    out["logits"] = _dense(cfg, cfg.num_labels, ("embed", None), "classifier")(pooled_BxD)
+    return out
+
+
+HEADS = {"pretraining": BertForPreTraining, "classification": BertForSequenceClassification,
+         "encoder": BertModel}
+
+
+def build(config: BertConfig, head: str = "pretraining") -> nn.Module:
+  """The Flax module for `config` with the named head: pretraining, classification or encoder."""
+  if head not in HEADS:
+    raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+  return HEADS[head](config)
+
+
+def init_params(module: nn.Module, rng: Array, seq_len: int = 8) -> dict:
+  """Plain (unboxed) parameters of `module`."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  variables = module.init({"params": rng}, ids)
+  return nn.meta.unbox(variables["params"])
+
+
+def logical_axes(module: nn.Module, seq_len: int = 8) -> dict:
+  """The logical axis names of every parameter (a PartitionSpec pytree)."""
+  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  abstract = jax.eval_shape(lambda i: module.init({"params": jax.random.key(0)}, i), ids)
+  return nn.get_partition_spec(abstract)["params"]
+
+
+def calibrate_alphas(module: nn.Module, params: dict, batch: dict) -> dict:
+  """Sets every activation alpha from one batch, in forward order (METHOD.md section 2 decision).
+
+  Each alpha comes from activations that already use the upstream calibrated alphas, as with the
+  release's lazy init on its first forward; this pass is deterministic (no dropout).
+  """
+  _, state = module.apply({"params": params}, batch["input_ids"], batch.get("token_type_ids"),
+                          batch.get("attention_mask"), deterministic=True, calibrate=True,
+                          mutable=["calibration"])
+  flat = flax.traverse_util.flatten_dict(params)
+  calibrated = flax.traverse_util.flatten_dict(state["calibration"])
+  missing = set(calibrated) - set(flat)
+  assert not missing, f"calibrated alphas without parameters: {missing}"
+  flat.update(calibrated)
+  return flax.traverse_util.unflatten_dict(flat)

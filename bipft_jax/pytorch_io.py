@@ -1,0 +1,200 @@
+"""PyTorch checkpoints <-> our params: one name/transpose table for Hugging Face and release names.
+
+Our parameter paths are Hugging Face's module paths (`bert/encoder/layer/0/attention/self/query`),
+so a torch name is the path joined by dots plus a renamed leaf. `LEAF_TABLE` is the whole mapping;
+the release's binary leaves (`move.bias`, `input_clip_val`, `clip_query`...) are in it too.
+Weights are read from safetensors, or `pytorch_model.bin` with `torch.load(weights_only=True)`:
+no pickled code ever runs.
+"""
+import json
+import os
+from typing import Iterable, Mapping
+
+import flax
+import numpy as np
+
+from bipft_jax import model as model_lib
+from bipft_jax.errors import UserError
+
+# our leaf name -> (torch leaf name, transpose?). Flax kernels are (in, out), torch weights (out, in).
+LEAF_TABLE = {
+    "kernel": ("weight", True),
+    "bias": ("bias", False),
+    "scale": ("weight", False),          # LayerNorm
+    "embedding": ("weight", False),
+    "move_bias": ("move.bias", False),   # release: QuantizeLinear.move (LearnableBias)
+    "input_alpha": ("input_clip_val", False),
+    "query_alpha": ("clip_query", False),
+    "key_alpha": ("clip_key", False),
+    "value_alpha": ("clip_value", False),
+    "probs_alpha": ("clip_attn", False),
+}
+# Tied aliases and buffers that torch state dicts may hold; never parameters of their own.
+TIED_ALIASES = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                "cls.predictions.decoder.bias": "cls.predictions.bias"}
+IGNORED_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+def torch_name(path: tuple) -> tuple:
+  """(torch name, transpose?) of the parameter at `path`."""
+  leaf, transpose = LEAF_TABLE[path[-1]]
+  return ".".join(path[:-1] + (leaf,)), transpose
+
+
+def name_table(params: Mapping) -> dict:
+  """torch name -> (our path, transpose?) for every leaf of `params`."""
+  table = {}
+  for path in flax.traverse_util.flatten_dict(params):
+    name, transpose = torch_name(path)
+    table[name] = (path, transpose)
+  return table
+
+
+def to_torch_state(params: Mapping) -> dict:
+  """Our params as a torch-named dict of numpy arrays (tied aliases omitted)."""
+  state = {}
+  for name, (path, transpose) in name_table(params).items():
+    value = np.asarray(flax.traverse_util.flatten_dict(params)[path])
+    state[name] = np.ascontiguousarray(value.T if transpose else value)
+  return state
+
+
+def _is_ignored(name: str, skip_suffixes: Iterable[str]) -> bool:
+  return name.endswith(IGNORED_BUFFERS) or any(name.endswith(s) for s in skip_suffixes)
+
+
+def from_torch_state(state: Mapping, template: Mapping, *, allow_missing: Iterable[str] = (),
+                     skip_suffixes: Iterable[str] = ()) -> tuple:
+  """Maps a torch state dict onto the structure of `template` (our params, e.g. freshly initialised).
+
+  Returns (params, report) where report lists the tensors taken from `template` (allowed missing,
+  matched by prefix) and those skipped. Raises UserError naming every missing, unexpected or
+  mis-shaped tensor.
+  """
+  table = name_table(template)
+  flat_template = flax.traverse_util.flatten_dict(template)
+  state = dict(state)
+  if not any(n.startswith("bert.") for n in table) and any(n.startswith("bert.") for n in state):
+    state = {n[len("bert."):]: v for n, v in state.items() if n.startswith("bert.")}
+  elif any(n.startswith("bert.") for n in table) and not any(n.startswith("bert.") for n in state):
+    state = {"bert." + n: v for n, v in state.items()}  # a bare BertModel checkpoint
+  problems, flat, report = [], {}, {"kept_from_init": [], "skipped": []}
+  for alias, source in TIED_ALIASES.items():
+    if alias in state:
+      if source in state and not np.array_equal(np.asarray(state[alias]), np.asarray(state[source])):
+        problems.append(f"{alias} should be tied to {source} but differs")
+      state.pop(alias)
+  for name, (path, transpose) in table.items():
+    if name not in state:
+      if any(name.startswith(prefix) for prefix in allow_missing):
+        flat[path] = flat_template[path]
+        report["kept_from_init"].append(name)
+      else:
+        problems.append(f"missing tensor {name}")
+      continue
+    value = np.asarray(state.pop(name))
+    value = value.T if transpose else value
+    expected = tuple(np.shape(flat_template[path]))
+    if value.shape != expected:
+      problems.append(f"shape mismatch for {name}: checkpoint {tuple(value.T.shape if transpose else value.shape)}"
+                      f", model {expected[::-1] if transpose else expected}")
+      continue
+    flat[path] = value.astype(np.asarray(flat_template[path]).dtype)
+  for name in sorted(state):
+    if _is_ignored(name, skip_suffixes):
+      report["skipped"].append(name)
+    else:
+      problems.append(f"unexpected tensor {name}")
+  if problems:
+    raise UserError("checkpoint does not fit the model: " + "; ".join(problems))
+  return flax.traverse_util.unflatten_dict(flat), report
+
+
+# --- checkpoint directories ---------------------------------------------------
+
+HF_CONFIG_FIELDS = {  # Hugging Face BertConfig field -> BertConfig field
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads", "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+    "layer_norm_eps": "layer_norm_eps", "hidden_dropout_prob": "hidden_dropout",
+    "attention_probs_dropout_prob": "attention_dropout", "pad_token_id": "pad_token_id",
+}
+
+
+def config_from_hf(hf: Mapping, **overrides) -> model_lib.BertConfig:
+  """Our BertConfig from a Hugging Face BERT config.json dict (the release's fields included)."""
+  if hf.get("hidden_act", "gelu") not in ("gelu", "relu"):
+    raise UserError(f"hidden_act {hf['hidden_act']!r} is not supported (gelu or relu)")
+  if hf.get("position_embedding_type", "absolute") != "absolute":
+    raise UserError("only absolute position embeddings are supported")
+  values = {ours: hf[theirs] for theirs, ours in HF_CONFIG_FIELDS.items() if theirs in hf}
+  if hf.get("classifier_dropout") is not None:
+    values["classifier_dropout"] = hf["classifier_dropout"]
+  if "id2label" in hf:
+    values["num_labels"] = len(hf["id2label"])
+  binary = hf.get("weight_bits", 32) == 1
+  values["binary"] = binary
+  # The release's student config sets hidden_act=relu; it reaches only the MLM transform.
+  values["mlm_transform_act"] = hf.get("hidden_act", "gelu")
+  values.update(overrides)
+  return model_lib.BertConfig.from_dict(values)
+
+
+def read_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.isdir(directory):
+    raise UserError(f"checkpoint directory {directory} does not exist")
+  if not os.path.isfile(path):
+    raise UserError(f"{path} is missing: a checkpoint directory needs config.json and model.safetensors "
+                    "or pytorch_model.bin")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_weights(directory: str) -> dict:
+  """Tensors of model.safetensors, or pytorch_model.bin loaded with weights_only=True."""
+  safetensors_path = os.path.join(directory, "model.safetensors")
+  bin_path = os.path.join(directory, "pytorch_model.bin")
+  if os.path.isfile(safetensors_path):
+    from safetensors.numpy import load_file
+    try:
+      return load_file(safetensors_path)
+    except Exception as e:  # safetensors raises several types for corrupt files
+      raise UserError(f"{safetensors_path} is not a readable safetensors file: {e}") from None
+  if os.path.isfile(bin_path):
+    try:
+      import torch
+    except ImportError:
+      raise UserError(f"reading {bin_path} needs torch: pip install 'bipft-jax[torch]'") from None
+    try:
+      state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+      raise UserError(f"{bin_path} could not be loaded with weights_only=True: {e}") from None
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+  raise UserError(f"no weights in {directory}: expected model.safetensors or pytorch_model.bin")
+
+
+def load_pretrained(directory: str, head: str = "encoder", *, allow_missing: Iterable[str] = (),
+                    seed: int = 0, **config_overrides) -> tuple:
+  """(config, params) from a PyTorch BERT checkpoint directory (Hugging Face or release names).
+
+  Tensors under `allow_missing` prefixes (e.g. heads the checkpoint lacks) keep a fresh init.
+  """
+  import jax
+  config = config_from_hf(read_config(directory), **config_overrides)
+  state = read_weights(directory)
+  template = model_lib.init_params(model_lib.build(config, head), jax.random.key(seed))
+  params, _ = from_torch_state(state, template, allow_missing=allow_missing)
+  return config, params
+
+
+def load_tokenizer(directory: str):
+  """The WordPiece tokenizer saved beside the weights (transformers BertTokenizerFast)."""
+  from transformers import BertTokenizerFast
+  if not (os.path.isfile(os.path.join(directory, "vocab.txt"))
+          or os.path.isfile(os.path.join(directory, "tokenizer.json"))):
+    raise UserError(f"no tokenizer in {directory}: expected vocab.txt or tokenizer.json")
+  return BertTokenizerFast.from_pretrained(directory)
