@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from bipft_jax import __version__
+from bipft_jax.config_loading import split_overrides
 from bipft_jax.errors import UserError
 
 # name -> (module, one-line help). Subcommands register here.
@@ -35,7 +36,9 @@ def main(argv=None) -> int:
   module = importlib.import_module(COMMANDS[name][0])
   sub = argparse.ArgumentParser(prog=f"bipft {name}", description=COMMANDS[name][1])
   module.add_arguments(sub)
+  rest, overrides = split_overrides(rest)
   args = sub.parse_args(rest)
+  args.config_overrides = overrides  # --config.field=value items, for load_config
   try:
     return int(module.run(args) or 0)
   except UserError as e:
