@@ -421,3 +421,19 @@ def calibrate_alphas(module: nn.Module, params: dict, batch: dict) -> dict:
   assert not missing, f"calibrated alphas without parameters: {missing}"
   flat.update(calibrated)
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def init_student_from_teacher(student: nn.Module, teacher_params: dict, rng: Array) -> dict:
+  """Student params: the teacher's tensors where the names agree, fresh ones elsewhere.
+
+  Fresh leaves are the student's own init (METHOD.md section 6): estimators N(0, 0.02^2) with zero
+  bias, move biases 0, alphas 1 (calibrate them before training), the pooler's new LayerNorm 1/0,
+  and any head the teacher lacks. Shapes must agree where names do.
+  """
+  flat = flax.traverse_util.flatten_dict(init_params(student, rng))
+  for path, value in flax.traverse_util.flatten_dict(teacher_params).items():
+    if path in flat:
+      if tuple(flat[path].shape) != tuple(value.shape):
+        raise ValueError(f"teacher {'/'.join(path)} has shape {value.shape}, student {flat[path].shape}")
+      flat[path] = value
+  return flax.traverse_util.unflatten_dict(flat)
