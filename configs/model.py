@@ -1,0 +1,69 @@
+"""BERT architectures by name: the full-precision teacher and the 1-bit BiPFT student.
+
+`get_config("SIZE[,VARIANT]")` gives the fields of `bipft_jax.model.BertConfig`, so
+`BertConfig.from_dict(get_config("base"))` builds the model. Sizes: tiny, mini, small, medium
+(Google's BERT miniatures), base, large, and minilm-l6 (all-MiniLM-L6-v2, our real pretrained
+FP checkpoint). Variants: `fp` (the default: a teacher), `binary` (the BiPFT student, rank-1
+residual estimators), `bipft_a` (the student without estimators, the paper's BiPFT-A).
+
+On the command line, as the model part of a job's config or on its own:
+
+  bipft summary --config configs/model.py:base,binary
+  bipft summary --config configs/model.py:tiny --config.num_layers=3
+
+and in Python:
+
+  from bipft_jax import config_loading, model
+  config = model.BertConfig.from_dict(config_loading.load_config("configs/model.py:base,bipft_a"))
+"""
+import ml_collections
+
+# name -> (layers, hidden, heads, FFN). FFN is 4 x hidden except where a released model says otherwise.
+SIZES = {
+    "tiny": (2, 128, 2, 512),
+    "mini": (4, 256, 4, 1024),
+    "small": (4, 512, 8, 2048),
+    "medium": (8, 512, 8, 2048),
+    "base": (12, 768, 12, 3072),
+    "large": (24, 1024, 16, 4096),
+    "minilm-l6": (6, 384, 12, 1536),
+}
+VARIANTS = ("fp", "binary", "bipft_a")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """`arg` is "SIZE[,VARIANT]" (default "base,fp"); see the module docstring."""
+  size, variant = "base", "fp"
+  for token in (arg or "").replace(" ", "").split(","):
+    if token in SIZES:
+      size = token
+    elif token in VARIANTS:
+      variant = token
+    elif token:
+      raise ValueError(f"unknown model size or variant {token!r}; sizes: {', '.join(SIZES)}; "
+                       f"variants: {', '.join(VARIANTS)}")
+  layers, hidden, heads, ffn = SIZES[size]
+  binary = variant != "fp"
+
+  c = ml_collections.ConfigDict()
+  c.vocab_size = 30522             # BERT's uncased WordPiece vocab, as in every released size here
+  c.hidden_size = hidden
+  c.num_layers = layers
+  c.num_heads = heads
+  c.intermediate_size = ffn
+  c.max_position_embeddings = 512  # BERT's; pretraining uses shorter sequences, checkpoints keep 512 rows
+  c.type_vocab_size = 2            # segment A / B for NSP and sentence-pair GLUE tasks
+  c.layer_norm_eps = 1e-12         # BERT's value; 1e-5 would change imported teachers' outputs
+  c.hidden_dropout = 0.1
+  c.attention_dropout = 0.1
+  c.classifier_dropout = 0.1
+  c.num_labels = 2                 # finetuning sets it per task; 1 means regression (STS-B)
+  c.pad_token_id = 0               # [PAD] in the uncased vocab
+  # The release's student config sets hidden_act=relu, which reaches only the MLM transform.
+  c.mlm_transform_act = "relu" if binary else "gelu"
+  c.binary = binary                # 1-bit weights, embeddings and activations (METHOD.md section 3)
+  c.estimator_rank = 0 if variant == "bipft_a" else 1  # low-rank residual estimators; 0 = BiPFT-A
+  c.weight_binarizer = "bwn"       # sign(W) times mean |W|: the release's weight quantizer
+  c.activation_binarizer = "elastic"  # the release's BiT quantizer: one learned scale per tensor, LSQ grads
+  c.matmul_precision = "highest"   # default CPU/TPU fp32 matmuls round to bf16 and flip signs
+  return c
