@@ -1,0 +1,48 @@
+"""Multi-controller start-up: `jax.distributed.initialize()` before any JAX computation.
+
+Enabled by `config.distributed.enabled` or the environment variable BIPFT_DISTRIBUTED=1 (what the
+launch scripts set). On TPU pods, SLURM and other clusters JAX detects the coordinator, process
+count and id itself; `launch/local.sh` (and the multi-process test) pass them explicitly through
+BIPFT_COORDINATOR, BIPFT_NUM_PROCESSES and BIPFT_PROCESS_ID, with gloo collectives on CPU.
+"""
+import os
+from typing import Optional
+
+import jax
+
+from bipft_jax.errors import UserError
+
+
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name)
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def requested(config=None) -> bool:
+  """Whether this run should start the multi-controller runtime."""
+  if os.environ.get("BIPFT_DISTRIBUTED", "") not in ("", "0"):
+    return True
+  distributed = getattr(config, "distributed", None) if config is not None else None
+  return bool(distributed and distributed.get("enabled", False))
+
+
+def initialize(config=None) -> None:
+  """Calls jax.distributed.initialize once, if requested; a no-op otherwise."""
+  if not requested(config) or jax.distributed.is_initialized():
+    return
+  coordinator = os.environ.get("BIPFT_COORDINATOR")
+  # Cross-process collectives between CPU devices need gloo; it only affects the CPU backend.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator,
+                             num_processes=_env_int("BIPFT_NUM_PROCESSES"),
+                             process_id=_env_int("BIPFT_PROCESS_ID"))
+
+
+def is_primary() -> bool:
+  """Process 0 writes logs, summaries and progress bars; every process writes its checkpoint shards."""
+  return jax.process_index() == 0
