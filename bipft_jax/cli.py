@@ -13,6 +13,7 @@ from bipft_jax.errors import UserError
 
 # name -> (module, one-line help). Subcommands register here.
 COMMANDS = {
+    "convert": ("bipft_jax.convert", "convert checkpoints: orbax <-> PyTorch (Hugging Face or release names)"),
 }
 
 

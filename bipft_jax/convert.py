@@ -1,0 +1,235 @@
+"""`bipft convert`: orbax checkpoints <-> PyTorch checkpoint directories.
+
+  bipft convert from-pytorch --src DIR --out WORKDIR
+  bipft convert to-pytorch --checkpoint WORKDIR [--step N] --out DIR [--format hf|reference]
+
+`from-pytorch` reads config.json plus model.safetensors or pytorch_model.bin, with Hugging Face
+BERT names (an FP teacher) or the release's binary names (a student from pretraining or GLUE
+finetuning); the head is detected from the tensor names. `to-pytorch --format hf` writes a
+directory that plain transformers loads with `trust_remote_code=True` (our own PyTorch model,
+`pytorch_model/modeling_bipft.py`, travels with it); `--format reference` writes the release's
+state dict, tie aliases included, so the authors' scripts load it with a strict `load_state_dict`.
+Names and transposes come from the single table in `pytorch_io`.
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from bipft_jax import model as model_lib
+from bipft_jax import pytorch_io
+from bipft_jax.errors import UserError
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_SUBDIR = "tokenizer"  # where a workdir keeps the tokenizer files it was trained with
+# The release's GLUE model carries PReLU modules (`sa`) that its forward never uses.
+UNUSED_RELEASE_SUFFIXES = (".sa.weight",)
+MODELING_FILE = os.path.join(os.path.dirname(__file__), "pytorch_model", "modeling_bipft.py")
+# The release's binarization switches, and the only values this implementation computes.
+RELEASE_BINARY_FIELDS = {"input_bits": 1, "weight_layerwise": True, "input_layerwise": True,
+                         "embed_layerwise": False, "not_quantize_attention": False}
+RELEASE_BINARIZER_FIELDS = {"weight_quant_method": "weight_binarizer",
+                            "input_quant_method": "activation_binarizer"}
+
+
+# --- PyTorch -> ours ------------------------------------------------------------
+
+def detect_head(state: dict) -> str:
+  """pretraining (`cls.*`), classification (`classifier.*`) or encoder (a bare BertModel)."""
+  if any(name.startswith("cls.") for name in state):
+    return "pretraining"
+  if any(name.startswith("classifier.") for name in state):
+    return "classification"
+  return "encoder"
+
+
+def _estimator_rank(state: dict) -> int:
+  """Rank of the residual estimators (the rows of q_p); 0 when there are none (BiPFT-A)."""
+  for name, value in state.items():
+    if name.endswith("attention.self.q_p.weight"):
+      return int(np.shape(value)[0])
+  return 0
+
+
+def config_from_checkpoint(hf: dict, state: dict) -> model_lib.BertConfig:
+  """Our config from a PyTorch config.json and its tensors (estimator rank and head size)."""
+  overrides = {}
+  if hf.get("weight_bits", 32) == 1:
+    for field, supported in RELEASE_BINARY_FIELDS.items():
+      if field in hf and hf[field] != supported:
+        raise UserError(f"config.json sets {field}={hf[field]!r}; only {supported!r} (BiPFT) is supported")
+    for field, ours in RELEASE_BINARIZER_FIELDS.items():
+      if field in hf:
+        overrides[ours] = hf[field]
+    overrides["estimator_rank"] = int(hf.get("estimator_rank", _estimator_rank(state)))
+  try:
+    config = pytorch_io.config_from_hf(hf, **overrides)
+    from bipft_jax import binarize
+    binarize.weight_binarizers(config.weight_binarizer)
+    binarize.activation_binarizers(config.activation_binarizer)
+  except ValueError as e:
+    raise UserError(f"config.json does not describe a supported model: {e}") from None
+  return config
+
+
+def read_pytorch_checkpoint(directory: str, seed: int = 0) -> tuple:
+  """(config, head, params, report) from a PyTorch checkpoint directory; report lists skipped tensors."""
+  import jax
+  hf = pytorch_io.read_config(directory)
+  state = pytorch_io.read_weights(directory)
+  config = config_from_checkpoint(hf, state)
+  head = detect_head(state)
+  template = model_lib.init_params(model_lib.build(config, head), jax.random.key(seed))
+  params, report = pytorch_io.from_torch_state(state, template, skip_suffixes=UNUSED_RELEASE_SUFFIXES)
+  return config, head, params, report
+
+
+def _copy_tokenizer(src: str, dst: str) -> list:
+  copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src, name))]
+  if copied:
+    os.makedirs(dst, exist_ok=True)
+    for name in copied:
+      shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+  return copied
+
+
+class _FreshOutput:
+  """A temp directory beside `out`, renamed to `out` on success: nothing is half-written."""
+
+  def __init__(self, out: str):
+    self.out = os.path.abspath(out)
+    if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
+      raise UserError(f"{out} already exists and is not empty; choose a new --out or remove it")
+
+  def __enter__(self) -> str:
+    parent = os.path.dirname(self.out)
+    os.makedirs(parent, exist_ok=True)
+    self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.out) + ".tmp-", dir=parent)
+    return self.tmp
+
+  def __exit__(self, exc_type, *_):
+    if exc_type is not None:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+      return False
+    if os.path.isdir(self.out):
+      os.rmdir(self.out)  # empty, checked above
+    os.rename(self.tmp, self.out)
+    return False
+
+
+def from_pytorch(src: str, out: str) -> dict:
+  """Converts the PyTorch checkpoint in `src` into an orbax workdir `out`; returns a report."""
+  from bipft_jax import checkpointing
+  config, head, params, report = read_pytorch_checkpoint(src)
+  with _FreshOutput(out) as tmp:
+    checkpointing.save_params(tmp, params, config, head, step=0)
+    report["tokenizer"] = _copy_tokenizer(src, os.path.join(tmp, TOKENIZER_SUBDIR))
+  report.update(head=head, binary=config.binary, estimator_rank=config.estimator_rank)
+  return report
+
+
+# --- ours -> PyTorch ------------------------------------------------------------
+
+def hf_config_dict(config: model_lib.BertConfig, head: str) -> dict:
+  """A Hugging Face BertConfig dict with the release's binary fields and our own switches."""
+  hf = {theirs: getattr(config, ours) for theirs, ours in pytorch_io.HF_CONFIG_FIELDS.items()}
+  hf.update(
+      # hidden_act reaches only the MLM transform (the FFN is always erf-GELU), as in the release.
+      hidden_act=config.mlm_transform_act, initializer_range=0.02, position_embedding_type="absolute",
+      classifier_dropout=config.classifier_dropout,
+      id2label={str(i): f"LABEL_{i}" for i in range(config.num_labels)},
+      label2id={f"LABEL_{i}": i for i in range(config.num_labels)},
+      weight_bits=1 if config.binary else 32, input_bits=1 if config.binary else 32,
+      weight_quant_method=config.weight_binarizer, input_quant_method=config.activation_binarizer,
+      estimator_rank=config.estimator_rank, matmul_precision=config.matmul_precision)
+  if config.binary:
+    hf.update(RELEASE_BINARY_FIELDS, learnable_scaling=True, sym_quant_qkvo=True, sym_quant_ffn_attn=False)
+  if head == "classification":
+    hf["problem_type"] = "regression" if config.num_labels == 1 else "single_label_classification"
+  return hf
+
+
+HF_CLASSES = {"pretraining": "BiPFTForPreTraining", "classification": "BiPFTForSequenceClassification",
+              "encoder": "BiPFTModel"}
+
+
+def hf_export_config(config: model_lib.BertConfig, head: str) -> dict:
+  """config.json of the `hf` export: loads through `auto_map` into modeling_bipft.py."""
+  hf = hf_config_dict(config, head)
+  hf.update(model_type="bipft", architectures=[HF_CLASSES[head]], auto_map={
+      "AutoConfig": "modeling_bipft.BiPFTConfig",
+      "AutoModel": "modeling_bipft.BiPFTModel",
+      "AutoModelForPreTraining": "modeling_bipft.BiPFTForPreTraining",
+      "AutoModelForSequenceClassification": "modeling_bipft.BiPFTForSequenceClassification"})
+  return hf
+
+
+def reference_state(params: dict, head: str) -> dict:
+  """The release's state dict: our torch names plus the MLM decoder's tie aliases."""
+  state = pytorch_io.to_torch_state(params)
+  if head == "pretraining":
+    for alias, source in pytorch_io.TIED_ALIASES.items():
+      state[alias] = state[source].copy()
+  return state
+
+
+def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "hf") -> dict:
+  """Writes the checkpoint in workdir `checkpoint` as a PyTorch directory `out` (`hf` or `reference`)."""
+  from safetensors.numpy import save_file
+  from bipft_jax import checkpointing
+  config, head, params = checkpointing.restore_params(checkpoint, step)
+  params = _to_host(params)
+  if fmt == "hf":
+    state, config_json = pytorch_io.to_torch_state(params), hf_export_config(config, head)
+  else:
+    state = reference_state(params, head)
+    config_json = dict(hf_config_dict(config, head), model_type="bert")
+  with _FreshOutput(out) as tmp:
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config_json, f, indent=2, sort_keys=True)
+    if fmt == "hf":
+      shutil.copy2(MODELING_FILE, os.path.join(tmp, "modeling_bipft.py"))
+    tokenizer = _copy_tokenizer(os.path.join(checkpoint, TOKENIZER_SUBDIR), tmp)
+  return {"head": head, "binary": config.binary, "tensors": len(state), "tokenizer": tokenizer}
+
+
+def _to_host(params: dict) -> dict:
+  """Numpy copies of (possibly sharded) arrays, gathered onto the host."""
+  import jax
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+
+
+# --- CLI ------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+  src = sub.add_parser("from-pytorch", help="PyTorch checkpoint directory -> orbax workdir")
+  src.add_argument("--src", required=True, help="directory with config.json and model.safetensors "
+                   "or pytorch_model.bin (Hugging Face or release names)")
+  src.add_argument("--out", required=True, help="new workdir for the orbax checkpoint")
+  dst = sub.add_parser("to-pytorch", help="orbax workdir -> PyTorch checkpoint directory")
+  dst.add_argument("--checkpoint", required=True, help="workdir holding the orbax checkpoint")
+  dst.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  dst.add_argument("--out", required=True, help="new directory for the PyTorch files")
+  dst.add_argument("--format", choices=("hf", "reference"), default="hf",
+                   help="hf: transformers-loadable with trust_remote_code (default); "
+                        "reference: the original release's state dict names")
+
+
+def run(args: argparse.Namespace) -> int:
+  if args.direction == "from-pytorch":
+    report = from_pytorch(args.src, args.out)
+    for name in report["skipped"]:
+      print(f"skipped unused tensor {name}")
+    kind = "binary student" if report["binary"] else "full-precision model"
+    print(f"wrote {args.out}: {kind}, head {report['head']}, tokenizer files: "
+          f"{', '.join(report['tokenizer']) or 'none'}")
+  else:
+    report = to_pytorch(args.checkpoint, args.out, args.step, args.format)
+    print(f"wrote {args.out} ({args.format}): {report['tensors']} tensors, head {report['head']}, "
+          f"tokenizer files: {', '.join(report['tokenizer']) or 'none'}")
+  return 0
