@@ -55,7 +55,7 @@ def to_torch_state(params: Mapping) -> dict:
   state = {}
   for name, (path, transpose) in name_table(params).items():
     value = np.asarray(flax.traverse_util.flatten_dict(params)[path])
-    state[name] = np.ascontiguousarray(value.T if transpose else value)
+    state[name] = np.array(value.T if transpose else value, order="C")  # keeps 0-d alphas 0-d
   return state
 
 
