@@ -1,0 +1,87 @@
+"""The installed `bipft` command: help, version, and one-line errors with exit code 2."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bipft_jax
+from bipft_jax import cli, model, pytorch_io
+
+
+def _bipft(*args: str) -> subprocess.CompletedProcess:
+  """Runs the console script that `pip install` put beside this Python."""
+  script = shutil.which("bipft", path=os.path.dirname(sys.executable))
+  if script is None:
+    pytest.fail(f"no bipft console script beside {sys.executable}: run pip install -e . first")
+  return subprocess.run([script, *args], capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+  assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, result.stderr
+  assert "error:" in lines[0]
+  return lines[0]
+
+
+def test_help_lists_every_command():
+  result = _bipft("--help")
+  assert result.returncode == 0, result.stderr
+  assert cli.COMMANDS, "no subcommands registered"
+  for name in cli.COMMANDS:
+    assert name in result.stdout
+
+
+def test_version():
+  result = _bipft("--version")
+  assert result.returncode == 0
+  assert result.stdout.strip() == f"bipft-jax {bipft_jax.__version__}"
+
+
+def test_unknown_command_is_a_usage_error():
+  result = _bipft("no-such-command")
+  assert result.returncode == 2
+  assert "invalid choice" in result.stderr
+
+
+def _import(src: pathlib.Path, out: pathlib.Path) -> str:
+  line = _one_error_line(_bipft("convert", "from-pytorch", "--src", str(src), "--out", str(out)))
+  assert not out.exists(), "a failed import must not leave a workdir behind"
+  return line
+
+
+def test_import_of_a_missing_directory(tmp_path):
+  assert f"{tmp_path / 'nowhere'} does not exist" in _import(tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_import_of_a_directory_without_config(tmp_path):
+  (tmp_path / "ckpt").mkdir()
+  assert "config.json is missing" in _import(tmp_path / "ckpt", tmp_path / "out")
+
+
+def test_import_of_corrupt_weights(tmp_path):
+  src = tmp_path / "ckpt"
+  src.mkdir()
+  (src / "config.json").write_text(json.dumps({"hidden_size": 16, "num_attention_heads": 2}))
+  (src / "model.safetensors").write_bytes(b"these are not tensors")
+  assert "model.safetensors is not a readable safetensors file" in _import(src, tmp_path / "out")
+
+
+def test_import_of_weights_that_do_not_fit(tmp_path):
+  tiny = model.BertConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                          max_position_embeddings=16)
+  src = tmp_path / "ckpt"
+  src.mkdir()
+  hf_config = {theirs: getattr(tiny, ours) for theirs, ours in pytorch_io.HF_CONFIG_FIELDS.items()}
+  (src / "config.json").write_text(json.dumps(hf_config))
+  from safetensors.numpy import save_file
+  save_file({"embeddings.word_embeddings.weight": np.zeros((41, 16), np.float32)},
+            str(src / "model.safetensors"))
+  line = _import(src, tmp_path / "out")
+  assert "shape mismatch for embeddings.word_embeddings.weight: checkpoint (41, 16), model (40, 16)" in line
+  assert "missing tensor encoder.layer.0.output.dense.weight" in line
