@@ -13,6 +13,8 @@ from bipft_jax.errors import UserError
 
 # name -> (module, one-line help). Subcommands register here.
 COMMANDS = {
+    "finetune": ("bipft_jax.glue.finetune", "finetune on a GLUE task (or rt_demo) and evaluate every epoch"),
+    "glue-report": ("bipft_jax.glue.report", "markdown table of finetuning runs and GLUE leaderboard files"),
     "convert": ("bipft_jax.convert", "convert checkpoints: orbax <-> PyTorch (Hugging Face or release names)"),
 }
 
