@@ -6,10 +6,9 @@
 FP checkpoint). Variants: `fp` (the default: a teacher), `binary` (the BiPFT student, rank-1
 residual estimators), `bipft_a` (the student without estimators, the paper's BiPFT-A).
 
-On the command line, as the model part of a job's config or on its own:
+On the command line of a job that takes a model config, with any field overridden:
 
-  bipft summary --config configs/model.py:base,binary
-  bipft summary --config configs/model.py:tiny --config.num_layers=3
+  --config configs/model.py:base,binary --config.num_layers=6
 
 and in Python:
 
