@@ -114,6 +114,12 @@ class _FreshOutput:
     if exc_type is not None:
       shutil.rmtree(self.tmp, ignore_errors=True)
       return False
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(self.tmp):  # mkdtemp and some writers create owner-only modes
+      for name in dirs + files:
+        os.chmod(os.path.join(root, name), (0o777 if name in dirs else 0o666) & ~umask)
+    os.chmod(self.tmp, 0o777 & ~umask)
     if os.path.isdir(self.out):
       os.rmdir(self.out)  # empty, checked above
     os.rename(self.tmp, self.out)
