@@ -16,6 +16,7 @@ COMMANDS = {
     "finetune": ("bipft_jax.glue.finetune", "finetune on a GLUE task (or rt_demo) and evaluate every epoch"),
     "glue-report": ("bipft_jax.glue.report", "markdown table of finetuning runs and GLUE leaderboard files"),
     "convert": ("bipft_jax.convert", "convert checkpoints: orbax <-> PyTorch (Hugging Face or release names)"),
+    "summary": ("bipft_jax.summary", "parameters, memory and OPs per layer of a 1-bit model vs its FP twin"),
 }
 
 
