@@ -1,0 +1,292 @@
+"""True 1-bit inference: bit-packed weights and activations, XOR/AND + popcount matmuls.
+
+Every tensor the student binarizes (METHOD.md section 3) is stored as bit-planes packed along the
+contracted (input) dimension into uint32 words: bit j of word w is element 32*w + j.
+
+How zeros stay exact. sign(0) = 0 in every binarizer, and zeros are real: BWN's sign(W - e) is 0
+where W == e, and activations are 0 where x + move_bias == 0 (e.g. an attention-output input row
+whose binarized probabilities are all 0 with a zero move bias). A ternary value t in {-1, 0, +1} is
+therefore two planes: `sign` (t < 0) and `nonzero` (t != 0); the sign plane is already 0 wherever
+t is. For t = x . y over K elements:
+  sum_k x_k y_k = #(both nonzero) - 2 * #(both nonzero and signs differ)
+Padding K up to whole words sets both planes to 0, so padded bits contribute nothing. Activations
+always carry their nonzero plane; a weight matrix carries one only if it has an exact zero (then the
+two-mask form is used), else the cheaper form `nnz(x) - 2 * popcount((x_sign ^ w_sign) & x_nonzero)`.
+Binarized attention probabilities are {0, 1} bits p, so p . v = #(p & v_nonzero) - 2 * #(p & v_sign).
+Integer counts are exact; each is scaled once by the product of the two binarizers' scales, as the
+simulated model's fp32 products are, so the packed encoder gives the simulated logits up to fp32
+summation order.
+
+Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
+"""
+from typing import Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bipft_jax import binarize
+from bipft_jax.model import BertConfig
+
+Array = jax.Array
+WORD_BITS = 32
+WORD_DTYPE = jnp.uint32
+# The heads a packed model carries; a pretraining checkpoint exports its encoder (see pack_params).
+PACKED_HEADS = ("encoder", "classification")
+
+
+def num_words(k: int) -> int:
+  return -(-k // WORD_BITS)
+
+
+# --- bit packing -------------------------------------------------------------
+
+def pack_bits(bits_xK: Array) -> Array:
+  """Packs booleans along the last axis into uint32 words (zero-padded): [..., K] -> [..., W]."""
+  k = bits_xK.shape[-1]
+  pad = num_words(k) * WORD_BITS - k
+  bits_xK = jnp.pad(bits_xK, [(0, 0)] * (bits_xK.ndim - 1) + [(0, pad)])
+  bits_xWx32 = bits_xK.reshape(*bits_xK.shape[:-1], -1, WORD_BITS).astype(WORD_DTYPE)
+  # Distinct bits never carry, so the sum is the bitwise OR.
+  return jnp.sum(bits_xWx32 << jnp.arange(WORD_BITS, dtype=WORD_DTYPE), axis=-1, dtype=WORD_DTYPE)
+
+
+def unpack_bits(words_xW: Array, k: int) -> Array:
+  """The inverse of `pack_bits`: [..., W] uint32 -> [..., k] bool."""
+  bits_xWx32 = (words_xW[..., None] >> jnp.arange(WORD_BITS, dtype=WORD_DTYPE)) & 1
+  return bits_xWx32.reshape(*words_xW.shape[:-1], -1)[..., :k].astype(bool)
+
+
+def pack_signed(x_xK: Array) -> tuple:
+  """The (sign, nonzero) planes of sign(x) along the last axis, each [..., W]."""
+  return pack_bits(x_xK < 0), pack_bits(x_xK != 0)
+
+
+def unpack_signed(sign_xW: Array, nonzero_xW: Array, k: int) -> Array:
+  """sign(x) as float32 {-1, 0, +1} from its planes."""
+  negative = unpack_bits(sign_xW, k)
+  return jnp.where(unpack_bits(nonzero_xW, k), jnp.where(negative, -1.0, 1.0), 0.0).astype(jnp.float32)
+
+
+# --- popcount matmuls ----------------------------------------------------------
+# The word axis is summed by a Python loop of elementwise terms, not jnp.sum over an axis: XLA CPU
+# then emits one loop fusion vectorized along the output columns N, with the running count in a
+# register; a reduction over the word axis was 3-8x slower (bench/packed_inference.py history).
+
+def _popcount(words: Array) -> Array:
+  return jax.lax.population_count(words).astype(jnp.int32)
+
+
+def _sum_over_words(num: int, term) -> Array:
+  total = term(0)
+  for i in range(1, num):
+    total = total + term(i)
+  return total
+
+
+def signed_matmul(x_sign_xMxW: Array, x_nonzero_xMxW: Array, w_sign_xWxN: Array,
+                  w_nonzero_xWxN: Optional[Array] = None) -> Array:
+  """Exact int32 sum_k sign(x)_mk sign(w)_kn from packed planes (leading axes broadcast).
+
+  `w_nonzero=None` means w has no zeros (no padding either: x's nonzero plane masks that).
+  """
+  num = x_sign_xMxW.shape[-1]
+  xs = lambda i: x_sign_xMxW[..., :, i, None]
+  xn = lambda i: x_nonzero_xMxW[..., :, i, None]
+  ws = lambda i: w_sign_xWxN[..., i, None, :]
+  if w_nonzero_xWxN is None:
+    nnz_xMx1 = _sum_over_words(num, lambda i: _popcount(xn(i)))
+    differ = _sum_over_words(num, lambda i: _popcount((xs(i) ^ ws(i)) & xn(i)))
+    return nnz_xMx1 - 2 * differ
+  both = lambda i: xn(i) & w_nonzero_xWxN[..., i, None, :]
+  return (_sum_over_words(num, lambda i: _popcount(both(i)))
+          - 2 * _sum_over_words(num, lambda i: _popcount((xs(i) ^ ws(i)) & both(i))))
+
+
+def unsigned_signed_matmul(p_bits_xMxW: Array, v_sign_xWxN: Array, v_nonzero_xWxN: Array) -> Array:
+  """Exact int32 sum_k p_mk sign(v)_kn for bits p in {0, 1} (binarized attention probabilities)."""
+  num = p_bits_xMxW.shape[-1]
+  p = lambda i: p_bits_xMxW[..., :, i, None]
+  return (_sum_over_words(num, lambda i: _popcount(p(i) & v_nonzero_xWxN[..., i, None, :]))
+          - 2 * _sum_over_words(num, lambda i: _popcount(p(i) & v_sign_xWxN[..., i, None, :])))
+
+
+# --- packing a student's parameters ---------------------------------------------
+
+def _pack_kernel(kernel_KxN: Array) -> dict:
+  """BWN planes of a Linear kernel, stored word-major [W, N] so the matmul vectorizes along N."""
+  centred_KxN = kernel_KxN - jnp.mean(kernel_KxN)  # sign(W - mean(W)), as binarize.bwn
+  sign_NxW, nonzero_NxW = pack_signed(centred_KxN.T)
+  packed = {"kernel_sign": sign_NxW.T, "kernel_scale": jnp.mean(jnp.abs(kernel_KxN))}
+  if not bool(jnp.all(centred_KxN != 0)):
+    packed["kernel_nonzero"] = nonzero_NxW.T
+  return packed
+
+
+def _pack_embedding(table_VxD: Array) -> dict:
+  """Row-wise BWN planes of the word embedding, packed along D (a lookup gathers whole rows)."""
+  centred_VxD = table_VxD - jnp.mean(table_VxD)
+  sign_VxW, nonzero_VxW = pack_signed(centred_VxD)
+  packed = {"embedding_sign": sign_VxW, "embedding_scale": jnp.mean(jnp.abs(table_VxD), axis=-1)}
+  if not bool(jnp.all(centred_VxD != 0)):
+    packed["embedding_nonzero"] = nonzero_VxW
+  return packed
+
+
+def pack_params(config: BertConfig, head: str, params: dict) -> tuple:
+  """(packed head, packed params) of a binary student: binarized tensors as bit-planes + scales.
+
+  A pretraining student packs its encoder only (head "encoder"): its MLM decoder is tied to the
+  *latent* FP word embedding, which a 1-bit model cannot carry. FP leaves are kept as they are.
+  """
+  if not config.binary:
+    raise ValueError("only a binary student (config.binary=True) can be packed")
+  if head not in PACKED_HEADS + ("pretraining",):
+    raise ValueError(f"unknown head {head!r}")
+  if head == "pretraining":
+    head, params = "encoder", {"bert": params["bert"]}
+  elif head == "encoder":
+    params = {"bert": params}
+
+  def pack(tree: dict) -> dict:
+    out = {}
+    for name, value in tree.items():
+      if isinstance(value, dict):
+        out[name] = pack(value)
+      elif name == "kernel" and "move_bias" in tree:
+        out.update(_pack_kernel(value))
+      elif tree is word_embeddings:
+        out.update(_pack_embedding(value))
+      else:
+        out[name] = value
+    return out
+
+  word_embeddings = params["bert"]["embeddings"]["word_embeddings"]
+  return head, pack(params)
+
+
+# --- the packed forward ------------------------------------------------------------
+
+def _layer_norm(p: dict, x: Array, config: BertConfig) -> Array:
+  return nn.LayerNorm(epsilon=config.layer_norm_eps).apply({"params": p}, x)
+
+
+def _fp_dense(p: dict, x: Array, config: BertConfig) -> Array:
+  return jnp.matmul(x, p["kernel"], precision=config.matmul_precision) + p["bias"]
+
+
+def _binary_dense(p: dict, x_xK: Array) -> Array:
+  """B_act(x + move_bias) @ B_w(kernel) + bias, on packed planes."""
+  x_sign, x_nonzero = pack_signed(x_xK + p["move_bias"])
+  counts_xN = signed_matmul(x_sign, x_nonzero, p["kernel_sign"], p.get("kernel_nonzero"))
+  scale = binarize._clamped(p["input_alpha"]) * p["kernel_scale"]
+  return counts_xN.astype(jnp.float32) * scale + p["bias"]
+
+
+def _word_embeddings(p: dict, input_ids_BxL: Array, hidden_size: int) -> Array:
+  sign_BxLxW = jnp.take(p["embedding_sign"], input_ids_BxL, axis=0)
+  if "embedding_nonzero" in p:
+    nonzero_BxLxW = jnp.take(p["embedding_nonzero"], input_ids_BxL, axis=0)
+  else:
+    nonzero_BxLxW = jnp.full_like(sign_BxLxW, jnp.iinfo(WORD_DTYPE).max)
+  signs_BxLxD = unpack_signed(sign_BxLxW, nonzero_BxLxW, hidden_size)
+  return jnp.take(p["embedding_scale"], input_ids_BxL, axis=0)[..., None] * signs_BxLxD
+
+
+def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: BertConfig) -> Array:
+  B, L, _ = x_BxLxD.shape
+  H, K = config.num_heads, config.head_size
+
+  def heads(name):
+    """sign planes of B_s(name(x)) per head: [B, H, L, Wk], and its alpha."""
+    y_BxHxLxK = _binary_dense(p[name], x_BxLxD).reshape(B, L, H, K).transpose(0, 2, 1, 3)
+    return pack_signed(y_BxHxLxK), binarize._clamped(p[f"{name}_alpha"]), y_BxHxLxK
+
+  (q_sign, q_nonzero), q_alpha, _ = heads("query")
+  (k_sign, k_nonzero), k_alpha, _ = heads("key")
+  _, v_alpha, v_BxHxLxK = heads("value")
+  counts_BxHxLxL = signed_matmul(q_sign, q_nonzero, jnp.swapaxes(k_sign, -1, -2), jnp.swapaxes(k_nonzero, -1, -2))
+  scores_BxHxLxL = counts_BxHxLxL.astype(jnp.float32) * (q_alpha * k_alpha)
+  estimate = config.estimator_rank > 0
+  if estimate:
+    q_p, k_p, q_m, k_m = (_fp_dense(p[n], x_BxLxD, config) for n in ("q_p", "k_p", "q_m", "k_m"))
+    einsum = lambda a, b: jnp.einsum("bqr,bsr->bqs", a, b, precision=config.matmul_precision)
+    scores_BxHxLxL = scores_BxHxLxL + (einsum(q_m, k_p) + einsum(q_p, k_m) + einsum(q_p, k_p))[:, None]
+  scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + mask_bias_Bx1x1xL
+  probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
+  p_alpha = binarize._clamped(p["probs_alpha"])
+  keep_BxHxLxL = jnp.clip(jnp.round(probs_BxHxLxL / p_alpha), 0, 1) > 0  # as unsigned_binarize
+  # V packed along the key positions it is contracted over: [B, H, Ws, K].
+  v_sign, v_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(jnp.swapaxes(v_BxHxLxK, -1, -2)))
+  counts_BxHxLxK = unsigned_signed_matmul(pack_bits(keep_BxHxLxL), v_sign, v_nonzero)
+  context_BxLxHxK = (counts_BxHxLxK.astype(jnp.float32) * (p_alpha * v_alpha)).transpose(0, 2, 1, 3)
+  if estimate:
+    v_p_BxLxR = _fp_dense(p["v_p"], x_BxLxD, config)
+    probs_b_BxHxLxL = jnp.where(keep_BxHxLxL, p_alpha, 0.0)
+    residual_BxLxHxR = jnp.einsum("bhqs,bsr->bqhr", probs_b_BxHxLxL, v_p_BxLxR, precision=config.matmul_precision)
+    context_BxLxHxK = context_BxLxHxK + jnp.tile(residual_BxLxHxR, (1, 1, 1, K // config.estimator_rank))
+  return context_BxLxHxK.reshape(B, L, H * K)
+
+
+def _layer(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: BertConfig) -> Array:
+  attention = p["attention"]
+  context_BxLxD = _self_attention(attention["self"], x_BxLxD, mask_bias_Bx1x1xL, config)
+  out = attention["output"]
+  attended_BxLxD = _layer_norm(out["LayerNorm"], _binary_dense(out["dense"], context_BxLxD) + x_BxLxD, config)
+  h_BxLxF = jax.nn.gelu(_binary_dense(p["intermediate"]["dense"], attended_BxLxD), approximate=False)
+  out = p["output"]
+  return _layer_norm(out["LayerNorm"], _binary_dense(out["dense"], h_BxLxF) + attended_BxLxD, config)
+
+
+def forward(config: BertConfig, head: str, packed: dict, input_ids_BxL: Array,
+            token_type_ids_BxL: Optional[Array] = None, attention_mask_BxL: Optional[Array] = None) -> dict:
+  """The student's inference forward on packed params; outputs as model.py's (no attentions).
+
+  Returns `hidden_states` (embedding output first), `pooled`, and `logits` for a classifier.
+  """
+  if token_type_ids_BxL is None:
+    token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
+  if attention_mask_BxL is None:
+    attention_mask_BxL = jnp.ones_like(input_ids_BxL)
+  bert = packed["bert"]
+  mask_bias_Bx1x1xL = ((1.0 - attention_mask_BxL.astype(jnp.float32))
+                       * jnp.finfo(jnp.float32).min)[:, None, None, :]
+  emb = bert["embeddings"]
+  length = input_ids_BxL.shape[1]
+  words_BxLxD = _word_embeddings(emb["word_embeddings"], input_ids_BxL, config.hidden_size)
+  positions_LxD = emb["position_embeddings"]["embedding"][:length]
+  types_BxLxD = jnp.take(emb["token_type_embeddings"]["embedding"], token_type_ids_BxL, axis=0)
+  x_BxLxD = _layer_norm(emb["LayerNorm"], words_BxLxD + positions_LxD[None] + types_BxLxD, config)
+  hidden_states = [x_BxLxD]
+  for i in range(config.num_layers):
+    x_BxLxD = _layer(bert["encoder"]["layer"][str(i)], x_BxLxD, mask_bias_Bx1x1xL, config)
+    hidden_states.append(x_BxLxD)
+  pooler = bert["pooler"]
+  h_cls_BxD = x_BxLxD[:, 0]
+  pooled_BxD = jnp.tanh(_layer_norm(pooler["LayerNorm"], _binary_dense(pooler["dense"], h_cls_BxD), config)
+                        + h_cls_BxD)
+  out = {"hidden_states": hidden_states, "pooled": pooled_BxD}
+  if head == "classification":
+    out["logits"] = _fp_dense(packed["classifier"], pooled_BxD, config)
+  return out
+
+
+def cast_floats(packed: dict, dtype) -> dict:
+  """`packed` with every floating leaf cast to `dtype` (bit-planes untouched)."""
+  return jax.tree.map(lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, packed)
+
+
+def param_count(params: dict) -> int:
+  """Number of scalars in a parameter tree."""
+  return int(sum(np.prod(np.shape(v)) for v in jax.tree.leaves(params)))
+
+
+def flatten(packed: dict) -> dict:
+  """'/'-joined names -> leaves (the safetensors keys)."""
+  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(packed).items()}
+
+
+def unflatten(flat: dict) -> dict:
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
