@@ -150,7 +150,7 @@ def hf_config_dict(config: model_lib.BertConfig, head: str) -> dict:
       label2id={f"LABEL_{i}": i for i in range(config.num_labels)},
       weight_bits=1 if config.binary else 32, input_bits=1 if config.binary else 32,
       weight_quant_method=config.weight_binarizer, input_quant_method=config.activation_binarizer,
-      estimator_rank=config.estimator_rank, matmul_precision=config.matmul_precision)
+      estimator_rank=config.estimator_rank)
   if config.binary:
     hf.update(RELEASE_BINARY_FIELDS, learnable_scaling=True, sym_quant_qkvo=True, sym_quant_ffn_attn=False)
   if head == "classification":

@@ -1,0 +1,325 @@
+"""`bipft convert`: orbax <-> PyTorch, parity of the exported PyTorch model, exact round trips, errors."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from bipft_jax import checkpointing, cli, convert
+from bipft_jax import model as model_lib
+from bipft_jax import pytorch_io
+
+REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference_vectors"
+ATOL = 1e-4  # the suggested forward tolerance of the reference vectors
+
+
+def tiny_config(**overrides) -> model_lib.BertConfig:
+  values = dict(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                max_position_embeddings=40, binary=True, mlm_transform_act="relu")
+  return model_lib.BertConfig(**{**values, **overrides})
+
+
+def padded_two_segment_batch(vocab_size: int) -> dict:
+  """Three rows: no padding, 5 and 11 padded positions; every row has a segment-B span."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, vocab_size, (3, 16))
+  mask = np.ones_like(ids)
+  mask[1, 11:], mask[2, 5:] = 0, 0
+  types = np.zeros_like(ids)
+  types[0, 7:], types[1, 6:11], types[2, 3:5] = 1, 1, 1
+  return {"input_ids": ids * mask, "token_type_ids": types, "attention_mask": mask}
+
+
+def realistic_params(config: model_lib.BertConfig, head: str, batch: dict, seed: int = 0) -> dict:
+  """Random params with nonzero biases and LayerNorms and calibrated alphas.
+
+  Zero biases make many binary pre-activations exact zeros whose sign depends on summation order
+  (reference_vectors/README.md, choice 1); perturbing them keeps the parity check meaningful.
+  """
+  module = model_lib.build(config, head)
+  flat = flax.traverse_util.flatten_dict(model_lib.init_params(module, jax.random.key(seed)))
+  for i, path in enumerate(sorted(flat)):
+    if path[-1] in ("bias", "move_bias", "scale"):
+      noise = 0.02 * jax.random.normal(jax.random.key(1000 + i), flat[path].shape)
+      flat[path] = flat[path] + noise
+  params = flax.traverse_util.unflatten_dict(flat)
+  if config.binary:
+    params = model_lib.calibrate_alphas(module, params, jax.tree.map(jnp.asarray, batch))
+  return params
+
+
+def jax_forward(config, head, params, batch) -> dict:
+  return model_lib.build(config, head).apply(
+      {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+
+
+def torch_forward(model, batch):
+  with torch.no_grad():
+    return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}, output_hidden_states=True)
+
+
+AUTO_CLASSES = {"pretraining": transformers.AutoModelForPreTraining,
+                "classification": transformers.AutoModelForSequenceClassification,
+                "encoder": transformers.AutoModel}
+
+
+def load_export(directory, head: str):
+  return AUTO_CLASSES[head].from_pretrained(str(directory), trust_remote_code=True).eval()
+
+
+def bipft(capsys, *args) -> tuple:
+  """Runs `bipft ARGS` in-process: (exit code, stderr)."""
+  code = cli.main([str(a) for a in args])
+  return code, capsys.readouterr().err
+
+
+def assert_one_error_line(code: int, stderr: str) -> str:
+  assert code == 2, stderr
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and "error:" in lines[0], stderr
+  return lines[0]
+
+
+def flat_numpy(params) -> dict:
+  return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
+
+
+def assert_bit_identical(a: dict, b: dict):
+  assert sorted(a) == sorted(b)
+  for key in a:
+    assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+    assert np.array_equal(a[key], b[key]), key
+
+
+# --- JAX -> PyTorch (hf): the exported model computes what ours does ------------------------
+
+@pytest.mark.parametrize("head,binary", [("pretraining", True), ("classification", True),
+                                         ("pretraining", False)])
+def test_hf_export_matches_jax(tmp_path, head, binary):
+  config = tiny_config(binary=binary, num_labels=3, mlm_transform_act="relu" if binary else "gelu")
+  batch = padded_two_segment_batch(config.vocab_size)
+  params = realistic_params(config, head, batch)
+  checkpointing.save_params(str(tmp_path / "ckpt"), params, config, head)
+  convert.to_pytorch(str(tmp_path / "ckpt"), str(tmp_path / f"hf_{head}_{binary}"))
+
+  model = load_export(tmp_path / f"hf_{head}_{binary}", head)
+  ours, theirs = jax_forward(config, head, params, batch), torch_forward(model, batch)
+  assert len(theirs.hidden_states) == config.num_layers + 1
+  for ours_h, theirs_h in zip(ours["hidden_states"], theirs.hidden_states):
+    np.testing.assert_allclose(theirs_h.numpy(), np.asarray(ours_h), rtol=0, atol=ATOL)
+  if head == "pretraining":
+    np.testing.assert_allclose(theirs.prediction_logits.numpy(), np.asarray(ours["mlm_logits"]), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(theirs.seq_relationship_logits.numpy(), np.asarray(ours["nsp_logits"]),
+                               rtol=0, atol=ATOL)
+  else:
+    np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(ours["logits"]), rtol=0, atol=ATOL)
+
+
+# --- exact round trips ----------------------------------------------------------------------
+
+def reference_student_dir(directory: pathlib.Path) -> pathlib.Path:
+  """The release's calibrated student (teacher.safetensors ∪ student_calibrated) as a checkpoint dir."""
+  directory.mkdir()
+  state = load_file(REFERENCE / "teacher.safetensors")
+  state.update(load_file(REFERENCE / "student_calibrated.safetensors"))
+  save_file(state, str(directory / "model.safetensors"))
+  (directory / "config.json").write_text((REFERENCE / "config.json").read_text())
+  return directory
+
+
+def test_release_names_to_jax_to_reference_is_bit_identical(tmp_path, capsys):
+  src = reference_student_dir(tmp_path / "release")
+  assert bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work")[0] == 0
+  assert bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "work", "--out", tmp_path / "ref",
+               "--format", "reference")[0] == 0
+  original, exported = load_file(src / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+  aliases = {alias: exported.pop(alias) for alias in pytorch_io.TIED_ALIASES}
+  assert_bit_identical(original, exported)
+  for alias, source in pytorch_io.TIED_ALIASES.items():  # the release's strict load_state_dict needs them
+    assert np.array_equal(aliases[alias], original[source])
+  config = json.loads((tmp_path / "ref" / "config.json").read_text())
+  release = json.loads((src / "config.json").read_text())
+  for field in ("weight_bits", "input_bits", "weight_quant_method", "input_quant_method", "hidden_act",
+                "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
+    assert config[field] == release[field], field
+
+
+def test_jax_to_pytorch_to_jax_is_bit_identical(tmp_path):
+  config = tiny_config(num_labels=3)
+  batch = padded_two_segment_batch(config.vocab_size)
+  for head in ("pretraining", "classification"):
+    params = realistic_params(config, head, batch)
+    checkpointing.save_params(str(tmp_path / head / "ckpt"), params, config, head)
+    convert.to_pytorch(str(tmp_path / head / "ckpt"), str(tmp_path / head / "hf"))
+    convert.from_pytorch(str(tmp_path / head / "hf"), str(tmp_path / head / "back"))
+    back_config, back_head, back = checkpointing.restore_params(str(tmp_path / head / "back"))
+    assert (back_config, back_head) == (config, head)
+    assert_bit_identical(flat_numpy(params), flat_numpy(back))
+
+
+def test_release_finetuning_model_skips_unused_prelu_tensors(tmp_path, capsys):
+  config = tiny_config(num_labels=2)
+  params = realistic_params(config, "classification", padded_two_segment_batch(config.vocab_size))
+  state = convert.reference_state(params, "classification")
+  state["bert.encoder.layer.0.attention.self.query.sa.weight"] = np.full((1,), 0.25, np.float32)
+  src = tmp_path / "glue_release"
+  src.mkdir()
+  save_file(state, str(src / "model.safetensors"))
+  (src / "config.json").write_text(json.dumps(convert.hf_config_dict(config, "classification")))
+  code = cli.main(["convert", "from-pytorch", "--src", str(src), "--out", str(tmp_path / "work")])
+  assert code == 0
+  assert "skipped unused tensor bert.encoder.layer.0.attention.self.query.sa.weight" in capsys.readouterr().out
+  _, head, back = checkpointing.restore_params(str(tmp_path / "work"))
+  assert head == "classification"
+  assert_bit_identical(flat_numpy(params), flat_numpy(back))
+
+
+# --- the authors' reference vectors through from-pytorch -> to-pytorch (hf) ------------------
+
+def test_reference_vectors_through_the_hf_export(tmp_path, capsys):
+  src = reference_student_dir(tmp_path / "release")
+  assert bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work")[0] == 0
+  assert bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "work", "--out", tmp_path / "hf")[0] == 0
+  batch = dict(np.load(REFERENCE / "batch.npz"))
+  expected = dict(np.load(REFERENCE / "outputs_forward.npz"))
+  model = load_export(tmp_path / "hf", "pretraining")
+  with torch.no_grad():
+    out = model(input_ids=torch.as_tensor(batch["input_ids"]), attention_mask=torch.as_tensor(batch["attention_mask"]),
+                token_type_ids=torch.as_tensor(batch["token_type_ids"]), labels=torch.as_tensor(batch["labels"]),
+                next_sentence_label=torch.as_tensor(batch["next_sentence_label"]),
+                output_hidden_states=True, output_attentions=True)
+  np.testing.assert_allclose(out.prediction_logits.numpy(), expected["prediction_logits"], rtol=0, atol=ATOL)
+  np.testing.assert_allclose(out.seq_relationship_logits.numpy(), expected["seq_relationship_logits"],
+                             rtol=0, atol=ATOL)
+  np.testing.assert_allclose(np.stack([h.numpy() for h in out.hidden_states]), expected["hidden_states"],
+                             rtol=0, atol=ATOL)
+  # Binarised attention patterns are exact: a flipped entry would differ by a whole clip_attn.
+  np.testing.assert_allclose(np.stack([a.numpy() for a in out.attentions]), expected["attentions"], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(out.loss.item(), expected["loss"], rtol=0, atol=1e-5)
+
+
+# --- full-precision teachers in Hugging Face layouts ----------------------------------------
+
+def hf_bert(kind: str, directory: pathlib.Path):
+  """A random transformers BERT of `kind` saved to `directory`; returns the (eval-mode) model."""
+  torch.manual_seed(0)
+  config = transformers.BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=40, num_labels=3)
+  model = getattr(transformers, kind)(config).eval()
+  with torch.no_grad():  # HF's init zeroes biases and sets LayerNorms to 1: perturb them
+    for name, tensor in model.named_parameters():
+      if name.endswith("bias") or "LayerNorm" in name:
+        tensor.add_(0.02 * torch.randn_like(tensor))
+  model.save_pretrained(str(directory))
+  return model
+
+
+@pytest.mark.parametrize("kind,head", [("BertForPreTraining", "pretraining"),
+                                       ("BertForSequenceClassification", "classification")])
+def test_hf_teacher_layouts_round_trip_through_jax(tmp_path, kind, head):
+  original = hf_bert(kind, tmp_path / "teacher")
+  report = convert.from_pytorch(str(tmp_path / "teacher"), str(tmp_path / "work"))
+  assert (report["head"], report["binary"]) == (head, False)
+  convert.to_pytorch(str(tmp_path / "work"), str(tmp_path / f"hf_{head}"))
+  batch = padded_two_segment_batch(101)
+  theirs, ours = torch_forward(original, batch), torch_forward(load_export(tmp_path / f"hf_{head}", head), batch)
+  for t, o in zip(theirs.hidden_states, ours.hidden_states):
+    np.testing.assert_allclose(o.numpy(), t.numpy(), rtol=0, atol=ATOL)
+  logits = ("prediction_logits", "seq_relationship_logits") if head == "pretraining" else ("logits",)
+  for name in logits:
+    np.testing.assert_allclose(getattr(ours, name).numpy(), getattr(theirs, name).numpy(), rtol=0, atol=ATOL)
+
+
+def test_pretrained_bert_model_with_tokenizer(tmp_path, minilm_dir):
+  """A real BertModel checkpoint (no `bert.` prefix, tokenizer files) -> JAX -> hf export."""
+  report = convert.from_pytorch(str(minilm_dir), str(tmp_path / "work"))
+  assert (report["head"], report["binary"]) == ("encoder", False)
+  assert "vocab.txt" in report["tokenizer"] or "tokenizer.json" in report["tokenizer"]
+  convert.to_pytorch(str(tmp_path / "work"), str(tmp_path / "minilm_hf"))
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "minilm_hf"))
+  batch = dict(tokenizer(["a binary transformer", "one bit weights and activations, pretrained"],
+                         padding=True, return_tensors="np"))
+  original = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
+  theirs, ours = torch_forward(original, batch), torch_forward(load_export(tmp_path / "minilm_hf", "encoder"), batch)
+  for t, o in zip(theirs.hidden_states, ours.hidden_states):
+    np.testing.assert_allclose(o.numpy(), t.numpy(), rtol=0, atol=ATOL)
+  np.testing.assert_allclose(ours.pooler_output.numpy(), theirs.pooler_output.numpy(), rtol=0, atol=ATOL)
+
+
+# --- devices --------------------------------------------------------------------------------
+
+def test_checkpoint_sharded_over_8_devices_converts_on_one(tmp_path):
+  assert len(jax.devices()) >= 8, "conftest gives the tests 8 CPU devices"
+  config = tiny_config(vocab_size=104)
+  params = realistic_params(config, "pretraining", padded_two_segment_batch(config.vocab_size))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+
+  def place(x):
+    spec = jax.sharding.PartitionSpec("data") if x.ndim and x.shape[0] % 8 == 0 else jax.sharding.PartitionSpec()
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+  sharded = jax.tree.map(place, params)
+  table = sharded["bert"]["embeddings"]["word_embeddings"]["embedding"]
+  assert len(table.sharding.device_set) == 8 and not table.sharding.is_fully_replicated
+  checkpointing.save_params(str(tmp_path / "ckpt"), sharded, config, "pretraining")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+  subprocess.run([sys.executable, "-c", "import jax, sys; from bipft_jax import cli; "
+                  "assert len(jax.devices()) == 1; sys.exit(cli.main(sys.argv[1:]))",
+                  "convert", "to-pytorch", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")],
+                 check=True, env=env, timeout=300)
+  assert_bit_identical(pytorch_io.to_torch_state(params), load_file(tmp_path / "hf" / "model.safetensors"))
+
+
+# --- bad input: one clear line, exit 2, nothing left behind ---------------------------------
+
+def test_unknown_tensor_is_named(tmp_path, capsys):
+  src = reference_student_dir(tmp_path / "release")
+  state = load_file(src / "model.safetensors")
+  state["bert.encoder.layer.1.attention.self.lora_q.weight"] = np.zeros((4, 192), np.float32)
+  save_file(state, str(src / "model.safetensors"))
+  line = assert_one_error_line(*bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work"))
+  assert "unexpected tensor bert.encoder.layer.1.attention.self.lora_q.weight" in line
+  assert not (tmp_path / "work").exists()
+
+
+def test_config_that_disagrees_with_the_tensors_names_the_tensor(tmp_path, capsys):
+  src = reference_student_dir(tmp_path / "release")
+  config = json.loads((src / "config.json").read_text())
+  (src / "config.json").write_text(json.dumps(dict(config, intermediate_size=512)))
+  line = assert_one_error_line(*bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work"))
+  assert "shape mismatch for bert.encoder.layer.0.intermediate.dense.weight: checkpoint (768, 192)" in line
+
+
+def test_unsupported_binarization_switch(tmp_path, capsys):
+  src = reference_student_dir(tmp_path / "release")
+  config = json.loads((src / "config.json").read_text())
+  (src / "config.json").write_text(json.dumps(dict(config, weight_layerwise=False)))
+  line = assert_one_error_line(*bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work"))
+  assert "weight_layerwise=False" in line
+
+
+def test_existing_output_is_never_overwritten(tmp_path, capsys):
+  src = reference_student_dir(tmp_path / "release")
+  (tmp_path / "work").mkdir()
+  (tmp_path / "work" / "notes.txt").write_text("keep me")
+  line = assert_one_error_line(*bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work"))
+  assert "already exists" in line
+  assert (tmp_path / "work" / "notes.txt").read_text() == "keep me"
+
+
+def test_to_pytorch_of_a_directory_without_checkpoint(tmp_path, capsys):
+  (tmp_path / "empty").mkdir()
+  line = assert_one_error_line(*bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "empty",
+                                      "--out", tmp_path / "hf"))
+  assert "no checkpoint in" in line
+  assert not (tmp_path / "hf").exists()
