@@ -1,0 +1,1 @@
+"""GLUE finetuning and evaluation: tasks and readers, metrics, the finetuning loop, reports."""

