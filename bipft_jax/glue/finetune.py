@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bipft_jax import config_loading, losses, pytorch_io
+from bipft_jax import config_loading, losses, optim, pytorch_io
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import metrics as metrics_lib
@@ -79,6 +79,7 @@ def initial_model(config, task: tasks.Task, rng) -> tuple:
                       "(the FP baseline) or scratch")
     from bipft_jax import checkpointing
     saved_config, head, saved = checkpointing.restore_params(path, None if config.init.step < 0 else config.init.step)
+    saved = jax.device_get(saved)  # host copies: the run places them itself
     model_config = dataclasses.replace(saved_config, **overrides)
     template = model_lib.init_params(model_lib.build(model_config, "classification"), rng)
     bert = saved if head == "encoder" else saved.get("bert", saved)
@@ -125,20 +126,6 @@ def load_tokenizer(config, init_folder: str, model_config):
 
 
 # --- steps -----------------------------------------------------------------------
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with the configured schedule (bipft_jax.optim's when present)."""
-  try:
-    from bipft_jax import optim
-  except ImportError:
-    optim = None
-  if optim is not None and hasattr(optim, "make_optimizer"):
-    return optim.make_optimizer(config.optimizer)
-  o = config.optimizer
-  if o.schedule != "constant" or o.warmup_steps:
-    raise UserError("only the constant schedule without warm-up is available here")
-  return optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -271,7 +258,7 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   if config.steps_per_epoch > 0:
     steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
   config.optimizer.total_steps = steps_per_epoch * config.epochs
-  optimizer = make_optimizer(config)
+  optimizer = optim.make_optimizer(config.optimizer)
   if model_config.binary and _alphas_untrained(params):
     first = tasks.make_batch(train_data, plan(1)[0], config.batch_size, buckets)
     params = model_lib.calibrate_alphas(module, params, {k: jnp.asarray(first[k]) for k in MODEL_INPUTS})
