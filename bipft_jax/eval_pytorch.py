@@ -1,0 +1,92 @@
+"""`bipft eval-pytorch`: scores a PyTorch export on a GLUE task's dev splits.
+
+  bipft convert to-pytorch --checkpoint runs/rte/best --out exports/rte
+  bipft eval-pytorch --model exports/rte --config configs/glue.py:task=rte --config.data.path=glue_data
+
+The data reading, tokenization, length-bucketed batching, prediction loop and metrics are the
+JAX finetuning run's own (`bipft_jax.glue`); only the forward pass is PyTorch's: the model loads
+with `AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True)`, so any
+export of `bipft convert to-pytorch` (or a plain Hugging Face BERT classifier) works.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+from bipft_jax import config_loading
+from bipft_jax.errors import UserError
+from bipft_jax.glue import finetune, tasks
+from bipft_jax.glue import metrics as metrics_lib
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model", required=True, help="a `bipft convert to-pytorch` folder (or any HF classifier)")
+  config_loading.add_config_argument(parser)
+  parser.add_argument("--predictions", default=None,
+                      help="also write every dev prediction here (JSON: split -> ids and predictions)")
+
+
+def load_classifier(directory: str, task: tasks.Task):
+  """The exported sequence classifier in eval mode; UserError if it is missing or has the wrong head."""
+  try:
+    import torch  # noqa: F401
+    import transformers
+  except ImportError:
+    raise UserError("eval-pytorch needs torch: pip install 'bipft-jax[torch]'") from None
+  if not os.path.isfile(os.path.join(directory, "config.json")):
+    raise UserError(f"{directory} has no config.json: pass a folder written by `bipft convert to-pytorch`")
+  try:
+    config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True)
+    if config.num_labels != task.num_labels:
+      raise UserError(f"{directory} has {config.num_labels} outputs but {task.name} needs {task.num_labels}: "
+                      "export the checkpoint finetuned on this task")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(directory, config=config,
+                                                                            trust_remote_code=True)
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"{directory} does not load as a sequence classifier: {e}".splitlines()[0]) from None
+  return model.eval()
+
+
+def torch_predict_step(model):
+  """A `predict_step(params, batch) -> logits` for `finetune.predict`, run by PyTorch."""
+  import torch
+
+  def predict_step(_, batch):
+    inputs = {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in finetune.MODEL_INPUTS}
+    with torch.no_grad():
+      return model(**inputs).logits.float().numpy()
+  return predict_step
+
+
+def evaluate(config, model_dir: str) -> dict:
+  """split -> {"metrics": {...}, "ids": [...], "predictions": array} for every dev split of the task."""
+  task = tasks.get_task(config.task)
+  model = load_classifier(model_dir, task)
+  if config.max_length > model.config.max_position_embeddings:
+    raise UserError(f"max_length {config.max_length} exceeds the model's "
+                    f"{model.config.max_position_embeddings} positions")
+  tokenizer = finetune.load_tokenizer(config, model_dir, model.config)
+  buckets = tasks.length_buckets(config.max_length)
+  predict_step = torch_predict_step(model)
+  results = {}
+  for name, split in tasks.read_splits(task, config.data, task.dev_splits).items():
+    data = tasks.encode(tokenizer, split, config.max_length)
+    predictions = finetune.predict(predict_step, None, data, config.eval_batch_size, buckets, task.is_regression)
+    results[name] = {"metrics": metrics_lib.compute(task.metrics, data.labels, predictions),
+                     "ids": list(data.ids), "predictions": predictions}
+  return results
+
+
+def run(args: argparse.Namespace) -> int:
+  config = config_loading.load_config(args.config, args.config_overrides)
+  results = evaluate(config, args.model)
+  for name, result in results.items():
+    print(f"{config.task} {name}: " + ", ".join(f"{m} {v:.2f}" for m, v in result["metrics"].items()))
+  if args.predictions:
+    tmp = args.predictions + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({name: {"ids": [str(i) for i in r["ids"]], "predictions": r["predictions"].tolist()}
+                 for name, r in results.items()}, f)
+    os.replace(tmp, args.predictions)
+  return 0
