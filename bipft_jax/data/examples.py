@@ -1,0 +1,105 @@
+"""BERT pretraining examples from tokenized documents: NSP segment pairs and 80/10/10 masking.
+
+Follows Google BERT's `create_pretraining_data.py`: segments fill a target length (shorter with
+probability `short_seq_prob`), segment B is the true continuation or, half the time, a random span
+of another document (label 1, as in Hugging Face's `next_sentence_label`), unused segments go back
+to the document, and pairs are truncated from a random end. Then `mask_prob` of the tokens
+(at most `max_predictions`, at least 1, never [CLS]/[SEP]) become prediction targets:
+80% [MASK], 10% a random token, 10% unchanged.
+"""
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+IGNORE_INDEX = -100  # label of positions without an MLM target (losses.cross_entropy skips them)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+  cls_id: int
+  sep_id: int
+  mask_id: int
+  pad_id: int
+  vocab_size: int
+
+  @classmethod
+  def from_tokenizer(cls, tokenizer) -> "SpecialTokens":
+    return cls(tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
+               tokenizer.pad_token_id, len(tokenizer))
+
+
+def segment_pairs(document: list, random_document: Callable[[], list], max_num_tokens: int,
+                  short_seq_prob: float, rng: np.random.Generator) -> list:
+  """[(tokens_a, tokens_b, is_random_next)] from one document (a list of tokenized sentences).
+
+  `random_document()` returns another tokenized document for random-next segments.
+  """
+  target_length = max_num_tokens
+  if rng.random() < short_seq_prob:
+    target_length = int(rng.integers(2, max_num_tokens + 1))
+  pairs, chunk, chunk_length, i = [], [], 0, 0
+  while i < len(document):
+    chunk.append(document[i])
+    chunk_length += len(document[i])
+    if i == len(document) - 1 or chunk_length >= target_length:
+      a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+      tokens_a = [t for segment in chunk[:a_end] for t in segment]
+      is_random_next = len(chunk) == 1 or rng.random() < 0.5
+      if is_random_next:
+        other = random_document()
+        tokens_b = []
+        for segment in other[int(rng.integers(0, len(other))):] if other else []:
+          tokens_b.extend(segment)
+          if len(tokens_b) >= target_length - len(tokens_a):
+            break
+        i -= len(chunk) - a_end  # the unused segments start the next pair
+      else:
+        tokens_b = [t for segment in chunk[a_end:] for t in segment]
+      _truncate_pair(tokens_a, tokens_b, max_num_tokens, rng)
+      if tokens_a and tokens_b:
+        pairs.append((tokens_a, tokens_b, is_random_next))
+      chunk, chunk_length = [], 0
+    i += 1
+  return pairs
+
+
+def _truncate_pair(tokens_a: list, tokens_b: list, max_num_tokens: int, rng: np.random.Generator) -> None:
+  """Trims the longer segment, from the front or the back at random, until the pair fits."""
+  while len(tokens_a) + len(tokens_b) > max_num_tokens:
+    longer = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b
+    del longer[0 if rng.random() < 0.5 else -1]
+
+
+def masked_example(tokens_a: list, tokens_b: list, is_random_next: bool, special: SpecialTokens,
+                   max_seq_length: int, max_predictions: int, mask_prob: float,
+                   rng: np.random.Generator) -> dict:
+  """One padded example: input_ids, token_type_ids, attention_mask, labels (L each),
+  mlm_positions and mlm_labels (max_predictions each; padding has label -100), next_sentence_label."""
+  tokens = [special.cls_id] + tokens_a + [special.sep_id] + tokens_b + [special.sep_id]
+  types = [0] * (len(tokens_a) + 2) + [1] * (len(tokens_b) + 1)
+  if len(tokens) > max_seq_length:
+    raise ValueError(f"pair of {len(tokens)} tokens exceeds max_seq_length {max_seq_length}")
+  candidates = np.array([i for i, t in enumerate(tokens) if t not in (special.cls_id, special.sep_id)])
+  num_to_predict = min(max_predictions, max(1, int(round(len(tokens) * mask_prob))))
+  positions = np.sort(rng.permutation(candidates)[:num_to_predict])
+  input_ids = np.full(max_seq_length, special.pad_id, np.int32)
+  input_ids[:len(tokens)] = tokens
+  labels = np.full(max_seq_length, IGNORE_INDEX, np.int32)
+  labels[positions] = input_ids[positions]
+  choice = rng.random(len(positions))
+  random_tokens = rng.integers(0, special.vocab_size, len(positions))
+  input_ids[positions] = np.where(choice < 0.8, special.mask_id,
+                                  np.where(choice < 0.9, input_ids[positions], random_tokens))
+  example = {
+      "input_ids": input_ids,
+      "token_type_ids": np.pad(np.array(types, np.int32), (0, max_seq_length - len(types))),
+      "attention_mask": (np.arange(max_seq_length) < len(tokens)).astype(np.int32),
+      "labels": labels,
+      "mlm_positions": np.zeros(max_predictions, np.int32),
+      "mlm_labels": np.full(max_predictions, IGNORE_INDEX, np.int32),
+      "next_sentence_label": np.int32(is_random_next),
+  }
+  example["mlm_positions"][:len(positions)] = positions
+  example["mlm_labels"][:len(positions)] = labels[positions]
+  return example

