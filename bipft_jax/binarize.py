@@ -10,7 +10,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-# The release clamps alpha from below in the forward (torch.where(alpha > eps, alpha, eps)).
+# The release clamps alpha from below in the forward (torch.where(alpha > eps, alpha, eps)) inside
+# its autograd Function, so the clamp masks no gradient: a clamped alpha still gets its LSQ gradient
+# (computed with the clamped value) and can grow back.
 ALPHA_EPS = 1e-5
 
 
@@ -70,7 +72,6 @@ def _signed_bwd(res, g):
   ratio = x / _clamped(alpha)
   grad_x = jnp.where((ratio >= -1) & (ratio <= 1), g, jnp.zeros_like(g))
   grad_alpha = jnp.sum(jnp.sign(x) * g) * _grad_scale(x)
-  grad_alpha = jnp.where(alpha > ALPHA_EPS, grad_alpha, 0.0)
   return grad_x, grad_alpha.astype(alpha.dtype).reshape(alpha.shape)
 
 
@@ -95,7 +96,6 @@ def _unsigned_bwd(res, g):
   grad_p = jnp.where(inside, g, jnp.zeros_like(g))
   step = jnp.where(ratio > 1, 1.0, 0.0) + jnp.where(inside, jnp.round(ratio) - ratio, 0.0)
   grad_alpha = jnp.sum(step * g) * _grad_scale(p)
-  grad_alpha = jnp.where(alpha > ALPHA_EPS, grad_alpha, 0.0)
   return grad_p, grad_alpha.astype(alpha.dtype).reshape(alpha.shape)
 
 

@@ -123,16 +123,18 @@ def test_unsigned_by_hand_round_half_to_even():
 @pytest.mark.parametrize("alpha", [0.0, -1.0, 1e-6])
 def test_alpha_is_clamped_at_1e_minus_5(alpha):
   x = jnp.array([-2e-5, -1e-5, 0.0, 1e-5, 2e-5], jnp.float32)
-  g = jnp.ones(5)
+  g = jnp.arange(1.0, 6.0)
   y, grad_x, grad_alpha = _activation_vjp(binarize.signed_binarize, x, jnp.float32(alpha), g)
   np.testing.assert_allclose(y, 1e-5 * np.array([-1, -1, 0, 1, 1]), rtol=1e-7)
-  # The clip window uses the clamped alpha; a clamped alpha gets no gradient (torch.where's branch).
-  np.testing.assert_array_equal(grad_x, [0.0, 1.0, 1.0, 1.0, 0.0])
-  assert float(grad_alpha) == 0.0
-  p = jnp.array([0.0, 4e-6, 6e-6, 1e-3], jnp.float32)
-  y, grad_p, grad_alpha = _activation_vjp(binarize.unsigned_binarize, p, jnp.float32(alpha), jnp.ones(4))
+  # The clip window uses the clamped alpha.
+  np.testing.assert_array_equal(grad_x, [0.0, 2.0, 3.0, 4.0, 0.0])
+  # The release clamps inside its autograd Function: a clamped alpha still gets the LSQ gradient.
+  np.testing.assert_allclose(grad_alpha, (-1 - 2 + 4 + 5) / np.sqrt(5), rtol=1e-6)
+  p = jnp.array([0.0, 4e-6, 6e-6, 1e-3], jnp.float32)  # P / 1e-5 = 0, 0.4, 0.6, 100
+  y, grad_p, grad_alpha = _activation_vjp(binarize.unsigned_binarize, p, jnp.float32(alpha), jnp.arange(1.0, 5.0))
   np.testing.assert_allclose(y, [0.0, 0.0, 1e-5, 1e-5], rtol=1e-7)
-  assert float(grad_alpha) == 0.0
+  np.testing.assert_array_equal(grad_p, [1.0, 2.0, 3.0, 0.0])
+  np.testing.assert_allclose(grad_alpha, (0 - 0.4 * 2 + 0.4 * 3 + 1 * 4) / 2, rtol=1e-5)
 
 
 def test_alpha_just_above_the_clamp_gets_a_gradient():
