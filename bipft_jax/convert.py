@@ -19,12 +19,12 @@ import tempfile
 
 import numpy as np
 
+from bipft_jax import binarize
 from bipft_jax import model as model_lib
 from bipft_jax import pytorch_io
 from bipft_jax.errors import UserError
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-TOKENIZER_SUBDIR = "tokenizer"  # where a workdir keeps the tokenizer files it was trained with
 # The release's GLUE model carries PReLU modules (`sa`) that its forward never uses.
 UNUSED_RELEASE_SUFFIXES = (".sa.weight",)
 MODELING_FILE = os.path.join(os.path.dirname(__file__), "pytorch_model", "modeling_bipft.py")
@@ -67,7 +67,6 @@ def config_from_checkpoint(hf: dict, state: dict) -> model_lib.BertConfig:
     overrides["estimator_rank"] = int(hf.get("estimator_rank", _estimator_rank(state)))
   try:
     config = pytorch_io.config_from_hf(hf, **overrides)
-    from bipft_jax import binarize
     binarize.weight_binarizers(config.weight_binarizer)
     binarize.activation_binarizers(config.activation_binarizer)
   except ValueError as e:
@@ -132,7 +131,8 @@ def from_pytorch(src: str, out: str) -> dict:
   config, head, params, report = read_pytorch_checkpoint(src)
   with _FreshOutput(out) as tmp:
     checkpointing.save_params(tmp, params, config, head, step=0)
-    report["tokenizer"] = _copy_tokenizer(src, os.path.join(tmp, TOKENIZER_SUBDIR))
+    # Beside the step folders, where `bipft finetune --init_from WORKDIR` looks for a tokenizer.
+    report["tokenizer"] = _copy_tokenizer(src, tmp)
   report.update(head=head, binary=config.binary, estimator_rank=config.estimator_rank)
   return report
 
@@ -199,8 +199,16 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
       json.dump(config_json, f, indent=2, sort_keys=True)
     if fmt == "hf":
       shutil.copy2(MODELING_FILE, os.path.join(tmp, "modeling_bipft.py"))
-    tokenizer = _copy_tokenizer(os.path.join(checkpoint, TOKENIZER_SUBDIR), tmp)
+    tokenizer = _copy_tokenizer(_tokenizer_folder(checkpoint), tmp)
   return {"head": head, "binary": config.binary, "tensors": len(state), "tokenizer": tokenizer}
+
+
+def _tokenizer_folder(checkpoint: str) -> str:
+  """The workdir of `checkpoint` (a workdir or one of its step folders): its tokenizer lives there."""
+  checkpoint = os.path.abspath(checkpoint)
+  if os.path.basename(checkpoint).isdigit():
+    return os.path.dirname(checkpoint)
+  return checkpoint
 
 
 def _to_host(params: dict) -> dict:

@@ -40,7 +40,7 @@ def write_sst2_dev(root: pathlib.Path, n: int = 400) -> pathlib.Path:
 def exported_classifier(tmp_path_factory):
   """(JAX config, params, export folder) of a binary 2-class model whose checkpoint has a tokenizer."""
   root = tmp_path_factory.mktemp("eval")
-  vocab_size = write_vocab(root / "ckpt" / convert.TOKENIZER_SUBDIR)
+  vocab_size = write_vocab(root / "ckpt")  # a workdir keeps its tokenizer beside the steps
   config = tiny_config(vocab_size=vocab_size, num_labels=2, max_position_embeddings=64)
   params = realistic_params(config, "classification", padded_two_segment_batch(vocab_size))
   # A random head at init scale predicts one class for every input; a unit-scale one does not.
