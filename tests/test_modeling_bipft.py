@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bipft_jax import pytorch_io
+from bipft_jax import binarize, pytorch_io
 from bipft_jax import model as model_lib
 from bipft_jax.pytorch_model import modeling_bipft as mb
 from test_convert import REFERENCE, padded_two_segment_batch, realistic_params, tiny_config
@@ -80,3 +80,23 @@ def test_training_gradients_match_jax():
     else:
       atol = 1e-6 + 1e-4 * float(np.abs(grad).max())
     np.testing.assert_allclose(torch_grads[name].grad.numpy(), grad, rtol=0, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("alpha_value", [0.3, 1e-7], ids=["alpha", "clamped_alpha"])
+def test_activation_binarizers_match_jax(signed, alpha_value):
+  """Forward and both gradients equal bipft_jax.binarize's, also for a scale below the clamp."""
+  rng = np.random.default_rng(5)
+  x = (rng.normal(size=(4, 6, 8)) if signed else rng.random((4, 6, 8)) * 0.6).astype(np.float32)
+  g = rng.normal(size=x.shape).astype(np.float32)
+  jax_fn = binarize.signed_binarize if signed else binarize.unsigned_binarize
+  y, vjp = jax.vjp(jax_fn, jnp.asarray(x), jnp.asarray(alpha_value, jnp.float32))
+  jax_grad_x, jax_grad_alpha = vjp(jnp.asarray(g))
+  x_t = torch.tensor(x, requires_grad=True)
+  alpha_t = torch.tensor(alpha_value, dtype=torch.float32, requires_grad=True)
+  y_t = (mb.SignedBinarize if signed else mb.UnsignedBinarize).apply(x_t, alpha_t)
+  y_t.backward(torch.tensor(g))
+  np.testing.assert_array_equal(y_t.detach().numpy(), np.asarray(y))
+  np.testing.assert_array_equal(x_t.grad.numpy(), np.asarray(jax_grad_x))
+  np.testing.assert_allclose(alpha_t.grad.numpy(), np.asarray(jax_grad_alpha), rtol=1e-5)
+  assert float(alpha_t.grad) != 0.0

@@ -25,7 +25,9 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput, SequenceClassifierOutput
 
-ALPHA_EPS = 1e-5  # the release clamps learned scales from below in the forward
+# The release clamps learned scales from below in the forward only: a clamped scale still gets
+# its LSQ gradient (computed with the clamped value) and can grow back.
+ALPHA_EPS = 1e-5
 
 
 class BiPFTConfig(PreTrainedConfig):
@@ -90,7 +92,6 @@ class SignedBinarize(torch.autograd.Function):
     ratio = x / _clamped(alpha)
     grad_x = torch.where((ratio >= -1) & (ratio <= 1), g, torch.zeros_like(g))
     grad_alpha = (torch.sign(x) * g).sum() / math.sqrt(x.numel())
-    grad_alpha = torch.where(alpha > ALPHA_EPS, grad_alpha, torch.zeros_like(grad_alpha))
     return grad_x, grad_alpha.reshape(alpha.shape)
 
 
@@ -111,7 +112,6 @@ class UnsignedBinarize(torch.autograd.Function):
     grad_p = torch.where(inside, g, torch.zeros_like(g))
     step = (ratio > 1).to(g.dtype) + torch.where(inside, torch.round(ratio) - ratio, torch.zeros_like(ratio))
     grad_alpha = (step * g).sum() / math.sqrt(p.numel())
-    grad_alpha = torch.where(alpha > ALPHA_EPS, grad_alpha, torch.zeros_like(grad_alpha))
     return grad_p, grad_alpha.reshape(alpha.shape)
 
 
