@@ -13,6 +13,7 @@ from bipft_jax.errors import UserError
 
 # name -> (module, one-line help). Subcommands register here.
 COMMANDS = {
+    "export-packed": ("bipft_jax.packed_export", "bit-packed 1-bit export (safetensors) with sizes vs FP32"),
     "pretrain": ("bipft_jax.train", "distil the 1-bit student from a full-precision teacher (orbax checkpoints, resumable)"),
     "export-packed": ("bipft_jax.packed_export", "bit-packed 1-bit export (safetensors) with sizes vs FP32"),
     "pretrain": ("bipft_jax.train", "distil the 1-bit student from a full-precision teacher (orbax checkpoints, resumable)"),

@@ -115,31 +115,38 @@ def unsigned_signed_matmul(p_bits_xMxW: Array, v_sign_xWxN: Array, v_nonzero_xWx
 
 # --- packing a student's parameters ---------------------------------------------
 
-def _pack_kernel(kernel_KxN: Array) -> dict:
+@jax.jit
+def _kernel_planes(kernel_KxN: Array) -> dict:
   """BWN planes of a Linear kernel, stored word-major [W, N] so the matmul vectorizes along N."""
   centred_KxN = kernel_KxN - jnp.mean(kernel_KxN)  # sign(W - mean(W)), as binarize.bwn
   sign_NxW, nonzero_NxW = pack_signed(centred_KxN.T)
-  packed = {"kernel_sign": sign_NxW.T, "kernel_scale": jnp.mean(jnp.abs(kernel_KxN))}
-  if not bool(jnp.all(centred_KxN != 0)):
-    packed["kernel_nonzero"] = nonzero_NxW.T
-  return packed
+  return {"kernel_sign": sign_NxW.T, "kernel_nonzero": nonzero_NxW.T,
+          "kernel_scale": jnp.mean(jnp.abs(kernel_KxN)), "has_zero": jnp.any(centred_KxN == 0)}
 
 
-def _pack_embedding(table_VxD: Array) -> dict:
+@jax.jit
+def _embedding_planes(table_VxD: Array) -> dict:
   """Row-wise BWN planes of the word embedding, packed along D (a lookup gathers whole rows)."""
   centred_VxD = table_VxD - jnp.mean(table_VxD)
   sign_VxW, nonzero_VxW = pack_signed(centred_VxD)
-  packed = {"embedding_sign": sign_VxW, "embedding_scale": jnp.mean(jnp.abs(table_VxD), axis=-1)}
-  if not bool(jnp.all(centred_VxD != 0)):
-    packed["embedding_nonzero"] = nonzero_VxW
-  return packed
+  return {"embedding_sign": sign_VxW, "embedding_nonzero": nonzero_VxW,
+          "embedding_scale": jnp.mean(jnp.abs(table_VxD), axis=-1), "has_zero": jnp.any(centred_VxD == 0)}
 
 
-def pack_params(config: BertConfig, head: str, params: dict) -> tuple:
+def _keep_needed_planes(planes: dict, zero_planes: bool) -> dict:
+  """Drops the nonzero plane unless the tensor has an exact zero (then the matmul needs it)."""
+  has_zero = planes.pop("has_zero")
+  if not (zero_planes and bool(has_zero)):
+    planes = {k: v for k, v in planes.items() if not k.endswith("_nonzero")}
+  return planes
+
+
+def pack_params(config: BertConfig, head: str, params: dict, zero_planes: bool = True) -> tuple:
   """(packed head, packed params) of a binary student: binarized tensors as bit-planes + scales.
 
   A pretraining student packs its encoder only (head "encoder"): its MLM decoder is tied to the
   *latent* FP word embedding, which a 1-bit model cannot carry. FP leaves are kept as they are.
+  `zero_planes=False` never adds nonzero planes (the required tree, e.g. under jax.eval_shape).
   """
   if not config.binary:
     raise ValueError("only a binary student (config.binary=True) can be packed")
@@ -156,9 +163,9 @@ def pack_params(config: BertConfig, head: str, params: dict) -> tuple:
       if isinstance(value, dict):
         out[name] = pack(value)
       elif name == "kernel" and "move_bias" in tree:
-        out.update(_pack_kernel(value))
+        out.update(_keep_needed_planes(_kernel_planes(value), zero_planes))
       elif tree is word_embeddings:
-        out.update(_pack_embedding(value))
+        out.update(_keep_needed_planes(_embedding_planes(value), zero_planes))
       else:
         out[name] = value
     return out

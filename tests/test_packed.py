@@ -1,0 +1,226 @@
+"""Packed 1-bit inference: bit packing, popcount matmuls, the packed encoder, the exported file."""
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bipft_jax import model as model_lib
+from bipft_jax import packed
+from bipft_jax import packed_export
+from bipft_jax.errors import UserError
+
+TINY = dict(vocab_size=97, hidden_size=48, num_layers=2, num_heads=3, intermediate_size=72,
+            max_position_embeddings=40, num_labels=3, binary=True, estimator_rank=1)
+
+
+def _ternary(rng, shape, zero_fraction=0.2):
+  values = rng.choice([-1.0, 1.0], size=shape)
+  return np.where(rng.random(shape) < zero_fraction, 0.0, values).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [1, 31, 32, 33, 70, 96])
+def test_pack_unpack_round_trip(k):
+  rng = np.random.default_rng(k)
+  bits = rng.random((3, 5, k)) < 0.5
+  words = packed.pack_bits(jnp.asarray(bits))
+  assert words.dtype == jnp.uint32 and words.shape == (3, 5, packed.num_words(k))
+  np.testing.assert_array_equal(packed.unpack_bits(words, k), bits)
+  t = _ternary(rng, (4, k))
+  np.testing.assert_array_equal(packed.unpack_signed(*packed.pack_signed(jnp.asarray(t)), k), t)
+
+
+def test_bit_order_is_little_endian_within_words():
+  bits = np.zeros(40, bool)
+  bits[[0, 5, 33]] = True
+  np.testing.assert_array_equal(packed.pack_bits(jnp.asarray(bits)), np.array([1 + 32, 2], np.uint32))
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 7, 3), (8, 32, 16), (6, 45, 9), (3, 100, 33)])
+@pytest.mark.parametrize("weight_zeros", [False, True])
+def test_signed_matmul_equals_integer_matmul(m, k, n, weight_zeros):
+  rng = np.random.default_rng(m * k * n)
+  x = _ternary(rng, (2, m, k))  # activations with zeros, leading batch axis
+  w = _ternary(rng, (k, n), 0.2 if weight_zeros else 0.0)
+  x_sign, x_nonzero = packed.pack_signed(jnp.asarray(x))
+  w_sign, w_nonzero = (planes.T for planes in packed.pack_signed(jnp.asarray(w.T)))
+  got = packed.signed_matmul(x_sign, x_nonzero, w_sign, w_nonzero if weight_zeros else None)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.einsum("bmk,kn->bmn", x.astype(np.int64), w.astype(np.int64)))
+
+
+@pytest.mark.parametrize("m,k,n", [(4, 9, 5), (7, 64, 8), (5, 130, 3)])
+def test_unsigned_signed_matmul_equals_integer_matmul(m, k, n):
+  rng = np.random.default_rng(k)
+  p = rng.random((m, k)) < 0.3
+  v = _ternary(rng, (k, n))
+  v_sign, v_nonzero = (planes.T for planes in packed.pack_signed(jnp.asarray(v.T)))
+  got = packed.unsigned_signed_matmul(packed.pack_bits(jnp.asarray(p)), v_sign, v_nonzero)
+  np.testing.assert_array_equal(got, p.astype(np.int64) @ v.astype(np.int64))
+
+
+@functools.lru_cache(maxsize=None)
+def _student(head, estimator_rank):
+  """A tiny student with random non-zero biases, move biases and calibrated alphas (cached)."""
+  config = model_lib.BertConfig.from_dict({**TINY, "estimator_rank": estimator_rank})
+  module = model_lib.build(config, head)
+  params = jax.jit(lambda key: model_lib.init_params(module, key))(jax.random.key(0))
+  flat = flax.traverse_util.flatten_dict(params)
+  keys = jax.random.split(jax.random.key(1), len(flat))
+  for key, (path, value) in zip(keys, sorted(flat.items())):
+    if path[-1] in ("bias", "move_bias"):
+      flat[path] = 0.05 * jax.random.normal(key, value.shape)
+  params = flax.traverse_util.unflatten_dict(flat)
+  batch = _batch(config)
+  params = jax.jit(lambda p, b: model_lib.calibrate_alphas(module, p, b))(params, batch)
+  return config, module, params, batch
+
+
+def _trained_like_student(head="classification", estimator_rank=1):
+  return _student(head, estimator_rank)
+
+
+def _batch(config, batch_size=4, length=24):
+  rng = np.random.default_rng(7)
+  ids = rng.integers(1, config.vocab_size, (batch_size, length))
+  mask = np.ones((batch_size, length), np.int32)
+  mask[1, 15:] = 0  # padding: masked keys binarize to 0
+  mask[3, 5:] = 0
+  ids = np.where(mask == 1, ids, config.pad_token_id)
+  types = (np.arange(length)[None] >= length // 2).astype(np.int32) * mask
+  return {"input_ids": jnp.asarray(ids), "token_type_ids": jnp.asarray(types), "attention_mask": jnp.asarray(mask)}
+
+
+def _run_packed(config, head, packed_params, batch):
+  fn = jax.jit(lambda p, b: packed.forward(config, head, p, b["input_ids"], b["token_type_ids"], b["attention_mask"]))
+  return fn(packed_params, batch)
+
+
+@pytest.mark.parametrize("estimator_rank", [1, 0])
+def test_packed_encoder_equals_simulated_student(estimator_rank):
+  config, module, params, batch = _trained_like_student(estimator_rank=estimator_rank)
+  simulated = jax.jit(lambda p, b: module.apply({"params": p}, b["input_ids"], b["token_type_ids"],
+                                                b["attention_mask"]))(params, batch)
+  head, packed_params = packed.pack_params(config, "classification", params)
+  ours = _run_packed(config, head, packed_params, batch)
+  for got, want in zip(ours["hidden_states"], simulated["hidden_states"]):
+    np.testing.assert_allclose(got, want, atol=1e-4)
+  np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=1e-4)
+  np.testing.assert_array_equal(jnp.argmax(ours["logits"], -1), jnp.argmax(simulated["logits"], -1))
+  # Random weights have no exact zeros after centring: sign planes only.
+  assert "kernel_nonzero" not in packed_params["bert"]["pooler"]["dense"]
+
+
+def test_exact_zeros_in_weights_and_embedding_stay_exact():
+  config, module, params, batch = _trained_like_student()
+  flat = flax.traverse_util.flatten_dict(params)
+  # Make some weights equal to their tensor's mean: BWN gives them sign 0.
+  for path in [("bert", "encoder", "layer", "0", "intermediate", "dense", "kernel"),
+               ("bert", "embeddings", "word_embeddings", "embedding")]:
+    # On a dyadic grid every fp32 sum is exact, so a zero total makes mean(W) exactly 0 and the
+    # zeroed entries exactly W == mean(W): BWN gives them sign 0.
+    w = np.round(np.array(flat[path]) * 1024) / 1024
+    w[::3, ::2] = 0.0
+    w[-1, -1] -= w.sum()
+    flat[path] = jnp.asarray(w, jnp.float32)
+  params = flax.traverse_util.unflatten_dict(flat)
+  head, packed_params = packed.pack_params(config, "classification", params)
+  assert "kernel_nonzero" in packed_params["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
+  assert "embedding_nonzero" in packed_params["bert"]["embeddings"]["word_embeddings"]
+  simulated = module.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+  ours = _run_packed(config, head, packed_params, batch)
+  np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=1e-4)
+
+
+def test_pretraining_student_packs_its_encoder():
+  config, module, params, batch = _trained_like_student()
+  pretraining_params = {"bert": params["bert"], "cls": {"predictions": {"bias": jnp.zeros(config.vocab_size)}}}
+  head, packed_params = packed.pack_params(config, "pretraining", pretraining_params)
+  assert head == "encoder" and set(packed_params) == {"bert"}
+  simulated = module.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+  ours = _run_packed(config, head, packed_params, batch)
+  np.testing.assert_allclose(ours["pooled"], simulated["pooled"], atol=1e-4)
+
+
+def test_teacher_cannot_be_packed():
+  config = model_lib.BertConfig.from_dict({**TINY, "binary": False})
+  with pytest.raises(ValueError, match="binary"):
+    packed.pack_params(config, "classification", {})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  config, module, params, batch = _trained_like_student()
+  path = str(tmp_path_factory.mktemp("packed") / "tiny.safetensors")
+  result = packed_export.export(config, "classification", params, path, remainder="float32")
+  simulated = module.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+  return path, result, simulated, batch
+
+
+def test_exported_file_reloads_with_the_same_logits(exported):
+  path, result, simulated, batch = exported
+  config, head, packed_params = packed_export.load_packed(path)
+  assert head == "classification" and config.num_labels == 3
+  ours = _run_packed(config, head, packed_params, batch)
+  np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=1e-4)
+  np.testing.assert_array_equal(jnp.argmax(ours["logits"], -1), jnp.argmax(simulated["logits"], -1))
+  with open(path, "rb") as f:
+    assert f.read(8)  # a real file; its size is what export reports
+  assert result["packed_bytes"] == len(open(path, "rb").read())
+  assert result["fp32_bytes"] == 4 * packed.param_count(model_lib.init_params(
+      model_lib.build(config, "classification"), jax.random.key(0)))
+
+
+def test_export_stores_one_bit_per_binarized_weight(exported):
+  path, _, _, _ = exported
+  config, _, packed_params = packed_export.load_packed(path)
+  ffn = packed_params["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]
+  assert ffn["kernel_sign"].dtype == jnp.uint32
+  assert ffn["kernel_sign"].shape == (packed.num_words(config.hidden_size), config.intermediate_size)
+  assert packed_params["bert"]["embeddings"]["word_embeddings"]["embedding_scale"].shape == (config.vocab_size,)
+
+
+def test_export_cli_prints_sizes(tmp_path, capsys):
+  from bipft_jax import checkpointing, cli
+  config, _, params, _ = _trained_like_student(estimator_rank=0)
+  checkpointing.save_params(str(tmp_path / "run"), params, config, "classification", step=3)
+  out = tmp_path / "model.safetensors"
+  assert cli.main(["export-packed", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert f"{out.stat().st_size:,} bytes" in printed and "ratio" in printed
+  assert packed_export.load_packed(str(out))[0] == config
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "drop_tensor", "wrong_shape", "no_metadata"])
+def test_bad_packed_file_is_a_user_error(exported, tmp_path, damage):
+  path = exported[0]
+  bad = tmp_path / "bad.safetensors"
+  if damage == "truncate":
+    bad.write_bytes(open(path, "rb").read()[:-100])
+  elif damage == "garbage":
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+  else:
+    import safetensors
+    import safetensors.numpy
+    with safetensors.safe_open(path, framework="numpy") as f:
+      metadata, tensors = f.metadata(), {n: f.get_tensor(n) for n in f.keys()}
+    name = "bert/encoder/layer/0/output/dense/kernel_sign"
+    if damage == "drop_tensor":
+      del tensors[name]
+    elif damage == "wrong_shape":
+      tensors[name] = tensors[name][:-1]
+    else:
+      metadata = {}
+    safetensors.numpy.save_file(tensors, str(bad), metadata=metadata)
+  with pytest.raises(UserError):
+    packed_export.load_packed(str(bad))
+  with pytest.raises(UserError, match="does not exist"):
+    packed_export.load_packed(str(tmp_path / "missing.safetensors"))
+
+
+def test_export_refuses_a_teacher(tmp_path):
+  config = model_lib.BertConfig.from_dict({**TINY, "binary": False})
+  with pytest.raises(UserError, match="full-precision"):
+    packed_export.export(config, "classification", {}, str(tmp_path / "x.safetensors"))
