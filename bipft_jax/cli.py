@@ -15,8 +15,6 @@ from bipft_jax.errors import UserError
 COMMANDS = {
     "export-packed": ("bipft_jax.packed_export", "bit-packed 1-bit export (safetensors) with sizes vs FP32"),
     "pretrain": ("bipft_jax.train", "distil the 1-bit student from a full-precision teacher (orbax checkpoints, resumable)"),
-    "export-packed": ("bipft_jax.packed_export", "bit-packed 1-bit export (safetensors) with sizes vs FP32"),
-    "pretrain": ("bipft_jax.train", "distil the 1-bit student from a full-precision teacher (orbax checkpoints, resumable)"),
     "finetune": ("bipft_jax.glue.finetune", "finetune on a GLUE task (or rt_demo) and evaluate every epoch"),
     "glue-report": ("bipft_jax.glue.report", "markdown table of finetuning runs and GLUE leaderboard files"),
     "convert": ("bipft_jax.convert", "convert checkpoints: orbax <-> PyTorch (Hugging Face or release names)"),
