@@ -30,7 +30,8 @@ UNUSED_RELEASE_SUFFIXES = (".sa.weight",)
 MODELING_FILE = os.path.join(os.path.dirname(__file__), "pytorch_model", "modeling_bipft.py")
 # The release's binarization switches, and the only values this implementation computes.
 RELEASE_BINARY_FIELDS = {"input_bits": 1, "weight_layerwise": True, "input_layerwise": True,
-                         "embed_layerwise": False, "not_quantize_attention": False}
+                         "embed_layerwise": False, "not_quantize_attention": False,
+                         "half_binary": False, "improve_linear": False}
 RELEASE_BINARIZER_FIELDS = {"weight_quant_method": "weight_binarizer",
                             "input_quant_method": "activation_binarizer"}
 
@@ -152,7 +153,9 @@ def hf_config_dict(config: model_lib.BertConfig, head: str) -> dict:
       weight_quant_method=config.weight_binarizer, input_quant_method=config.activation_binarizer,
       estimator_rank=config.estimator_rank)
   if config.binary:
-    hf.update(RELEASE_BINARY_FIELDS, learnable_scaling=True, sym_quant_qkvo=True, sym_quant_ffn_attn=False)
+    # The rest of what the release's model constructors read (clip_init_val is unused by `elastic`).
+    hf.update(RELEASE_BINARY_FIELDS, learnable_scaling=True, sym_quant_qkvo=True, sym_quant_ffn_attn=False,
+              clip_init_val=2.5, improve_kqv=config.estimator_rank > 0, lora_rank=max(config.estimator_rank, 1))
   if head == "classification":
     hf["problem_type"] = "regression" if config.num_labels == 1 else "single_label_classification"
   return hf
