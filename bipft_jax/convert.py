@@ -56,7 +56,7 @@ def _estimator_rank(state: dict) -> int:
 
 
 def config_from_checkpoint(hf: dict, state: dict) -> model_lib.BertConfig:
-  """Our config from a PyTorch config.json and its tensors (estimator rank and head size)."""
+  """Our config from a PyTorch config.json; the estimator rank comes from the tensors if it does not say."""
   overrides = {}
   if hf.get("weight_bits", 32) == 1:
     for field, supported in RELEASE_BINARY_FIELDS.items():

@@ -152,6 +152,16 @@ def test_release_names_to_jax_to_reference_is_bit_identical(tmp_path, capsys):
                 "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
     assert config[field] == release[field], field
 
+  # The export, aliases included, as a torch.save'd pytorch_model.bin imports to the same params.
+  (tmp_path / "bin").mkdir()
+  torch.save({k: torch.from_numpy(v) for k, v in load_file(tmp_path / "ref" / "model.safetensors").items()},
+             tmp_path / "bin" / "pytorch_model.bin")
+  (tmp_path / "bin" / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
+  convert.from_pytorch(str(tmp_path / "bin"), str(tmp_path / "work_from_bin"))
+  first, again = (checkpointing.restore_params(str(tmp_path / w)) for w in ("work", "work_from_bin"))
+  assert first[:2] == again[:2]
+  assert_bit_identical(flat_numpy(first[2]), flat_numpy(again[2]))
+
 
 def test_jax_to_pytorch_to_jax_is_bit_identical(tmp_path):
   config = tiny_config(num_labels=3)
