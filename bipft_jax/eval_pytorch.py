@@ -11,8 +11,10 @@ export of `bipft convert to-pytorch` (or a plain Hugging Face BERT classifier) w
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
+from tqdm import tqdm
 
 from bipft_jax import config_loading
 from bipft_jax.errors import UserError
@@ -48,14 +50,17 @@ def load_classifier(directory: str, task: tasks.Task):
   return model.eval()
 
 
-def torch_predict_step(model):
+def torch_predict_step(model, progress=None):
   """A `predict_step(params, batch) -> logits` for `finetune.predict`, run by PyTorch."""
   import torch
 
   def predict_step(_, batch):
     inputs = {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in finetune.MODEL_INPUTS}
     with torch.no_grad():
-      return model(**inputs).logits.float().numpy()
+      logits = model(**inputs).logits.float().numpy()
+    if progress is not None:
+      progress.update(1)
+    return logits
   return predict_step
 
 
@@ -68,11 +73,13 @@ def evaluate(config, model_dir: str) -> dict:
                     f"{model.config.max_position_embeddings} positions")
   tokenizer = finetune.load_tokenizer(config, model_dir, model.config)
   buckets = tasks.length_buckets(config.max_length)
-  predict_step = torch_predict_step(model)
   results = {}
   for name, split in tasks.read_splits(task, config.data, task.dev_splits).items():
     data = tasks.encode(tokenizer, split, config.max_length)
-    predictions = finetune.predict(predict_step, None, data, config.eval_batch_size, buckets, task.is_regression)
+    with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
+              file=sys.stderr, dynamic_ncols=True) as progress:
+      predictions = finetune.predict(torch_predict_step(model, progress), None, data, config.eval_batch_size,
+                                     buckets, task.is_regression)
     results[name] = {"metrics": metrics_lib.compute(task.metrics, data.labels, predictions),
                      "ids": list(data.ids), "predictions": predictions}
   return results
