@@ -72,11 +72,9 @@ def initial_model(config, task: tasks.Task, rng) -> tuple:
   """(BertConfig with the task's head, params, the folder its tokenizer may live in, a description)."""
   overrides = dict(num_labels=task.num_labels, hidden_dropout=config.dropout,
                    attention_dropout=config.dropout, classifier_dropout=config.dropout)
+  check_init(config)
   kind, path = config.init.kind, config.init.path
   if kind == "checkpoint":
-    if not path:
-      raise UserError("no starting point: pass --init_from CHECKPOINT, or --config.init.kind=teacher "
-                      "(the FP baseline) or scratch")
     from bipft_jax import checkpointing
     saved_config, head, saved = checkpointing.restore_params(path, None if config.init.step < 0 else config.init.step)
     saved = jax.device_get(saved)  # host copies: the run places them itself
@@ -104,8 +102,17 @@ def initial_model(config, task: tasks.Task, rng) -> tuple:
       model_config = model_lib.BertConfig.from_dict({**config.model.to_dict(), **overrides})
     except ValueError as e:
       raise UserError(f"bad config.model: {e}") from None
-    return model_config, model_lib.init_params(model_lib.build(model_config, "classification"), rng), "", "scratch"
-  raise UserError(f"unknown init.kind {kind!r}; use checkpoint, teacher or scratch")
+    module = model_lib.build(model_config, "classification")
+    return model_config, jax.jit(lambda r: model_lib.init_params(module, r))(rng), "", "scratch"
+
+
+def check_init(config) -> None:
+  """Fails fast, before any data is read, on a config without a valid starting point."""
+  if config.init.kind not in ("checkpoint", "teacher", "scratch"):
+    raise UserError(f"unknown init.kind {config.init.kind!r}; use checkpoint, teacher or scratch")
+  if config.init.kind == "checkpoint" and not config.init.path:
+    raise UserError("no starting point: pass --init_from CHECKPOINT, or --config.init.kind=teacher "
+                    "(the FP baseline) or scratch")
 
 
 def load_tokenizer(config, init_folder: str, model_config):
@@ -240,13 +247,14 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
 
   task = tasks.get_task(config.task)
   _prepare_workdir(workdir, overwrite)
+  check_init(config)
+  train, devs, tests = _read_data(config, task)
   rng = jax.random.key(config.seed)
   init_rng, rng = jax.random.split(rng)
   model_config, params, init_folder, description = initial_model(config, task, init_rng)
   tokenizer = load_tokenizer(config, init_folder, model_config)
   if config.max_length > model_config.max_position_embeddings:
     raise UserError(f"max_length {config.max_length} exceeds the model's {model_config.max_position_embeddings} positions")
-  train, devs, tests = _read_data(config, task)
   encode = lambda split: tasks.encode(tokenizer, split, config.max_length)
   train_data = encode(train)
   dev_data = {name: encode(split) for name, split in devs.items()}
@@ -261,7 +269,8 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   optimizer = optim.make_optimizer(config.optimizer)
   if model_config.binary and _alphas_untrained(params):
     first = tasks.make_batch(train_data, plan(1)[0], config.batch_size, buckets)
-    params = model_lib.calibrate_alphas(module, params, {k: jnp.asarray(first[k]) for k in MODEL_INPUTS})
+    params = jax.jit(lambda p, b: model_lib.calibrate_alphas(module, p, b))(
+        params, {k: first[k] for k in MODEL_INPUTS})
     print("bipft: activation scales calibrated on the first training batch", file=sys.stderr)
   opt_state = optimizer.init(params)
   train_step, predict_step = make_steps(module, optimizer, task.is_regression)

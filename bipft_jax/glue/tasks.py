@@ -230,6 +230,9 @@ def read_glue_tsv(task: Task, path: str, layout: TsvLayout) -> Split:
 
 
 def read_glue_folder(task: Task, path: str, splits: Sequence[str]) -> dict:
+  if not path:
+    raise UserError(f"set --config.data.path to the GLUE data folder (glue_data/ or {task.folder}/), or read "
+                    "TFDS with --config.data.format=tfds")
   folder = _task_folder(task, path)
   if not os.path.isdir(folder):
     raise UserError(f"GLUE data folder {path} does not exist")

@@ -1,0 +1,209 @@
+"""`bipft finetune` on tiny models and fixture data: learning, best-epoch selection, outputs, starts."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import save_file
+
+import glue_fixtures
+from bipft_jax import checkpointing, cli, config_loading, pytorch_io
+from bipft_jax import model as model_lib
+from bipft_jax.errors import UserError
+from bipft_jax.glue import finetune, metrics, tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
+        "model.num_layers=1", "model.max_position_embeddings=64"]
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+  return glue_fixtures.write_glue(tmp_path_factory.mktemp("glue_data"), n=16)
+
+
+@pytest.fixture(scope="module")
+def vocab_dir(tmp_path_factory):
+  return glue_fixtures.write_vocab(tmp_path_factory.mktemp("vocab"))
+
+
+def tiny_config(task, glue_dir, vocab_dir, *extra):
+  overrides = TINY + ["init.kind=scratch", f"data.path={glue_dir}", f"data.tokenizer={vocab_dir}",
+                      "batch_size=4", "eval_batch_size=8", "max_length=16", "optimizer.learning_rate=0.003",
+                      "log_every=1"] + list(extra)
+  return config_loading.load_config(os.path.join(ROOT, f"configs/glue.py:task={task}"), overrides)
+
+
+def _fixed_batch(task_name, glue_dir, vocab_dir):
+  task = tasks.get_task(task_name)
+  split = tasks.read_splits(task, tiny_config(task_name, glue_dir, vocab_dir).data, ("train",))["train"]
+  data = tasks.encode(pytorch_io.load_tokenizer(vocab_dir), split, 16)
+  return task, tasks.make_batch(data, np.arange(len(data)), len(data), (16,))
+
+
+@pytest.mark.parametrize("task_name", ["sst2"])
+def test_a_few_steps_lower_the_loss(glue_dir, vocab_dir, task_name):
+  task, batch = _fixed_batch(task_name, glue_dir, vocab_dir)
+  config = model_lib.BertConfig.from_dict({**tiny_config(task_name, glue_dir, vocab_dir).model.to_dict(),
+                                           "num_labels": task.num_labels, "hidden_dropout": 0.0,
+                                           "attention_dropout": 0.0, "classifier_dropout": 0.0})
+  assert config.binary
+  module = model_lib.build(config, "classification")
+  params = jax.jit(lambda r: model_lib.init_params(module, r))(jax.random.key(0))
+  params = jax.jit(lambda p, b: model_lib.calibrate_alphas(module, p, b))(
+      params, {k: batch[k] for k in finetune.MODEL_INPUTS})
+  optimizer = optax.adam(3e-3)
+  opt_state = optimizer.init(params)
+  train_step, predict_step = finetune.make_steps(module, optimizer, task.is_regression)
+  device_batch = finetune._device_batch(batch)
+  losses = []
+  for i in range(25):
+    params, opt_state, loss = train_step(params, opt_state, device_batch, jax.random.key(i))
+    losses.append(float(loss))
+  assert losses[-1] < 0.7 * losses[0], losses
+  # The loss the step reports is the task loss of the model's predictions (no dropout here).
+  logits = predict_step(params, device_batch)
+  labels = jnp.asarray(batch["labels"])
+  expected = (jnp.mean((logits[:, 0] - labels) ** 2) if task.is_regression
+              else -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels]))
+  _, _, loss_after = train_step(params, opt_state, device_batch, jax.random.key(99))
+  np.testing.assert_allclose(float(loss_after), float(expected), rtol=1e-4)
+
+
+def test_task_loss_ignores_padding_rows():
+  logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [5.0, -5.0]])
+  labels = jnp.array([0, 1, 1])
+  padded = finetune.task_loss(logits, labels, jnp.array([1.0, 1.0, 0.0]), regression=False)
+  np.testing.assert_allclose(padded, -np.mean([jax.nn.log_softmax(logits[0])[0], jax.nn.log_softmax(logits[1])[1]]),
+                             rtol=1e-6)
+  mse = finetune.task_loss(jnp.array([[1.0], [3.0], [9.0]]), jnp.array([2.0, 3.0, 0.0]),
+                           jnp.array([1.0, 1.0, 0.0]), regression=True)
+  np.testing.assert_allclose(mse, 0.5)
+
+
+def test_best_epoch_selection_and_mnli_mismatched_from_last_epoch():
+  history = [{"epoch": e, "dev": {"dev_matched": {"accuracy": m}, "dev_mismatched": {"accuracy": mm}}}
+             for e, (m, mm) in enumerate([(60.0, 61.0), (70.0, 69.0), (70.0, 72.0), (65.0, 66.0)], start=1)]
+  picked = finetune.select_results(tasks.get_task("mnli"), history)
+  assert picked["best_epoch"] == 2  # the first of the tied best
+  assert picked["dev"] == {"dev_matched": {"accuracy": 70.0}, "dev_mismatched": {"accuracy": 66.0}}
+  cola = [{"epoch": e, "dev": {"dev": {"matthews_corr": c, "accuracy": a}}}
+          for e, (c, a) in enumerate([(10.0, 90.0), (30.0, 60.0), (20.0, 95.0)], start=1)]
+  picked = finetune.select_results(tasks.get_task("cola"), cola)  # selected by MCC, not accuracy
+  assert picked["best_epoch"] == 2 and picked["dev"]["dev"]["accuracy"] == 60.0
+
+
+def test_finetune_writes_metrics_best_checkpoint_and_submission(glue_dir, vocab_dir, tmp_path):
+  config = tiny_config("sst2", glue_dir, vocab_dir, "epochs=3")
+  results = finetune.finetune(config, str(tmp_path))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["epoch"] for l in lines] == [1, 2, 3] and lines[-1]["step"] == 3 * 4
+  scores = [l["dev"]["dev"]["accuracy"] for l in lines]
+  assert results["best_epoch"] == 1 + int(np.argmax(scores))
+  assert results["dev"]["dev"]["accuracy"] == max(scores)
+  assert results["dev_majority_rate"] == 50.0
+  assert json.loads((tmp_path / "results.json").read_text()) == results
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+  # best/ holds the best epoch's parameters: they reproduce its dev accuracy.
+  model_config, head, params = checkpointing.restore_params(str(tmp_path / "best"))
+  assert head == "classification" and model_config.num_labels == 2 and model_config.binary
+  task = tasks.get_task("sst2")
+  dev = tasks.encode(pytorch_io.load_tokenizer(vocab_dir),
+                     tasks.read_splits(task, config.data, ("dev",))["dev"], 16)
+  _, predict_step = finetune.make_steps(model_lib.build(model_config, "classification"), optax.adam(0.0), False)
+  predictions = finetune.predict(predict_step, jax.device_get(params), dev, 8, tasks.length_buckets(16), False)
+  assert metrics.compute(("accuracy",), dev.labels, predictions)["accuracy"] == pytest.approx(max(scores))
+  rows = (tmp_path / "submission" / "SST-2.tsv").read_text().splitlines()
+  assert rows[0] == "index\tprediction" and len(rows) == 17
+  assert [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(16)]
+  assert {r.split("\t")[1] for r in rows[1:]} <= {"0", "1"}
+  with pytest.raises(UserError, match="already holds a finetuning run"):
+    finetune.finetune(config, str(tmp_path))
+
+
+def test_mnli_reports_both_dev_sets_and_writes_m_mm_and_ax(glue_dir, vocab_dir, tmp_path):
+  results = finetune.finetune(tiny_config("mnli", glue_dir, vocab_dir, "epochs=2", "steps_per_epoch=1"), str(tmp_path))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert results["dev"]["dev_mismatched"] == lines[-1]["dev"]["dev_mismatched"]
+  assert results["dev"]["dev_matched"] == lines[results["best_epoch"] - 1]["dev"]["dev_matched"]
+  assert sorted(os.listdir(tmp_path / "submission")) == ["AX.tsv", "MNLI-m.tsv", "MNLI-mm.tsv"]
+  for name in ("AX.tsv", "MNLI-m.tsv"):
+    rows = (tmp_path / "submission" / name).read_text().splitlines()
+    assert len(rows) == 17 and {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "neutral", "contradiction"}
+
+
+def _tiny_model_config(**changes):
+  values = dict(vocab_size=64, hidden_size=32, num_heads=2, intermediate_size=64, num_layers=1,
+                max_position_embeddings=64)
+  values.update(changes)
+  return model_lib.BertConfig.from_dict(values)
+
+
+def test_checkpoint_start_keeps_bert_and_a_fresh_classifier(glue_dir, vocab_dir, tmp_path):
+  pretrained_config = _tiny_model_config(binary=True)
+  pretrained = model_lib.init_params(model_lib.build(pretrained_config, "pretraining"), jax.random.key(3))
+  checkpointing.save_params(str(tmp_path / "pretrain"), pretrained, pretrained_config, "pretraining", step=7)
+  config = tiny_config("rte", glue_dir, vocab_dir)
+  config.init.kind, config.init.path = "checkpoint", str(tmp_path / "pretrain")
+  model_config, params, _, description = finetune.initial_model(config, tasks.get_task("rte"), jax.random.key(0))
+  assert model_config.binary and model_config.num_labels == 2 and "checkpoint" in description
+  jax.tree.map(np.testing.assert_array_equal, params["bert"], pretrained["bert"])
+  assert set(params) == {"bert", "classifier"}
+  # A checkpoint whose vocab is smaller than the tokenizer's: one clear line, exit code 2.
+  small = _tiny_model_config(vocab_size=16, binary=True)
+  checkpointing.save_params(str(tmp_path / "small"), model_lib.init_params(model_lib.build(small, "encoder"),
+                                                                           jax.random.key(0)), small, "encoder")
+  code = cli.main(["finetune", "--config", os.path.join(ROOT, "configs/glue.py:task=rte"), "--workdir",
+                   str(tmp_path / "run"), "--init_from", str(tmp_path / "small"), f"--config.data.path={glue_dir}",
+                   f"--config.data.tokenizer={vocab_dir}"])
+  assert code == 2
+  with pytest.raises(UserError, match="tokens but the model's vocab_size is 16"):
+    finetune.load_tokenizer(config, "", small)
+
+
+def _write_teacher(folder, config):
+  """A Hugging Face BERT folder (config.json + model.safetensors) of random FP weights."""
+  params = model_lib.init_params(model_lib.build(config, "encoder"), jax.random.key(5))
+  os.makedirs(folder)
+  hf = {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings, "hidden_act": "gelu", "model_type": "bert"}
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(hf, f)
+  save_file(pytorch_io.to_torch_state(params), os.path.join(folder, "model.safetensors"))
+  return params
+
+
+def test_teacher_start_fp_baseline_and_binarized(glue_dir, vocab_dir, tmp_path):
+  teacher = _write_teacher(str(tmp_path / "teacher"), _tiny_model_config())
+  config = tiny_config("stsb", glue_dir, vocab_dir, "init.kind=teacher", f"init.path={tmp_path / 'teacher'}")
+  model_config, params, folder, _ = finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
+  assert not model_config.binary and model_config.num_labels == 1 and folder == str(tmp_path / "teacher")
+  jax.tree.map(np.testing.assert_array_equal, params["bert"], teacher)
+  config.init.binary = True
+  model_config, params, _, _ = finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
+  assert model_config.binary
+  np.testing.assert_array_equal(params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"],
+                                teacher["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"])
+  assert finetune._alphas_untrained(params)  # calibrated by finetune on the first batch
+  config.steps_per_epoch, config.epochs = 1, 1
+  results = finetune.finetune(config, str(tmp_path / "run"))
+  assert set(results["dev"]["dev"]) == {"pearson_spearman", "pearson", "spearman"}
+  _, _, trained = checkpointing.restore_params(str(tmp_path / "run" / "best"))
+  assert not finetune._alphas_untrained(trained)
+
+
+def test_cli_bad_inputs_exit_2(glue_dir, vocab_dir, tmp_path, capsys):
+  config = os.path.join(ROOT, "configs/glue.py")
+  base = ["--workdir", str(tmp_path / "w"), f"--config.data.tokenizer={vocab_dir}", "--config.init.kind=scratch"]
+  assert cli.main(["finetune", "--config", f"{config}:task=nope"] + base) == 2
+  assert "unknown task 'nope'" in capsys.readouterr().err
+  assert cli.main(["finetune", "--config", f"{config}:task=rte"] + base) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["bipft finetune: error: set --config.data.path to the GLUE data folder (glue_data/ or RTE/), "
+                 "or read TFDS with --config.data.format=tfds"]
+  assert cli.main(["finetune", "--config", f"{config}:task=rte", "--workdir", str(tmp_path / "w2")]) == 2
+  assert "no starting point: pass --init_from" in capsys.readouterr().err
