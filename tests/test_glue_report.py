@@ -1,0 +1,76 @@
+"""`bipft glue-report`: the markdown table with both GLUE averages, and the leaderboard files."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bipft_jax import cli
+from bipft_jax.errors import UserError
+from bipft_jax.glue import report, tasks
+
+DEV = {  # task -> reported dev numbers, as finetune writes them
+    "mnli": {"dev_matched": {"accuracy": 70.0}, "dev_mismatched": {"accuracy": 71.0}},
+    "qqp": {"dev": {"accuracy": 84.0, "f1": 80.0}}, "qnli": {"dev": {"accuracy": 82.0}},
+    "sst2": {"dev": {"accuracy": 86.0}}, "cola": {"dev": {"matthews_corr": 23.0, "accuracy": 70.0}},
+    "stsb": {"dev": {"pearson_spearman": 80.0, "pearson": 81.0, "spearman": 79.0}},
+    "mrpc": {"dev": {"accuracy": 76.0, "f1": 84.0}}, "rte": {"dev": {"accuracy": 66.0}},
+    "wnli": {"dev": {"accuracy": 56.3}},
+}
+
+
+def write_run(workdir, task, dev, model="bipft"):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"task": task, "model": model, "dev": dev, "best_epoch": 1, "epochs": 1}, f)
+  return str(workdir)
+
+
+def test_table_has_both_averages(tmp_path, capsys):
+  workdirs = [write_run(tmp_path / name, name, dev) for name, dev in DEV.items()]
+  workdirs.append(write_run(tmp_path / "fp_rte", "rte", {"dev": {"accuracy": 72.0}}, model="fp"))
+  assert cli.main(["glue-report", "--workdirs", *workdirs]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  assert header[:4] == ["model", "MNLI-m", "MNLI-mm", "QQP"] and header[-2:] == ["avg (8, MNLI-m)", "avg (9, +MNLI-mm)"]
+  row = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|"))))
+  eight = [70.0, 84.0, 82.0, 86.0, 23.0, 80.0, 76.0, 66.0]
+  assert row["model"] == "bipft" and row["CoLA"] == "23.0" and row["STS-B"] == "80.0" and row["WNLI"] == "56.3"
+  assert row["avg (8, MNLI-m)"] == f"{np.mean(eight):.1f}"
+  assert row["avg (9, +MNLI-mm)"] == f"{np.mean(eight + [71.0]):.1f}"
+  fp = dict(zip(header, (c.strip() for c in lines[3].strip("|").split("|"))))
+  assert fp["model"] == "fp" and fp["RTE"] == "72.0" and fp["QQP"] == "-" and fp["avg (8, MNLI-m)"].startswith("n/a")
+
+
+@pytest.mark.parametrize("task_name,split,name,predictions,expected", [
+    ("cola", "test", "CoLA.tsv", [1, 0], ["1", "0"]),
+    ("sst2", "test", "SST-2.tsv", [0, 1], ["0", "1"]),
+    ("mrpc", "test", "MRPC.tsv", [1, 1], ["1", "1"]),
+    ("qqp", "test", "QQP.tsv", [0, 1], ["0", "1"]),
+    ("stsb", "test", "STS-B.tsv", [5.7, -0.2], ["5.000", "0.000"]),  # clipped to the 0..5 scale
+    ("mnli", "test_matched", "MNLI-m.tsv", [0, 2], ["entailment", "contradiction"]),
+    ("mnli", "test_mismatched", "MNLI-mm.tsv", [1, 0], ["neutral", "entailment"]),
+    ("qnli", "test", "QNLI.tsv", [0, 1], ["entailment", "not_entailment"]),
+    ("rte", "test", "RTE.tsv", [1, 0], ["not_entailment", "entailment"]),
+    ("wnli", "test", "WNLI.tsv", [1, 0], ["1", "0"]),
+    ("ax", "test", "AX.tsv", [2, 1], ["contradiction", "neutral"]),
+])
+def test_leaderboard_files(tmp_path, task_name, split, name, predictions, expected):
+  path = report.write_submission(str(tmp_path), tasks.get_task(task_name), split, ["0", "1"], predictions)
+  assert os.path.basename(path) == name
+  assert open(path).read() == "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in enumerate(expected))
+
+
+def test_submission_collection_and_bad_workdirs(tmp_path, capsys):
+  run = write_run(tmp_path / "rte", "rte", DEV["rte"])
+  report.write_submission(os.path.join(run, "submission"), tasks.get_task("rte"), "test", ["0"], [0])
+  assert cli.main(["glue-report", "--workdirs", run, "--submission_dir", str(tmp_path / "out")]) == 0
+  assert os.listdir(tmp_path / "out") == ["RTE.tsv"]
+  assert "missing: AX.tsv, CoLA.tsv" in capsys.readouterr().out
+  with pytest.raises(UserError, match="has no GLUE leaderboard file"):
+    report.write_submission(str(tmp_path), tasks.get_task("rte"), "dev", ["0"], [0])
+  assert cli.main(["glue-report", "--workdirs", str(tmp_path / "nothing")]) == 2
+  assert "has no results.json" in capsys.readouterr().err
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "results.json").write_text("{not json")
+  assert cli.main(["glue-report", "--workdirs", str(tmp_path / "bad")]) == 2
