@@ -129,8 +129,9 @@ class _FreshOutput:
 def from_pytorch(src: str, out: str) -> dict:
   """Converts the PyTorch checkpoint in `src` into an orbax workdir `out`; returns a report."""
   from bipft_jax import checkpointing
+  output = _FreshOutput(out)
   config, head, params, report = read_pytorch_checkpoint(src)
-  with _FreshOutput(out) as tmp:
+  with output as tmp:
     checkpointing.save_params(tmp, params, config, head, step=0)
     # Beside the step folders, where `bipft finetune --init_from WORKDIR` looks for a tokenizer.
     report["tokenizer"] = _copy_tokenizer(src, tmp)
@@ -185,10 +186,17 @@ def reference_state(params: dict, head: str) -> dict:
   return state
 
 
-def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "hf") -> dict:
-  """Writes the checkpoint in workdir `checkpoint` as a PyTorch directory `out` (`hf` or `reference`)."""
+def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "hf",
+               tokenizer: str | None = None) -> dict:
+  """Writes the checkpoint in workdir `checkpoint` as a PyTorch directory `out` (`hf` or `reference`).
+
+  Tokenizer files come from `tokenizer` if given, else from the checkpoint's workdir if it has them.
+  """
   from safetensors.numpy import save_file
   from bipft_jax import checkpointing
+  if tokenizer is not None and not any(os.path.isfile(os.path.join(tokenizer, f)) for f in TOKENIZER_FILES):
+    raise UserError(f"--tokenizer {tokenizer} has none of {', '.join(TOKENIZER_FILES)}")
+  output = _FreshOutput(out)
   config, head, params = checkpointing.restore_params(checkpoint, step)
   params = _to_host(params)
   if fmt == "hf":
@@ -196,14 +204,14 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
   else:
     state = reference_state(params, head)
     config_json = dict(hf_config_dict(config, head), model_type="bert")
-  with _FreshOutput(out) as tmp:
+  with output as tmp:
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config_json, f, indent=2, sort_keys=True)
     if fmt == "hf":
       shutil.copy2(MODELING_FILE, os.path.join(tmp, "modeling_bipft.py"))
-    tokenizer = _copy_tokenizer(_tokenizer_folder(checkpoint), tmp)
-  return {"head": head, "binary": config.binary, "tensors": len(state), "tokenizer": tokenizer}
+    copied = _copy_tokenizer(tokenizer or _tokenizer_folder(checkpoint), tmp)
+  return {"head": head, "binary": config.binary, "tensors": len(state), "tokenizer": copied}
 
 
 def _tokenizer_folder(checkpoint: str) -> str:
@@ -235,6 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   dst.add_argument("--format", choices=("hf", "reference"), default="hf",
                    help="hf: transformers-loadable with trust_remote_code (default); "
                         "reference: the original release's state dict names")
+  dst.add_argument("--tokenizer", default=None,
+                   help="folder whose vocab.txt / tokenizer.json to ship (default: the workdir's, if any)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {kind}, head {report['head']}, tokenizer files: "
           f"{', '.join(report['tokenizer']) or 'none'}")
   else:
-    report = to_pytorch(args.checkpoint, args.out, args.step, args.format)
+    report = to_pytorch(args.checkpoint, args.out, args.step, args.format, args.tokenizer)
     print(f"wrote {args.out} ({args.format}): {report['tensors']} tensors, head {report['head']}, "
-          f"tokenizer files: {', '.join(report['tokenizer']) or 'none'}")
+          f"tokenizer files: {', '.join(report['tokenizer']) or 'none (pass --tokenizer FOLDER to ship one)'}")
   return 0

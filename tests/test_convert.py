@@ -333,3 +333,16 @@ def test_to_pytorch_of_a_directory_without_checkpoint(tmp_path, capsys):
                                       "--out", tmp_path / "hf"))
   assert "no checkpoint in" in line
   assert not (tmp_path / "hf").exists()
+
+
+def test_to_pytorch_ships_the_tokenizer_it_is_given(tmp_path, capsys, minilm_dir):
+  config = tiny_config(binary=False, vocab_size=30522)
+  params = model_lib.init_params(model_lib.build(config, "classification"), jax.random.key(0))
+  checkpointing.save_params(str(tmp_path / "ckpt"), params, config, "classification", step=3)
+  code, _ = bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "ckpt" / "3", "--out", tmp_path / "hf",
+                  "--tokenizer", minilm_dir)
+  assert code == 0
+  assert (tmp_path / "hf" / "vocab.txt").read_bytes() == (minilm_dir / "vocab.txt").read_bytes()
+  line = assert_one_error_line(*bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "ckpt",
+                                      "--out", tmp_path / "hf2", "--tokenizer", tmp_path / "ckpt"))
+  assert "has none of vocab.txt" in line
