@@ -182,3 +182,22 @@ def test_batches_pad_to_buckets_and_cover_every_example(tmp_path):
   assert sorted(seen) == list(range(9))
   ordered = list(tasks.batches(data, 4, buckets, sort_by_length=True))
   assert [b["input_ids"].shape[1] for b in ordered] == [8, 12, 12]
+
+
+def test_custom_task_from_config(tmp_path):
+  (tmp_path / "train.jsonl").write_text('{"review": "good film", "stars": "pos"}\n{"review": "bad", "stars": "neg"}\n')
+  config = ml_collections.ConfigDict({"task": "custom", "epochs": 3, "data": data_config(
+      format="jsonl", train_file=str(tmp_path / "train.jsonl"), text_fields="review", label_field="stars",
+      labels="neg,pos")})
+  task = tasks.task_from_config(config)
+  assert task.labels == ("neg", "pos") and task.metrics == ("accuracy", "f1", "matthews_corr")
+  train = tasks.read_splits(task, config.data, ("train",))["train"]
+  assert train.texts_a == ["good film", "bad"] and train.texts_b is None and train.labels.tolist() == [1, 0]
+  config.data.labels = "neg,neutral,pos"
+  assert tasks.task_from_config(config).metrics == ("accuracy",)
+  config.data.labels = ""
+  with pytest.raises(UserError, match="label 'pos' is not a number"):
+    tasks.read_splits(tasks.task_from_config(config), config.data, ("train",))
+  config.data.format = "glue"
+  with pytest.raises(UserError, match="custom has no glue source"):
+    tasks.read_splits(tasks.task_from_config(config), config.data, ("train",))

@@ -245,7 +245,7 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   from tqdm import tqdm
   from bipft_jax import checkpointing
 
-  task = tasks.get_task(config.task)
+  task = tasks.task_from_config(config)
   _prepare_workdir(workdir, overwrite)
   check_init(config)
   train, devs, tests = _read_data(config, task)
@@ -258,7 +258,7 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   encode = lambda split: tasks.encode(tokenizer, split, config.max_length)
   train_data = encode(train)
   dev_data = {name: encode(split) for name, split in devs.items()}
-  buckets = tasks.length_buckets(config.max_length)
+  buckets = tasks.length_buckets(config.max_length, config.min_bucket)
 
   module = model_lib.build(model_config, "classification")
   plan = lambda epoch: tasks.batch_plan(train_data, config.batch_size, buckets, shuffle_seed=config.seed + epoch)

