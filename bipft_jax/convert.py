@@ -27,6 +27,9 @@ from bipft_jax.errors import UserError
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # The release's GLUE model carries PReLU modules (`sa`) that its forward never uses.
 UNUSED_RELEASE_SUFFIXES = (".sa.weight",)
+# MLM-only checkpoints (BertForMaskedLM) have no pooler and no NSP head: those start from a fresh
+# init, and the conversion says so.
+OPTIONAL_PREFIXES = ("cls.seq_relationship.", "bert.pooler.", "pooler.")
 MODELING_FILE = os.path.join(os.path.dirname(__file__), "pytorch_model", "modeling_bipft.py")
 # The release's binarization switches, and the only values this implementation computes.
 RELEASE_BINARY_FIELDS = {"input_bits": 1, "weight_layerwise": True, "input_layerwise": True,
@@ -83,7 +86,8 @@ def read_pytorch_checkpoint(directory: str, seed: int = 0) -> tuple:
   config = config_from_checkpoint(hf, state)
   head = detect_head(state)
   template = model_lib.init_params(model_lib.build(config, head), jax.random.key(seed))
-  params, report = pytorch_io.from_torch_state(state, template, skip_suffixes=UNUSED_RELEASE_SUFFIXES)
+  params, report = pytorch_io.from_torch_state(state, template, allow_missing=OPTIONAL_PREFIXES,
+                                               skip_suffixes=UNUSED_RELEASE_SUFFIXES)
   return config, head, params, report
 
 
@@ -252,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
     report = from_pytorch(args.src, args.out)
     for name in report["skipped"]:
       print(f"skipped unused tensor {name}")
+    for name in report["kept_from_init"]:
+      print(f"note: {name} is not in the checkpoint; it starts from a fresh init")
     kind = "binary student" if report["binary"] else "full-precision model"
     print(f"wrote {args.out}: {kind}, head {report['head']}, tokenizer files: "
           f"{', '.join(report['tokenizer']) or 'none'}")

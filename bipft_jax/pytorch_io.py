@@ -154,6 +154,20 @@ def read_config(directory: str) -> dict:
     raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
+# TF-converted checkpoints (e.g. bert-base-uncased's pytorch_model.bin) name LayerNorm leaves gamma/beta.
+LEGACY_LEAVES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
+
+
+def _current_names(state: dict) -> dict:
+  renamed = {}
+  for name, value in state.items():
+    for old, new in LEGACY_LEAVES.items():
+      if name.endswith(old):
+        name = name[:-len(old)] + new
+    renamed[name] = value
+  return renamed
+
+
 def read_weights(directory: str) -> dict:
   """Tensors of model.safetensors, or pytorch_model.bin loaded with weights_only=True."""
   safetensors_path = os.path.join(directory, "model.safetensors")
@@ -161,7 +175,7 @@ def read_weights(directory: str) -> dict:
   if os.path.isfile(safetensors_path):
     from safetensors.numpy import load_file
     try:
-      return load_file(safetensors_path)
+      return _current_names(load_file(safetensors_path))
     except Exception as e:  # safetensors raises several types for corrupt files
       raise UserError(f"{safetensors_path} is not a readable safetensors file: {e}") from None
   if os.path.isfile(bin_path):
@@ -173,7 +187,7 @@ def read_weights(directory: str) -> dict:
       state = torch.load(bin_path, map_location="cpu", weights_only=True)
     except Exception as e:
       raise UserError(f"{bin_path} could not be loaded with weights_only=True: {e}") from None
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+    return _current_names({k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()})
   raise UserError(f"no weights in {directory}: expected model.safetensors or pytorch_model.bin")
 
 

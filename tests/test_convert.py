@@ -249,6 +249,26 @@ def test_hf_teacher_layouts_round_trip_through_jax(tmp_path, kind, head):
     np.testing.assert_allclose(getattr(ours, name).numpy(), getattr(theirs, name).numpy(), rtol=0, atol=ATOL)
 
 
+def test_tf_converted_names_and_an_mlm_only_checkpoint(tmp_path, capsys):
+  """LayerNorm gamma/beta in a pytorch_model.bin (bert-base-uncased's layout), no NSP head (BertForMaskedLM)."""
+  original = hf_bert("BertForMaskedLM", tmp_path / "saved")
+  (tmp_path / "legacy").mkdir()
+  legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+            for k, v in original.state_dict().items()}
+  assert any(k.endswith("LayerNorm.gamma") for k in legacy)
+  torch.save(legacy, tmp_path / "legacy" / "pytorch_model.bin")
+  (tmp_path / "legacy" / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+  code = cli.main(["convert", "from-pytorch", "--src", str(tmp_path / "legacy"), "--out", str(tmp_path / "work")])
+  assert code == 0
+  out = capsys.readouterr().out
+  for name in ("cls.seq_relationship.weight", "bert.pooler.dense.weight"):
+    assert f"{name} is not in the checkpoint" in out
+  convert.to_pytorch(str(tmp_path / "work"), str(tmp_path / "mlm_hf"))
+  batch = padded_two_segment_batch(101)
+  theirs, ours = torch_forward(original, batch), torch_forward(load_export(tmp_path / "mlm_hf", "pretraining"), batch)
+  np.testing.assert_allclose(ours.prediction_logits.numpy(), theirs.logits.numpy(), rtol=0, atol=ATOL)
+
+
 def test_pretrained_bert_model_with_tokenizer(tmp_path, minilm_dir):
   """A real BertModel checkpoint (no `bert.` prefix, tokenizer files) -> JAX -> hf export."""
   report = convert.from_pytorch(str(minilm_dir), str(tmp_path / "work"))
