@@ -96,6 +96,21 @@ def binarize_activation(module: nn.Module, name: str, x: Array, *, signed: bool,
   return binarizer.apply(x, alpha)
 
 
+def binary_einsum(spec: str, x_b: Array, y_b: Array, config: BertConfig) -> Array:
+  """einsum of two binarized operands, each one scale times {-1, 0, 1} (or {0, 1}).
+
+  The scales are factored out, so the product of the sign patterns sums small integers: exact in
+  any summation order. Results then do not depend on the device layout or sharding, whose rounding
+  differences the next sign threshold would otherwise amplify. Gradients are those of the plain product.
+  """
+  def scale(b):
+    s = jax.lax.stop_gradient(jnp.max(jnp.abs(b)))
+    return jnp.where(s > 0, s, 1.0)
+  x_scale, y_scale = scale(x_b), scale(y_b)
+  signs = jnp.einsum(spec, x_b / x_scale, y_b / y_scale, precision=config.matmul_precision)
+  return signs * (x_scale * y_scale)
+
+
 class BinaryDense(nn.Module):
   """out = B_act(x + move_bias) @ B_w(kernel) + bias  (METHOD.md section 3)."""
   features: int
@@ -111,7 +126,7 @@ class BinaryDense(nn.Module):
     x_b = binarize_activation(self, "input_alpha", x + move_bias, signed=True,
                               config=self.config, calibrate=calibrate)
     w_b = binarize.weight_binarizers(self.config.weight_binarizer)[0](kernel)
-    return jnp.matmul(x_b, w_b, precision=self.config.matmul_precision) + bias
+    return binary_einsum("...i,io->...o", x_b, w_b, self.config) + bias
 
 
 def linear(config: BertConfig, features: int, axes: tuple, name: str, binary: bool):
@@ -174,7 +189,10 @@ class SelfAttention(nn.Module):
       return y_BxLxHxK
 
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = heads("query"), heads("key"), heads("value")
-    scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, precision=cfg.matmul_precision)
+    if binary:
+      scores_BxHxLxL = binary_einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, cfg)
+    else:
+      scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, precision=cfg.matmul_precision)
     estimate = binary and cfg.estimator_rank > 0
     if estimate:
       # Low-rank estimates of the three terms a binary Q K^T drops (METHOD.md section 4):
@@ -192,7 +210,10 @@ class SelfAttention(nn.Module):
     if binary:
       probs_BxHxLxL = binarize_activation(self, "probs_alpha", probs_BxHxLxL, signed=False,
                                           config=cfg, calibrate=calibrate)
-    context_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK, precision=cfg.matmul_precision)
+    if binary:
+      context_BxLxHxK = binary_einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK, cfg)
+    else:
+      context_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK, precision=cfg.matmul_precision)
     if estimate:
       # The value residual dV ~ v_p(X), tiled over each head's channels (R = 1: the release's broadcast).
       v_p_BxLxR = _dense(cfg, cfg.estimator_rank, ("embed", None), "v_p")(x_BxLxD)
