@@ -1,7 +1,8 @@
 """True 1-bit inference: bit-packed weights and activations, XOR/AND + popcount matmuls.
 
 Every tensor the student binarizes (METHOD.md section 3) is stored as bit-planes packed along the
-contracted (input) dimension into uint32 words: bit j of word w is element 32*w + j.
+contracted (input) dimension into uint32 words: of K elements in W = ceil(K / 32) words, bit j of
+word w is element j * W + w (see pack_bits for why interleaved).
 
 How zeros stay exact. sign(0) = 0 in every binarizer, and zeros are real: BWN's sign(W - e) is 0
 where W == e, and activations are 0 where x + move_bias == 0 (e.g. an attention-output input row
@@ -44,19 +45,27 @@ def num_words(k: int) -> int:
 # --- bit packing -------------------------------------------------------------
 
 def pack_bits(bits_xK: Array) -> Array:
-  """Packs booleans along the last axis into uint32 words (zero-padded): [..., K] -> [..., W]."""
+  """Packs booleans along the last axis into uint32 words (zero-padded): [..., K] -> [..., W].
+
+  Element k goes to word k % W, bit k // W (interleaved, not consecutive): packing is then a sum
+  of 32 contiguous slices, which XLA fuses with the op producing the bits into one loop vectorized
+  along the words; consecutive bits would make it a 32-wide reduction per word that recomputes a
+  fused popcount-matmul producer scalar by scalar (10x slower attention). Any fixed bit order
+  works for the matmuls, as long as both operands use the same.
+  """
   k = bits_xK.shape[-1]
-  pad = num_words(k) * WORD_BITS - k
-  bits_xK = jnp.pad(bits_xK, [(0, 0)] * (bits_xK.ndim - 1) + [(0, pad)])
-  bits_xWx32 = bits_xK.reshape(*bits_xK.shape[:-1], -1, WORD_BITS).astype(WORD_DTYPE)
+  words = num_words(k)
+  bits_xK = jnp.pad(bits_xK, [(0, 0)] * (bits_xK.ndim - 1) + [(0, words * WORD_BITS - k)])
+  bits_x32xW = bits_xK.reshape(*bits_xK.shape[:-1], WORD_BITS, words).astype(WORD_DTYPE)
+  shifts_32x1 = jnp.arange(WORD_BITS, dtype=WORD_DTYPE)[:, None]
   # Distinct bits never carry, so the sum is the bitwise OR.
-  return jnp.sum(bits_xWx32 << jnp.arange(WORD_BITS, dtype=WORD_DTYPE), axis=-1, dtype=WORD_DTYPE)
+  return jnp.sum(bits_x32xW << shifts_32x1, axis=-2, dtype=WORD_DTYPE)
 
 
 def unpack_bits(words_xW: Array, k: int) -> Array:
   """The inverse of `pack_bits`: [..., W] uint32 -> [..., k] bool."""
-  bits_xWx32 = (words_xW[..., None] >> jnp.arange(WORD_BITS, dtype=WORD_DTYPE)) & 1
-  return bits_xWx32.reshape(*words_xW.shape[:-1], -1)[..., :k].astype(bool)
+  bits_x32xW = (words_xW[..., None, :] >> jnp.arange(WORD_BITS, dtype=WORD_DTYPE)[:, None]) & 1
+  return bits_x32xW.reshape(*words_xW.shape[:-1], -1)[..., :k].astype(bool)
 
 
 def pack_signed(x_xK: Array) -> tuple:
@@ -184,12 +193,29 @@ def _fp_dense(p: dict, x: Array, config: BertConfig) -> Array:
   return jnp.matmul(x, p["kernel"], precision=config.matmul_precision) + p["bias"]
 
 
+def _run_once_unfused(fn, x: Array, once: Array) -> Array:
+  """fn(x), computed as its own loop so XLA cannot fuse fn into the ops consuming its result.
+
+  XLA fuses a popcount matmul into its consumers' bit packing and then recomputes it there in a
+  strided, unvectorized loop (attention 10x slower); optimization_barrier and trivial conditionals
+  are removed before fusion on CPU, a loop whose trip count `once` (== 1) is a runtime value is not.
+  """
+  out = jax.eval_shape(fn, x)
+  _, y = jax.lax.while_loop(lambda carry: carry[0] < once, lambda carry: (carry[0] + 1, fn(x)),
+                            (jnp.int32(0), jnp.zeros(out.shape, out.dtype)))
+  return y
+
+
 def _binary_dense(p: dict, x_xK: Array) -> Array:
   """B_act(x + move_bias) @ B_w(kernel) + bias, on packed planes."""
-  x_sign, x_nonzero = pack_signed(x_xK + p["move_bias"])
-  counts_xN = signed_matmul(x_sign, x_nonzero, p["kernel_sign"], p.get("kernel_nonzero"))
-  scale = binarize._clamped(p["input_alpha"]) * p["kernel_scale"]
-  return counts_xN.astype(jnp.float32) * scale + p["bias"]
+  alpha = binarize._clamped(p["input_alpha"])
+
+  def dense(x):
+    x_sign, x_nonzero = pack_signed(x + p["move_bias"])
+    counts_xN = signed_matmul(x_sign, x_nonzero, p["kernel_sign"], p.get("kernel_nonzero"))
+    return counts_xN.astype(jnp.float32) * (alpha * p["kernel_scale"]) + p["bias"]
+
+  return _run_once_unfused(dense, x_xK, once=jnp.sign(alpha).astype(jnp.int32))  # alpha >= 1e-5
 
 
 def _word_embeddings(p: dict, input_ids_BxL: Array, hidden_size: int) -> Array:

@@ -32,10 +32,10 @@ def test_pack_unpack_round_trip(k):
   np.testing.assert_array_equal(packed.unpack_signed(*packed.pack_signed(jnp.asarray(t)), k), t)
 
 
-def test_bit_order_is_little_endian_within_words():
-  bits = np.zeros(40, bool)
+def test_bit_order_interleaves_elements_over_words():
+  bits = np.zeros(40, bool)  # 2 words: element k is bit k // 2 of word k % 2
   bits[[0, 5, 33]] = True
-  np.testing.assert_array_equal(packed.pack_bits(jnp.asarray(bits)), np.array([1 + 32, 2], np.uint32))
+  np.testing.assert_array_equal(packed.pack_bits(jnp.asarray(bits)), np.array([1, 4 + 2**16], np.uint32))
 
 
 @pytest.mark.parametrize("m,k,n", [(5, 7, 3), (8, 32, 16), (6, 45, 9), (3, 100, 33)])
