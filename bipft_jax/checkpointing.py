@@ -102,8 +102,8 @@ def restore_items(manager: ocp.CheckpointManager, step: int, abstract: dict) -> 
   """Restores array items onto the shardings in `abstract` (item -> tree of ShapeDtypeStruct),
   plus the JSON items."""
   items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
-  saved = manager.item_metadata(step)
-  items.update({name: ocp.args.JsonRestore() for name in JSON_ITEMS if saved.get(name) is not None})
+  step_dir = os.path.join(str(manager.directory), str(step))
+  items.update({name: ocp.args.JsonRestore() for name in JSON_ITEMS if os.path.isdir(os.path.join(step_dir, name))})
   try:
     return dict(manager.restore(step, args=ocp.args.Composite(**items)))
   except Exception as e:

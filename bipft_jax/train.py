@@ -152,7 +152,7 @@ def make_train_step(student: nn.Module, teacher: nn.Module, tx, config):
       (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum)))
       grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(step)
     return {"params": optax.apply_updates(params, updates), "opt_state": opt_state}, metrics
 
@@ -299,7 +299,7 @@ class Trainer:
       params = self._on_mesh(self._merge, source_params, jax.random.key(self.config.seed))
     except ValueError as e:
       raise UserError(f"the initial parameters do not fit the student: {e}") from None
-    if calibration_batch is not None:
+    if calibration_batch is not None and self.student_config.binary:
       params = self._on_mesh(self._calibrate, params, calibration_batch)
     return {"params": params, "opt_state": self._on_mesh(self._init_opt, params)}
 
@@ -432,12 +432,13 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
         manager.wait_until_finished()
         bar.write(f"bipft pretrain: SIGTERM: saved step {step} to {workdir}; rerun the command to resume")
         return {"step": step, "terminated": True}
-    bar.close()
+    bar.close()  # before the final line, so the bar does not print over it
     accuracy = trainer.evaluate(state["params"], eval_batches)
     writer.write(step, {"eval_mlm_accuracy": accuracy})
     print(f"bipft pretrain: held-out MLM accuracy at step {step}: {accuracy:.4f} "
           f"(start of this run: {start_accuracy:.4f})", flush=True)
   finally:
+    bar.close()
     prefetch.close()
     manager.wait_until_finished()
     manager.close()
