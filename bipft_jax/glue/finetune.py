@@ -181,12 +181,18 @@ def predict(predict_step, params, data: tasks.Encoded, batch_size: int, buckets,
 
 # --- the run --------------------------------------------------------------------
 
-def _prepare_workdir(workdir: str, overwrite: bool) -> None:
+def _earlier_outputs(workdir: str, overwrite: bool) -> list:
+  """The outputs of an earlier run in `workdir`; UserError if there are some and not `overwrite`."""
   existing = [name for name in OUTPUTS if os.path.exists(os.path.join(workdir, name))]
   if existing and not overwrite:
     raise UserError(f"{workdir} already holds a finetuning run ({', '.join(existing)}); choose another "
                     "--workdir or pass --overwrite")
-  for name in existing:
+  return existing
+
+
+def _prepare_workdir(workdir: str, overwrite: bool) -> None:
+  """Removes an earlier run's outputs (only once this run's inputs have all loaded)."""
+  for name in _earlier_outputs(workdir, overwrite):
     target = os.path.join(workdir, name)
     shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
   os.makedirs(workdir, exist_ok=True)
@@ -245,9 +251,12 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   from tqdm import tqdm
   from bipft_jax import checkpointing
 
+  started_run = time.time()
   task = tasks.task_from_config(config)
-  _prepare_workdir(workdir, overwrite)
+  _earlier_outputs(workdir, overwrite)
   check_init(config)
+  if config.epochs < 1 or config.batch_size < 1:
+    raise UserError(f"epochs ({config.epochs}) and batch_size ({config.batch_size}) must be at least 1")
   train, devs, tests = _read_data(config, task)
   rng = jax.random.key(config.seed)
   init_rng, rng = jax.random.split(rng)
@@ -275,6 +284,7 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   opt_state = optimizer.init(params)
   train_step, predict_step = make_steps(module, optimizer, task.is_regression)
 
+  _prepare_workdir(workdir, overwrite)
   writer = SummaryWriter(os.path.join(workdir, "tb"))
   selection_split, selection_metric = (task.dev_splits or ("dev",))[0], task.metrics[0]
   best_params, history, step = None, [], 0
@@ -321,7 +331,8 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
     report.write_submission(submission, test_task, "test" if split == "ax" else split, data.ids, predictions)
 
   results.update(model=config.name or description, init=description, task=task.name,
-                 selection=f"{selection_split} {selection_metric}", steps=step)
+                 selection=f"{selection_split} {selection_metric}", steps=step,
+                 seconds=round(time.time() - started_run, 1))
   if not task.is_regression:
     results["dev_majority_rate"] = majority_rate(train.labels, devs[selection_split].labels)
   _write_json(os.path.join(workdir, "results.json"), results)
