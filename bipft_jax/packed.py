@@ -193,17 +193,17 @@ def _fp_dense(p: dict, x: Array, config: BertConfig) -> Array:
   return jnp.matmul(x, p["kernel"], precision=config.matmul_precision) + p["bias"]
 
 
-def _run_once_unfused(fn, x: Array, once: Array) -> Array:
-  """fn(x), computed as its own loop so XLA cannot fuse fn into the ops consuming its result.
+def _unfused(fn, x: Array, always_true: Array) -> Array:
+  """fn(x) as its own XLA computation, so XLA cannot fuse across its inputs and outputs.
 
-  XLA fuses a popcount matmul into its consumers' bit packing and then recomputes it there in a
-  strided, unvectorized loop (attention 10x slower); optimization_barrier and trivial conditionals
-  are removed before fusion on CPU, a loop whose trip count `once` (== 1) is a runtime value is not.
+  Left alone, XLA fuses a popcount matmul, or the GELU before one, into the bit packing that
+  consumes it and recomputes it there in a strided, unvectorized loop (up to 40x slower). On CPU an
+  optimization_barrier is dropped and a loop's invariant body is hoisted out, but the branch of a
+  conditional on a runtime value stays a separate computation. `always_true` must be true at run
+  time (XLA cannot know it); the other branch, never taken, gives NaNs.
   """
   out = jax.eval_shape(fn, x)
-  _, y = jax.lax.while_loop(lambda carry: carry[0] < once, lambda carry: (carry[0] + 1, fn(x)),
-                            (jnp.int32(0), jnp.zeros(out.shape, out.dtype)))
-  return y
+  return jax.lax.cond(always_true, fn, lambda _: jnp.full(out.shape, jnp.nan, out.dtype), x)
 
 
 def _binary_dense(p: dict, x_xK: Array) -> Array:
@@ -215,7 +215,7 @@ def _binary_dense(p: dict, x_xK: Array) -> Array:
     counts_xN = signed_matmul(x_sign, x_nonzero, p["kernel_sign"], p.get("kernel_nonzero"))
     return counts_xN.astype(jnp.float32) * (alpha * p["kernel_scale"]) + p["bias"]
 
-  return _run_once_unfused(dense, x_xK, once=jnp.sign(alpha).astype(jnp.int32))  # alpha >= 1e-5
+  return _unfused(dense, x_xK, always_true=alpha > 0)  # a clamped alpha is >= 1e-5
 
 
 def _word_embeddings(p: dict, input_ids_BxL: Array, hidden_size: int) -> Array:
