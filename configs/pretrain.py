@@ -42,8 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.dropout = False     # the release leaves the teacher's dropout on; we default to eval mode
   c.tokenizer = ""              # folder with vocab.txt/tokenizer.json; "" = the teacher's folder
 
-  # The student: configs/model.py fields. Its shape must be the teacher's.
-  c.model = model_configs.get_config("minilm-l6,binary")
+  # The student: configs/model.py fields (set per variant below). Its shape must be the teacher's.
+  model_arg = {"demo": "minilm-l6,binary", "tiny": "tiny,binary", "base": "base,binary"}[variant]
+  c.model = model_configs.get_config(model_arg)
+  # "bfloat16": the sign-pattern products in bf16 with fp32 accumulation; exact, and faster where
+  # bf16 units exist (recent x86 CPUs, TPUs, GPUs).
+  c.model.binary_matmul_dtype = "float32"
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "wikitext2"   # wikitext2 | text | tfds
@@ -110,7 +114,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 32
   elif variant == "tiny":
     c.teacher.path = ""
-    c.model = model_configs.get_config("tiny,binary")
     c.data.source = "text"
     c.data.max_seq_length = 32
     c.data.max_predictions = 5
@@ -125,7 +128,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 8
   elif variant == "base":
     c.teacher.path = "bert-base-uncased"  # a local Hugging Face folder; set --config.teacher.path
-    c.model = model_configs.get_config("base,binary")
     c.data.source = "tfds"
     c.data.tfds_name = "wikipedia/20230601.en,bookcorpus"  # bookcorpus: a user-built TFDS dataset
   return c
