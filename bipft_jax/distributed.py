@@ -46,3 +46,9 @@ def initialize(config=None) -> None:
 def is_primary() -> bool:
   """Process 0 writes logs, summaries and progress bars; every process writes its checkpoint shards."""
   return jax.process_index() == 0
+
+
+def log(message: str) -> None:
+  """Prints a line of the run's story from process 0 only (every host would repeat it)."""
+  if is_primary():
+    print(message, flush=True)

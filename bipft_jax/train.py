@@ -26,9 +26,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bipft_jax import checkpointing, config_loading, losses, optim, pytorch_io, sharding
+from bipft_jax import checkpointing, config_loading, distributed, losses, optim, pytorch_io, sharding
 from bipft_jax import model as model_lib
-from bipft_jax.data import pipeline, sources
+from bipft_jax.data import hosts, sources
 from bipft_jax.errors import UserError
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -45,6 +45,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
+  distributed.initialize(config)  # before any JAX computation
   if not jax.config.jax_compilation_cache_dir:  # reruns and resumes skip XLA compilation
     from bipft_jax import assets
     jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation"))
@@ -181,7 +182,7 @@ def calibrate(student_config_: model_lib.BertConfig, params: dict, batch: dict) 
 class Prefetch:
   """(batch, data state after it) made in a background thread, so data preparation overlaps steps."""
 
-  def __init__(self, data: pipeline.PretrainingData, size: int = 2):
+  def __init__(self, data: hosts.HostData, size: int = 2):
     self.data, self.queue, self.stopped = data, queue.Queue(size), threading.Event()
     threading.Thread(target=self._fill, daemon=True).start()
 
@@ -212,7 +213,7 @@ class MetricsWriter:
   """metrics.jsonl and TensorBoard scalars in the workdir, written by process 0 only."""
 
   def __init__(self, workdir: str):
-    self.active = jax.process_index() == 0
+    self.active = distributed.is_primary()
     if self.active:
       from tensorboardX import SummaryWriter
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
@@ -346,7 +347,8 @@ def make_trainer(config, teacher_config: model_lib.BertConfig, mesh: jax.shardin
 
 
 def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) -> dict:
-  """Runs (or resumes) pretraining to `config.total_steps`; returns the last metrics and accuracies."""
+  """Runs (or resumes) pretraining to `config.total_steps`; returns the last metrics, the accuracies
+  and the final (global, sharded) parameters."""
   optim.make_optimizer(config.optimizer)  # a bad optimizer config fails before anything is loaded
   teacher_config, teacher_params, tokenizer_dir = load_teacher(config)
   trainer = make_trainer(config, teacher_config, sharding.make_mesh(dict(config.mesh.shape)))
@@ -356,14 +358,11 @@ def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) ->
   if len(tokenizer) > trainer.student_config.vocab_size:
     raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, the model only "
                     f"{trainer.student_config.vocab_size}; set --config.model.vocab_size")
-  hosts, host = jax.process_count(), jax.process_index()
-  data = pipeline.PretrainingData(sources.open_source(config.data, "train"), tokenizer, config.data,
-                                  batch_size=config.batch_size // hosts, seed=config.seed,
-                                  process_index=host, process_count=hosts)
-  eval_batches = [global_batch(b, trainer.batch_sharding) for b in pipeline.fixed_batches(
-      sources.open_source(config.data, "eval"), tokenizer, config.data,
-      batch_size=config.eval_batch_size // hosts, num_batches=config.eval_batches, seed=config.seed + 1,
-      process_index=host, process_count=hosts)]
+  data = hosts.HostData(sources.open_source(config.data, "train"), tokenizer, config.data,
+                        global_batch_size=config.batch_size, seed=config.seed)
+  eval_batches = [global_batch(b, trainer.batch_sharding) for b in hosts.fixed_batches(
+      sources.open_source(config.data, "eval"), tokenizer, config.data, global_batch_size=config.eval_batch_size,
+      num_batches=config.eval_batches, seed=config.seed + 1)]
 
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints)
@@ -377,7 +376,7 @@ def _initial_state(trainer: Trainer, workdir, init_from, manager, data, teacher_
   if latest is not None:  # 1. resume this workdir: params, optimizer and data state
     restored = checkpointing.restore_items(manager, latest, trainer.abstract_state())
     data.restore(restored["data"])
-    print(f"bipft pretrain: resuming {workdir} from step {latest}", flush=True)
+    distributed.log(f"bipft pretrain: resuming {workdir} from step {latest}")
     return {"params": restored["params"], "opt_state": restored["opt_state"]}, latest, None
   if init_from:  # 2. parameters of another checkpoint; a binary one keeps its trained alphas
     source_config, _, source_params = checkpointing.restore_params(init_from)
@@ -400,8 +399,8 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
   start_accuracy = accuracy = trainer.evaluate(state["params"], eval_batches)
   writer.write(step, {"eval_mlm_accuracy": start_accuracy})
-  print(f"bipft pretrain: held-out MLM accuracy at step {step}: {start_accuracy:.4f}", flush=True)
-  bar = tqdm(total=config.total_steps, initial=step, desc="pretrain", disable=jax.process_index() != 0,
+  distributed.log(f"bipft pretrain: held-out MLM accuracy at step {step}: {start_accuracy:.4f}")
+  bar = tqdm(total=config.total_steps, initial=step, desc="pretrain", disable=not distributed.is_primary(),
              dynamic_ncols=True)
   metrics = {}
   try:
@@ -424,10 +423,12 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
       if step % config.log_every == 0 or step == config.total_steps:
         writer.write(step, metrics)
       if step % config.eval_every == 0 and step < config.total_steps:
-        writer.write(step, {"eval_mlm_accuracy": trainer.evaluate(state["params"], eval_batches)})
+        accuracy = trainer.evaluate(state["params"], eval_batches)
+        writer.write(step, {"eval_mlm_accuracy": accuracy})
+        bar.write(f"bipft pretrain: held-out MLM accuracy at step {step}: {accuracy:.4f}")
       if step % config.checkpoint_every == 0 or step == config.total_steps or terminated.is_set():
         checkpointing.save(manager, step, params=state["params"], opt_state=state["opt_state"],
-                           data_state=data_state, config=record)
+                           data_state=hosts.global_state(data_state), config=record)
       if terminated.is_set():
         manager.wait_until_finished()
         bar.write(f"bipft pretrain: SIGTERM: saved step {step} to {workdir}; rerun the command to resume")
@@ -435,8 +436,8 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
     bar.close()  # before the final line, so the bar does not print over it
     accuracy = trainer.evaluate(state["params"], eval_batches)
     writer.write(step, {"eval_mlm_accuracy": accuracy})
-    print(f"bipft pretrain: held-out MLM accuracy at step {step}: {accuracy:.4f} "
-          f"(start of this run: {start_accuracy:.4f})", flush=True)
+    distributed.log(f"bipft pretrain: held-out MLM accuracy at step {step}: {accuracy:.4f} "
+                    f"(start of this run: {start_accuracy:.4f})")
   finally:
     bar.close()
     prefetch.close()
@@ -445,4 +446,4 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
     writer.close()
     signal.signal(signal.SIGTERM, previous_handler)
   return {"step": step, "metrics": {k: float(v) for k, v in metrics.items()},
-          "start_accuracy": start_accuracy, "final_accuracy": accuracy}
+          "start_accuracy": start_accuracy, "final_accuracy": accuracy, "params": state["params"]}

