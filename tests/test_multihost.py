@@ -1,0 +1,128 @@
+"""Two JAX processes on this machine train as one 4-device job (jax.distributed, localhost coordinator,
+gloo collectives): the same losses as one process with 4 devices, one consistent checkpoint."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import flax
+import jax
+import numpy as np
+
+from bipft_jax import checkpointing
+from test_train import CONFIG, REPO, files, tiny_overrides  # noqa: F401  (files: the corpus fixture)
+
+STEPS = 4
+TIMEOUT_S = 600  # for the whole job; a normal run takes a small fraction of it
+
+# One process of the job: what `bipft pretrain` runs, plus the final parameters gathered to process 0.
+_PROCESS = textwrap.dedent("""
+  import sys
+  import flax, jax, numpy as np
+  from jax.experimental import multihost_utils
+  from bipft_jax import config_loading, distributed, train
+  spec, workdir, out, *overrides = sys.argv[1:]
+  config = config_loading.load_config(spec, overrides)
+  distributed.initialize(config)
+  print(f"devices {jax.device_count()} local {jax.local_device_count()} processes {jax.process_count()}",
+        flush=True)
+  result = train.train_and_evaluate(config, workdir)
+  params = multihost_utils.process_allgather(result["params"], tiled=True)
+  if distributed.is_primary():
+    np.savez(out, **flax.traverse_util.flatten_dict(jax.device_get(params), sep="/"))
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start(files, tmp_path, name: str, devices: int, **env) -> tuple:
+  """Starts one process in its own process group, output to files (a full pipe would stall the job)."""
+  overrides = tiny_overrides(files, **{"data.shards": 2, "total_steps": STEPS, "checkpoint_every": 2,
+                                       "eval_every": 1000, "eval_batches": 1})
+  base_env = {k: v for k, v in os.environ.items() if not k.startswith("BIPFT_")}
+  base_env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                  **env)
+  stdout, stderr = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+  run = name.split("_")[0]
+  command = [sys.executable, "-c", _PROCESS, f"{CONFIG}:tiny,mesh=local-2x2", str(tmp_path / run),
+             str(tmp_path / f"{run}.npz"), *overrides]
+  process = subprocess.Popen(command, env=base_env, cwd=REPO, stdout=open(stdout, "w"), stderr=open(stderr, "w"),
+                             start_new_session=True)
+  return process, stdout, stderr
+
+
+def _finish(started: list) -> list:
+  """Waits for every process until one deadline; kills every group on a failure or the deadline."""
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    for process, _, stderr in started:
+      try:
+        code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        raise AssertionError(f"{stderr.name}: still running after {TIMEOUT_S} s; killed") from None
+      assert code == 0, f"{stderr.name} exited {code}:\n{stderr.read_text()[-3000:]}"
+  finally:
+    for process, _, _ in started:
+      if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+  return [(stdout.read_text(), stderr.read_text()) for _, stdout, stderr in started]
+
+
+def _losses(workdir) -> list:
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  steps = [r["step"] for r in records if "total_loss" in r]
+  assert steps == list(range(1, STEPS + 1)), steps  # once each: process 0 alone writes metrics
+  return [r["total_loss"] for r in records if "total_loss" in r]
+
+
+def test_two_processes_train_like_one_and_write_one_checkpoint(files, tmp_path):
+  port = _free_port()
+  multi = {"BIPFT_DISTRIBUTED": "1", "BIPFT_COORDINATOR": f"localhost:{port}", "BIPFT_NUM_PROCESSES": "2"}
+  started = [_start(files, tmp_path, f"multi_{i}", 2, BIPFT_PROCESS_ID=str(i), **multi) for i in range(2)]
+  started.append(_start(files, tmp_path, "single", 4))
+  (out0, err0), (out1, err1), (out_single, _) = _finish(started)
+
+  assert "devices 4 local 2 processes 2" in out0 and "devices 4 local 2 processes 2" in out1
+  assert "devices 4 local 4 processes 1" in out_single
+  # Only process 0 reports: the held-out accuracy lines, the progress bar, one TensorBoard file.
+  assert "held-out MLM accuracy at step 0" in out0 and "held-out MLM accuracy" not in out1
+  progress = re.compile(r"pretrain: +\d+%")
+  assert progress.search(err0) and not progress.search(err1)
+  assert len(os.listdir(tmp_path / "multi" / "tensorboard")) == 1
+
+  multi_losses, single_losses = _losses(tmp_path / "multi"), _losses(tmp_path / "single")
+  print(f"losses: two processes {multi_losses}, one process {single_losses}")
+  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-6)
+
+  # One checkpoint from both processes, restored here on one device: the trained parameters exactly.
+  trained = dict(np.load(tmp_path / "multi.npz"))
+  device = jax.devices()[0]
+  _, head, restored = checkpointing.restore_params(str(tmp_path / "multi"),
+                                                   shardings=jax.sharding.SingleDeviceSharding(device))
+  restored = flax.traverse_util.flatten_dict(restored, sep="/")
+  assert head == "pretraining" and restored.keys() == trained.keys()
+  for name, value in restored.items():
+    assert value.sharding.device_set == {device}
+    np.testing.assert_array_equal(np.asarray(value), trained[name], err_msg=name)
+  single = dict(np.load(tmp_path / "single.npz"))
+  for name, value in trained.items():
+    np.testing.assert_allclose(value, single[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+  # The data state holds both hosts' shards (process 0 writes JSON items): the one-process run's.
+  def data_state(workdir):
+    manager = checkpointing.make_manager(str(workdir), read_only=True)
+    assert sorted(manager.all_steps()) == [2, STEPS]
+    return checkpointing.restore_items(manager, STEPS, {})["data"]
+  state = data_state(tmp_path / "multi")
+  assert len(state["shards"]) == 2 and state["shards"][0] != state["shards"][1]
+  assert state == data_state(tmp_path / "single")
