@@ -64,16 +64,19 @@ def _torch_model(config: model_lib.BertConfig):
 
 
 def _ffn_matmuls(tokens: int, config: model_lib.BertConfig) -> dict:
-  """Packed matmuls of the two FFN shapes on random planes: name -> (callable, binary ops)."""
+  """Packed matmuls of the two FFN shapes on random planes: name -> (callable, binary ops).
+
+  As the encoder runs them: activation sign and nonzero planes, weight signs (XOR, AND, popcount).
+  """
   rng = np.random.default_rng(0)
   words = lambda *shape: jnp.asarray(rng.integers(0, 2**32, shape, dtype=np.uint32))
-  matmul = jax.jit(packed.signed_matmul)
   out = {}
   for k, n in [(config.hidden_size, config.intermediate_size), (config.intermediate_size, config.hidden_size)]:
     w = packed.num_words(k)
+    matmul = jax.jit(packed.signed_matmul)
     args = (words(tokens, w), words(tokens, w), words(w, n))
     matmul(*args).block_until_ready()
-    out[f"ffn_{k}x{n}"] = (lambda args=args: matmul(*args).block_until_ready(), 2 * tokens * k * n)
+    out[f"ffn_{k}x{n}"] = (lambda args=args, matmul=matmul: matmul(*args).block_until_ready(), 2 * tokens * k * n)
   return out
 
 

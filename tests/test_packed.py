@@ -78,6 +78,26 @@ def _student(head, estimator_rank):
   return config, module, params, batch
 
 
+@pytest.mark.parametrize("zero_inputs", [False, True])
+def test_binary_dense_equals_simulated_layer(zero_inputs):
+  config = model_lib.BertConfig.from_dict(TINY)
+  layer = model_lib.BinaryDense(40, config)
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 5, 70)).astype(np.float32)
+  if zero_inputs:  # e.g. an all-zero attention context row with a zero move bias
+    x[0, 1] = 0.0
+    x[1, 3, ::4] = 0.0
+  params = {"kernel": jnp.asarray(rng.standard_normal((70, 40)), jnp.float32), "bias": jnp.full(40, 0.1),
+            "move_bias": jnp.zeros(70), "input_alpha": jnp.float32(0.7)}
+  want = layer.apply({"params": params}, jnp.asarray(x))
+  _, tree = packed.pack_params(config, "encoder", {"embeddings": {"word_embeddings": {"embedding": jnp.ones((3, 4))}},
+                                                  "dense": params})
+  got = jax.jit(packed._binary_dense)(tree["bert"]["dense"], jnp.asarray(x))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  if zero_inputs:
+    np.testing.assert_allclose(got[0, 1], params["bias"], atol=1e-6)  # zeros contribute nothing
+
+
 def _trained_like_student(head="classification", estimator_rank=1):
   return _student(head, estimator_rank)
 
