@@ -26,7 +26,7 @@ Options:
   -h, --help             this help
 
 Everything after -- is the bipft command, e.g.
-  -- pretrain --config configs/pretrain.py:base --config.mesh.fsdp=8
+  -- pretrain --config configs/pretrain.py:base,mesh=v4-32   (meshes: configs/meshes.py)
 --workdir is appended to it.
 USAGE
 }
