@@ -2,7 +2,8 @@
 
 The optimizer config has the fields learning_rate, warmup_steps, total_steps, schedule
 ("linear": linear warm-up then linear decay to 0 at total_steps; "constant": warm-up then flat),
-weight_decay, b1, b2, eps. As in BERT, weight decay skips biases, LayerNorms, and here also the
+weight_decay, b1, b2, eps, and optionally head_lr_multiplier (the `cls` heads learn that much
+faster: a fresh head on a short run). As in BERT, weight decay skips biases, LayerNorms, and here also the
 binarizers' move biases and scales (alphas), which decay would drag towards zero.
 """
 from typing import Any
@@ -45,10 +46,21 @@ def decay_mask(params: Any) -> Any:
   return flax.traverse_util.unflatten_dict(mask)
 
 
+def head_mask(params: Any) -> Any:
+  """True for the pretraining heads' leaves (`cls/...`)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict({path: path[0] == "cls" for path in flat})
+
+
 def make_optimizer(config: Any) -> optax.GradientTransformation:
   """AdamW over the schedule above; `config` is the optimizer section of a job config."""
   schedule = learning_rate_schedule(config)
   if config.weight_decay > 0:
-    return optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                       weight_decay=config.weight_decay, mask=decay_mask)
-  return optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
+    tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                     weight_decay=config.weight_decay, mask=decay_mask)
+  else:
+    tx = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
+  multiplier = config.get("head_lr_multiplier", 1.0)
+  if multiplier != 1.0:
+    tx = optax.chain(tx, optax.masked(optax.scale(multiplier), head_mask))
+  return tx

@@ -12,7 +12,7 @@ from bipft_jax.errors import UserError
 
 def _config(**overrides):
   c = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=2, total_steps=6, schedule="linear",
-                                     weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8))
+                                     weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8, head_lr_multiplier=1.0))
   c.update(overrides)
   return c
 
@@ -69,3 +69,12 @@ def test_matches_torch_adamw_with_bert_schedule():
 def test_bad_optimizer_configs(overrides, match):
   with pytest.raises(UserError, match=match):
     optim.make_optimizer(_config(**overrides))
+
+
+def test_head_lr_multiplier_scales_only_the_heads():
+  params = {"cls": {"bias": jnp.zeros(3)}, "bert": {"bias": jnp.zeros(3)}}
+  grads = {"cls": {"bias": jnp.array([1.0, -2.0, 3.0])}, "bert": {"bias": jnp.array([1.0, -2.0, 3.0])}}
+  tx = optim.make_optimizer(_config(head_lr_multiplier=10.0, warmup_steps=0, schedule="constant"))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["cls"]["bias"], 10 * updates["bert"]["bias"], rtol=1e-6)
+  assert float(jnp.abs(updates["bert"]["bias"]).max()) > 0
