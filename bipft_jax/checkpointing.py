@@ -14,6 +14,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
@@ -34,7 +35,12 @@ def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3, async_save: bo
                                          enable_async_checkpointing=async_save)
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
   handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})
-  return ocp.CheckpointManager(os.path.abspath(workdir), item_handlers=handlers, options=options)
+  return ocp.CheckpointManager(_absolute(workdir), item_handlers=handlers, options=options)
+
+
+def _absolute(path: str) -> str:
+  """A local path made absolute; a URL (gs://BUCKET/...) as it is."""
+  return path if "://" in path else os.path.abspath(path)
 
 
 def save(manager: ocp.CheckpointManager, step: int, *, params, config: dict, opt_state=None,
@@ -55,11 +61,11 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 def _resolve(path: str, step: Optional[int]) -> tuple:
   """(manager, step) for a workdir (latest step by default) or a step folder inside one."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = _absolute(path)
+  if not epath.Path(path).is_dir():
     raise UserError(f"checkpoint {path} does not exist; pass a workdir written by `bipft pretrain` "
                     "or by checkpointing.save_params")
-  if step is None and os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "config")):
+  if step is None and os.path.basename(path).isdigit() and epath.Path(path, "config").is_dir():
     path, step = os.path.dirname(path), int(os.path.basename(path))
   manager = make_manager(path, max_to_keep=None, async_save=False, read_only=True)
   steps = manager.all_steps()
@@ -103,7 +109,7 @@ def restore_items(manager: ocp.CheckpointManager, step: int, abstract: dict) -> 
   plus the JSON items."""
   items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
   step_dir = os.path.join(str(manager.directory), str(step))
-  items.update({name: ocp.args.JsonRestore() for name in JSON_ITEMS if os.path.isdir(os.path.join(step_dir, name))})
+  items.update({name: ocp.args.JsonRestore() for name in JSON_ITEMS if epath.Path(step_dir, name).is_dir()})
   try:
     return dict(manager.restore(step, args=ocp.args.Composite(**items)))
   except Exception as e:

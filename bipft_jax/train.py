@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bipft_jax import checkpointing, config_loading, distributed, losses, optim, pytorch_io, sharding
@@ -210,28 +211,41 @@ class Prefetch:
 
 
 class MetricsWriter:
-  """metrics.jsonl and TensorBoard scalars in the workdir, written by process 0 only."""
+  """metrics.jsonl and TensorBoard scalars in the workdir, written by process 0 only.
+
+  Object stores (gs://) cannot append to a file, so there metrics.jsonl is rewritten whole on
+  every record; local files are appended to.
+  """
 
   def __init__(self, workdir: str):
     self.active = distributed.is_primary()
     if self.active:
       from tensorboardX import SummaryWriter
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.path = epath.Path(workdir) / "metrics.jsonl"
+      self.rewrite = "://" in workdir
+      self.text = self.path.read_text() if self.rewrite and self.path.exists() else ""
+      self.jsonl = None if self.rewrite else open(self.path, "a")
       self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.active:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self.jsonl.flush()
+    line = json.dumps({"step": step, **scalars}) + "\n"
+    if self.rewrite:
+      self.text += line
+      self.path.write_text(self.text)
+    else:
+      self.jsonl.write(line)
+      self.jsonl.flush()
     for name, value in scalars.items():
       self.tensorboard.add_scalar(name, value, step)
     self.tensorboard.flush()
 
   def close(self) -> None:
     if self.active:
-      self.jsonl.close()
+      if self.jsonl:
+        self.jsonl.close()
       self.tensorboard.close()
 
 
@@ -364,7 +378,7 @@ def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) ->
       sources.open_source(config.data, "eval"), tokenizer, config.data, global_batch_size=config.eval_batch_size,
       num_batches=config.eval_batches, seed=config.seed + 1)]
 
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints)
   state, step, pending = _initial_state(trainer, workdir, init_from, manager, data, teacher_params)
   return _loop(trainer, workdir, manager, state, step, pending, data, teacher_params, eval_batches)

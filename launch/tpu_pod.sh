@@ -5,7 +5,8 @@
 #     --workdir gs://my-bucket/bipft/base -- pretrain --config configs/pretrain.py:base
 #
 # Steps: create the slice (or reuse it), copy this checkout to every worker, install the package
-# with JAX for TPU, then run the same `bipft` command on all workers at once (--worker=all).
+# with JAX for TPU (plus gcsfs and google-cloud-storage, for gs:// workdirs), then run the same
+# `bipft` command on all workers at once (--worker=all).
 # JAX's multi-controller runtime finds the pod's coordinator by itself (BIPFT_DISTRIBUTED=1).
 set -euo pipefail
 
@@ -85,7 +86,7 @@ repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 archive=/tmp/bipft-jax-src.tar.gz
 run tar -czf "$archive" -C "$repo_root" --exclude=.git --exclude=.venv --exclude=workdirs .
 run gcloud compute tpus tpu-vm scp "$archive" "$name":bipft-jax-src.tar.gz --worker=all "${common[@]}"
-setup='mkdir -p bipft-jax && tar -xzf bipft-jax-src.tar.gz -C bipft-jax && cd bipft-jax && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . "jax[tpu]"'
+setup='mkdir -p bipft-jax && tar -xzf bipft-jax-src.tar.gz -C bipft-jax && cd bipft-jax && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . "jax[tpu]" gcsfs google-cloud-storage'
 run gcloud compute tpus tpu-vm ssh "$name" --worker=all "${common[@]}" --command="$setup"
 remote_cmd="cd bipft-jax && . .venv/bin/activate && BIPFT_DISTRIBUTED=1 bipft $(printf '%q ' "${bipft_args[@]}")--workdir $(printf '%q' "$workdir")"
 run gcloud compute tpus tpu-vm ssh "$name" --worker=all "${common[@]}" --command="$remote_cmd"

@@ -14,7 +14,12 @@ import flax
 import jax
 import numpy as np
 
+import pytest
+
 from bipft_jax import checkpointing
+from bipft_jax.data import hosts, pipeline
+from bipft_jax.errors import UserError
+from test_data import corpus, data_config, tokenizer  # noqa: F401  (fixtures)
 from test_train import CONFIG, REPO, files, tiny_overrides  # noqa: F401  (files: the corpus fixture)
 
 STEPS = 4
@@ -126,3 +131,34 @@ def test_two_processes_train_like_one_and_write_one_checkpoint(files, tmp_path):
   state = data_state(tmp_path / "multi")
   assert len(state["shards"]) == 2 and state["shards"][0] != state["shards"][1]
   assert state == data_state(tmp_path / "single")
+
+
+def test_host_data_is_its_shards_side_by_side_and_resumes_exactly(corpus, tokenizer):
+  config = data_config(shards=2)
+  data = hosts.HostData(corpus, tokenizer, config, global_batch_size=8, seed=3)
+  streams = [pipeline.PretrainingData(corpus, tokenizer, config, batch_size=4, seed=3, process_index=i,
+                                      process_count=2) for i in range(2)]
+  for _ in range(3):
+    batch, parts = next(data), [next(stream) for stream in streams]
+    for key in batch:  # shard 0's rows, then shard 1's: what two hosts put into a global batch
+      np.testing.assert_array_equal(batch[key], np.concatenate([p[key] for p in parts]))
+  state = hosts.global_state(data.state())
+  assert len(state["shards"]) == 2 and state["shards"][0] != state["shards"][1]
+  expected = [next(data) for _ in range(2)]
+  resumed = hosts.HostData(corpus, tokenizer, config, global_batch_size=8, seed=3)
+  resumed.restore(state)
+  for want in expected:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.parametrize("shards, batch, state, message", [
+    (3, 8, None, "batch_size 8 must be a multiple of data.shards (3)"),
+    (-1, 8, None, "data.shards -1 must be a positive multiple of the 1 hosts"),
+    (4, 8, {"shards": [{}, {}]}, "has 2 shards, this run 4; set --config.data.shards=2"),
+])
+def test_host_data_errors(corpus, tokenizer, shards, batch, state, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    data = hosts.HostData(corpus, tokenizer, data_config(shards=shards), global_batch_size=batch, seed=0)
+    data.restore(state)
