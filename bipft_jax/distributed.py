@@ -35,12 +35,11 @@ def initialize(config=None) -> None:
   """Calls jax.distributed.initialize once, if requested; a no-op otherwise."""
   if not requested(config) or jax.distributed.is_initialized():
     return
-  coordinator = os.environ.get("BIPFT_COORDINATOR")
+  explicit = {"coordinator_address": os.environ.get("BIPFT_COORDINATOR"),
+              "num_processes": _env_int("BIPFT_NUM_PROCESSES"), "process_id": _env_int("BIPFT_PROCESS_ID")}
   # Cross-process collectives between CPU devices need gloo; it only affects the CPU backend.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator,
-                             num_processes=_env_int("BIPFT_NUM_PROCESSES"),
-                             process_id=_env_int("BIPFT_PROCESS_ID"))
+  jax.distributed.initialize(**explicit)
 
 
 def is_primary() -> bool:

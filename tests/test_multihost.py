@@ -16,7 +16,7 @@ import numpy as np
 
 import pytest
 
-from bipft_jax import checkpointing
+from bipft_jax import checkpointing, config_loading, distributed
 from bipft_jax.data import hosts, pipeline
 from bipft_jax.errors import UserError
 from test_data import corpus, data_config, tokenizer  # noqa: F401  (fixtures)
@@ -162,3 +162,19 @@ def test_host_data_errors(corpus, tokenizer, shards, batch, state, message):
   with pytest.raises(UserError, match=re.escape(message)):
     data = hosts.HostData(corpus, tokenizer, data_config(shards=shards), global_batch_size=batch, seed=0)
     data.restore(state)
+
+
+def test_distributed_switch_and_bad_environment(monkeypatch):
+  config = config_loading.load_config(f"{CONFIG}:tiny")
+  monkeypatch.delenv("BIPFT_DISTRIBUTED", raising=False)
+  assert not distributed.requested(config) and not distributed.requested(None)
+  config.distributed.enabled = True
+  assert distributed.requested(config)
+  monkeypatch.setenv("BIPFT_DISTRIBUTED", "0")
+  assert not distributed.requested(None)
+  monkeypatch.setenv("BIPFT_DISTRIBUTED", "1")
+  assert distributed.requested(None)
+  monkeypatch.setenv("BIPFT_NUM_PROCESSES", "two")
+  with pytest.raises(UserError, match="BIPFT_NUM_PROCESSES='two' is not an integer"):
+    distributed.initialize(config)
+  assert not jax.distributed.is_initialized()
