@@ -29,6 +29,12 @@ def write_run(workdir, task, dev, model="bipft"):
 def test_table_has_both_averages(tmp_path, capsys):
   workdirs = [write_run(tmp_path / name, name, dev) for name, dev in DEV.items()]
   workdirs.append(write_run(tmp_path / "fp_rte", "rte", {"dev": {"accuracy": 72.0}}, model="fp"))
+  demo = write_run(tmp_path / "demo", "rt_demo", {"dev": {"accuracy": 61.25}}, model="student")
+  with open(os.path.join(demo, "results.json")) as f:
+    demo_results = json.load(f)
+  with open(os.path.join(demo, "results.json"), "w") as f:
+    json.dump({**demo_results, "dev_majority_rate": 56.9}, f)
+  workdirs.append(demo)
   assert cli.main(["glue-report", "--workdirs", *workdirs]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -40,6 +46,7 @@ def test_table_has_both_averages(tmp_path, capsys):
   assert row["avg (9, +MNLI-mm)"] == f"{np.mean(eight + [71.0]):.1f}"
   fp = dict(zip(header, (c.strip() for c in lines[3].strip("|").split("|"))))
   assert fp["model"] == "fp" and fp["RTE"] == "72.0" and fp["QQP"] == "-" and fp["avg (8, MNLI-m)"].startswith("n/a")
+  assert len(lines) == 8 and lines[-1] == "| student | rt_demo | accuracy 61.2 | 56.9 |"  # non-GLUE tasks apart
 
 
 @pytest.mark.parametrize("task_name,split,name,predictions,expected", [

@@ -89,7 +89,6 @@ def _scores(runs: list) -> dict:
   glue = {task for _, task, _ in COLUMNS}
   for results in runs:
     if results["task"] not in glue:
-      print(f"bipft: {results['task']} is not a GLUE task; left out of the table", file=sys.stderr)
       continue
     row = table.setdefault(results["model"], {})
     metric = tasks.get_task(results["task"]).metrics[0]
@@ -108,15 +107,27 @@ def _average(row: dict, headers) -> str:
 
 def markdown_table(runs: list) -> str:
   """One row per model; each cell the task's first metric (MRPC/QQP accuracy, STS-B mean of
-  Pearson and Spearman, CoLA Matthews corr.) on dev, in percent."""
+  Pearson and Spearman, CoLA Matthews corr.) on dev, in percent. Runs of other tasks (rt_demo,
+  custom) follow in a second table with the majority-class rate."""
+  sections = []
   table = _scores(runs)
-  headers = [c[0] for c in COLUMNS]
-  lines = ["| model | " + " | ".join(headers) + " | avg (8, MNLI-m) | avg (9, +MNLI-mm) |",
-           "|---" * (len(headers) + 3) + "|"]
-  for model, row in table.items():
-    cells = [f"{row[h]:.1f}" if h in row else "-" for h in headers]
-    lines.append(f"| {model} | " + " | ".join(cells) + f" | {_average(row, AVERAGE_8)} | {_average(row, AVERAGE_9)} |")
-  return "\n".join(lines)
+  if table:
+    headers = [c[0] for c in COLUMNS]
+    lines = ["| model | " + " | ".join(headers) + " | avg (8, MNLI-m) | avg (9, +MNLI-mm) |",
+             "|---" * (len(headers) + 3) + "|"]
+    for model, row in table.items():
+      cells = [f"{row[h]:.1f}" if h in row else "-" for h in headers]
+      lines.append(f"| {model} | " + " | ".join(cells) + f" | {_average(row, AVERAGE_8)} | {_average(row, AVERAGE_9)} |")
+    sections.append("\n".join(lines))
+  others = [r for r in runs if r["task"] not in {task for _, task, _ in COLUMNS}]
+  if others:
+    lines = ["| model | task | dev | majority class |", "|---|---|---|---|"]
+    for r in others:
+      scores = ", ".join(f"{m} {v:.1f}" for d in r["dev"].values() for m, v in d.items())
+      majority = f"{r['dev_majority_rate']:.1f}" if "dev_majority_rate" in r else "-"
+      lines.append(f"| {r['model']} | {r['task']} | {scores} | {majority} |")
+    sections.append("\n".join(lines))
+  return "\n\n".join(sections)
 
 
 def collect_submission(workdirs, directory: str) -> list:
