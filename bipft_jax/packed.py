@@ -48,10 +48,9 @@ def pack_bits(bits_xK: Array) -> Array:
   """Packs booleans along the last axis into uint32 words (zero-padded): [..., K] -> [..., W].
 
   Element k goes to word k % W, bit k // W (interleaved, not consecutive): packing is then a sum
-  of 32 contiguous slices, which XLA fuses with the op producing the bits into one loop vectorized
-  along the words; consecutive bits would make it a 32-wide reduction per word that recomputes a
-  fused popcount-matmul producer scalar by scalar (10x slower attention). Any fixed bit order
-  works for the matmuls, as long as both operands use the same.
+  over a major axis of 32 contiguous rows, vectorized along the words; consecutive bits make it a
+  32-wide reduction inside each word, 10x slower (8 x 128 x 3072 activations: 3.5 ms -> 0.33 ms).
+  Any fixed bit order works for the matmuls, as long as both operands use the same.
   """
   k = bits_xK.shape[-1]
   words = num_words(k)

@@ -12,7 +12,8 @@ The file (format "bipft-packed" v1) holds the tree of `packed.pack_params` under
   activation alphas (`*_alpha`)         float32 []
   everything else (LayerNorms, biases, move biases, estimators, position/type embeddings, the
   classifier): the FP remainder, in `remainder_dtype`.
-Metadata: format, format_version, head, config (the BertConfig as JSON), remainder_dtype, word_bits.
+Metadata: format, format_version, head, config (the BertConfig as JSON), remainder_dtype, word_bits,
+and sha256 (of every tensor's bytes, in name order), so a damaged file is refused, not run.
 
 The remainder is stored in float16 when that keeps the model's predictions (`--remainder auto`,
 the default): the packed model runs a fixed probe batch with the remainder in float32 and in
@@ -21,6 +22,7 @@ or encoder: outputs within PROBE_TOLERANCE). Scales and alphas stay float32: the
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -65,9 +67,18 @@ def file_tensors(packed_params: dict, remainder_dtype: str) -> dict:
   return out
 
 
+def _digest(tensors: dict) -> str:
+  digest = hashlib.sha256()
+  for name in sorted(tensors):
+    digest.update(name.encode())
+    digest.update(np.ascontiguousarray(tensors[name]).tobytes())
+  return digest.hexdigest()
+
+
 def write_packed(path: str, config: BertConfig, head: str, packed_params: dict, remainder_dtype: str) -> int:
   """Writes the file atomically (temp file, then rename); returns its size in bytes."""
-  metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "head": head,
+  tensors = file_tensors(packed_params, remainder_dtype)
+  metadata = {"sha256": _digest(tensors), "format": FORMAT, "format_version": FORMAT_VERSION, "head": head,
               "config": json.dumps(dataclasses.asdict(config)), "remainder_dtype": remainder_dtype,
               "word_bits": str(packed.WORD_BITS)}
   directory = os.path.dirname(os.path.abspath(path))
@@ -75,7 +86,7 @@ def write_packed(path: str, config: BertConfig, head: str, packed_params: dict, 
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
   os.close(fd)
   try:
-    safetensors.numpy.save_file(file_tensors(packed_params, remainder_dtype), tmp, metadata=metadata)
+    safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -130,6 +141,8 @@ def load_packed(path: str) -> tuple:
   if missing:
     raise UserError(f"{path} lacks {len(missing)} tensors (e.g. {missing[0]}); the file is truncated or "
                     "corrupt, re-export it")
+  if metadata.get("sha256") != _digest(tensors):
+    raise UserError(f"{path} fails its sha256 check: the file is corrupt, re-export it")
   floats = {n: jnp.asarray(v, jnp.float32 if v.dtype != np.uint32 else jnp.uint32) for n, v in tensors.items()}
   return config, head, packed.unflatten(floats)
 

@@ -213,7 +213,7 @@ def test_export_cli_prints_sizes(tmp_path, capsys):
   assert packed_export.load_packed(str(out))[0] == config
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "drop_tensor", "wrong_shape", "no_metadata"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flipped_bit", "drop_tensor", "wrong_shape", "no_metadata"])
 def test_bad_packed_file_is_a_user_error(exported, tmp_path, damage):
   path = exported[0]
   bad = tmp_path / "bad.safetensors"
@@ -221,6 +221,10 @@ def test_bad_packed_file_is_a_user_error(exported, tmp_path, damage):
     bad.write_bytes(open(path, "rb").read()[:-100])
   elif damage == "garbage":
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+  elif damage == "flipped_bit":
+    data = bytearray(open(path, "rb").read())
+    data[-5] ^= 0x10  # inside the last tensor's bytes: the header stays valid
+    bad.write_bytes(bytes(data))
   else:
     import safetensors
     import safetensors.numpy
@@ -234,7 +238,9 @@ def test_bad_packed_file_is_a_user_error(exported, tmp_path, damage):
     else:
       metadata = {}
     safetensors.numpy.save_file(tensors, str(bad), metadata=metadata)
-  with pytest.raises(UserError):
+  reason = {"truncate": "not a readable", "garbage": "not a readable", "flipped_bit": "sha256",
+            "drop_tensor": "lacks 1 tensors", "wrong_shape": "expected uint32", "no_metadata": "not a bipft-packed"}
+  with pytest.raises(UserError, match=reason[damage]):
     packed_export.load_packed(str(bad))
   with pytest.raises(UserError, match="does not exist"):
     packed_export.load_packed(str(tmp_path / "missing.safetensors"))
