@@ -162,11 +162,12 @@ def make_train_step(student: nn.Module, teacher: nn.Module, tx, config):
 
 
 def make_eval_step(student: nn.Module):
-  """(params, batch) -> (correct, counted) MLM predictions, deterministic."""
+  """(params, batch) -> (correct, counted, summed cross entropy) of MLM predictions, deterministic."""
   def eval_step(params, batch):
     out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                         mlm_positions_BxN=batch["mlm_positions"], deterministic=True)
-    return masked_accuracy(out["mlm_logits"], batch["mlm_labels"])
+    correct, counted = masked_accuracy(out["mlm_logits"], batch["mlm_labels"])
+    return correct, counted, losses.cross_entropy(out["mlm_logits"], batch["mlm_labels"]) * counted
   return eval_step
 
 
@@ -327,10 +328,11 @@ class Trainer:
   def train_step(self, state: dict, teacher_params, batch: dict, step: int) -> tuple:
     return self._on_mesh(self._train_step, state, teacher_params, batch, jnp.int32(step))
 
-  def evaluate(self, params, batches: list) -> float:
-    """Held-out MLM accuracy over `batches` (global arrays)."""
-    counts = np.sum([jax.device_get(self._on_mesh(self._eval_step, params, b)) for b in batches], axis=0)
-    return float(counts[0] / max(counts[1], 1))
+  def evaluate(self, params, batches: list) -> dict:
+    """Held-out MLM accuracy and cross entropy over `batches` (global arrays)."""
+    correct, counted, nll = np.sum([jax.device_get(self._on_mesh(self._eval_step, params, b)) for b in batches],
+                                   axis=0)
+    return {"eval_mlm_accuracy": float(correct / max(counted, 1)), "eval_mlm_loss": float(nll / max(counted, 1))}
 
 
 def _fresh_state(student, tx) -> dict:
@@ -411,9 +413,9 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
   prefetch = Prefetch(data)
   terminated = threading.Event()
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
-  start_accuracy = accuracy = trainer.evaluate(state["params"], eval_batches)
-  writer.write(step, {"eval_mlm_accuracy": start_accuracy})
-  distributed.log(f"bipft pretrain: held-out MLM accuracy at step {step}: {start_accuracy:.4f}")
+  start = final = trainer.evaluate(state["params"], eval_batches)
+  writer.write(step, start)
+  distributed.log(f"bipft pretrain: {_describe(step, start)}")
   bar = tqdm(total=config.total_steps, initial=step, desc="pretrain", disable=not distributed.is_primary(),
              dynamic_ncols=True)
   metrics = {}
@@ -437,9 +439,9 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
       if step % config.log_every == 0 or step == config.total_steps:
         writer.write(step, metrics)
       if step % config.eval_every == 0 and step < config.total_steps:
-        accuracy = trainer.evaluate(state["params"], eval_batches)
-        writer.write(step, {"eval_mlm_accuracy": accuracy})
-        bar.write(f"bipft pretrain: held-out MLM accuracy at step {step}: {accuracy:.4f}")
+        evaluation = trainer.evaluate(state["params"], eval_batches)
+        writer.write(step, evaluation)
+        bar.write(f"bipft pretrain: {_describe(step, evaluation)}")
       if step % config.checkpoint_every == 0 or step == config.total_steps or terminated.is_set():
         checkpointing.save(manager, step, params=state["params"], opt_state=state["opt_state"],
                            data_state=hosts.global_state(data_state), config=record)
@@ -448,10 +450,10 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
         bar.write(f"bipft pretrain: SIGTERM: saved step {step} to {workdir}; rerun the command to resume")
         return {"step": step, "terminated": True}
     bar.close()  # before the final line, so the bar does not print over it
-    accuracy = trainer.evaluate(state["params"], eval_batches)
-    writer.write(step, {"eval_mlm_accuracy": accuracy})
-    distributed.log(f"bipft pretrain: held-out MLM accuracy at step {step}: {accuracy:.4f} "
-                    f"(start of this run: {start_accuracy:.4f})")
+    final = trainer.evaluate(state["params"], eval_batches)
+    writer.write(step, final)
+    distributed.log(f"bipft pretrain: {_describe(step, final)}; at the start of this run: "
+                    f"{start['eval_mlm_accuracy']:.4f} (cross entropy {start['eval_mlm_loss']:.3f})")
   finally:
     bar.close()
     prefetch.close()
@@ -459,5 +461,10 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
     manager.close()
     writer.close()
     signal.signal(signal.SIGTERM, previous_handler)
-  return {"step": step, "metrics": {k: float(v) for k, v in metrics.items()},
-          "start_accuracy": start_accuracy, "final_accuracy": accuracy, "params": state["params"]}
+  return {"step": step, "metrics": {k: float(v) for k, v in metrics.items()}, "start": start, "final": final,
+          "params": state["params"]}
+
+
+def _describe(step: int, evaluation: dict) -> str:
+  return (f"held-out MLM accuracy at step {step}: {evaluation['eval_mlm_accuracy']:.4f} "
+          f"(cross entropy {evaluation['eval_mlm_loss']:.3f})")
