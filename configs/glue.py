@@ -93,8 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.format = "jsonl"
   if task.name == "rt_demo":
     # 10 CPU minutes: the snippets are short (median 26 tokens, 96% <= 48), so length 48 in two
-    # buckets (two compiles); one epoch over a 2,400-example sample; a higher learning rate than
-    # the recipe's, to learn something in 75 steps.
+    # buckets (two compiles); one epoch over a 2,400-example sample (76 steps); a higher learning
+    # rate than the recipe's, to learn something in 76 steps. Measured on the shared 2-core CPU:
+    # FP teacher 73.9% dev accuracy in 6.6 min; the student from the 100-200-step demo pretraining
+    # stays at the majority class (56.9%): its features are not yet usable (see the GLUE README notes).
     c.max_length = 48
     c.min_bucket = 32
     c.epochs = 1
