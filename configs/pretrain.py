@@ -53,9 +53,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The student: configs/model.py fields (set per variant below). Its shape must be the teacher's.
   model_arg = {"demo": "minilm-l6,binary", "tiny": "tiny,binary", "base": "base,binary"}[variant]
   c.model = model_configs.get_config(model_arg)
-  # "bfloat16": the sign-pattern products in bf16 with fp32 accumulation; exact, and faster where
-  # bf16 units exist (recent x86 CPUs, TPUs, GPUs).
-  c.model.binary_matmul_dtype = "float32"
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "wikitext2"   # wikitext2 | text | tfds
