@@ -1,6 +1,4 @@
 """The binarizers against the release's quantizer vectors and against values computed by hand."""
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +6,10 @@ import numpy as np
 import pytest
 
 from bipft_jax import binarize, model
+from reference_data import VECTORS, needs_vectors, quantizer_cases
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-VECTORS = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "reference_vectors"
-needs_vectors = pytest.mark.skipif(not (VECTORS / "quantizers.npz").is_file(),
-                                   reason=f"reference vectors not found at {VECTORS}")
 
 
 def _weight_vjp(fn, w, g):
@@ -29,21 +25,15 @@ def _activation_vjp(fn, x, alpha, g):
 
 # --- the release's unit vectors -------------------------------------------------
 
-def _quantizer_cases():
-  if not (VECTORS / "manifest.json").is_file():
-    return []
-  return sorted(json.loads((VECTORS / "manifest.json").read_text())["quantizer_cases"])
-
-
 @needs_vectors
 def test_every_reference_case_is_covered():
-  cases = set(_quantizer_cases())
+  cases = set(quantizer_cases())
   stored = {k.split(".")[0] for k in np.load(VECTORS / "quantizers.npz").files}
   assert cases == stored and len(cases) == 8
 
 
 @needs_vectors
-@pytest.mark.parametrize("case", _quantizer_cases())
+@pytest.mark.parametrize("case", quantizer_cases())
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_reference_quantizer_case(case, jit):
   ref = np.load(VECTORS / "quantizers.npz")

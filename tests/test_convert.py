@@ -17,8 +17,8 @@ from safetensors.numpy import load_file, save_file
 from bipft_jax import checkpointing, cli, convert
 from bipft_jax import model as model_lib
 from bipft_jax import pytorch_io
+from reference_data import VECTORS, needs_vectors
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference_vectors"
 ATOL = 1e-4  # the suggested forward tolerance of the reference vectors
 
 
@@ -129,13 +129,14 @@ def test_hf_export_matches_jax(tmp_path, head, binary):
 def reference_student_dir(directory: pathlib.Path) -> pathlib.Path:
   """The release's calibrated student (teacher.safetensors ∪ student_calibrated) as a checkpoint dir."""
   directory.mkdir()
-  state = load_file(REFERENCE / "teacher.safetensors")
-  state.update(load_file(REFERENCE / "student_calibrated.safetensors"))
+  state = load_file(VECTORS / "teacher.safetensors")
+  state.update(load_file(VECTORS / "student_calibrated.safetensors"))
   save_file(state, str(directory / "model.safetensors"))
-  (directory / "config.json").write_text((REFERENCE / "config.json").read_text())
+  (directory / "config.json").write_text((VECTORS / "config.json").read_text())
   return directory
 
 
+@needs_vectors
 def test_release_names_to_jax_to_reference_is_bit_identical(tmp_path, capsys):
   src = reference_student_dir(tmp_path / "release")
   assert bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work")[0] == 0
@@ -195,12 +196,13 @@ def test_release_finetuning_model_skips_unused_prelu_tensors(tmp_path, capsys):
 
 # --- the authors' reference vectors through from-pytorch -> to-pytorch (hf) ------------------
 
+@needs_vectors
 def test_reference_vectors_through_the_hf_export(tmp_path, capsys):
   src = reference_student_dir(tmp_path / "release")
   assert bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work")[0] == 0
   assert bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "work", "--out", tmp_path / "hf")[0] == 0
-  batch = dict(np.load(REFERENCE / "batch.npz"))
-  expected = dict(np.load(REFERENCE / "outputs_forward.npz"))
+  batch = dict(np.load(VECTORS / "batch.npz"))
+  expected = dict(np.load(VECTORS / "outputs_forward.npz"))
   model = load_export(tmp_path / "hf", "pretraining")
   with torch.no_grad():
     out = model(input_ids=torch.as_tensor(batch["input_ids"]), attention_mask=torch.as_tensor(batch["attention_mask"]),
@@ -312,6 +314,7 @@ def test_checkpoint_sharded_over_8_devices_converts_on_one(tmp_path):
 
 # --- bad input: one clear line, exit 2, nothing left behind ---------------------------------
 
+@needs_vectors
 def test_unknown_tensor_is_named(tmp_path, capsys):
   src = reference_student_dir(tmp_path / "release")
   state = load_file(src / "model.safetensors")

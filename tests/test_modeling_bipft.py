@@ -1,5 +1,4 @@
 """The exported PyTorch model's binarizers and gradients: the release's vectors and our JAX model."""
-import json
 import pathlib
 
 import flax
@@ -12,16 +11,14 @@ import torch
 from bipft_jax import binarize, pytorch_io
 from bipft_jax import model as model_lib
 from bipft_jax.pytorch_model import modeling_bipft as mb
-from test_convert import REFERENCE, padded_two_segment_batch, realistic_params, tiny_config
+from reference_data import VECTORS, needs_vectors, quantizer_cases
+from test_convert import padded_two_segment_batch, realistic_params, tiny_config
 
 
-def _quantizer_cases():
-  return sorted(json.loads((REFERENCE / "manifest.json").read_text())["quantizer_cases"])
-
-
-@pytest.mark.parametrize("case", _quantizer_cases())
+@needs_vectors
+@pytest.mark.parametrize("case", quantizer_cases())
 def test_autograd_functions_match_the_release_quantizers(case):
-  ref = np.load(REFERENCE / "quantizers.npz")
+  ref = np.load(VECTORS / "quantizers.npz")
   x = torch.tensor(ref[f"{case}.x"], requires_grad=True)
   if case.startswith("bwn"):
     y = mb.BWN.apply(x, case == "bwn_rowwise")

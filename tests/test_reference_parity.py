@@ -4,7 +4,6 @@ Forward after calibration, step-0 gradients of the distillation loss, and a 5-st
 trajectory, all in strict fp32. The vectors live in `shared/reference_vectors` beside the repository.
 """
 import json
-import pathlib
 
 import flax
 import jax
@@ -14,12 +13,11 @@ import optax
 import pytest
 
 from bipft_jax import losses, model, pytorch_io
+from reference_data import VECTORS, needs_vectors
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-VECTORS = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "reference_vectors"
-pytestmark = pytest.mark.skipif(not (VECTORS / "manifest.json").is_file(),
-                                reason=f"reference vectors not found at {VECTORS} (shared/ beside the repository)")
+pytestmark = needs_vectors
 
 # Exactly 0 in exact arithmetic (a per-query constant under softmax): the stored values are noise.
 ZERO_GRADIENT_SUFFIXES = ("k_p.bias", "k_m.bias")
