@@ -8,7 +8,7 @@ no pickled code ever runs.
 """
 import json
 import os
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 import flax
 import numpy as np
@@ -205,10 +205,19 @@ def load_pretrained(directory: str, head: str = "encoder", *, allow_missing: Ite
   return config, params
 
 
-def load_tokenizer(directory: str):
-  """The WordPiece tokenizer saved beside the weights (transformers BertTokenizerFast)."""
+def load_tokenizer(directory: str, vocab_size: Optional[int] = None, fix: str = ""):
+  """The WordPiece tokenizer saved beside the weights (transformers BertTokenizerFast).
+
+  With `vocab_size`, a tokenizer with more tokens than the model's embedding table is refused;
+  `fix` tells the user which setting to change.
+  """
   from transformers import BertTokenizerFast
   if not (os.path.isfile(os.path.join(directory, "vocab.txt"))
           or os.path.isfile(os.path.join(directory, "tokenizer.json"))):
     raise UserError(f"no tokenizer in {directory}: expected vocab.txt or tokenizer.json")
-  return BertTokenizerFast.from_pretrained(directory)
+  tokenizer = BertTokenizerFast.from_pretrained(directory)
+  if vocab_size is not None and len(tokenizer) > vocab_size:
+    fix = fix or "use the vocab the model was trained with"
+    raise UserError(f"the tokenizer in {directory} has {len(tokenizer)} tokens but the model's vocab_size is "
+                    f"{vocab_size}: {fix}")
+  return tokenizer

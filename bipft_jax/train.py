@@ -370,10 +370,8 @@ def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) ->
   trainer = make_trainer(config, teacher_config, sharding.make_mesh(dict(config.mesh.shape)))
   teacher_params = put_global(teacher_params, trainer.teacher_shardings)
 
-  tokenizer = pytorch_io.load_tokenizer(tokenizer_dir)
-  if len(tokenizer) > trainer.student_config.vocab_size:
-    raise UserError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, the model only "
-                    f"{trainer.student_config.vocab_size}; set --config.model.vocab_size")
+  tokenizer = pytorch_io.load_tokenizer(tokenizer_dir, trainer.student_config.vocab_size,
+                                        fix="set --config.model.vocab_size or --config.tokenizer")
   data = hosts.HostData(sources.open_source(config.data, "train"), tokenizer, config.data,
                         global_batch_size=config.batch_size, seed=config.seed)
   eval_batches = [global_batch(b, trainer.batch_sharding) for b in hosts.fixed_batches(

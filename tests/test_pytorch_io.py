@@ -180,3 +180,9 @@ def test_directory_without_config_or_weights(tmp_path):
     pytorch_io.load_pretrained(str(tmp_path))
   with pytest.raises(UserError, match="no tokenizer in"):
     pytorch_io.load_tokenizer(str(tmp_path))
+
+
+def test_a_tokenizer_larger_than_the_model_vocab_is_refused(minilm_dir):
+  assert len(pytorch_io.load_tokenizer(str(minilm_dir), vocab_size=30522)) == 30522
+  with pytest.raises(UserError, match="has 30522 tokens but the model's vocab_size is 100: set --config.tokenizer"):
+    pytorch_io.load_tokenizer(str(minilm_dir), vocab_size=100, fix="set --config.tokenizer")

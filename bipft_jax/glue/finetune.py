@@ -124,12 +124,8 @@ def load_tokenizer(config, init_folder: str, model_config):
   if not folder:
     from bipft_jax import assets
     folder = str(assets.minilm_dir())
-  tokenizer = pytorch_io.load_tokenizer(folder)
-  if len(tokenizer) > model_config.vocab_size:
-    raise UserError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's vocab_size is "
-                    f"{model_config.vocab_size}: the checkpoint is of another size; set --config.data.tokenizer "
-                    "to the checkpoint's vocab")
-  return tokenizer
+  return pytorch_io.load_tokenizer(folder, model_config.vocab_size, fix="the checkpoint is of another size; "
+                                   "set --config.data.tokenizer to the checkpoint's vocab")
 
 
 # --- steps -----------------------------------------------------------------------
