@@ -9,6 +9,7 @@ folder and renames it when complete: a run killed mid-save leaves the previous s
 """
 import dataclasses
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -89,7 +90,10 @@ def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
 
 def _abstract(manager: ocp.CheckpointManager, step: int, item: str, shardings) -> Any:
   """ShapeDtypeStructs of a saved item placed on `shardings` (one sharding or a matching tree)."""
-  metadata = manager.item_metadata(step).get(item)
+  try:
+    metadata = manager.item_metadata(step).get(item)
+  except Exception as e:  # tensorstore raises ValueError for truncated or missing array files
+    raise _unreadable(manager, step, e) from None
   if metadata is None:
     raise UserError(f"checkpoint step {step} in {manager.directory} has no {item!r}")
   metadata = getattr(metadata, "tree", metadata)
@@ -113,8 +117,25 @@ def restore_items(manager: ocp.CheckpointManager, step: int, abstract: dict) -> 
   try:
     return dict(manager.restore(step, args=ocp.args.Composite(**items)))
   except Exception as e:
-    raise UserError(f"checkpoint step {step} in {manager.directory} could not be restored "
-                    f"({type(e).__name__}: {e}); it may be corrupt or from a different model") from None
+    raise _unreadable(manager, step, e) from None
+
+
+def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> UserError:
+  """The one-line error for arrays orbax could not read.
+
+  A failed read leaves tensorstore reads running; as each completes it finds orbax's event loop
+  closed and would print an "Event loop is closed" traceback after our line. Those, and only
+  those, are dropped from now on."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  sys.unraisablehook = hook
+  detail = (str(error).splitlines() or [""])[0]
+  detail = detail if len(detail) <= 300 else detail[:300] + "..."  # tensorstore appends kilobytes of spec
+  return UserError(f"checkpoint step {step} in {manager.directory} could not be restored "
+                   f"({type(error).__name__}: {detail}); it may be corrupt or from a different model")
 
 
 def save_params(directory: str, params, config: model_lib.BertConfig, head: str, step: int = 0) -> None:
@@ -125,11 +146,9 @@ def save_params(directory: str, params, config: model_lib.BertConfig, head: str,
   manager.close()
 
 
-def restore_params(path: str, step: Optional[int] = None, shardings=None) -> tuple:
-  """(BertConfig, head, params) of a checkpoint: a workdir (latest step by default) or a step folder.
-
-  `shardings` (one sharding or a tree matching the params) defaults to a full copy on every device.
-  """
+def read_model(path: str, step: Optional[int] = None) -> tuple:
+  """(manager, step, BertConfig, head) of a checkpoint (a workdir, latest step by default, or a step
+  folder), without reading its arrays; close the manager when done."""
   manager, step = _resolve(path, step)
   record = read_config(manager, step)
   try:
@@ -137,6 +156,15 @@ def restore_params(path: str, step: Optional[int] = None, shardings=None) -> tup
     head = record["head"]
   except (KeyError, TypeError, ValueError) as e:
     raise UserError(f"checkpoint step {step} in {manager.directory} has a bad config item: {e}") from None
+  return manager, step, config, head
+
+
+def restore_params(path: str, step: Optional[int] = None, shardings=None) -> tuple:
+  """(BertConfig, head, params) of a checkpoint: a workdir (latest step by default) or a step folder.
+
+  `shardings` (one sharding or a tree matching the params) defaults to a full copy on every device.
+  """
+  manager, step, config, head = read_model(path, step)
   abstract = _abstract(manager, step, "params", shardings or replicated_sharding())
   params = restore_items(manager, step, {"params": abstract})["params"]
   manager.close()

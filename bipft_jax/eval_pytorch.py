@@ -68,9 +68,7 @@ def evaluate(config, model_dir: str) -> dict:
   """split -> {"metrics": {...}, "ids": [...], "predictions": array} for every dev split of the task."""
   task = tasks.get_task(config.task)
   model = load_classifier(model_dir, task)
-  if config.max_length > model.config.max_position_embeddings:
-    raise UserError(f"max_length {config.max_length} exceeds the model's "
-                    f"{model.config.max_position_embeddings} positions")
+  finetune.check_max_length(config, model.config)
   tokenizer = finetune.load_tokenizer(config, model_dir, model.config)
   buckets = tasks.length_buckets(config.max_length)
   results = {}

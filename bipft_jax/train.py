@@ -58,21 +58,32 @@ def run(args) -> int:
 # Models
 
 
+def tokenizer_folder(config) -> str:
+  """The folder of the student's tokenizer: `config.tokenizer`, else the teacher's."""
+  if config.tokenizer:
+    return config.tokenizer
+  if not config.teacher.path:
+    raise UserError("a random teacher (teacher.path='') needs --config.tokenizer=FOLDER with a vocab.txt")
+  return _teacher_folder(config)
+
+
+def _teacher_folder(config) -> str:
+  if config.teacher.path == "minilm":
+    from bipft_jax import assets
+    return str(assets.minilm_dir())
+  return config.teacher.path
+
+
 def load_teacher(config) -> tuple:
   """(teacher config, teacher params as numpy, tokenizer folder) from `config.teacher`."""
   head = "pretraining" if config.loss.nsp_distill else "encoder"
-  path = config.teacher.path
-  if path == "minilm":
-    from bipft_jax import assets
-    path = str(assets.minilm_dir())
-  if path:
-    teacher_config, params = pytorch_io.load_pretrained(path, head)
-    return teacher_config, jax.device_get(params), config.tokenizer or path
-  if not config.tokenizer:
-    raise UserError("a random teacher (teacher.path='') needs --config.tokenizer=FOLDER with a vocab.txt")
+  tokenizer = tokenizer_folder(config)
+  if config.teacher.path:
+    teacher_config, params = pytorch_io.load_pretrained(_teacher_folder(config), head)
+    return teacher_config, jax.device_get(params), tokenizer
   teacher_config = dataclasses.replace(student_config(config), binary=False, mlm_transform_act="gelu")
   params = model_lib.init_params(model_lib.build(teacher_config, head), jax.random.key(config.seed + 1))
-  return teacher_config, jax.device_get(params), config.tokenizer
+  return teacher_config, jax.device_get(params), tokenizer
 
 
 def student_config(config, teacher_config: Optional[model_lib.BertConfig] = None) -> model_lib.BertConfig:
@@ -255,6 +266,13 @@ def global_batch(local_batch: dict, batch_sharding: NamedSharding) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local_batch)
 
 
+def held_out_batches(config, tokenizer, batch_sharding: NamedSharding) -> list:
+  """The fixed held-out batches (global arrays) the run measures its MLM accuracy on."""
+  return [global_batch(b, batch_sharding) for b in hosts.fixed_batches(
+      sources.open_source(config.data, "eval"), tokenizer, config.data, global_batch_size=config.eval_batch_size,
+      num_batches=config.eval_batches, seed=config.seed + 1)]
+
+
 def put_global(tree: Any, shardings: Any) -> Any:
   """Host arrays (the same on every host) placed onto global shardings."""
   return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
@@ -374,9 +392,7 @@ def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) ->
                                         fix="set --config.model.vocab_size or --config.tokenizer")
   data = hosts.HostData(sources.open_source(config.data, "train"), tokenizer, config.data,
                         global_batch_size=config.batch_size, seed=config.seed)
-  eval_batches = [global_batch(b, trainer.batch_sharding) for b in hosts.fixed_batches(
-      sources.open_source(config.data, "eval"), tokenizer, config.data, global_batch_size=config.eval_batch_size,
-      num_batches=config.eval_batches, seed=config.seed + 1)]
+  eval_batches = held_out_batches(config, tokenizer, trainer.batch_sharding)
 
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints)
@@ -413,7 +429,7 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
   start = final = trainer.evaluate(state["params"], eval_batches)
   writer.write(step, start)
-  distributed.log(f"bipft pretrain: {_describe(step, start)}")
+  distributed.log(f"bipft pretrain: {describe(step, start)}")
   bar = tqdm(total=config.total_steps, initial=step, desc="pretrain", disable=not distributed.is_primary(),
              dynamic_ncols=True)
   metrics = {}
@@ -439,7 +455,7 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
       if step % config.eval_every == 0 and step < config.total_steps:
         evaluation = trainer.evaluate(state["params"], eval_batches)
         writer.write(step, evaluation)
-        bar.write(f"bipft pretrain: {_describe(step, evaluation)}")
+        bar.write(f"bipft pretrain: {describe(step, evaluation)}")
       if step % config.checkpoint_every == 0 or step == config.total_steps or terminated.is_set():
         checkpointing.save(manager, step, params=state["params"], opt_state=state["opt_state"],
                            data_state=hosts.global_state(data_state), config=record)
@@ -450,7 +466,7 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
     bar.close()  # before the final line, so the bar does not print over it
     final = trainer.evaluate(state["params"], eval_batches)
     writer.write(step, final)
-    distributed.log(f"bipft pretrain: {_describe(step, final)}; at the start of this run: "
+    distributed.log(f"bipft pretrain: {describe(step, final)}; at the start of this run: "
                     f"{start['eval_mlm_accuracy']:.4f} (cross entropy {start['eval_mlm_loss']:.3f})")
   finally:
     bar.close()
@@ -463,6 +479,7 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
           "params": state["params"]}
 
 
-def _describe(step: int, evaluation: dict) -> str:
+def describe(step: int, evaluation: dict) -> str:
+  """One line for `Trainer.evaluate`'s result at `step`."""
   return (f"held-out MLM accuracy at step {step}: {evaluation['eval_mlm_accuracy']:.4f} "
           f"(cross entropy {evaluation['eval_mlm_loss']:.3f})")

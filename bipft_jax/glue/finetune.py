@@ -128,6 +128,13 @@ def load_tokenizer(config, init_folder: str, model_config):
                                    "set --config.data.tokenizer to the checkpoint's vocab")
 
 
+def check_max_length(config, model_config) -> None:
+  """UserError if config.max_length exceeds the model's position embeddings."""
+  if config.max_length > model_config.max_position_embeddings:
+    raise UserError(f"max_length {config.max_length} exceeds the model's {model_config.max_position_embeddings} "
+                    "positions; lower --config.max_length")
+
+
 # --- steps -----------------------------------------------------------------------
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
@@ -154,11 +161,15 @@ def make_steps(module, optimizer, regression: bool):
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  return train_step, make_predict_step(module)
+
+
+def make_predict_step(module):
+  """predict_step(params, batch) -> logits, jitted, without dropout."""
   @jax.jit
   def predict_step(params, batch):
     return module.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), deterministic=True)["logits"]
-
-  return train_step, predict_step
+  return predict_step
 
 
 def _device_batch(batch: dict) -> dict:
@@ -198,27 +209,43 @@ def _read_data(config, task: tasks.Task) -> tuple:
   """(train, dev splits, test splits present). Test splits are optional: missing ones are skipped."""
   splits = tasks.read_splits(task, config.data, ("train",) + task.dev_splits)
   tests = {}
-  for split in task.test_splits:
+  for split in leaderboard_splits(task, config.data):
     try:
-      tests.update(tasks.read_splits(task, config.data, (split,)))
+      tests[split] = read_test_split(config, task, split)
     except UserError as e:
       print(f"bipft: no {task.name} {split} predictions: {e}", file=sys.stderr)
-  if task.name == "mnli" and config.data.format in ("glue", "tfds"):
-    ax = tasks.get_task("ax")
-    data = config.data
-    if data.format == "glue" and not os.path.isdir(os.path.join(data.path, ax.folder)):
-      data = _config_copy(data, path=os.path.join(os.path.dirname(os.path.abspath(data.path)), ax.folder))
-    try:
-      tests["ax"] = tasks.read_splits(ax, data, ("test",))["test"]
-    except UserError as e:
-      print(f"bipft: no AX predictions: {e}", file=sys.stderr)
-  train = splits.pop("train")
-  if config.max_train_examples > 0:
-    keep = np.random.default_rng(config.seed).permutation(len(train))[:config.max_train_examples]
-    train = tasks.Split([train.texts_a[i] for i in keep],
-                        None if train.texts_b is None else [train.texts_b[i] for i in keep],
-                        train.labels[keep], [train.ids[i] for i in keep])
-  return train, splits, tests
+  return training_sample(config, splits.pop("train")), splits, tests
+
+
+def leaderboard_splits(task: tasks.Task, data) -> tuple:
+  """The unlabeled splits predicted for the GLUE leaderboard: the task's test splits, plus `ax` (the
+  diagnostic set) for MNLI from GLUE or TFDS."""
+  return task.test_splits + (("ax",) if task.name == "mnli" and data.format in ("glue", "tfds") else ())
+
+
+def read_test_split(config, task: tasks.Task, split: str) -> tasks.Split:
+  """One test split; `ax` is found beside the MNLI folder when data.path is the MNLI folder itself."""
+  if split != "ax":
+    return tasks.read_splits(task, config.data, (split,))[split]
+  ax, data = tasks.get_task("ax"), config.data
+  if data.format == "glue" and not os.path.isdir(os.path.join(data.path, ax.folder)):
+    data = _config_copy(data, path=os.path.join(os.path.dirname(os.path.abspath(data.path)), ax.folder))
+  return tasks.read_splits(ax, data, ("test",))["test"]
+
+
+def training_sample(config, train: tasks.Split) -> tasks.Split:
+  """The training examples the run uses: all, or `max_train_examples` of them shuffled by `seed`."""
+  if config.max_train_examples <= 0:
+    return train
+  keep = np.random.default_rng(config.seed).permutation(len(train))[:config.max_train_examples]
+  return tasks.Split([train.texts_a[i] for i in keep],
+                     None if train.texts_b is None else [train.texts_b[i] for i in keep],
+                     train.labels[keep], [train.ids[i] for i in keep])
+
+
+def split_task(task: tasks.Task, split: str) -> tasks.Task:
+  """The task whose labels `split` is written with: AX's for the diagnostic set, else `task`."""
+  return tasks.get_task("ax") if split == "ax" else task
 
 
 def _config_copy(config, **changes):
@@ -258,8 +285,7 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   init_rng, rng = jax.random.split(rng)
   model_config, params, init_folder, description = initial_model(config, task, init_rng)
   tokenizer = load_tokenizer(config, init_folder, model_config)
-  if config.max_length > model_config.max_position_embeddings:
-    raise UserError(f"max_length {config.max_length} exceeds the model's {model_config.max_position_embeddings} positions")
+  check_max_length(config, model_config)
   encode = lambda split: tasks.encode(tokenizer, split, config.max_length)
   train_data = encode(train)
   dev_data = {name: encode(split) for name, split in devs.items()}
@@ -321,10 +347,10 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
                             step=results["best_epoch"])
   submission = os.path.join(workdir, "submission")
   for split, examples in tests.items():
-    test_task = tasks.get_task("ax") if split == "ax" else task
     data = encode(examples)
     predictions = predict(predict_step, best_params, data, config.eval_batch_size, buckets, task.is_regression)
-    report.write_submission(submission, test_task, "test" if split == "ax" else split, data.ids, predictions)
+    report.write_submission(submission, split_task(task, split), "test" if split == "ax" else split, data.ids,
+                            predictions)
 
   results.update(model=config.name or description, init=description, task=task.name,
                  selection=f"{selection_split} {selection_metric}", steps=step,

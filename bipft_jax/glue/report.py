@@ -60,7 +60,12 @@ def write_submission(directory: str, task, split: str, ids, predictions) -> str:
   if name is None:
     raise UserError(f"{task.name} {split} has no GLUE leaderboard file")
   os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, name)
+  return write_predictions(os.path.join(directory, name), task, ids, predictions)
+
+
+def write_predictions(path: str, task, ids, predictions) -> str:
+  """`index<TAB>prediction` rows in the leaderboard's spelling, written to a temporary file then
+  renamed over `path` (an earlier file stays whole if writing fails); returns the path."""
   with open(path + ".tmp", "w") as f:
     f.write("index\tprediction\n")
     for index, prediction in zip(ids, predictions):
