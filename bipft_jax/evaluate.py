@@ -1,0 +1,215 @@
+"""`bipft evaluate`: score a saved checkpoint without training.
+
+  # a finetuned classifier: a `bipft finetune` workdir (its best/) or a checkpoint folder
+  bipft evaluate --config configs/glue.py:task=rte --checkpoint runs/rte --config.data.path=glue_data
+  bipft evaluate --config configs/glue.py:task=rte --checkpoint runs/rte --config.data.path=glue_data \
+      --split test --predictions RTE.tsv
+  bipft evaluate --config configs/glue.py:task=rt_demo --checkpoint runs/rt --json > rt_dev.json
+  # a pretraining checkpoint: a `bipft pretrain` workdir (its latest step) or one step folder
+  bipft evaluate --config configs/pretrain.py:demo --checkpoint workdirs/demo
+  bipft evaluate --config configs/pretrain.py:demo --checkpoint workdirs/demo/50
+
+The config decides what is measured: a GLUE config (configs/glue.py, it has `task`) scores the
+task's metrics on its dev splits (`--split` picks one: train, a dev or a test split); a pretraining
+config (configs/pretrain.py, it has `teacher` and `data.max_predictions`) the held-out MLM accuracy
+and cross entropy. The model comes from the checkpoint; everything else from the config, so pass
+the config and overrides of the run that wrote the checkpoint (GLUE: data, max_length, min_bucket,
+eval_batch_size, and max_train_examples/seed for the majority-class rate; pretraining: the data,
+eval_batches, eval_batch_size and seed that fix the held-out set, and the mesh). The data reading,
+tokenization, batching, prediction and metrics are the runs' own (glue/finetune.py, train.py), so
+the numbers equal what the runs log: a finetune workdir's results.json (except MNLI-mm, which it
+takes from the last epoch rather than the best), and a pretraining step's eval_mlm_accuracy in
+metrics.jsonl (on the same devices; other meshes can change the last float bits of the loss).
+
+Output on stdout: one line per split (GLUE: metrics in percent and the majority-class rate;
+pretraining: accuracy and cross entropy), or with `--json` one JSON object instead. GLUE:
+`--predictions FILE` writes the split's predictions as `index<TAB>prediction` with the label
+strings of the GLUE leaderboard (`--split test` gives the file to submit; the file is written to a
+temporary name and renamed, so an earlier FILE is never left half-overwritten).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+from tqdm import tqdm
+
+from bipft_jax import checkpointing, config_loading, distributed, pytorch_io, sharding, train
+from bipft_jax import model as model_lib
+from bipft_jax.errors import UserError
+from bipft_jax.glue import finetune, report, tasks
+from bipft_jax.glue import metrics as metrics_lib
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  config_loading.add_config_argument(parser)
+  parser.add_argument("--checkpoint", required=True,
+                      help="a finetune workdir (its best/), a pretrain workdir (latest step) or a checkpoint folder")
+  parser.add_argument("--split", default=None,
+                      help="GLUE: the split to score (default: every dev split of the task)")
+  parser.add_argument("--predictions", default=None,
+                      help="GLUE: write the split's predictions to this TSV (GLUE leaderboard format)")
+  parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+  config = config_loading.load_config(args.config, args.config_overrides)
+  if is_glue_config(config):
+    results = evaluate_glue(config, args.checkpoint, args.split, args.predictions)
+    lines = glue_lines(results)
+  else:
+    if args.split or args.predictions:
+      raise UserError("--split and --predictions are for GLUE configs; a pretraining checkpoint is scored on the "
+                      "held-out set its config describes")
+    distributed.initialize(config)  # before any JAX computation, as `bipft pretrain`
+    results = evaluate_pretraining(config, args.checkpoint)
+    lines = [train.describe(results["step"], results)]
+  if distributed.is_primary():
+    print(json.dumps(results, indent=1) if args.json else "\n".join(lines))
+  return 0
+
+
+def is_glue_config(config) -> bool:
+  """True for a GLUE config, False for a pretraining one; UserError for anything else."""
+  if "task" in config:
+    return True
+  if "teacher" in config and "max_predictions" in config.get("data", {}):
+    return False
+  raise UserError("the config is neither a GLUE config (configs/glue.py: it has `task`) nor a pretraining "
+                  "config (configs/pretrain.py: `teacher` and `data.max_predictions`)")
+
+
+def _checkpoint(path: str, head: str, fix: str) -> tuple:
+  """(folder, step, BertConfig) of the checkpoint at `path` (a finetune workdir: its best/; a
+  workdir: its latest step; or a step folder); UserError unless it has `head`."""
+  best = os.path.join(path, "best")
+  manager, step, model_config, saved_head = checkpointing.read_model(best if os.path.isdir(best) else path)
+  manager.close()
+  if saved_head != head:
+    raise UserError(f"{manager.directory} holds a {saved_head} model, not a {head} one: {fix}")
+  return str(manager.directory), step, model_config
+
+
+# --- GLUE -----------------------------------------------------------------------
+
+def split_names(task: tasks.Task, data) -> tuple:
+  """Every split `--split` accepts: train, the dev splits and the test splits."""
+  return ("train",) + task.dev_splits + finetune.leaderboard_splits(task, data)
+
+
+def _check_output(path: str) -> None:
+  """UserError now, before any work, if `path` cannot be written."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    reason = "it is a folder" if os.path.isdir(path) else f"{folder} is not a writable folder"
+    raise UserError(f"cannot write predictions to {path}: {reason}")
+
+
+def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions_path: str | None = None) -> dict:
+  """Scores the classifier at `checkpoint` on `split` (default: every dev split) of config's task.
+
+  Returns {"task", "checkpoint", "step", "metrics": {split: {metric: %}}, "majority_rate": {split: %},
+  "predictions": the TSV written or None, "examples": {split: count}}.
+  """
+  task = tasks.task_from_config(config)
+  if split is not None and split not in split_names(task, config.data):
+    raise UserError(f"{task.name} has no split {split!r}; choose one of {', '.join(split_names(task, config.data))}")
+  splits = (split,) if split else task.dev_splits
+  if predictions_path:
+    if len(splits) > 1:
+      raise UserError(f"{task.name} has {len(splits)} dev splits ({', '.join(splits)}): pass --split with "
+                      "--predictions")
+    _check_output(predictions_path)
+  tests = set(finetune.leaderboard_splits(task, config.data))
+  if set(splits) & tests and not predictions_path:
+    raise UserError(f"the {task.name} {splits[0]} split has no labels to score: pass --predictions FILE to write "
+                    "its predictions")
+
+  directory, step, model_config = _checkpoint(checkpoint, "classification",
+                                              f"pass a `bipft finetune` workdir (or its best/) of {task.name}")
+  if model_config.num_labels != task.num_labels:
+    raise UserError(f"{directory} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
+                    "pass the checkpoint finetuned on this task")
+  finetune.check_max_length(config, model_config)
+  examples = {s: finetune.read_test_split(config, task, s) for s in splits if s in tests}
+  labeled = tuple(s for s in splits if s not in tests)
+  if labeled:
+    examples.update(tasks.read_splits(task, config.data, labeled))
+  train_labels = None if task.is_regression or not labeled else _training_labels(config, task)
+  tokenizer = finetune.load_tokenizer(config, directory, model_config)
+  params = jax.device_get(checkpointing.restore_params(directory, step)[2])  # one host copy, as finetune's
+
+  buckets = tasks.length_buckets(config.max_length, config.min_bucket)
+  predict_step = finetune.make_predict_step(model_lib.build(model_config, "classification"))
+  results = {"task": task.name, "checkpoint": directory, "step": step, "metrics": {}, "majority_rate": {},
+             "predictions": predictions_path, "examples": {}}
+  for name in splits:
+    data = tasks.encode(tokenizer, examples[name], config.max_length)
+    with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
+              file=sys.stderr, dynamic_ncols=True, disable=None) as progress:
+      predictions = finetune.predict(_counting(predict_step, progress), params, data, config.eval_batch_size,
+                                     buckets, task.is_regression)
+    results["examples"][name] = len(data)
+    if data.labels is not None:
+      results["metrics"][name] = metrics_lib.compute(task.metrics, data.labels, predictions)
+      if train_labels is not None:
+        results["majority_rate"][name] = finetune.majority_rate(train_labels, data.labels)
+    if predictions_path:
+      report.write_predictions(predictions_path, finetune.split_task(task, name), data.ids, predictions)
+  return results
+
+
+def _training_labels(config, task: tasks.Task):
+  """The labels of the training examples the run used (for the majority-class rate), or None if the
+  train split is not readable: the rate is left out, the scores are not."""
+  try:
+    return finetune.training_sample(config, tasks.read_splits(task, config.data, ("train",))["train"]).labels
+  except UserError as e:
+    print(f"bipft evaluate: no majority-class rate: {e}", file=sys.stderr)
+    return None
+
+
+def _counting(predict_step, progress):
+  """`predict_step` advancing `progress` by one batch per call."""
+  def step(params, batch):
+    logits = predict_step(params, batch)
+    progress.update(1)
+    return logits
+  return step
+
+
+def glue_lines(results: dict) -> list:
+  """One line per split: its metrics and majority-class rate, or where its predictions went."""
+  lines = []
+  for name, count in results["examples"].items():
+    line = f"{results['task']} {name} ({count} examples): "
+    if name in results["metrics"]:
+      line += ", ".join(f"{m} {v:.2f}" for m, v in results["metrics"][name].items())
+      if name in results["majority_rate"]:
+        line += f" (majority class {results['majority_rate'][name]:.2f})"
+    if results["predictions"]:
+      line += ("; " if name in results["metrics"] else "") + f"predictions written to {results['predictions']}"
+    lines.append(line)
+  return lines
+
+
+# --- pretraining ----------------------------------------------------------------
+
+def evaluate_pretraining(config, checkpoint: str) -> dict:
+  """The held-out MLM accuracy and cross entropy of a pretraining checkpoint, as `bipft pretrain`
+  measures them: {"checkpoint", "step", "eval_mlm_accuracy", "eval_mlm_loss"}."""
+  directory, step, student_config = _checkpoint(checkpoint, "pretraining",
+                                                "pass a `bipft pretrain` workdir or one of its step folders")
+  config = config.copy_and_resolve_references()
+  config.model = ml_collections.ConfigDict(dataclasses.asdict(student_config))  # the checkpoint's, not the config's
+  # The teacher is not needed: make_trainer only compares its shape with the student's and derives
+  # shardings from it (its train step is never compiled), so the student's config stands in for it.
+  trainer = train.make_trainer(config, student_config, sharding.make_mesh(dict(config.mesh.shape)))
+  tokenizer = pytorch_io.load_tokenizer(train.tokenizer_folder(config), student_config.vocab_size,
+                                        fix="set --config.tokenizer to the vocabulary the run used")
+  batches = train.held_out_batches(config, tokenizer, trainer.batch_sharding)
+  _, _, params = checkpointing.restore_params(directory, step, shardings=trainer.state_shardings["params"])
+  return {"checkpoint": directory, "step": step, **trainer.evaluate(params, batches)}

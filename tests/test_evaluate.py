@@ -1,0 +1,134 @@
+"""`bipft evaluate` reproduces what the runs log: a finetune workdir's results.json and leaderboard
+file, a pretraining run's held-out MLM accuracy; bad checkpoints, splits and paths exit 2 in one line."""
+import json
+import os
+import shutil
+
+import jax
+import pytest
+
+from bipft_jax import checkpointing, cli
+from bipft_jax import model as model_lib
+from bipft_jax.glue import finetune
+
+from test_glue_finetune import ROOT, glue_dir, tiny_config, vocab_dir  # noqa: F401  (fixtures)
+from test_train import CONFIG as PRETRAIN_CONFIG
+from test_train import files, tiny_overrides  # noqa: F401  (fixture)
+
+GLUE_CONFIG = os.path.join(ROOT, "configs/glue.py")
+
+
+@pytest.fixture(scope="module")
+def finetuned(glue_dir, vocab_dir, tmp_path_factory):
+  """A finished two-epoch sst2 workdir and its results.json."""
+  workdir = tmp_path_factory.mktemp("sst2")
+  results = finetune.finetune(tiny_config("sst2", glue_dir, vocab_dir, "epochs=2", "steps_per_epoch=2"),
+                              str(workdir))
+  return str(workdir), results
+
+
+def _glue_args(glue_dir, vocab_dir, *extra):
+  """The evaluation-relevant fields of tiny_config: data, tokenizer, max_length, eval batch size."""
+  return [f"--config.data.path={glue_dir}", f"--config.data.tokenizer={vocab_dir}", "--config.max_length=16",
+          "--config.eval_batch_size=8", *extra]
+
+
+def test_glue_dev_metrics_equal_results_json(finetuned, glue_dir, vocab_dir, capsys):
+  workdir, results = finetuned
+  code = cli.main(["evaluate", "--config", f"{GLUE_CONFIG}:task=sst2", "--checkpoint", workdir, "--json"]
+                  + _glue_args(glue_dir, vocab_dir))
+  assert code == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["metrics"] == results["dev"]
+  assert out["majority_rate"]["dev"] == results["dev_majority_rate"]
+  assert out["step"] == results["best_epoch"] and out["checkpoint"].endswith("best")
+  assert out["examples"] == {"dev": 16}
+
+
+def test_glue_test_predictions_equal_the_submission_file(finetuned, glue_dir, vocab_dir, tmp_path, capsys):
+  workdir, _ = finetuned
+  target = tmp_path / "SST-2.tsv"
+  code = cli.main(["evaluate", "--config", f"{GLUE_CONFIG}:task=sst2", "--checkpoint", os.path.join(workdir, "best"),
+                   "--split", "test", "--predictions", str(target)] + _glue_args(glue_dir, vocab_dir))
+  assert code == 0
+  assert capsys.readouterr().out.strip() == f"sst2 test (16 examples): predictions written to {target}"
+  assert target.read_text() == open(os.path.join(workdir, "submission", "SST-2.tsv")).read()
+  assert os.listdir(tmp_path) == ["SST-2.tsv"]  # no temporary file left behind
+
+
+def test_pretraining_accuracy_equals_the_runs_last_evaluation(files, tmp_path, capsys):
+  overrides = [f"--config.{o}" for o in tiny_overrides(files)] + ["--config.total_steps=3"]
+  workdir = str(tmp_path / "run")
+  assert cli.main(["pretrain", "--config", f"{PRETRAIN_CONFIG}:tiny", "--workdir", workdir] + overrides) == 0
+  logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  final = [r for r in logged if "eval_mlm_accuracy" in r][-1]
+  assert final["step"] == 3
+  capsys.readouterr()
+  assert cli.main(["evaluate", "--config", f"{PRETRAIN_CONFIG}:tiny", "--checkpoint", workdir, "--json"]
+                  + overrides) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["step"] == 3
+  assert out["eval_mlm_accuracy"] == final["eval_mlm_accuracy"]
+  assert out["eval_mlm_loss"] == final["eval_mlm_loss"]  # the same computation on the same devices
+
+
+@pytest.fixture(scope="module")
+def pretraining_checkpoint(tmp_path_factory):
+  config = model_lib.BertConfig.from_dict(dict(vocab_size=64, hidden_size=32, num_heads=2, intermediate_size=64,
+                                               num_layers=1, max_position_embeddings=64, binary=True))
+  path = str(tmp_path_factory.mktemp("pretrained"))
+  params = model_lib.init_params(model_lib.build(config, "pretraining"), jax.random.key(0))
+  checkpointing.save_params(path, params, config, "pretraining")
+  return path
+
+
+def _corrupt(workdir, tmp_path) -> str:
+  """A copy of the best/ checkpoint whose array files are truncated."""
+  copy = str(tmp_path / "corrupt")
+  shutil.copytree(os.path.join(workdir, "best"), copy)
+  for folder, _, names in os.walk(copy):
+    if os.sep + "params" in folder:
+      for name in names:
+        if not name.startswith("_"):
+          with open(os.path.join(folder, name), "r+b") as f:
+            f.truncate(8)
+  return copy
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist; pass a workdir"),
+    ("corrupt", "could not be restored"),
+    ("pretraining head", "holds a pretraining model, not a classification one"),
+    ("num_labels", "has 2 outputs but mnli needs 3"),
+    ("split", "sst2 has no split 'validation'; choose one of train, dev, test"),
+    ("test without predictions", "has no labels to score: pass --predictions"),
+    ("unwritable", "cannot write predictions to"),
+    ("classifier for MLM", "holds a classification model, not a pretraining one"),
+])
+def test_bad_input_exits_2_in_one_line(case, message, finetuned, pretraining_checkpoint, glue_dir, vocab_dir,
+                                       tmp_path, capsys):
+  workdir, _ = finetuned
+  task, checkpoint, extra = "sst2", workdir, []
+  if case == "missing":
+    checkpoint = str(tmp_path / "nowhere")
+  elif case == "corrupt":
+    checkpoint = _corrupt(workdir, tmp_path)
+  elif case == "pretraining head":
+    checkpoint = pretraining_checkpoint
+  elif case == "num_labels":
+    task = "mnli"
+  elif case == "split":
+    extra = ["--split", "validation"]
+  elif case == "test without predictions":
+    extra = ["--split", "test"]
+  elif case == "unwritable":
+    extra = ["--split", "dev", "--predictions", str(tmp_path / "no_such_folder" / "dev.tsv")]
+  config = [f"{GLUE_CONFIG}:task={task}"] + _glue_args(glue_dir, vocab_dir)
+  if case == "classifier for MLM":
+    config = [f"{PRETRAIN_CONFIG}:tiny"]
+  code = cli.main(["evaluate", "--config", config[0], "--checkpoint", checkpoint] + extra + config[1:])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2
+  assert len(err) == 1 and err[0].startswith("bipft evaluate: error: ") and message in err[0], err
+  if case == "unwritable":
+    assert not os.listdir(tmp_path)
