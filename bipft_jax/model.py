@@ -470,14 +470,27 @@ def calibrate_alphas(module: nn.Module, params: dict, batch: dict) -> dict:
 def init_student_from_teacher(student: nn.Module, teacher_params: dict, rng: Array) -> dict:
   """Student params: the teacher's tensors where the names agree, fresh ones elsewhere.
 
-  Fresh leaves are the student's own init (METHOD.md section 6): estimators N(0, 0.02^2) with zero
-  bias, move biases 0, alphas 1 (calibrate them before training), the pooler's new LayerNorm 1/0,
-  and any head the teacher lacks. Shapes must agree where names do.
+  Either tree may be a bare encoder (`embeddings/encoder/pooler`) or have heads around a `bert`
+  subtree; encoder tensors are matched below those prefixes, heads by their full names (a head the
+  student lacks is dropped). Fresh leaves are the student's own init (METHOD.md section 6):
+  estimators N(0, 0.02^2) with zero bias, move biases 0, alphas 1 (calibrate them before training),
+  the pooler's new LayerNorm 1/0, and any head the teacher lacks. Every encoder tensor of the
+  teacher must find its place, with the same shape.
   """
-  flat = flax.traverse_util.flatten_dict(init_params(student, rng))
+  params = init_params(student, rng)
+  flat = flax.traverse_util.flatten_dict(params)
+  student_prefix = ("bert",) if "bert" in params else ()
+  teacher_prefix = ("bert",) if "bert" in teacher_params else ()
+  unplaced = []
   for path, value in flax.traverse_util.flatten_dict(teacher_params).items():
-    if path in flat:
-      if tuple(flat[path].shape) != tuple(value.shape):
-        raise ValueError(f"teacher {'/'.join(path)} has shape {value.shape}, student {flat[path].shape}")
-      flat[path] = value
+    is_encoder = path[:len(teacher_prefix)] == teacher_prefix
+    target = student_prefix + path[len(teacher_prefix):] if is_encoder else path
+    if target in flat:
+      if tuple(flat[target].shape) != tuple(value.shape):
+        raise ValueError(f"teacher {'/'.join(path)} has shape {value.shape}, student {flat[target].shape}")
+      flat[target] = value
+    elif is_encoder:
+      unplaced.append("/".join(path))
+  if unplaced:
+    raise ValueError(f"{len(unplaced)} teacher tensors have no place in the student (first: {unplaced[0]})")
   return flax.traverse_util.unflatten_dict(flat)

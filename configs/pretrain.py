@@ -87,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.head_lr_multiplier = 1.0  # the MLM/NSP heads' learning rate relative to the rest
+  c.optimizer.word_embedding_lr_multiplier = 1.0  # the word embedding's (the tied MLM decoder's); 0 freezes it
 
   c.loss = ml_collections.ConfigDict()
   c.loss.nsp_distill = True     # soft-CE between NSP logits; off for teachers without an NSP head

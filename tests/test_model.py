@@ -237,3 +237,28 @@ def test_jit_agrees_with_eager():
     np.testing.assert_array_equal(x, y)
   for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
     np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("teacher_head, student_head", [
+    ("encoder", "pretraining"),  # the demo: MiniLM has no MLM/NSP heads
+    ("pretraining", "pretraining"),
+    ("classification", "classification"),
+    ("pretraining", "encoder"),
+])
+def test_student_from_teacher_takes_every_encoder_tensor(teacher_head, student_head):
+  teacher = _randomized(_init(model.build(TEACHER, teacher_head), seed=3))
+  student = model.init_student_from_teacher(model.build(STUDENT, student_head), teacher, jax.random.key(0))
+  under = lambda tree: tree.get("bert", tree)
+  teacher_flat = flax.traverse_util.flatten_dict(under(teacher))
+  student_flat = flax.traverse_util.flatten_dict(under(student))
+  for path, value in teacher_flat.items():
+    np.testing.assert_array_equal(student_flat[path], value, err_msg="/".join(path))
+  if teacher_head == student_head == "pretraining":  # heads with the same names are copied too
+    np.testing.assert_array_equal(student["cls"]["predictions"]["bias"], teacher["cls"]["predictions"]["bias"])
+
+
+def test_student_from_teacher_refuses_a_teacher_tensor_without_place():
+  teacher = _init(model.build(TEACHER, "encoder"))
+  teacher["encoder"]["layer"]["9"] = teacher["encoder"]["layer"]["0"]
+  with pytest.raises(ValueError, match="no place in the student.*encoder/layer/9"):
+    model.init_student_from_teacher(model.build(STUDENT), teacher, jax.random.key(0))
