@@ -392,12 +392,14 @@ def _gather_positions(x_BxLxD, positions_BxN):
 
 
 class BertForPreTraining(nn.Module):
-  """`bert` + `cls` heads. With `mlm_positions_BxN` the MLM decoder runs only at those positions."""
+  """`bert` + `cls` heads. With `mlm_positions_BxN` the MLM decoder runs only at those positions;
+  `detach_heads` lets the heads learn on the encoder's features without sending gradients into it."""
   config: BertConfig
 
   @nn.compact
   def __call__(self, input_ids_BxL, token_type_ids_BxL=None, attention_mask_BxL=None, *,
-               mlm_positions_BxN=None, deterministic: bool = True, calibrate: bool = False) -> dict:
+               mlm_positions_BxN=None, deterministic: bool = True, calibrate: bool = False,
+               detach_heads: bool = False) -> dict:
     bert = BertModel(self.config, name="bert")
     out = bert(input_ids_BxL, token_type_ids_BxL, attention_mask_BxL,
                deterministic=deterministic, calibrate=calibrate)
@@ -405,8 +407,10 @@ class BertForPreTraining(nn.Module):
     if mlm_positions_BxN is not None:
       sequence_BxNxD = _gather_positions(sequence_BxNxD, mlm_positions_BxN)
     word_embeddings_VxD = nn.meta.unbox(bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"])
-    out["mlm_logits"], out["nsp_logits"] = PretrainingHeads(self.config, name="cls")(
-        sequence_BxNxD, out["pooled"], word_embeddings_VxD)
+    head_inputs = (sequence_BxNxD, out["pooled"], word_embeddings_VxD)
+    if detach_heads:
+      head_inputs = jax.lax.stop_gradient(head_inputs)
+    out["mlm_logits"], out["nsp_logits"] = PretrainingHeads(self.config, name="cls")(*head_inputs)
     return out
 
 

