@@ -120,18 +120,24 @@ def restore_items(manager: ocp.CheckpointManager, step: int, abstract: dict) -> 
     raise _unreadable(manager, step, e) from None
 
 
+_default_unraisablehook = sys.unraisablehook
+
+
+def _drop_closed_loop_noise(unraisable) -> None:
+  if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+    _default_unraisablehook(unraisable)
+
+
 def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> UserError:
   """The one-line error for arrays orbax could not read.
 
   A failed read leaves tensorstore reads running; as each completes it finds orbax's event loop
   closed and would print an "Event loop is closed" traceback after our line. Those, and only
-  those, are dropped from now on."""
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-  sys.unraisablehook = hook
+  those, are dropped from now on (the filter is installed once, however many reads fail)."""
+  global _default_unraisablehook
+  if sys.unraisablehook is not _drop_closed_loop_noise:
+    _default_unraisablehook = sys.unraisablehook
+    sys.unraisablehook = _drop_closed_loop_noise
   detail = (str(error).splitlines() or [""])[0]
   detail = detail if len(detail) <= 300 else detail[:300] + "..."  # tensorstore appends kilobytes of spec
   return UserError(f"checkpoint step {step} in {manager.directory} could not be restored "
