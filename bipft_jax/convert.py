@@ -156,7 +156,7 @@ def hf_config_dict(config: model_lib.BertConfig, head: str) -> dict:
       label2id={f"LABEL_{i}": i for i in range(config.num_labels)},
       weight_bits=1 if config.binary else 32, input_bits=1 if config.binary else 32,
       weight_quant_method=config.weight_binarizer, input_quant_method=config.activation_binarizer,
-      estimator_rank=config.estimator_rank)
+      estimator_rank=config.estimator_rank, pooling=config.pooling)
   if config.binary:
     # The rest of what the release's model constructors read (clip_init_val is unused by `elastic`).
     hf.update(RELEASE_BINARY_FIELDS, learnable_scaling=True, sym_quant_qkvo=True, sym_quant_ffn_attn=False,

@@ -44,6 +44,7 @@ class BertConfig:
   activation_binarizer: str = "elastic"
   matmul_precision: str = "highest"  # reduced-precision fp32 matmuls flip signs
   binary_matmul_dtype: str = "float32"  # "bfloat16": sign products in bf16, exact (fp32 accumulation)
+  pooling: str = "cls"           # the pooler's input: "cls" (BERT, the release) | "mean" (over real tokens)
 
   @classmethod
   def from_dict(cls, values: Any) -> "BertConfig":
@@ -55,6 +56,8 @@ class BertConfig:
     config = cls(**values)
     if config.hidden_size % config.num_heads:
       raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_heads {config.num_heads}")
+    if config.pooling not in POOLINGS:
+      raise ValueError(f"unknown pooling {config.pooling!r}; choose one of {', '.join(POOLINGS)}")
     return config
 
   @property
@@ -297,6 +300,17 @@ class Layer(nn.Module):
     return out_BxLxD, probs_BxHxLxL
 
 
+POOLINGS = ("cls", "mean")
+
+
+def pool_tokens(h_BxLxD: Array, attention_mask_BxL: Array, pooling: str) -> Array:
+  """The pooler's input: the [CLS] state, or the mean over real (unpadded) tokens."""
+  if pooling == "cls":
+    return h_BxLxD[:, 0]
+  weights_BxLx1 = attention_mask_BxL.astype(h_BxLxD.dtype)[:, :, None]
+  return jnp.sum(h_BxLxD * weights_BxLx1, axis=1) / jnp.maximum(jnp.sum(weights_BxLx1, axis=1), 1.0)
+
+
 class Pooler(nn.Module):
   """FP: tanh(Dense(h_cls)). Student: tanh(LN(BinDense(h_cls)) + h_cls) with a new LayerNorm."""
   config: BertConfig
@@ -350,7 +364,8 @@ class BertModel(nn.Module):
     x_BxLxD = Embeddings(self.config, name="embeddings")(input_ids_BxL, token_type_ids_BxL, deterministic)
     hidden_states, attentions = Encoder(self.config, name="encoder")(
         x_BxLxD, mask_bias_Bx1x1xL, deterministic, calibrate)
-    pooled_BxD = Pooler(self.config, name="pooler")(hidden_states[-1][:, 0], calibrate)
+    pooled_BxD = Pooler(self.config, name="pooler")(
+        pool_tokens(hidden_states[-1], attention_mask_BxL, self.config.pooling), calibrate)
     return {"hidden_states": hidden_states, "attentions": attentions, "pooled": pooled_BxD}
 
 

@@ -2,8 +2,8 @@
 
 The optimizer config has the fields learning_rate, warmup_steps, total_steps, schedule
 ("linear": linear warm-up then linear decay to 0 at total_steps; "constant": warm-up then flat),
-weight_decay, b1, b2, eps, and optionally head_lr_multiplier (the `cls` heads learn that much
-faster: a fresh head on a short run). As in BERT, weight decay skips biases, LayerNorms, and here also the
+weight_decay, b1, b2, eps, and optionally head_lr_multiplier (the heads, pretraining `cls` or the
+finetuning `classifier`, learn that much faster: a fresh head on a short run). As in BERT, weight decay skips biases, LayerNorms, and here also the
 binarizers' move biases and scales (alphas), which decay would drag towards zero.
 """
 from typing import Any
@@ -47,9 +47,9 @@ def decay_mask(params: Any) -> Any:
 
 
 def head_mask(params: Any) -> Any:
-  """True for the pretraining heads' leaves (`cls/...`)."""
+  """True for the task heads' leaves: pretraining `cls/...`, the finetuning `classifier/...`."""
   flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict({path: path[0] == "cls" for path in flat})
+  return flax.traverse_util.unflatten_dict({path: path[0] in ("cls", "classifier") for path in flat})
 
 
 def make_optimizer(config: Any) -> optax.GradientTransformation:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bipft_jax import binarize
-from bipft_jax.model import BertConfig
+from bipft_jax.model import BertConfig, pool_tokens
 
 Array = jax.Array
 WORD_BITS = 32
@@ -296,9 +296,9 @@ def forward(config: BertConfig, head: str, packed: dict, input_ids_BxL: Array,
     x_BxLxD = _layer(bert["encoder"]["layer"][str(i)], x_BxLxD, mask_bias_Bx1x1xL, config)
     hidden_states.append(x_BxLxD)
   pooler = bert["pooler"]
-  h_cls_BxD = x_BxLxD[:, 0]
-  pooled_BxD = jnp.tanh(_layer_norm(pooler["LayerNorm"], _binary_dense(pooler["dense"], h_cls_BxD), config)
-                        + h_cls_BxD)
+  h_pool_BxD = pool_tokens(x_BxLxD, attention_mask_BxL, config.pooling)
+  pooled_BxD = jnp.tanh(_layer_norm(pooler["LayerNorm"], _binary_dense(pooler["dense"], h_pool_BxD), config)
+                        + h_pool_BxD)
   out = {"hidden_states": hidden_states, "pooled": pooled_BxD}
   if head == "classification":
     out["logits"] = _fp_dense(packed["classifier"], pooled_BxD, config)

@@ -132,6 +132,8 @@ def config_from_hf(hf: Mapping, **overrides) -> model_lib.BertConfig:
     values["classifier_dropout"] = hf["classifier_dropout"]
   if "id2label" in hf:
     values["num_labels"] = len(hf["id2label"])
+  if "pooling" in hf:  # ours; Hugging Face BERT pools [CLS]
+    values["pooling"] = hf["pooling"]
   binary = hf.get("weight_bits", 32) == 1
   values["binary"] = binary
   # The release's student config sets hidden_act=relu; it reaches only the MLM transform.

@@ -219,7 +219,7 @@ def _count_architecture_ops(r: Row, key: str, config, L: int, D: int, H: int, F:
   elif part[-1] == "intermediate":
     r.base_flops += L * F  # GELU
   elif part[0] == "pooler":
-    r.base_flops += D  # tanh
+    r.base_flops += D + (L * D if config.pooling == "mean" else 0)  # tanh; the mean over the tokens
     if binary:
       r.extra_flops += D  # the residual around the new LayerNorm
   elif key == "cls/predictions":

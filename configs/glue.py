@@ -24,7 +24,7 @@ or custom (CSV/JSONL files and labels of your own).
   bipft glue-report --workdirs runs/cola runs/sst2 ... --submission_dir submission/
 
 Recipe (METHOD.md section 7): AdamW lr 2e-5, constant, no warm-up, weight decay 0, batch 32, max
-length 128, seed 42, dropout 0.1; epochs CoLA 50, MNLI 6, MRPC 20, SST-2 10, STS-B 20, QQP 6,
+length 128, seed 42, dropout 0.1, the pooler on [CLS] (`pooling=mean`: on the mean of the real tokens); epochs CoLA 50, MNLI 6, MRPC 20, SST-2 10, STS-B 20, QQP 6,
 QNLI 10, RTE 20 (WNLI: 20, RTE's). rt_demo cuts the recipe to fit 10 CPU minutes (see below).
 """
 import ml_collections
@@ -63,8 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init.binary = False            # teacher only: False = the FP baseline, True = the teacher binarized
   # Architecture for init.kind=scratch (random weights: smoke tests only); the binarization fields
   # also apply to init.kind=teacher with init.binary=True. A checkpoint brings its own.
-  c.model = ml_collections.ConfigDict({k: v for k, v in _model_fields().items()})
+  c.model = ml_collections.ConfigDict({k: v for k, v in _model_fields().items() if k not in _TASK_FIELDS})
   c.dropout = 0.1                  # hidden, attention and the pooled output before the classifier
+  c.pooling = "cls"                # the pooler's input: cls (the release) | mean (over real tokens)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 2e-5
@@ -75,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8           # torch AdamW's default
+  c.optimizer.head_lr_multiplier = 1.0  # the fresh classifier's learning rate relative to the rest
 
   c.data = ml_collections.ConfigDict()
   c.data.format = "glue"           # glue (the distribution's TSVs) | tfds | csv | jsonl
@@ -104,6 +106,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_train_examples = 2400
     c.optimizer.learning_rate = 1e-4
   return c
+
+
+# Model fields every finetuning run sets from the task and the fields above, whatever its init.
+_TASK_FIELDS = ("num_labels", "hidden_dropout", "attention_dropout", "classifier_dropout", "pooling")
 
 
 def _model_fields() -> dict:

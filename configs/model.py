@@ -66,4 +66,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.activation_binarizer = "elastic"  # the release's BiT quantizer: one learned scale per tensor, LSQ grads
   c.matmul_precision = "highest"   # default CPU/TPU fp32 matmuls round to bf16 and flip signs
   c.binary_matmul_dtype = "float32"  # "bfloat16" runs the sign products faster, still exact
+  c.pooling = "cls"                # the pooler's input: the [CLS] state (BERT) or "mean" over real tokens
   return c

@@ -102,16 +102,16 @@ def assert_bit_identical(a: dict, b: dict):
 
 # --- JAX -> PyTorch (hf): the exported model computes what ours does ------------------------
 
-@pytest.mark.parametrize("head,binary", [("pretraining", True), ("classification", True),
-                                         ("pretraining", False)])
-def test_hf_export_matches_jax(tmp_path, head, binary):
-  config = tiny_config(binary=binary, num_labels=3, mlm_transform_act="relu" if binary else "gelu")
+@pytest.mark.parametrize("head,binary,pooling", [("pretraining", True, "cls"), ("classification", True, "cls"),
+                                                 ("pretraining", False, "cls"), ("classification", True, "mean")])
+def test_hf_export_matches_jax(tmp_path, head, binary, pooling):
+  config = tiny_config(binary=binary, num_labels=3, mlm_transform_act="relu" if binary else "gelu", pooling=pooling)
   batch = padded_two_segment_batch(config.vocab_size)
   params = realistic_params(config, head, batch)
   checkpointing.save_params(str(tmp_path / "ckpt"), params, config, head)
-  convert.to_pytorch(str(tmp_path / "ckpt"), str(tmp_path / f"hf_{head}_{binary}"))
+  convert.to_pytorch(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
 
-  model = load_export(tmp_path / f"hf_{head}_{binary}", head)
+  model = load_export(tmp_path / "hf", head)
   ours, theirs = jax_forward(config, head, params, batch), torch_forward(model, batch)
   assert len(theirs.hidden_states) == config.num_layers + 1
   for ours_h, theirs_h in zip(ours["hidden_states"], theirs.hidden_states):
@@ -165,7 +165,7 @@ def test_release_names_to_jax_to_reference_is_bit_identical(tmp_path, capsys):
 
 
 def test_jax_to_pytorch_to_jax_is_bit_identical(tmp_path):
-  config = tiny_config(num_labels=3)
+  config = tiny_config(num_labels=3, pooling="mean")  # our own switches survive the trip too
   batch = padded_two_segment_batch(config.vocab_size)
   for head in ("pretraining", "classification"):
     params = realistic_params(config, head, batch)

@@ -176,6 +176,32 @@ def test_classification_head(num_labels, binary):
   np.testing.assert_array_equal(_forward(module, params, batch)["logits"], out["logits"])
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["teacher", "student"])
+def test_mean_pooling_averages_the_real_tokens_only(binary):
+  config = dataclasses.replace(STUDENT, binary=binary, pooling="mean")
+  module = model.build(config, "classification")
+  params = _randomized(_init(module))
+  batch = _batch()
+  out = _forward(module, params, batch)
+  last_BxLxD, mask_BxL = np.asarray(out["hidden_states"][-1]), np.asarray(batch["attention_mask"])
+  for row in range(3):
+    mean_D = last_BxLxD[row, mask_BxL[row] == 1].mean(axis=0)
+    np.testing.assert_allclose(model.pool_tokens(out["hidden_states"][-1], batch["attention_mask"], "mean")[row],
+                               mean_D, rtol=1e-5, atol=1e-6)
+  # The CLS-pooled model differs only in the pooler's input, with the same parameters.
+  cls_out = _forward(model.build(dataclasses.replace(config, pooling="cls"), "classification"), params, batch)
+  np.testing.assert_array_equal(cls_out["hidden_states"][-1], out["hidden_states"][-1])
+  assert not np.allclose(cls_out["pooled"], out["pooled"], atol=1e-3)
+  # More padding leaves a row's mean pooling unchanged (real tokens attend only to real tokens).
+  longer = {k: jnp.pad(v, ((0, 0), (0, 4))) for k, v in batch.items()}
+  np.testing.assert_allclose(_forward(module, params, longer)["logits"], out["logits"], atol=1e-5)
+
+
+def test_unknown_pooling_is_refused():
+  with pytest.raises(ValueError, match="unknown pooling 'max'"):
+    model.BertConfig.from_dict({"pooling": "max"})
+
+
 def test_mlm_positions_give_the_gathered_logits():
   module, params = _student()
   batch = _batch()

@@ -71,10 +71,11 @@ def test_bad_optimizer_configs(overrides, match):
     optim.make_optimizer(_config(**overrides))
 
 
-def test_head_lr_multiplier_scales_only_the_heads():
-  params = {"cls": {"bias": jnp.zeros(3)}, "bert": {"bias": jnp.zeros(3)}}
-  grads = {"cls": {"bias": jnp.array([1.0, -2.0, 3.0])}, "bert": {"bias": jnp.array([1.0, -2.0, 3.0])}}
+@pytest.mark.parametrize("head", ["cls", "classifier"])  # pretraining heads, the finetuning classifier
+def test_head_lr_multiplier_scales_only_the_heads(head):
+  params = {head: {"bias": jnp.zeros(3)}, "bert": {"bias": jnp.zeros(3)}}
+  grads = {head: {"bias": jnp.array([1.0, -2.0, 3.0])}, "bert": {"bias": jnp.array([1.0, -2.0, 3.0])}}
   tx = optim.make_optimizer(_config(head_lr_multiplier=10.0, warmup_steps=0, schedule="constant"))
   updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(updates["cls"]["bias"], 10 * updates["bert"]["bias"], rtol=1e-6)
+  np.testing.assert_allclose(updates[head]["bias"], 10 * updates["bert"]["bias"], rtol=1e-6)
   assert float(jnp.abs(updates["bert"]["bias"]).max()) > 0

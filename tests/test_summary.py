@@ -94,6 +94,9 @@ def test_bipft_a_and_fp_configs():
   assert a["binary_ops"] == b["binary_ops"]  # the paper's way leaves the estimators out
   # A full-precision config is summarised as its 1-bit student.
   assert summary.summarize(dataclasses.replace(TINY, binary=False), seq_len=3) == b
+  # Mean pooling adds the mean over L=3 tokens of D=4 to both models.
+  mean = summary.summarize(dataclasses.replace(TINY, pooling="mean"), seq_len=3)
+  assert (mean["fp_ops"], mean["binary_ops"]) == (b["fp_ops"] + 12, b["binary_ops"] + 12)
 
 
 def test_pretraining_head_keeps_the_latent_embedding():

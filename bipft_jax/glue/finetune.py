@@ -70,7 +70,7 @@ def _keep_bert(template: dict, bert: dict, source: str) -> dict:
 
 def initial_model(config, task: tasks.Task, rng) -> tuple:
   """(BertConfig with the task's head, params, the folder its tokenizer may live in, a description)."""
-  overrides = dict(num_labels=task.num_labels, hidden_dropout=config.dropout,
+  overrides = dict(num_labels=task.num_labels, pooling=config.pooling, hidden_dropout=config.dropout,
                    attention_dropout=config.dropout, classifier_dropout=config.dropout)
   check_init(config)
   kind, path = config.init.kind, config.init.path

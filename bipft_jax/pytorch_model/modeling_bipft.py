@@ -53,6 +53,7 @@ class BiPFTConfig(PreTrainedConfig):
   weight_quant_method: str = "bwn"
   input_quant_method: str = "elastic"
   estimator_rank: int = 1        # rank of the residual estimators; 0 = BiPFT-A
+  pooling: str = "cls"           # the pooler's input: "cls" (BERT) | "mean" over real tokens (bipft-jax)
 
   @property
   def binary(self) -> bool:
@@ -116,6 +117,8 @@ class UnsignedBinarize(torch.autograd.Function):
 
 
 def _check_supported(config: BiPFTConfig) -> None:
+  if config.pooling not in ("cls", "mean"):
+    raise ValueError(f"pooling must be 'cls' or 'mean', not {config.pooling!r}")
   if config.binary and (config.weight_quant_method, config.input_quant_method) != ("bwn", "elastic"):
     raise ValueError("modeling_bipft implements weight_quant_method='bwn' with input_quant_method='elastic' "
                      f"only, not {config.weight_quant_method!r}/{config.input_quant_method!r}")
@@ -282,8 +285,16 @@ class Encoder(nn.Module):
     self.layer = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
 
 
+def pool_tokens(h_BxLxD: torch.Tensor, attention_mask_BxL: torch.Tensor, pooling: str) -> torch.Tensor:
+  """The pooler's input: the [CLS] state, or the mean over real (unpadded) tokens."""
+  if pooling == "cls":
+    return h_BxLxD[:, 0]
+  weights_BxLx1 = attention_mask_BxL.to(h_BxLxD.dtype)[:, :, None]
+  return (h_BxLxD * weights_BxLx1).sum(dim=1) / weights_BxLx1.sum(dim=1).clamp(min=1.0)
+
+
 class Pooler(nn.Module):
-  """FP: tanh(Dense(h_cls)). Student: tanh(LN(BinLinear(h_cls)) + h_cls)."""
+  """FP: tanh(Dense(h_cls)). Student: tanh(LN(BinLinear(h_cls)) + h_cls). h_cls: see pool_tokens."""
 
   def __init__(self, config: BiPFTConfig):
     super().__init__()
@@ -395,7 +406,7 @@ class BiPFTModel(BiPFTPreTrainedModel):
     want_hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
     want_attentions = self.config.output_attentions if output_attentions is None else output_attentions
     out = BaseModelOutputWithPooling(
-        last_hidden_state=x_BxLxD, pooler_output=self.pooler(x_BxLxD[:, 0]),
+        last_hidden_state=x_BxLxD, pooler_output=self.pooler(pool_tokens(x_BxLxD, attention_mask, self.config.pooling)),
         hidden_states=tuple(hidden_states) if want_hidden else None,
         attentions=tuple(attentions) if want_attentions else None)
     return out if _return_dict(self.config, return_dict) else out.to_tuple()
