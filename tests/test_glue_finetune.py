@@ -97,7 +97,7 @@ def test_best_epoch_selection_and_mnli_mismatched_from_last_epoch():
 
 
 def test_finetune_writes_metrics_best_checkpoint_and_submission(glue_dir, vocab_dir, tmp_path):
-  config = tiny_config("sst2", glue_dir, vocab_dir, "epochs=3")
+  config = tiny_config("sst2", glue_dir, vocab_dir, "epochs=3", "pooling=mean")
   results = finetune.finetune(config, str(tmp_path))
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["epoch"] for l in lines] == [1, 2, 3] and lines[-1]["step"] == 3 * 4
@@ -110,6 +110,7 @@ def test_finetune_writes_metrics_best_checkpoint_and_submission(glue_dir, vocab_
   # best/ holds the best epoch's parameters: they reproduce its dev accuracy.
   model_config, head, params = checkpointing.restore_params(str(tmp_path / "best"))
   assert head == "classification" and model_config.num_labels == 2 and model_config.binary
+  assert model_config.pooling == "mean"
   task = tasks.get_task("sst2")
   dev = tasks.encode(pytorch_io.load_tokenizer(vocab_dir),
                      tasks.read_splits(task, config.data, ("dev",))["dev"], 16)
@@ -151,7 +152,9 @@ def test_checkpoint_start_keeps_bert_and_a_fresh_classifier(glue_dir, vocab_dir,
   model_config, params, _, description = finetune.initial_model(config, tasks.get_task("rte"), jax.random.key(0))
   assert model_config.binary and model_config.num_labels == 2 and "checkpoint" in description
   jax.tree.map(np.testing.assert_array_equal, params["bert"], pretrained["bert"])
-  assert set(params) == {"bert", "classifier"}
+  assert set(params) == {"bert", "classifier"} and model_config.pooling == "cls"
+  config.pooling = "mean"  # a finetuning choice, whatever the pretraining pooled
+  assert finetune.initial_model(config, tasks.get_task("rte"), jax.random.key(0))[0].pooling == "mean"
   # A checkpoint whose vocab is smaller than the tokenizer's: one clear line, exit code 2.
   small = _tiny_model_config(vocab_size=16, binary=True)
   checkpointing.save_params(str(tmp_path / "small"), model_lib.init_params(model_lib.build(small, "encoder"),
