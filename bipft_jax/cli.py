@@ -5,6 +5,7 @@ when used, so `bipft --help` stays fast. Bad input raises `UserError`: one line,
 """
 import argparse
 import importlib
+import os
 import sys
 
 from bipft_jax import __version__
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  # transformers serves tokenizers here; without the torch extra it would advise on every run that
+  # "PyTorch was not found".
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   parser = build_parser()
   if not argv or argv[0] not in COMMANDS:
     parser.parse_args(argv or ["--help"])  # prints help/version, or the usage error (exit 2)
