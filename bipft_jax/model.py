@@ -312,7 +312,7 @@ def pool_tokens(h_BxLxD: Array, attention_mask_BxL: Array, pooling: str) -> Arra
 
 
 class Pooler(nn.Module):
-  """FP: tanh(Dense(h_cls)). Student: tanh(LN(BinDense(h_cls)) + h_cls) with a new LayerNorm."""
+  """FP: tanh(Dense(h)). Student: tanh(LN(BinDense(h)) + h) with a new LayerNorm; h from pool_tokens."""
   config: BertConfig
 
   @nn.compact

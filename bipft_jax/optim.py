@@ -3,8 +3,9 @@
 The optimizer config has the fields learning_rate, warmup_steps, total_steps, schedule
 ("linear": linear warm-up then linear decay to 0 at total_steps; "constant": warm-up then flat),
 weight_decay, b1, b2, eps, and optionally head_lr_multiplier (the heads, pretraining `cls` or the
-finetuning `classifier`, learn that much faster: a fresh head on a short run). As in BERT, weight decay skips biases, LayerNorms, and here also the
-binarizers' move biases and scales (alphas), which decay would drag towards zero.
+finetuning `classifier`, learn that much faster: a fresh head on a short run). As in BERT, weight
+decay skips biases, LayerNorms, and here also the binarizers' move biases and scales (alphas), which
+decay would drag towards zero.
 """
 from typing import Any
 
