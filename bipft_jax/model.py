@@ -316,11 +316,11 @@ class Pooler(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, h_cls_BxD, calibrate: bool):
+  def __call__(self, h_BxD, calibrate: bool):
     cfg = self.config
-    y_BxD = linear(cfg, cfg.hidden_size, ("embed", "embed_out"), "dense", cfg.binary)(h_cls_BxD, calibrate)
+    y_BxD = linear(cfg, cfg.hidden_size, ("embed", "embed_out"), "dense", cfg.binary)(h_BxD, calibrate)
     if cfg.binary:
-      y_BxD = _layer_norm(cfg, "LayerNorm")(y_BxD) + h_cls_BxD
+      y_BxD = _layer_norm(cfg, "LayerNorm")(y_BxD) + h_BxD
     return jnp.tanh(y_BxD)
 
 

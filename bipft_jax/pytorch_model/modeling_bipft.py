@@ -294,7 +294,7 @@ def pool_tokens(h_BxLxD: torch.Tensor, attention_mask_BxL: torch.Tensor, pooling
 
 
 class Pooler(nn.Module):
-  """FP: tanh(Dense(h_cls)). Student: tanh(LN(BinLinear(h_cls)) + h_cls). h_cls: see pool_tokens."""
+  """FP: tanh(Dense(h)). Student: tanh(LN(BinLinear(h)) + h); h from pool_tokens."""
 
   def __init__(self, config: BiPFTConfig):
     super().__init__()
@@ -302,10 +302,10 @@ class Pooler(nn.Module):
     if config.binary:
       self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-  def forward(self, h_cls_BxD):
-    y_BxD = self.dense(h_cls_BxD)
+  def forward(self, h_BxD):
+    y_BxD = self.dense(h_BxD)
     if hasattr(self, "LayerNorm"):
-      y_BxD = self.LayerNorm(y_BxD) + h_cls_BxD
+      y_BxD = self.LayerNorm(y_BxD) + h_BxD
     return torch.tanh(y_BxD)
 
 
