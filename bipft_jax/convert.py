@@ -3,12 +3,13 @@
   bipft convert from-pytorch --src DIR --out WORKDIR
   bipft convert to-pytorch --checkpoint WORKDIR [--step N] --out DIR [--format hf|reference]
 
-`from-pytorch` reads config.json plus model.safetensors or pytorch_model.bin, with Hugging Face
-BERT names (an FP teacher) or the release's binary names (a student from pretraining or GLUE
-finetuning); the head is detected from the tensor names. `to-pytorch --format hf` writes a
-directory that plain transformers loads with `trust_remote_code=True` (our own PyTorch model,
-`pytorch_model/modeling_bipft.py`, travels with it); `--format reference` writes the release's
-state dict, tie aliases included, so the authors' scripts load it with a strict `load_state_dict`.
+`from-pytorch` reads config.json plus model.safetensors or pytorch_model.bin (or their shards),
+with Hugging Face BERT names (an FP teacher) or the release's binary names (a student from
+pretraining or GLUE finetuning); the head is detected from the tensor names. `to-pytorch
+--format hf` writes a directory that plain transformers loads with `trust_remote_code=True` (our
+own PyTorch model, `pytorch_model/modeling_bipft.py`, travels with it); `--format reference`
+writes the release's state dict, tie aliases included, so the authors' scripts load it with a
+strict `load_state_dict`.
 Names and transposes come from the single table in `pytorch_io`.
 """
 import argparse

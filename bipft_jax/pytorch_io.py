@@ -4,7 +4,7 @@ Our parameter paths are Hugging Face's module paths (`bert/encoder/layer/0/atten
 so a torch name is the path joined by dots plus a renamed leaf. `LEAF_TABLE` is the whole mapping;
 the release's binary leaves (`move.bias`, `input_clip_val`, `clip_query`...) are in it too.
 Weights are read from safetensors, or `pytorch_model.bin` with `torch.load(weights_only=True)`:
-no pickled code ever runs.
+no pickled code ever runs. Sharded checkpoints (`*.index.json`) and bfloat16/float16 tensors load too.
 """
 import json
 import os
@@ -170,27 +170,62 @@ def _current_names(state: dict) -> dict:
   return renamed
 
 
+def _read_safetensors(path: str) -> dict:
+  from safetensors import safe_open
+  try:
+    state = {}
+    with safe_open(path, framework="numpy") as f:
+      bfloat16 = [k for k in f.keys() if f.get_slice(k).get_dtype() == "BF16"]
+      state.update((k, f.get_tensor(k)) for k in f.keys() if k not in bfloat16)
+    if bfloat16:  # numpy has no bfloat16; JAX reads it
+      with safe_open(path, framework="flax") as f:
+        state.update((k, np.asarray(f.get_tensor(k), np.float32)) for k in bfloat16)
+  except Exception as e:  # safetensors raises several types for corrupt files
+    raise UserError(f"{path} is not a readable safetensors file: {e}") from None
+  return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in state.items()}
+
+
+def _read_bin(path: str) -> dict:
+  try:
+    import torch
+  except ImportError:
+    raise UserError(f"reading {path} needs torch: pip install 'bipft-jax[torch]'") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:
+    raise UserError(f"{path} could not be loaded with weights_only=True: {e}") from None
+  return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+
+
+def _shard_files(index_path: str) -> list:
+  """The files a Hugging Face `*.index.json` (large models saved in shards) maps tensors to."""
+  try:
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = sorted(set(weight_map.values()))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise UserError(f"{index_path} is not a shard index with a weight_map: {e}") from None
+  directory = os.path.dirname(index_path)
+  missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+  if missing:
+    raise UserError(f"{index_path} lists {len(missing)} shard(s) that are not there, first {missing[0]}")
+  return [os.path.join(directory, name) for name in files]
+
+
 def read_weights(directory: str) -> dict:
-  """Tensors of model.safetensors, or pytorch_model.bin loaded with weights_only=True."""
-  safetensors_path = os.path.join(directory, "model.safetensors")
-  bin_path = os.path.join(directory, "pytorch_model.bin")
-  if os.path.isfile(safetensors_path):
-    from safetensors.numpy import load_file
-    try:
-      return _current_names(load_file(safetensors_path))
-    except Exception as e:  # safetensors raises several types for corrupt files
-      raise UserError(f"{safetensors_path} is not a readable safetensors file: {e}") from None
-  if os.path.isfile(bin_path):
-    try:
-      import torch
-    except ImportError:
-      raise UserError(f"reading {bin_path} needs torch: pip install 'bipft-jax[torch]'") from None
-    try:
-      state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-      raise UserError(f"{bin_path} could not be loaded with weights_only=True: {e}") from None
-    return _current_names({k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()})
-  raise UserError(f"no weights in {directory}: expected model.safetensors or pytorch_model.bin")
+  """Tensors of model.safetensors, or pytorch_model.bin loaded with weights_only=True, or of the
+  shards their `.index.json` lists; floating tensors (bfloat16 and float16 included) as float32."""
+  for name, read in (("model.safetensors", _read_safetensors), ("pytorch_model.bin", _read_bin)):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      return _current_names(read(path))
+    if os.path.isfile(path + ".index.json"):
+      state = {}
+      for shard in _shard_files(path + ".index.json"):
+        state.update(read(shard))
+      return _current_names(state)
+  raise UserError(f"no weights in {directory}: expected model.safetensors or pytorch_model.bin "
+                  "(or their sharded .index.json)")
 
 
 def load_pretrained(directory: str, head: str = "encoder", *, allow_missing: Iterable[str] = (),

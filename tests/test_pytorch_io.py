@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -111,6 +112,48 @@ def test_checkpoint_round_trip(tmp_path, as_bin):
   config, loaded = pytorch_io.load_pretrained(str(directory), "encoder", seed=1)  # another init
   assert config == TINY
   _assert_same_tree(loaded, params)
+
+
+@pytest.mark.parametrize("as_bin", [False, True], ids=["safetensors", "pytorch_model.bin"])
+def test_sharded_checkpoint_loads_like_one_file(tmp_path, as_bin):
+  """Hugging Face's layout for large models: shards plus a `.index.json` weight map."""
+  params, state = _tiny_state()
+  directory = _write_checkpoint(tmp_path / "ckpt", {}, as_bin=as_bin)
+  (directory / ("pytorch_model.bin" if as_bin else "model.safetensors")).unlink()
+  names = sorted(state)
+  shards = {"part-00001-of-00002": names[::2], "part-00002-of-00002": names[1::2]}
+  weight_map = {}
+  for shard, shard_names in shards.items():
+    if as_bin:
+      torch.save({k: torch.tensor(state[k]) for k in shard_names}, directory / shard)
+    else:
+      from safetensors.numpy import save_file
+      save_file({k: state[k] for k in shard_names}, str(directory / shard))
+    weight_map.update({k: shard for k in shard_names})
+  index = directory / ("pytorch_model.bin.index.json" if as_bin else "model.safetensors.index.json")
+  index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  _, loaded = pytorch_io.load_pretrained(str(directory), "encoder", seed=1)
+  _assert_same_tree(loaded, params)
+  (directory / "part-00002-of-00002").unlink()
+  with pytest.raises(UserError, match="lists 1 shard.*not there, first part-00002-of-00002"):
+    pytorch_io.read_weights(str(directory))
+  index.write_text("{not json")
+  with pytest.raises(UserError, match="is not a shard index"):
+    pytorch_io.read_weights(str(directory))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoint_loads_as_float32(tmp_path, dtype):
+  import safetensors.flax
+  params, state = _tiny_state()
+  directory = _write_checkpoint(tmp_path / "ckpt", {})
+  half = {k: jnp.asarray(v, dtype) if np.issubdtype(v.dtype, np.floating) else jnp.asarray(v) for k, v in state.items()}
+  safetensors.flax.save_file(half, str(directory / "model.safetensors"))
+  _, loaded = pytorch_io.load_pretrained(str(directory), "encoder")
+  rounded = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, dtype), np.float32), params)
+  _assert_same_tree(loaded, rounded)
+  assert all(np.asarray(x).dtype == np.float32 for x in jax.tree.leaves(loaded))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(rounded), jax.tree.leaves(params)))
 
 
 def test_bin_with_pickled_code_is_refused(tmp_path):
