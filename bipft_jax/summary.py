@@ -30,8 +30,9 @@ Two accountings:
 Packed export (what `packed_size_bytes` predicts; `bipft_jax.packed` writes it): each binarized
 weight matrix as 1 bit per weight packed into uint32 words along its input dimension (each output
 row padded to whole words; the word embedding packed along the hidden dimension per token row),
-plus one fp32 BWN scale per matrix (per row for the word embedding); every other parameter in
-fp32, as in the parameter tree; no file-format overhead. A matrix with exact zeros after centring
+plus one fp32 BWN scale per matrix (per row for the word embedding), the activation scales in
+fp32, every other parameter (the remainder) in fp32 or, `--remainder float16`, fp16; no
+file-format overhead. A matrix with exact zeros after centring
 needs a second (nonzero) bit plane; trained weights have none, so it is not predicted. A pretraining
 head also needs the latent FP word embedding (its tied decoder).
 """
@@ -42,10 +43,12 @@ from typing import Iterable
 
 import flax
 import jax
+import numpy as np
 
 from bipft_jax import config_loading
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
+from bipft_jax.packed_export import REMAINDER_DTYPES
 
 WORD_BITS = 32
 BOPS_PER_FLOP = 64
@@ -62,6 +65,7 @@ class Row:
   fp_params: int = 0          # fp32 parameters the FP BERT has too
   extra_fp_params: int = 0    # fp32 parameters only the binary model has (or needs, e.g. a tied decoder)
   scale_params: int = 0       # fp32 BWN scales a packed export stores (not leaves: derived from weights)
+  alpha_params: int = 0       # of extra_fp_params, the activation scales: fp32 in any packed export
   packed_bytes: int = 0       # the 1-bit weights packed into uint32 words
   binary_macs: int = 0        # both operands binarized
   fp_macs: int = 0            # fp32 matmuls the FP BERT has too
@@ -92,7 +96,13 @@ class Row:
 
   @property
   def honest_memory_bytes(self) -> int:
-    return self.packed_bytes + FP32_BYTES * (self.fp_params + self.extra_fp_params + self.scale_params)
+    return self.packed_memory_bytes("float32")
+
+  def packed_memory_bytes(self, remainder: str) -> int:
+    """Bytes in a packed export whose FP remainder (all but planes, scales, alphas) is `remainder`."""
+    remainder_params = self.fp_params + self.extra_fp_params - self.alpha_params
+    return (self.packed_bytes + FP32_BYTES * (self.scale_params + self.alpha_params)
+            + np.dtype(REMAINDER_DTYPES[remainder]).itemsize * remainder_params)
 
 
 def _packed_row_bytes(fan_in: int) -> int:
@@ -142,6 +152,7 @@ def count_rows(config: model_lib.BertConfig, seq_len: int, head: str = "classifi
         r.fp_params += n
       else:
         r.extra_fp_params += n
+        r.alpha_params += n if leaf_name.endswith("_alpha") else 0
     extra_module = not any(module_path + (leaf_name,) in fp_paths for leaf_name in leaves)
     _count_module_ops(r, leaves, extra_module, L)
 
@@ -234,10 +245,11 @@ def _binary_counterpart(config: model_lib.BertConfig) -> model_lib.BertConfig:
   return config if config.binary else dataclasses.replace(config, binary=True)
 
 
-def packed_size_bytes(config: model_lib.BertConfig, head: str = "classification") -> int:
+def packed_size_bytes(config: model_lib.BertConfig, head: str = "classification",
+                      remainder: str = "float32") -> int:
   """Bytes of a bit-packed export of the 1-bit model (see the module docstring for the format)."""
   rows = count_rows(_binary_counterpart(config), seq_len=1, head=head)
-  return int(sum(r.honest_memory_bytes for r in rows))
+  return int(sum(r.packed_memory_bytes(remainder) for r in rows))
 
 
 def summarize(config: model_lib.BertConfig, seq_len: int, head: str = "classification") -> dict:
@@ -257,6 +269,7 @@ def summarize(config: model_lib.BertConfig, seq_len: int, head: str = "classific
   honest_binary_ops = total(binary_rows, "honest_ops")
   honest_fp_memory = total(fp_rows, "honest_memory_bytes")
   packed = int(total(binary_rows, "honest_memory_bytes"))
+  packed_fp16 = int(sum(r.packed_memory_bytes("float16") for r in binary_rows))
   fp_ops_by_name = {r.name: r.honest_ops for r in fp_rows}
   return {
       "seq_len": seq_len, "head": head, "binary": _binary_counterpart(config).binary,
@@ -271,6 +284,7 @@ def summarize(config: model_lib.BertConfig, seq_len: int, head: str = "classific
       "honest_ops_ratio": honest_fp_ops / honest_binary_ops,
       "honest_fp_memory_bytes": honest_fp_memory, "packed_bytes": packed,
       "honest_memory_ratio": honest_fp_memory / packed,
+      "packed_fp16_bytes": packed_fp16, "honest_memory_ratio_fp16": honest_fp_memory / packed_fp16,
       "rows": [dict(dataclasses.asdict(r), ops=r.honest_ops, memory_bytes=r.honest_memory_bytes,
                     fp_model_ops=fp_ops_by_name[r.name])
                for r in binary_rows],
@@ -318,7 +332,8 @@ def format_ratios(s: dict) -> str:
       f"  OPs    FP {s['honest_fp_ops'] / 1e9:.2f} G  binary {s['honest_binary_ops'] / 1e9:.3f} G  "
       f"ratio {s['honest_ops_ratio']:.1f}x",
       f"  memory FP {s['honest_fp_memory_bytes'] / mib:.1f} MiB  packed export {s['packed_bytes']:,} bytes "
-      f"({s['packed_bytes'] / mib:.2f} MiB)  ratio {s['honest_memory_ratio']:.1f}x",
+      f"({s['packed_bytes'] / mib:.2f} MiB)  ratio {s['honest_memory_ratio']:.1f}x; with a float16 "
+      f"remainder {s['packed_fp16_bytes']:,} bytes, ratio {s['honest_memory_ratio_fp16']:.1f}x",
   ])
 
 

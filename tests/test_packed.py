@@ -193,6 +193,15 @@ def test_exported_file_reloads_with_the_same_logits(exported):
       model_lib.build(config, "classification"), jax.random.key(0)))
 
 
+@pytest.mark.parametrize("remainder", ["float32", "float16"])
+def test_summary_predicts_the_exported_tensor_bytes(remainder):
+  from bipft_jax import summary
+  config, _, params, _ = _trained_like_student()
+  head, packed_params = packed.pack_params(config, "classification", params)
+  tensors = packed_export.file_tensors(packed_params, remainder)
+  assert sum(t.nbytes for t in tensors.values()) == summary.packed_size_bytes(config, head, remainder)
+
+
 def test_export_stores_one_bit_per_binarized_weight(exported):
   path, _, _, _ = exported
   config, _, packed_params = packed_export.load_packed(path)

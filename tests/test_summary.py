@@ -116,6 +116,11 @@ def test_cli_table_and_json(capsys, monkeypatch):
   assert "encoder/layer/11/output" in out and "paper's accounting" in out and "honest" in out
   config = summary.load_model_config(BASE, [])
   assert result["packed_bytes"] == summary.packed_size_bytes(config)
+  assert result["packed_fp16_bytes"] == summary.packed_size_bytes(config, remainder="float16")
+  # fp16 halves every remainder parameter except the activation scales: per layer the inputs of
+  # Q, K, V, O, FFN in and out, Q, K, V themselves and the attention probabilities; the pooler's input.
+  alphas = 10 * config.num_layers + 1
+  assert result["packed_bytes"] - result["packed_fp16_bytes"] == 2 * (result["fp_params"] - alphas)
 
 
 def test_cli_overrides_change_the_count(capsys, monkeypatch):
