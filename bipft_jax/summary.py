@@ -32,9 +32,9 @@ weight matrix as 1 bit per weight packed into uint32 words along its input dimen
 row padded to whole words; the word embedding packed along the hidden dimension per token row),
 plus one fp32 BWN scale per matrix (per row for the word embedding), the activation scales in
 fp32, every other parameter (the remainder) in fp32 or, `--remainder float16`, fp16; no
-file-format overhead. A matrix with exact zeros after centring
-needs a second (nonzero) bit plane; trained weights have none, so it is not predicted. A pretraining
-head also needs the latent FP word embedding (its tied decoder).
+file-format overhead. A matrix with exact zeros after centring needs a second (nonzero) bit plane;
+trained weights have none, so it is not predicted. A pretraining head also needs the latent FP
+word embedding (its tied decoder).
 """
 import argparse
 import dataclasses

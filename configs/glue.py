@@ -24,8 +24,9 @@ or custom (CSV/JSONL files and labels of your own).
   bipft glue-report --workdirs runs/cola runs/sst2 ... --submission_dir submission/
 
 Recipe (METHOD.md section 7): AdamW lr 2e-5, constant, no warm-up, weight decay 0, batch 32, max
-length 128, seed 42, dropout 0.1, the pooler on [CLS] (`pooling=mean`: on the mean of the real tokens); epochs CoLA 50, MNLI 6, MRPC 20, SST-2 10, STS-B 20, QQP 6,
-QNLI 10, RTE 20 (WNLI: 20, RTE's). rt_demo cuts the recipe to fit 10 CPU minutes (see below).
+length 128, seed 42, dropout 0.1, the pooler on [CLS] (`pooling=mean`: on the mean of the real
+tokens); epochs CoLA 50, MNLI 6, MRPC 20, SST-2 10, STS-B 20, QQP 6, QNLI 10, RTE 20 (WNLI: 20,
+RTE's). rt_demo cuts the recipe to fit 10 CPU minutes (see below).
 """
 import ml_collections
 

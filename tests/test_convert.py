@@ -105,7 +105,8 @@ def assert_bit_identical(a: dict, b: dict):
 @pytest.mark.parametrize("head,binary,pooling", [("pretraining", True, "cls"), ("classification", True, "cls"),
                                                  ("pretraining", False, "cls"), ("classification", True, "mean")])
 def test_hf_export_matches_jax(tmp_path, head, binary, pooling):
-  config = tiny_config(binary=binary, num_labels=3, mlm_transform_act="relu" if binary else "gelu", pooling=pooling)
+  config = tiny_config(binary=binary, num_labels=3, mlm_transform_act="relu" if binary else "gelu",
+                       pooling=pooling)
   batch = padded_two_segment_batch(config.vocab_size)
   params = realistic_params(config, head, batch)
   checkpointing.save_params(str(tmp_path / "ckpt"), params, config, head)

@@ -186,8 +186,8 @@ def test_mean_pooling_averages_the_real_tokens_only(binary):
   last_BxLxD, mask_BxL = np.asarray(out["hidden_states"][-1]), np.asarray(batch["attention_mask"])
   for row in range(3):
     mean_D = last_BxLxD[row, mask_BxL[row] == 1].mean(axis=0)
-    np.testing.assert_allclose(model.pool_tokens(out["hidden_states"][-1], batch["attention_mask"], "mean")[row],
-                               mean_D, rtol=1e-5, atol=1e-6)
+    pooled_D = model.pool_tokens(out["hidden_states"][-1], batch["attention_mask"], "mean")[row]
+    np.testing.assert_allclose(pooled_D, mean_D, rtol=1e-5, atol=1e-6)
   # The CLS-pooled model differs only in the pooler's input, with the same parameters.
   cls_out = _forward(model.build(dataclasses.replace(config, pooling="cls"), "classification"), params, batch)
   np.testing.assert_array_equal(cls_out["hidden_states"][-1], out["hidden_states"][-1])

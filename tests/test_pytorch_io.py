@@ -147,7 +147,7 @@ def test_half_precision_checkpoint_loads_as_float32(tmp_path, dtype):
   import safetensors.flax
   params, state = _tiny_state()
   directory = _write_checkpoint(tmp_path / "ckpt", {})
-  half = {k: jnp.asarray(v, dtype) if np.issubdtype(v.dtype, np.floating) else jnp.asarray(v) for k, v in state.items()}
+  half = {k: jnp.asarray(v, dtype if np.issubdtype(v.dtype, np.floating) else None) for k, v in state.items()}
   safetensors.flax.save_file(half, str(directory / "model.safetensors"))
   _, loaded = pytorch_io.load_pretrained(str(directory), "encoder")
   rounded = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, dtype), np.float32), params)

@@ -406,7 +406,8 @@ class BiPFTModel(BiPFTPreTrainedModel):
     want_hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
     want_attentions = self.config.output_attentions if output_attentions is None else output_attentions
     out = BaseModelOutputWithPooling(
-        last_hidden_state=x_BxLxD, pooler_output=self.pooler(pool_tokens(x_BxLxD, attention_mask, self.config.pooling)),
+        last_hidden_state=x_BxLxD,
+        pooler_output=self.pooler(pool_tokens(x_BxLxD, attention_mask, self.config.pooling)),
         hidden_states=tuple(hidden_states) if want_hidden else None,
         attentions=tuple(attentions) if want_attentions else None)
     return out if _return_dict(self.config, return_dict) else out.to_tuple()
