@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bipft_jax import binarize
+from bipft_jax import precision as precision_lib
 
 Array = jax.Array
 
@@ -43,7 +44,8 @@ class BertConfig:
   weight_binarizer: str = "bwn"
   activation_binarizer: str = "elastic"
   matmul_precision: str = "highest"  # reduced-precision fp32 matmuls flip signs
-  binary_matmul_dtype: str = "float32"  # "bfloat16": sign products in bf16, exact (fp32 accumulation)
+  binary_matmul_dtype: str = "float32"  # sign products: float32 | bfloat16 | int8 | auto; all exact
+  precision: str = "fp32"        # "mixed": FP matmuls in bf16 with fp32 accumulation (precision.py)
   pooling: str = "cls"           # the pooler's input: "cls" (BERT, the release) | "mean" (over real tokens)
 
   @classmethod
@@ -59,6 +61,9 @@ class BertConfig:
     if config.pooling not in POOLINGS:
       raise ValueError(f"unknown pooling {config.pooling!r}; choose one of {', '.join(POOLINGS)}")
     return config
+
+  def __post_init__(self):
+    precision_lib.check_fields(self.binary_matmul_dtype, self.precision)
 
   @property
   def head_size(self) -> int:
@@ -79,8 +84,20 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
                       bias_init=_partitioned(nn.initializers.zeros, ("embed",)))
 
 
+def _mixed_dot_general(x, kernel, dimension_numbers, precision=None, **_):
+  """nn.Dense's product under precision "mixed" (Dense contracts x's last axis with kernel's first)."""
+  assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())), dimension_numbers
+  return precision_lib.mixed_einsum("...i,io->...o", x, kernel)
+
+
+def _fp_einsum(config: BertConfig, spec: str, a: Array, b: Array) -> Array:
+  """einsum of full-precision operands under `config.precision`."""
+  return precision_lib.fp_einsum(spec, a, b, config.precision, config.matmul_precision)
+
+
 def _dense(config: BertConfig, features: int, axes: tuple, name: str) -> nn.Dense:
-  return nn.Dense(features, name=name, precision=config.matmul_precision,
+  mixed = {"dot_general": _mixed_dot_general} if config.precision == "mixed" else {}
+  return nn.Dense(features, name=name, precision=config.matmul_precision, **mixed,
                   kernel_init=_partitioned(_dense_init(), axes),
                   bias_init=_partitioned(nn.initializers.zeros, axes[-1:]))
 
@@ -101,18 +118,20 @@ def binarize_activation(module: nn.Module, name: str, x: Array, *, signed: bool,
   return binarizer.apply(x, alpha)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _sign_einsum(spec: str, x_s: Array, y_s: Array, dtype: str) -> Array:
-  # Entries in {-1, 0, 1} are exact in bf16 and their products sum exactly in fp32.
-  return jnp.einsum(spec, x_s.astype(dtype), y_s.astype(dtype), preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _sign_einsum(spec: str, x_s: Array, y_s: Array, dtype: str, precision: str) -> Array:
+  # Entries in {-1, 0, 1} are exact in bf16 and int8; their products sum exactly in fp32 and int32.
+  return precision_lib.sign_einsum(spec, x_s, y_s, dtype)
 
 
-def _sign_einsum_fwd(spec, x_s, y_s, dtype):
-  return _sign_einsum(spec, x_s, y_s, dtype), (x_s, y_s)
+def _sign_einsum_fwd(spec, x_s, y_s, dtype, precision):
+  return _sign_einsum(spec, x_s, y_s, dtype, precision), (x_s, y_s)
 
 
-def _sign_einsum_bwd(spec, dtype, residuals, g):
-  # The cotangent is not a sign pattern: the backward products stay in fp32.
+def _sign_einsum_bwd(spec, dtype, precision, residuals, g):
+  # The cotangent is not a sign pattern: the backward products are FP ones, in fp32 unless "mixed".
+  if precision == "mixed":
+    return precision_lib.einsum_transposes(spec, *residuals, g)
   _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b, precision="highest"), *residuals)
   return vjp(g)
 
@@ -124,16 +143,18 @@ def binary_einsum(spec: str, x_b: Array, y_b: Array, config: BertConfig) -> Arra
   """einsum of two binarized operands, each one scale times {-1, 0, 1} (or {0, 1}).
 
   The scales are factored out, so the product of the sign patterns sums small integers: exact in
-  any summation order, and in bf16 with fp32 accumulation (`binary_matmul_dtype`, faster on CPUs
-  and accelerators with bf16 units) too. Results then do not depend on the device layout or
-  sharding, whose rounding differences the next sign threshold would otherwise amplify.
-  Gradients are those of the plain product.
+  any summation order, in bf16 with fp32 accumulation and in int8 with int32 accumulation too
+  (`binary_matmul_dtype`; "auto" takes this machine's fastest, see precision.py). Results then do
+  not depend on the device layout, sharding or units, whose rounding differences the next sign
+  threshold would otherwise amplify. Gradients are those of the plain product, in fp32 (with bf16
+  operands under precision "mixed", as every FP product there).
   """
   def scale(b):
     s = jax.lax.stop_gradient(jnp.max(jnp.abs(b)))
     return jnp.where(s > 0, s, 1.0)
   x_scale, y_scale = scale(x_b), scale(y_b)
-  signs = _sign_einsum(spec, x_b / x_scale, y_b / y_scale, config.binary_matmul_dtype)
+  dtype = precision_lib.sign_product_dtype(config.binary_matmul_dtype)
+  signs = _sign_einsum(spec, x_b / x_scale, y_b / y_scale, dtype, config.precision)
   return signs * (x_scale * y_scale)
 
 
@@ -218,7 +239,7 @@ class SelfAttention(nn.Module):
     if binary:
       scores_BxHxLxL = binary_einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, cfg)
     else:
-      scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, precision=cfg.matmul_precision)
+      scores_BxHxLxL = _fp_einsum(cfg, "bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK)
     estimate = binary and cfg.estimator_rank > 0
     if estimate:
       # Low-rank estimates of the three terms a binary Q K^T drops (METHOD.md section 4):
@@ -226,9 +247,9 @@ class SelfAttention(nn.Module):
       def project(name):
         return _dense(cfg, cfg.estimator_rank, ("embed", None), name)(x_BxLxD)
       q_p, k_p, q_m, k_m = (project(n) for n in ("q_p", "k_p", "q_m", "k_m"))
-      correction_BxLxL = (jnp.einsum("bqr,bsr->bqs", q_m, k_p, precision=cfg.matmul_precision)
-                          + jnp.einsum("bqr,bsr->bqs", q_p, k_m, precision=cfg.matmul_precision)
-                          + jnp.einsum("bqr,bsr->bqs", q_p, k_p, precision=cfg.matmul_precision))
+      correction_BxLxL = (_fp_einsum(cfg, "bqr,bsr->bqs", q_m, k_p)
+                          + _fp_einsum(cfg, "bqr,bsr->bqs", q_p, k_m)
+                          + _fp_einsum(cfg, "bqr,bsr->bqs", q_p, k_p))
       scores_BxHxLxL = scores_BxHxLxL + correction_BxLxL[:, None]
     scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + mask_bias_Bx1x1xL
     probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
@@ -239,13 +260,13 @@ class SelfAttention(nn.Module):
     if binary:
       context_BxLxHxK = binary_einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK, cfg)
     else:
-      context_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK, precision=cfg.matmul_precision)
+      context_BxLxHxK = _fp_einsum(cfg, "bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
     if estimate:
       # The value residual dV ~ v_p(X), tiled over each head's channels (R = 1: the release's broadcast).
       v_p_BxLxR = _dense(cfg, cfg.estimator_rank, ("embed", None), "v_p")(x_BxLxD)
       if K % cfg.estimator_rank:
         raise ValueError(f"estimator_rank {cfg.estimator_rank} must divide the head size {K}")
-      residual_BxLxHxR = jnp.einsum("bhqs,bsr->bqhr", probs_BxHxLxL, v_p_BxLxR, precision=cfg.matmul_precision)
+      residual_BxLxHxR = _fp_einsum(cfg, "bhqs,bsr->bqhr", probs_BxHxLxL, v_p_BxLxR)
       context_BxLxHxK = context_BxLxHxK + jnp.tile(residual_BxLxHxR, (1, 1, 1, K // cfg.estimator_rank))
     return context_BxLxHxK.reshape(B, L, H * K), probs_BxHxLxL
 
@@ -389,7 +410,7 @@ class MlmPredictions(nn.Module):
     cfg = self.config
     h_BxNxD = MlmTransform(cfg, name="transform")(h_BxNxD)
     bias_V = self.param("bias", _partitioned(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,))
-    return jnp.einsum("bnd,vd->bnv", h_BxNxD, word_embeddings_VxD, precision=cfg.matmul_precision) + bias_V
+    return _fp_einsum(cfg, "bnd,vd->bnv", h_BxNxD, word_embeddings_VxD) + bias_V
 
 
 class PretrainingHeads(nn.Module):

@@ -121,6 +121,20 @@ def masked_accuracy(mlm_logits_BxNxV, mlm_labels_BxN) -> tuple:
 # Steps
 
 
+def student_loss(student: nn.Module, config, params, teacher_out: dict, batch: dict, key) -> tuple:
+  """(loss, metrics) of the student's training forward against the teacher's outputs."""
+  student_out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
+                              batch["attention_mask"], mlm_positions_BxN=batch["mlm_positions"],
+                              deterministic=False, detach_heads=config.loss.detach_heads, rngs={"dropout": key})
+  loss, metrics = losses.distillation_loss(
+      student_out, teacher_out, batch, nsp_distill=config.loss.nsp_distill,
+      mask_padding_in_mse=config.loss.mask_padding_in_mse, mlm_labels=batch["mlm_labels"])
+  correct, counted = masked_accuracy(student_out["mlm_logits"], batch["mlm_labels"])
+  metrics = {k: v for k, v in metrics.items() if k != "rep_dist_layerwise"}
+  metrics["mlm_accuracy"] = correct / jnp.maximum(counted, 1)
+  return loss, metrics
+
+
 def make_train_step(student: nn.Module, teacher: nn.Module, tx, config):
   """(state, teacher_params, batch, step) -> (state, metrics); state = {params, opt_state}.
 
@@ -133,17 +147,7 @@ def make_train_step(student: nn.Module, teacher: nn.Module, tx, config):
   def loss_fn(params, teacher_params, batch, key):
     teacher_key, student_key = jax.random.split(key)
     teacher_out = teacher_outputs(teacher, teacher_params, batch, config.teacher.dropout, teacher_key)
-    student_out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                                batch["attention_mask"], mlm_positions_BxN=batch["mlm_positions"],
-                                deterministic=False, detach_heads=config.loss.detach_heads,
-                                rngs={"dropout": student_key})
-    loss, metrics = losses.distillation_loss(
-        student_out, teacher_out, batch, nsp_distill=config.loss.nsp_distill,
-        mask_padding_in_mse=config.loss.mask_padding_in_mse, mlm_labels=batch["mlm_labels"])
-    correct, counted = masked_accuracy(student_out["mlm_logits"], batch["mlm_labels"])
-    metrics = {k: v for k, v in metrics.items() if k != "rep_dist_layerwise"}
-    metrics["mlm_accuracy"] = correct / jnp.maximum(counted, 1)
-    return loss, metrics
+    return student_loss(student, config, params, teacher_out, batch, student_key)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -367,6 +371,8 @@ def make_trainer(config, teacher_config: model_lib.BertConfig, mesh: jax.shardin
     raise UserError(f"data.max_seq_length {config.data.max_seq_length} exceeds the model's "
                     f"{student_cfg.max_position_embeddings} positions")
   student = model_lib.build(student_cfg, "pretraining")
+  # The precision policy covers the teacher too.
+  teacher_config = dataclasses.replace(teacher_config, precision=student_cfg.precision)
   teacher = model_lib.build(teacher_config, "pretraining" if config.loss.nsp_distill else "encoder")
   rules = sharding.rules_from_config(config.mesh.rules)
   _check_batch_sizes(config, sharding.batch_divisor(mesh, rules))

@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.weight_binarizer = "bwn"       # sign(W) times mean |W|: the release's weight quantizer
   c.activation_binarizer = "elastic"  # the release's BiT quantizer: one learned scale per tensor, LSQ grads
   c.matmul_precision = "highest"   # default CPU/TPU fp32 matmuls round to bf16 and flip signs
-  c.binary_matmul_dtype = "float32"  # "bfloat16" runs the sign products faster, still exact
+  c.binary_matmul_dtype = "float32"  # float32 | bfloat16 | int8 | auto (the host's fastest); exact
+  c.precision = "fp32"             # "mixed": FP matmuls (teacher too) in bf16, fp32 accumulation and weights
   c.pooling = "cls"                # the pooler's input: the [CLS] state (BERT) or "mean" over real tokens
   return c

@@ -1,0 +1,257 @@
+"""Numeric policies: which units compute the exact sign products, and the FP matmuls' precision.
+
+Sign products (`BertConfig.binary_matmul_dtype`): both operands are {-1, 0, 1} (or {0, 1}), so
+float32, bfloat16 with fp32 accumulation and int8 with int32 accumulation all give the same
+integers, exactly; only the speed differs, and it differs by machine (an AMX Xeon runs int8
+fastest, an AVX-512 EPYC float32 or bfloat16). `auto` picks one: on TPU and GPU the first of
+ACCELERATOR_ORDER the backend compiles (their matrix units take int8 and bf16 natively); on CPU
+the fastest in a one-time micro-benchmark, cached per machine (CPU model, flags, jax and jaxlib
+versions, XLA_FLAGS) in `assets.cache_dir()/matmul_choices.json`. Every candidate must equal the
+float32 reference bit for bit before it may win; one that fails to compile or differs is skipped.
+The packed encoder chooses its kernel (popcount or int8) with the same `choose`.
+
+Training precision (`BertConfig.precision`): `fp32` computes everything in float32 (the FP
+matmuls at `matmul_precision`, "highest" by default: the parity tests' mode); `mixed` gives the FP
+matmuls (the teacher's, the student's estimators and heads, and the backward products of the
+sign products, whose cotangent is FP) bfloat16 operands with fp32 accumulation, forward and
+backward, while parameters, activations, LayerNorm/softmax, gradients and the optimizer state
+stay float32. The forward sign products are exact either way.
+"""
+import functools
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+SIGN_DTYPES = ("float32", "bfloat16", "int8")
+BINARY_MATMUL_DTYPES = SIGN_DTYPES + ("auto",)
+PRECISIONS = ("fp32", "mixed")
+# Tried in this order on accelerators; the first that compiles and is exact wins.
+ACCELERATOR_ORDER = ("int8", "bfloat16", "float32")
+CACHE_FILE = "matmul_choices.json"
+
+
+def check_fields(binary_matmul_dtype: str, precision: str) -> None:
+  """ValueError unless both are known names."""
+  if binary_matmul_dtype not in BINARY_MATMUL_DTYPES:
+    raise ValueError(f"unknown binary_matmul_dtype {binary_matmul_dtype!r}; choose one of "
+                     f"{', '.join(BINARY_MATMUL_DTYPES)}")
+  if precision not in PRECISIONS:
+    raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+# --- the exact sign product ------------------------------------------------------------------
+
+def sign_einsum(spec: str, x_s, y_s, dtype: str):
+  """einsum of two {-1, 0, 1} operands as float32, computed in `dtype` (one of SIGN_DTYPES).
+
+  The operands are rounded first: a binarized tensor divided by its scale can be off by one ulp
+  (XLA divides by a scalar as a multiplication by its reciprocal), which bf16 and int8 would round
+  away and float32 would not.
+  """
+  x_s, y_s = (jnp.round(t).astype(dtype) for t in (x_s, y_s))
+  if dtype == "int8":
+    return int8_einsum(spec, x_s, y_s).astype(jnp.float32)
+  return jnp.einsum(spec, x_s, y_s, preferred_element_type=jnp.float32)
+
+
+def int8_einsum(spec: str, a_int8, b_int8):
+  """Exact int32 einsum of int8 operands."""
+  # The barrier keeps the sign/convert producing an operand out of the dot: fused into it, XLA CPU
+  # leaves its int8 matmul routine for a slower loop (1024 x 768 x 3072: 3 ms -> 4.5-7.7 ms).
+  a_int8, b_int8 = jax.lax.optimization_barrier((a_int8, b_int8))
+  return jnp.einsum(spec, a_int8, b_int8, preferred_element_type=jnp.int32)
+
+
+def sign_product_dtype(requested: str) -> str:
+  """`requested` itself, or for "auto" this machine's fastest exact one (see the module docstring)."""
+  if requested != "auto":
+    return requested
+  return _auto_sign_dtype(jax.default_backend())
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_sign_dtype(backend: str) -> str:
+  with jax.ensure_compile_time_eval():  # called while tracing a model: run the probes for real
+    if backend == "cpu":
+      return choose("sign_matmul", {dtype: _sign_probe(dtype) for dtype in SIGN_DTYPES})
+    for dtype in ACCELERATOR_ORDER:
+      if supported(_sign_probe(dtype, shape=(8, 33, 8))):
+        return dtype
+    return "float32"
+
+
+def _sign_probe(dtype: str, shape: tuple = (512, 768, 768)) -> Callable:
+  """A jitted sign product of `shape` (M, K, N) in `dtype`: zero-argument, returns its result."""
+  m, k, n = shape
+  rng = np.random.default_rng(0)
+  x = rng.integers(-1, 2, (m, k)).astype(np.float32)
+  y = rng.integers(-1, 2, (k, n)).astype(np.float32)
+  product = jax.jit(functools.partial(sign_einsum, "mk,kn->mn", dtype=dtype))
+  return lambda: product(x, y)
+
+
+# --- choosing by measurement ---------------------------------------------------------------
+
+def supported(probe: Callable) -> bool:
+  """Whether `probe()` compiles and runs on this backend."""
+  try:
+    jax.block_until_ready(probe())
+    return True
+  except Exception:  # an unsupported dtype fails in lowering or compilation, differently per backend
+    return False
+
+
+def cpu_description() -> tuple:
+  """(CPU model name, sorted feature flags) of this machine, from /proc/cpuinfo where there is one."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        name, _, value = line.partition(":")
+        info.setdefault(name.strip(), value.strip())
+  except OSError:
+    pass
+  model = info.get("model name") or platform.processor() or platform.machine()
+  flags = info.get("flags") or info.get("Features", "")
+  return model, " ".join(sorted(flags.split()))
+
+
+def host_key() -> str:
+  """What makes a measured choice valid: backend, device, CPU model and flags, versions, XLA_FLAGS."""
+  model, flags = cpu_description()
+  parts = [jax.default_backend(), jax.devices()[0].device_kind, model, flags, jax.__version__,
+           jaxlib.__version__, os.environ.get("XLA_FLAGS", "")]
+  return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+def _cache_path():
+  from bipft_jax import assets
+  return assets.cache_dir() / CACHE_FILE
+
+
+def _read_cache() -> dict:
+  """The cached choices; an unreadable or malformed file counts as empty (it is measured again)."""
+  try:
+    data = json.loads(_cache_path().read_text())
+  except (OSError, ValueError):
+    return {}
+  return data if isinstance(data, dict) else {}
+
+
+def _write_cache(key: str, kind: str, record: dict) -> None:
+  """Adds one record, atomically: a temporary file in the same folder renamed over the old one."""
+  path = _cache_path()
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _read_cache()
+    entry = data.get(key) if isinstance(data.get(key), dict) else {}
+    data[key] = {**entry, kind: record}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=CACHE_FILE, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+      json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+  except OSError:  # a read-only cache only costs a new measurement next time
+    pass
+
+
+def measure(candidates: dict, repeats: int = 5) -> dict:
+  """name -> fastest seconds of each candidate that runs and equals the first one's result exactly."""
+  reference, seconds = None, {}
+  for name, probe in candidates.items():
+    try:
+      result = np.asarray(jax.block_until_ready(probe()))  # compiles
+    except Exception:  # unsupported here: not a candidate
+      continue
+    if reference is None:
+      reference = result
+    elif result.shape != reference.shape or not np.array_equal(result, reference):
+      continue  # not exact: never chosen
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(probe())
+      best = min(best, time.perf_counter() - start)
+    seconds[name] = best
+  return seconds
+
+
+def choose(kind: str, candidates: dict, repeats: int = 5) -> str:
+  """The fastest exact candidate (name -> zero-argument probe) for `kind` on this machine.
+
+  Measured once and cached per machine; a cached choice that is no longer a candidate, or a cache
+  that cannot be read, is measured again. Falls back to the first candidate if none runs.
+  """
+  key = host_key()
+  cached = _read_cache().get(key)
+  record = cached.get(kind) if isinstance(cached, dict) else None
+  if isinstance(record, dict) and record.get("choice") in candidates:
+    return record["choice"]
+  seconds = measure(candidates, repeats)
+  choice = min(seconds, key=seconds.get) if seconds else next(iter(candidates))
+  _write_cache(key, kind, {"choice": choice, "seconds": seconds})
+  return choice
+
+
+# --- mixed-precision FP matmuls --------------------------------------------------------------
+
+def _bf16(x):
+  return x.astype(jnp.bfloat16)
+
+
+def _bf16_einsum(spec: str, a, b):
+  """einsum of bf16-rounded operands, summed in fp32.
+
+  On CPU a product with batch indices (in both operands and the output: attention's, a few percent
+  of BERT's FLOPs) multiplies the rounded values as fp32 instead: the same exact products, but
+  XLA:CPU runs some batched bf16 layouts on a fallback that rejects bf16 (UNIMPLEMENTED: DotThunk).
+  """
+  inputs, out = spec.split("->")
+  a_spec, b_spec = inputs.split(",")
+  if jax.default_backend() == "cpu" and set(a_spec) & set(b_spec) & set(out) - {"."}:
+    a, b = (_bf16(t).astype(jnp.float32) for t in (a, b))
+    return jnp.einsum(spec, a, b, precision="highest")
+  return jnp.einsum(spec, _bf16(a), _bf16(b), preferred_element_type=jnp.float32)
+
+
+def einsum_transposes(spec: str, a, b, g) -> tuple:
+  """(d a, d b) of einsum(spec, a, b) at cotangent g: bf16 operands, fp32 accumulation and result.
+
+  Every index of an operand must appear in the other operand or the output.
+  """
+  inputs, out = spec.split("->")
+  a_spec, b_spec = inputs.split(",")
+  return _bf16_einsum(f"{out},{b_spec}->{a_spec}", g, b), _bf16_einsum(f"{a_spec},{out}->{b_spec}", a, g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mixed_einsum(spec: str, a, b):
+  """einsum with bfloat16 operands and fp32 accumulation and result; its gradients likewise (the
+  cotangent rounded to bf16 before the backward products, as autocast does)."""
+  return _bf16_einsum(spec, a, b)
+
+
+def _mixed_einsum_fwd(spec, a, b):
+  return mixed_einsum(spec, a, b), (a, b)
+
+
+def _mixed_einsum_bwd(spec, residuals, g):
+  return einsum_transposes(spec, *residuals, g)
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def fp_einsum(spec: str, a, b, precision: str, matmul_precision: Optional[str]):
+  """einsum of full-precision operands under the training precision policy (see the docstring)."""
+  if precision == "mixed":
+    return mixed_einsum(spec, a, b)
+  return jnp.einsum(spec, a, b, precision=matmul_precision)
