@@ -18,6 +18,13 @@ Integer counts are exact; each is scaled once by the product of the two binarize
 simulated model's fp32 products are, so the packed encoder gives the simulated logits up to fp32
 summation order.
 
+Kernels. "popcount" runs the matmuls above on the packed words. "int8" expands the weight planes
+once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized product as an
+int8 matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or accelerator: the
+same integer counts, so the same outputs bit for bit; the file stays 1-bit, but the weights take
+one byte each in memory (8x the planes: BERT-base's 85M binarized weights, 10.6 MB -> 85 MB).
+"auto" picks the faster on this machine by a one-time measurement (precision.choose).
+
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
 """
 from typing import Optional
@@ -28,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bipft_jax import binarize
+from bipft_jax import binarize, precision
 from bipft_jax.model import BertConfig, pool_tokens
 
 Array = jax.Array
@@ -36,6 +43,7 @@ WORD_BITS = 32
 WORD_DTYPE = jnp.uint32
 # The heads a packed model carries; a pretraining checkpoint exports its encoder (see pack_params).
 PACKED_HEADS = ("encoder", "classification")
+KERNELS = ("popcount", "int8", "auto")
 
 
 def num_words(k: int) -> int:
@@ -119,6 +127,71 @@ def unsigned_signed_matmul(p_bits_xMxW: Array, v_sign_xWxN: Array, v_nonzero_xWx
   p = lambda i: p_bits_xMxW[..., :, i, None]
   return (_sum_over_words(num, lambda i: _popcount(p(i) & v_nonzero_xWxN[..., i, None, :]))
           - 2 * _sum_over_words(num, lambda i: _popcount(p(i) & v_sign_xWxN[..., i, None, :])))
+
+
+def _int8_signs(x: Array) -> Array:
+  """sign(x) in {-1, 0, 1} as int8 (the planes pack_signed would make, unpacked)."""
+  return jnp.sign(x).astype(jnp.int8)
+
+
+def _signed_counts(x_xMxK: Array, y_xNxK: Array, int8: bool) -> Array:
+  """Exact int32 sum_k sign(x)_mk sign(y)_nk of two float tensors (leading axes batch)."""
+  if int8:
+    return precision.int8_einsum("...mk,...nk->...mn", _int8_signs(x_xMxK), _int8_signs(y_xNxK))
+  y_sign, y_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(y_xNxK))
+  return signed_matmul(*pack_signed(x_xMxK), y_sign, y_nonzero)
+
+
+def _bits_signed_counts(p_xMxK: Array, y_xKxN: Array, int8: bool) -> Array:
+  """Exact int32 sum_k p_mk sign(y)_kn for booleans p."""
+  if int8:
+    return precision.int8_einsum("...mk,...kn->...mn", p_xMxK.astype(jnp.int8), _int8_signs(y_xKxN))
+  # y packed along the contracted axis: [..., W, N].
+  y_sign, y_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(jnp.swapaxes(y_xKxN, -1, -2)))
+  return unsigned_signed_matmul(pack_bits(p_xMxK), y_sign, y_nonzero)
+
+
+def _kernel_probe(kernel: str, tokens: int = 256, k: int = 768, n: int = 768):
+  """One binarized Linear's counts on random inputs, as `kernel` computes them: zero-argument."""
+  rng = np.random.default_rng(0)
+  x_MxK = rng.standard_normal((tokens, k)).astype(np.float32)
+  w_KxN = rng.choice(np.float32([-1, 1]), (k, n))
+  if kernel == "int8":
+    w_int8 = jnp.asarray(w_KxN, jnp.int8)
+    run = jax.jit(lambda x: precision.int8_einsum("mk,kn->mn", _int8_signs(x), w_int8))
+  else:
+    w_sign = pack_bits(jnp.asarray(w_KxN.T < 0)).T
+    run = jax.jit(lambda x: signed_matmul(*pack_signed(x), w_sign))
+  return lambda: run(x_MxK)
+
+
+def resolve_kernel(kernel: str) -> str:
+  """`kernel` itself, or for "auto" the faster exact kernel on this machine (measured once, cached)."""
+  if kernel not in KERNELS:
+    raise ValueError(f"unknown packed kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+  if kernel != "auto":
+    return kernel
+  return precision.choose("packed_matmul", {name: _kernel_probe(name) for name in KERNELS[:-1]})
+
+
+def prepare(config: BertConfig, packed: dict, kernel: str = "auto") -> dict:
+  """`packed` ready for `forward` on `kernel`: unchanged for popcount; for int8 each binarized
+  Linear's planes replaced by its int8 {-1, 0, 1} kernel (`kernel_int8`, [K, N], 1 byte a weight)."""
+  if resolve_kernel(kernel) == "popcount":
+    return packed
+
+  def expand(tree: dict) -> dict:
+    if "kernel_sign" not in tree:
+      return {name: expand(v) if isinstance(v, dict) else v for name, v in tree.items()}
+    tree = dict(tree)
+    sign_WxN, nonzero_WxN = tree.pop("kernel_sign"), tree.pop("kernel_nonzero", None)
+    if nonzero_WxN is None:
+      nonzero_WxN = jnp.full_like(sign_WxN, jnp.iinfo(WORD_DTYPE).max)
+    k = tree["move_bias"].shape[0]
+    tree["kernel_int8"] = unpack_signed(sign_WxN.T, nonzero_WxN.T, k).T.astype(jnp.int8)
+    return tree
+
+  return expand(packed)
 
 
 # --- packing a student's parameters ---------------------------------------------
@@ -210,8 +283,11 @@ def _binary_dense(p: dict, x_xK: Array) -> Array:
   alpha = binarize._clamped(p["input_alpha"])
 
   def dense(x):
-    x_sign, x_nonzero = pack_signed(x + p["move_bias"])
-    counts_xN = signed_matmul(x_sign, x_nonzero, p["kernel_sign"], p.get("kernel_nonzero"))
+    if "kernel_int8" in p:
+      counts_xN = precision.int8_einsum("...k,kn->...n", _int8_signs(x + p["move_bias"]), p["kernel_int8"])
+    else:
+      x_sign, x_nonzero = pack_signed(x + p["move_bias"])
+      counts_xN = signed_matmul(x_sign, x_nonzero, p["kernel_sign"], p.get("kernel_nonzero"))
     return counts_xN.astype(jnp.float32) * (alpha * p["kernel_scale"]) + p["bias"]
 
   return _unfused(dense, x_xK, always_true=alpha > 0)  # a clamped alpha is >= 1e-5
@@ -231,15 +307,16 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   B, L, _ = x_BxLxD.shape
   H, K = config.num_heads, config.head_size
 
-  def heads(name):
-    """sign planes of B_s(name(x)) per head: [B, H, L, Wk], and its alpha."""
-    y_BxHxLxK = _binary_dense(p[name], x_BxLxD).reshape(B, L, H, K).transpose(0, 2, 1, 3)
-    return pack_signed(y_BxHxLxK), binarize._clamped(p[f"{name}_alpha"]), y_BxHxLxK
+  int8 = "kernel_int8" in p["query"]  # the kernel `prepare` set up
 
-  (q_sign, q_nonzero), q_alpha, _ = heads("query")
-  (k_sign, k_nonzero), k_alpha, _ = heads("key")
-  _, v_alpha, v_BxHxLxK = heads("value")
-  counts_BxHxLxL = signed_matmul(q_sign, q_nonzero, jnp.swapaxes(k_sign, -1, -2), jnp.swapaxes(k_nonzero, -1, -2))
+  def heads(name):
+    """name(x) per head, [B, H, L, K] (its binarizer keeps only the signs), and its alpha."""
+    y_BxHxLxK = _binary_dense(p[name], x_BxLxD).reshape(B, L, H, K).transpose(0, 2, 1, 3)
+    return y_BxHxLxK, binarize._clamped(p[f"{name}_alpha"])
+
+  (q_BxHxLxK, q_alpha), (k_BxHxLxK, k_alpha) = heads("query"), heads("key")
+  v_BxHxLxK, v_alpha = heads("value")
+  counts_BxHxLxL = _signed_counts(q_BxHxLxK, k_BxHxLxK, int8)
   scores_BxHxLxL = counts_BxHxLxL.astype(jnp.float32) * (q_alpha * k_alpha)
   estimate = config.estimator_rank > 0
   if estimate:
@@ -250,9 +327,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
   p_alpha = binarize._clamped(p["probs_alpha"])
   keep_BxHxLxL = jnp.clip(jnp.round(probs_BxHxLxL / p_alpha), 0, 1) > 0  # as unsigned_binarize
-  # V packed along the key positions it is contracted over: [B, H, Ws, K].
-  v_sign, v_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(jnp.swapaxes(v_BxHxLxK, -1, -2)))
-  counts_BxHxLxK = unsigned_signed_matmul(pack_bits(keep_BxHxLxL), v_sign, v_nonzero)
+  counts_BxHxLxK = _bits_signed_counts(keep_BxHxLxL, v_BxHxLxK, int8)
   context_BxLxHxK = (counts_BxHxLxK.astype(jnp.float32) * (p_alpha * v_alpha)).transpose(0, 2, 1, 3)
   if estimate:
     v_p_BxLxR = _fp_dense(p["v_p"], x_BxLxD, config)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bipft_jax import model as model_lib
-from bipft_jax import packed
+from bipft_jax import packed, precision
 from bipft_jax import packed_export
 from bipft_jax.errors import UserError
 
@@ -133,8 +133,8 @@ def test_packed_encoder_equals_simulated_student(estimator_rank, pooling):
   assert "kernel_nonzero" not in packed_params["bert"]["pooler"]["dense"]
 
 
-def test_exact_zeros_in_weights_and_embedding_stay_exact():
-  config, module, params, batch = _trained_like_student()
+def _with_exact_zeros(params):
+  """`params` with some weights of layer 0's FFN and the word embedding at their tensor's mean."""
   flat = flax.traverse_util.flatten_dict(params)
   # Make some weights equal to their tensor's mean: BWN gives them sign 0.
   for path in [("bert", "encoder", "layer", "0", "intermediate", "dense", "kernel"),
@@ -145,13 +145,44 @@ def test_exact_zeros_in_weights_and_embedding_stay_exact():
     w[::3, ::2] = 0.0
     w[-1, -1] -= w.sum()
     flat[path] = jnp.asarray(w, jnp.float32)
-  params = flax.traverse_util.unflatten_dict(flat)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def test_exact_zeros_in_weights_and_embedding_stay_exact():
+  config, module, params, batch = _trained_like_student()
+  params = _with_exact_zeros(params)
   head, packed_params = packed.pack_params(config, "classification", params)
   assert "kernel_nonzero" in packed_params["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
   assert "embedding_nonzero" in packed_params["bert"]["embeddings"]["word_embeddings"]
   simulated = module.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
   ours = _run_packed(config, head, packed_params, batch)
   np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_int8_kernel_equals_popcount_exactly(zeros):
+  config, _, params, batch = _trained_like_student()
+  params = _with_exact_zeros(params) if zeros else params
+  head, packed_params = packed.pack_params(config, "classification", params)
+  assert packed.prepare(config, packed_params, "popcount") is packed_params
+  expanded = packed.prepare(config, packed_params, "int8")
+  dense = expanded["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
+  assert "kernel_int8" in dense and "kernel_sign" not in dense and "kernel_nonzero" not in dense
+  assert dense["kernel_int8"].dtype == jnp.int8 and dense["kernel_int8"].shape == (TINY["hidden_size"], 72)
+  assert (0 in np.asarray(dense["kernel_int8"])) == zeros
+  ours, theirs = (_run_packed(config, head, p, batch) for p in (expanded, packed_params))
+  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_auto_kernel_is_measured_once_per_machine(tmp_path, monkeypatch):
+  monkeypatch.setenv("BIPFT_CACHE", str(tmp_path))
+  choice = packed.resolve_kernel("auto")
+  assert choice in ("popcount", "int8")
+  monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
+  assert packed.resolve_kernel("auto") == choice
+  with pytest.raises(ValueError, match="unknown packed kernel 'int4'"):
+    packed.resolve_kernel("int4")
 
 
 def test_pretraining_student_packs_its_encoder():
