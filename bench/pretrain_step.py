@@ -1,14 +1,22 @@
 """One distillation pretraining step of ours vs one FP training step of transformers' BertForPreTraining.
 
 Ours: frozen FP teacher forward + binary student forward/backward (MLM decoder at the masked
-positions only) + AdamW, jitted, as `bipft pretrain` runs it. Peer: PyTorch BertForPreTraining of
-the same size, full precision, student alone (forward with MLM and NSP labels, backward, AdamW).
-Both on random weights and tokens (the time does not depend on them), measured in the same run;
-the medians of `--repeats` steps after `--warmup` untimed ones (compilation excluded).
+positions only) + AdamW, jitted, as `bipft pretrain` runs it, under `--precision` (fp32 | mixed,
+model.precision). Peer: PyTorch BertForPreTraining of the same size, FP32, student alone (forward
+with MLM and NSP labels, backward, AdamW). Both on random weights and tokens (the time does not
+depend on them), measured in the same run; the medians of `--repeats` steps after `--warmup`
+untimed ones (compilation excluded).
 
-  PYTHONPATH=. python bench/pretrain_step.py --size base --batch 8 --length 128 --repeats 3
+The breakdown times the parts of each step on their own: ours as separately jitted functions
+(teacher forward; student forward with the loss; student forward + backward, minus the forward;
+the AdamW update), the peer's phases inside its step (forward, backward, optimizer). The parts of
+ours need not sum to the whole step, which XLA compiles as one program.
 
-The last line is `RESULT {json}` with ours_s, peer_s and speedup (peer_s / ours_s).
+  PYTHONPATH=. python bench/pretrain_step.py --size base --batch 8 --length 128 --precision mixed
+  PYTHONPATH=. python bench/pretrain_step.py --quick   # BERT-base, 2 repeats, about 3 minutes
+
+The first line names the CPU; the last line is `RESULT {json}` with ours_s, peer_s, speedup
+(peer_s / ours_s) and both breakdowns.
 """
 import argparse
 import dataclasses
@@ -20,9 +28,10 @@ import time
 
 import jax
 import numpy as np
+import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bipft_jax import config_loading, sharding, train  # noqa: E402
+from bipft_jax import config_loading, precision, sharding, train  # noqa: E402
 from bipft_jax import model as model_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,12 +62,35 @@ def median_seconds(step, warmup: int, repeats: int) -> float:
   return statistics.median(times)
 
 
-def ours(args, batch: dict) -> float:
+def _ours_breakdown(args, trainer, state, teacher_params, global_batch) -> dict:
+  """Median seconds of the step's parts, each jitted alone on the step's inputs."""
+  config, key = trainer.config, jax.random.key(0)
+  teacher_fwd = jax.jit(lambda tp, b: train.teacher_outputs(trainer.teacher, tp, b, False, key))
+  loss = lambda p, t, b: train.student_loss(trainer.student, config, p, t, b, key)
+  student_fwd = jax.jit(loss)
+  student_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  update = jax.jit(lambda g, o, p: optax.apply_updates(p, trainer.tx.update(g, o, p)[0]))
+  run = lambda fn, *a: jax.block_until_ready(trainer._on_mesh(fn, *a))
+  params, opt_state = state["params"], state["opt_state"]
+  teacher_out = run(teacher_fwd, teacher_params, global_batch)
+  grads = run(student_grad, params, teacher_out, global_batch)[1]
+  parts = {"teacher_forward": (teacher_fwd, teacher_params, global_batch),
+           "student_forward": (student_fwd, params, teacher_out, global_batch),
+           "student_forward_backward": (student_grad, params, teacher_out, global_batch),
+           "optimizer": (update, grads, opt_state, params)}
+  seconds = {name: median_seconds(lambda a=a: run(*a), 1, args.repeats) for name, a in parts.items()}
+  seconds["backward"] = seconds["student_forward_backward"] - seconds["student_forward"]
+  return seconds
+
+
+def ours(args, batch: dict) -> tuple:
   config = config_loading.load_config(os.path.join(REPO, "configs", "pretrain.py") + ":base")
   config.model = config_loading.load_config(os.path.join(REPO, "configs", "model.py") + f":{args.size},binary")
   config.batch_size, config.eval_batch_size = args.batch, args.batch
   config.data.max_seq_length, config.data.max_predictions = args.length, batch["mlm_positions"].shape[1]
   config.loss.nsp_distill = True  # a BERT teacher with its NSP head, as in the paper
+  config.model.precision = args.precision
+  config.model.binary_matmul_dtype = args.sign_dtype
   student_config = train.student_config(config)
   teacher_config = dataclasses.replace(student_config, binary=False, mlm_transform_act="gelu")
   trainer = train.make_trainer(config, teacher_config, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
@@ -71,10 +103,11 @@ def ours(args, batch: dict) -> float:
     state[0], metrics = trainer.train_step(state[0], teacher_params, global_batch, 0)
     jax.block_until_ready(metrics["total_loss"])
 
-  return median_seconds(step, args.warmup, args.repeats)
+  whole = median_seconds(step, args.warmup, args.repeats)
+  return whole, _ours_breakdown(args, trainer, state[0], teacher_params, global_batch)
 
 
-def peer(args, batch: dict) -> float:
+def peer(args, batch: dict) -> tuple:
   import torch
   import transformers
   size = config_loading.load_config(os.path.join(REPO, "configs", "model.py") + f":{args.size}")
@@ -87,13 +120,26 @@ def peer(args, batch: dict) -> float:
   inputs = {k: torch.from_numpy(batch[k]).long() for k in ("input_ids", "token_type_ids", "attention_mask", "labels",
                                                           "next_sentence_label")}
 
+  phases = {"forward": [], "backward": [], "optimizer": []}
+
   def step():
+    started = time.perf_counter()
     loss = model(**inputs).loss
+    forward_done = time.perf_counter()
     loss.backward()
+    backward_done = time.perf_counter()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    for name, seconds in zip(phases, (forward_done - started, backward_done - forward_done,
+                                      time.perf_counter() - backward_done)):
+      phases[name].append(seconds)
 
-  return median_seconds(step, args.warmup, args.repeats)
+  whole = median_seconds(step, args.warmup, args.repeats)
+  return whole, {name: statistics.median(times[args.warmup:]) for name, times in phases.items()}
+
+
+def _line(name: str, seconds: dict) -> str:
+  return f"  {name}: " + ", ".join(f"{part} {value:.3f} s" for part, value in seconds.items())
 
 
 def main() -> None:
@@ -103,16 +149,35 @@ def main() -> None:
   parser.add_argument("--length", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--precision", choices=precision.PRECISIONS, default="fp32",
+                      help="our training precision policy (model.precision); the peer is always FP32")
+  parser.add_argument("--sign-dtype", choices=precision.BINARY_MATMUL_DTYPES, default="auto",
+                      help="model.binary_matmul_dtype: the units of the exact forward sign products")
+  parser.add_argument("--quick", action="store_true", help="2 repeats (BERT-base still): about 3 minutes")
   args = parser.parse_args()
+  if args.quick:
+    args.repeats = 2
+  cpu, flags = precision.cpu_description()
+  print(f"host: {cpu}; flags: {flags}; jax {jax.__version__}; load {os.getloadavg()}", flush=True)
   size = config_loading.load_config(os.path.join(REPO, "configs", "model.py") + f":{args.size}")
   batch = synthetic_batch(args.batch, args.length, size.vocab_size, max(1, round(0.15 * args.length)))
-  ours_s = ours(args, batch)
-  print(f"ours (teacher forward + binary student step + AdamW): median {ours_s:.3f} s", flush=True)
-  peer_s = peer(args, batch)
-  print(f"peer (transformers BertForPreTraining FP step + AdamW): median {peer_s:.3f} s", flush=True)
+  ours_s, ours_parts = ours(args, batch)
+  sign_dtype = precision.sign_product_dtype(args.sign_dtype)
+  print(f"ours ({args.precision}, sign products in {sign_dtype}: teacher forward + binary student step "
+        f"+ AdamW): median {ours_s:.3f} s", flush=True)
+  print(_line("ours", ours_parts), flush=True)
+  peer_s, peer_parts = peer(args, batch)
+  print(f"peer (transformers BertForPreTraining FP32 step + AdamW): median {peer_s:.3f} s", flush=True)
+  print(_line("peer", peer_parts), flush=True)
+  print(f"speedup (peer / ours): {peer_s / ours_s:.2f}x; load {os.getloadavg()}", flush=True)
+  rounded = lambda parts: {k: round(v, 4) for k, v in parts.items()}
   print("RESULT " + json.dumps({"ours_s": round(ours_s, 4), "peer_s": round(peer_s, 4),
-                                "speedup": round(peer_s / ours_s, 3), "size": args.size, "batch": args.batch,
-                                "length": args.length, "repeats": args.repeats}))
+                                "speedup": round(peer_s / ours_s, 3), "precision": args.precision,
+                                "sign_dtype": sign_dtype,
+                                "ours_breakdown_s": rounded(ours_parts),
+                                "peer_breakdown_s": rounded(peer_parts),
+                                "cpu": cpu, "size": args.size, "batch": args.batch, "length": args.length,
+                                "repeats": args.repeats}))
 
 
 if __name__ == "__main__":
