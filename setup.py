@@ -43,6 +43,9 @@ setup(
     extras_require={
         "torch": [TORCH],
         "test": ["pytest>=8", TORCH],
+        # bench/packed_inference.py's ONNX Runtime peers (FP32 and int8 dynamic quantization of the
+        # torch export, which needs onnx).
+        "bench": [TORCH, "onnxruntime>=1.20", "onnx>=1.17"],
     },
     entry_points={"console_scripts": ["bipft=bipft_jax.cli:main"]},
 )
