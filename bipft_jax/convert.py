@@ -20,9 +20,8 @@ import tempfile
 
 import numpy as np
 
-from bipft_jax import binarize
+from bipft_jax import files, pytorch_io
 from bipft_jax import model as model_lib
-from bipft_jax import pytorch_io
 from bipft_jax.errors import UserError
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -69,14 +68,8 @@ def config_from_checkpoint(hf: dict, state: dict) -> model_lib.BertConfig:
     for field, ours in RELEASE_BINARIZER_FIELDS.items():
       if field in hf:
         overrides[ours] = hf[field]
-    overrides["estimator_rank"] = int(hf.get("estimator_rank", _estimator_rank(state)))
-  try:
-    config = pytorch_io.config_from_hf(hf, **overrides)
-    binarize.weight_binarizers(config.weight_binarizer)
-    binarize.activation_binarizers(config.activation_binarizer)
-  except ValueError as e:
-    raise UserError(f"config.json does not describe a supported model: {e}") from None
-  return config
+    overrides["estimator_rank"] = hf.get("estimator_rank", _estimator_rank(state))
+  return pytorch_io.config_from_hf(hf, **overrides)  # checks every field, the binarizer names too
 
 
 def read_pytorch_checkpoint(directory: str, seed: int = 0) -> tuple:
@@ -108,6 +101,7 @@ class _FreshOutput:
     self.out = os.path.abspath(out)
     if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
       raise UserError(f"{out} already exists and is not empty; choose a new --out or remove it")
+    files.check_writable_dir(self.out, "--out")
 
   def __enter__(self) -> str:
     parent = os.path.dirname(self.out)
@@ -119,12 +113,7 @@ class _FreshOutput:
     if exc_type is not None:
       shutil.rmtree(self.tmp, ignore_errors=True)
       return False
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, dirs, files in os.walk(self.tmp):  # mkdtemp and some writers create owner-only modes
-      for name in dirs + files:
-        os.chmod(os.path.join(root, name), (0o777 if name in dirs else 0o666) & ~umask)
-    os.chmod(self.tmp, 0o777 & ~umask)
+    files.normalize_modes(self.tmp)  # mkdtemp and some writers create owner-only modes
     if os.path.isdir(self.out):
       os.rmdir(self.out)  # empty, checked above
     os.rename(self.tmp, self.out)
@@ -211,7 +200,7 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
     config_json = dict(hf_config_dict(config, head), model_type="bert")
   with output as tmp:
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    with open(os.path.join(tmp, "config.json"), "w") as f:  # inside the temp folder: renamed whole
       json.dump(config_json, f, indent=2, sort_keys=True)
     if fmt == "hf":
       shutil.copy2(MODELING_FILE, os.path.join(tmp, "modeling_bipft.py"))

@@ -27,7 +27,8 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bipft_jax import checkpointing, config_loading, distributed, losses, optim, pytorch_io, sharding
+from bipft_jax import checkpointing, config_checks, config_loading, distributed, files, losses, optim, pytorch_io
+from bipft_jax import sharding
 from bipft_jax import model as model_lib
 from bipft_jax.data import hosts, sources
 from bipft_jax.errors import UserError
@@ -46,6 +47,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
+  config_checks.check_pretrain(config)
+  files.check_writable_dir(args.workdir, "--workdir")
   distributed.initialize(config)  # before any JAX computation
   if not jax.config.jax_compilation_cache_dir:  # reruns and resumes skip XLA compilation
     from bipft_jax import assets
