@@ -102,7 +102,7 @@ def _corrupt(workdir, tmp_path) -> str:
     ("num_labels", "has 2 outputs but mnli needs 3"),
     ("split", "sst2 has no split 'validation'; choose one of train, dev, test"),
     ("test without predictions", "has no labels to score: pass --predictions"),
-    ("unwritable", "cannot write predictions to"),
+    ("unwritable", "cannot be a folder: "),
     ("classifier for MLM", "holds a classification model, not a pretraining one"),
 ])
 def test_bad_input_exits_2_in_one_line(case, message, finetuned, pretraining_checkpoint, glue_dir, vocab_dir,
@@ -122,7 +122,7 @@ def test_bad_input_exits_2_in_one_line(case, message, finetuned, pretraining_che
   elif case == "test without predictions":
     extra = ["--split", "test"]
   elif case == "unwritable":
-    extra = ["--split", "dev", "--predictions", str(tmp_path / "no_such_folder" / "dev.tsv")]
+    extra = ["--split", "dev", "--predictions", os.path.join(workdir, "results.json", "dev.tsv")]
   config = [f"{GLUE_CONFIG}:task={task}"] + _glue_args(glue_dir, vocab_dir)
   if case == "classifier for MLM":
     config = [f"{PRETRAIN_CONFIG}:tiny"]
