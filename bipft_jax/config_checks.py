@@ -34,8 +34,9 @@ def ints_at_least(config, minimum: int, *names: str) -> None:
       raise UserError(f"config field {name} must be an integer >= {minimum}, got {value!r}")
 
 
-def numbers_in(config, low: float, high: float, *names: str, open_low: bool = False, open_high: bool = False) -> None:
-  """UserError unless each field is a finite number in [low, high] (an open end with `open_low`/`open_high`)."""
+def numbers_in(config, low: float, high: float, *names: str, open_low: bool = False,
+               open_high: bool = False) -> None:
+  """UserError unless each field is a finite number in [low, high] (open ends: `open_low`, `open_high`)."""
   for name in names:
     value = _value(config, name)
     if not (_is_number(value) and (low < value if open_low else low <= value)
@@ -73,8 +74,9 @@ def check_model(model_fields: dict) -> None:
 def check_pretrain(config) -> None:
   """A configs/pretrain.py config."""
   from bipft_jax.data import pipeline, sources
-  ints_at_least(config, 1, "batch_size", "grad_accum_steps", "total_steps", "checkpoint_every", "keep_checkpoints",
-                "log_every", "eval_every", "eval_batches", "eval_batch_size", "data.max_predictions")
+  ints_at_least(config, 1, "batch_size", "grad_accum_steps", "total_steps", "checkpoint_every",
+                "keep_checkpoints", "log_every", "eval_every", "eval_batches", "eval_batch_size",
+                "data.max_predictions")
   ints_at_least(config, 0, "seed", "data.shards")
   ints_at_least(config, 8, "data.max_seq_length")
   numbers_in(config, 0, 1, "data.mask_prob", open_low=True)

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -94,38 +93,12 @@ def _copy_tokenizer(src: str, dst: str) -> list:
   return copied
 
 
-class _FreshOutput:
-  """A temp directory beside `out`, renamed to `out` on success: nothing is half-written."""
-
-  def __init__(self, out: str):
-    self.out = os.path.abspath(out)
-    if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
-      raise UserError(f"{out} already exists and is not empty; choose a new --out or remove it")
-    files.check_writable_dir(self.out, "--out")
-
-  def __enter__(self) -> str:
-    parent = os.path.dirname(self.out)
-    os.makedirs(parent, exist_ok=True)
-    self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.out) + ".tmp-", dir=parent)
-    return self.tmp
-
-  def __exit__(self, exc_type, *_):
-    if exc_type is not None:
-      shutil.rmtree(self.tmp, ignore_errors=True)
-      return False
-    files.normalize_modes(self.tmp)  # mkdtemp and some writers create owner-only modes
-    if os.path.isdir(self.out):
-      os.rmdir(self.out)  # empty, checked above
-    os.rename(self.tmp, self.out)
-    return False
-
-
 def from_pytorch(src: str, out: str) -> dict:
   """Converts the PyTorch checkpoint in `src` into an orbax workdir `out`; returns a report."""
   from bipft_jax import checkpointing
-  output = _FreshOutput(out)
+  files.check_new_folder(out, "--out")
   config, head, params, report = read_pytorch_checkpoint(src)
-  with output as tmp:
+  with files.atomic_folder(out) as tmp:
     checkpointing.save_params(tmp, params, config, head, step=0)
     # Beside the step folders, where `bipft finetune --init_from WORKDIR` looks for a tokenizer.
     report["tokenizer"] = _copy_tokenizer(src, tmp)
@@ -190,7 +163,7 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
   from bipft_jax import checkpointing
   if tokenizer is not None and not any(os.path.isfile(os.path.join(tokenizer, f)) for f in TOKENIZER_FILES):
     raise UserError(f"--tokenizer {tokenizer} has none of {', '.join(TOKENIZER_FILES)}")
-  output = _FreshOutput(out)
+  files.check_new_folder(out, "--out")
   config, head, params = checkpointing.restore_params(checkpoint, step)
   params = _to_host(params)
   if fmt == "hf":
@@ -198,7 +171,7 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
   else:
     state = reference_state(params, head)
     config_json = dict(hf_config_dict(config, head), model_type="bert")
-  with output as tmp:
+  with files.atomic_folder(out) as tmp:
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:  # inside the temp folder: renamed whole
       json.dump(config_json, f, indent=2, sort_keys=True)

@@ -41,8 +41,8 @@ def load_classifier(directory: str, task: tasks.Task):
   # Our readers first: one-line errors for a bad config.json or weights file, never pickled code.
   pytorch_io.config_from_hf(pytorch_io.read_config(directory))
   if not any(name.startswith("classifier.") for name in pytorch_io.read_weights(directory)):
-    raise UserError(f"{directory} has no classifier head (no classifier.* tensors), so it would score a random "
-                    "one: export the checkpoint finetuned on the task")
+    raise UserError(f"{directory} has no classifier head (no classifier.* tensors), so it would score a "
+                    "random one: export the checkpoint finetuned on the task")
   try:
     config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True)
     if config.num_labels != task.num_labels:
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
   for name, result in results.items():
     print(f"{config.task} {name}: " + ", ".join(f"{m} {v:.2f}" for m, v in result["metrics"].items()))
   if args.predictions:
-    files.write_json(args.predictions, {name: {"ids": [str(i) for i in r["ids"]], "predictions": r["predictions"].tolist()}
-                                        for name, r in results.items()}, indent=None)
+    files.write_json(args.predictions, {
+        name: {"ids": [str(i) for i in r["ids"]], "predictions": r["predictions"].tolist()}
+        for name, r in results.items()}, indent=None)
   return 0

@@ -37,7 +37,8 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from bipft_jax import checkpointing, config_checks, config_loading, distributed, files, pytorch_io, sharding, train
+from bipft_jax import checkpointing, config_checks, config_loading, distributed, files, pytorch_io, sharding
+from bipft_jax import train
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import finetune, report, tasks

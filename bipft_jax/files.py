@@ -1,9 +1,10 @@
 """Writing outputs without losing what is on disk: checks before any work, temp name then rename.
 
-Every file a command writes goes through `atomic_path` (or `atomic_write`, `write_json`): it is
-written under a temporary name in its own folder and renamed over the target only when complete,
-so a crash, a full disk or a bad value leaves the earlier file whole. The result has the mode a
-plain `open` would give it (0666 less the umask), not mkstemp's owner-only 0600.
+Every file a command writes goes through `atomic_path` (or `atomic_write`, `write_json`), every new
+output folder through `atomic_folder`: written under a temporary name beside the target and renamed
+over it only when complete, so a crash, a full disk or a bad value leaves the earlier file whole.
+The result has the mode a plain `open`/`mkdir` would give it (0666/0777 less the umask), not
+mkstemp's owner-only 0600.
 The `check_*` functions turn an unwritable output into one UserError before anything expensive runs.
 """
 import contextlib
@@ -60,6 +61,23 @@ def atomic_write(path: str, mode: str = "w"):
     yield f
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+  """Yields a temporary folder beside `path` (absent or empty: see `check_new_folder`), renamed to
+  `path` when the block succeeds, deleted when it raises."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+  try:
+    yield tmp
+    normalize_modes(tmp)  # mkdtemp and some writers create owner-only modes
+    if os.path.isdir(path):
+      os.rmdir(path)  # empty: an earlier folder with contents is never replaced
+    os.rename(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: str, value, indent: int | None = 1) -> None:
   """`value` as JSON, atomically."""
   with atomic_write(path) as f:
@@ -76,8 +94,8 @@ def replace_tree(source: str, target: str) -> None:
       shutil.rmtree(target)
     os.replace(source, target)
     return
-  old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(target)), prefix=f".{os.path.basename(target)}.old")
-  os.rmdir(old)
+  old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(target)), prefix=f".{os.path.basename(target)}.")
+  os.rmdir(old)  # a free name beside target
   os.rename(target, old)
   os.rename(source, target)
   shutil.rmtree(old)
@@ -99,6 +117,13 @@ def check_writable_dir(path: str, what: str) -> None:
     raise UserError(f"{what} {path} cannot be a folder: {ancestor} is a file")
   if not os.access(ancestor, os.W_OK | os.X_OK):
     raise UserError(f"{what} {path} is not writable: {ancestor} is read-only")
+
+
+def check_new_folder(path: str, what: str) -> None:
+  """UserError unless `path` can be created as a folder (or is an empty one)."""
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise UserError(f"{what} {path} already exists and is not empty; choose a new {what} or remove it")
+  check_writable_dir(path, what)
 
 
 def check_output_file(path: str, what: str, overwrite: bool = False, flag: str = "--overwrite") -> None:

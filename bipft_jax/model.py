@@ -65,7 +65,7 @@ class BertConfig:
     small = [f"{n}={getattr(self, n)}" for n in _AT_LEAST_ONE if getattr(self, n) < 1]
     small += [f"{n}={getattr(self, n)}" for n in ("estimator_rank", "pad_token_id") if getattr(self, n) < 0]
     if small:
-      raise ValueError(f"{', '.join(small)} out of range: sizes must be >= 1 (estimator_rank, pad_token_id >= 0)")
+      raise ValueError(f"{', '.join(small)} out of range (sizes >= 1, estimator_rank and pad_token_id >= 0)")
     if not all(0 <= getattr(self, n) < 1 for n in _DROPOUTS) or not 0 < self.layer_norm_eps < 1:
       raise ValueError(f"dropouts must be in [0, 1) and layer_norm_eps in (0, 1), got "
                        f"{[getattr(self, n) for n in _DROPOUTS]} and {self.layer_norm_eps}")
@@ -322,7 +322,7 @@ class Layer(nn.Module):
 POOLINGS = ("cls", "mean")
 _AT_LEAST_ONE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                  "max_position_embeddings", "type_vocab_size", "num_labels")
-_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")  # jax.lax.Precision names
+_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")  # jax.lax.Precision
 _DROPOUTS = ("hidden_dropout", "attention_dropout", "classifier_dropout")
 
 

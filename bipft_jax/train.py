@@ -27,8 +27,8 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bipft_jax import checkpointing, config_checks, config_loading, distributed, files, losses, optim, pytorch_io
-from bipft_jax import sharding
+from bipft_jax import checkpointing, config_checks, config_loading, distributed, files, losses, optim
+from bipft_jax import pytorch_io, sharding
 from bipft_jax import model as model_lib
 from bipft_jax.data import hosts, sources
 from bipft_jax.errors import UserError

@@ -58,7 +58,8 @@ def _write_finished_finetune(workdir: str, classifier: str) -> str:
     json.dump(_results(), f)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     f.write(json.dumps({"epoch": 1, "dev": {"dev": {"accuracy": 50.0}}}) + "\n")
-  report.write_submission(os.path.join(workdir, "submission"), tasks.get_task("sst2"), "test", ["0", "1"], [0, 1])
+  report.write_submission(os.path.join(workdir, "submission"), tasks.get_task("sst2"), "test", ["0", "1"],
+                          [0, 1])
   return workdir
 
 
@@ -123,11 +124,13 @@ def fx(tmp_path_factory):
   safetensors_bytes = open(p("export", "model.safetensors"), "rb").read()
   torch_dirs = {
       "config_list": _torch_dir(p("pt", "config_list"), [hf], weights=tensor),
-      "hidden_size_text": _torch_dir(p("pt", "hidden_size_text"), {**hf, "hidden_size": "thirty-two"}, weights=tensor),
+      "hidden_size_text": _torch_dir(p("pt", "hidden_size_text"), {**hf, "hidden_size": "thirty-two"},
+                                     weights=tensor),
       "zero_heads": _torch_dir(p("pt", "zero_heads"), {**hf, "num_attention_heads": 0}, weights=tensor),
       "bad_id2label": _torch_dir(p("pt", "bad_id2label"), {**hf, "id2label": 3}, weights=tensor),
       "bare_tensor": _torch_dir(p("pt", "bare_tensor"), hf, bin_object=torch.zeros(3)),
-      "non_tensor_values": _torch_dir(p("pt", "non_tensor_values"), hf, bin_object={"a": torch.zeros(2), "b": 3}),
+      "non_tensor_values": _torch_dir(p("pt", "non_tensor_values"), hf,
+                                      bin_object={"a": torch.zeros(2), "b": 3}),
       "pickled": _torch_dir(p("pt", "pickled"), hf, bin_object={"a": Pickled()}),
       "truncated_bin": _torch_dir(p("pt", "truncated_bin"), hf),
       "truncated_safetensors": _torch_dir(p("pt", "truncated_safetensors"), hf),
@@ -135,7 +138,8 @@ def fx(tmp_path_factory):
       "export_pickled": _torch_dir(p("pt", "export_pickled"), export_config, bin_object={"a": Pickled()}),
       "export_truncated": _torch_dir(p("pt", "export_truncated"), export_config),
       "export_config_list": _torch_dir(p("pt", "export_config_list"), [export_config]),
-      "export_zero_heads": _torch_dir(p("pt", "export_zero_heads"), {**export_config, "num_attention_heads": 0}),
+      "export_zero_heads": _torch_dir(p("pt", "export_zero_heads"),
+                                      {**export_config, "num_attention_heads": 0}),
   }
   torch.save({"a": torch.zeros(2)}, p("pt", "truncated_bin", "pytorch_model.bin"))
   with open(p("pt", "truncated_bin", "pytorch_model.bin"), "r+b") as f:
@@ -146,7 +150,6 @@ def fx(tmp_path_factory):
   for name in ("export_config_list", "export_zero_heads"):
     shutil.copy(p("export", "model.safetensors"), p("pt", name, "model.safetensors"))
 
-  runs = {}
   for name, results in {"no_metric": _results(dev={"dev": {"f1": 50.0}}),
                         "string_metric": _results(dev={"dev": {"accuracy": "fifty"}}),
                         "dev_list": _results(dev=[{"accuracy": 50.0}]),
@@ -160,7 +163,7 @@ def fx(tmp_path_factory):
   with open(p("predictions.tsv"), "w") as f:
     f.write("index\tprediction\n")
   return {"root": root, "p": p, "glue": glue, "classifier": classifier, "encoder": encoder,
-          "pretrain_wd": pretrained, "finished": finished, "torch": torch_dirs, "runs": runs}
+          "pretrain_wd": pretrained, "finished": finished, "torch": torch_dirs}
 
 
 # --- the checks every case makes ----------------------------------------------------
@@ -215,64 +218,75 @@ class Case(NamedTuple):
   read_only: str = ""  # a fixture path to make read-only (via os.access)
 
 
-def pretrain(*overrides, workdir=None):
+def _paths(items, fx, tmp) -> list:
+  """Arguments as given, or computed from the fixtures: a callable (fx, tmp) -> path."""
+  return [item(fx, tmp) if callable(item) else item for item in items]
+
+
+def _overrides(items) -> list:
+  return [f"--config.{item}" for item in items]
+
+
+def pretrain(*overrides, workdir=lambda fx, tmp: tmp / "wd"):
   def argv(fx, tmp):
-    base = [f"data.paths={fx['p']('corpus.txt')}", f"data.eval_paths={fx['p']('corpus.txt')}",
-            f"tokenizer={fx['p']('vocab')}", "model.vocab_size=128", "model.num_layers=1"]
-    return (["pretrain", "--config", f"{PRETRAIN}:tiny", "--workdir", workdir(fx, tmp) if workdir else tmp / "wd"]
-            + [f"--config.{o}" for o in base + list(overrides)])
+    corpus = fx["p"]("corpus.txt")
+    base = [f"data.paths={corpus}", f"data.eval_paths={corpus}", f"tokenizer={fx['p']('vocab')}",
+            "model.vocab_size=128", "model.num_layers=1"]
+    return (["pretrain", "--config", f"{PRETRAIN}:tiny", "--workdir", workdir(fx, tmp)]
+            + _overrides(base + list(overrides)))
   return argv
 
 
-def finetune_argv(*overrides, workdir=None, extra=(), task="sst2"):
+def finetune_argv(*overrides, workdir=lambda fx, tmp: tmp / "ft"):
   def argv(fx, tmp):
     base = GLUE_TINY + [f"data.path={fx['glue']}", f"data.tokenizer={fx['classifier']}"]
-    return (["finetune", "--config", f"{GLUE}:task={task}", "--workdir", workdir(fx, tmp) if workdir else tmp / "ft"]
-            + [f"--config.{o}" for o in base + list(overrides)] + [e(fx, tmp) if callable(e) else e for e in extra])
+    return (["finetune", "--config", f"{GLUE}:task=sst2", "--workdir", workdir(fx, tmp)]
+            + _overrides(base + list(overrides)))
   return argv
 
 
-def evaluate_argv(*overrides, checkpoint="classifier", extra=(), config=f"{GLUE}:task=sst2"):
+def evaluate_argv(*overrides, checkpoint="classifier", extra=(), pretraining=False):
   def argv(fx, tmp):
-    base = ([f"data.path={fx['glue']}", "max_length=16", "eval_batch_size=8"] if "glue" in config else
-            [f"data.paths={fx['p']('corpus.txt')}", f"data.eval_paths={fx['p']('corpus.txt')}",
-             f"tokenizer={fx['p']('vocab')}"])
+    corpus = fx["p"]("corpus.txt")
+    base = [f"data.path={fx['glue']}", "max_length=16", "eval_batch_size=8"]
+    if pretraining:
+      base = [f"data.paths={corpus}", f"data.eval_paths={corpus}", f"tokenizer={fx['p']('vocab')}"]
+    config = f"{PRETRAIN}:tiny" if pretraining else f"{GLUE}:task=sst2"
     return (["evaluate", "--config", config, "--checkpoint", fx["p"](checkpoint)]
-            + [f"--config.{o}" for o in base + list(overrides)] + [e(fx, tmp) if callable(e) else e for e in extra])
+            + _overrides(base + list(overrides)) + _paths(extra, fx, tmp))
   return argv
 
 
 def summary_argv(*overrides, extra=()):
-  return lambda fx, tmp: (["summary", "--config", f"{MODEL}:tiny,binary"] + [f"--config.{o}" for o in overrides]
-                          + list(extra))
+  return lambda fx, tmp: ["summary", "--config", f"{MODEL}:tiny,binary"] + _overrides(overrides) + list(extra)
 
 
-def from_pytorch(src, out=None):
-  return lambda fx, tmp: ["convert", "from-pytorch", "--src", fx["torch"][src] if src in fx["torch"] else fx["p"](src),
-                          "--out", out(fx, tmp) if out else tmp / "imported"]
+def from_pytorch(src, out=lambda fx, tmp: tmp / "imported"):
+  def argv(fx, tmp):
+    return ["convert", "from-pytorch", "--src", fx["torch"].get(src) or fx["p"](src), "--out", out(fx, tmp)]
+  return argv
 
 
-def to_pytorch(checkpoint="classifier", out=None, extra=()):
-  return lambda fx, tmp: (["convert", "to-pytorch", "--checkpoint", fx["p"](checkpoint),
-                           "--out", out(fx, tmp) if out else tmp / "exported"] + list(extra))
+def to_pytorch(checkpoint="classifier", out=lambda fx, tmp: tmp / "exported", extra=()):
+  return lambda fx, tmp: ["convert", "to-pytorch", "--checkpoint", fx["p"](checkpoint), "--out", out(fx, tmp),
+                          *extra]
 
 
 def export_packed(out, checkpoint="classifier", extra=()):
-  return lambda fx, tmp: ["export-packed", "--checkpoint", fx["p"](checkpoint), "--out", out(fx, tmp)] + list(extra)
+  return lambda fx, tmp: ["export-packed", "--checkpoint", fx["p"](checkpoint), "--out", out(fx, tmp), *extra]
 
 
 def eval_pytorch(model="export", *overrides, extra=()):
   def argv(fx, tmp):
-    folder = fx["torch"][model] if model in fx["torch"] else fx["p"](model)
+    folder = fx["torch"].get(model) or fx["p"](model)
     return (["eval-pytorch", "--model", folder, "--config", f"{GLUE}:task=sst2"]
-            + [f"--config.{o}" for o in [f"data.path={fx['glue']}", "max_length=16", *overrides]]
-            + [e(fx, tmp) if callable(e) else e for e in extra])
+            + _overrides([f"data.path={fx['glue']}", "max_length=16", *overrides]) + _paths(extra, fx, tmp))
   return argv
 
 
-def glue_report(*workdirs, submission=None, extra=()):
+def glue_report(*workdirs, submission=None):
   return lambda fx, tmp: (["glue-report", "--workdirs", *[fx["p"](w) for w in workdirs]]
-                          + (["--submission_dir", submission(fx, tmp)] if submission else []) + list(extra))
+                          + (["--submission_dir", submission(fx, tmp)] if submission else []))
 
 
 under_file = lambda fx, tmp: os.path.join(fx["p"]("a_file"), "sub")
@@ -290,20 +304,25 @@ CASES = [
     Case("pretrain eval_batch_size=0", pretrain("eval_batch_size=0"), "eval_batch_size " + MUST_BE_1),
     Case("pretrain grad_accum_steps=0", pretrain("grad_accum_steps=0"), "grad_accum_steps " + MUST_BE_1),
     Case("pretrain total_steps=0", pretrain("total_steps=0"), "total_steps " + MUST_BE_1),
-    Case("pretrain keep_checkpoints=0 new workdir", pretrain("keep_checkpoints=0"), "keep_checkpoints " + MUST_BE_1),
+    Case("pretrain keep_checkpoints=0 new workdir", pretrain("keep_checkpoints=0"),
+         "keep_checkpoints " + MUST_BE_1),
     Case("pretrain keep_checkpoints=-2", pretrain("keep_checkpoints=-2"), "keep_checkpoints " + MUST_BE_1),
     Case("pretrain seed=-1", pretrain("seed=-1"), "seed must be an integer >= 0"),
     Case("pretrain data.shards=-1", pretrain("data.shards=-1"), "data.shards must be an integer >= 0"),
     Case("pretrain model.num_heads=0", pretrain("model.num_heads=0"), "num_heads=0 out of range"),
     Case("pretrain model.num_heads=3", pretrain("model.num_heads=3"), "not a multiple of num_heads 3"),
     Case("pretrain model.num_layers=0", pretrain("model.num_layers=0"), "num_layers=0 out of range"),
-    Case("pretrain model.weight_binarizer=foo", pretrain("model.weight_binarizer=foo"), "unknown weight binarizer"),
+    Case("pretrain model.weight_binarizer=foo", pretrain("model.weight_binarizer=foo"),
+         "unknown weight binarizer"),
     Case("pretrain model.activation_binarizer=foo", pretrain("model.activation_binarizer=foo"),
          "unknown activation binarizer"),
     Case("pretrain model.pooling=max", pretrain("model.pooling=max"), "unknown pooling 'max'"),
-    Case("pretrain model.hidden_size=thirty-two", pretrain("model.hidden_size=thirty-two"), "model.hidden_size"),
-    Case("pretrain model.hidden_dropout=1.5", pretrain("model.hidden_dropout=1.5"), "dropouts must be in [0, 1)"),
-    Case("pretrain model.matmul_precision=fast", pretrain("model.matmul_precision=fast"), "unknown matmul_precision"),
+    Case("pretrain model.hidden_size=thirty-two", pretrain("model.hidden_size=thirty-two"),
+         "model.hidden_size"),
+    Case("pretrain model.hidden_dropout=1.5", pretrain("model.hidden_dropout=1.5"),
+         "dropouts must be in [0, 1)"),
+    Case("pretrain model.matmul_precision=fast", pretrain("model.matmul_precision=fast"),
+         "unknown matmul_precision"),
     Case("pretrain learning_rate=inf", pretrain("optimizer.learning_rate=1e999"), "optimizer.learning_rate"),
     Case("pretrain learning_rate=-1", pretrain("optimizer.learning_rate=-1.0"), "optimizer.learning_rate"),
     Case("pretrain optimizer.b1=1", pretrain("optimizer.b1=1.0"), "optimizer.b1"),
@@ -326,9 +345,11 @@ CASES = [
     Case("finetune epochs=0", finetune_argv("epochs=0"), "epochs " + MUST_BE_1),
     Case("finetune steps_per_epoch=-1", finetune_argv("steps_per_epoch=-1"), "steps_per_epoch"),
     Case("finetune dropout=1.5", finetune_argv("dropout=1.5"), "config field dropout"),
-    Case("finetune learning_rate=inf", finetune_argv("optimizer.learning_rate=1e999"), "optimizer.learning_rate"),
+    Case("finetune learning_rate=inf", finetune_argv("optimizer.learning_rate=1e999"),
+         "optimizer.learning_rate"),
     Case("finetune model.num_heads=0", finetune_argv("model.num_heads=0"), "num_heads=0 out of range"),
-    Case("finetune model.weight_binarizer=foo", finetune_argv("model.weight_binarizer=foo"), "weight binarizer"),
+    Case("finetune model.weight_binarizer=foo", finetune_argv("model.weight_binarizer=foo"),
+         "weight binarizer"),
     Case("finetune init.kind=foo", finetune_argv("init.kind=foo"), "init.kind"),
     Case("finetune data.format=foo", finetune_argv("data.format=foo"), "data.format"),
     Case("finetune JSONL rows are arrays", finetune_argv("data.format=jsonl", "data.train_file={arrays}",
@@ -337,46 +358,52 @@ CASES = [
     Case("finetune existing run without --overwrite", finetune_argv(workdir=fixture("finished")),
          "already holds a finetuning run"),
     Case("finetune workdir under a file", finetune_argv(workdir=under_file), "is a file"),
-    Case("finetune read-only workdir", finetune_argv(workdir=fixture("readonly", "ft")), "read-only", "readonly"),
+    Case("finetune read-only workdir", finetune_argv(workdir=fixture("readonly", "ft")),
+         "read-only", "readonly"),
     # evaluate
     Case("evaluate eval_batch_size=0", evaluate_argv("eval_batch_size=0"), "eval_batch_size " + MUST_BE_1),
     Case("evaluate min_bucket=0", evaluate_argv("min_bucket=0"), "min_bucket " + MUST_BE_1),
     Case("evaluate max_length=2", evaluate_argv("max_length=2"), "max_length must be an integer >= 3"),
     Case("evaluate pooling=max", evaluate_argv("pooling=max"), "config field pooling"),
-    Case("evaluate --predictions a folder", evaluate_argv(extra=["--split", "test", "--predictions", fixture("glue_data")]),
+    Case("evaluate --predictions a folder",
+         evaluate_argv(extra=["--split", "test", "--predictions", fixture("glue_data")]),
          "is a folder"),
     Case("evaluate --predictions existing file", evaluate_argv(
         extra=["--split", "test", "--predictions", fixture("predictions.tsv")]), "already exists"),
     Case("evaluate --predictions under a file", evaluate_argv(
-        extra=["--split", "test", "--predictions", lambda fx, tmp: os.path.join(under_file(fx, tmp), "p.tsv")]),
+        extra=["--split", "test", "--predictions", lambda fx, tmp: os.path.join(under_file(fx, tmp), "p")]),
         "is a file"),
     Case("evaluate --predictions read-only folder", evaluate_argv(
         extra=["--split", "test", "--predictions", fixture("readonly", "p.tsv")]), "read-only", "readonly"),
-    Case("evaluate pretraining eval_batches=0", evaluate_argv("eval_batches=0", config=f"{PRETRAIN}:tiny",
-                                                              checkpoint="pretrain_wd"), "eval_batches " + MUST_BE_1),
-    Case("evaluate pretraining model.num_heads=0", evaluate_argv("model.num_heads=0", config=f"{PRETRAIN}:tiny",
-                                                                 checkpoint="pretrain_wd"), "num_heads=0"),
+    Case("evaluate pretraining eval_batches=0", evaluate_argv("eval_batches=0", checkpoint="pretrain_wd",
+                                                              pretraining=True), "eval_batches " + MUST_BE_1),
+    Case("evaluate pretraining model.num_heads=0",
+         evaluate_argv("model.num_heads=0", checkpoint="pretrain_wd", pretraining=True), "num_heads=0"),
     Case("evaluate missing checkpoint", evaluate_argv(checkpoint="nowhere"), "does not exist"),
-    Case("evaluate encoder checkpoint as classifier", evaluate_argv(checkpoint="encoder"), "not a classification"),
+    Case("evaluate encoder checkpoint as classifier", evaluate_argv(checkpoint="encoder"),
+         "not a classification"),
     # summary
     Case("summary num_layers=-1", summary_argv("num_layers=-1"), "num_layers=-1 out of range"),
     Case("summary num_heads=0", summary_argv("num_heads=0"), "num_heads=0 out of range"),
     Case("summary num_heads=3", summary_argv("num_heads=3"), "not a multiple of num_heads 3"),
     Case("summary weight_binarizer=foo", summary_argv("weight_binarizer=foo"), "unknown weight binarizer"),
     Case("summary pooling=max", summary_argv("pooling=max"), "unknown pooling"),
-    Case("summary mlm_transform_act=tanh", summary_argv("mlm_transform_act=tanh"), "unknown mlm_transform_act"),
+    Case("summary mlm_transform_act=tanh", summary_argv("mlm_transform_act=tanh"),
+         "unknown mlm_transform_act"),
     Case("summary vocab_size=0", summary_argv("vocab_size=0"), "vocab_size=0 out of range"),
     Case("summary --seq-len 0", summary_argv(extra=["--seq-len", "0"]), "--seq-len 0"),
     # convert from-pytorch
     Case("from-pytorch config.json is a list", from_pytorch("config_list"), "holds a JSON list"),
     Case("from-pytorch hidden_size thirty-two", from_pytorch("hidden_size_text"), "hidden_size must be int"),
     Case("from-pytorch num_attention_heads 0", from_pytorch("zero_heads"), "num_heads=0 out of range"),
-    Case("from-pytorch id2label not a mapping", from_pytorch("bad_id2label"), "does not describe a supported"),
+    Case("from-pytorch id2label not a mapping", from_pytorch("bad_id2label"),
+         "does not describe a supported"),
     Case("from-pytorch .bin bare tensor", from_pytorch("bare_tensor"), "holds a Tensor, not a state dict"),
     Case("from-pytorch .bin non-tensor values", from_pytorch("non_tensor_values"), "not a state dict"),
     Case("from-pytorch .bin refused by weights_only", from_pytorch("pickled"), "would run pickled code"),
     Case("from-pytorch truncated .bin", from_pytorch("truncated_bin"), "not a readable PyTorch file"),
-    Case("from-pytorch truncated safetensors", from_pytorch("truncated_safetensors"), "not a readable safetensors"),
+    Case("from-pytorch truncated safetensors", from_pytorch("truncated_safetensors"),
+         "not a readable safetensors"),
     Case("from-pytorch --out existing", from_pytorch("export", out=fixture("classifier")), "already exists"),
     Case("from-pytorch --out under a file", from_pytorch("export", out=under_file), "is a file"),
     Case("from-pytorch --out read-only", from_pytorch("export", out=fixture("readonly", "o")), "read-only",
@@ -389,7 +416,8 @@ CASES = [
     # export-packed
     Case("export-packed --out existing file", export_packed(fixture("a_file")), "already exists"),
     Case("export-packed --out a folder", export_packed(fixture("export")), "is a folder"),
-    Case("export-packed --out under a file", export_packed(lambda fx, tmp: os.path.join(under_file(fx, tmp), "m")),
+    Case("export-packed --out under a file",
+         export_packed(lambda fx, tmp: os.path.join(under_file(fx, tmp), "m")),
          "is a file"),
     Case("export-packed --out read-only", export_packed(fixture("readonly", "m.safetensors")), "read-only",
          "readonly"),
@@ -399,41 +427,49 @@ CASES = [
          "full-precision"),
     # eval-pytorch
     Case("eval-pytorch export without classifier", eval_pytorch("export_encoder"), "no classifier head"),
-    Case("eval-pytorch truncated safetensors", eval_pytorch("export_truncated"), "not a readable safetensors"),
-    Case("eval-pytorch .bin refused by weights_only", eval_pytorch("export_pickled"), "would run pickled code"),
+    Case("eval-pytorch truncated safetensors", eval_pytorch("export_truncated"),
+         "not a readable safetensors"),
+    Case("eval-pytorch .bin refused by weights_only", eval_pytorch("export_pickled"),
+         "would run pickled code"),
     Case("eval-pytorch config.json a list", eval_pytorch("export_config_list"), "holds a JSON list"),
     Case("eval-pytorch num_attention_heads 0", eval_pytorch("export_zero_heads"), "num_heads=0 out of range"),
     Case("eval-pytorch no config.json", eval_pytorch("classifier"), "has no config.json"),
     Case("eval-pytorch min_bucket=0", eval_pytorch("export", "min_bucket=0"), "min_bucket " + MUST_BE_1),
-    Case("eval-pytorch max_length=1", eval_pytorch("export", "max_length=1"), "max_length must be an integer >= 3"),
+    Case("eval-pytorch max_length=1", eval_pytorch("export", "max_length=1"),
+         "max_length must be an integer >= 3"),
     Case("eval-pytorch --predictions a folder", eval_pytorch(extra=["--predictions", fixture("export")]),
          "is a folder"),
-    Case("eval-pytorch --predictions existing", eval_pytorch(extra=["--predictions", fixture("predictions.tsv")]),
+    Case("eval-pytorch --predictions existing",
+         eval_pytorch(extra=["--predictions", fixture("predictions.tsv")]),
          "already exists"),
     # glue-report
     Case("glue-report results without the metric", glue_report("runs/no_metric"), "no accuracy score"),
     Case("glue-report string metric", glue_report("runs/string_metric"), "scores must be numbers"),
     Case("glue-report dev as a list", glue_report("runs/dev_list"), "dev must map"),
-    Case("glue-report results.json a list", glue_report("runs/results_list"), "not a finetuning results file"),
+    Case("glue-report results.json a list", glue_report("runs/results_list"),
+         "not a finetuning results file"),
     Case("glue-report no results.json", glue_report("glue_data"), "has no results.json"),
-    Case("glue-report --submission_dir a file", glue_report("finished", submission=fixture("a_file")), "is a file"),
-    Case("glue-report --submission_dir existing file", glue_report("finished", submission=fixture("submission_out")),
+    Case("glue-report --submission_dir a file", glue_report("finished", submission=fixture("a_file")),
+         "is a file"),
+    Case("glue-report --submission_dir existing file",
+         glue_report("finished", submission=fixture("submission_out")),
          "already holds SST-2.tsv"),
-    Case("glue-report --submission_dir read-only", glue_report("finished", submission=fixture("readonly", "s")),
+    Case("glue-report --submission_dir read-only",
+         glue_report("finished", submission=fixture("readonly", "s")),
          "read-only", "readonly"),
 ]
 
 
 def _expand(value, fx):
   """`{gz}` and `{arrays}` in overrides name fixture files."""
-  return value.format(gz=fx["p"]("corpus.txt.gz"), arrays=fx["p"]("arrays.jsonl")) if isinstance(value, str) else value
+  return value.format(gz=fx["p"]("corpus.txt.gz"), arrays=fx["p"]("arrays.jsonl"))
 
 
 def test_there_are_enough_cases():
   assert len(CASES) >= 80
   assert {c.name.split()[0] for c in CASES} == {
-      "pretrain", "finetune", "evaluate", "summary", "from-pytorch", "to-pytorch", "export-packed", "eval-pytorch",
-      "glue-report"}
+      "pretrain", "finetune", "evaluate", "summary", "from-pytorch", "to-pytorch", "export-packed",
+      "eval-pytorch", "glue-report"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -457,7 +493,7 @@ def test_keep_checkpoints_zero_keeps_every_checkpoint(fx, tmp_path, capsys):
 @pytest.mark.parametrize("bad", [["--config.log_every=0"], ["--config.data.path=/nowhere"],
                                  ["--init_from", "/nowhere", "--config.init.kind=checkpoint"],
                                  ["--config.max_length=1"], ["--config.min_bucket=0"]],
-                         ids=["log_every=0", "bad data", "bad init checkpoint", "max_length=1", "min_bucket=0"])
+                         ids=["log_every=0", "bad data", "bad init", "max_length=1", "min_bucket=0"])
 def test_finetune_overwrite_with_a_bad_input_keeps_the_earlier_run(fx, tmp_path, capsys, bad):
   argv = finetune_argv(workdir=fixture("finished"))(fx, tmp_path) + ["--overwrite"] + bad
   assert_refused(argv, capsys, fx["root"])
@@ -489,8 +525,8 @@ def test_export_packed_keeps_an_existing_file_unless_overwrite(fx, tmp_path, cap
   assert "pass --overwrite" in line
   umask = os.umask(0o022)
   try:
-    argv = export_packed(lambda fx, tmp: str(out), extra=["--overwrite", "--remainder", "float32"])(fx, tmp_path)
-    code = cli.main(argv)
+    code = cli.main(export_packed(lambda fx, tmp: str(out), extra=["--overwrite", "--remainder", "float32"])(
+        fx, tmp_path))
   finally:
     os.umask(umask)
   assert code == 0 and out.read_bytes()[:8] != b"an earli"

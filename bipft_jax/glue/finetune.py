@@ -8,7 +8,9 @@ the untrained 1.0 is calibrated once on the first training batch.
 Each epoch: train, evaluate every dev split, append a line to `metrics.jsonl` and TensorBoard.
 The best epoch by the task's first metric on the first dev split is kept (MNLI-mm is reported from
 the last epoch, as the release does); at the end `best/` holds its checkpoint, `results.json` the
-reported numbers and `submission/` the GLUE leaderboard files of whatever test splits exist.
+reported numbers and `submission/` the GLUE leaderboard files of whatever test splits exist. They
+are written to `.finetune-staging/` and moved into the workdir when the run ends, so a workdir with
+an earlier run (replaced only with `--overwrite`) keeps it whole until then.
 """
 import dataclasses
 import json

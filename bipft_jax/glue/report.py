@@ -35,7 +35,8 @@ def add_arguments(parser) -> None:
   parser.add_argument("--workdirs", nargs="+", required=True, help="finetuning workdirs (bipft finetune)")
   parser.add_argument("--submission_dir", default=None,
                       help="collect the runs' leaderboard files (CoLA.tsv, ..., AX.tsv) into this folder")
-  parser.add_argument("--overwrite", action="store_true", help="replace leaderboard files already in --submission_dir")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace leaderboard files already in --submission_dir")
 
 
 def run(args) -> int:

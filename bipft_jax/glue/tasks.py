@@ -331,7 +331,7 @@ def _records(path: str, file_format: str) -> list:
       except json.JSONDecodeError as e:
         raise UserError(f"{path} line {number} is not valid JSON: {e.msg}") from None
       if not isinstance(record, dict):
-        raise UserError(f"{path} line {number} is a JSON {type(record).__name__}, not an object of named fields")
+        raise UserError(f"{path} line {number} is a JSON {type(record).__name__}, not an object of fields")
       records.append(record)
   return records
 
