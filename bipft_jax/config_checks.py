@@ -48,7 +48,7 @@ def numbers_in(config, low: float, high: float, *names: str, open_low: bool = Fa
 def one_of(config, name: str, choices) -> None:
   value = _value(config, name)
   if value not in choices:
-    raise UserError(f"config field {name} is {value!r}; choose one of {', '.join(map(str, choices))}")
+    raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
 
 
 def check_optimizer(config) -> None:

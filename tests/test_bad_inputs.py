@@ -338,7 +338,7 @@ CASES = [
     # finetune
     Case("finetune min_bucket=0", finetune_argv("min_bucket=0"), "min_bucket " + MUST_BE_1),
     Case("finetune max_length=1", finetune_argv("max_length=1"), "max_length must be an integer >= 3"),
-    Case("finetune pooling=max", finetune_argv("pooling=max"), "config field pooling is 'max'"),
+    Case("finetune pooling=max", finetune_argv("pooling=max"), "unknown pooling 'max'"),
     Case("finetune log_every=0", finetune_argv("log_every=0"), "log_every " + MUST_BE_1),
     Case("finetune batch_size=0", finetune_argv("batch_size=0"), "batch_size " + MUST_BE_1),
     Case("finetune eval_batch_size=0", finetune_argv("eval_batch_size=0"), "eval_batch_size " + MUST_BE_1),
@@ -364,7 +364,7 @@ CASES = [
     Case("evaluate eval_batch_size=0", evaluate_argv("eval_batch_size=0"), "eval_batch_size " + MUST_BE_1),
     Case("evaluate min_bucket=0", evaluate_argv("min_bucket=0"), "min_bucket " + MUST_BE_1),
     Case("evaluate max_length=2", evaluate_argv("max_length=2"), "max_length must be an integer >= 3"),
-    Case("evaluate pooling=max", evaluate_argv("pooling=max"), "config field pooling"),
+    Case("evaluate pooling=max", evaluate_argv("pooling=max"), "unknown pooling 'max'"),
     Case("evaluate --predictions a folder",
          evaluate_argv(extra=["--split", "test", "--predictions", fixture("glue_data")]),
          "is a folder"),
