@@ -49,8 +49,10 @@ def segment_pairs(document: list, random_document: Callable[[], list], max_num_t
       if is_random_next:
         other = random_document()
         tokens_b = []
-        for segment in other[int(rng.integers(0, len(other))):] if other else []:
-          tokens_b.extend(segment)
+        # By index, not other[start:]: slicing copies the rest of the document for every pair (quadratic
+        # in the sentences of a long document).
+        for j in range(int(rng.integers(0, len(other))) if other else 0, len(other)):
+          tokens_b.extend(other[j])
           if len(tokens_b) >= target_length - len(tokens_a):
             break
         i -= len(chunk) - a_end  # the unused segments start the next pair
