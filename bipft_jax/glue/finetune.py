@@ -187,6 +187,13 @@ def predict(predict_step, params, data: tasks.Encoded, batch_size: int, buckets,
   return out
 
 
+def _diverged(loss: float, step: int, epoch: int) -> str:
+  """The error of a step whose loss or updated parameters are not finite."""
+  what = f"the loss is {loss}" if not np.isfinite(loss) else "the update made the parameters non-finite"
+  return (f"{what} at step {step} (epoch {epoch}); stopped before writing best/ or results.json: lower "
+          "--config.optimizer.learning_rate")
+
+
 # --- the run --------------------------------------------------------------------
 
 def _earlier_outputs(workdir: str, overwrite: bool) -> list:
@@ -267,13 +274,6 @@ def _write_json(path: str, value) -> None:
   with open(tmp, "w") as f:
     json.dump(value, f, indent=1)
   os.replace(tmp, path)
-
-
-def _diverged(loss: float, step: int, epoch: int) -> str:
-  """The error of a step whose loss or updated parameters are not finite."""
-  what = f"the loss is {loss}" if not np.isfinite(loss) else "the update made the parameters non-finite"
-  return (f"{what} at step {step} (epoch {epoch}); stopped before writing best/ or results.json: lower "
-          "--config.optimizer.learning_rate")
 
 
 def finetune(config, workdir: str, overwrite: bool = False) -> dict:
