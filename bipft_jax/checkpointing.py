@@ -35,6 +35,7 @@ from bipft_jax.errors import UserError
 ARRAY_ITEMS = ("params", "opt_state")
 JSON_ITEMS = ("data", "config")
 CHECKSUMS = "checksums.json"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's folder for a step until its rename (not public in 0.12.8)
 
 
 class CorruptCheckpoint(UserError):
@@ -79,10 +80,6 @@ class SealingManager(ocp.CheckpointManager):
     step_dir = epath.Path(self.directory) / str(step)
     uncommitted = epath.Path(self.directory) / f"{step}{TMP_SUFFIX}"
     write_checksums(uncommitted if uncommitted.exists() else step_dir)  # object stores write in place
-
-
-# orbax's name for the folder a step is written to before its rename (not public API in 0.12.8)
-TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3,

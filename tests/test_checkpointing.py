@@ -174,3 +174,30 @@ def test_what_a_failed_read_leaves_behind_is_not_printed(monkeypatch):
   assert len(printed) == 2
   orbax_read.close()
   unrelated.close()
+
+
+def test_the_newest_intact_step_is_restored_and_newer_ones_set_aside(saved, tmp_path):
+  _, config, params = saved
+  poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.inf), params)
+  manager = checkpointing.make_manager(str(tmp_path / "steps"), max_to_keep=None)
+  for step, tree in ((1, params), (3, params), (5, poisoned)):
+    checkpointing.save(manager, step, params=tree, config=checkpointing.config_record(config, "encoder"))
+  checkpointing.wait(manager)
+  flipped = tmp_path / "steps" / "3" / "config" / "metadata"
+  flipped.write_text(flipped.read_text().replace('"encoder"', '"encoded"'))
+  abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=checkpointing.replicated_sharding()), params)}
+  step, restored, skipped = checkpointing.restore_newest_intact(manager, abstract)
+  assert step == 1 and manager.all_steps() == [1]
+  jax.tree.map(np.testing.assert_array_equal, params, restored["params"])
+  assert [(e.step, e.reason, e.moved_to) for e in skipped] == [
+      (5, "its params hold NaN or Inf values", str(tmp_path / "steps" / "5.corrupt")),
+      (3, "config/metadata fails its sha256 check", str(tmp_path / "steps" / "3.corrupt"))]
+  # With no intact step left, nothing is moved and the error names each step's problem.
+  (tmp_path / "steps" / "1" / "params" / "_METADATA").write_text("{}")
+  before = sorted(os.listdir(tmp_path / "steps"))
+  with pytest.raises(UserError, match=r"no intact checkpoint in .*: step 1: params/_METADATA fails its sha256 "
+                                      r"check\. Move the step folders away"):
+    checkpointing.restore_newest_intact(manager, abstract)
+  assert sorted(os.listdir(tmp_path / "steps")) == before
+  manager.close()
