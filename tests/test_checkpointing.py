@@ -107,7 +107,8 @@ def test_checksums_list_every_item_file_and_catch_each_change(saved):
   original = array.read_bytes()
   name = str(array.relative_to(step_dir))
   array.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
-  with pytest.raises(checkpointing.CorruptCheckpoint, match=f"step 2 in {workdir} is corrupt: {name} fails its sha256"):
+  with pytest.raises(checkpointing.CorruptCheckpoint,
+                     match=f"step 2 in {workdir} is corrupt: {name} fails its sha256"):
     checkpointing.restore_params(str(workdir))
   array.unlink()
   with pytest.raises(checkpointing.CorruptCheckpoint, match=f"{name} is missing"):
@@ -142,7 +143,7 @@ def test_non_finite_parameters_are_neither_saved_nor_restored(saved, tmp_path):
   manager = checkpointing.make_manager(str(tmp_path / "nan"))  # as a run before this check could write
   checkpointing.save(manager, 3, params=poisoned, config=checkpointing.config_record(config, "encoder"))
   checkpointing.wait(manager)
-  with pytest.raises(checkpointing.CorruptCheckpoint, match="step 3 .* is corrupt: its params hold NaN or Inf"):
+  with pytest.raises(checkpointing.CorruptCheckpoint, match="step 3 .* is corrupt: its params hold NaN"):
     checkpointing.restore_params(str(tmp_path / "nan"))
 
 
@@ -159,9 +160,9 @@ def test_what_a_failed_read_leaves_behind_is_not_printed(monkeypatch):
     pass
 
   # What orbax's abandoned reads report as they are collected (after our one error line) ...
-  orbax_read = serialization._read_array_index_and_device_put(None, (), None, global_shape=(), new_shard_shape=(),
-                                                              dtype=None, byte_limiter=None, strict=True, dll=None,
-                                                              memory_kind=None)
+  orbax_read = serialization._read_array_index_and_device_put(
+      None, (), None, global_shape=(), new_shard_shape=(), dtype=None, byte_limiter=None, strict=True,
+      dll=None, memory_kind=None)
   unrelated = ours()
   report = lambda exc, source: types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
                                                      err_msg=None, object=source)
@@ -196,8 +197,8 @@ def test_the_newest_intact_step_is_restored_and_newer_ones_set_aside(saved, tmp_
   # With no intact step left, nothing is moved and the error names each step's problem.
   (tmp_path / "steps" / "1" / "params" / "_METADATA").write_text("{}")
   before = sorted(os.listdir(tmp_path / "steps"))
-  with pytest.raises(UserError, match=r"no intact checkpoint in .*: step 1: params/_METADATA fails its sha256 "
-                                      r"check\. Move the step folders away"):
+  with pytest.raises(UserError, match=r"no intact checkpoint in .*: step 1: params/_METADATA fails its "
+                                      r"sha256 check\. Move the step folders away"):
     checkpointing.restore_newest_intact(manager, abstract)
   assert sorted(os.listdir(tmp_path / "steps")) == before
   manager.close()

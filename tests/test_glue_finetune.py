@@ -33,7 +33,8 @@ def vocab_dir(tmp_path_factory):
 
 def tiny_overrides(glue_dir, vocab_dir, *extra) -> list:
   return TINY + ["init.kind=scratch", f"data.path={glue_dir}", f"data.tokenizer={vocab_dir}", "batch_size=4",
-                 "eval_batch_size=8", "max_length=16", "optimizer.learning_rate=0.003", "log_every=1"] + list(extra)
+                 "eval_batch_size=8", "max_length=16", "optimizer.learning_rate=0.003",
+                 "log_every=1"] + list(extra)
 
 
 def tiny_config(task, glue_dir, vocab_dir, *extra):
@@ -218,11 +219,12 @@ def test_cli_bad_inputs_exit_2(glue_dir, vocab_dir, tmp_path, capsys):
 
 def test_a_diverging_run_stops_in_one_line_without_best_or_results(glue_dir, vocab_dir, tmp_path, capsys):
   workdir = tmp_path / "run"
-  code = cli.main(["finetune", "--config", os.path.join(ROOT, "configs/glue.py:task=sst2"), "--workdir", str(workdir)]
-                  + [f"--config.{o}" for o in tiny_overrides(glue_dir, vocab_dir, "optimizer.learning_rate=1e30")])
+  overrides = tiny_overrides(glue_dir, vocab_dir, "optimizer.learning_rate=1e30")
+  code = cli.main(["finetune", "--config", os.path.join(ROOT, "configs/glue.py:task=sst2"),
+                   "--workdir", str(workdir)] + [f"--config.{o}" for o in overrides])
   err = capsys.readouterr().err
   errors = [line for line in err.splitlines() if "bipft finetune: error: " in line]
   assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
-  assert re.search(r"error: the (loss is (nan|inf)|update made the parameters non-finite) at step \d+ \(epoch 1\); "
-                   r"stopped before writing best/ or results.json", errors[0]), errors[0]
+  assert re.search(r"error: the (loss is (nan|inf)|update made the parameters non-finite) at step \d+ "
+                   r"\(epoch 1\); stopped before writing best/ or results.json", errors[0]), errors[0]
   assert not os.path.exists(workdir / "best") and not os.path.exists(workdir / "results.json")

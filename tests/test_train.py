@@ -181,13 +181,14 @@ def _all_finite(params) -> bool:
 
 def test_diverging_run_saves_only_finite_checkpoints(files, tmp_path, capsys):
   workdir = tmp_path / "run"
-  code = cli.main(_pretrain_args(files, workdir, "--config.optimizer.learning_rate=1e30", "--config.total_steps=20",
-                                 "--config.optimizer.warmup_steps=4", "--config.checkpoint_every=1",
-                                 "--config.keep_checkpoints=20"))
+  code = cli.main(_pretrain_args(files, workdir, "--config.optimizer.learning_rate=1e30",
+                                 "--config.total_steps=20", "--config.optimizer.warmup_steps=4",
+                                 "--config.checkpoint_every=1", "--config.keep_checkpoints=20"))
   error = _error_line(capsys.readouterr().err, "pretrain")
   assert code == 2
-  match = re.search(r"the loss is (nan|inf) at step (\d+); stopped without saving \(step \2, whose parameters gave "
-                    r"this loss, moved to (\S+)\)\. The newest finite checkpoint is step (\d+) in ", error)
+  match = re.search(r"the loss is (nan|inf) at step (\d+); stopped without saving \(step \2, whose "
+                    r"parameters gave this loss, moved to (\S+)\)\. The newest finite checkpoint is "
+                    r"step (\d+) in ", error)
   assert match, error
   diverged_at, moved, newest = int(match.group(2)), match.group(3), int(match.group(4))
   assert moved == str(workdir / f"{diverged_at}.diverged") and os.path.isdir(moved)
@@ -197,11 +198,14 @@ def test_diverging_run_saves_only_finite_checkpoints(files, tmp_path, capsys):
     assert _all_finite(checkpointing.restore_params(str(workdir), step)[2])
 
 
+FOUR_STEPS = ("--config.total_steps=4", "--config.checkpoint_every=2")
+
+
 @pytest.fixture(scope="module")
 def trained(files, tmp_path_factory):
   """A tiny run's workdir with checkpoints at steps 2 and 4."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=4", "--config.checkpoint_every=2")) == 0
+  assert cli.main(_pretrain_args(files, workdir, *FOUR_STEPS)) == 0
   return workdir
 
 
@@ -227,10 +231,10 @@ def test_resume_skips_a_bit_flipped_latest_step(files, trained, tmp_path, capsys
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
   flipped = _flip_a_bit(workdir / "4")
-  assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=4", "--config.checkpoint_every=2")) == 0
+  assert cli.main(_pretrain_args(files, workdir, *FOUR_STEPS)) == 0
   out = capsys.readouterr().out
-  assert (f"bipft pretrain: skipped step 4, {flipped} fails its sha256 check; moved it to {workdir}/4.corrupt\n"
-          f"bipft pretrain: resuming {workdir} from step 2\n") in out
+  assert (f"bipft pretrain: skipped step 4, {flipped} fails its sha256 check; moved it to "
+          f"{workdir}/4.corrupt\nbipft pretrain: resuming {workdir} from step 2\n") in out
   assert sorted(os.listdir(workdir / "4.corrupt")) == sorted(os.listdir(trained / "4"))  # kept, not deleted
   # Steps 3 and 4 trained again from step 2 equal the run that was never corrupted, bit for bit.
   _, _, expected = checkpointing.restore_params(str(trained), 4)
@@ -248,11 +252,11 @@ def test_a_bit_flipped_step_is_refused_in_one_line(files, trained, tmp_path, cap
   argv = {"convert": ["convert", "to-pytorch", "--checkpoint", str(workdir), "--out", str(tmp_path / "hf")],
           "evaluate": ["evaluate", "--config", f"{CONFIG}:tiny", "--checkpoint", str(workdir)]
                       + [f"--config.{o}" for o in tiny_overrides(files)],
-          "export-packed": ["export-packed", "--checkpoint", str(workdir), "--out", str(tmp_path / "m.safetensors")]}
+          "export-packed": ["export-packed", "--checkpoint", str(workdir), "--out", str(tmp_path / "m.bin")]}
   assert cli.main(argv[command]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert err == [f"bipft {command}: error: checkpoint step 4 in {workdir} is corrupt: {flipped} fails its sha256 "
-                 "check"], err
+  assert err == [f"bipft {command}: error: checkpoint step 4 in {workdir} is corrupt: {flipped} fails its "
+                 "sha256 check"], err
   assert _snapshot(tmp_path) == before  # nothing written, nothing moved
 
 
