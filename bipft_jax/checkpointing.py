@@ -314,9 +314,10 @@ def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> 
 
 
 def save_params(directory: str, params, config: model_lib.BertConfig, head: str, step: int = 0) -> None:
-  """Writes `params` as a params-only checkpoint that `restore_params` and `--init_from` accept."""
+  """Writes `params` as a params-only checkpoint that `restore_params` and `--init_from` accept
+  (UserError, nothing written, if any of them is NaN or Inf)."""
   if not bool(jax.jit(all_finite)(params)):
-    raise UserError(f"refusing to save non-finite parameters (NaN or Inf) to {directory}")
+    raise UserError("the parameters hold NaN or Inf values; refusing to save them as a checkpoint")
   manager = make_manager(directory, max_to_keep=None)
   save(manager, step, params=params, config=config_record(config, head))
   wait(manager)

@@ -137,7 +137,7 @@ def test_a_step_without_checksums_is_read_unverified(saved):
 def test_non_finite_parameters_are_neither_saved_nor_restored(saved, tmp_path):
   _, config, params = saved
   poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan), params)
-  with pytest.raises(UserError, match="refusing to save non-finite parameters"):
+  with pytest.raises(UserError, match="the parameters hold NaN or Inf values; refusing to save them"):
     checkpointing.save_params(str(tmp_path / "refused"), poisoned, config, "encoder")
   assert not (tmp_path / "refused").exists()
   manager = checkpointing.make_manager(str(tmp_path / "nan"))  # as a run before this check could write
