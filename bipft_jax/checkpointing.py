@@ -293,10 +293,12 @@ def _drop_abandoned_reads() -> None:
     return
   previous, orbax_dir = sys.unraisablehook, os.path.dirname(ocp.__file__)
 
-  def hook(unraisable, previous=previous, orbax_dir=orbax_dir) -> None:  # defaults survive shutdown
+  # Everything the hook uses is bound now: at exit, when most of these reports come, module globals
+  # may already be gone.
+  def hook(unraisable, previous=previous, orbax_dir=orbax_dir, iscoroutine=inspect.iscoroutine) -> None:
     exc, source = unraisable.exc_value, unraisable.object
     closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-    orbax_read = inspect.iscoroutine(source) and source.cr_code.co_filename.startswith(orbax_dir)
+    orbax_read = iscoroutine(source) and source.cr_code.co_filename.startswith(orbax_dir)
     if not (closed_loop or orbax_read):
       previous(unraisable)
 
