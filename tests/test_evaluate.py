@@ -83,7 +83,7 @@ def pretraining_checkpoint(tmp_path_factory):
 
 
 def _corrupt(workdir, tmp_path) -> str:
-  """A copy of the best/ checkpoint whose array files are truncated."""
+  """A copy of the best/ checkpoint whose array files are truncated (its checksums catch it)."""
   copy = str(tmp_path / "corrupt")
   shutil.copytree(os.path.join(workdir, "best"), copy)
   for folder, _, names in os.walk(copy):
@@ -97,7 +97,7 @@ def _corrupt(workdir, tmp_path) -> str:
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist; pass a workdir"),
-    ("corrupt", "could not be restored"),
+    ("corrupt", "is corrupt: params/"),
     ("pretraining head", "holds a pretraining model, not a classification one"),
     ("num_labels", "has 2 outputs but mnli needs 3"),
     ("split", "sst2 has no split 'validation'; choose one of train, dev, test"),

@@ -6,6 +6,7 @@ init.binary=True), or random weights (smoke tests). A student whose activation s
 the untrained 1.0 is calibrated once on the first training batch.
 
 Each epoch: train, evaluate every dev split, append a line to `metrics.jsonl` and TensorBoard.
+A NaN/Inf loss or update stops the run with one error line, before best/ or results.json exist.
 The best epoch by the task's first metric on the first dev split is kept (MNLI-mm is reported from
 the last epoch, as the release does); at the end `best/` holds its checkpoint, `results.json` the
 reported numbers and `submission/` the GLUE leaderboard files of whatever test splits exist. They
@@ -189,6 +190,13 @@ def predict(predict_step, params, data: tasks.Encoded, batch_size: int, buckets,
   return out
 
 
+def _diverged(loss: float, step: int, epoch: int) -> str:
+  """The error of a step whose loss or updated parameters are not finite."""
+  what = f"the loss is {loss}" if not np.isfinite(loss) else "the update made the parameters non-finite"
+  return (f"{what} at step {step} (epoch {epoch}); stopped before writing best/ or results.json: lower "
+          "--config.optimizer.learning_rate")
+
+
 # --- the run --------------------------------------------------------------------
 
 def _earlier_outputs(workdir: str, overwrite: bool) -> list:
@@ -315,6 +323,7 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
     print("bipft: activation scales calibrated on the first training batch", file=sys.stderr)
   opt_state = optimizer.init(params)
   train_step, predict_step = make_steps(module, optimizer, task.is_regression)
+  all_finite = jax.jit(checkpointing.all_finite)
 
   # Every input has loaded: the outputs go to a staging folder, moved over an earlier run's at the end.
   workdir, finished_workdir = _staging_dir(workdir), workdir
@@ -332,6 +341,9 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
         rng, dropout_rng = jax.random.split(rng)
         batch = tasks.make_batch(train_data, chosen, config.batch_size, buckets)
         params, opt_state, loss = train_step(params, opt_state, _device_batch(batch), dropout_rng)
+        if not (np.isfinite(float(loss)) and bool(all_finite((params, opt_state)))):
+          progress.close()  # the bar's last line before the error, not after it
+          raise UserError(_diverged(float(loss), step, epoch))
         step += 1
         loss_sum += float(loss)
         if step % config.log_every == 0:
