@@ -6,22 +6,44 @@ state, JSON) and `config` (JSON: the model config dict, the head, and the full r
 Arrays are written with their shardings' layout but restored onto whatever devices exist now,
 so a checkpoint written on 8 devices restores on 1 and vice versa. Orbax writes to a temporary
 folder and renames it when complete: a run killed mid-save leaves the previous step intact.
+
+Checkpoints are what they claim. Before that rename, process 0 seals the step: `checksums.json`
+lists the sha256 of every file of its items. Every read verifies the files of the items it reads
+and refuses a step whose files differ, are missing or are extra (`CorruptCheckpoint`), and one
+whose restored arrays hold a NaN or Inf. A step without `checksums.json` (written before sealing
+existed, or by other tools) is read unverified; its arrays must still be finite.
 """
+import collections
 import dataclasses
+import hashlib
+import inspect
+import json
 import os
 import sys
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 
 ARRAY_ITEMS = ("params", "opt_state")
 JSON_ITEMS = ("data", "config")
+CHECKSUMS = "checksums.json"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's folder for a step until its rename (not public in 0.12.8)
+
+
+class CorruptCheckpoint(UserError):
+  """A step whose files fail their checksums or whose arrays are not finite."""
+
+  def __init__(self, directory, step: int, reason: str):
+    super().__init__(f"checkpoint step {step} in {directory} is corrupt: {reason}")
+    self.step, self.reason = step, reason
 
 
 def config_record(model_config: model_lib.BertConfig, head: str, run_config: Optional[dict] = None) -> dict:
@@ -29,14 +51,106 @@ def config_record(model_config: model_lib.BertConfig, head: str, run_config: Opt
   return {"model": dataclasses.asdict(model_config), "head": head, "run": run_config}
 
 
-def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3, async_save: bool = True,
+class SealingManager(ocp.CheckpointManager):
+  """orbax's asynchronous CheckpointManager that seals every step it saves with `checksums.json`.
+
+  orbax calls `post_finalization_callback` on process 0 once every process has written its files
+  and before the step's temporary folder is renamed into place: the manifest commits with the step.
+  """
+
+  def __init__(self, directory: str, *, item_handlers: dict, options: ocp.CheckpointManagerOptions):
+    self._unsealed = collections.deque()  # steps saved, in order, whose callback has not run yet
+    options.async_options = ocp.AsyncOptions(post_finalization_callback=self._seal)
+    super().__init__(directory, item_handlers=item_handlers, options=options)
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    if jax.process_index() == 0:  # orbax's primary host, the only one that runs the callback
+      self._unsealed.append(step)
+    try:
+      saved = super().save(step, *args, **kwargs)
+    except BaseException:
+      self._unsealed.clear()  # a failed save runs no callback: forget it (and any before it)
+      raise
+    if not saved and self._unsealed:
+      self._unsealed.pop()
+    return saved
+
+  def _seal(self) -> None:
+    step = self._unsealed.popleft()
+    step_dir = epath.Path(self.directory) / str(step)
+    uncommitted = epath.Path(self.directory) / f"{step}{TMP_SUFFIX}"
+    write_checksums(uncommitted if uncommitted.exists() else step_dir)  # object stores write in place
+
+
+def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
-  """A CheckpointManager over `workdir` holding the items above (`read_only`: never creates it)."""
+  """A CheckpointManager over `workdir` holding the items above: an asynchronous `SealingManager`,
+  or with `read_only` a plain one that never creates or writes anything."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                         enable_async_checkpointing=async_save)
+                                         enable_async_checkpointing=not read_only)
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
   handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})
-  return ocp.CheckpointManager(_absolute(workdir), item_handlers=handlers, options=options)
+  manager_class = ocp.CheckpointManager if read_only else SealingManager
+  return manager_class(_absolute(workdir), item_handlers=handlers, options=options)
+
+
+def _item_files(step_dir: epath.Path, items) -> list:
+  """Paths (relative, '/'-separated) of every file inside the item folders `items` of a step."""
+  files, folders = [], [step_dir / item for item in items if (step_dir / item).is_dir()]
+  while folders:  # epath's rglob refuses object stores
+    for entry in folders.pop().iterdir():
+      if entry.is_dir():
+        folders.append(entry)
+      else:
+        files.append(str(entry.relative_to(step_dir)))
+  return sorted(files)
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_checksums(step_dir: epath.Path) -> None:
+  """`checksums.json`: the sha256 of every file in the step's item folders, written atomically."""
+  items = [d.name for d in step_dir.iterdir() if d.is_dir()]
+  listed = {name: _sha256(step_dir / name) for name in _item_files(step_dir, items)}
+  partial = step_dir / (CHECKSUMS + ".partial")
+  partial.write_text(json.dumps({"sha256": listed}, indent=1))
+  partial.rename(step_dir / CHECKSUMS)
+
+
+def verify(manager: ocp.CheckpointManager, step: int, items) -> None:
+  """Raises CorruptCheckpoint unless the files of `items` in `step` are exactly those sealed at
+  save time; a step without checksums.json passes unverified."""
+  step_dir = epath.Path(manager.directory) / str(step)
+  if not (step_dir / CHECKSUMS).exists():
+    return
+  try:
+    listed = json.loads((step_dir / CHECKSUMS).read_text())["sha256"]
+  except (ValueError, TypeError, KeyError):  # truncated or reshaped: the manifest itself is damaged
+    listed = None
+  if not (isinstance(listed, dict) and all(isinstance(digest, str) for digest in listed.values())):
+    raise CorruptCheckpoint(manager.directory, step, f"its {CHECKSUMS} is unreadable")
+  listed = {name: digest for name, digest in listed.items() if name.split("/")[0] in items}
+  present = _item_files(step_dir, items)
+  missing = sorted(set(listed) - set(present))
+  if missing:
+    raise CorruptCheckpoint(manager.directory, step, f"{missing[0]} is missing")
+  for name in present:
+    if name not in listed:
+      raise CorruptCheckpoint(manager.directory, step, f"{name} was not written by the save")
+    if _sha256(step_dir / name) != listed[name]:
+      raise CorruptCheckpoint(manager.directory, step, f"{name} fails its sha256 check")
+
+
+def all_finite(tree) -> jax.Array:
+  """True when no floating-point leaf of `tree` holds a NaN or Inf (traceable, for jitted steps)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def _absolute(path: str) -> str:
@@ -68,7 +182,7 @@ def _resolve(path: str, step: Optional[int]) -> tuple:
                     "or by checkpointing.save_params")
   if step is None and os.path.basename(path).isdigit() and epath.Path(path, "config").is_dir():
     path, step = os.path.dirname(path), int(os.path.basename(path))
-  manager = make_manager(path, max_to_keep=None, async_save=False, read_only=True)
+  manager = make_manager(path, max_to_keep=None, read_only=True)
   steps = manager.all_steps()
   if not steps:
     raise UserError(f"no checkpoint in {path}: it has no completed step folder")
@@ -80,7 +194,8 @@ def _resolve(path: str, step: Optional[int]) -> tuple:
 
 
 def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
-  """The `config` item of `step`."""
+  """The `config` item of `step`, verified against the step's checksums."""
+  verify(manager, step, ("config",))
   try:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   except Exception as e:  # orbax raises several types for missing/corrupt items
@@ -109,35 +224,91 @@ def replicated_sharding() -> jax.sharding.Sharding:
 
 
 def restore_items(manager: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
-  """Restores array items onto the shardings in `abstract` (item -> tree of ShapeDtypeStruct),
-  plus the JSON items."""
+  """Restores array items onto the shardings in `abstract` (item -> tree of ShapeDtypeStruct), plus
+  the JSON items; CorruptCheckpoint if their files fail the step's checksums or an array is not finite."""
+  step_dir = epath.Path(manager.directory) / str(step)
+  json_items = tuple(name for name in JSON_ITEMS if (step_dir / name).is_dir())
+  verify(manager, step, tuple(abstract) + json_items)
+  return _restore(manager, step, abstract, json_items)
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract: dict, json_items: tuple) -> dict:
   items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
-  step_dir = os.path.join(str(manager.directory), str(step))
-  items.update({name: ocp.args.JsonRestore() for name in JSON_ITEMS if epath.Path(step_dir, name).is_dir()})
+  items.update({name: ocp.args.JsonRestore() for name in json_items})
   try:
-    return dict(manager.restore(step, args=ocp.args.Composite(**items)))
+    restored = dict(manager.restore(step, args=ocp.args.Composite(**items)))
   except Exception as e:
     raise _unreadable(manager, step, e) from None
+  if abstract and not bool(jax.jit(all_finite)({name: restored[name] for name in abstract})):
+    raise CorruptCheckpoint(manager.directory, step, f"its {' and '.join(abstract)} hold NaN or Inf values")
+  return restored
 
 
-_default_unraisablehook = sys.unraisablehook
+def restore_newest_intact(manager: ocp.CheckpointManager, abstract: dict) -> Optional[tuple]:
+  """(step, items, skipped) of the newest step `restore_items` accepts, or None without steps.
+
+  `skipped` are the CorruptCheckpoint errors of the newer steps, each set aside as `STEP.corrupt`
+  (its `moved_to`); UserError, moving nothing, when no
+  step is intact. Every process must call this (the finiteness check is a collective)."""
+  skipped = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = restore_items(manager, step, abstract)
+    except CorruptCheckpoint as e:
+      skipped.append(e)
+      continue
+    for error in skipped:
+      error.moved_to = set_aside(manager, error.step, "corrupt")
+    return step, restored, skipped
+  if skipped:
+    raise UserError(f"no intact checkpoint in {manager.directory}: "
+                    + "; ".join(f"step {e.step}: {e.reason}" for e in skipped)
+                    + ". Move the step folders away to start afresh")
+  return None
 
 
-def _drop_closed_loop_noise(unraisable) -> None:
-  if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-    _default_unraisablehook(unraisable)
+def set_aside(manager: ocp.CheckpointManager, step: int, label: str) -> str:
+  """Renames the folder of `step` to `STEP.LABEL` (`STEP.LABEL.2`, ... if taken), a name orbax does not
+  take for a step, so nothing is deleted and the run may write that step again; returns the new path."""
+  step_dir = epath.Path(manager.directory) / str(step)
+  target, n = step_dir.with_name(f"{step}.{label}"), 1
+  while target.exists():
+    n += 1
+    target = step_dir.with_name(f"{step}.{label}.{n}")
+  if jax.process_index() == 0:
+    step_dir.rename(target)
+  multihost_utils.sync_global_devices(f"bipft set aside step {step}")
+  manager.reload()
+  return str(target)
+
+
+def _drop_abandoned_reads() -> None:
+  """Installs (once) an unraisable hook that drops what the reads of a failed restore leave behind.
+
+  orbax abandons its other array reads when one fails; as the interpreter collects them, later
+  or at exit, each may report "Event loop is closed" or an exception raised while its coroutine
+  was being closed ("Exception ignored in: <coroutine object _read_array_index_and_device_put>"),
+  a traceback of kilobytes after our one line. Those, and only those, are dropped."""
+  if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+    return
+  previous, orbax_dir = sys.unraisablehook, os.path.dirname(ocp.__file__)
+
+  # Everything the hook uses is bound now: at exit, when most of these reports come, module globals
+  # may already be gone.
+  def hook(unraisable, previous=previous, orbax_dir=orbax_dir, iscoroutine=inspect.iscoroutine) -> None:
+    exc, source = unraisable.exc_value, unraisable.object
+    closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+    orbax_read = iscoroutine(source) and source.cr_code.co_filename.startswith(orbax_dir)
+    if not (closed_loop or orbax_read):
+      previous(unraisable)
+
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> UserError:
-  """The one-line error for arrays orbax could not read.
-
-  A failed read leaves tensorstore reads running; as each completes it finds orbax's event loop
-  closed and would print an "Event loop is closed" traceback after our line. Those, and only
-  those, are dropped from now on (the filter is installed once, however many reads fail)."""
-  global _default_unraisablehook
-  if sys.unraisablehook is not _drop_closed_loop_noise:
-    _default_unraisablehook = sys.unraisablehook
-    sys.unraisablehook = _drop_closed_loop_noise
+  """The one-line error for arrays orbax could not read (and nothing printed after it)."""
+  _drop_abandoned_reads()
   detail = (str(error).splitlines() or [""])[0]
   detail = detail if len(detail) <= 300 else detail[:300] + "..."  # tensorstore appends kilobytes of spec
   return UserError(f"checkpoint step {step} in {manager.directory} could not be restored "
@@ -145,8 +316,11 @@ def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> 
 
 
 def save_params(directory: str, params, config: model_lib.BertConfig, head: str, step: int = 0) -> None:
-  """Writes `params` as a params-only checkpoint that `restore_params` and `--init_from` accept."""
-  manager = make_manager(directory, max_to_keep=None, async_save=False)
+  """Writes `params` as a params-only checkpoint that `restore_params` and `--init_from` accept
+  (UserError, nothing written, if any of them is NaN or Inf)."""
+  if not bool(jax.jit(all_finite)(params)):
+    raise UserError("the parameters hold NaN or Inf values; refusing to save them as a checkpoint")
+  manager = make_manager(directory, max_to_keep=None)
   save(manager, step, params=params, config=config_record(config, head))
   wait(manager)
   manager.close()
@@ -171,7 +345,8 @@ def restore_params(path: str, step: Optional[int] = None, shardings=None) -> tup
   `shardings` (one sharding or a tree matching the params) defaults to a full copy on every device.
   """
   manager, step, config, head = read_model(path, step)
+  verify(manager, step, ("params",))  # before orbax reads the arrays' metadata
   abstract = _abstract(manager, step, "params", shardings or replicated_sharding())
-  params = restore_items(manager, step, {"params": abstract})["params"]
+  params = _restore(manager, step, {"params": abstract}, ())["params"]
   manager.close()
   return config, head, params

@@ -16,13 +16,11 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
-from bipft_jax import binarize
+from bipft_jax import files, pytorch_io
 from bipft_jax import model as model_lib
-from bipft_jax import pytorch_io
 from bipft_jax.errors import UserError
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -69,14 +67,8 @@ def config_from_checkpoint(hf: dict, state: dict) -> model_lib.BertConfig:
     for field, ours in RELEASE_BINARIZER_FIELDS.items():
       if field in hf:
         overrides[ours] = hf[field]
-    overrides["estimator_rank"] = int(hf.get("estimator_rank", _estimator_rank(state)))
-  try:
-    config = pytorch_io.config_from_hf(hf, **overrides)
-    binarize.weight_binarizers(config.weight_binarizer)
-    binarize.activation_binarizers(config.activation_binarizer)
-  except ValueError as e:
-    raise UserError(f"config.json does not describe a supported model: {e}") from None
-  return config
+    overrides["estimator_rank"] = hf.get("estimator_rank", _estimator_rank(state))
+  return pytorch_io.config_from_hf(hf, **overrides)  # checks every field, the binarizer names too
 
 
 def read_pytorch_checkpoint(directory: str, seed: int = 0) -> tuple:
@@ -101,42 +93,12 @@ def _copy_tokenizer(src: str, dst: str) -> list:
   return copied
 
 
-class _FreshOutput:
-  """A temp directory beside `out`, renamed to `out` on success: nothing is half-written."""
-
-  def __init__(self, out: str):
-    self.out = os.path.abspath(out)
-    if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
-      raise UserError(f"{out} already exists and is not empty; choose a new --out or remove it")
-
-  def __enter__(self) -> str:
-    parent = os.path.dirname(self.out)
-    os.makedirs(parent, exist_ok=True)
-    self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.out) + ".tmp-", dir=parent)
-    return self.tmp
-
-  def __exit__(self, exc_type, *_):
-    if exc_type is not None:
-      shutil.rmtree(self.tmp, ignore_errors=True)
-      return False
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, dirs, files in os.walk(self.tmp):  # mkdtemp and some writers create owner-only modes
-      for name in dirs + files:
-        os.chmod(os.path.join(root, name), (0o777 if name in dirs else 0o666) & ~umask)
-    os.chmod(self.tmp, 0o777 & ~umask)
-    if os.path.isdir(self.out):
-      os.rmdir(self.out)  # empty, checked above
-    os.rename(self.tmp, self.out)
-    return False
-
-
 def from_pytorch(src: str, out: str) -> dict:
   """Converts the PyTorch checkpoint in `src` into an orbax workdir `out`; returns a report."""
   from bipft_jax import checkpointing
-  output = _FreshOutput(out)
+  files.check_new_folder(out, "--out")
   config, head, params, report = read_pytorch_checkpoint(src)
-  with output as tmp:
+  with files.atomic_folder(out) as tmp:
     checkpointing.save_params(tmp, params, config, head, step=0)
     # Beside the step folders, where `bipft finetune --init_from WORKDIR` looks for a tokenizer.
     report["tokenizer"] = _copy_tokenizer(src, tmp)
@@ -201,7 +163,7 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
   from bipft_jax import checkpointing
   if tokenizer is not None and not any(os.path.isfile(os.path.join(tokenizer, f)) for f in TOKENIZER_FILES):
     raise UserError(f"--tokenizer {tokenizer} has none of {', '.join(TOKENIZER_FILES)}")
-  output = _FreshOutput(out)
+  files.check_new_folder(out, "--out")
   config, head, params = checkpointing.restore_params(checkpoint, step)
   params = _to_host(params)
   if fmt == "hf":
@@ -209,9 +171,9 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
   else:
     state = reference_state(params, head)
     config_json = dict(hf_config_dict(config, head), model_type="bert")
-  with output as tmp:
+  with files.atomic_folder(out) as tmp:
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    with open(os.path.join(tmp, "config.json"), "w") as f:  # inside the temp folder: renamed whole
       json.dump(config_json, f, indent=2, sort_keys=True)
     if fmt == "hf":
       shutil.copy2(MODELING_FILE, os.path.join(tmp, "modeling_bipft.py"))

@@ -9,14 +9,13 @@ with `AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=
 export of `bipft convert to-pytorch` (or a plain Hugging Face BERT classifier) works.
 """
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 from tqdm import tqdm
 
-from bipft_jax import config_loading
+from bipft_jax import config_checks, config_loading, files, pytorch_io
 from bipft_jax.errors import UserError
 from bipft_jax.glue import finetune, tasks
 from bipft_jax.glue import metrics as metrics_lib
@@ -27,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   config_loading.add_config_argument(parser)
   parser.add_argument("--predictions", default=None,
                       help="also write every dev prediction here (JSON: split -> ids and predictions)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
 
 
 def load_classifier(directory: str, task: tasks.Task):
@@ -38,6 +38,11 @@ def load_classifier(directory: str, task: tasks.Task):
     raise UserError("eval-pytorch needs torch: pip install 'bipft-jax[torch]'") from None
   if not os.path.isfile(os.path.join(directory, "config.json")):
     raise UserError(f"{directory} has no config.json: pass a folder written by `bipft convert to-pytorch`")
+  # Our readers first: one-line errors for a bad config.json or weights file, never pickled code.
+  pytorch_io.config_from_hf(pytorch_io.read_config(directory))
+  if not any(name.startswith("classifier.") for name in pytorch_io.read_weights(directory)):
+    raise UserError(f"{directory} has no classifier head (no classifier.* tensors), so it would score a "
+                    "random one: export the checkpoint finetuned on the task")
   try:
     config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True)
     if config.num_labels != task.num_labels:
@@ -70,7 +75,7 @@ def evaluate(config, model_dir: str) -> dict:
   model = load_classifier(model_dir, task)
   finetune.check_max_length(config, model.config)
   tokenizer = finetune.load_tokenizer(config, model_dir, model.config)
-  buckets = tasks.length_buckets(config.max_length)
+  buckets = tasks.length_buckets(config.max_length, config.min_bucket)
   results = {}
   for name, split in tasks.read_splits(task, config.data, task.dev_splits).items():
     data = tasks.encode(tokenizer, split, config.max_length)
@@ -85,13 +90,14 @@ def evaluate(config, model_dir: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
+  config_checks.check_glue(config)
+  if args.predictions:
+    files.check_output_file(args.predictions, "--predictions", args.overwrite)
   results = evaluate(config, args.model)
   for name, result in results.items():
     print(f"{config.task} {name}: " + ", ".join(f"{m} {v:.2f}" for m, v in result["metrics"].items()))
   if args.predictions:
-    tmp = args.predictions + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({name: {"ids": [str(i) for i in r["ids"]], "predictions": r["predictions"].tolist()}
-                 for name, r in results.items()}, f)
-    os.replace(tmp, args.predictions)
+    files.write_json(args.predictions, {
+        name: {"ids": [str(i) for i in r["ids"]], "predictions": r["predictions"].tolist()}
+        for name, r in results.items()}, indent=None)
   return 0

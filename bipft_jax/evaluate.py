@@ -24,8 +24,8 @@ metrics.jsonl (on the same devices; other meshes can change the last float bits 
 Output on stdout: one line per split (GLUE: metrics in percent and the majority-class rate;
 pretraining: accuracy and cross entropy), or with `--json` one JSON object instead. GLUE:
 `--predictions FILE` writes the split's predictions as `index<TAB>prediction` with the label
-strings of the GLUE leaderboard (`--split test` gives the file to submit; the file is written to a
-temporary name and renamed, so an earlier FILE is never left half-overwritten).
+strings of the GLUE leaderboard (`--split test` gives the file to submit); an existing FILE is
+replaced only with `--overwrite`, and then whole (written to a temporary name and renamed).
 """
 import argparse
 import dataclasses
@@ -37,7 +37,8 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from bipft_jax import checkpointing, config_loading, distributed, pytorch_io, sharding, train
+from bipft_jax import checkpointing, config_checks, config_loading, distributed, files, pytorch_io, sharding
+from bipft_jax import train
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import finetune, report, tasks
@@ -52,18 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="GLUE: the split to score (default: every dev split of the task)")
   parser.add_argument("--predictions", default=None,
                       help="GLUE: write the split's predictions to this TSV (GLUE leaderboard format)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
   parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
   if is_glue_config(config):
-    results = evaluate_glue(config, args.checkpoint, args.split, args.predictions)
+    config_checks.check_glue(config)
+    results = evaluate_glue(config, args.checkpoint, args.split, args.predictions, args.overwrite)
     lines = glue_lines(results)
   else:
     if args.split or args.predictions:
       raise UserError("--split and --predictions are for GLUE configs; a pretraining checkpoint is scored on the "
                       "held-out set its config describes")
+    config_checks.check_pretrain(config)
     distributed.initialize(config)  # before any JAX computation, as `bipft pretrain`
     results = evaluate_pretraining(config, args.checkpoint)
     lines = [train.describe(results["step"], results)]
@@ -100,16 +104,10 @@ def split_names(task: tasks.Task, data) -> tuple:
   return ("train",) + task.dev_splits + finetune.leaderboard_splits(task, data)
 
 
-def _check_output(path: str) -> None:
-  """UserError now, before any work, if `path` cannot be written."""
-  folder = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-    reason = "it is a folder" if os.path.isdir(path) else f"{folder} is not a writable folder"
-    raise UserError(f"cannot write predictions to {path}: {reason}")
-
-
-def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions_path: str | None = None) -> dict:
-  """Scores the classifier at `checkpoint` on `split` (default: every dev split) of config's task.
+def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions_path: str | None = None,
+                  overwrite: bool = False) -> dict:
+  """Scores the classifier at `checkpoint` on `split` (default: every dev split) of config's task;
+  `overwrite` lets `predictions_path` replace an existing file.
 
   Returns {"task", "checkpoint", "step", "metrics": {split: {metric: %}}, "majority_rate": {split: %},
   "predictions": the TSV written or None, "examples": {split: count}}.
@@ -122,7 +120,7 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
     if len(splits) > 1:
       raise UserError(f"{task.name} has {len(splits)} dev splits ({', '.join(splits)}): pass --split with "
                       "--predictions")
-    _check_output(predictions_path)
+    files.check_output_file(predictions_path, "--predictions", overwrite)
   tests = set(finetune.leaderboard_splits(task, config.data))
   if set(splits) & tests and not predictions_path:
     raise UserError(f"the {task.name} {splits[0]} split has no labels to score: pass --predictions FILE to write "

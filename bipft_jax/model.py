@@ -55,12 +55,31 @@ class BertConfig:
     unknown = sorted(set(values) - known)
     if unknown:
       raise ValueError(f"unknown model config fields {unknown}; known: {sorted(known)}")
-    config = cls(**values)
-    if config.hidden_size % config.num_heads:
-      raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_heads {config.num_heads}")
-    if config.pooling not in POOLINGS:
-      raise ValueError(f"unknown pooling {config.pooling!r}; choose one of {', '.join(POOLINGS)}")
-    return config
+    return cls(**values)
+
+  def __post_init__(self):
+    """Every field's type and range (ValueError): a bad value stops here, not inside a compile."""
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      allowed = (int, float) if field.type is float else field.type
+      if not isinstance(value, allowed) or isinstance(value, bool) and field.type is not bool:
+        raise ValueError(f"{field.name} must be {field.type.__name__}, got {value!r}")
+    small = [f"{n}={getattr(self, n)}" for n in _AT_LEAST_ONE if getattr(self, n) < 1]
+    small += [f"{n}={getattr(self, n)}" for n in ("estimator_rank", "pad_token_id") if getattr(self, n) < 0]
+    if small:
+      raise ValueError(f"{', '.join(small)} out of range (sizes >= 1, estimator_rank and pad_token_id >= 0)")
+    if not all(0 <= getattr(self, n) < 1 for n in _DROPOUTS) or not 0 < self.layer_norm_eps < 1:
+      raise ValueError(f"dropouts must be in [0, 1) and layer_norm_eps in (0, 1), got "
+                       f"{[getattr(self, n) for n in _DROPOUTS]} and {self.layer_norm_eps}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+    for name, choices in (("pooling", POOLINGS), ("mlm_transform_act", ("gelu", "relu")),
+                          ("binary_matmul_dtype", ("float32", "bfloat16")),
+                          ("matmul_precision", _PRECISIONS)):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+    binarize.weight_binarizers(self.weight_binarizer)  # ValueError naming the known ones
+    binarize.activation_binarizers(self.activation_binarizer)
 
   def __post_init__(self):
     precision_lib.check_fields(self.binary_matmul_dtype, self.precision)
@@ -322,6 +341,10 @@ class Layer(nn.Module):
 
 
 POOLINGS = ("cls", "mean")
+_AT_LEAST_ONE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size", "num_labels")
+_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")  # jax.lax.Precision
+_DROPOUTS = ("hidden_dropout", "attention_dropout", "classifier_dropout")
 
 
 def pool_tokens(h_BxLxD: Array, attention_mask_BxL: Array, pooling: str) -> Array:

@@ -1,7 +1,9 @@
 """`bipft export-packed`: a 1-bit student as a bit-packed safetensors file, and its loader.
 
   bipft export-packed --checkpoint WORKDIR [--step N] --out model.bipft.safetensors \\
-      [--remainder auto|float16|float32]
+      [--remainder auto|float16|float32] [--overwrite]
+
+An existing --out file is replaced only with --overwrite, and then whole (temporary name, rename).
 
 The file (format "bipft-packed" v1) holds the tree of `packed.pack_params` under '/'-joined names:
   <binarized Linear>/kernel_sign        uint32 [ceil(K/32), N]  sign bits of W - mean(W), packed along K
@@ -25,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from bipft_jax import packed
+from bipft_jax import files, packed
 from bipft_jax.errors import UserError
 from bipft_jax.model import BertConfig
 
@@ -81,16 +82,8 @@ def write_packed(path: str, config: BertConfig, head: str, packed_params: dict, 
   metadata = {"sha256": _digest(tensors), "format": FORMAT, "format_version": FORMAT_VERSION, "head": head,
               "config": json.dumps(dataclasses.asdict(config)), "remainder_dtype": remainder_dtype,
               "word_bits": str(packed.WORD_BITS)}
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-  os.close(fd)
-  try:
+  with files.atomic_path(path) as tmp:
     safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return os.path.getsize(path)
 
 
@@ -185,6 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--checkpoint", required=True, help="workdir (or step folder) of a binary student")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--out", required=True, help="path of the .safetensors file to write")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
   parser.add_argument("--remainder", choices=["auto", *REMAINDER_DTYPES], default="auto",
                       help="dtype of the FP remainder; auto: float16 if the predictions are unchanged")
 
@@ -203,6 +197,7 @@ def export(config: BertConfig, head: str, params: dict, out: str, remainder: str
 
 def run(args) -> int:
   from bipft_jax import checkpointing
+  files.check_output_file(args.out, "--out", args.overwrite)
   config, head, params = checkpointing.restore_params(args.checkpoint, args.step)
   result = export(config, head, params, args.out, args.remainder)
   if head == "pretraining":

@@ -8,6 +8,7 @@ no pickled code ever runs. Sharded checkpoints (`*.index.json`) and bfloat16/flo
 """
 import json
 import os
+import pickle
 from typing import Iterable, Mapping, Optional
 
 import flax
@@ -130,16 +131,18 @@ def config_from_hf(hf: Mapping, **overrides) -> model_lib.BertConfig:
   values = {ours: hf[theirs] for theirs, ours in HF_CONFIG_FIELDS.items() if theirs in hf}
   if hf.get("classifier_dropout") is not None:
     values["classifier_dropout"] = hf["classifier_dropout"]
-  if "id2label" in hf:
-    values["num_labels"] = len(hf["id2label"])
   if "pooling" in hf:  # ours; Hugging Face BERT pools [CLS]
     values["pooling"] = hf["pooling"]
-  binary = hf.get("weight_bits", 32) == 1
-  values["binary"] = binary
+  values["binary"] = hf.get("weight_bits", 32) == 1
   # The release's student config sets hidden_act=relu; it reaches only the MLM transform.
   values["mlm_transform_act"] = hf.get("hidden_act", "gelu")
   values.update(overrides)
-  return model_lib.BertConfig.from_dict(values)
+  try:
+    if "id2label" in hf:
+      values.setdefault("num_labels", len(hf["id2label"]))
+    return model_lib.BertConfig.from_dict(values)
+  except (TypeError, ValueError) as e:
+    raise UserError(f"config.json does not describe a supported model: {e}") from None
 
 
 def read_config(directory: str) -> dict:
@@ -151,9 +154,12 @@ def read_config(directory: str) -> dict:
                     "or pytorch_model.bin")
   try:
     with open(path) as f:
-      return json.load(f)
+      config = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(config, dict):
+    raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields")
+  return config
 
 
 # TF-converted checkpoints (e.g. bert-base-uncased's pytorch_model.bin) name LayerNorm leaves gamma/beta.
@@ -192,8 +198,13 @@ def _read_bin(path: str) -> dict:
     raise UserError(f"reading {path} needs torch: pip install 'bipft-jax[torch]'") from None
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError:  # torch's message advises weights_only=False: wrong for an untrusted file
+    raise UserError(f"{path} was refused: it holds objects other than tensors, and loading it would run "
+                    "pickled code; ask for a safetensors file or save a plain state dict") from None
   except Exception as e:
-    raise UserError(f"{path} could not be loaded with weights_only=True: {e}") from None
+    raise UserError(f"{path} is not a readable PyTorch file: {(str(e).splitlines() or [''])[0]}") from None
+  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors")
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 

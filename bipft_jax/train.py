@@ -6,8 +6,9 @@ Where the parameters come from, in this order: the latest checkpoint in DIR (res
 optimizer and data state), else `--init_from` (parameters only), else the teacher's weights. A fresh
 start calibrates the activation scales on the first batch before step 0. Checkpoints are orbax,
 asynchronous, every `checkpoint_every` steps and at the end; SIGTERM saves and exits; a NaN/Inf
-loss stops the run before anything else is written. Process 0 writes metrics.jsonl and TensorBoard
-scalars (`DIR/tensorboard`).
+loss or update stops the run before it is saved (nothing non-finite is ever saved). A resume skips
+(and sets aside) newer steps that fail their checksums or are not finite. Process 0 writes
+metrics.jsonl and TensorBoard scalars (`DIR/tensorboard`).
 """
 import dataclasses
 import functools
@@ -27,7 +28,8 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bipft_jax import checkpointing, config_loading, distributed, losses, optim, pytorch_io, sharding
+from bipft_jax import checkpointing, config_checks, config_loading, distributed, files, losses, optim
+from bipft_jax import pytorch_io, sharding
 from bipft_jax import model as model_lib
 from bipft_jax.data import hosts, sources
 from bipft_jax.errors import UserError
@@ -46,6 +48,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
+  config_checks.check_pretrain(config)
+  files.check_writable_dir(args.workdir, "--workdir")
   distributed.initialize(config)  # before any JAX computation
   if not jax.config.jax_compilation_cache_dir:  # reruns and resumes skip XLA compilation
     from bipft_jax import assets
@@ -172,7 +176,9 @@ def make_train_step(student: nn.Module, teacher: nn.Module, tx, config):
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(step)
-    return {"params": optax.apply_updates(params, updates), "opt_state": opt_state}, metrics
+    state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+    metrics["state_finite"] = checkpointing.all_finite(state)  # fetched with the metrics: no extra sync
+    return state, metrics
 
   return train_step
 
@@ -409,12 +415,15 @@ def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) ->
 
 def _initial_state(trainer: Trainer, workdir, init_from, manager, data, teacher_params) -> tuple:
   """(state, first step, first (batch, data state) or None), in the order: resume > init_from > teacher."""
-  latest = manager.latest_step()
-  if latest is not None:  # 1. resume this workdir: params, optimizer and data state
-    restored = checkpointing.restore_items(manager, latest, trainer.abstract_state())
+  resumed = checkpointing.restore_newest_intact(manager, trainer.abstract_state())
+  if resumed is not None:  # 1. resume this workdir from its newest intact step: params, optimizer, data
+    step, restored, skipped = resumed
+    for error in skipped:
+      distributed.log(f"bipft pretrain: skipped step {error.step}, {error.reason}; "
+                      f"moved it to {error.moved_to}")
     data.restore(restored["data"])
-    distributed.log(f"bipft pretrain: resuming {workdir} from step {latest}")
-    return {"params": restored["params"], "opt_state": restored["opt_state"]}, latest, None
+    distributed.log(f"bipft pretrain: resuming {workdir} from step {step}")
+    return {"params": restored["params"], "opt_state": restored["opt_state"]}, step, None
   if init_from:  # 2. parameters of another checkpoint; a binary one keeps its trained alphas
     source_config, _, source_params = checkpointing.restore_params(init_from)
     needs_calibration = not source_config.binary
@@ -448,11 +457,9 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
       tokens = int(np.sum(batch["attention_mask"])) * jax.process_count()
       state, metrics = trainer.train_step(state, teacher_params, global_batch(batch, trainer.batch_sharding), step)
       metrics = jax.device_get(metrics)
-      loss = float(metrics["total_loss"])
-      if not np.isfinite(loss):
-        raise UserError(f"the loss is {loss} at step {step}; stopped without saving. The last good checkpoint "
-                        f"is step {manager.latest_step()} in {workdir}; lower optimizer.learning_rate or check "
-                        "the data, then rerun to resume from it")
+      loss, finite = float(metrics["total_loss"]), bool(metrics.pop("state_finite"))
+      if not (np.isfinite(loss) and finite):  # checked every step, so nothing non-finite is ever saved
+        raise UserError(diverged(manager, step, loss, workdir))
       step += 1
       metrics["tokens_per_second"] = tokens / (time.perf_counter() - started)
       bar.update(1)
@@ -484,6 +491,25 @@ def _loop(trainer: Trainer, workdir, manager, state, step, pending, data, teache
     signal.signal(signal.SIGTERM, previous_handler)
   return {"step": step, "metrics": {k: float(v) for k, v in metrics.items()}, "start": start, "final": final,
           "params": state["params"]}
+
+
+def diverged(manager, step: int, loss: float, workdir: str) -> str:
+  """The error of a run whose loss or updated parameters are not finite at `step` (nothing saved).
+
+  A checkpoint of step `step` holds the very parameters that gave a non-finite loss: it is set
+  aside as `STEP.diverged`, so that the error names, and a rerun resumes from, the one before."""
+  what, aside = f"the loss is {loss}", ""
+  if np.isfinite(loss):
+    what = "the update made the parameters non-finite"
+  elif manager.latest_step() == step:
+    manager.wait_until_finished()
+    moved = checkpointing.set_aside(manager, step, "diverged")
+    aside = f" (step {step}, whose parameters gave this loss, moved to {moved})"
+  newest, stopped = manager.latest_step(), f"{what} at step {step}; stopped without saving{aside}."
+  if newest is None:
+    return f"{stopped} There is no checkpoint in {workdir}: lower optimizer.learning_rate or check the data"
+  return (f"{stopped} The newest finite checkpoint is step {newest} in {workdir}: lower "
+          "optimizer.learning_rate or check the data, then rerun to resume from it")
 
 
 def describe(step: int, evaluation: dict) -> str:

@@ -1,9 +1,11 @@
 """Checkpoints move between device counts; bad checkpoints are one-line UserErrors."""
+import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import numpy as np
@@ -55,6 +57,8 @@ def _run(action: str, path: str, devices: int) -> str:
 def test_checkpoint_moves_between_8_devices_and_1(tmp_path):
   _run("write", str(tmp_path / "on8"), 8)
   _run("write", str(tmp_path / "on1"), 1)
+  for path in (tmp_path / "on8", tmp_path / "on1"):  # sealed, and verified by every read below
+    assert json.loads((path / "5" / "checksums.json").read_text())["sha256"]
   assert "on 1 devices" in _run("read", str(tmp_path / "on8"), 1)
   assert "on 8 devices" in _run("read", str(tmp_path / "on1"), 8)
 
@@ -88,3 +92,113 @@ def test_bad_checkpoints_are_user_errors(saved, tmp_path):
   shutil.rmtree(workdir / "2" / "params")
   with pytest.raises(UserError, match="params"):
     checkpointing.restore_params(str(workdir))
+
+
+def _step_files(step_dir) -> list:
+  return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file())
+
+
+def test_checksums_list_every_item_file_and_catch_each_change(saved):
+  workdir, _, params = saved
+  step_dir = workdir / "2"
+  listed = json.loads((step_dir / "checksums.json").read_text())["sha256"]
+  assert sorted(listed) == [f for f in _step_files(step_dir) if "/" in f]  # every file of every item
+  array = max((step_dir / name for name in listed if "/d/" in name), key=lambda p: p.stat().st_size)
+  original = array.read_bytes()
+  name = str(array.relative_to(step_dir))
+  array.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+  with pytest.raises(checkpointing.CorruptCheckpoint,
+                     match=f"step 2 in {workdir} is corrupt: {name} fails its sha256"):
+    checkpointing.restore_params(str(workdir))
+  array.unlink()
+  with pytest.raises(checkpointing.CorruptCheckpoint, match=f"{name} is missing"):
+    checkpointing.restore_params(str(workdir))
+  array.write_bytes(original)
+  (step_dir / "params" / "stray").write_bytes(b"x")
+  with pytest.raises(checkpointing.CorruptCheckpoint, match="params/stray was not written by the save"):
+    checkpointing.restore_params(str(workdir))
+  (step_dir / "params" / "stray").unlink()
+  (step_dir / "config" / "metadata").write_text("{}")
+  with pytest.raises(checkpointing.CorruptCheckpoint, match="config/metadata fails its sha256 check"):
+    checkpointing.read_model(str(workdir))
+  (step_dir / "checksums.json").write_text('{"sha256": [')
+  with pytest.raises(checkpointing.CorruptCheckpoint, match="its checksums.json is unreadable"):
+    checkpointing.read_model(str(workdir))
+
+
+def test_a_step_without_checksums_is_read_unverified(saved):
+  workdir, config, params = saved
+  (workdir / "2" / "checksums.json").unlink()  # as written before checksums existed
+  restored_config, _, restored = checkpointing.restore_params(str(workdir))
+  assert restored_config == config
+  jax.tree.map(np.testing.assert_array_equal, params, restored)
+
+
+def test_non_finite_parameters_are_neither_saved_nor_restored(saved, tmp_path):
+  _, config, params = saved
+  poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan), params)
+  with pytest.raises(UserError, match="the parameters hold NaN or Inf values; refusing to save them"):
+    checkpointing.save_params(str(tmp_path / "refused"), poisoned, config, "encoder")
+  assert not (tmp_path / "refused").exists()
+  manager = checkpointing.make_manager(str(tmp_path / "nan"))  # as a run before this check could write
+  checkpointing.save(manager, 3, params=poisoned, config=checkpointing.config_record(config, "encoder"))
+  checkpointing.wait(manager)
+  with pytest.raises(checkpointing.CorruptCheckpoint, match="step 3 .* is corrupt: its params hold NaN"):
+    checkpointing.restore_params(str(tmp_path / "nan"))
+
+
+def test_what_a_failed_read_leaves_behind_is_not_printed(monkeypatch):
+  from orbax.checkpoint._src.serialization import serialization
+  printed = []
+  monkeypatch.setattr(sys, "unraisablehook", printed.append)
+  checkpointing._drop_abandoned_reads()
+  hook = sys.unraisablehook
+  checkpointing._drop_abandoned_reads()
+  assert sys.unraisablehook is hook  # installed once, however many reads fail
+
+  async def ours():
+    pass
+
+  # What orbax's abandoned reads report as they are collected (after our one error line) ...
+  orbax_read = serialization._read_array_index_and_device_put(
+      None, (), None, global_shape=(), new_shard_shape=(), dtype=None, byte_limiter=None, strict=True,
+      dll=None, memory_kind=None)
+  unrelated = ours()
+  report = lambda exc, source: types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                                     err_msg=None, object=source)
+  hook(report(Exception("Encountered error while reading array index: ()"), orbax_read))
+  hook(report(RuntimeError("Event loop is closed"), None))
+  assert printed == []
+  # ... and anything else, which still reaches the previous hook.
+  hook(report(Exception("Encountered error"), unrelated))
+  hook(report(RuntimeError("another"), None))
+  assert len(printed) == 2
+  orbax_read.close()
+  unrelated.close()
+
+
+def test_the_newest_intact_step_is_restored_and_newer_ones_set_aside(saved, tmp_path):
+  _, config, params = saved
+  poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.inf), params)
+  manager = checkpointing.make_manager(str(tmp_path / "steps"), max_to_keep=None)
+  for step, tree in ((1, params), (3, params), (5, poisoned)):
+    checkpointing.save(manager, step, params=tree, config=checkpointing.config_record(config, "encoder"))
+  checkpointing.wait(manager)
+  flipped = tmp_path / "steps" / "3" / "config" / "metadata"
+  flipped.write_text(flipped.read_text().replace('"encoder"', '"encoded"'))
+  abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=checkpointing.replicated_sharding()), params)}
+  step, restored, skipped = checkpointing.restore_newest_intact(manager, abstract)
+  assert step == 1 and manager.all_steps() == [1]
+  jax.tree.map(np.testing.assert_array_equal, params, restored["params"])
+  assert [(e.step, e.reason, e.moved_to) for e in skipped] == [
+      (5, "its params hold NaN or Inf values", str(tmp_path / "steps" / "5.corrupt")),
+      (3, "config/metadata fails its sha256 check", str(tmp_path / "steps" / "3.corrupt"))]
+  # With no intact step left, nothing is moved and the error names each step's problem.
+  (tmp_path / "steps" / "1" / "params" / "_METADATA").write_text("{}")
+  before = sorted(os.listdir(tmp_path / "steps"))
+  with pytest.raises(UserError, match=r"no intact checkpoint in .*: step 1: params/_METADATA fails its "
+                                      r"sha256 check\. Move the step folders away"):
+    checkpointing.restore_newest_intact(manager, abstract)
+  assert sorted(os.listdir(tmp_path / "steps")) == before
+  manager.close()

@@ -201,3 +201,20 @@ def test_tfds_array_record_source(tmp_path, tokenizer):
   config.tfds_name = "no_such_dataset"
   with pytest.raises(UserError, match="cannot open TFDS dataset"):
     sources.open_source(config, "train")
+
+
+def test_pair_truncation_equals_deleting_token_by_token():
+  """BERT's rule (trim the longer segment, front or back at random, one token at a time), done in
+  O(n) by `_truncate_pair`: the same segments and the same random draws consumed."""
+  def token_by_token(a, b, max_num_tokens, rng):
+    while len(a) + len(b) > max_num_tokens:
+      longer = a if len(a) > len(b) else b
+      del longer[0 if rng.random() < 0.5 else -1]
+
+  lengths = np.random.default_rng(0).integers(0, 40, (500, 3))
+  for seed, (len_a, len_b, max_num_tokens) in enumerate(lengths):
+    expected, got = ([list(range(len_a)), list(range(100, 100 + len_b))] for _ in range(2))
+    rng_expected, rng_got = np.random.default_rng(seed), np.random.default_rng(seed)
+    token_by_token(*expected, max_num_tokens, rng_expected)
+    examples._truncate_pair(*got, max_num_tokens, rng_got)
+    assert got == expected and rng_got.random() == rng_expected.random()

@@ -83,7 +83,7 @@ def pretraining_checkpoint(tmp_path_factory):
 
 
 def _corrupt(workdir, tmp_path) -> str:
-  """A copy of the best/ checkpoint whose array files are truncated."""
+  """A copy of the best/ checkpoint whose array files are truncated (its checksums catch it)."""
   copy = str(tmp_path / "corrupt")
   shutil.copytree(os.path.join(workdir, "best"), copy)
   for folder, _, names in os.walk(copy):
@@ -97,12 +97,12 @@ def _corrupt(workdir, tmp_path) -> str:
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist; pass a workdir"),
-    ("corrupt", "could not be restored"),
+    ("corrupt", "is corrupt: params/"),
     ("pretraining head", "holds a pretraining model, not a classification one"),
     ("num_labels", "has 2 outputs but mnli needs 3"),
     ("split", "sst2 has no split 'validation'; choose one of train, dev, test"),
     ("test without predictions", "has no labels to score: pass --predictions"),
-    ("unwritable", "cannot write predictions to"),
+    ("unwritable", "cannot be a folder: "),
     ("classifier for MLM", "holds a classification model, not a pretraining one"),
 ])
 def test_bad_input_exits_2_in_one_line(case, message, finetuned, pretraining_checkpoint, glue_dir, vocab_dir,
@@ -122,7 +122,7 @@ def test_bad_input_exits_2_in_one_line(case, message, finetuned, pretraining_che
   elif case == "test without predictions":
     extra = ["--split", "test"]
   elif case == "unwritable":
-    extra = ["--split", "dev", "--predictions", str(tmp_path / "no_such_folder" / "dev.tsv")]
+    extra = ["--split", "dev", "--predictions", os.path.join(workdir, "results.json", "dev.tsv")]
   config = [f"{GLUE_CONFIG}:task={task}"] + _glue_args(glue_dir, vocab_dir)
   if case == "classifier for MLM":
     config = [f"{PRETRAIN_CONFIG}:tiny"]

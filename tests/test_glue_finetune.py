@@ -1,6 +1,7 @@
 """`bipft finetune` on tiny models and fixture data: learning, best-epoch selection, outputs, starts."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,15 @@ def vocab_dir(tmp_path_factory):
   return glue_fixtures.write_vocab(tmp_path_factory.mktemp("vocab"))
 
 
+def tiny_overrides(glue_dir, vocab_dir, *extra) -> list:
+  return TINY + ["init.kind=scratch", f"data.path={glue_dir}", f"data.tokenizer={vocab_dir}", "batch_size=4",
+                 "eval_batch_size=8", "max_length=16", "optimizer.learning_rate=0.003",
+                 "log_every=1"] + list(extra)
+
+
 def tiny_config(task, glue_dir, vocab_dir, *extra):
-  overrides = TINY + ["init.kind=scratch", f"data.path={glue_dir}", f"data.tokenizer={vocab_dir}",
-                      "batch_size=4", "eval_batch_size=8", "max_length=16", "optimizer.learning_rate=0.003",
-                      "log_every=1"] + list(extra)
-  return config_loading.load_config(os.path.join(ROOT, f"configs/glue.py:task={task}"), overrides)
+  return config_loading.load_config(os.path.join(ROOT, f"configs/glue.py:task={task}"),
+                                    tiny_overrides(glue_dir, vocab_dir, *extra))
 
 
 def _fixed_batch(task_name, glue_dir, vocab_dir):
@@ -210,3 +215,16 @@ def test_cli_bad_inputs_exit_2(glue_dir, vocab_dir, tmp_path, capsys):
                  "or read TFDS with --config.data.format=tfds"]
   assert cli.main(["finetune", "--config", f"{config}:task=rte", "--workdir", str(tmp_path / "w2")]) == 2
   assert "no starting point: pass --init_from" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_in_one_line_without_best_or_results(glue_dir, vocab_dir, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  overrides = tiny_overrides(glue_dir, vocab_dir, "optimizer.learning_rate=1e30")
+  code = cli.main(["finetune", "--config", os.path.join(ROOT, "configs/glue.py:task=sst2"),
+                   "--workdir", str(workdir)] + [f"--config.{o}" for o in overrides])
+  err = capsys.readouterr().err
+  errors = [line for line in err.splitlines() if "bipft finetune: error: " in line]
+  assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+  assert re.search(r"error: the (loss is (nan|inf)|update made the parameters non-finite) at step \d+ "
+                   r"\(epoch 1\); stopped before writing best/ or results.json", errors[0]), errors[0]
+  assert not os.path.exists(workdir / "best") and not os.path.exists(workdir / "results.json")

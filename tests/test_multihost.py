@@ -119,6 +119,10 @@ def test_two_processes_train_like_one_and_write_one_checkpoint(files, tmp_path):
   for name, value in restored.items():
     assert value.sharding.device_set == {device}
     np.testing.assert_array_equal(np.asarray(value), trained[name], err_msg=name)
+  # Process 0 sealed the step with both processes' files (the restore above verified them all).
+  listed = json.loads((tmp_path / "multi" / str(STEPS) / "checksums.json").read_text())["sha256"]
+  assert {name.split("/")[1] for name in listed if name.startswith("params/ocdbt.")} == {"ocdbt.process_0",
+                                                                                         "ocdbt.process_1"}
   single = dict(np.load(tmp_path / "single.npz"))
   for name, value in trained.items():
     np.testing.assert_allclose(value, single[name], rtol=1e-5, atol=1e-6, err_msg=name)

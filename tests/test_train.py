@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,18 +163,101 @@ def test_sigterm_saves_and_exits(files, tmp_path):
   assert 2 <= manager.latest_step() < 100000
 
 
-def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(files, tmp_path, capsys):
-  code = cli.main(["pretrain", "--config", f"{CONFIG}:tiny", "--workdir", str(tmp_path / "run")]
-                  + [f"--config.{o}" for o in tiny_overrides(files)]
-                  + ["--config.optimizer.learning_rate=1e30", "--config.optimizer.schedule=constant",
-                     "--config.optimizer.warmup_steps=0", "--config.checkpoint_every=1"])
-  error = capsys.readouterr().err.strip().splitlines()[-1]
+def _pretrain_args(files, workdir, *extra) -> list:
+  return (["pretrain", "--config", f"{CONFIG}:tiny", "--workdir", str(workdir)]
+          + [f"--config.{o}" for o in tiny_overrides(files)] + list(extra))
+
+
+def _error_line(err: str, command: str) -> str:
+  """The one error line of a failed command (stderr holds progress bars too, but no traceback)."""
+  errors = [line for line in err.splitlines() if f"bipft {command}: error: " in line]
+  assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+  return errors[0]
+
+
+def _all_finite(params) -> bool:
+  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_diverging_run_saves_only_finite_checkpoints(files, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  code = cli.main(_pretrain_args(files, workdir, "--config.optimizer.learning_rate=1e30",
+                                 "--config.total_steps=20", "--config.optimizer.warmup_steps=4",
+                                 "--config.checkpoint_every=1", "--config.keep_checkpoints=20"))
+  error = _error_line(capsys.readouterr().err, "pretrain")
   assert code == 2
-  assert "the loss is nan at step" in error or "the loss is inf at step" in error
-  step = int(error.split(" at step ")[1].split(";")[0])
-  _, _, params = checkpointing.restore_params(str(tmp_path / "run"))
-  assert checkpointing.make_manager(str(tmp_path / "run"), read_only=True).latest_step() == step
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  match = re.search(r"the loss is (nan|inf) at step (\d+); stopped without saving \(step \2, whose "
+                    r"parameters gave this loss, moved to (\S+)\)\. The newest finite checkpoint is "
+                    r"step (\d+) in ", error)
+  assert match, error
+  diverged_at, moved, newest = int(match.group(2)), match.group(3), int(match.group(4))
+  assert moved == str(workdir / f"{diverged_at}.diverged") and os.path.isdir(moved)
+  manager = checkpointing.make_manager(str(workdir), read_only=True)
+  assert manager.latest_step() == newest == diverged_at - 1 and newest >= 1
+  for step in manager.all_steps():  # restore_params refuses non-finite arrays; checked here again
+    assert _all_finite(checkpointing.restore_params(str(workdir), step)[2])
+
+
+FOUR_STEPS = ("--config.total_steps=4", "--config.checkpoint_every=2")
+
+
+@pytest.fixture(scope="module")
+def trained(files, tmp_path_factory):
+  """A tiny run's workdir with checkpoints at steps 2 and 4."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  assert cli.main(_pretrain_args(files, workdir, *FOUR_STEPS)) == 0
+  return workdir
+
+
+def _flip_a_bit(step_dir) -> str:
+  """Flips one bit in the middle of the step's largest parameter file; returns its path in the step."""
+  arrays = [os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(step_dir, "params"))
+            for name in names if os.sep + "d" in folder]
+  path = max(arrays, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x08]))
+  return os.path.relpath(path, step_dir)
+
+
+def _snapshot(folder) -> dict:
+  return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+          for root, _, names in os.walk(folder) for name in names}
+
+
+def test_resume_skips_a_bit_flipped_latest_step(files, trained, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  flipped = _flip_a_bit(workdir / "4")
+  assert cli.main(_pretrain_args(files, workdir, *FOUR_STEPS)) == 0
+  out = capsys.readouterr().out
+  assert (f"bipft pretrain: skipped step 4, {flipped} fails its sha256 check; moved it to "
+          f"{workdir}/4.corrupt\nbipft pretrain: resuming {workdir} from step 2\n") in out
+  assert sorted(os.listdir(workdir / "4.corrupt")) == sorted(os.listdir(trained / "4"))  # kept, not deleted
+  # Steps 3 and 4 trained again from step 2 equal the run that was never corrupted, bit for bit.
+  _, _, expected = checkpointing.restore_params(str(trained), 4)
+  _, _, got = checkpointing.restore_params(str(workdir), 4)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("command", ["convert", "evaluate", "export-packed"])
+def test_a_bit_flipped_step_is_refused_in_one_line(files, trained, tmp_path, capsys, command):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  flipped = _flip_a_bit(workdir / "4")
+  before = _snapshot(tmp_path)
+  argv = {"convert": ["convert", "to-pytorch", "--checkpoint", str(workdir), "--out", str(tmp_path / "hf")],
+          "evaluate": ["evaluate", "--config", f"{CONFIG}:tiny", "--checkpoint", str(workdir)]
+                      + [f"--config.{o}" for o in tiny_overrides(files)],
+          "export-packed": ["export-packed", "--checkpoint", str(workdir), "--out", str(tmp_path / "m.bin")]}
+  assert cli.main(argv[command]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"bipft {command}: error: checkpoint step 4 in {workdir} is corrupt: {flipped} fails its "
+                 "sha256 check"], err
+  assert _snapshot(tmp_path) == before  # nothing written, nothing moved
 
 
 @pytest.mark.parametrize("args, message", [

@@ -49,8 +49,10 @@ def segment_pairs(document: list, random_document: Callable[[], list], max_num_t
       if is_random_next:
         other = random_document()
         tokens_b = []
-        for segment in other[int(rng.integers(0, len(other))):] if other else []:
-          tokens_b.extend(segment)
+        # By index, not other[start:]: slicing copies the rest of the document for every pair (quadratic
+        # in the sentences of a long document).
+        for j in range(int(rng.integers(0, len(other))) if other else 0, len(other)):
+          tokens_b.extend(other[j])
           if len(tokens_b) >= target_length - len(tokens_a):
             break
         i -= len(chunk) - a_end  # the unused segments start the next pair
@@ -65,10 +67,19 @@ def segment_pairs(document: list, random_document: Callable[[], list], max_num_t
 
 
 def _truncate_pair(tokens_a: list, tokens_b: list, max_num_tokens: int, rng: np.random.Generator) -> None:
-  """Trims the longer segment, from the front or the back at random, until the pair fits."""
-  while len(tokens_a) + len(tokens_b) > max_num_tokens:
-    longer = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b
-    del longer[0 if rng.random() < 0.5 else -1]
+  """Trims the longer segment, from the front or the back at random, one token at a time until the
+  pair fits (BERT's rule), in O(n): the same random draws and result as deleting token by token."""
+  excess = len(tokens_a) + len(tokens_b) - max_num_tokens
+  if excess <= 0:
+    return
+  # Which segment each deletion hits: the longer one until they are level, then b, a, b, a, ...
+  level = min(abs(len(tokens_a) - len(tokens_b)), excess)
+  from_a = np.concatenate([np.full(level, len(tokens_a) > len(tokens_b)), np.arange(excess - level) % 2 == 1])
+  from_front = rng.random(excess) < 0.5
+  for tokens, hits in ((tokens_a, from_a), (tokens_b, ~from_a)):
+    front, back = int(np.sum(hits & from_front)), int(np.sum(hits & ~from_front))
+    del tokens[len(tokens) - back:]
+    del tokens[:front]
 
 
 def masked_example(tokens_a: list, tokens_b: list, is_random_next: bool, special: SpecialTokens,

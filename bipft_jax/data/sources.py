@@ -9,6 +9,7 @@ import glob
 import gzip
 import os
 import re
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -45,8 +46,8 @@ class TextFiles(Sequence):
       try:
         with opener(path, "rt", encoding="utf-8") as f:
           text = f.read()
-      except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read text file {path}: {e}") from None
+      except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # EOFError: a truncated .gz
+        raise UserError(f"cannot read text file {path}: {e or type(e).__name__}") from None
       self.documents.extend(d.strip() for d in re.split(r"\n\s*\n", text) if d.strip())
     if not self.documents:
       raise UserError(f"the text files {paths} hold no text")

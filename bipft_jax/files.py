@@ -1,0 +1,136 @@
+"""Writing outputs without losing what is on disk: checks before any work, temp name then rename.
+
+Every file a command writes goes through `atomic_path` (or `atomic_write`, `write_json`), every new
+output folder through `atomic_folder`: written under a temporary name beside the target and renamed
+over it only when complete, so a crash, a full disk or a bad value leaves the earlier file whole.
+The result has the mode a plain `open`/`mkdir` would give it (0666/0777 less the umask), not
+mkstemp's owner-only 0600.
+The `check_*` functions turn an unwritable output into one UserError before anything expensive runs.
+"""
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+from bipft_jax.errors import UserError
+
+
+def _umask() -> int:
+  umask = os.umask(0)
+  os.umask(umask)
+  return umask
+
+
+def normalize_modes(path: str) -> None:
+  """Gives `path` (a file, or a folder and everything in it) the modes of a plain open/mkdir."""
+  umask = _umask()
+  if os.path.isdir(path):
+    for root, dirs, names in os.walk(path):
+      for name in dirs:
+        os.chmod(os.path.join(root, name), 0o777 & ~umask)
+      for name in names:
+        os.chmod(os.path.join(root, name), 0o666 & ~umask)
+    os.chmod(path, 0o777 & ~umask)
+  else:
+    os.chmod(path, 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """Yields a temporary file name beside `path` (its folder created if needed); renamed over `path`
+  when the block succeeds, deleted when it raises."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    yield tmp
+    normalize_modes(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w"):
+  """`open(path, mode)` ('w' or 'wb') that replaces `path` only once the block completes."""
+  with atomic_path(path) as tmp, open(tmp, mode) as f:
+    yield f
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+  """Yields a temporary folder beside `path` (absent or empty: see `check_new_folder`), renamed to
+  `path` when the block succeeds, deleted when it raises."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+  try:
+    yield tmp
+    normalize_modes(tmp)  # mkdtemp and some writers create owner-only modes
+    if os.path.isdir(path):
+      os.rmdir(path)  # empty: an earlier folder with contents is never replaced
+    os.rename(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str, value, indent: int | None = 1) -> None:
+  """`value` as JSON, atomically."""
+  with atomic_write(path) as f:
+    json.dump(value, f, indent=indent)
+
+
+def replace_tree(source: str, target: str) -> None:
+  """Moves the file or folder `source` to `target` (same filesystem), replacing what is there.
+
+  A file is replaced atomically; a folder is swapped in with two renames, the old one deleted
+  only after the new one is in place."""
+  if not os.path.isdir(target) or not os.path.isdir(source):
+    if os.path.isdir(target):
+      shutil.rmtree(target)
+    os.replace(source, target)
+    return
+  old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(target)), prefix=f".{os.path.basename(target)}.")
+  os.rmdir(old)  # a free name beside target
+  os.rename(target, old)
+  os.rename(source, target)
+  shutil.rmtree(old)
+
+
+def _existing_ancestor(path: str) -> str:
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def check_writable_dir(path: str, what: str) -> None:
+  """UserError unless `path` is a writable folder or can be created as one."""
+  if "://" in path:  # object stores: checked by the first write
+    return
+  ancestor = _existing_ancestor(path)
+  if not os.path.isdir(ancestor):
+    raise UserError(f"{what} {path} cannot be a folder: {ancestor} is a file")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise UserError(f"{what} {path} is not writable: {ancestor} is read-only")
+
+
+def check_new_folder(path: str, what: str) -> None:
+  """UserError unless `path` can be created as a folder (or is an empty one)."""
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise UserError(f"{what} {path} already exists and is not empty; choose a new {what} or remove it")
+  check_writable_dir(path, what)
+
+
+def check_output_file(path: str, what: str, overwrite: bool = False, flag: str = "--overwrite") -> None:
+  """UserError unless a new file can be written at `path`; an existing file is refused unless
+  `overwrite` (the user passed `flag`)."""
+  if os.path.isdir(path):
+    raise UserError(f"{what} {path} is a folder; name the file to write")
+  if os.path.exists(path) and not overwrite:
+    raise UserError(f"{what} {path} already exists; choose another name or pass {flag} to replace it")
+  check_writable_dir(os.path.dirname(os.path.abspath(path)), f"the folder of {what}")
