@@ -74,15 +74,13 @@ class BertConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
     for name, choices in (("pooling", POOLINGS), ("mlm_transform_act", ("gelu", "relu")),
-                          ("binary_matmul_dtype", ("float32", "bfloat16")),
+                          ("binary_matmul_dtype", precision_lib.BINARY_MATMUL_DTYPES),
+                          ("precision", precision_lib.PRECISIONS),
                           ("matmul_precision", _PRECISIONS)):
       if getattr(self, name) not in choices:
         raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
     binarize.weight_binarizers(self.weight_binarizer)  # ValueError naming the known ones
     binarize.activation_binarizers(self.activation_binarizer)
-
-  def __post_init__(self):
-    precision_lib.check_fields(self.binary_matmul_dtype, self.precision)
 
   @property
   def head_size(self) -> int:

@@ -39,15 +39,6 @@ ACCELERATOR_ORDER = ("int8", "bfloat16", "float32")
 CACHE_FILE = "matmul_choices.json"
 
 
-def check_fields(binary_matmul_dtype: str, precision: str) -> None:
-  """ValueError unless both are known names."""
-  if binary_matmul_dtype not in BINARY_MATMUL_DTYPES:
-    raise ValueError(f"unknown binary_matmul_dtype {binary_matmul_dtype!r}; choose one of "
-                     f"{', '.join(BINARY_MATMUL_DTYPES)}")
-  if precision not in PRECISIONS:
-    raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-
-
 # --- the exact sign product ------------------------------------------------------------------
 
 def sign_einsum(spec: str, x_s, y_s, dtype: str):
