@@ -129,7 +129,8 @@ def student_loss(student: nn.Module, config, params, teacher_out: dict, batch: d
   """(loss, metrics) of the student's training forward against the teacher's outputs."""
   student_out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
                               batch["attention_mask"], mlm_positions_BxN=batch["mlm_positions"],
-                              deterministic=False, detach_heads=config.loss.detach_heads, rngs={"dropout": key})
+                              deterministic=False, detach_heads=config.loss.detach_heads,
+                              rngs={"dropout": key})
   loss, metrics = losses.distillation_loss(
       student_out, teacher_out, batch, nsp_distill=config.loss.nsp_distill,
       mask_padding_in_mse=config.loss.mask_padding_in_mse, mlm_labels=batch["mlm_labels"])
