@@ -1,0 +1,18 @@
+"""The binarizer zoo: other systems' binarizers as drop-in policies for the student's layers.
+
+`LINEAR_OPS` maps a name to a factory of `LinearOp` (a whole binarized Linear layer, see
+`zoo.api`); factories take the operator's constructor parameters (schedules) as keywords.
+"""
+from bipft_jax.binarize import _lookup
+from bipft_jax.zoo import bibench
+from bipft_jax.zoo.api import (ACTIVATION_SCALE, FP, IN, KINDS, OUT, WEIGHT_SCALE, Extra,  # noqa: F401
+                               LinearOp)
+
+LINEAR_OPS = {
+    "bnn": bibench.bnn,
+}
+
+
+def linear_op(name: str, **params) -> LinearOp:
+  """The Linear operator registered under `name`, built with its constructor `params`."""
+  return _lookup(LINEAR_OPS, "linear", name)(**params)
