@@ -8,6 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from bipft_jax import zoo
+from bipft_jax.zoo import bibench
 from reference_data import ZOO_VECTORS, needs_zoo_vectors
 
 
@@ -25,9 +26,29 @@ def assert_rel(ours, ref, rel, what=""):
 
 # Each vector file: the operator, and how its PyTorch extras map to ours (name -> (torch name, to_ours)).
 # to_ours is linear (a reshape or transpose), so it maps the parameter's gradient too.
+def _flat(a):
+  return a.reshape(-1)
+
+
+def _fda_extras():
+  return {f"{side}_noise_{fc}": (f"{side}_noise.{fc}.weight", np.transpose)
+          for side in ("weight", "act") for fc in ("fc1", "fc2")}
+
+
 CASES = {
     "bnn": (lambda: zoo.linear_op("bnn"), {}),
+    "xnor": (lambda: zoo.linear_op("xnor"), {}),
+    "xnorplusplus": (lambda: zoo.linear_op("xnorplusplus"), {"o_scale": ("o_scale", _flat)}),
+    "dorefa": (lambda: zoo.linear_op("dorefa"), {}),
+    "bireal": (lambda: zoo.linear_op("bireal"), {}),
+    "react": (lambda: zoo.linear_op("react"), {"threshold": ("channel_threshold", _flat)}),
+    "recu": (lambda: zoo.linear_op("recu"), {"alpha": ("alpha", _flat)}),
+    "recu_sched": (lambda: zoo.linear_op("recu", **bibench.recu_schedule(10, 3)), {"alpha": ("alpha", _flat)}),
+    "fda": (lambda: zoo.linear_op("fda"), _fda_extras()),
+    "fda_sched": (lambda: zoo.linear_op("fda", **bibench.fda_schedule(10, 3)), _fda_extras()),
 }
+# Operators whose weight planes carry a learned output scale the authors apply after F.linear.
+OUTPUT_SCALE = {"xnorplusplus": "o_scale", "recu": "alpha", "recu_sched": "alpha"}
 
 
 def _vector_files() -> list:
@@ -79,31 +100,127 @@ def test_inference_planes_are_the_operands(case):
   kernel = ref["weight"].T
   if op.weight_planes is not None:
     w = sum(scale * signs for scale, signs in op.weight_planes(kernel, extras))
-    assert_rel(w, ref["linear_weight"].T, 1e-6, "weight planes")
+    folded = extras[OUTPUT_SCALE[case]] if case in OUTPUT_SCALE else 1
+    assert_rel(w, ref["linear_weight"].T * folded, 1e-6, "weight planes")
   if op.activation_planes is not None:
     scale, signs = op.activation_planes(ref["x"], extras)
     assert_rel(scale * signs, ref["linear_input"].reshape(ref["x"].shape), 1e-6, "activation plane")
 
 
+@needs_zoo_vectors
+@pytest.mark.parametrize("case", ["recu", "recu_sched"])
+def test_recu_eval_mode_gradient(case):
+  """Eval mode skips ReCU's activation normalisation: same y and parameter gradients, other dL/dx."""
+  ref = load_file(ZOO_VECTORS / _manifest()["operators"][case]["file"])
+  op = CASES[case][0]()
+  extras = {"alpha": ref["alpha"].reshape(-1)}
+  (_, y), (grad_x, grad_kernel, _, grad_extras) = _loss_and_grads(
+      op, ref["x"], ref["weight"].T, ref["bias"], extras, ref["g"], train=False)
+  assert_rel(y, ref["y"], 1e-6, "y")
+  assert_rel(grad_x, ref["grad_x_eval"], 1e-5, "grad_x_eval")
+  assert_rel(grad_kernel, ref["grad_weight"].T, 1e-5, "grad_weight")
+  assert_rel(grad_extras["alpha"], ref["grad_alpha"].reshape(-1), 1e-5, "grad_alpha")
+  assert np.linalg.norm(ref["grad_x_eval"] - ref["grad_x"]) > 0.1 * np.linalg.norm(ref["grad_x"])
+
+
+@needs_zoo_vectors
+def test_schedules_give_the_buffers_of_the_sched_files():
+  recu = load_file(ZOO_VECTORS / "recu_sched.safetensors")
+  assert np.float32(bibench.recu_schedule(10, 3)["tau"]) == recu["buffer_tau"].item()
+  fda = load_file(ZOO_VECTORS / "fda_sched.safetensors")
+  assert bibench.fda_schedule(10, 3) == {"n": fda["buffer_n"].item(), "alpha": fda["buffer_alpha"].item()}
+  # The constructor defaults are the unscheduled files' buffers (BiBench's BERT track).
+  assert load_file(ZOO_VECTORS / "recu.safetensors")["buffer_tau"].item() == 1.0
+  fda = load_file(ZOO_VECTORS / "fda.safetensors")
+  assert (fda["buffer_n"].item(), fda["buffer_alpha"].item()) == (9, np.float32(0.1))
+
+
+def test_schedules_by_hand():
+  assert bibench.recu_schedule(10, 0)["tau"] == pytest.approx(0.85, abs=1e-6)
+  assert bibench.recu_schedule(10, 10)["tau"] == pytest.approx(0.99, abs=1e-6)
+  assert bibench.fda_schedule(10, 9) == {"n": 17, "alpha": 0.0}
+  assert bibench.fda_schedule(10, 4)["alpha"] == pytest.approx(0.05, abs=1e-8)
+
+
 # --- boundaries: sign(0) = 0 and the STE window at exactly +-1 ------------------------------
 
 BOUNDARY = jnp.array([-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
+# The other operand: no zero after XNOR's centring (its mean is 1/7), one negative sign.
+OTHER = jnp.array([0.25, 0.25, 0.25, 0.25, 0.25, 0.25, -0.5])
+CLOSED, OPEN = [0, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0, 0]
+POLYNOMIAL = [0, 0, 1, 2, 1, 0, 0]  # p'(v) at BOUNDARY (Bi-Real), also ReCU's max(0, 2 - |2v|)
 
 
-def _boundary_grads(op, *, weight: bool):
-  """Forward signs and gradients of a (1 x 7) input against a 7 x 1 kernel; the probed side is BOUNDARY."""
-  x, kernel = BOUNDARY[None, :], BOUNDARY[:, None]
-  fixed = jnp.full_like(BOUNDARY, 0.25)
-  x, kernel = (fixed[None, :], kernel) if weight else (x, fixed[:, None])
-  extras = {name: e.init(jax.random.key(0), e.shape, jnp.float32)
-            for name, e in op.init_extras(7, 1).items()}
-  grads = jax.grad(lambda x, k: jnp.sum(op.apply(x, k, jnp.zeros(1), extras, train=True)), argnums=(0, 1))(x, kernel)
-  return grads[1][:, 0] if weight else grads[0][0]
+def _boundary_run(op, *, weight: bool, extras=None, train=True):
+  """y and the gradient of sum(y) for a 1 x 7 input and a 7 x 1 kernel; the probed side is BOUNDARY."""
+  x, kernel = (OTHER[None, :], BOUNDARY[:, None]) if weight else (BOUNDARY[None, :], OTHER[:, None])
+  if extras is None:
+    extras = {name: e.init(jax.random.key(0), e.shape, jnp.float32) for name, e in op.init_extras(7, 1).items()}
+  y, grads = jax.value_and_grad(lambda x, k: jnp.sum(op.apply(x, k, jnp.zeros(1), extras, train=train)),
+                                argnums=(0, 1))(x, kernel)
+  return y, grads[1][:, 0] if weight else grads[0][0]
 
 
-@pytest.mark.parametrize("weight", [False, True], ids=["activation", "weight"])
-def test_bnn_boundaries(weight):
-  op = zoo.linear_op("bnn")
-  assert op.activation_planes(BOUNDARY, {})[1].tolist() == [-1, -1, -1, 0, 1, 1, 1]
-  # The window is closed: v = +-1 passes (gt/lt masks). The other side's signs are all +1 here.
-  np.testing.assert_array_equal(_boundary_grads(op, weight=weight), [0, 1, 1, 1, 1, 1, 0])
+# The gradient of the probed side is c * window * sign(OTHER) (1 x 7 by 7 x 1: the other side's sign
+# enters each entry; its scales only give c). XNOR's weight gradient passes its centring (mixes
+# entries), ReCU's its standardisation: their weight windows are tested on the quantizers below.
+WINDOWS = {  # name -> (activation window, weight window, train)
+    "bnn": (CLOSED, CLOSED, True), "xnor": (CLOSED, None, True), "xnorplusplus": (OPEN, OPEN, True),
+    "dorefa": (OPEN, OPEN, True), "bireal": (POLYNOMIAL, CLOSED, True), "react": (POLYNOMIAL, CLOSED, True),
+    "recu": (POLYNOMIAL, None, False),  # eval mode: the window on the raw input
+}
+
+
+@pytest.mark.parametrize("name, weight", [(name, weight) for name in sorted(WINDOWS) for weight in (False, True)
+                                          if WINDOWS[name][weight] is not None])
+def test_gradient_windows_at_the_boundaries(name, weight):
+  window = WINDOWS[name][1 if weight else 0]
+  op = zoo.linear_op(name)
+  _, grad = _boundary_run(op, weight=weight, train=WINDOWS[name][2])
+  expected = np.asarray(window, np.float32) * np.sign(OTHER)
+  np.testing.assert_allclose(grad, grad[4] / expected[4] * expected, rtol=1e-6, atol=0)
+  assert grad[4] != 0
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.LINEAR_OPS if n != "fda"])
+def test_sign_of_zero_is_zero(name):
+  op = zoo.linear_op(name)
+  kernel, extras = BOUNDARY[:, None], {"alpha": jnp.ones(1), "o_scale": jnp.ones(1)}
+  if op.activation_planes is not None:
+    assert op.activation_planes(BOUNDARY, extras)[1].tolist() == [-1, -1, -1, 0, 1, 1, 1]
+  # BOUNDARY has mean 0, so XNOR's centring and ReCU's standardisation keep its zero.
+  assert op.weight_planes(kernel, extras)[0][1][:, 0].tolist() == [-1, -1, -1, 0, 1, 1, 1]
+  # An all-zero input row gives sign 0 everywhere: only the bias is left.
+  y = op.apply(jnp.zeros((1, 7)), kernel, jnp.full((1,), 0.5),
+               {k: v for k, v in extras.items() if k in op.init_extras(7, 1)}, train=False)
+  np.testing.assert_array_equal(y, [[0.5 if op.uses_bias else 0.0]])
+
+
+def test_fda_at_the_boundaries():
+  """FDA's gradient: the Fourier series inside |v| <= 1 plus the noise path alpha * 0.1 cos(v) everywhere
+  (7 features: the noise MLP has width 7 // 64 = 0)."""
+  alpha, n = 0.1, 9
+  series = sum(np.cos((2 * i + 1) * 0.1 * np.float64(BOUNDARY)) for i in range(n + 1)) * 0.4 / np.pi
+  slope = np.where(np.abs(BOUNDARY) <= 1, series, 0) + alpha * 0.1 * np.cos(np.float64(BOUNDARY))
+  other_b = (np.sign(OTHER) + alpha * 0.1 * np.sin(OTHER)) * np.mean(np.abs(OTHER))
+  y, grad_x = _boundary_run(zoo.linear_op("fda", n=n, alpha=alpha), weight=False)
+  noisy_x = np.sign(BOUNDARY) + alpha * 0.1 * np.sin(BOUNDARY)
+  np.testing.assert_allclose(y, np.sum(noisy_x * other_b), rtol=1e-6)
+  np.testing.assert_allclose(grad_x, slope * other_b, rtol=1e-6)
+  _, grad_w = _boundary_run(zoo.linear_op("fda", n=n, alpha=alpha), weight=True)
+  other_a = np.sign(OTHER) + alpha * 0.1 * np.sin(OTHER)  # the activation side
+  np.testing.assert_allclose(grad_w, slope * other_a * np.mean(np.abs(BOUNDARY)), rtol=1e-6)
+
+
+def test_react_threshold_moves_only_the_gradient():
+  op = zoo.linear_op("react")
+  extras = {"threshold": jnp.full((7,), 0.5)}
+  y, grad_x = _boundary_run(op, weight=False, extras=extras)
+  # Forward: sign of the unshifted input (sign(-0.5 + 0.5) = 0 would drop a term).
+  scale = np.mean(np.abs(OTHER))
+  np.testing.assert_allclose(y, scale * np.sum(np.sign(BOUNDARY) * np.sign(OTHER)), rtol=1e-6)
+  # Backward: p'(x + 0.5) at x + 0.5 = [-1, -0.5, 0, 0.5, 1, 1.5, 2].
+  np.testing.assert_allclose(grad_x, scale * np.array([0, 1, 2, 1, 0, 0, 0]) * np.sign(OTHER), rtol=1e-6)
+  grad_t = jax.grad(lambda t: jnp.sum(op.apply(BOUNDARY[None, :], OTHER[:, None], jnp.zeros(1),
+                                                {"threshold": t}, train=True)))(extras["threshold"])
+  np.testing.assert_allclose(grad_t, grad_x, rtol=1e-6)

@@ -10,6 +10,13 @@ from bipft_jax.zoo.api import (ACTIVATION_SCALE, FP, IN, KINDS, OUT, WEIGHT_SCAL
 
 LINEAR_OPS = {
     "bnn": bibench.bnn,
+    "xnor": bibench.xnor,
+    "xnorplusplus": bibench.xnorplusplus,
+    "dorefa": bibench.dorefa,
+    "bireal": bibench.bireal,
+    "react": bibench.react,
+    "recu": bibench.recu,
+    "fda": bibench.fda,
 }
 
 
