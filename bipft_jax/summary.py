@@ -52,7 +52,7 @@ import flax
 import jax
 import numpy as np
 
-from bipft_jax import config_loading, kinds
+from bipft_jax import config_loading, kinds, policy
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.packed_export import REMAINDER_DTYPES
@@ -131,7 +131,7 @@ class PlaneLayout(NamedTuple):
 
 def plane_layout(op, fan_in: int, fan_out: int) -> Optional[PlaneLayout]:
   """The PlaneLayout of LinearOp `op` on a fan_in x fan_out kernel; None if it does not run on planes."""
-  if op.weight_planes is None or op.activation_planes is None:
+  if not policy.runs_on_planes(op):
     return None
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, np.float32)
   extras = {name: f32(extra.shape) for name, extra in op.init_extras(fan_in, fan_out).items()}
