@@ -65,6 +65,7 @@ class BertConfig:
       raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_heads {config.num_heads}")
     if config.pooling not in POOLINGS:
       raise ValueError(f"unknown pooling {config.pooling!r}; choose one of {', '.join(POOLINGS)}")
+    policy_of(config)  # unknown binarizer names
     return config
 
   @property
