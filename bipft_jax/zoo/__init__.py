@@ -3,8 +3,10 @@
 `LINEAR_OPS` maps a name to a factory of `LinearOp` (a whole binarized Linear layer, see
 `zoo.api`); factories take the operator's constructor parameters (schedules) as keywords.
 """
+import functools
+
 from bipft_jax.binarize import _lookup
-from bipft_jax.zoo import bibench
+from bipft_jax.zoo import bibench, binarydm
 from bipft_jax.zoo.api import (ACTIVATION_SCALE, FP, IN, KINDS, OUT, WEIGHT_SCALE, Extra,  # noqa: F401
                                LinearOp)
 
@@ -17,6 +19,13 @@ LINEAR_OPS = {
     "react": bibench.react,
     "recu": bibench.recu,
     "fda": bibench.fda,
+    "binarydm": binarydm.binarydm,
+    "binarydm1": functools.partial(binarydm.binarydm, order=1),
+}
+
+# Distillation losses: name -> loss(student, teacher, ...) -> scalar.
+DISTILL_LOSSES = {
+    "binarydm_lrm": binarydm.lrm_loss,
 }
 
 

@@ -35,9 +35,9 @@ class Extra(NamedTuple):
   axes: tuple = ()  # one of IN, OUT or None per dimension of `shape` (for sharding rules)
 
 
-# A plane is (scale, signs): scale broadcasts against signs (a scalar, a (1, O) row of per-output
-# scales for a weight, or a (..., 1) column of per-token scales for an activation) and the signs
-# are in {-1, 0, +1}. The layer computes sum_k (a_scale * a_signs) @ (w_scale_k * w_signs_k) + bias.
+# A plane is (scale, signs) with signs in {-1, 0, +1} and a scale that broadcasts against them: for
+# a weight () or (O,) (one per output channel), for an activation () or (..., 1) (one per token).
+# Inference computes (a_scale * a_signs) @ sum_k (w_scale_k * w_signs_k) [+ bias if uses_bias].
 Plane = tuple
 
 

@@ -62,7 +62,7 @@ def _xnor_apply(x, kernel, bias, extras, *, train):
 
 def _xnor_planes(kernel, extras):
   centred = _xnor_centred(kernel)
-  return [(api.per_output_mean(jnp.abs(centred)), jnp.sign(centred))]
+  return [(api.per_output_mean(jnp.abs(centred))[0], jnp.sign(centred))]
 
 
 def xnor() -> api.LinearOp:
@@ -105,7 +105,7 @@ def _dorefa_apply(x, kernel, bias, extras, *, train):
 
 
 def _abs_mean_planes(kernel, extras):
-  return [(_abs_mean_scale(kernel), jnp.sign(kernel))]
+  return [(_abs_mean_scale(kernel)[0], jnp.sign(kernel))]
 
 
 def dorefa() -> api.LinearOp:
