@@ -8,7 +8,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from bipft_jax import zoo
-from bipft_jax.zoo import bibench, binarydm
+from bipft_jax import binarize
+from bipft_jax.zoo import bibench, binarydm, bivit, dbllm
 from reference_data import ZOO_VECTORS, needs_zoo_vectors
 
 
@@ -157,8 +158,8 @@ def test_recu_eval_mode_gradient(case):
   ref = load_file(ZOO_VECTORS / _manifest()["operators"][case]["file"])
   op = CASES[case][0]()
   extras = {"alpha": ref["alpha"].reshape(-1)}
-  (_, y), (grad_x, grad_kernel, _, grad_extras) = _loss_and_grads(
-      op, ref["x"], ref["weight"].T, ref["bias"], extras, ref["g"], train=False)
+  (_, y), (grad_x, grad_kernel, _, grad_extras) = jax.jit(_loss_and_grads, static_argnums=(0, 6))(
+      op, ref["x"], ref["weight"].T, ref["bias"], extras, ref["g"], False)
   assert_rel(y, ref["y"], 1e-6, "y")
   assert_rel(grad_x, ref["grad_x_eval"], 1e-5, "grad_x_eval")
   assert_rel(grad_kernel, ref["grad_weight"].T, 1e-5, "grad_weight")
@@ -199,8 +200,10 @@ def _boundary_run(op, *, weight: bool, extras=None, train=True):
   x, kernel = (OTHER[None, :], BOUNDARY[:, None]) if weight else (BOUNDARY[None, :], OTHER[:, None])
   if extras is None:
     extras = _initial_extras(op, 7, 1)
-  y, grads = jax.value_and_grad(lambda x, k: jnp.sum(op.apply(x, k, jnp.zeros(1), extras, train=train)),
-                                argnums=(0, 1))(x, kernel)
+    if op.calibrate is not None:
+      extras = op.calibrate(x, kernel, extras)
+  y, grads = jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(op.apply(x, k, jnp.zeros(1), extras, train=train)),
+                                        argnums=(0, 1)))(x, kernel)
   return y, grads[1][:, 0] if weight else grads[0][0]
 
 
@@ -211,6 +214,7 @@ WINDOWS = {  # name -> (activation window, weight window, train)
     "bnn": (CLOSED, CLOSED, True), "xnor": (CLOSED, None, True), "xnorplusplus": (OPEN, OPEN, True),
     "dorefa": (OPEN, OPEN, True), "bireal": (POLYNOMIAL, CLOSED, True), "react": (POLYNOMIAL, CLOSED, True),
     "recu": (POLYNOMIAL, None, False),  # eval mode: the window on the raw input
+    "bivit_weight": (OPEN, None, True),
 }
 
 
@@ -225,7 +229,7 @@ def test_gradient_windows_at_the_boundaries(name, weight):
   assert grad[4] != 0
 
 
-@pytest.mark.parametrize("name", [n for n in zoo.LINEAR_OPS if n != "fda"])
+@pytest.mark.parametrize("name", [n for n in zoo.LINEAR_OPS if n not in ("fda", "dbllm_fdb")])  # FDB: {0, 1} planes
 def test_sign_of_zero_is_zero(name):
   op = zoo.linear_op(name)
   kernel, extras = BOUNDARY[:, None], _initial_extras(op, 7, 1)
@@ -274,7 +278,8 @@ def test_react_threshold_moves_only_the_gradient():
 def test_lrm_loss_matches_vectors():
   ref = load_file(ZOO_VECTORS / "binarydm_lrm.safetensors")
   loss_fn = zoo.DISTILL_LOSSES["binarydm_lrm"]
-  loss, (grad_s, grad_t) = jax.value_and_grad(loss_fn, argnums=(0, 1))(ref["s_feature"], ref["t_feature"], ref["K"])
+  loss, (grad_s, grad_t) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(
+      ref["s_feature"], ref["t_feature"], ref["K"])
   assert_rel(loss, ref["loss_mse"], 1e-6, "loss_mse")
   assert_rel(grad_s, ref["grad_s_feature"], 1e-5, "grad_s_feature")
   np.testing.assert_array_equal(grad_t, 0)  # the teacher is detached
@@ -297,3 +302,157 @@ def test_lrm_by_hand():
   np.testing.assert_allclose(binarydm.lrm_loss(s, t, k), 0.36, rtol=1e-5)
   grad = jax.grad(binarydm.lrm_loss)(s, t, k)  # 2/5 * 0.6 * u per row
   np.testing.assert_allclose(grad, jnp.broadcast_to(0.4 * 0.6 * u, (5, 3)), atol=1e-6)
+
+
+# --- BiViT and DB-LLM against their formulas ------------------------------------------------
+
+def explicit_ste(forward, v, slope):
+  """forward(v) in the forward pass, d/dv = slope (both given): the STE written out by hand."""
+  return jax.lax.stop_gradient(forward) + (v - jax.lax.stop_gradient(v)) * jax.lax.stop_gradient(slope)
+
+
+def test_softmax_aware_binarization_by_hand():
+  p = jnp.array([[0.5, 0.2, 0.125, 0.1, 0.075], [0.2, 0.2, 0.2, 0.2, 0.2]])
+  op = zoo.prob_op("bivit")
+  # Kept: p >= 0.25 * row max (0.125 and 0.05); exactly at the threshold is kept (released `attn < t -> 0`).
+  expected = [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+  np.testing.assert_array_equal(op.apply(p, {}, train=True), expected)
+  scale, mask = op.planes(p, {})
+  np.testing.assert_array_equal(scale * mask, expected)
+
+
+def test_softmax_aware_gradient_is_the_softmax_gradient():
+  """BiViT computes A = B(P).detach() - P.detach() + P: dL/dscores is the softmax's VJP of dL/dA."""
+  scores = jax.random.normal(jax.random.key(3), (2, 3, 6)) * 2
+  g = jax.random.normal(jax.random.key(4), (2, 3, 6))
+  op = zoo.prob_op("bivit")
+  ours = jax.jit(jax.value_and_grad(lambda s: jnp.sum(g * op.apply(jax.nn.softmax(s), {}, train=True))))(scores)
+
+  def reference(s):
+    probs = jax.nn.softmax(s)
+    mask = (probs >= 0.25 * jnp.max(probs, axis=-1, keepdims=True)).astype(probs.dtype)
+    return jnp.sum(g * explicit_ste(mask, probs, jnp.ones_like(probs)))
+  expected = jax.jit(jax.value_and_grad(reference))(scores)
+  np.testing.assert_allclose(ours[0], expected[0], rtol=1e-6)
+  np.testing.assert_allclose(ours[1], expected[1], rtol=1e-6, atol=1e-7)
+  assert np.abs(ours[1]).max() > 0
+
+
+def test_elastic_prob_op_is_binarize_unsigned():
+  p = jax.nn.softmax(jax.random.normal(jax.random.key(5), (2, 4, 4)))
+  op = zoo.prob_op("elastic")
+  extras = op.calibrate(p, {name: e.init(None, e.shape, jnp.float32) for name, e in op.init_extras().items()})
+  np.testing.assert_allclose(extras["alpha"], binarize.unsigned_initial_alpha(p))
+  y = op.apply(p, extras, train=True)
+  np.testing.assert_array_equal(y, binarize.unsigned_binarize(p, extras["alpha"]))
+  scale, mask = op.planes(p, extras)
+  np.testing.assert_array_equal(scale * mask, y)
+
+
+def _bivit_reference(x, kernel, bias, scale):
+  """y = sign(x) @ (scale * sign(Wc)) + b, Wc = W - mean per output channel, STE windows |v| < 1."""
+  centred = kernel - jnp.mean(kernel, axis=0, keepdims=True)
+  x_b = explicit_ste(jnp.sign(x), x, jnp.abs(x) < 1)
+  w_b = explicit_ste(jnp.sign(centred), centred, jnp.abs(centred) < 1) * scale
+  return x_b @ w_b + bias
+
+
+def test_bivit_weight_scales_against_the_formula():
+  x = jnp.concatenate([BOUNDARY[None, :], jax.random.normal(jax.random.key(6), (4, 7))])  # +-1 and 0 included
+  kernel = 0.8 * jax.random.normal(jax.random.key(7), (7, 3))
+  kernel = kernel.at[:, 0].set(BOUNDARY)  # mean 0: centred entries at exactly +-1 and 0
+  bias = jnp.array([0.1, -0.2, 0.3])
+  op = zoo.linear_op("bivit_weight")
+  extras = op.calibrate(x, kernel, _initial_extras(op, 7, 3))
+  np.testing.assert_allclose(extras["scale"], np.mean(np.abs(kernel), axis=0), rtol=1e-6)
+  g = jax.random.normal(jax.random.key(8), (5, 3))
+
+  def loss(fn):
+    return lambda x, k, b, s: jnp.sum(g * fn(x, k, b, s))
+  ours = jax.jit(jax.value_and_grad(loss(lambda x, k, b, s: op.apply(x, k, b, {"scale": s}, train=True)),
+                                    argnums=(0, 1, 2, 3)))(x, kernel, bias, extras["scale"])
+  expected = jax.jit(jax.value_and_grad(loss(_bivit_reference), argnums=(0, 1, 2, 3)))(x, kernel, bias, extras["scale"])
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # FP inputs (the released 1w32a variant): the input is used as is.
+  fp = zoo.linear_op("bivit_weight", activations="fp")
+  np.testing.assert_allclose(fp.apply(x, kernel, bias, extras, train=True),
+                             x @ (extras["scale"] * np.sign(kernel - np.mean(kernel, axis=0))) + bias, rtol=1e-6)
+  assert fp.activation_planes is None
+
+
+W_FDB = jnp.array([-2.0, -0.6, -0.5, -0.4, 0.4, 0.5, 1.4, 1.5, 1.6, 3.0])[:, None]
+
+
+def test_flexible_dual_binarization_by_hand():
+  """alpha1 = 2, alpha2 = -1 (s = 1): levels {-1, 0, 1, 2}, thresholds -1/2, 1/2, 3/2."""
+  alpha1, alpha2 = jnp.array([2.0]), jnp.array([-1.0])
+  w_hat, vjp = jax.vjp(dbllm.dual_binarize, W_FDB, alpha1, alpha2)
+  np.testing.assert_array_equal(w_hat[:, 0], [-1, -1, -1, 0, 0, 1, 1, 1, 2, 2])
+  grad_w, grad_a1, grad_a2 = vjp(jnp.ones_like(w_hat))
+  np.testing.assert_array_equal(grad_w[:, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1, 0])  # inside [-1, 2]
+  # d/dalpha_k = sum of plane k: w_b1 = [w >= 1/2] (5 entries); w_b2 = [w <= -1/2] or [1/2 <= w <= 3/2] (6).
+  np.testing.assert_array_equal(grad_a1, [5.0])
+  np.testing.assert_array_equal(grad_a2, [6.0])
+  op = zoo.linear_op("dbllm_fdb")
+  extras = op.calibrate(None, W_FDB, _initial_extras(op, 10, 1))
+  np.testing.assert_array_equal([extras["alpha1"], extras["alpha2"]], [[3.0], [-1.5]])  # s = max|W| / 2
+  planes = op.weight_planes(W_FDB, {"alpha1": alpha1, "alpha2": alpha2})
+  np.testing.assert_array_equal(sum(scale * plane for scale, plane in planes), w_hat)
+  assert all(set(np.unique(plane).tolist()) <= {0.0, 1.0} for _, plane in planes)
+
+
+@pytest.mark.parametrize("activations", ["fp", "sign"])
+def test_fdb_linear_against_the_formula(activations):
+  x = jnp.concatenate([BOUNDARY[None, :], jax.random.normal(jax.random.key(9), (3, 7))])
+  kernel = jax.random.normal(jax.random.key(10), (7, 4))
+  op = zoo.linear_op("dbllm_fdb", activations=activations)
+  extras = op.calibrate(x, kernel, _initial_extras(op, 7, 4))
+  bias, g = jnp.linspace(-1, 1, 4), jax.random.normal(jax.random.key(11), (4, 4))
+
+  def reference(x, k, b, a1, a2):
+    plane1 = (k - (a1 + a2) / 2 >= 0).astype(k.dtype)
+    plane2 = (-(k - a1 * plane1 - a2 / 2) >= 0).astype(k.dtype)
+    w_hat = a1 * plane1 + a2 * plane2
+    levels = jnp.stack([jnp.zeros_like(a1), a1, a2, a1 + a2])
+    inside = (k >= levels.min(0)) & (k <= levels.max(0))
+    w_ste = (explicit_ste(w_hat, k, inside) + (a1 - jax.lax.stop_gradient(a1)) * plane1
+             + (a2 - jax.lax.stop_gradient(a2)) * plane2)
+    x_in = explicit_ste(jnp.sign(x), x, jnp.abs(x) <= 1) if activations == "sign" else x
+    return jnp.sum(g * (x_in @ w_ste + b))
+  args = (x, kernel, bias, extras["alpha1"], extras["alpha2"])
+  ours = jax.jit(jax.value_and_grad(lambda x, k, b, a1, a2: jnp.sum(g * op.apply(
+      x, k, b, {"alpha1": a1, "alpha2": a2}, train=True)), argnums=range(5)))(*args)
+  expected = jax.jit(jax.value_and_grad(reference, argnums=range(5)))(*args)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  assert (op.activation_planes is None) == (activations == "fp")
+
+
+def test_operator_options_are_checked():
+  with pytest.raises(ValueError, match="activations"):
+    zoo.linear_op("dbllm_fdb", activations="int8")
+  with pytest.raises(ValueError, match="order"):
+    zoo.linear_op("binarydm", order=3)
+  with pytest.raises(ValueError, match="unknown linear binarizer 'nope'"):
+    zoo.linear_op("nope")
+
+
+def test_dad_loss_by_hand():
+  teacher = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [5.0, -5.0, 0.0]])
+  student = jnp.array([[0.0, 1.0, 0.0], [1.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+  p_t, p_s = np.asarray(jax.nn.softmax(teacher)), np.asarray(jax.nn.softmax(student))
+  kl = np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1)
+  entropy = -np.sum(p_t * np.log(p_t), axis=-1)
+  expected = np.mean(entropy / entropy.mean() * kl)
+  loss_fn = zoo.DISTILL_LOSSES["dbllm_dad"]
+  np.testing.assert_allclose(loss_fn(student, teacher), expected, rtol=1e-6)
+  # The uniform teacher row (most ambiguous) weighs most; equal entropies give plain KL.
+  assert entropy.argmax() == 1
+  np.testing.assert_allclose(loss_fn(student, jnp.zeros((3, 3))), np.mean(
+      np.sum(np.full(3, 1 / 3) * (np.log(1 / 3) - np.log(p_s)), axis=-1)), rtol=1e-6)
+  # Gradient: the weights are constants, the teacher is detached; d KL / d student logits = p_s - p_t.
+  grad_s, grad_t = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(student, teacher)
+  np.testing.assert_allclose(grad_s, (entropy / entropy.mean())[:, None] * (p_s - p_t) / 3, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(grad_t, 0)
+  assert loss_fn(teacher, teacher) == pytest.approx(0, abs=1e-7)

@@ -67,6 +67,24 @@ class LinearOp:
   doc: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class ProbOp:
+  """A binarizer of attention probabilities p (after the softmax; rows sum to 1 over the last axis).
+
+  apply(p_...xL, extras, *, train) -> the binarized probabilities; gradients flow back to p, and
+    through the caller's softmax to the scores.
+  init_extras() -> {name: Extra}: its parameters (scalars or none).
+  calibrate(p, extras) -> extras: the data-dependent first-call init (None when there is none).
+  planes(p, extras) -> (scale, mask_...xL): inference as a scale times a {0, 1} mask (None if not).
+  """
+  name: str
+  apply: Callable[..., Array]
+  init_extras: Callable[[], dict]
+  calibrate: Optional[Callable[[Array, dict], dict]] = None
+  planes: Optional[Callable[[Array, dict], Plane]] = None
+  doc: str = ""
+
+
 def no_extras(in_features: int, out_features: int) -> dict:
   """`init_extras` of an operator without extra parameters."""
   del in_features, out_features
