@@ -22,7 +22,8 @@ def assert_rel(ours, ref, rel, what=""):
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
   err, scale = np.linalg.norm(ours - ref), np.linalg.norm(ref)
-  assert err <= rel * scale if scale > 0 else err == 0, f"{what}: relative error {err / max(scale, 1e-30):.3g}"
+  assert err <= rel * scale if scale > 0 else err == 0, (
+      f"{what}: relative error {err / max(scale, 1e-30):.3g}")
 
 
 def assert_readme_tolerance(ours, ref, what=""):
@@ -56,14 +57,16 @@ CASES = {
     "bireal": (lambda: zoo.linear_op("bireal"), {}),
     "react": (lambda: zoo.linear_op("react"), {"threshold": ("channel_threshold", _flat)}),
     "recu": (lambda: zoo.linear_op("recu"), {"alpha": ("alpha", _flat)}),
-    "recu_sched": (lambda: zoo.linear_op("recu", **bibench.recu_schedule(10, 3)), {"alpha": ("alpha", _flat)}),
+    "recu_sched": (lambda: zoo.linear_op("recu", **bibench.recu_schedule(10, 3)),
+                   {"alpha": ("alpha", _flat)}),
     "fda": (lambda: zoo.linear_op("fda"), _fda_extras()),
     "fda_sched": (lambda: zoo.linear_op("fda", **bibench.fda_schedule(10, 3)), _fda_extras()),
     "binarydm_bnnlinear_order2": (lambda: zoo.linear_op("binarydm"), {
         "scale_1": ("scaling_first_order", _flat), "scale_2": ("scaling_second_order", _flat),
         "act_step": ("quantizer_a.alpha", lambda a: a.reshape(()))}),
     "binarydm_bnnlinear_order1": (lambda: zoo.linear_op("binarydm1"), {
-        "scale_1": ("scaling_first_order", _flat), "act_step": ("quantizer_a.alpha", lambda a: a.reshape(()))}),
+        "scale_1": ("scaling_first_order", _flat),
+        "act_step": ("quantizer_a.alpha", lambda a: a.reshape(()))}),
 }
 # Operators whose weight planes carry a learned output scale the authors apply after F.linear.
 OUTPUT_SCALE = {"xnorplusplus": "o_scale", "recu": "alpha", "recu_sched": "alpha"}
@@ -87,6 +90,14 @@ def _loss_and_grads(op, x, kernel, bias, extras, g, train=True):
   return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(x, kernel, bias, extras)
 
 
+def _load_case(case):
+  """The vector file of `case`, its operator, and the file's extras in our layout."""
+  ref = load_file(ZOO_VECTORS / _manifest()["operators"][case]["file"])
+  make_op, extra_names = CASES[case]
+  extras = {name: to_ours(ref[torch_name]) for name, (torch_name, to_ours) in extra_names.items()}
+  return ref, make_op(), extras
+
+
 @needs_zoo_vectors
 def test_every_vector_file_has_a_case():
   assert set(_vector_files()) == set(CASES) | {"binarydm_lrm"}
@@ -95,11 +106,8 @@ def test_every_vector_file_has_a_case():
 @needs_zoo_vectors
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_operator_matches_vectors(case):
-  ref = load_file(ZOO_VECTORS / _manifest()["operators"][case]["file"])
-  make_op, extra_names = CASES[case]
-  op = make_op()
+  ref, op, extras = _load_case(case)
   x, kernel, bias, g = ref["x"], ref["weight"].T, ref["bias"], ref["g"]
-  extras = {name: to_ours(ref[torch_name]) for name, (torch_name, to_ours) in extra_names.items()}
   assert set(extras) == set(op.init_extras(*kernel.shape))
   if op.calibrate is not None:  # the values stored are the first call's data-driven overwrites
     calibrated = op.calibrate(x, kernel, _initial_extras(op, *kernel.shape))
@@ -112,7 +120,7 @@ def test_operator_matches_vectors(case):
   assert_rel(grad_x, ref["grad_x"], 1e-5, "grad_x")
   assert_rel(grad_kernel, ref["grad_weight"].T, 1e-5, "grad_weight")
   assert_rel(grad_bias, ref["grad_bias"], 1e-5, "grad_bias")
-  for name, (torch_name, to_ours) in extra_names.items():
+  for name, (torch_name, to_ours) in CASES[case][1].items():
     what = f"grad_{torch_name}"
     if what in README_TOLERANCE:
       assert_readme_tolerance(grad_extras[name], to_ours(ref[what]), what)
@@ -124,10 +132,7 @@ def test_operator_matches_vectors(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_inference_planes_are_the_operands(case):
   """The weight (activation) planes sum to the operand the authors' final F.linear call got."""
-  ref = load_file(ZOO_VECTORS / _manifest()["operators"][case]["file"])
-  make_op, extra_names = CASES[case]
-  op = make_op()
-  extras = {name: to_ours(ref[torch_name]) for name, (torch_name, to_ours) in extra_names.items()}
+  ref, op, extras = _load_case(case)
   kernel = ref["weight"].T
   if op.weight_planes is not None:
     w = sum(scale * signs for scale, signs in op.weight_planes(kernel, extras))
@@ -141,8 +146,10 @@ def test_inference_planes_are_the_operands(case):
 @pytest.mark.parametrize("name", sorted(zoo.LINEAR_OPS))
 def test_jit_and_eager_agree(name):
   op = zoo.linear_op(name)
-  x, kernel = jax.random.normal(jax.random.key(1), (2, 3, 7)), 0.7 * jax.random.normal(jax.random.key(2), (7, 4))
-  extras, bias, g = _initial_extras(op, 7, 4), jnp.linspace(-1, 1, 4), jnp.cos(jnp.arange(24.0)).reshape(2, 3, 4)
+  x = jax.random.normal(jax.random.key(1), (2, 3, 7))
+  kernel = 0.7 * jax.random.normal(jax.random.key(2), (7, 4))
+  extras, bias = _initial_extras(op, 7, 4), jnp.linspace(-1, 1, 4)
+  g = jnp.cos(jnp.arange(24.0)).reshape(2, 3, 4)
   if op.calibrate is not None:
     extras = op.calibrate(x, kernel, extras)
   eager = _loss_and_grads(op, x, kernel, bias, extras, g)
@@ -202,8 +209,9 @@ def _boundary_run(op, *, weight: bool, extras=None, train=True):
     extras = _initial_extras(op, 7, 1)
     if op.calibrate is not None:
       extras = op.calibrate(x, kernel, extras)
-  y, grads = jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(op.apply(x, k, jnp.zeros(1), extras, train=train)),
-                                        argnums=(0, 1)))(x, kernel)
+  def loss(x, k):
+    return jnp.sum(op.apply(x, k, jnp.zeros(1), extras, train=train))
+  y, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
   return y, grads[1][:, 0] if weight else grads[0][0]
 
 
@@ -215,11 +223,12 @@ WINDOWS = {  # name -> (activation window, weight window, train)
     "dorefa": (OPEN, OPEN, True), "bireal": (POLYNOMIAL, CLOSED, True), "react": (POLYNOMIAL, CLOSED, True),
     "recu": (POLYNOMIAL, None, False),  # eval mode: the window on the raw input
     "bivit_weight": (OPEN, None, True),
+    "binarydm1": (None, CLOSED, True),  # its activations are LSQ's (below)
 }
 
 
-@pytest.mark.parametrize("name, weight", [(name, weight) for name in sorted(WINDOWS) for weight in (False, True)
-                                          if WINDOWS[name][weight] is not None])
+@pytest.mark.parametrize("name, weight", [(name, weight) for name in sorted(WINDOWS)
+                                          for weight in (False, True) if WINDOWS[name][weight] is not None])
 def test_gradient_windows_at_the_boundaries(name, weight):
   window = WINDOWS[name][1 if weight else 0]
   op = zoo.linear_op(name)
@@ -229,7 +238,8 @@ def test_gradient_windows_at_the_boundaries(name, weight):
   assert grad[4] != 0
 
 
-@pytest.mark.parametrize("name", [n for n in zoo.LINEAR_OPS if n not in ("fda", "dbllm_fdb")])  # FDB: {0, 1} planes
+# FDA is not sign planes; FDB's planes are {0, 1} masks (tested below).
+@pytest.mark.parametrize("name", [n for n in zoo.LINEAR_OPS if n not in ("fda", "dbllm_fdb")])
 def test_sign_of_zero_is_zero(name):
   op = zoo.linear_op(name)
   kernel, extras = BOUNDARY[:, None], _initial_extras(op, 7, 1)
@@ -272,6 +282,25 @@ def test_react_threshold_moves_only_the_gradient():
   np.testing.assert_allclose(grad_t, grad_x, rtol=1e-6)
 
 
+def test_lsq_by_hand():
+  """2 bits (Qn = -2, Qp = 1), step 1: the clamp window is closed; round half to even."""
+  x = jnp.array([-3.0, -2.0, -0.5, 0.75, 1.0, 1.5])
+  y, vjp = jax.vjp(lambda x, step: binarydm.lsq_quantize(x, step, 2), x, jnp.float32(1.0))
+  np.testing.assert_array_equal(y, [-2, -2, 0, 1, 1, 1])
+  grad_x, grad_step = vjp(jnp.ones_like(x))
+  np.testing.assert_array_equal(grad_x, [0, 1, 1, 1, 1, 0])
+  # Outside: Qn or Qp; inside: round(v) - v = 0, 0.5, 0.25, 0; over sqrt(numel * Qp).
+  np.testing.assert_allclose(grad_step, (-2 + 0 + 0.5 + 0.25 + 0 + 1) / np.sqrt(6), rtol=1e-6)
+
+
+@needs_zoo_vectors
+def test_binarydm_activation_operand():
+  ref = load_file(ZOO_VECTORS / "binarydm_bnnlinear_order2.safetensors")
+  step = binarydm.initial_step(ref["x"], 8)
+  assert_rel(step, ref["quantizer_a.alpha"][0], 1e-6, "step")
+  assert_rel(binarydm.lsq_quantize(ref["x"], step, 8), ref["linear_input"], 1e-6, "linear_input")
+
+
 # --- BinaryDM's low-rank representation mimicking --------------------------------------------
 
 @needs_zoo_vectors
@@ -287,8 +316,8 @@ def test_lrm_loss_matches_vectors():
   exact = binarydm.lrm_projection(ref["t_feature"])
   assert exact.shape == ref["K"].shape == (12, binarydm.lrm_rank(12))
   assert_rel(jnp.abs(exact), np.abs(ref["K_svd_exact"]), 1e-5, "K_svd_exact")
-  np.testing.assert_allclose(exact.T @ ref["K_svd_exact"], np.diag(np.sign(np.diag(exact.T @ ref["K_svd_exact"]))),
-                             atol=1e-5)
+  overlap = exact.T @ ref["K_svd_exact"]
+  np.testing.assert_allclose(overlap, np.diag(np.sign(np.diag(overlap))), atol=1e-5)
 
 
 def test_lrm_by_hand():
@@ -326,7 +355,9 @@ def test_softmax_aware_gradient_is_the_softmax_gradient():
   scores = jax.random.normal(jax.random.key(3), (2, 3, 6)) * 2
   g = jax.random.normal(jax.random.key(4), (2, 3, 6))
   op = zoo.prob_op("bivit")
-  ours = jax.jit(jax.value_and_grad(lambda s: jnp.sum(g * op.apply(jax.nn.softmax(s), {}, train=True))))(scores)
+  def loss(s):
+    return jnp.sum(g * op.apply(jax.nn.softmax(s), {}, train=True))
+  ours = jax.jit(jax.value_and_grad(loss))(scores)
 
   def reference(s):
     probs = jax.nn.softmax(s)
@@ -369,15 +400,16 @@ def test_bivit_weight_scales_against_the_formula():
 
   def loss(fn):
     return lambda x, k, b, s: jnp.sum(g * fn(x, k, b, s))
+  args = (x, kernel, bias, extras["scale"])
   ours = jax.jit(jax.value_and_grad(loss(lambda x, k, b, s: op.apply(x, k, b, {"scale": s}, train=True)),
-                                    argnums=(0, 1, 2, 3)))(x, kernel, bias, extras["scale"])
-  expected = jax.jit(jax.value_and_grad(loss(_bivit_reference), argnums=(0, 1, 2, 3)))(x, kernel, bias, extras["scale"])
+                                    argnums=(0, 1, 2, 3)))(*args)
+  expected = jax.jit(jax.value_and_grad(loss(_bivit_reference), argnums=(0, 1, 2, 3)))(*args)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   # FP inputs (the released 1w32a variant): the input is used as is.
   fp = zoo.linear_op("bivit_weight", activations="fp")
-  np.testing.assert_allclose(fp.apply(x, kernel, bias, extras, train=True),
-                             x @ (extras["scale"] * np.sign(kernel - np.mean(kernel, axis=0))) + bias, rtol=1e-6)
+  w_b = extras["scale"] * np.sign(kernel - np.mean(kernel, axis=0))
+  np.testing.assert_allclose(fp.apply(x, kernel, bias, extras, train=True), x @ w_b + bias, rtol=1e-6)
   assert fp.activation_planes is None
 
 
@@ -453,6 +485,7 @@ def test_dad_loss_by_hand():
       np.sum(np.full(3, 1 / 3) * (np.log(1 / 3) - np.log(p_s)), axis=-1)), rtol=1e-6)
   # Gradient: the weights are constants, the teacher is detached; d KL / d student logits = p_s - p_t.
   grad_s, grad_t = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(student, teacher)
-  np.testing.assert_allclose(grad_s, (entropy / entropy.mean())[:, None] * (p_s - p_t) / 3, rtol=1e-5, atol=1e-7)
+  weight = entropy / entropy.mean()
+  np.testing.assert_allclose(grad_s, weight[:, None] * (p_s - p_t) / 3, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(grad_t, 0)
   assert loss_fn(teacher, teacher) == pytest.approx(0, abs=1e-7)

@@ -184,7 +184,8 @@ def fda_schedule(max_epochs: int, epoch: int) -> dict:
   """{"n": ..., "alpha": ...} as FDA's `model_params_update(max_epochs, epoch)` sets them: alpha =
   0.05 (1 + cos(pi (epoch + 1)/max_epochs)) (float32), n = 9 + int(9 epoch / max_epochs). Never
   called in BiBench's BERT track (n = 9, alpha = 0.1 hold)."""
-  alpha = np.float32(0.05) * (np.float32(1) + np.cos(np.float32((epoch + 1) / max_epochs) * np.float32(np.pi)))
+  angle = np.float32((epoch + 1) / max_epochs) * np.float32(np.pi)
+  alpha = np.float32(0.05) * (np.float32(1) + np.cos(angle))
   return {"n": 9 + int(epoch / max_epochs * 9), "alpha": float(alpha)}
 
 
