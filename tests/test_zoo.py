@@ -461,6 +461,14 @@ def test_fdb_linear_against_the_formula(activations):
   assert (op.activation_planes is None) == (activations == "fp")
 
 
+def test_packable_operators():
+  packable = {name for name in zoo.LINEAR_OPS if zoo.linear_op(name).packable}
+  # FDA adds noise terms, BinaryDM's inputs are 8-bit, FDB's inputs are FP by default (W2A16).
+  assert packable == set(zoo.LINEAR_OPS) - {"fda", "binarydm", "binarydm1", "dbllm_fdb"}
+  assert zoo.linear_op("dbllm_fdb", activations="sign").packable
+  assert not zoo.linear_op("bivit_weight", activations="fp").packable
+
+
 def test_operator_options_are_checked():
   with pytest.raises(ValueError, match="activations"):
     zoo.linear_op("dbllm_fdb", activations="int8")

@@ -66,6 +66,11 @@ class LinearOp:
   uses_bias: bool = True
   doc: str = ""
 
+  @property
+  def packable(self) -> bool:
+    """Inference is scaled sign planes on both operands, so a packed forward can run it."""
+    return self.weight_planes is not None and self.activation_planes is not None
+
 
 @dataclasses.dataclass(frozen=True)
 class ProbOp:
@@ -101,6 +106,11 @@ def per_output_mean(v_IxO: Array) -> Array:
 
   PyTorch weights are (out, in), so the authors' `mean(dim=-1)` of a weight is this mean."""
   return jnp.mean(v_IxO, axis=0, keepdims=True)
+
+
+def centred_per_output(v_IxO: Array) -> Array:
+  """v minus its per-output-channel mean (XNOR's, ReCU's and BiViT's weight centring)."""
+  return v_IxO - per_output_mean(v_IxO)
 
 
 def unit_plane(signs: Array) -> Plane:

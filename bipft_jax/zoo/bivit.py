@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bipft_jax.zoo import api
-from bipft_jax.zoo.ste import input_operand, sign_activation_planes, sign_ste
+from bipft_jax.zoo.ste import check_input_mode, input_operand, sign_activation_planes, sign_ste
 
 SAB_THRESHOLD = 0.25  # the released ratio to the row maximum
 
@@ -40,25 +40,21 @@ def softmax_aware() -> api.ProbOp:
                     doc=softmax_aware.__doc__)
 
 
-def _centred(kernel):
-  return kernel - api.per_output_mean(kernel)
-
-
 def weight_scales(activations: str = "sign") -> api.LinearOp:
   """BiViT's Linear with parameterized (learned, per output channel) weight scales:
   y = sign(x) @ (a * sign(W - mean W)) + b; `calibrate` sets a = mean|W| (the released first call).
   activations="fp" is the released 1w32a variant (full-precision inputs)."""
-  input_operand(jnp.zeros(()), activations, False)  # validate the choice now
+  check_input_mode(activations)
 
   def init_extras(in_features, out_features):
     return {"scale": api.Extra(jax.nn.initializers.zeros, (out_features,), api.WEIGHT_SCALE, (api.OUT,))}
 
   def apply(x, kernel, bias, extras, *, train):
-    w_b = sign_ste(_centred(kernel), False) * extras["scale"]
+    w_b = sign_ste(api.centred_per_output(kernel), False) * extras["scale"]
     return api.linear(input_operand(x, activations, False), w_b) + bias
 
   return api.LinearOp(
       "bivit_weight", apply, init_extras,
       calibrate=lambda x, kernel, extras: {**extras, "scale": jnp.mean(jnp.abs(kernel), axis=0)},
-      weight_planes=lambda kernel, extras: [(extras["scale"], jnp.sign(_centred(kernel)))],
+      weight_planes=lambda kernel, extras: [(extras["scale"], jnp.sign(api.centred_per_output(kernel)))],
       activation_planes=sign_activation_planes(activations), doc=weight_scales.__doc__)

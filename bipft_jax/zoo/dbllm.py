@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from bipft_jax.zoo import api
-from bipft_jax.zoo.ste import input_operand, sign_activation_planes
+from bipft_jax.zoo.ste import check_input_mode, input_operand, sign_activation_planes
 
 
 def _planes(w, alpha1, alpha2):
@@ -60,7 +60,7 @@ def flexible_dual_binarization(activations: str = "fp") -> api.LinearOp:
   """DB-LLM's FDB Linear: y = x @ (alpha1 w_b1 + alpha2 w_b2) + b (module docstring); `calibrate`
   sets alpha1 = 2s, alpha2 = -s from the kernel. Inference is two {0, 1} planes with per-output
   scales. activations="sign" binarizes the input too (sign, gradient where |x| <= 1)."""
-  input_operand(jnp.zeros(()), activations, True)  # validate the choice now
+  check_input_mode(activations)
 
   def init_extras(in_features, out_features):
     return {name: api.Extra(jax.nn.initializers.zeros, (out_features,), api.WEIGHT_SCALE, (api.OUT,))

@@ -118,13 +118,17 @@ def _fourier_sign_bwd(n, v, g):
 fourier_sign.defvjp(lambda v, n: (jnp.sign(v), v), _fourier_sign_bwd)
 
 
+INPUT_MODES = ("sign", "fp")  # the input operand of the operators that offer both
+
+
+def check_input_mode(activations: str) -> None:
+  if activations not in INPUT_MODES:
+    raise ValueError(f"activations must be one of {INPUT_MODES}, got {activations!r}")
+
+
 def input_operand(x: jax.Array, activations: str, closed: bool) -> jax.Array:
   """The input operand: sign(x) with a (closed or open) +-1 window, or x itself ("fp")."""
-  if activations == "fp":
-    return x
-  if activations == "sign":
-    return sign_ste(x, closed)
-  raise ValueError(f"activations must be 'sign' or 'fp', got {activations!r}")
+  return sign_ste(x, closed) if activations == "sign" else x
 
 
 def sign_activation_planes(activations: str):
