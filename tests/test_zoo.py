@@ -268,6 +268,39 @@ def test_fda_at_the_boundaries():
   np.testing.assert_allclose(grad_w, slope * other_a * np.mean(np.abs(BOUNDARY)), rtol=1e-6)
 
 
+def test_fda_noise_mlp_against_the_formula():
+  """128 input features give the noise MLPs width 2 (the vectors' 48 give 0): the released NA, written
+  in PyTorch's (out, in) layout, with the Fourier STE spelled out."""
+  n, alpha = 11, 0.07
+  op = zoo.linear_op("fda", n=n, alpha=alpha)
+  extras = _initial_extras(op, 128, 3)
+  assert extras["weight_noise_fc1"].shape == (128, 2) and extras["act_noise_fc2"].shape == (2, 128)
+  x = jax.random.normal(jax.random.key(12), (2, 128)).at[0, :3].set(jnp.array([1.0, -1.0, 0.0]))
+  kernel, bias = 0.9 * jax.random.normal(jax.random.key(13), (128, 3)), jnp.array([0.5, 0.0, -0.5])
+  g = jax.random.normal(jax.random.key(14), (2, 3))
+
+  def fourier(v):
+    series = sum(jnp.cos((2 * i + 1) * 0.1 * v) for i in range(n + 1)) * 0.4 / np.pi
+    return explicit_ste(jnp.sign(v), v, jnp.where(jnp.abs(v) <= 1, series, 0.0))
+
+  def noise(v_rows, fc1_kxd, fc2_dxk):  # torch: fc2(relu(fc1(v))) + 0.1 sin(v), Linear weights (out, in)
+    return jax.nn.relu(v_rows @ fc1_kxd.T) @ fc2_dxk.T + 0.1 * jnp.sin(v_rows)
+
+  def reference(x, kernel, e):
+    w_oi = kernel.T
+    w_b = (fourier(w_oi) + alpha * noise(w_oi, e["weight_noise_fc1"].T, e["weight_noise_fc2"].T))
+    w_b = w_b * jax.lax.stop_gradient(jnp.mean(jnp.abs(w_oi), axis=1, keepdims=True))
+    x_b = fourier(x) + alpha * noise(x, e["act_noise_fc1"].T, e["act_noise_fc2"].T)
+    return jnp.sum(g * (x_b @ w_b.T + bias))
+
+  ours = jax.jit(jax.value_and_grad(lambda x, k, e: jnp.sum(g * op.apply(x, k, bias, e, train=True)),
+                                    argnums=(0, 1, 2)))(x, kernel, extras)
+  expected = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2)))(x, kernel, extras)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.abs(ours[1][2]["weight_noise_fc1"]).max() > 0
+
+
 def test_react_threshold_moves_only_the_gradient():
   op = zoo.linear_op("react")
   extras = {"threshold": jnp.full((7,), 0.5)}
@@ -467,6 +500,12 @@ def test_packable_operators():
   assert packable == set(zoo.LINEAR_OPS) - {"fda", "binarydm", "binarydm1", "dbllm_fdb"}
   assert zoo.linear_op("dbllm_fdb", activations="sign").packable
   assert not zoo.linear_op("bivit_weight", activations="fp").packable
+
+
+def test_operators_are_cached():
+  assert zoo.linear_op("recu", tau=0.9) is zoo.linear_op("recu", tau=0.9)
+  assert zoo.linear_op("recu", tau=0.9) is not zoo.linear_op("recu")
+  assert zoo.prob_op("bivit") is zoo.prob_op("bivit")
 
 
 def test_operator_options_are_checked():

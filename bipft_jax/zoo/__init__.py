@@ -38,11 +38,16 @@ DISTILL_LOSSES = {
 }
 
 
+@functools.cache
 def linear_op(name: str, **params) -> LinearOp:
-  """The Linear operator registered under `name`, built with its constructor `params`."""
+  """The Linear operator registered under `name`, built with its constructor `params`.
+
+  Cached: the same name and parameters give the same object, so jitted functions that take the
+  operator as a static argument (or modules holding it) do not retrace."""
   return _lookup(LINEAR_OPS, "linear", name)(**params)
 
 
+@functools.cache
 def prob_op(name: str, **params) -> ProbOp:
   """The attention-probability binarizer registered under `name`."""
   return _lookup(ATTENTION_PROB_BINARIZERS, "attention-probability", name)(**params)
