@@ -6,6 +6,7 @@ or s1 sign(W) (order 1), with learned per-output-channel scales the first call s
 activations go through an LSQ quantizer (8 bits as released; the paper reports 4).
 """
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +127,7 @@ def lrm_rank(width: int) -> int:
   return width // 4 if width // 4 > 2 else 2
 
 
-def lrm_projection(t_feature: jax.Array, rank: int = None) -> jax.Array:
+def lrm_projection(t_feature: jax.Array, rank: Optional[int] = None) -> jax.Array:
   """K (W x q): the top-q principal directions of the teacher feature flattened to (-1, W).
 
   W is the LAST axis (for the release's (N, C, H, W) UNet features, the spatial width). The release
