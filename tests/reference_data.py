@@ -19,4 +19,4 @@ def quantizer_cases() -> list:
 # The binarizer zoo's vectors (issue 17): `BIPFT_ZOO_VECTORS` names another set of the same format.
 ZOO_VECTORS = pathlib.Path(os.environ.get("BIPFT_ZOO_VECTORS", VECTORS.parent / "zoo_vectors"))
 needs_zoo_vectors = pytest.mark.skipif(not (ZOO_VECTORS / "manifest.json").is_file(),
-                                       reason=f"zoo vectors not found at {ZOO_VECTORS} (set BIPFT_ZOO_VECTORS)")
+                                       reason=f"zoo vectors not found at {ZOO_VECTORS} (BIPFT_ZOO_VECTORS)")

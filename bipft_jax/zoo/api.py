@@ -35,9 +35,9 @@ class Extra(NamedTuple):
   axes: tuple = ()  # one of IN, OUT or None per dimension of `shape` (for sharding rules)
 
 
-# A plane is (scale, signs): scale broadcasts against signs (a scalar, a (1, O) row of per-output
-# scales for a weight, or a (..., 1) column of per-token scales for an activation) and the signs
-# are in {-1, 0, +1}. The layer computes sum_k (a_scale * a_signs) @ (w_scale_k * w_signs_k) + bias.
+# A plane is (scale, signs) with signs in {-1, 0, +1} and a scale that broadcasts against them: for
+# a weight () or (O,) (one per output channel), for an activation () or (..., 1) (one per token).
+# Inference computes (a_scale * a_signs) @ sum_k (w_scale_k * w_signs_k) [+ bias if uses_bias].
 Plane = tuple
 
 
@@ -66,6 +66,29 @@ class LinearOp:
   uses_bias: bool = True
   doc: str = ""
 
+  @property
+  def packable(self) -> bool:
+    """Inference is scaled sign planes on both operands, so a packed forward can run it."""
+    return self.weight_planes is not None and self.activation_planes is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbOp:
+  """A binarizer of attention probabilities p (after the softmax; rows sum to 1 over the last axis).
+
+  apply(p_...xL, extras, *, train) -> the binarized probabilities; gradients flow back to p, and
+    through the caller's softmax to the scores.
+  init_extras() -> {name: Extra}: its parameters (scalars or none).
+  calibrate(p, extras) -> extras: the data-dependent first-call init (None when there is none).
+  planes(p, extras) -> (scale, mask_...xL): inference as a scale times a {0, 1} mask (None if not).
+  """
+  name: str
+  apply: Callable[..., Array]
+  init_extras: Callable[[], dict]
+  calibrate: Optional[Callable[[Array, dict], dict]] = None
+  planes: Optional[Callable[[Array, dict], Plane]] = None
+  doc: str = ""
+
 
 def no_extras(in_features: int, out_features: int) -> dict:
   """`init_extras` of an operator without extra parameters."""
@@ -83,6 +106,11 @@ def per_output_mean(v_IxO: Array) -> Array:
 
   PyTorch weights are (out, in), so the authors' `mean(dim=-1)` of a weight is this mean."""
   return jnp.mean(v_IxO, axis=0, keepdims=True)
+
+
+def centred_per_output(v_IxO: Array) -> Array:
+  """v minus its per-output-channel mean (XNOR's, ReCU's and BiViT's weight centring)."""
+  return v_IxO - per_output_mean(v_IxO)
 
 
 def unit_plane(signs: Array) -> Plane:

@@ -5,9 +5,9 @@ has the formulas as read from the code). Our kernels are (in, out): the authors'
 channel) reductions of a (out, in) weight are reductions over axis 0 here (`api.per_output_mean`).
 Activation scales are per token (the last axis is the feature axis).
 """
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bipft_jax.zoo import api
 from bipft_jax.zoo.ste import (fourier_sign, polynomial_sign, scaled_sign_clip, sign_identity, sign_ste,
@@ -22,14 +22,6 @@ def _sign_planes(kernel, extras):
 
 def _sign_activation(x, extras):
   return api.unit_plane(jnp.sign(x))
-
-
-def _ones(key, shape, dtype):
-  return jnp.ones(shape, dtype)
-
-
-def _uniform01(key, shape, dtype):
-  return jax.random.uniform(key, shape, dtype)
 
 
 # --- BNN ----------------------------------------------------------------------------------------
@@ -50,19 +42,15 @@ def _token_scale(x):
   return _sg(jnp.mean(jnp.abs(x), axis=-1, keepdims=True))
 
 
-def _xnor_centred(kernel):
-  return kernel - api.per_output_mean(kernel)
-
-
 def _xnor_apply(x, kernel, bias, extras, *, train):
-  centred = _xnor_centred(kernel)
+  centred = api.centred_per_output(kernel)
   w_b = sign_ste(centred, True) * _sg(api.per_output_mean(jnp.abs(centred)))
   return api.linear(sign_ste(x, True) * _token_scale(x), w_b) + bias
 
 
 def _xnor_planes(kernel, extras):
-  centred = _xnor_centred(kernel)
-  return [(api.per_output_mean(jnp.abs(centred)), jnp.sign(centred))]
+  centred = api.centred_per_output(kernel)
+  return [(api.per_output_mean(jnp.abs(centred))[0], jnp.sign(centred))]
 
 
 def xnor() -> api.LinearOp:
@@ -89,7 +77,8 @@ def _output_scale_extras(name, init):
 def xnorplusplus() -> api.LinearOp:
   """XNOR-Net++ (output-channel factor only): y = (sign(x) @ sign(W)) * o_scale + b, o_scale learned
   (init 1); windows |v| < 1 (v = +-1 gets NO gradient)."""
-  return api.LinearOp("xnorplusplus", _xnorpp_apply, _output_scale_extras("o_scale", _ones),
+  extras = _output_scale_extras("o_scale", jax.nn.initializers.ones)
+  return api.LinearOp("xnorplusplus", _xnorpp_apply, extras,
                       weight_planes=lambda kernel, extras: [(extras["o_scale"], jnp.sign(kernel))],
                       activation_planes=_sign_activation, doc=xnorplusplus.__doc__)
 
@@ -105,7 +94,7 @@ def _dorefa_apply(x, kernel, bias, extras, *, train):
 
 
 def _abs_mean_planes(kernel, extras):
-  return [(_abs_mean_scale(kernel), jnp.sign(kernel))]
+  return [(_abs_mean_scale(kernel)[0], jnp.sign(kernel))]
 
 
 def dorefa() -> api.LinearOp:
@@ -117,9 +106,16 @@ def dorefa() -> api.LinearOp:
 
 # --- Bi-Real and ReAct --------------------------------------------------------------------------
 
-def _bireal_apply(x, kernel, bias, extras, *, train):
-  shift = extras.get("threshold", jnp.zeros((), x.dtype))
+def _bireal_product(x, kernel, shift):
   return api.linear(polynomial_sign(x, shift), scaled_sign_clip(kernel, _abs_mean_scale(kernel)))
+
+
+def _bireal_apply(x, kernel, bias, extras, *, train):
+  return _bireal_product(x, kernel, jnp.zeros((), x.dtype))
+
+
+def _react_apply(x, kernel, bias, extras, *, train):
+  return _bireal_product(x, kernel, extras["threshold"])
 
 
 def bireal() -> api.LinearOp:
@@ -137,7 +133,7 @@ def _react_extras(in_features, out_features):
 def react() -> api.LinearOp:
   """ReActNet: Bi-Real with a learned per-input-channel threshold t (init 0) that, as released,
   only shifts the gradient window: forward sign(x), backward p'(x + t); t gets sum g * p'(x + t)."""
-  return api.LinearOp("react", _bireal_apply, _react_extras, weight_planes=_abs_mean_planes,
+  return api.LinearOp("react", _react_apply, _react_extras, weight_planes=_abs_mean_planes,
                       activation_planes=_sign_activation, uses_bias=False, doc=react.__doc__)
 
 
@@ -153,7 +149,7 @@ def recu_schedule(max_epochs: int, epoch: int) -> dict:
 
 
 def _recu_weight(kernel, tau):
-  centred = kernel - api.per_output_mean(kernel)
+  centred = api.centred_per_output(kernel)
   std = jnp.sqrt(jnp.var(centred, axis=0, ddof=1, keepdims=True) + 1e-5)
   standardised = centred / (std / 2 / np.sqrt(2))
   # Q_tau is a Python float in the release (.item()): no gradient; +inf for tau = 1 (no clamp).
@@ -172,7 +168,7 @@ def recu(tau: float = 1.0) -> api.LinearOp:
     a = x / jnp.sqrt(jnp.var(x, axis=-1, ddof=1, keepdims=True) + 1e-5) if train else x
     return api.linear(triangle_sign(a), sign_identity(_recu_weight(kernel, tau))) * extras["alpha"] + bias
 
-  return api.LinearOp("recu", apply, _output_scale_extras("alpha", _uniform01),
+  return api.LinearOp("recu", apply, _output_scale_extras("alpha", jax.nn.initializers.uniform(1.0)),
                       weight_planes=lambda kernel, extras: [
                           (extras["alpha"], jnp.sign(_recu_weight(kernel, tau)))],
                       activation_planes=_sign_activation, doc=recu.__doc__)
@@ -184,7 +180,8 @@ def fda_schedule(max_epochs: int, epoch: int) -> dict:
   """{"n": ..., "alpha": ...} as FDA's `model_params_update(max_epochs, epoch)` sets them: alpha =
   0.05 (1 + cos(pi (epoch + 1)/max_epochs)) (float32), n = 9 + int(9 epoch / max_epochs). Never
   called in BiBench's BERT track (n = 9, alpha = 0.1 hold)."""
-  alpha = np.float32(0.05) * (np.float32(1) + np.cos(np.float32((epoch + 1) / max_epochs) * np.float32(np.pi)))
+  angle = np.float32((epoch + 1) / max_epochs) * np.float32(np.pi)
+  alpha = np.float32(0.05) * (np.float32(1) + np.cos(angle))
   return {"n": 9 + int(epoch / max_epochs * 9), "alpha": float(alpha)}
 
 

@@ -8,6 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from bipft_jax.zoo.api import unit_plane
+
 Array = jax.Array
 
 
@@ -114,3 +116,21 @@ def _fourier_sign_bwd(n, v, g):
 
 
 fourier_sign.defvjp(lambda v, n: (jnp.sign(v), v), _fourier_sign_bwd)
+
+
+INPUT_MODES = ("sign", "fp")  # the input operand of the operators that offer both
+
+
+def check_input_mode(activations: str) -> None:
+  if activations not in INPUT_MODES:
+    raise ValueError(f"activations must be one of {INPUT_MODES}, got {activations!r}")
+
+
+def input_operand(x: jax.Array, activations: str, closed: bool) -> jax.Array:
+  """The input operand: sign(x) with a (closed or open) +-1 window, or x itself ("fp")."""
+  return sign_ste(x, closed) if activations == "sign" else x
+
+
+def sign_activation_planes(activations: str):
+  """`LinearOp.activation_planes` of `input_operand`: one unscaled sign plane, none for FP inputs."""
+  return (lambda x, extras: unit_plane(jnp.sign(x))) if activations == "sign" else None
