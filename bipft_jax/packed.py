@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bipft_jax import binarize, kinds
-from bipft_jax import policy as policy_lib
 from bipft_jax.model import BertConfig, build, param_kinds, policy_of, pool_tokens
 
 Array = jax.Array
@@ -146,7 +145,7 @@ def base_leaf(leaf: str) -> str:
 def packable(config: BertConfig) -> None:
   """Raises ValueError, naming the operator, unless the config's binarized Linears run on sign planes."""
   op = policy_of(config).linear
-  if not policy_lib.runs_on_planes(op):
+  if not op.packable:
     raise ValueError(f"linear binarizer {op.name!r} does not pack: its inference "
                      f"{'weight' if op.weight_planes is None else 'input'} is not scaled sign planes")
 

@@ -95,14 +95,9 @@ def linear_op(name: str, config, product: Product) -> api.LinearOp:
   return zoo.linear_op(name)
 
 
-def runs_on_planes(op: api.LinearOp) -> bool:
-  """Whether `op`'s inference is scaled sign planes on both sides (it packs, its products are binary)."""
-  return op.weight_planes is not None and op.activation_planes is not None
-
-
 def packable_binarizers() -> list:
   """The linear binarizers that pack: `bipft` and the zoo operators that run on sign planes."""
-  return [BIPFT] + [name for name in zoo.LINEAR_OPS if runs_on_planes(zoo.linear_op(name))]
+  return [BIPFT] + [name for name in zoo.LINEAR_OPS if zoo.linear_op(name).packable]
 
 
 def for_config(config, product: Product) -> Policy:

@@ -30,9 +30,11 @@ Two accountings:
 What a parameter is comes from its declared kind (`model.param_kinds`), what a binarized Linear
 computes from the config's LinearOp (`model.policy_of(config).linear`, `--config.linear_binarizer`):
 its weight is as many 1-bit planes as `weight_planes` returns (a dual-binarized weight is two, each
-with its own scales), its products are binary MACs when both weight and activation are sign planes;
-an operator that is not (`weight_planes` or `activation_planes` None, e.g. fda) is counted as FP,
-which is how it runs at inference. A per-token activation scale (xnor) costs 2 ops per input element.
+with its own scales), its products are binary MACs (one pass per plane) when its input is a sign
+plane too (`activation_planes`), else FP MACs on the dequantized weight (weight-only binarizers:
+dbllm_fdb, binarydm's 8-bit inputs); an operator whose weight is not sign planes (fda) is counted as
+FP, which is how it runs at inference. A per-token activation scale (xnor) costs 2 ops per input
+element.
 
 Packed export (what `packed_size_bytes` predicts; `bipft_jax.packed` writes it): each binarized
 weight plane as 1 bit per weight packed into uint32 words along its input dimension (each output
@@ -52,7 +54,7 @@ import flax
 import jax
 import numpy as np
 
-from bipft_jax import config_loading, kinds, policy
+from bipft_jax import config_loading, kinds
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.packed_export import REMAINDER_DTYPES
@@ -123,21 +125,22 @@ def _abstract_params(config: model_lib.BertConfig, head: str) -> dict:
 
 
 class PlaneLayout(NamedTuple):
-  """How a binarized Linear of one shape runs on sign planes: its weight planes' scale sizes, and
-  whether its activation scale is per token (computed at run time) rather than one number."""
+  """How a binarized Linear of one shape runs: its weight planes' scale sizes, whether its input is a
+  sign plane too (binary products) and whether that plane's scale is per token (computed at run time)."""
   weight_scales: tuple
+  binary_products: bool
   token_scale: bool
 
 
 def plane_layout(op, fan_in: int, fan_out: int) -> Optional[PlaneLayout]:
-  """The PlaneLayout of LinearOp `op` on a fan_in x fan_out kernel; None if it does not run on planes."""
-  if not policy.runs_on_planes(op):
+  """The PlaneLayout of LinearOp `op` on a fan_in x fan_out kernel; None if its weight is no sign planes."""
+  if op.weight_planes is None:
     return None
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, np.float32)
   extras = {name: f32(extra.shape) for name, extra in op.init_extras(fan_in, fan_out).items()}
   planes = jax.eval_shape(op.weight_planes, f32((fan_in, fan_out)), extras)
-  activation_scale, _ = jax.eval_shape(op.activation_planes, f32((2, fan_in)), extras)
-  return PlaneLayout(tuple(int(np.prod(scale.shape)) for scale, _ in planes), activation_scale.size > 1)
+  token_scale = op.packable and jax.eval_shape(op.activation_planes, f32((2, fan_in)), extras)[0].size > 1
+  return PlaneLayout(tuple(int(np.prod(scale.shape)) for scale, _ in planes), op.packable, token_scale)
 
 
 def _group(path: tuple) -> tuple:
@@ -217,7 +220,7 @@ def _count_module_ops(r: Row, leaves: dict, leaf_kinds: dict, layout: Optional[P
     fan_in, fan_out = leaves["kernel"].shape
     macs = tokens * fan_in * fan_out
     bias_adds = tokens * fan_out
-    if layout is not None:
+    if layout is not None and layout.binary_products:
       planes = len(layout.weight_scales)
       shifts = sum(kind == kinds.SHIFT for kind in leaf_kinds.values())
       r.binary_macs += planes * macs
