@@ -49,6 +49,7 @@ class BertConfig:
   weight_binarizer: str = "bwn"
   activation_binarizer: str = "elastic"
   linear_binarizer: str = "bipft"  # the binarized Linear layers' operator: policy.LINEAR_BINARIZERS
+  attention_prob_binarizer: str = "elastic"  # zoo.ATTENTION_PROB_BINARIZERS: elastic (the release), bivit
   matmul_precision: str = "highest"  # reduced-precision fp32 matmuls flip signs
   binary_matmul_dtype: str = "float32"  # "bfloat16": sign products in bf16, exact (fp32 accumulation)
   pooling: str = "cls"           # the pooler's input: "cls" (BERT, the release) | "mean" (over real tokens)
@@ -245,7 +246,7 @@ class SelfAttention(nn.Module):
     scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + mask_bias_Bx1x1xL
     probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
     probs_BxHxLxL = nn.Dropout(cfg.attention_dropout)(probs_BxHxLxL, deterministic=deterministic)
-    probs_BxHxLxL = binarize_activation(self, "probs_alpha", probs_BxHxLxL, policy.probs, calibrate)
+    probs_BxHxLxL = self.binarize_probs(probs_BxHxLxL, policy.probs, calibrate, deterministic)
     context_BxLxHxK = policy.product("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
     if estimate:
       # The value residual dV ~ v_p(X), tiled over each head's channels (R = 1: the release's broadcast).
@@ -255,6 +256,20 @@ class SelfAttention(nn.Module):
       residual_BxLxHxR = jnp.einsum("bhqs,bsr->bqhr", probs_BxHxLxL, v_p_BxLxR, precision=cfg.matmul_precision)
       context_BxLxHxK = context_BxLxHxK + jnp.tile(residual_BxLxHxR, (1, 1, 1, K // cfg.estimator_rank))
     return context_BxLxHxK.reshape(B, L, H * K), probs_BxHxLxL
+
+  def binarize_probs(self, probs_BxHxLxL, op: Optional[zoo_api.ProbOp], calibrate: bool, deterministic: bool):
+    """The policy's probability binarizer, its extras made here as `probs_<name>` (the release's alpha:
+    `probs_alpha`); calibration as in `Linear`. Unchanged when `op` is None (FP)."""
+    if op is None:
+      return probs_BxHxLxL
+    extras = {name: self.param(f"probs_{name}", kinds.declare(extra.init, (None,) * len(extra.shape), extra.kind),
+                               extra.shape, jnp.float32)
+              for name, extra in op.init_extras().items()}
+    if calibrate and op.calibrate is not None:
+      extras = jax.lax.stop_gradient(op.calibrate(probs_BxHxLxL, extras))
+      for name, value in extras.items():
+        self.put_variable("calibration", f"probs_{name}", value)
+    return op.apply(probs_BxHxLxL, extras, train=not deterministic)
 
 
 class ResidualOutput(nn.Module):

@@ -143,11 +143,13 @@ def base_leaf(leaf: str) -> str:
 
 
 def packable(config: BertConfig) -> None:
-  """Raises ValueError, naming the operator, unless the config's binarized Linears run on sign planes."""
-  op = policy_of(config).linear
-  if not op.packable:
-    raise ValueError(f"linear binarizer {op.name!r} does not pack: its inference "
-                     f"{'weight' if op.weight_planes is None else 'input'} is not scaled sign planes")
+  """Raises ValueError, naming the operator, unless the config's binarizers run on sign planes."""
+  policy = policy_of(config)
+  if not policy.linear.packable:
+    raise ValueError(f"linear binarizer {policy.linear.name!r} does not pack: its inference "
+                     f"{'weight' if policy.linear.weight_planes is None else 'input'} is not scaled sign planes")
+  if policy.probs.planes is None:
+    raise ValueError(f"attention-probability binarizer {policy.probs.name!r} does not pack")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -302,15 +304,16 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
     scores_BxHxLxL = scores_BxHxLxL + (einsum(q_m, k_p) + einsum(q_p, k_m) + einsum(q_p, k_p))[:, None]
   scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + mask_bias_Bx1x1xL
   probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
-  p_alpha = binarize._clamped(p["probs_alpha"])
-  keep_BxHxLxL = jnp.clip(jnp.round(probs_BxHxLxL / p_alpha), 0, 1) > 0  # as unsigned_binarize
+  prob_op = policy_of(config).probs
+  p_scale, mask_BxHxLxL = prob_op.planes(probs_BxHxLxL, {n: p[f"probs_{n}"] for n in prob_op.init_extras()})
+  keep_BxHxLxL = mask_BxHxLxL > 0
   # V packed along the key positions it is contracted over: [B, H, Ws, K].
   v_sign, v_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(jnp.swapaxes(v_BxHxLxK, -1, -2)))
   counts_BxHxLxK = unsigned_signed_matmul(pack_bits(keep_BxHxLxL), v_sign, v_nonzero)
-  context_BxLxHxK = (counts_BxHxLxK.astype(jnp.float32) * (p_alpha * v_alpha)).transpose(0, 2, 1, 3)
+  context_BxLxHxK = (counts_BxHxLxK.astype(jnp.float32) * (p_scale * v_alpha)).transpose(0, 2, 1, 3)
   if estimate:
     v_p_BxLxR = _fp_dense(p["v_p"], x_BxLxD, config)
-    probs_b_BxHxLxL = jnp.where(keep_BxHxLxL, p_alpha, 0.0)
+    probs_b_BxHxLxL = jnp.where(keep_BxHxLxL, p_scale, 0.0)
     residual_BxLxHxR = jnp.einsum("bhqs,bsr->bqhr", probs_b_BxHxLxL, v_p_BxLxR, precision=config.matmul_precision)
     context_BxLxHxK = context_BxLxHxK + jnp.tile(residual_BxLxHxR, (1, 1, 1, K // config.estimator_rank))
   return context_BxLxHxK.reshape(B, L, H * K)

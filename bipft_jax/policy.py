@@ -9,7 +9,9 @@ a binarizer. Its parts:
               `linear_binarizer`: `bipft` (the release: BWN weights, elastic inputs with a move bias;
               the default) or any operator of `zoo.LINEAR_OPS`.
   embedding   the word-table binarizer (the release's row-wise BWN; the identity in the teacher).
-  qkv, probs  the activation binarizers of Q/K/V and of the attention probabilities (None: FP).
+  qkv         the activation binarizer of Q, K and V (None: FP).
+  probs       the attention-probability binarizer (`zoo.api.ProbOp`, by `attention_prob_binarizer`:
+              elastic, the release's, or bivit; None: FP).
   product     the einsum of the attention products' operands: exact sign products once binarized.
 A new binarizer is one `zoo` entry; the layers, summary, packing and export read it from here.
 """
@@ -34,7 +36,7 @@ class Policy:
   embedding: Callable[[Array], Array]    # word table V x D -> the table looked up
   embedding_kind: str                    # kinds.WEIGHT or kinds.BINARY_EMBEDDING
   qkv: Optional[binarize.ActivationBinarizer]
-  probs: Optional[binarize.ActivationBinarizer]
+  probs: Optional[api.ProbOp]
   product: Product
 
 
@@ -107,7 +109,7 @@ def for_config(config, product: Product) -> Policy:
     return Policy(linear=dense(config.matmul_precision), kernel_kind=kinds.WEIGHT, embedding=lambda t: t,
                   embedding_kind=kinds.WEIGHT, qkv=None, probs=None, product=fp_product)
   _, rowwise = binarize.weight_binarizers(config.weight_binarizer)
-  signed, unsigned = binarize.activation_binarizers(config.activation_binarizer)
+  signed, _ = binarize.activation_binarizers(config.activation_binarizer)
   return Policy(linear=linear_op(config.linear_binarizer, config, product), kernel_kind=kinds.BINARY_WEIGHT,
-                embedding=rowwise, embedding_kind=kinds.BINARY_EMBEDDING, qkv=signed, probs=unsigned,
-                product=product)
+                embedding=rowwise, embedding_kind=kinds.BINARY_EMBEDDING, qkv=signed,
+                probs=zoo.prob_op(config.attention_prob_binarizer), product=product)

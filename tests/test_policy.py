@@ -26,8 +26,8 @@ PACKABLE = policy.packable_binarizers()
 # BinaryDM's LSQ step is 2 mean|x| / sqrt(127) of each call's input: 0 on the all-zero attention context
 # of a fresh student (every binarized probability 0), and x / 0 gives NaN. Fix in zoo.binarydm.
 ZERO_STEP_NAN = pytest.mark.xfail(strict=True, reason="BinaryDM's activation step is 0 on an all-zero input")
-TRAINED = [pytest.param(name, marks=ZERO_STEP_NAN) if name.startswith("binarydm") else name
-           for name in policy.LINEAR_BINARIZERS]
+TRAINED = [pytest.param(name, "elastic", marks=[ZERO_STEP_NAN] if name.startswith("binarydm") else [])
+           for name in policy.LINEAR_BINARIZERS] + [("bipft", "bivit")]
 NOT_PACKABLE = sorted(set(policy.LINEAR_BINARIZERS) - set(PACKABLE))
 
 
@@ -41,9 +41,9 @@ def _batch(length=12):
 
 
 @functools.lru_cache(maxsize=None)
-def _student(name):
-  """A tiny calibrated classifier with binarizer `name`, random non-zero biases and shifts."""
-  config = dataclasses.replace(TINY, linear_binarizer=name)
+def _student(name, probs="elastic"):
+  """A tiny calibrated classifier with binarizers `name` and `probs`, random non-zero biases and shifts."""
+  config = dataclasses.replace(TINY, linear_binarizer=name, attention_prob_binarizer=probs)
   module = model_lib.build(config, "classification")
   params = jax.jit(lambda key: model_lib.init_params(module, key))(jax.random.key(0))
   flat = flax.traverse_util.flatten_dict(params)
@@ -86,11 +86,11 @@ def _student_fp():
   return config, model_lib.build(config, "classification"), None
 
 
-@pytest.mark.parametrize("name", TRAINED)
-def test_every_binarizer_trains_the_tiny_pretraining_student(files, name):  # noqa: F811
+@pytest.mark.parametrize("name, probs", TRAINED)
+def test_every_binarizer_trains_the_tiny_pretraining_student(files, name, probs):  # noqa: F811
   """The tiny pretraining config's student, its MLM loss on one batch over and over: the loss falls."""
-  config = tiny_config(files, **{"model.linear_binarizer": name, "model.hidden_size": 32, "model.num_heads": 2,
-                                 "model.intermediate_size": 64})
+  config = tiny_config(files, **{"model.linear_binarizer": name, "model.attention_prob_binarizer": probs,
+                                 "model.hidden_size": 32, "model.num_heads": 2, "model.intermediate_size": 64})
   student = model_lib.build(train.student_config(config), "pretraining")
   batch = first_batch(config, files)
   params = train.calibrate(train.student_config(config), model_lib.init_params(student, jax.random.key(0)), batch)
@@ -116,9 +116,9 @@ def test_every_binarizer_trains_the_tiny_pretraining_student(files, name):  # no
   assert np.all(np.isfinite(history)) and history[-1] < 0.8 * history[0], history
 
 
-@pytest.mark.parametrize("name", PACKABLE)
-def test_packed_equals_simulated(name):
-  config, module, params = _student(name)
+@pytest.mark.parametrize("name, probs", [(name, "elastic") for name in PACKABLE] + [("bipft", "bivit")])
+def test_packed_equals_simulated(name, probs):
+  config, module, params = _student(name, probs)
   batch = _batch()
   simulated = module.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
   head, packed_params = packed.pack_params(config, "classification", params)
