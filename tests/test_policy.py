@@ -1,6 +1,7 @@
 """The binarization policy: every linear binarizer trains, packs (or is refused) and is summarised; kinds."""
 import dataclasses
 import functools
+import pathlib
 
 import flax
 import jax
@@ -153,3 +154,20 @@ def test_summary_counts_planes_and_scales_of_the_operator():
   assert dual["binary_params"] - table == 2 * (bipft["binary_params"] - table)  # two planes per weight
   assert dual["binary_memory_bytes"] > bipft["binary_memory_bytes"]
   assert fda["honest_binary_ops"] > 10 * bipft["honest_binary_ops"]
+
+
+def test_calibration_runs_the_operators_first_call_init():
+  _, _, params = _student("bivit_weight")  # BiViT's weight scales start at 0; calibration sets mean|W|
+  query = params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]
+  np.testing.assert_allclose(query["scale"], np.mean(np.abs(np.asarray(query["kernel"])), axis=0), rtol=1e-6)
+
+
+def test_summary_command_takes_the_binarizer_by_name(capsys):
+  from bipft_jax import cli
+  config_file = pathlib.Path(__file__).resolve().parent.parent / "configs" / "model.py"
+  args = ["summary", "--config", f"{config_file}:tiny,binary", "--seq-len", "8"]
+  assert cli.main(args + ["--config.linear_binarizer=dbllm_fdb"]) == 0
+  assert "linear binarizer dbllm_fdb" in capsys.readouterr().out
+  assert cli.main(args + ["--config.linear_binarizer=xnr"]) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line]
+  assert len(err) == 1 and "unknown linear binarizer 'xnr'; choose one of bipft, bnn" in err[0]
