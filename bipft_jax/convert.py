@@ -162,7 +162,8 @@ def hf_config_dict(config: model_lib.BertConfig, head: str) -> dict:
       label2id={f"LABEL_{i}": i for i in range(config.num_labels)},
       weight_bits=1 if config.binary else 32, input_bits=1 if config.binary else 32,
       weight_quant_method=config.weight_binarizer, input_quant_method=config.activation_binarizer,
-      linear_quant_method=config.linear_binarizer, attention_prob_quant_method=config.attention_prob_binarizer,
+      linear_quant_method=config.linear_binarizer,
+      attention_prob_quant_method=config.attention_prob_binarizer,
       estimator_rank=config.estimator_rank, pooling=config.pooling)
   if config.binary:
     # The rest of what the release's model constructors read (clip_init_val is unused by `elastic`).
@@ -231,7 +232,9 @@ def _check_exportable(config: model_lib.BertConfig, fmt: str) -> None:
   before anything is written."""
   if not config.binary:
     return
-  linear, probs = (PYTORCH_LINEAR_BINARIZERS, PYTORCH_PROB_BINARIZERS) if fmt == "hf" else (("bipft",), ("elastic",))
+  linear, probs = PYTORCH_LINEAR_BINARIZERS, PYTORCH_PROB_BINARIZERS
+  if fmt != "hf":  # the release computes its own binarizers only
+    linear, probs = ("bipft",), ("elastic",)
   for name, supported, kind in ((config.linear_binarizer, linear, "linear"),
                                 (config.attention_prob_binarizer, probs, "attention-probability")):
     if name not in supported:

@@ -20,13 +20,14 @@ WEIGHT = "weight"                      # FP matrix or embedding table (weight de
 BINARY_WEIGHT = "binary_weight"        # latent FP kernel of a binarized Linear: sign planes when packed
 BINARY_EMBEDDING = "binary_embedding"  # latent FP word table, binarized row-wise: packed per token row
 WEIGHT_SCALE = "weight_scale"          # learned scale of a binarized weight or output (fp32 when packed)
-ACTIVATION_SCALE = "activation_scale"  # learned scale of a binarized activation, e.g. alpha (fp32 when packed)
+ACTIVATION_SCALE = "activation_scale"  # learned scale of a binarized activation, an alpha (fp32 when packed)
 SHIFT = "shift"                        # learned per-channel shift before an activation binarizer (move bias)
 BIAS = "bias"                          # FP bias
 NORM = "norm"                          # LayerNorm scale and bias
 FP = "fp"                              # any other FP parameter (a binarizer's small FP network...)
 STATE = "state"                        # a binarizer's schedule state: stored, not trained
-KINDS = (WEIGHT, BINARY_WEIGHT, BINARY_EMBEDDING, WEIGHT_SCALE, ACTIVATION_SCALE, SHIFT, BIAS, NORM, FP, STATE)
+KINDS = (WEIGHT, BINARY_WEIGHT, BINARY_EMBEDDING, WEIGHT_SCALE, ACTIVATION_SCALE, SHIFT, BIAS, NORM, FP,
+         STATE)
 BINARY = (BINARY_WEIGHT, BINARY_EMBEDDING)
 SCALES = (WEIGHT_SCALE, ACTIVATION_SCALE)  # multiply every count of a packed matmul: kept in fp32
 DECAYED = (WEIGHT, BINARY_WEIGHT, BINARY_EMBEDDING)  # as BERT: no decay on biases, norms, scales, shifts

@@ -167,7 +167,8 @@ class Linear(nn.Module):
     in_features = x.shape[-1]
     kernel = self.param("kernel", kinds.declare(_dense_init(), self.axes, policy.kernel_kind),
                         (in_features, self.features))
-    bias = self.param("bias", kinds.declare(nn.initializers.zeros, self.axes[-1:], kinds.BIAS), (self.features,))
+    bias = self.param("bias", kinds.declare(nn.initializers.zeros, self.axes[-1:], kinds.BIAS),
+                      (self.features,))
     layer_axes = {zoo_api.IN: self.axes[0], zoo_api.OUT: self.axes[-1]}
     extras = {}
     for name, extra in op.init_extras(in_features, self.features).items():
@@ -191,7 +192,8 @@ class WordEmbeddings(nn.Module):
   def __call__(self, input_ids_BxL) -> Array:
     cfg = self.config
     policy = policy_of(cfg)
-    table_VxD = self.param("embedding", kinds.declare(_dense_init(), ("vocab", "embed"), policy.embedding_kind),
+    table_VxD = self.param("embedding",
+                           kinds.declare(_dense_init(), ("vocab", "embed"), policy.embedding_kind),
                            (cfg.vocab_size, cfg.hidden_size))
     table_VxD = policy.embedding(table_VxD)
     words_BxLxD = jnp.take(table_VxD, input_ids_BxL, axis=0)
@@ -208,10 +210,11 @@ class Embeddings(nn.Module):
     cfg = self.config
     words_BxLxD = WordEmbeddings(cfg, name="word_embeddings")(input_ids_BxL)
     length = input_ids_BxL.shape[1]
+    table_init = kinds.declare(_dense_init(), (None, "embed"), kinds.WEIGHT)
     positions_LxD = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings",
-                             embedding_init=kinds.declare(_dense_init(), (None, "embed"), kinds.WEIGHT))(jnp.arange(length))
+                             embedding_init=table_init)(jnp.arange(length))
     types_BxLxD = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings",
-                           embedding_init=kinds.declare(_dense_init(), (None, "embed"), kinds.WEIGHT))(token_type_ids_BxL)
+                           embedding_init=table_init)(token_type_ids_BxL)
     x_BxLxD = _layer_norm(cfg, "LayerNorm")(words_BxLxD + positions_LxD[None] + types_BxLxD)
     return nn.Dropout(cfg.hidden_dropout)(x_BxLxD, deterministic=deterministic)
 
@@ -262,7 +265,8 @@ class SelfAttention(nn.Module):
     `probs_alpha`); calibration as in `Linear`. Unchanged when `op` is None (FP)."""
     if op is None:
       return probs_BxHxLxL
-    extras = {name: self.param(f"probs_{name}", kinds.declare(extra.init, (None,) * len(extra.shape), extra.kind),
+    extras = {name: self.param(f"probs_{name}",
+                               kinds.declare(extra.init, (None,) * len(extra.shape), extra.kind),
                                extra.shape, jnp.float32)
               for name, extra in op.init_extras().items()}
     if calibrate and op.calibrate is not None:
@@ -303,7 +307,8 @@ class Intermediate(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, deterministic: bool, calibrate: bool):
     cfg = self.config
-    h_BxLxF = Linear(cfg.intermediate_size, cfg, ("embed", "mlp"), name="dense")(x_BxLxD, calibrate, deterministic)
+    dense = Linear(cfg.intermediate_size, cfg, ("embed", "mlp"), name="dense")
+    h_BxLxF = dense(x_BxLxD, calibrate, deterministic)
     return jax.nn.gelu(h_BxLxF, approximate=False)
 
 
@@ -340,7 +345,8 @@ class Pooler(nn.Module):
   @nn.compact
   def __call__(self, h_BxD, deterministic: bool, calibrate: bool):
     cfg = self.config
-    y_BxD = Linear(cfg.hidden_size, cfg, ("embed", "embed_out"), name="dense")(h_BxD, calibrate, deterministic)
+    dense = Linear(cfg.hidden_size, cfg, ("embed", "embed_out"), name="dense")
+    y_BxD = dense(h_BxD, calibrate, deterministic)
     if cfg.binary:
       y_BxD = _layer_norm(cfg, "LayerNorm")(y_BxD) + h_BxD
     return jnp.tanh(y_BxD)
@@ -410,7 +416,8 @@ class MlmPredictions(nn.Module):
   def __call__(self, h_BxNxD, word_embeddings_VxD):
     cfg = self.config
     h_BxNxD = MlmTransform(cfg, name="transform")(h_BxNxD)
-    bias_V = self.param("bias", kinds.declare(nn.initializers.zeros, ("vocab",), kinds.BIAS), (cfg.vocab_size,))
+    bias_V = self.param("bias", kinds.declare(nn.initializers.zeros, ("vocab",), kinds.BIAS),
+                        (cfg.vocab_size,))
     return jnp.einsum("bnd,vd->bnv", h_BxNxD, word_embeddings_VxD, precision=cfg.matmul_precision) + bias_V
 
 

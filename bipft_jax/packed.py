@@ -146,8 +146,9 @@ def packable(config: BertConfig) -> None:
   """Raises ValueError, naming the operator, unless the config's binarizers run on sign planes."""
   policy = policy_of(config)
   if not policy.linear.packable:
-    raise ValueError(f"linear binarizer {policy.linear.name!r} does not pack: its inference "
-                     f"{'weight' if policy.linear.weight_planes is None else 'input'} is not scaled sign planes")
+    side = "weight" if policy.linear.weight_planes is None else "input"
+    raise ValueError(f"linear binarizer {policy.linear.name!r} does not pack: its inference {side} is not "
+                     "scaled sign planes")
   if policy.probs.planes is None:
     raise ValueError(f"attention-probability binarizer {policy.probs.name!r} does not pack")
 
@@ -289,7 +290,8 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
 
   def heads(name):
     """sign planes of B_s(name(x)) per head: [B, H, L, Wk], and its alpha."""
-    y_BxHxLxK = _binary_dense(policy_of(config).linear, p[name], x_BxLxD).reshape(B, L, H, K).transpose(0, 2, 1, 3)
+    y_BxLxD = _binary_dense(policy_of(config).linear, p[name], x_BxLxD)
+    y_BxHxLxK = y_BxLxD.reshape(B, L, H, K).transpose(0, 2, 1, 3)
     return pack_signed(y_BxHxLxK), binarize._clamped(p[f"{name}_alpha"]), y_BxHxLxK
 
   (q_sign, q_nonzero), q_alpha, _ = heads("query")
@@ -323,7 +325,8 @@ def _layer(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: BertConfig
   attention, op = p["attention"], policy_of(config).linear
   context_BxLxD = _self_attention(attention["self"], x_BxLxD, mask_bias_Bx1x1xL, config)
   out = attention["output"]
-  attended_BxLxD = _layer_norm(out["LayerNorm"], _binary_dense(op, out["dense"], context_BxLxD) + x_BxLxD, config)
+  attended_BxLxD = _layer_norm(out["LayerNorm"], _binary_dense(op, out["dense"], context_BxLxD) + x_BxLxD,
+                               config)
   h_BxLxF = jax.nn.gelu(_binary_dense(op, p["intermediate"]["dense"], attended_BxLxD), approximate=False)
   out = p["output"]
   return _layer_norm(out["LayerNorm"], _binary_dense(op, out["dense"], h_BxLxF) + attended_BxLxD, config)
@@ -354,8 +357,8 @@ def forward(config: BertConfig, head: str, packed: dict, input_ids_BxL: Array,
     hidden_states.append(x_BxLxD)
   pooler = bert["pooler"]
   h_pool_BxD = pool_tokens(x_BxLxD, attention_mask_BxL, config.pooling)
-  pooled_BxD = jnp.tanh(_layer_norm(pooler["LayerNorm"], _binary_dense(policy_of(config).linear, pooler["dense"], h_pool_BxD), config)
-                        + h_pool_BxD)
+  dense_BxD = _binary_dense(policy_of(config).linear, pooler["dense"], h_pool_BxD)
+  pooled_BxD = jnp.tanh(_layer_norm(pooler["LayerNorm"], dense_BxD, config) + h_pool_BxD)
   out = {"hidden_states": hidden_states, "pooled": pooled_BxD}
   if head == "classification":
     out["logits"] = _fp_dense(packed["classifier"], pooled_BxD, config)

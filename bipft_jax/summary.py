@@ -41,9 +41,9 @@ weight plane as 1 bit per weight packed into uint32 words along its input dimens
 row padded to whole words; the word embedding packed along the hidden dimension per token row),
 plus its fp32 scales (one per matrix for BWN, per row for the word embedding), the learned scales
 (weight and activation) in fp32, every other parameter (the remainder) in fp32 or,
-`--remainder float16`, fp16; no file-format overhead. A matrix with exact zeros after centring needs a second (nonzero) bit plane;
-trained weights have none, so it is not predicted. A pretraining head also needs the latent FP
-word embedding (its tied decoder).
+`--remainder float16`, fp16; no file-format overhead. A matrix with exact zeros after centring
+needs a second (nonzero) bit plane; trained weights have none, so it is not predicted. A
+pretraining head also needs the latent FP word embedding (its tied decoder).
 """
 import argparse
 import dataclasses

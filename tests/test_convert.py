@@ -374,8 +374,10 @@ def test_to_pytorch_ships_the_tokenizer_it_is_given(tmp_path, capsys, minilm_dir
 
 # --- the binarizer zoo ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("linear, probs", [(name, "elastic") for name in convert.PYTORCH_LINEAR_BINARIZERS[1:]]
-                         + [("bipft", "bivit")])
+ZOO_EXPORTS = [(name, "elastic") for name in convert.PYTORCH_LINEAR_BINARIZERS[1:]] + [("bipft", "bivit")]
+
+
+@pytest.mark.parametrize("linear, probs", ZOO_EXPORTS)
 def test_zoo_binarizers_export_to_pytorch(tmp_path, linear, probs):
   # Odd fan-ins: an exact-zero sum of signs would leave summation-order residues to the next sign. A
   # hidden size of 9 keeps unscaled sums (bnn, xnorplusplus) above -13, where XLA's GELU flushes
@@ -399,10 +401,11 @@ def test_zoo_binarizers_export_to_pytorch(tmp_path, linear, probs):
 def test_zoo_binarizers_without_pytorch_code_are_refused_by_name(tmp_path, capsys):
   from bipft_jax.pytorch_model import modeling_bipft
   assert set(convert.PYTORCH_LINEAR_BINARIZERS) == {"bipft", *modeling_bipft.ZOO_LINEARS}
-  config = tiny_config(linear_binarizer="fda", num_layers=1, hidden_size=64)  # FDA's noise MLPs: width 64 // 64
+  config = tiny_config(linear_binarizer="fda", num_layers=1, hidden_size=64)  # noise MLP width 64 // 64
   module = model_lib.build(config, "encoder")
   checkpointing.save_params(str(tmp_path / "ckpt"), model_lib.init_params(module, jax.random.key(0)), config,
                             "encoder")
-  code, err = bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "hf")
+  code, err = bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "ckpt",
+                    "--out", tmp_path / "hf")
   assert "linear binarizer 'fda' has no PyTorch implementation" in assert_one_error_line(code, err)
   assert not (tmp_path / "hf").exists()

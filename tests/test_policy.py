@@ -76,7 +76,8 @@ def test_kinds_are_declared_for_every_parameter():
   assert param_kinds[dense + ("kernel",)] == kinds.BINARY_WEIGHT
   assert param_kinds[dense + ("threshold",)] == kinds.FP
   assert param_kinds[("bert", "embeddings", "word_embeddings", "embedding")] == kinds.BINARY_EMBEDDING
-  assert param_kinds[("bert", "encoder", "layer", "0", "attention", "self", "probs_alpha")] == kinds.ACTIVATION_SCALE
+  attention = ("bert", "encoder", "layer", "0", "attention", "self")
+  assert param_kinds[attention + ("probs_alpha",)] == kinds.ACTIVATION_SCALE
   assert param_kinds[("classifier", "kernel")] == kinds.WEIGHT
   _, teacher, _ = _student_fp()
   assert kinds.paths_of_kind(model_lib.param_kinds(teacher), *kinds.BINARY, *kinds.SCALES) == set()
@@ -91,17 +92,19 @@ def _student_fp():
 def test_every_binarizer_trains_the_tiny_pretraining_student(files, name, probs):  # noqa: F811
   """The tiny pretraining config's student, its MLM loss on one batch over and over: the loss falls."""
   config = tiny_config(files, **{"model.linear_binarizer": name, "model.attention_prob_binarizer": probs,
-                                 "model.hidden_size": 32, "model.num_heads": 2, "model.intermediate_size": 64})
-  student = model_lib.build(train.student_config(config), "pretraining")
+                                 "model.hidden_size": 32, "model.num_heads": 2,
+                                 "model.intermediate_size": 64})
+  student_config = train.student_config(config)
+  student = model_lib.build(student_config, "pretraining")
   batch = first_batch(config, files)
-  params = train.calibrate(train.student_config(config), model_lib.init_params(student, jax.random.key(0)), batch)
+  params = train.calibrate(student_config, model_lib.init_params(student, jax.random.key(0)), batch)
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=1e-2, warmup_steps=0, total_steps=10, schedule="constant", weight_decay=0.01,
       b1=0.9, b2=0.999, eps=1e-8)), model_lib.param_kinds(student))
 
   def mlm_loss(params):
-    out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                        mlm_positions_BxN=batch["mlm_positions"])
+    out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
+                        batch["attention_mask"], mlm_positions_BxN=batch["mlm_positions"])
     return losses.cross_entropy(out["mlm_logits"], batch["mlm_labels"])
 
   @jax.jit

@@ -91,9 +91,9 @@ def initial_model(config, task: tasks.Task, rng) -> tuple:
                                                     **overrides)
     if not config.init.binary:
       return fp_config, teacher, folder, f"FP teacher {path or 'all-MiniLM-L6-v2'}"
-    binary_fields = {k: config.model[k] for k in ("estimator_rank", "weight_binarizer", "activation_binarizer",
-                                                  "linear_binarizer", "attention_prob_binarizer", "mlm_transform_act",
-                                                  "matmul_precision")}
+    binary_fields = {k: config.model[k] for k in (
+        "estimator_rank", "weight_binarizer", "activation_binarizer", "linear_binarizer",
+        "attention_prob_binarizer", "mlm_transform_act", "matmul_precision")}
     model_config = dataclasses.replace(fp_config, binary=True, **binary_fields)
     try:
       params = model_lib.init_student_from_teacher(model_lib.build(model_config, "classification"), teacher, rng)

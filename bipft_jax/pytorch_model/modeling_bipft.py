@@ -144,6 +144,10 @@ def _centred(w_OxI: torch.Tensor) -> torch.Tensor:
   return w_OxI - w_OxI.mean(dim=1, keepdim=True)
 
 
+def _abs_mean_signs(w_OxI: torch.Tensor) -> torch.Tensor:
+  return torch.sign(w_OxI) * _row_abs_mean(w_OxI)
+
+
 def _xnor(layer, x):
   w_c = _centred(layer.weight)
   return F.linear(torch.sign(x) * x.abs().mean(dim=-1, keepdim=True), torch.sign(w_c) * _row_abs_mean(w_c),
@@ -157,13 +161,10 @@ ZOO_LINEARS = {
     "xnor": (_xnor, {}),
     "xnorplusplus": (lambda layer, x: F.linear(torch.sign(x), torch.sign(layer.weight)) * layer.o_scale
                      + layer.bias, {"o_scale": "out"}),
-    "dorefa": (lambda layer, x: F.linear(torch.sign(x), torch.sign(layer.weight) * _row_abs_mean(layer.weight),
-                                         layer.bias), {}),
-    "bireal": (lambda layer, x: F.linear(torch.sign(x), torch.sign(layer.weight) * _row_abs_mean(layer.weight)),
-               {}),
+    "dorefa": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight), layer.bias), {}),
+    "bireal": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight)), {}),
     # ReAct's released forward ignores its threshold (it only moves the gradient window).
-    "react": (lambda layer, x: F.linear(torch.sign(x), torch.sign(layer.weight) * _row_abs_mean(layer.weight)),
-              {"threshold": "in"}),
+    "react": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight)), {"threshold": "in"}),
     # ReCU with BiBench's BERT-track tau = 1: the clamp bound is +inf, the standardisation keeps signs.
     "recu": (lambda layer, x: F.linear(torch.sign(x), torch.sign(_centred(layer.weight))) * layer.alpha
              + layer.bias, {"alpha": "out"}),
@@ -462,7 +463,8 @@ class BiPFTPreTrainedModel(PreTrainedModel):
       init.normal_(module.weight, mean=0.0, std=std)
       init.zeros_(module.bias)  # its extras keep their zeros: checkpoints set them
     elif isinstance(module, SelfAttention) and module.binary:
-      for alpha in (module.clip_query, module.clip_key, module.clip_value, getattr(module, "clip_attn", None)):
+      alphas = (module.clip_query, module.clip_key, module.clip_value, getattr(module, "clip_attn", None))
+      for alpha in alphas:
         if alpha is not None:
           init.ones_(alpha)
     elif isinstance(module, MlmPredictions):
