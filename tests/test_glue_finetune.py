@@ -189,6 +189,10 @@ def test_teacher_start_fp_baseline_and_binarized(glue_dir, vocab_dir, tmp_path):
   config.init.binary = True
   model_config, params, _, _ = finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
   assert model_config.binary
+  config.model.linear_binarizer = "nope"
+  with pytest.raises(UserError, match="unknown linear binarizer 'nope'"):
+    finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
+  config.model.linear_binarizer = "bipft"
   np.testing.assert_array_equal(params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"],
                                 teacher["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"])
   param_kinds = model_lib.param_kinds(model_lib.build(model_config, "classification"))

@@ -94,7 +94,11 @@ def initial_model(config, task: tasks.Task, rng) -> tuple:
     binary_fields = {k: config.model[k] for k in (
         "estimator_rank", "weight_binarizer", "activation_binarizer", "linear_binarizer",
         "attention_prob_binarizer", "mlm_transform_act", "matmul_precision")}
-    model_config = dataclasses.replace(fp_config, binary=True, **binary_fields)
+    try:
+      model_config = model_lib.BertConfig.from_dict({**dataclasses.asdict(fp_config), "binary": True,
+                                                     **binary_fields})
+    except ValueError as e:
+      raise UserError(f"bad config.model: {e}") from None
     try:
       params = model_lib.init_student_from_teacher(model_lib.build(model_config, "classification"), teacher, rng)
     except ValueError as e:
