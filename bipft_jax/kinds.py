@@ -24,10 +24,8 @@ ACTIVATION_SCALE = "activation_scale"  # learned scale of a binarized activation
 SHIFT = "shift"                        # learned per-channel shift before an activation binarizer (move bias)
 BIAS = "bias"                          # FP bias
 NORM = "norm"                          # LayerNorm scale and bias
-FP = "fp"                              # any other FP parameter (a binarizer's small FP network...)
-STATE = "state"                        # a binarizer's schedule state: stored, not trained
-KINDS = (WEIGHT, BINARY_WEIGHT, BINARY_EMBEDDING, WEIGHT_SCALE, ACTIVATION_SCALE, SHIFT, BIAS, NORM, FP,
-         STATE)
+FP = "fp"                              # any other FP parameter (a threshold, a small FP network...)
+KINDS = (WEIGHT, BINARY_WEIGHT, BINARY_EMBEDDING, WEIGHT_SCALE, ACTIVATION_SCALE, SHIFT, BIAS, NORM, FP)
 BINARY = (BINARY_WEIGHT, BINARY_EMBEDDING)
 SCALES = (WEIGHT_SCALE, ACTIVATION_SCALE)  # multiply every count of a packed matmul: kept in fp32
 DECAYED = (WEIGHT, BINARY_WEIGHT, BINARY_EMBEDDING)  # as BERT: no decay on biases, norms, scales, shifts
