@@ -194,14 +194,19 @@ def test_teacher_start_fp_baseline_and_binarized(glue_dir, vocab_dir, tmp_path):
   config.init.binary = True
   model_config, params, _, _ = finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
   assert model_config.binary
+  config.model.linear_binarizer = "nope"
+  with pytest.raises(UserError, match="unknown linear binarizer 'nope'"):
+    finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
+  config.model.linear_binarizer = "bipft"
   np.testing.assert_array_equal(params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"],
                                 teacher["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"])
-  assert finetune._alphas_untrained(params)  # calibrated by finetune on the first batch
+  param_kinds = model_lib.param_kinds(model_lib.build(model_config, "classification"))
+  assert finetune._alphas_untrained(params, param_kinds)  # calibrated by finetune on the first batch
   config.steps_per_epoch, config.epochs = 1, 1
   results = finetune.finetune(config, str(tmp_path / "run"))
   assert set(results["dev"]["dev"]) == {"pearson_spearman", "pearson", "spearman"}
   _, _, trained = checkpointing.restore_params(str(tmp_path / "run" / "best"))
-  assert not finetune._alphas_untrained(trained)
+  assert not finetune._alphas_untrained(trained, param_kinds)
 
 
 def test_cli_bad_inputs_exit_2(glue_dir, vocab_dir, tmp_path, capsys):
