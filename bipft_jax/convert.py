@@ -35,7 +35,12 @@ RELEASE_BINARY_FIELDS = {"input_bits": 1, "weight_layerwise": True, "input_layer
                          "embed_layerwise": False, "not_quantize_attention": False,
                          "half_binary": False, "improve_linear": False}
 RELEASE_BINARIZER_FIELDS = {"weight_quant_method": "weight_binarizer",
-                            "input_quant_method": "activation_binarizer"}
+                            "input_quant_method": "activation_binarizer",
+                            "linear_quant_method": "linear_binarizer",
+                            "attention_prob_quant_method": "attention_prob_binarizer"}
+# The binarizers modeling_bipft.py computes (ZOO_LINEARS there; tests check the two agree).
+PYTORCH_LINEAR_BINARIZERS = ("bipft", "bnn", "xnor", "xnorplusplus", "dorefa", "bireal", "react", "recu")
+PYTORCH_PROB_BINARIZERS = ("elastic", "bivit")
 
 
 # --- PyTorch -> ours ------------------------------------------------------------
@@ -119,6 +124,8 @@ def hf_config_dict(config: model_lib.BertConfig, head: str) -> dict:
       label2id={f"LABEL_{i}": i for i in range(config.num_labels)},
       weight_bits=1 if config.binary else 32, input_bits=1 if config.binary else 32,
       weight_quant_method=config.weight_binarizer, input_quant_method=config.activation_binarizer,
+      linear_quant_method=config.linear_binarizer,
+      attention_prob_quant_method=config.attention_prob_binarizer,
       estimator_rank=config.estimator_rank, pooling=config.pooling)
   if config.binary:
     # The rest of what the release's model constructors read (clip_init_val is unused by `elastic`).
@@ -165,6 +172,7 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
     raise UserError(f"--tokenizer {tokenizer} has none of {', '.join(TOKENIZER_FILES)}")
   files.check_new_folder(out, "--out")
   config, head, params = checkpointing.restore_params(checkpoint, step)
+  _check_exportable(config, fmt)
   params = _to_host(params)
   if fmt == "hf":
     state, config_json = pytorch_io.to_torch_state(params), hf_export_config(config, head)
@@ -179,6 +187,21 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
       shutil.copy2(MODELING_FILE, os.path.join(tmp, "modeling_bipft.py"))
     copied = _copy_tokenizer(tokenizer or _tokenizer_folder(checkpoint), tmp)
   return {"head": head, "binary": config.binary, "tensors": len(state), "tokenizer": copied}
+
+
+def _check_exportable(config: model_lib.BertConfig, fmt: str) -> None:
+  """UserError naming a binarizer the PyTorch model (`hf`) or the release (`reference`) does not compute,
+  before anything is written."""
+  if not config.binary:
+    return
+  linear, probs = PYTORCH_LINEAR_BINARIZERS, PYTORCH_PROB_BINARIZERS
+  if fmt != "hf":  # the release computes its own binarizers only
+    linear, probs = ("bipft",), ("elastic",)
+  for name, supported, kind in ((config.linear_binarizer, linear, "linear"),
+                                (config.attention_prob_binarizer, probs, "attention-probability")):
+    if name not in supported:
+      raise UserError(f"the {kind} binarizer {name!r} has no PyTorch implementation in the {fmt} format; "
+                      f"convert to-pytorch exports {', '.join(supported)}")
 
 
 def _tokenizer_folder(checkpoint: str) -> str:

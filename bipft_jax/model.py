@@ -1,7 +1,11 @@
 """BERT in Flax: the full-precision teacher and the 1-bit BiPFT student (METHOD.md sections 3-5).
 
-One set of modules serves both: `BertConfig.binary` swaps every Linear named in METHOD.md
-section 3 for its binarized form and adds the low-rank residual estimators to self-attention.
+One set of modules serves both. The layers binarize through the `policy.Policy` of their config
+(`policy_of`): the Linear layers METHOD.md section 3 names run its LinearOp (FP in the teacher,
+the release's BiPFT Linear or a zoo operator in the student), the word table, Q/K/V and attention
+probabilities its binarizers. `BertConfig.binary` itself adds only the student's architecture: the
+low-rank residual estimators in self-attention and the pooler's LayerNorm. Every parameter declares
+its kind where it is made (`kinds.declare`; `param_kinds` reads them).
 The parameter tree is named like Hugging Face's BERT (`bert/encoder/layer/0/attention/self/query`),
 so the student's tree is the teacher's plus a few extra leaves (`move_bias`, `*_alpha`, estimators).
 
@@ -16,8 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bipft_jax import binarize
+from bipft_jax import binarize, kinds
+from bipft_jax import policy as policy_lib
 from bipft_jax import precision as precision_lib
+from bipft_jax.zoo import api as zoo_api
 
 Array = jax.Array
 
@@ -43,6 +49,8 @@ class BertConfig:
   estimator_rank: int = 1        # rank of the residual estimators; 0 = BiPFT-A
   weight_binarizer: str = "bwn"
   activation_binarizer: str = "elastic"
+  linear_binarizer: str = "bipft"  # the binarized Linear layers' operator: policy.LINEAR_BINARIZERS
+  attention_prob_binarizer: str = "elastic"  # zoo.ATTENTION_PROB_BINARIZERS: elastic (the release), bivit
   matmul_precision: str = "highest"  # reduced-precision fp32 matmuls flip signs
   binary_matmul_dtype: str = "float32"  # sign products: float32 | bfloat16 | int8 | auto; all exact
   precision: str = "fp32"        # "mixed": FP matmuls in bf16 with fp32 accumulation (precision.py)
@@ -79,8 +87,7 @@ class BertConfig:
                           ("matmul_precision", _PRECISIONS)):
       if getattr(self, name) not in choices:
         raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
-    binarize.weight_binarizers(self.weight_binarizer)  # ValueError naming the known ones
-    binarize.activation_binarizers(self.activation_binarizer)
+    policy_of(self)  # unknown binarizer names: a ValueError naming the known ones
 
   @property
   def head_size(self) -> int:
@@ -91,14 +98,17 @@ def _dense_init():
   return nn.initializers.normal(stddev=0.02)
 
 
-def _partitioned(init, axes):
-  return nn.with_logical_partitioning(init, axes)
+@functools.lru_cache(maxsize=None)
+def policy_of(config: BertConfig) -> policy_lib.Policy:
+  """The binarizers `config`'s layers use (built once per config)."""
+  fp_product = precision_lib.mixed_einsum if config.precision == "mixed" else None
+  return policy_lib.for_config(config, functools.partial(binary_einsum, config=config), fp_product)
 
 
 def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name,
-                      scale_init=_partitioned(nn.initializers.ones, ("embed",)),
-                      bias_init=_partitioned(nn.initializers.zeros, ("embed",)))
+                      scale_init=kinds.declare(nn.initializers.ones, ("embed",), kinds.NORM),
+                      bias_init=kinds.declare(nn.initializers.zeros, ("embed",), kinds.NORM))
 
 
 def _mixed_dot_general(x, kernel, dimension_numbers, precision=None, **_):
@@ -113,22 +123,23 @@ def _fp_einsum(config: BertConfig, spec: str, a: Array, b: Array) -> Array:
 
 
 def _dense(config: BertConfig, features: int, axes: tuple, name: str) -> nn.Dense:
+  """An FP Linear in teacher and student alike (estimators, heads)."""
   mixed = {"dot_general": _mixed_dot_general} if config.precision == "mixed" else {}
   return nn.Dense(features, name=name, precision=config.matmul_precision, **mixed,
-                  kernel_init=_partitioned(_dense_init(), axes),
-                  bias_init=_partitioned(nn.initializers.zeros, axes[-1:]))
+                  kernel_init=kinds.declare(_dense_init(), axes, kinds.WEIGHT),
+                  bias_init=kinds.declare(nn.initializers.zeros, axes[-1:], kinds.BIAS))
 
 
-def binarize_activation(module: nn.Module, name: str, x: Array, *, signed: bool,
-                        config: BertConfig, calibrate: bool) -> Array:
-  """Binarizes `x` with the learned scalar `module.<name>`.
+def binarize_activation(module: nn.Module, name: str, x: Array,
+                        binarizer: Optional[binarize.ActivationBinarizer], calibrate: bool) -> Array:
+  """Binarizes `x` with the learned scalar `module.<name>` (unchanged when `binarizer` is None: FP).
 
   With `calibrate=True` the scale is set from `x` itself (the release's lazy init, done once,
   deterministically) and recorded in the 'calibration' collection for `calibrate_alphas`.
   """
-  signed_fn, unsigned_fn = binarize.activation_binarizers(config.activation_binarizer)
-  binarizer = signed_fn if signed else unsigned_fn
-  alpha = module.param(name, _partitioned(nn.initializers.ones, ()), ())
+  if binarizer is None:
+    return x
+  alpha = module.param(name, kinds.declare(nn.initializers.ones, (), kinds.ACTIVATION_SCALE), ())
   if calibrate:
     alpha = jax.lax.stop_gradient(binarizer.initial_alpha(x))
     module.put_variable("calibration", name, alpha)
@@ -175,30 +186,39 @@ def binary_einsum(spec: str, x_b: Array, y_b: Array, config: BertConfig) -> Arra
   return signs * (x_scale * y_scale)
 
 
-class BinaryDense(nn.Module):
-  """out = B_act(x + move_bias) @ B_w(kernel) + bias  (METHOD.md section 3)."""
+class Linear(nn.Module):
+  """A Linear that METHOD.md binarizes in the student: the policy's LinearOp on kernel, bias and extras.
+
+  The extras (`move_bias` and `input_alpha` of the release's Linear, another operator's scales)
+  are made here with the kinds and layer axes the operator declares. With `calibrate=True` the
+  operator's data-dependent init runs and what it sets is recorded in the 'calibration' collection.
+  """
   features: int
   config: BertConfig
   axes: tuple = ("embed", "mlp")
 
   @nn.compact
-  def __call__(self, x: Array, calibrate: bool = False) -> Array:
+  def __call__(self, x: Array, calibrate: bool = False, deterministic: bool = True) -> Array:
+    policy = policy_of(self.config)
+    op = policy.linear
     in_features = x.shape[-1]
-    kernel = self.param("kernel", _partitioned(_dense_init(), self.axes), (in_features, self.features))
-    bias = self.param("bias", _partitioned(nn.initializers.zeros, self.axes[-1:]), (self.features,))
-    move_bias = self.param("move_bias", _partitioned(nn.initializers.zeros, self.axes[:1]), (in_features,))
-    x_b = binarize_activation(self, "input_alpha", x + move_bias, signed=True,
-                              config=self.config, calibrate=calibrate)
-    w_b = binarize.weight_binarizers(self.config.weight_binarizer)[0](kernel)
-    return binary_einsum("...i,io->...o", x_b, w_b, self.config) + bias
-
-
-def linear(config: BertConfig, features: int, axes: tuple, name: str, binary: bool):
-  """A Linear layer that METHOD.md binarizes in the student; call it as f(x, calibrate)."""
-  if binary:
-    return BinaryDense(features, config, axes, name=name)
-  dense = _dense(config, features, axes, name)
-  return lambda x, calibrate=False: dense(x)
+    kernel = self.param("kernel", kinds.declare(_dense_init(), self.axes, policy.kernel_kind),
+                        (in_features, self.features))
+    bias = self.param("bias", kinds.declare(nn.initializers.zeros, self.axes[-1:], kinds.BIAS),
+                      (self.features,))
+    layer_axes = {zoo_api.IN: self.axes[0], zoo_api.OUT: self.axes[-1]}
+    extras = {}
+    for name, extra in op.init_extras(in_features, self.features).items():
+      axes = tuple(layer_axes.get(a) for a in extra.axes) if len(extra.axes) == len(extra.shape) else (
+          (None,) * len(extra.shape))
+      extras[name] = self.param(name, kinds.declare(extra.init, axes, extra.kind), extra.shape, jnp.float32)
+    if calibrate and op.calibrate is not None:
+      before, extras = extras, op.calibrate(x, kernel, extras)
+      for name, value in extras.items():
+        if value is not before[name]:
+          self.put_variable("calibration", name, value)
+    with jax.default_matmul_precision(self.config.matmul_precision):  # for operators that do not say
+      return op.apply(x, kernel, bias, extras, train=not deterministic)
 
 
 class WordEmbeddings(nn.Module):
@@ -208,10 +228,11 @@ class WordEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids_BxL) -> Array:
     cfg = self.config
-    table_VxD = self.param("embedding", _partitioned(_dense_init(), ("vocab", "embed")),
+    policy = policy_of(cfg)
+    table_VxD = self.param("embedding",
+                           kinds.declare(_dense_init(), ("vocab", "embed"), policy.embedding_kind),
                            (cfg.vocab_size, cfg.hidden_size))
-    if cfg.binary:
-      table_VxD = binarize.weight_binarizers(cfg.weight_binarizer)[1](table_VxD)
+    table_VxD = policy.embedding(table_VxD)
     words_BxLxD = jnp.take(table_VxD, input_ids_BxL, axis=0)
     # torch's padding_idx: the padding token's lookup sends no gradient to its row.
     is_pad_BxLx1 = (input_ids_BxL == cfg.pad_token_id)[..., None]
@@ -226,10 +247,11 @@ class Embeddings(nn.Module):
     cfg = self.config
     words_BxLxD = WordEmbeddings(cfg, name="word_embeddings")(input_ids_BxL)
     length = input_ids_BxL.shape[1]
+    table_init = kinds.declare(_dense_init(), (None, "embed"), kinds.WEIGHT)
     positions_LxD = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings",
-                             embedding_init=_partitioned(_dense_init(), (None, "embed")))(jnp.arange(length))
+                             embedding_init=table_init)(jnp.arange(length))
     types_BxLxD = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings",
-                           embedding_init=_partitioned(_dense_init(), (None, "embed")))(token_type_ids_BxL)
+                           embedding_init=table_init)(token_type_ids_BxL)
     x_BxLxD = _layer_norm(cfg, "LayerNorm")(words_BxLxD + positions_LxD[None] + types_BxLxD)
     return nn.Dropout(cfg.hidden_dropout)(x_BxLxD, deterministic=deterministic)
 
@@ -240,24 +262,17 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, mask_bias_Bx1x1xL, deterministic: bool, calibrate: bool):
-    cfg, binary = self.config, self.config.binary
+    cfg, policy = self.config, policy_of(self.config)
     B, L, _ = x_BxLxD.shape
     H, K = cfg.num_heads, cfg.head_size
 
     def heads(name):
-      y_BxLxD = linear(cfg, cfg.hidden_size, ("embed", "heads"), name, binary)(x_BxLxD, calibrate)
-      y_BxLxHxK = y_BxLxD.reshape(B, L, H, K)
-      if binary:
-        y_BxLxHxK = binarize_activation(self, f"{name}_alpha", y_BxLxHxK, signed=True,
-                                        config=cfg, calibrate=calibrate)
-      return y_BxLxHxK
+      y_BxLxD = Linear(cfg.hidden_size, cfg, ("embed", "heads"), name=name)(x_BxLxD, calibrate, deterministic)
+      return binarize_activation(self, f"{name}_alpha", y_BxLxD.reshape(B, L, H, K), policy.qkv, calibrate)
 
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = heads("query"), heads("key"), heads("value")
-    if binary:
-      scores_BxHxLxL = binary_einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, cfg)
-    else:
-      scores_BxHxLxL = _fp_einsum(cfg, "bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK)
-    estimate = binary and cfg.estimator_rank > 0
+    scores_BxHxLxL = policy.product("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK)
+    estimate = cfg.binary and cfg.estimator_rank > 0
     if estimate:
       # Low-rank estimates of the three terms a binary Q K^T drops (METHOD.md section 4):
       # Qh dK^T ~ q_m k_p^T, dQ Kh^T ~ q_p k_m^T, dQ dK^T ~ q_p k_p^T; one correction for all heads.
@@ -271,13 +286,8 @@ class SelfAttention(nn.Module):
     scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + mask_bias_Bx1x1xL
     probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
     probs_BxHxLxL = nn.Dropout(cfg.attention_dropout)(probs_BxHxLxL, deterministic=deterministic)
-    if binary:
-      probs_BxHxLxL = binarize_activation(self, "probs_alpha", probs_BxHxLxL, signed=False,
-                                          config=cfg, calibrate=calibrate)
-    if binary:
-      context_BxLxHxK = binary_einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK, cfg)
-    else:
-      context_BxLxHxK = _fp_einsum(cfg, "bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
+    probs_BxHxLxL = self.binarize_probs(probs_BxHxLxL, policy.probs, calibrate, deterministic)
+    context_BxLxHxK = policy.product("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
     if estimate:
       # The value residual dV ~ v_p(X), tiled over each head's channels (R = 1: the release's broadcast).
       v_p_BxLxR = _dense(cfg, cfg.estimator_rank, ("embed", None), "v_p")(x_BxLxD)
@@ -286,6 +296,21 @@ class SelfAttention(nn.Module):
       residual_BxLxHxR = _fp_einsum(cfg, "bhqs,bsr->bqhr", probs_BxHxLxL, v_p_BxLxR)
       context_BxLxHxK = context_BxLxHxK + jnp.tile(residual_BxLxHxR, (1, 1, 1, K // cfg.estimator_rank))
     return context_BxLxHxK.reshape(B, L, H * K), probs_BxHxLxL
+
+  def binarize_probs(self, probs_BxHxLxL, op: Optional[zoo_api.ProbOp], calibrate: bool, deterministic: bool):
+    """The policy's probability binarizer, its extras made here as `probs_<name>` (the release's alpha:
+    `probs_alpha`); calibration as in `Linear`. Unchanged when `op` is None (FP)."""
+    if op is None:
+      return probs_BxHxLxL
+    extras = {name: self.param(f"probs_{name}",
+                               kinds.declare(extra.init, (None,) * len(extra.shape), extra.kind),
+                               extra.shape, jnp.float32)
+              for name, extra in op.init_extras().items()}
+    if calibrate and op.calibrate is not None:
+      extras = jax.lax.stop_gradient(op.calibrate(probs_BxHxLxL, extras))
+      for name, value in extras.items():
+        self.put_variable("calibration", f"probs_{name}", value)
+    return op.apply(probs_BxHxLxL, extras, train=not deterministic)
 
 
 class ResidualOutput(nn.Module):
@@ -296,7 +321,7 @@ class ResidualOutput(nn.Module):
   @nn.compact
   def __call__(self, x, residual_BxLxD, deterministic: bool, calibrate: bool):
     cfg = self.config
-    y_BxLxD = linear(cfg, cfg.hidden_size, self.axes, "dense", cfg.binary)(x, calibrate)
+    y_BxLxD = Linear(cfg.hidden_size, cfg, self.axes, name="dense")(x, calibrate, deterministic)
     y_BxLxD = nn.Dropout(cfg.hidden_dropout)(y_BxLxD, deterministic=deterministic)
     return _layer_norm(cfg, "LayerNorm")(y_BxLxD + residual_BxLxD)
 
@@ -317,9 +342,10 @@ class Intermediate(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, calibrate: bool):
+  def __call__(self, x_BxLxD, deterministic: bool, calibrate: bool):
     cfg = self.config
-    h_BxLxF = linear(cfg, cfg.intermediate_size, ("embed", "mlp"), "dense", cfg.binary)(x_BxLxD, calibrate)
+    dense = Linear(cfg.intermediate_size, cfg, ("embed", "mlp"), name="dense")
+    h_BxLxF = dense(x_BxLxD, calibrate, deterministic)
     return jax.nn.gelu(h_BxLxF, approximate=False)
 
 
@@ -332,7 +358,7 @@ class Layer(nn.Module):
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     attended_BxLxD, probs_BxHxLxL = Attention(self.config, name="attention")(
         x_BxLxD, mask_bias_Bx1x1xL, deterministic, calibrate)
-    h_BxLxF = Intermediate(self.config, name="intermediate")(attended_BxLxD, calibrate)
+    h_BxLxF = Intermediate(self.config, name="intermediate")(attended_BxLxD, deterministic, calibrate)
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
     out_BxLxD = ResidualOutput(self.config, name="output")(h_BxLxF, attended_BxLxD, deterministic, calibrate)
     return out_BxLxD, probs_BxHxLxL
@@ -358,9 +384,10 @@ class Pooler(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, h_BxD, calibrate: bool):
+  def __call__(self, h_BxD, deterministic: bool, calibrate: bool):
     cfg = self.config
-    y_BxD = linear(cfg, cfg.hidden_size, ("embed", "embed_out"), "dense", cfg.binary)(h_BxD, calibrate)
+    dense = Linear(cfg.hidden_size, cfg, ("embed", "embed_out"), name="dense")
+    y_BxD = dense(h_BxD, calibrate, deterministic)
     if cfg.binary:
       y_BxD = _layer_norm(cfg, "LayerNorm")(y_BxD) + h_BxD
     return jnp.tanh(y_BxD)
@@ -407,7 +434,7 @@ class BertModel(nn.Module):
     hidden_states, attentions = Encoder(self.config, name="encoder")(
         x_BxLxD, mask_bias_Bx1x1xL, deterministic, calibrate)
     pooled_BxD = Pooler(self.config, name="pooler")(
-        pool_tokens(hidden_states[-1], attention_mask_BxL, self.config.pooling), calibrate)
+        pool_tokens(hidden_states[-1], attention_mask_BxL, self.config.pooling), deterministic, calibrate)
     return {"hidden_states": hidden_states, "attentions": attentions, "pooled": pooled_BxD}
 
 
@@ -430,7 +457,8 @@ class MlmPredictions(nn.Module):
   def __call__(self, h_BxNxD, word_embeddings_VxD):
     cfg = self.config
     h_BxNxD = MlmTransform(cfg, name="transform")(h_BxNxD)
-    bias_V = self.param("bias", _partitioned(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,))
+    bias_V = self.param("bias", kinds.declare(nn.initializers.zeros, ("vocab",), kinds.BIAS),
+                        (cfg.vocab_size,))
     return _fp_einsum(cfg, "bnd,vd->bnv", h_BxNxD, word_embeddings_VxD) + bias_V
 
 
@@ -504,11 +532,19 @@ def init_params(module: nn.Module, rng: Array, seq_len: int = 8) -> dict:
   return nn.meta.unbox(variables["params"])
 
 
+def _abstract_boxed_params(module: nn.Module, seq_len: int = 8) -> dict:
+  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  return jax.eval_shape(lambda i: module.init({"params": jax.random.key(0)}, i), ids)["params"]
+
+
 def logical_axes(module: nn.Module, seq_len: int = 8) -> dict:
   """The logical axis names of every parameter (a PartitionSpec pytree)."""
-  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-  abstract = jax.eval_shape(lambda i: module.init({"params": jax.random.key(0)}, i), ids)
-  return nn.get_partition_spec(abstract)["params"]
+  return nn.get_partition_spec(_abstract_boxed_params(module, seq_len))
+
+
+def param_kinds(module: nn.Module) -> dict:
+  """What every parameter is (`kinds`: binary_weight, activation_scale, ...), as declared where made."""
+  return kinds.kinds_of(_abstract_boxed_params(module))
 
 
 def calibrate_alphas(module: nn.Module, params: dict, batch: dict) -> dict:

@@ -4,8 +4,9 @@ The optimizer config has the fields learning_rate, warmup_steps, total_steps, sc
 ("linear": linear warm-up then linear decay to 0 at total_steps; "constant": warm-up then flat),
 weight_decay, b1, b2, eps, and optionally head_lr_multiplier (the heads, pretraining `cls` or the
 finetuning `classifier`, learn that much faster: a fresh head on a short run). As in BERT, weight
-decay skips biases, LayerNorms, and here also the binarizers' move biases and scales (alphas), which
-decay would drag towards zero.
+decay skips biases, LayerNorms, and here also the binarizers' shifts (move biases) and scales
+(alphas), which decay would drag towards zero: it applies to the weights, by their declared kind
+(`kinds.DECAYED`, from `model.param_kinds`).
 """
 from typing import Any
 
@@ -13,10 +14,10 @@ import flax
 import jax
 import optax
 
+from bipft_jax import kinds as kinds_lib
 from bipft_jax.errors import UserError
 
 SCHEDULES = ("linear", "constant")
-_NO_DECAY_LEAVES = ("bias", "scale", "move_bias")
 
 
 def learning_rate_schedule(config: Any) -> optax.Schedule:
@@ -40,11 +41,9 @@ def learning_rate_schedule(config: Any) -> optax.Schedule:
   return optax.join_schedules([warmup, after], [warmup_steps])
 
 
-def decay_mask(params: Any) -> Any:
-  """True for the leaves weight decay applies to: kernels and embedding tables."""
-  flat = flax.traverse_util.flatten_dict(params)
-  mask = {path: not (path[-1] in _NO_DECAY_LEAVES or path[-1].endswith("_alpha")) for path in flat}
-  return flax.traverse_util.unflatten_dict(mask)
+def decay_mask(kinds: Any) -> Any:
+  """True for the leaves weight decay applies to (kernels and embedding tables), from their kinds."""
+  return jax.tree.map(lambda kind: kind in kinds_lib.DECAYED, kinds)
 
 
 def head_mask(params: Any) -> Any:
@@ -53,12 +52,13 @@ def head_mask(params: Any) -> Any:
   return flax.traverse_util.unflatten_dict({path: path[0] in ("cls", "classifier") for path in flat})
 
 
-def make_optimizer(config: Any) -> optax.GradientTransformation:
-  """AdamW over the schedule above; `config` is the optimizer section of a job config."""
+def make_optimizer(config: Any, kinds: Any) -> optax.GradientTransformation:
+  """AdamW over the schedule above; `config` is the optimizer section of a job config, `kinds` the
+  params' kinds (`model.param_kinds`)."""
   schedule = learning_rate_schedule(config)
   if config.weight_decay > 0:
     tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                     weight_decay=config.weight_decay, mask=decay_mask)
+                     weight_decay=config.weight_decay, mask=decay_mask(kinds))
   else:
     tx = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
   multiplier = config.get("head_lr_multiplier", 1.0)

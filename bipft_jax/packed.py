@@ -18,6 +18,13 @@ Integer counts are exact; each is scaled once by the product of the two binarize
 simulated model's fp32 products are, so the packed encoder gives the simulated logits up to fp32
 summation order.
 
+Which binarizer a Linear uses is the config's LinearOp (`model.policy_of(config).linear`): its
+`weight_planes` give the weight's planes and scales (the release's BWN: one plane, one scale; a
+dual-binarized weight: two planes, `kernel_sign` and `kernel_sign_1`, each with its scales), its
+`activation_planes` the input's sign plane and scale at run time, from the layer's extras (kept as
+they are). An operator whose weight or input is not scaled sign planes does not pack: pack_params
+refuses it by name. Binarized kernels are found by their declared kind (`model.param_kinds`).
+
 Kernels. "popcount" runs the matmuls above on the packed words. "int8" expands the weight planes
 once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized product as an
 int8 matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or accelerator: the
@@ -27,6 +34,7 @@ one byte each in memory (8x the planes: BERT-base's 85M binarized weights, 10.6 
 
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
 """
+import functools
 from typing import Optional
 
 import flax
@@ -35,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bipft_jax import binarize, precision
-from bipft_jax.model import BertConfig, pool_tokens
+from bipft_jax import binarize, kinds, precision
+from bipft_jax.model import BertConfig, build, param_kinds, policy_of, pool_tokens
 
 Array = jax.Array
 WORD_BITS = 32
@@ -176,33 +184,88 @@ def resolve_kernel(kernel: str) -> str:
 
 def prepare(config: BertConfig, packed: dict, kernel: str = "auto") -> dict:
   """`packed` ready for `forward` on `kernel`: unchanged for popcount; for int8 each binarized
-  Linear's planes replaced by its int8 {-1, 0, 1} kernel (`kernel_int8`, [K, N], 1 byte a weight)."""
+  Linear's planes replaced by int8 {-1, 0, 1} kernels (`kernel_int8`, `kernel_int8_1`...: [K, N],
+  1 byte a weight)."""
   if resolve_kernel(kernel) == "popcount":
     return packed
 
-  def expand(tree: dict) -> dict:
+  def expand(tree: dict, path: tuple) -> dict:
     if "kernel_sign" not in tree:
-      return {name: expand(v) if isinstance(v, dict) else v for name, v in tree.items()}
+      return {name: expand(v, path + (name,)) if isinstance(v, dict) else v for name, v in tree.items()}
+    # Only the FFN's output Linear contracts over the intermediate size.
+    is_ffn_out = path[-2:] == ("output", "dense") and "attention" not in path[-3:]
+    k = config.intermediate_size if is_ffn_out else config.hidden_size
     tree = dict(tree)
-    sign_WxN, nonzero_WxN = tree.pop("kernel_sign"), tree.pop("kernel_nonzero", None)
-    if nonzero_WxN is None:
-      nonzero_WxN = jnp.full_like(sign_WxN, jnp.iinfo(WORD_DTYPE).max)
-    k = tree["move_bias"].shape[0]
-    tree["kernel_int8"] = unpack_signed(sign_WxN.T, nonzero_WxN.T, k).T.astype(jnp.int8)
+    for plane, leaf in enumerate(_plane_leaves(tree, "kernel_sign")):
+      sign_WxN = tree.pop(leaf)
+      nonzero_WxN = tree.pop(plane_leaf("kernel_nonzero", plane), None)
+      if nonzero_WxN is None:
+        nonzero_WxN = jnp.full_like(sign_WxN, jnp.iinfo(WORD_DTYPE).max)
+      tree[plane_leaf("kernel_int8", plane)] = unpack_signed(sign_WxN.T, nonzero_WxN.T, k).T.astype(jnp.int8)
     return tree
 
-  return expand(packed)
+  return expand(packed, ())
 
 
 # --- packing a student's parameters ---------------------------------------------
 
-@jax.jit
-def _kernel_planes(kernel_KxN: Array) -> dict:
-  """BWN planes of a Linear kernel, stored word-major [W, N] so the matmul vectorizes along N."""
-  centred_KxN = kernel_KxN - jnp.mean(kernel_KxN)  # sign(W - mean(W)), as binarize.bwn
-  sign_NxW, nonzero_NxW = pack_signed(centred_KxN.T)
-  return {"kernel_sign": sign_NxW.T, "kernel_nonzero": nonzero_NxW.T,
-          "kernel_scale": jnp.mean(jnp.abs(kernel_KxN)), "has_zero": jnp.any(centred_KxN == 0)}
+def plane_leaf(base: str, k: int) -> str:
+  """The name of plane k's `base` leaf (kernel_sign, kernel_nonzero, kernel_scale): kernel_sign_1..."""
+  return base if k == 0 else f"{base}_{k}"
+
+
+def base_leaf(leaf: str) -> str:
+  """`plane_leaf`'s inverse: kernel_sign_1 -> kernel_sign (other names unchanged)."""
+  head, _, tail = leaf.rpartition("_")
+  return head if tail.isdigit() and head else leaf
+
+
+def packable(config: BertConfig) -> None:
+  """Raises ValueError, naming the operator, unless the config's binarizers run on sign planes."""
+  policy = policy_of(config)
+  if not policy.linear.packable:
+    side = "weight" if policy.linear.weight_planes is None else "input"
+    raise ValueError(f"linear binarizer {policy.linear.name!r} does not pack: its inference {side} is not "
+                     "scaled sign planes")
+  if policy.probs.planes is None:
+    raise ValueError(f"attention-probability binarizer {policy.probs.name!r} does not pack")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kernel_planes(op, kernel_KxN: Array, extras: dict) -> list:
+  """The op's weight planes of a Linear kernel, stored word-major [W, N] so the matmul vectorizes along N."""
+  planes = []
+  for k, (scale, signs_KxN) in enumerate(op.weight_planes(kernel_KxN, extras)):
+    sign_NxW, nonzero_NxW = pack_signed(signs_KxN.T)
+    planes.append({plane_leaf("kernel_sign", k): sign_NxW.T, plane_leaf("kernel_nonzero", k): nonzero_NxW.T,
+                   plane_leaf("kernel_scale", k): scale, "has_zero": jnp.any(signs_KxN == 0)})
+  return planes
+
+
+def _weight_planes(p: dict) -> list:
+  """[(scale, sign [W, N], nonzero [W, N] or None)] of a packed Linear, plane by plane."""
+  return [(p[plane_leaf("kernel_scale", k)], p[leaf], p.get(plane_leaf("kernel_nonzero", k)))
+          for k, leaf in enumerate(_plane_leaves(p, "kernel_sign"))]
+
+
+def _weight_counts(p: dict, x_signs_xK: Array) -> list:
+  """[(weight scale, exact int32 counts sign(x) . plane)] of a packed Linear, plane by plane: int8
+  matmuls once `prepare` expanded its planes, else popcounts on the packed words."""
+  if plane_leaf("kernel_int8", 0) in p:
+    x_int8 = _int8_signs(x_signs_xK)
+    return [(p[plane_leaf("kernel_scale", k)], precision.int8_einsum("...k,kn->...n", x_int8, p[leaf]))
+            for k, leaf in enumerate(_plane_leaves(p, "kernel_int8"))]
+  x_sign, x_nonzero = pack_signed(x_signs_xK)
+  return [(w_scale, signed_matmul(x_sign, x_nonzero, w_sign, w_nonzero))
+          for w_scale, w_sign, w_nonzero in _weight_planes(p)]
+
+
+def _plane_leaves(p: dict, base: str) -> list:
+  """The names of `base`'s planes present in `p`: base, base_1, ..."""
+  leaves = []
+  while plane_leaf(base, len(leaves)) in p:
+    leaves.append(plane_leaf(base, len(leaves)))
+  return leaves
 
 
 @jax.jit
@@ -222,37 +285,48 @@ def _keep_needed_planes(planes: dict, zero_planes: bool) -> dict:
   return planes
 
 
+def packed_param_kinds(config: BertConfig, head: str) -> dict:
+  """The declared kinds of the params a packed model of `head` keeps, under the packed tree's names."""
+  tree = param_kinds(build(config, head))
+  return tree if head == "classification" else {"bert": tree}
+
+
 def pack_params(config: BertConfig, head: str, params: dict, zero_planes: bool = True) -> tuple:
   """(packed head, packed params) of a binary student: binarized tensors as bit-planes + scales.
 
   A pretraining student packs its encoder only (head "encoder"): its MLM decoder is tied to the
   *latent* FP word embedding, which a 1-bit model cannot carry. FP leaves are kept as they are.
   `zero_planes=False` never adds nonzero planes (the required tree, e.g. under jax.eval_shape).
+  ValueError for a teacher or a binarizer that does not pack.
   """
   if not config.binary:
     raise ValueError("only a binary student (config.binary=True) can be packed")
+  packable(config)
   if head not in PACKED_HEADS + ("pretraining",):
     raise ValueError(f"unknown head {head!r}")
   if head == "pretraining":
     head, params = "encoder", {"bert": params["bert"]}
   elif head == "encoder":
     params = {"bert": params}
+  op = policy_of(config).linear
 
-  def pack(tree: dict) -> dict:
+  def pack(tree: dict, kinds_tree: dict) -> dict:
     out = {}
     for name, value in tree.items():
+      kind = kinds_tree[name]
       if isinstance(value, dict):
-        out[name] = pack(value)
-      elif name == "kernel" and "move_bias" in tree:
-        out.update(_keep_needed_planes(_kernel_planes(value), zero_planes))
-      elif tree is word_embeddings:
+        out[name] = pack(value, kind)
+      elif kind == kinds.BINARY_WEIGHT:
+        extras = {n: tree[n] for n in op.init_extras(*value.shape)}
+        for planes in _kernel_planes(op, value, extras):
+          out.update(_keep_needed_planes(planes, zero_planes))
+      elif kind == kinds.BINARY_EMBEDDING:
         out.update(_keep_needed_planes(_embedding_planes(value), zero_planes))
       else:
         out[name] = value
     return out
 
-  word_embeddings = params["bert"]["embeddings"]["word_embeddings"]
-  return head, pack(params)
+  return head, pack(params, packed_param_kinds(config, head))
 
 
 # --- the packed forward ------------------------------------------------------------
@@ -278,19 +352,18 @@ def _unfused(fn, x: Array, always_true: Array) -> Array:
   return jax.lax.cond(always_true, fn, lambda _: jnp.full(out.shape, jnp.nan, out.dtype), x)
 
 
-def _binary_dense(p: dict, x_xK: Array) -> Array:
-  """B_act(x + move_bias) @ B_w(kernel) + bias, on packed planes."""
-  alpha = binarize._clamped(p["input_alpha"])
+def _binary_dense(op, p: dict, x_xK: Array) -> Array:
+  """The LinearOp `op` on packed planes: sum over weight planes of (a_scale w_scale) counts (+ bias)."""
+  extras = {name: p[name] for name in op.init_extras(x_xK.shape[-1], p["bias"].shape[-1])}
 
   def dense(x):
-    if "kernel_int8" in p:
-      counts_xN = precision.int8_einsum("...k,kn->...n", _int8_signs(x + p["move_bias"]), p["kernel_int8"])
-    else:
-      x_sign, x_nonzero = pack_signed(x + p["move_bias"])
-      counts_xN = signed_matmul(x_sign, x_nonzero, p["kernel_sign"], p.get("kernel_nonzero"))
-    return counts_xN.astype(jnp.float32) * (alpha * p["kernel_scale"]) + p["bias"]
+    x_scale, x_signs = op.activation_planes(x, extras)
+    terms = [counts_xN.astype(jnp.float32) * (x_scale * w_scale) for w_scale, counts_xN in _weight_counts(p, x_signs)]
+    y_xN = sum(terms[1:], terms[0])
+    return y_xN + p["bias"] if op.uses_bias else y_xN
 
-  return _unfused(dense, x_xK, always_true=alpha > 0)  # a clamped alpha is >= 1e-5
+  # False only for a NaN input, whose outputs are NaN anyway.
+  return _unfused(dense, x_xK, always_true=~jnp.isnan(x_xK.reshape(-1)[0]))
 
 
 def _word_embeddings(p: dict, input_ids_BxL: Array, hidden_size: int) -> Array:
@@ -307,11 +380,12 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   B, L, _ = x_BxLxD.shape
   H, K = config.num_heads, config.head_size
 
-  int8 = "kernel_int8" in p["query"]  # the kernel `prepare` set up
+  int8 = plane_leaf("kernel_int8", 0) in p["query"]  # the kernel `prepare` set up
 
   def heads(name):
     """name(x) per head, [B, H, L, K] (its binarizer keeps only the signs), and its alpha."""
-    y_BxHxLxK = _binary_dense(p[name], x_BxLxD).reshape(B, L, H, K).transpose(0, 2, 1, 3)
+    y_BxLxD = _binary_dense(policy_of(config).linear, p[name], x_BxLxD)
+    y_BxHxLxK = y_BxLxD.reshape(B, L, H, K).transpose(0, 2, 1, 3)
     return y_BxHxLxK, binarize._clamped(p[f"{name}_alpha"])
 
   (q_BxHxLxK, q_alpha), (k_BxHxLxK, k_alpha) = heads("query"), heads("key")
@@ -325,26 +399,28 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
     scores_BxHxLxL = scores_BxHxLxL + (einsum(q_m, k_p) + einsum(q_p, k_m) + einsum(q_p, k_p))[:, None]
   scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + mask_bias_Bx1x1xL
   probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
-  p_alpha = binarize._clamped(p["probs_alpha"])
-  keep_BxHxLxL = jnp.clip(jnp.round(probs_BxHxLxL / p_alpha), 0, 1) > 0  # as unsigned_binarize
+  prob_op = policy_of(config).probs
+  p_scale, mask_BxHxLxL = prob_op.planes(probs_BxHxLxL, {n: p[f"probs_{n}"] for n in prob_op.init_extras()})
+  keep_BxHxLxL = mask_BxHxLxL > 0
   counts_BxHxLxK = _bits_signed_counts(keep_BxHxLxL, v_BxHxLxK, int8)
-  context_BxLxHxK = (counts_BxHxLxK.astype(jnp.float32) * (p_alpha * v_alpha)).transpose(0, 2, 1, 3)
+  context_BxLxHxK = (counts_BxHxLxK.astype(jnp.float32) * (p_scale * v_alpha)).transpose(0, 2, 1, 3)
   if estimate:
     v_p_BxLxR = _fp_dense(p["v_p"], x_BxLxD, config)
-    probs_b_BxHxLxL = jnp.where(keep_BxHxLxL, p_alpha, 0.0)
+    probs_b_BxHxLxL = jnp.where(keep_BxHxLxL, p_scale, 0.0)
     residual_BxLxHxR = jnp.einsum("bhqs,bsr->bqhr", probs_b_BxHxLxL, v_p_BxLxR, precision=config.matmul_precision)
     context_BxLxHxK = context_BxLxHxK + jnp.tile(residual_BxLxHxR, (1, 1, 1, K // config.estimator_rank))
   return context_BxLxHxK.reshape(B, L, H * K)
 
 
 def _layer(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: BertConfig) -> Array:
-  attention = p["attention"]
+  attention, op = p["attention"], policy_of(config).linear
   context_BxLxD = _self_attention(attention["self"], x_BxLxD, mask_bias_Bx1x1xL, config)
   out = attention["output"]
-  attended_BxLxD = _layer_norm(out["LayerNorm"], _binary_dense(out["dense"], context_BxLxD) + x_BxLxD, config)
-  h_BxLxF = jax.nn.gelu(_binary_dense(p["intermediate"]["dense"], attended_BxLxD), approximate=False)
+  attended_BxLxD = _layer_norm(out["LayerNorm"], _binary_dense(op, out["dense"], context_BxLxD) + x_BxLxD,
+                               config)
+  h_BxLxF = jax.nn.gelu(_binary_dense(op, p["intermediate"]["dense"], attended_BxLxD), approximate=False)
   out = p["output"]
-  return _layer_norm(out["LayerNorm"], _binary_dense(out["dense"], h_BxLxF) + attended_BxLxD, config)
+  return _layer_norm(out["LayerNorm"], _binary_dense(op, out["dense"], h_BxLxF) + attended_BxLxD, config)
 
 
 def forward(config: BertConfig, head: str, packed: dict, input_ids_BxL: Array,
@@ -372,8 +448,8 @@ def forward(config: BertConfig, head: str, packed: dict, input_ids_BxL: Array,
     hidden_states.append(x_BxLxD)
   pooler = bert["pooler"]
   h_pool_BxD = pool_tokens(x_BxLxD, attention_mask_BxL, config.pooling)
-  pooled_BxD = jnp.tanh(_layer_norm(pooler["LayerNorm"], _binary_dense(pooler["dense"], h_pool_BxD), config)
-                        + h_pool_BxD)
+  dense_BxD = _binary_dense(policy_of(config).linear, pooler["dense"], h_pool_BxD)
+  pooled_BxD = jnp.tanh(_layer_norm(pooler["LayerNorm"], dense_BxD, config) + h_pool_BxD)
   out = {"hidden_states": hidden_states, "pooled": pooled_BxD}
   if head == "classification":
     out["logits"] = _fp_dense(packed["classifier"], pooled_BxD, config)

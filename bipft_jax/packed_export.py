@@ -8,10 +8,11 @@ An existing --out file is replaced only with --overwrite, and then whole (tempor
 The file (format "bipft-packed" v1) holds the tree of `packed.pack_params` under '/'-joined names:
   <binarized Linear>/kernel_sign        uint32 [ceil(K/32), N]  sign bits of W - mean(W), packed along K
   <binarized Linear>/kernel_nonzero     uint32, same shape      only if the matrix has an exact zero
-  <binarized Linear>/kernel_scale       float32 []              BWN scale mean|W|
+  <binarized Linear>/kernel_scale       float32 [] or [N]       BWN scale mean|W| (the operator's scales)
+  (kernel_sign_1, kernel_scale_1...)                            further planes of a multi-plane weight
   .../word_embeddings/embedding_sign    uint32 [V, ceil(D/32)]  (+ embedding_nonzero if needed)
   .../word_embeddings/embedding_scale   float32 [V]             one scale per row
-  activation alphas (`*_alpha`)         float32 []
+  learned scales (kinds weight_scale and activation_scale: `*_alpha`...)   float32
   everything else (LayerNorms, biases, move biases, estimators, position/type embeddings, the
   classifier): the FP remainder, in `remainder_dtype`.
 Metadata: format, format_version, head, config (the BertConfig as JSON), remainder_dtype, word_bits,
@@ -34,7 +35,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from bipft_jax import files, packed
+from bipft_jax import files, kinds, packed, policy
 from bipft_jax.errors import UserError
 from bipft_jax.model import BertConfig
 
@@ -50,18 +51,21 @@ def _leaf(name: str) -> str:
   return name.rsplit("/", 1)[-1]
 
 
-def _is_scale(name: str) -> bool:
-  return _leaf(name) in SCALE_LEAVES or _leaf(name).endswith("_alpha")
+def _is_plane(name: str) -> bool:
+  return packed.base_leaf(_leaf(name)) in PLANE_LEAVES
 
 
-def file_tensors(packed_params: dict, remainder_dtype: str) -> dict:
-  """The arrays as written: bit-planes uint32, scales float32, the remainder in `remainder_dtype`."""
+def file_tensors(config: BertConfig, head: str, packed_params: dict, remainder_dtype: str) -> dict:
+  """The arrays as written: bit-planes uint32, scales float32, the remainder in `remainder_dtype`.
+
+  Scales are the planes' (`kernel_scale`...) and the parameters declared weight or activation scales."""
+  param_kinds = packed.flatten(packed.packed_param_kinds(config, head))
   out = {}
   for name, value in packed.flatten(packed_params).items():
     value = np.asarray(value)
-    if _leaf(name) in PLANE_LEAVES:
+    if _is_plane(name):
       out[name] = value.astype(np.uint32)
-    elif _is_scale(name):
+    elif packed.base_leaf(_leaf(name)) in SCALE_LEAVES or param_kinds.get(name) in kinds.SCALES:
       out[name] = value.astype(np.float32)
     else:
       out[name] = value.astype(REMAINDER_DTYPES[remainder_dtype])
@@ -78,7 +82,7 @@ def _digest(tensors: dict) -> str:
 
 def write_packed(path: str, config: BertConfig, head: str, packed_params: dict, remainder_dtype: str) -> int:
   """Writes the file atomically (temp file, then rename); returns its size in bytes."""
-  tensors = file_tensors(packed_params, remainder_dtype)
+  tensors = file_tensors(config, head, packed_params, remainder_dtype)
   metadata = {"sha256": _digest(tensors), "format": FORMAT, "format_version": FORMAT_VERSION, "head": head,
               "config": json.dumps(dataclasses.asdict(config)), "remainder_dtype": remainder_dtype,
               "word_bits": str(packed.WORD_BITS)}
@@ -93,7 +97,7 @@ def _expected_shapes(config: BertConfig, head: str) -> dict:
   module = model_lib.build(config, head)
   abstract = jax.eval_shape(lambda: model_lib.init_params(module, jax.random.key(0)))
   tree = jax.eval_shape(lambda p: packed.pack_params(config, head, p, zero_planes=False)[1], abstract)
-  return {name: (tuple(v.shape), _leaf(name) in PLANE_LEAVES) for name, v in packed.flatten(tree).items()}
+  return {name: (tuple(v.shape), _is_plane(name)) for name, v in packed.flatten(tree).items()}
 
 
 def _read(path: str) -> tuple:
@@ -166,7 +170,8 @@ def choose_remainder(config: BertConfig, head: str, packed_params: dict) -> str:
   batch = probe_batch(config)
   run = jax.jit(lambda p: packed.forward(config, head, p, batch["input_ids"], batch["token_type_ids"],
                                          batch["attention_mask"]))
-  as_stored = lambda dtype: packed.unflatten({n: jnp.asarray(v) for n, v in file_tensors(packed_params, dtype).items()})
+  as_stored = lambda dtype: packed.unflatten({n: jnp.asarray(v) for n, v in file_tensors(
+      config, head, packed_params, dtype).items()})
   reference = run(packed.cast_floats(as_stored("float32"), jnp.float32))
   halved = run(packed.cast_floats(as_stored("float16"), jnp.float32))
   return "float16" if predictions_agree(config, head, reference, halved) else "float32"
@@ -187,6 +192,10 @@ def export(config: BertConfig, head: str, params: dict, out: str, remainder: str
   """Packs and writes `params`; returns the sizes (bytes) and choices made."""
   if not config.binary:
     raise UserError("the checkpoint holds a full-precision model (binary=False); export a 1-bit student")
+  try:
+    packed.packable(config)
+  except ValueError as e:
+    raise UserError(f"{e}; export-packed needs one of {', '.join(policy.packable_binarizers())}") from None
   packed_head, packed_params = packed.pack_params(config, head, params)
   dtype = choose_remainder(config, packed_head, packed_params) if remainder == "auto" else remainder
   size = write_packed(out, config, packed_head, packed_params, dtype)

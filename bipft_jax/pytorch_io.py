@@ -29,6 +29,10 @@ LEAF_TABLE = {
     "key_alpha": ("clip_key", False),
     "value_alpha": ("clip_value", False),
     "probs_alpha": ("clip_attn", False),
+    # zoo operators' extras (bipft_jax/zoo; modeling_bipft.ZOO_LINEARS names them the same)
+    "o_scale": ("o_scale", False),
+    "threshold": ("threshold", False),
+    "alpha": ("alpha", False),
 }
 # Tied aliases and buffers that torch state dicts may hold; never parameters of their own.
 TIED_ALIASES = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",

@@ -27,25 +27,34 @@ Two accountings:
   LayerNorm), the activation binarizations (1 comparison per element), move-bias adds and the
   estimators' matmuls; memory is `packed_size_bytes`, the size of a bit-packed export.
 
+What a parameter is comes from its declared kind (`model.param_kinds`), what a binarized Linear
+computes from the config's LinearOp (`model.policy_of(config).linear`, `--config.linear_binarizer`):
+its weight is as many 1-bit planes as `weight_planes` returns (a dual-binarized weight is two, each
+with its own scales), its products are binary MACs (one pass per plane) when its input is a sign
+plane too (`activation_planes`), else FP MACs on the dequantized weight (weight-only binarizers:
+dbllm_fdb, binarydm's 8-bit inputs); an operator whose weight is not sign planes (fda) is counted as
+FP, which is how it runs at inference. A per-token activation scale (xnor) costs 2 ops per input
+element.
+
 Packed export (what `packed_size_bytes` predicts; `bipft_jax.packed` writes it): each binarized
-weight matrix as 1 bit per weight packed into uint32 words along its input dimension (each output
+weight plane as 1 bit per weight packed into uint32 words along its input dimension (each output
 row padded to whole words; the word embedding packed along the hidden dimension per token row),
-plus one fp32 BWN scale per matrix (per row for the word embedding), the activation scales in
-fp32, every other parameter (the remainder) in fp32 or, `--remainder float16`, fp16; no
-file-format overhead. A matrix with exact zeros after centring needs a second (nonzero) bit plane;
-trained weights have none, so it is not predicted. A pretraining head also needs the latent FP
-word embedding (its tied decoder).
+plus its fp32 scales (one per matrix for BWN, per row for the word embedding), the learned scales
+(weight and activation) in fp32, every other parameter (the remainder) in fp32 or,
+`--remainder float16`, fp16; no file-format overhead. A matrix with exact zeros after centring
+needs a second (nonzero) bit plane; trained weights have none, so it is not predicted. A
+pretraining head also needs the latent FP word embedding (its tied decoder).
 """
 import argparse
 import dataclasses
 import json
-from typing import Iterable
+from typing import Iterable, NamedTuple, Optional
 
 import flax
 import jax
 import numpy as np
 
-from bipft_jax import config_loading
+from bipft_jax import config_loading, kinds
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.packed_export import REMAINDER_DTYPES
@@ -64,8 +73,8 @@ class Row:
   binary_params: int = 0      # 1-bit weights
   fp_params: int = 0          # fp32 parameters the FP BERT has too
   extra_fp_params: int = 0    # fp32 parameters only the binary model has (or needs, e.g. a tied decoder)
-  scale_params: int = 0       # fp32 BWN scales a packed export stores (not leaves: derived from weights)
-  alpha_params: int = 0       # of extra_fp_params, the activation scales: fp32 in any packed export
+  scale_params: int = 0       # fp32 plane scales a packed export stores (not leaves: derived from weights)
+  alpha_params: int = 0       # of extra_fp_params, the learned scales: fp32 in any packed export
   packed_bytes: int = 0       # the 1-bit weights packed into uint32 words
   binary_macs: int = 0        # both operands binarized
   fp_macs: int = 0            # fp32 matmuls the FP BERT has too
@@ -115,6 +124,25 @@ def _abstract_params(config: model_lib.BertConfig, head: str) -> dict:
   return jax.eval_shape(lambda: model_lib.init_params(module, jax.random.key(0)))
 
 
+class PlaneLayout(NamedTuple):
+  """How a binarized Linear of one shape runs: its weight planes' scale sizes, whether its input is a
+  sign plane too (binary products) and whether that plane's scale is per token (computed at run time)."""
+  weight_scales: tuple
+  binary_products: bool
+  token_scale: bool
+
+
+def plane_layout(op, fan_in: int, fan_out: int) -> Optional[PlaneLayout]:
+  """The PlaneLayout of LinearOp `op` on a fan_in x fan_out kernel; None if its weight is no sign planes."""
+  if op.weight_planes is None:
+    return None
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, np.float32)
+  extras = {name: f32(extra.shape) for name, extra in op.init_extras(fan_in, fan_out).items()}
+  planes = jax.eval_shape(op.weight_planes, f32((fan_in, fan_out)), extras)
+  token_scale = op.packable and jax.eval_shape(op.activation_planes, f32((2, fan_in)), extras)[0].size > 1
+  return PlaneLayout(tuple(int(np.prod(scale.shape)) for scale, _ in planes), op.packable, token_scale)
+
+
 def _group(path: tuple) -> tuple:
   """The table row of a parameter: a layer's part (attention/self, intermediate...), or a top module."""
   if path[0] == "encoder":
@@ -125,6 +153,8 @@ def _group(path: tuple) -> tuple:
 def count_rows(config: model_lib.BertConfig, seq_len: int, head: str = "classification") -> list:
   """Per-part counts for `config` (as given, binary or not) on one sequence of `seq_len` tokens."""
   params = flax.traverse_util.flatten_dict(_abstract_params(config, head))
+  param_kinds = flax.traverse_util.flatten_dict(model_lib.param_kinds(model_lib.build(config, head)))
+  op = model_lib.policy_of(config).linear
   # A leaf the FP model of the same size lacks is one of BiPFT's extras.
   fp_paths = set(flax.traverse_util.flatten_dict(
       _abstract_params(dataclasses.replace(config, binary=False), head)))
@@ -136,25 +166,30 @@ def count_rows(config: model_lib.BertConfig, seq_len: int, head: str = "classifi
   for module_path, leaves in modules.items():
     name = "/".join(_group(module_path[1:] if module_path[0] == "bert" else module_path))
     r = rows.setdefault(name, Row(name))
+    leaf_kinds = {leaf_name: param_kinds[module_path + (leaf_name,)] for leaf_name in leaves}
+    layout = None
+    if leaf_kinds.get("kernel") == kinds.BINARY_WEIGHT:
+      layout = plane_layout(op, *leaves["kernel"].shape)
     for leaf_name, leaf in leaves.items():
-      n = leaf.size
-      if leaf_name == "embedding" and module_path[-1] == "word_embeddings" and config.binary:
+      n, kind = leaf.size, leaf_kinds[leaf_name]
+      if kind == kinds.BINARY_EMBEDDING:
         vocab, hidden = leaf.shape
         r.binary_params += n
         r.packed_bytes += vocab * _packed_row_bytes(hidden)
         r.scale_params += vocab  # row-wise BWN
-      elif leaf_name == "kernel" and "move_bias" in leaves:
+      elif kind == kinds.BINARY_WEIGHT and layout is not None:
         fan_in, fan_out = leaf.shape
-        r.binary_params += n
-        r.packed_bytes += fan_out * _packed_row_bytes(fan_in)
-        r.scale_params += 1
+        planes = len(layout.weight_scales)
+        r.binary_params += planes * n
+        r.packed_bytes += planes * fan_out * _packed_row_bytes(fan_in)
+        r.scale_params += sum(layout.weight_scales)
       elif module_path + (leaf_name,) in fp_paths:
         r.fp_params += n
       else:
         r.extra_fp_params += n
-        r.alpha_params += n if leaf_name.endswith("_alpha") else 0
+        r.alpha_params += n if kind in kinds.SCALES else 0
     extra_module = not any(module_path + (leaf_name,) in fp_paths for leaf_name in leaves)
-    _count_module_ops(r, leaves, extra_module, L)
+    _count_module_ops(r, leaves, leaf_kinds, layout, op.uses_bias, extra_module, L)
 
   for key, r in rows.items():
     _count_architecture_ops(r, key, config, L, D, H, F)
@@ -177,18 +212,22 @@ def _tokens(row: Row, seq_len: int) -> int:
   return 1 if row.name.split("/")[0] in ("pooler", "classifier") or row.name == "cls/seq_relationship" else seq_len
 
 
-def _count_module_ops(r: Row, leaves: dict, extra: bool, L: int) -> None:
-  """Ops of the Dense / BinaryDense / LayerNorm a module holds, from its leaves' shapes."""
+def _count_module_ops(r: Row, leaves: dict, leaf_kinds: dict, layout: Optional[PlaneLayout], uses_bias: bool,
+                      extra: bool, L: int) -> None:
+  """Ops of the Dense / binarized Linear / LayerNorm a module holds, from its leaves' shapes and kinds."""
   tokens = _tokens(r, L)
   if "kernel" in leaves:
     fan_in, fan_out = leaves["kernel"].shape
     macs = tokens * fan_in * fan_out
     bias_adds = tokens * fan_out
-    if "move_bias" in leaves:
-      r.binary_macs += macs
-      r.scale_flops += tokens * fan_out
-      r.extra_flops += 2 * tokens * fan_in  # move-bias add, input binarization
-      r.base_flops += bias_adds
+    if layout is not None and layout.binary_products:
+      planes = len(layout.weight_scales)
+      shifts = sum(kind == kinds.SHIFT for kind in leaf_kinds.values())
+      r.binary_macs += planes * macs
+      r.scale_flops += planes * tokens * fan_out
+      # the input's binarization, its shifts (move bias), a per-token scale (|x| summed)
+      r.extra_flops += (1 + shifts + 2 * layout.token_scale) * tokens * fan_in
+      r.base_flops += bias_adds if uses_bias else 0
     elif extra:
       r.extra_fp_macs += macs
       r.extra_flops += bias_adds
@@ -273,7 +312,7 @@ def summarize(config: model_lib.BertConfig, seq_len: int, head: str = "classific
   fp_ops_by_name = {r.name: r.honest_ops for r in fp_rows}
   return {
       "seq_len": seq_len, "head": head, "binary": _binary_counterpart(config).binary,
-      "estimator_rank": config.estimator_rank,
+      "estimator_rank": config.estimator_rank, "linear_binarizer": config.linear_binarizer,
       "binary_params": int(total(binary_rows, "binary_params")),
       "fp_params": int(total(binary_rows, "fp_params") + total(binary_rows, "extra_fp_params")),
       "fp_model_params": int(total(fp_rows, "fp_params")),
@@ -364,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
   kind = "" if config.binary else " (a full-precision config: summarising its 1-bit student)"
   rank = config.estimator_rank
   print(f"BiPFT-{'B' if rank else 'A'} summary for {args.config}{kind}, {args.seq_len} tokens, "
-        f"estimator rank {rank}, head {args.head}")
+        f"estimator rank {rank}, linear binarizer {config.linear_binarizer}, head {args.head}")
   print(format_table(summary))
   print(format_ratios(summary))
   if args.json:

@@ -372,12 +372,12 @@ def _fresh_state(student, tx) -> dict:
 
 def make_trainer(config, teacher_config: model_lib.BertConfig, mesh: jax.sharding.Mesh) -> Trainer:
   """Builds the student and teacher modules, the optimizer and every sharding for `mesh`."""
-  tx = optim.make_optimizer(config.optimizer)
   student_cfg = student_config(config, teacher_config)
   if config.data.max_seq_length > student_cfg.max_position_embeddings:
     raise UserError(f"data.max_seq_length {config.data.max_seq_length} exceeds the model's "
                     f"{student_cfg.max_position_embeddings} positions")
   student = model_lib.build(student_cfg, "pretraining")
+  tx = optim.make_optimizer(config.optimizer, model_lib.param_kinds(student))
   # The precision policy covers the teacher too.
   teacher_config = dataclasses.replace(teacher_config, precision=student_cfg.precision)
   teacher = model_lib.build(teacher_config, "pretraining" if config.loss.nsp_distill else "encoder")
@@ -397,7 +397,7 @@ def make_trainer(config, teacher_config: model_lib.BertConfig, mesh: jax.shardin
 def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) -> dict:
   """Runs (or resumes) pretraining to `config.total_steps`; returns the last metrics, the accuracies
   and the final (global, sharded) parameters."""
-  optim.make_optimizer(config.optimizer)  # a bad optimizer config fails before anything is loaded
+  optim.learning_rate_schedule(config.optimizer)  # a bad optimizer config fails before anything is loaded
   teacher_config, teacher_params, tokenizer_dir = load_teacher(config)
   trainer = make_trainer(config, teacher_config, sharding.make_mesh(dict(config.mesh.shape)))
   teacher_params = put_global(teacher_params, trainer.teacher_shardings)

@@ -64,6 +64,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.estimator_rank = 0 if variant == "bipft_a" else 1  # low-rank residual estimators; 0 = BiPFT-A
   c.weight_binarizer = "bwn"       # sign(W) times mean |W|: the release's weight quantizer
   c.activation_binarizer = "elastic"  # the release's BiT quantizer: one learned scale per tensor, LSQ grads
+  # The binarized Linear layers' operator: "bipft" (the release: BWN weights, elastic inputs with a move
+  # bias) or a zoo operator (bnn, xnor, xnorplusplus, dorefa, bireal, react, recu, fda; bipft_jax/zoo).
+  c.linear_binarizer = "bipft"
+  # The attention probabilities' binarizer: "elastic" (the release: alpha * [p >= alpha / 2], alpha
+  # learned) or "bivit" (BiViT's softmax-aware [p >= max_row(p) / 4]).
+  c.attention_prob_binarizer = "elastic"
   c.matmul_precision = "highest"   # default CPU/TPU fp32 matmuls round to bf16 and flip signs
   c.binary_matmul_dtype = "float32"  # float32 | bfloat16 | int8 | auto (the host's fastest); exact
   c.precision = "fp32"             # "mixed": FP matmuls (teacher too) in bf16, fp32 accumulation and weights

@@ -1,5 +1,6 @@
 """Where the authors' reference vectors live: `shared/reference_vectors` beside the repository."""
 import json
+import os
 import pathlib
 
 import pytest
@@ -14,3 +15,8 @@ def quantizer_cases() -> list:
   if not (VECTORS / "manifest.json").is_file():
     return []
   return sorted(json.loads((VECTORS / "manifest.json").read_text())["quantizer_cases"])
+
+# The binarizer zoo's vectors (issue 17): `BIPFT_ZOO_VECTORS` names another set of the same format.
+ZOO_VECTORS = pathlib.Path(os.environ.get("BIPFT_ZOO_VECTORS", VECTORS.parent / "zoo_vectors"))
+needs_zoo_vectors = pytest.mark.skipif(not (ZOO_VECTORS / "manifest.json").is_file(),
+                                       reason=f"zoo vectors not found at {ZOO_VECTORS} (BIPFT_ZOO_VECTORS)")

@@ -370,3 +370,42 @@ def test_to_pytorch_ships_the_tokenizer_it_is_given(tmp_path, capsys, minilm_dir
   line = assert_one_error_line(*bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "ckpt",
                                       "--out", tmp_path / "hf2", "--tokenizer", tmp_path / "ckpt"))
   assert "has none of vocab.txt" in line
+
+
+# --- the binarizer zoo ------------------------------------------------------------------------
+
+ZOO_EXPORTS = [(name, "elastic") for name in convert.PYTORCH_LINEAR_BINARIZERS[1:]] + [("bipft", "bivit")]
+
+
+@pytest.mark.parametrize("linear, probs", ZOO_EXPORTS)
+def test_zoo_binarizers_export_to_pytorch(tmp_path, linear, probs):
+  # Odd fan-ins: an exact-zero sum of signs would leave summation-order residues to the next sign. A
+  # hidden size of 9 keeps unscaled sums (bnn, xnorplusplus) above -13, where XLA's GELU flushes
+  # results near 1e-38 to 0 and torch's does not (modeling_bipft._gelu matches it elsewhere).
+  config = tiny_config(linear_binarizer=linear, attention_prob_binarizer=probs, hidden_size=9, num_heads=3,
+                       intermediate_size=65, num_layers=1)
+  batch = padded_two_segment_batch(config.vocab_size)
+  params = realistic_params(config, "encoder", batch)
+  checkpointing.save_params(str(tmp_path / "ckpt"), params, config, "encoder")
+  convert.to_pytorch(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+  model = load_export(tmp_path / "hf", "encoder")
+  ours, theirs = jax_forward(config, "encoder", params, batch), torch_forward(model, batch)
+  for ours_h, theirs_h in zip(ours["hidden_states"], theirs.hidden_states):
+    np.testing.assert_allclose(theirs_h.numpy(), np.asarray(ours_h), rtol=0, atol=ATOL)
+  np.testing.assert_allclose(theirs.pooler_output.numpy(), np.asarray(ours["pooled"]), rtol=0, atol=ATOL)
+  out = model(**{k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()})
+  with pytest.raises(NotImplementedError, match="inference only"):
+    out.last_hidden_state.sum().backward()
+
+
+def test_zoo_binarizers_without_pytorch_code_are_refused_by_name(tmp_path, capsys):
+  from bipft_jax.pytorch_model import modeling_bipft
+  assert set(convert.PYTORCH_LINEAR_BINARIZERS) == {"bipft", *modeling_bipft.ZOO_LINEARS}
+  config = tiny_config(linear_binarizer="fda", num_layers=1, hidden_size=64)  # noise MLP width 64 // 64
+  module = model_lib.build(config, "encoder")
+  checkpointing.save_params(str(tmp_path / "ckpt"), model_lib.init_params(module, jax.random.key(0)), config,
+                            "encoder")
+  code, err = bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "ckpt",
+                    "--out", tmp_path / "hf")
+  assert "linear binarizer 'fda' has no PyTorch implementation" in assert_one_error_line(code, err)
+  assert not (tmp_path / "hf").exists()

@@ -194,14 +194,19 @@ def test_teacher_start_fp_baseline_and_binarized(glue_dir, vocab_dir, tmp_path):
   config.init.binary = True
   model_config, params, _, _ = finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
   assert model_config.binary
+  config.model.linear_binarizer = "nope"
+  with pytest.raises(UserError, match="unknown linear binarizer 'nope'"):
+    finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
+  config.model.linear_binarizer = "bipft"
   np.testing.assert_array_equal(params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"],
                                 teacher["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"])
-  assert finetune._alphas_untrained(params)  # calibrated by finetune on the first batch
+  param_kinds = model_lib.param_kinds(model_lib.build(model_config, "classification"))
+  assert finetune._alphas_untrained(params, param_kinds)  # calibrated by finetune on the first batch
   config.steps_per_epoch, config.epochs = 1, 1
   results = finetune.finetune(config, str(tmp_path / "run"))
   assert set(results["dev"]["dev"]) == {"pearson_spearman", "pearson", "spearman"}
   _, _, trained = checkpointing.restore_params(str(tmp_path / "run" / "best"))
-  assert not finetune._alphas_untrained(trained)
+  assert not finetune._alphas_untrained(trained, param_kinds)
 
 
 def test_cli_bad_inputs_exit_2(glue_dir, vocab_dir, tmp_path, capsys):
@@ -228,3 +233,19 @@ def test_a_diverging_run_stops_in_one_line_without_best_or_results(glue_dir, voc
   assert re.search(r"error: the (loss is (nan|inf)|update made the parameters non-finite) at step \d+ "
                    r"\(epoch 1\); stopped before writing best/ or results.json", errors[0]), errors[0]
   assert not os.path.exists(workdir / "best") and not os.path.exists(workdir / "results.json")
+
+
+def test_a_diverging_overwrite_leaves_the_earlier_run_byte_identical(glue_dir, vocab_dir, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  argv = (["finetune", "--config", os.path.join(ROOT, "configs/glue.py:task=sst2"), "--workdir", str(workdir)]
+          + [f"--config.{o}" for o in tiny_overrides(glue_dir, vocab_dir, "epochs=1")])
+  assert cli.main(argv) == 0
+  earlier = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*")
+             if p.is_file() and p.parts[len(workdir.parts)] in ("best", "results.json")}
+  assert any(name.parts[0] == "best" for name in earlier)
+  capsys.readouterr()
+  assert cli.main(argv + ["--overwrite", "--config.optimizer.learning_rate=1e30"]) == 2
+  assert "stopped before writing best/ or results.json" in capsys.readouterr().err
+  assert {name: (workdir / name).read_bytes() for name in earlier} == earlier
+  assert {p.relative_to(workdir) for p in (workdir / "best").rglob("*") if p.is_file()} == {
+      name for name in earlier if name.parts[0] == "best"}

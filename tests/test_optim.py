@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from bipft_jax import optim
+from bipft_jax import kinds, model, optim
 from bipft_jax.errors import UserError
 
 
@@ -24,12 +24,22 @@ def test_schedules():
   np.testing.assert_allclose([constant(s) for s in (0, 100)], [1e-2, 1e-2])
 
 
+KINDS = {"kernel": kinds.WEIGHT, "bias": kinds.BIAS}
+
+
 def test_decay_mask_skips_biases_layernorms_and_alphas():
-  params = {"dense": {"kernel": 0, "bias": 0, "move_bias": 0, "input_alpha": 0},
-            "LayerNorm": {"scale": 0, "bias": 0}, "emb": {"embedding": 0}, "self": {"probs_alpha": 0}}
-  assert optim.decay_mask(params) == {
-      "dense": {"kernel": True, "bias": False, "move_bias": False, "input_alpha": False},
-      "LayerNorm": {"scale": False, "bias": False}, "emb": {"embedding": True}, "self": {"probs_alpha": False}}
+  config = model.BertConfig(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
+                            max_position_embeddings=8, binary=True)
+  mask = optim.decay_mask(model.param_kinds(model.build(config, "classification")))
+  layer = mask["bert"]["encoder"]["layer"]["0"]
+  assert layer["attention"]["self"]["query"] == {"kernel": True, "bias": False, "move_bias": False,
+                                                 "input_alpha": False}
+  assert not any((layer["attention"]["self"]["probs_alpha"], layer["output"]["LayerNorm"]["scale"],
+                  layer["output"]["LayerNorm"]["bias"]))
+  assert layer["attention"]["self"]["q_p"] == {"kernel": True, "bias": False}  # FP estimators
+  assert mask["bert"]["embeddings"]["word_embeddings"]["embedding"]
+  assert mask["bert"]["embeddings"]["position_embeddings"]["embedding"]
+  assert mask["classifier"] == {"kernel": True, "bias": False}
 
 
 def test_matches_torch_adamw_with_bert_schedule():
@@ -41,7 +51,7 @@ def test_matches_torch_adamw_with_bert_schedule():
            for _ in range(5)]
 
   params = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
-  tx = optim.make_optimizer(config)
+  tx = optim.make_optimizer(config, KINDS)
   state = tx.init(params)
   for g_kernel, g_bias in grads:
     updates, state = tx.update({"kernel": jnp.asarray(g_kernel), "bias": jnp.asarray(g_bias)}, state, params)
@@ -68,14 +78,15 @@ def test_matches_torch_adamw_with_bert_schedule():
 ])
 def test_bad_optimizer_configs(overrides, match):
   with pytest.raises(UserError, match=match):
-    optim.make_optimizer(_config(**overrides))
+    optim.make_optimizer(_config(**overrides), KINDS)
 
 
 @pytest.mark.parametrize("head", ["cls", "classifier"])  # pretraining heads, the finetuning classifier
 def test_head_lr_multiplier_scales_only_the_heads(head):
   params = {head: {"bias": jnp.zeros(3)}, "bert": {"bias": jnp.zeros(3)}}
   grads = {head: {"bias": jnp.array([1.0, -2.0, 3.0])}, "bert": {"bias": jnp.array([1.0, -2.0, 3.0])}}
-  tx = optim.make_optimizer(_config(head_lr_multiplier=10.0, warmup_steps=0, schedule="constant"))
+  tx = optim.make_optimizer(_config(head_lr_multiplier=10.0, warmup_steps=0, schedule="constant"),
+                            {head: {"bias": kinds.BIAS}, "bert": {"bias": kinds.BIAS}})
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates[head]["bias"], 10 * updates["bert"]["bias"], rtol=1e-6)
   assert float(jnp.abs(updates["bert"]["bias"]).max()) > 0

@@ -81,7 +81,7 @@ def _student(head, estimator_rank, pooling="cls"):
 @pytest.mark.parametrize("zero_inputs", [False, True])
 def test_binary_dense_equals_simulated_layer(zero_inputs):
   config = model_lib.BertConfig.from_dict(TINY)
-  layer = model_lib.BinaryDense(40, config)
+  layer = model_lib.Linear(40, config)
   rng = np.random.default_rng(3)
   x = rng.standard_normal((2, 5, 70)).astype(np.float32)
   if zero_inputs:  # e.g. an all-zero attention context row with a zero move bias
@@ -90,9 +90,10 @@ def test_binary_dense_equals_simulated_layer(zero_inputs):
   params = {"kernel": jnp.asarray(rng.standard_normal((70, 40)), jnp.float32), "bias": jnp.full(40, 0.1),
             "move_bias": jnp.zeros(70), "input_alpha": jnp.float32(0.7)}
   want = layer.apply({"params": params}, jnp.asarray(x))
-  _, tree = packed.pack_params(config, "encoder", {"embeddings": {"word_embeddings": {"embedding": jnp.ones((3, 4))}},
-                                                  "dense": params})
-  got = jax.jit(packed._binary_dense)(tree["bert"]["dense"], jnp.asarray(x))
+  op = model_lib.policy_of(config).linear
+  [planes] = packed._kernel_planes(op, params["kernel"], params)
+  tree = {**params, **packed._keep_needed_planes(planes, zero_planes=True)}
+  got = jax.jit(functools.partial(packed._binary_dense, op))(tree, jnp.asarray(x))
   np.testing.assert_allclose(got, want, atol=1e-5)
   if zero_inputs:
     np.testing.assert_allclose(got[0, 1], params["bias"], atol=1e-6)  # zeros contribute nothing
@@ -229,7 +230,7 @@ def test_summary_predicts_the_exported_tensor_bytes(remainder):
   from bipft_jax import summary
   config, _, params, _ = _trained_like_student()
   head, packed_params = packed.pack_params(config, "classification", params)
-  tensors = packed_export.file_tensors(packed_params, remainder)
+  tensors = packed_export.file_tensors(config, head, packed_params, remainder)
   assert sum(t.nbytes for t in tensors.values()) == summary.packed_size_bytes(config, head, remainder)
 
 

@@ -45,7 +45,7 @@ def test_optimizer_state_follows_parameter_shardings():
   mesh, abstract, shardings = _shardings({"data": 2, "fsdp": 2, "tensor": 2})
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=1, total_steps=10, schedule="linear", weight_decay=0.01,
-      b1=0.9, b2=0.999, eps=1e-8)))
+      b1=0.9, b2=0.999, eps=1e-8)), model.param_kinds(model.build(CONFIG, "pretraining")))
   opt_shardings = sharding.like_params_shardings(jax.eval_shape(tx.init, abstract), abstract, shardings, mesh)
   kernel = ("bert", "encoder", "layer", "0", "attention", "self", "query", "kernel")
   found = []

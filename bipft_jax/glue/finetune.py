@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bipft_jax import config_checks, config_loading, files, losses, optim, pytorch_io
+from bipft_jax import config_checks, config_loading, files, kinds, losses, optim, pytorch_io
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import metrics as metrics_lib
@@ -55,8 +55,10 @@ def run(args) -> int:
 
 # --- the initial model ----------------------------------------------------------
 
-def _alphas_untrained(params) -> bool:
-  alphas = [v for path, v in flax.traverse_util.flatten_dict(params).items() if path[-1].endswith("_alpha")]
+def _alphas_untrained(params, param_kinds) -> bool:
+  """Whether the activation scales are all still at their init 1 (never calibrated nor trained)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  alphas = [flat[path] for path in kinds.paths_of_kind(param_kinds, kinds.ACTIVATION_SCALE)]
   return bool(alphas) and all(np.all(np.asarray(a) == 1.0) for a in alphas)
 
 
@@ -93,9 +95,14 @@ def initial_model(config, task: tasks.Task, rng) -> tuple:
                                                     **overrides)
     if not config.init.binary:
       return fp_config, teacher, folder, f"FP teacher {path or 'all-MiniLM-L6-v2'}"
-    binary_fields = {k: config.model[k] for k in ("estimator_rank", "weight_binarizer", "activation_binarizer",
-                                                  "mlm_transform_act", "matmul_precision")}
-    model_config = dataclasses.replace(fp_config, binary=True, **binary_fields)
+    binary_fields = {k: config.model[k] for k in (
+        "estimator_rank", "weight_binarizer", "activation_binarizer", "linear_binarizer",
+        "attention_prob_binarizer", "mlm_transform_act", "matmul_precision")}
+    try:
+      model_config = model_lib.BertConfig.from_dict({**dataclasses.asdict(fp_config), "binary": True,
+                                                     **binary_fields})
+    except ValueError as e:
+      raise UserError(f"bad config.model: {e}") from None
     try:
       params = model_lib.init_student_from_teacher(model_lib.build(model_config, "classification"), teacher, rng)
     except ValueError as e:
@@ -315,8 +322,9 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   if config.steps_per_epoch > 0:
     steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
   config.optimizer.total_steps = steps_per_epoch * config.epochs
-  optimizer = optim.make_optimizer(config.optimizer)
-  if model_config.binary and _alphas_untrained(params):
+  param_kinds = model_lib.param_kinds(module)
+  optimizer = optim.make_optimizer(config.optimizer, param_kinds)
+  if _alphas_untrained(params, param_kinds):
     first = tasks.make_batch(train_data, plan(1)[0], config.batch_size, buckets)
     params = jax.jit(lambda p, b: model_lib.calibrate_alphas(module, p, b))(
         params, {k: first[k] for k in MODEL_INPUTS})

@@ -12,6 +12,10 @@ otherwise it is the full-precision BERT teacher. The math is METHOD.md of bipft-
 binarizer is an autograd Function with the release's straight-through gradients, so the model
 also trains in PyTorch. Parameter names are the original release's.
 
+A student trained with another binarizer of bipft-jax's zoo (`linear_quant_method`: BiBench's bnn,
+xnor, xnorplusplus, dorefa, bireal, react, recu; `attention_prob_quant_method`: bivit) computes its
+inference forward here; its backward raises (those operators train in bipft-jax).
+
 Shapes: B batch, L length, D hidden, H heads, K head size, R estimator rank, V vocab.
 """
 import math
@@ -53,6 +57,8 @@ class BiPFTConfig(PreTrainedConfig):
   weight_quant_method: str = "bwn"
   input_quant_method: str = "elastic"
   estimator_rank: int = 1        # rank of the residual estimators; 0 = BiPFT-A
+  linear_quant_method: str = "bipft"  # the binarized Linears: the release's, or a zoo operator (ZOO_LINEARS)
+  attention_prob_quant_method: str = "elastic"  # or "bivit" (softmax-aware)
   pooling: str = "cls"           # the pooler's input: "cls" (BERT) | "mean" over real tokens (bipft-jax)
 
   @property
@@ -116,9 +122,64 @@ class UnsignedBinarize(torch.autograd.Function):
     return grad_p, grad_alpha.reshape(alpha.shape)
 
 
+class InferenceOnly(torch.autograd.Function):
+  """fn(*inputs) forward; the backward raises: bipft-jax's zoo operators train in bipft-jax only."""
+
+  @staticmethod
+  def forward(ctx, fn, name: str, *inputs):
+    ctx.name = name
+    return fn(*inputs)
+
+  @staticmethod
+  def backward(ctx, *grads):
+    raise NotImplementedError(f"modeling_bipft runs binarizer {ctx.name!r} for inference only; train it "
+                              "in bipft-jax")
+
+
+def _row_abs_mean(w_OxI: torch.Tensor) -> torch.Tensor:
+  return w_OxI.abs().mean(dim=1, keepdim=True)
+
+
+def _centred(w_OxI: torch.Tensor) -> torch.Tensor:
+  return w_OxI - w_OxI.mean(dim=1, keepdim=True)
+
+
+def _abs_mean_signs(w_OxI: torch.Tensor) -> torch.Tensor:
+  return torch.sign(w_OxI) * _row_abs_mean(w_OxI)
+
+
+def _xnor(layer, x):
+  w_c = _centred(layer.weight)
+  return F.linear(torch.sign(x) * x.abs().mean(dim=-1, keepdim=True), torch.sign(w_c) * _row_abs_mean(w_c),
+                  layer.bias)
+
+
+# BiBench's Linear layers at inference (bipft_jax/zoo/bibench.py; weights here are out x in): method ->
+# (forward(layer, x), {extra parameter: shape as "in" or "out" features}).
+ZOO_LINEARS = {
+    "bnn": (lambda layer, x: F.linear(torch.sign(x), torch.sign(layer.weight), layer.bias), {}),
+    "xnor": (_xnor, {}),
+    "xnorplusplus": (lambda layer, x: F.linear(torch.sign(x), torch.sign(layer.weight)) * layer.o_scale
+                     + layer.bias, {"o_scale": "out"}),
+    "dorefa": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight), layer.bias), {}),
+    "bireal": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight)), {}),
+    # ReAct's released forward ignores its threshold (it only moves the gradient window).
+    "react": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight)), {"threshold": "in"}),
+    # ReCU with BiBench's BERT-track tau = 1: the clamp bound is +inf, the standardisation keeps signs.
+    "recu": (lambda layer, x: F.linear(torch.sign(x), torch.sign(_centred(layer.weight))) * layer.alpha
+             + layer.bias, {"alpha": "out"}),
+}
+
+
 def _check_supported(config: BiPFTConfig) -> None:
   if config.pooling not in ("cls", "mean"):
     raise ValueError(f"pooling must be 'cls' or 'mean', not {config.pooling!r}")
+  if config.binary and config.linear_quant_method not in ("bipft", *ZOO_LINEARS):
+    raise ValueError(f"linear_quant_method {config.linear_quant_method!r} is not implemented here; "
+                     f"choose one of bipft, {', '.join(ZOO_LINEARS)}")
+  if config.binary and config.attention_prob_quant_method not in ("elastic", "bivit"):
+    raise ValueError(f"attention_prob_quant_method {config.attention_prob_quant_method!r} is not implemented "
+                     "here; choose elastic or bivit")
   if config.binary and (config.weight_quant_method, config.input_quant_method) != ("bwn", "elastic"):
     raise ValueError("modeling_bipft implements weight_quant_method='bwn' with input_quant_method='elastic' "
                      f"only, not {config.weight_quant_method!r}/{config.input_quant_method!r}")
@@ -149,11 +210,43 @@ class BinaryLinear(nn.Module):
     return F.linear(x_b, BWN.apply(self.weight, False), self.bias)
 
 
+class ZooLinear(nn.Module):
+  """A zoo operator's binarized Linear (ZOO_LINEARS), inference only; parameters named as bipft-jax's."""
+
+  def __init__(self, method: str, in_features: int, out_features: int):
+    super().__init__()
+    self.method = method
+    self.weight = nn.Parameter(torch.empty(out_features, in_features))
+    self.bias = nn.Parameter(torch.zeros(out_features))
+    sizes = {"in": in_features, "out": out_features}
+    for name, axis in ZOO_LINEARS[method][1].items():
+      self.register_parameter(name, nn.Parameter(torch.zeros(sizes[axis])))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    forward = ZOO_LINEARS[self.method][0]
+    return InferenceOnly.apply(lambda x, *_: forward(self, x), self.method, x, *self.parameters())
+
+
 def _linear(config: BiPFTConfig, in_features: int, out_features: int) -> nn.Module:
   """A Linear that METHOD.md binarizes in the student."""
+  if config.binary and config.linear_quant_method != "bipft":
+    return ZooLinear(config.linear_quant_method, in_features, out_features)
   if config.binary:
     return BinaryLinear(in_features, out_features)
   return nn.Linear(in_features, out_features)
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+  """erf-GELU with an accurate negative tail, as XLA's: F.gelu's 1 + erf(x/sqrt 2) rounds to 0 below
+  x = -6, where a binarizer without a move bias then reads sign 0 instead of -1. Subnormal results
+  (x < -13) are flushed to 0, as XLA on CPU does."""
+  y = 0.5 * x * torch.special.erfc(-x * math.sqrt(0.5))
+  return torch.where(y.abs() < torch.finfo(y.dtype).tiny, torch.zeros_like(y), y)
+
+
+def _softmax_aware(p: torch.Tensor) -> torch.Tensor:
+  """BiViT's binarized attention probabilities: 1[p >= max_row(p) / 4]."""
+  return (p >= 0.25 * p.max(dim=-1, keepdim=True).values).to(p.dtype)
 
 
 class WordEmbeddings(nn.Module):
@@ -195,9 +288,11 @@ class SelfAttention(nn.Module):
     self.query, self.key, self.value = (_linear(config, D, D) for _ in range(3))
     self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
     self.rank = config.estimator_rank if config.binary else 0
+    self.probs_method = config.attention_prob_quant_method if self.binary else None
     if self.binary:
-      self.clip_query, self.clip_key, self.clip_value, self.clip_attn = (
-          nn.Parameter(torch.tensor(1.0)) for _ in range(4))
+      self.clip_query, self.clip_key, self.clip_value = (nn.Parameter(torch.tensor(1.0)) for _ in range(3))
+    if self.probs_method == "elastic":
+      self.clip_attn = nn.Parameter(torch.tensor(1.0))
     if self.rank:
       if self.K % self.rank:
         raise ValueError(f"estimator_rank {self.rank} must divide the head size {self.K}")
@@ -222,8 +317,10 @@ class SelfAttention(nn.Module):
     # The mask goes on after the estimators and the scaling: masked probabilities are exactly 0.
     scores_BxHxLxL = scores_BxHxLxL / math.sqrt(self.K) + mask_bias_Bx1x1xL
     probs_BxHxLxL = self.dropout(torch.softmax(scores_BxHxLxL, dim=-1))
-    if self.binary:
+    if self.probs_method == "elastic":
       probs_BxHxLxL = UnsignedBinarize.apply(probs_BxHxLxL, self.clip_attn)
+    elif self.probs_method == "bivit":
+      probs_BxHxLxL = InferenceOnly.apply(_softmax_aware, "bivit", probs_BxHxLxL)
     context_BxHxLxK = probs_BxHxLxL @ v_BxHxLxK
     if self.rank:
       # The value residual dV ~ v_p(X), tiled over each head's channels.
@@ -262,7 +359,7 @@ class Intermediate(nn.Module):
     self.dense = _linear(config, config.hidden_size, config.intermediate_size)
 
   def forward(self, x_BxLxD):
-    return F.gelu(self.dense(x_BxLxD))  # erf-GELU in teacher and student alike
+    return _gelu(self.dense(x_BxLxD))  # erf-GELU in teacher and student alike
 
 
 class Layer(nn.Module):
@@ -362,9 +459,14 @@ class BiPFTPreTrainedModel(PreTrainedModel):
       init.normal_(module.weight, mean=0.0, std=std)
       if module.padding_idx is not None:
         init.zeros_(module.weight[module.padding_idx])
+    elif isinstance(module, ZooLinear):
+      init.normal_(module.weight, mean=0.0, std=std)
+      init.zeros_(module.bias)  # its extras keep their zeros: checkpoints set them
     elif isinstance(module, SelfAttention) and module.binary:
-      for alpha in (module.clip_query, module.clip_key, module.clip_value, module.clip_attn):
-        init.ones_(alpha)
+      alphas = (module.clip_query, module.clip_key, module.clip_value, getattr(module, "clip_attn", None))
+      for alpha in alphas:
+        if alpha is not None:
+          init.ones_(alpha)
     elif isinstance(module, MlmPredictions):
       init.zeros_(module.bias)
     else:
