@@ -131,6 +131,9 @@ def test_packed_equals_simulated(name, probs):
   for got, want in zip(ours["hidden_states"], simulated["hidden_states"]):
     np.testing.assert_allclose(got, want, atol=2e-4)
   np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=2e-4)
+  int8 = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(packed.prepare(config, packed_params, "int8"))
+  for got, want in zip(jax.tree.leaves(int8), jax.tree.leaves(ours)):  # every plane as int8: the same bits
+    np.testing.assert_array_equal(got, want)
   tensors = packed_export.file_tensors(config, head, packed_params, "float32")
   assert sum(t.nbytes for t in tensors.values()) == summary.packed_size_bytes(config, head)
 
