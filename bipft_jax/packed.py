@@ -358,7 +358,8 @@ def _binary_dense(op, p: dict, x_xK: Array) -> Array:
 
   def dense(x):
     x_scale, x_signs = op.activation_planes(x, extras)
-    terms = [counts_xN.astype(jnp.float32) * (x_scale * w_scale) for w_scale, counts_xN in _weight_counts(p, x_signs)]
+    terms = [counts_xN.astype(jnp.float32) * (x_scale * w_scale)
+             for w_scale, counts_xN in _weight_counts(p, x_signs)]
     y_xN = sum(terms[1:], terms[0])
     return y_xN + p["bias"] if op.uses_bias else y_xN
 

@@ -131,7 +131,8 @@ def test_packed_equals_simulated(name, probs):
   for got, want in zip(ours["hidden_states"], simulated["hidden_states"]):
     np.testing.assert_allclose(got, want, atol=2e-4)
   np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=2e-4)
-  int8 = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(packed.prepare(config, packed_params, "int8"))
+  expanded = packed.prepare(config, packed_params, "int8")
+  int8 = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(expanded)
   for got, want in zip(jax.tree.leaves(int8), jax.tree.leaves(ours)):  # every plane as int8: the same bits
     np.testing.assert_array_equal(got, want)
   tensors = packed_export.file_tensors(config, head, packed_params, "float32")
