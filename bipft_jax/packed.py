@@ -292,7 +292,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
     """sign planes of B_s(name(x)) per head: [B, H, L, Wk], and its alpha."""
     y_BxLxD = _binary_dense(policy_of(config).linear, p[name], x_BxLxD)
     y_BxHxLxK = y_BxLxD.reshape(B, L, H, K).transpose(0, 2, 1, 3)
-    return pack_signed(y_BxHxLxK), binarize._clamped(p[f"{name}_alpha"]), y_BxHxLxK
+    return pack_signed(y_BxHxLxK), binarize.clamped(p[f"{name}_alpha"]), y_BxHxLxK
 
   (q_sign, q_nonzero), q_alpha, _ = heads("query")
   (k_sign, k_nonzero), k_alpha, _ = heads("key")
