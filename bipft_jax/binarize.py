@@ -16,7 +16,8 @@ import jax.numpy as jnp
 ALPHA_EPS = 1e-5
 
 
-def _clamped(alpha: jax.Array) -> jax.Array:
+def clamped(alpha: jax.Array) -> jax.Array:
+  """A learned scale clamped from below at ALPHA_EPS, as the release does in its forward."""
   return jnp.where(alpha > ALPHA_EPS, alpha, jnp.asarray(ALPHA_EPS, alpha.dtype))
 
 
@@ -60,7 +61,7 @@ bwn_rowwise.defvjp(_identity_rowwise_fwd, _identity_bwd)
 @jax.custom_vjp
 def signed_binarize(x: jax.Array, alpha: jax.Array) -> jax.Array:
   """alpha * sign(x); gradients: x inside |x/alpha| <= 1, alpha by LSQ."""
-  return _clamped(alpha) * jnp.sign(x)
+  return clamped(alpha) * jnp.sign(x)
 
 
 def _signed_fwd(x, alpha):
@@ -69,7 +70,7 @@ def _signed_fwd(x, alpha):
 
 def _signed_bwd(res, g):
   x, alpha = res
-  ratio = x / _clamped(alpha)
+  ratio = x / clamped(alpha)
   grad_x = jnp.where((ratio >= -1) & (ratio <= 1), g, jnp.zeros_like(g))
   grad_alpha = jnp.sum(jnp.sign(x) * g) * _grad_scale(x)
   return grad_x, grad_alpha.astype(alpha.dtype).reshape(alpha.shape)
@@ -81,7 +82,7 @@ signed_binarize.defvjp(_signed_fwd, _signed_bwd)
 @jax.custom_vjp
 def unsigned_binarize(p: jax.Array, alpha: jax.Array) -> jax.Array:
   """alpha * clip(round(p/alpha), 0, 1), round half to even (attention probabilities)."""
-  a = _clamped(alpha)
+  a = clamped(alpha)
   return a * jnp.clip(jnp.round(p / a), 0, 1)
 
 
@@ -91,7 +92,7 @@ def _unsigned_fwd(p, alpha):
 
 def _unsigned_bwd(res, g):
   p, alpha = res
-  ratio = p / _clamped(alpha)
+  ratio = p / clamped(alpha)
   inside = (ratio >= 0) & (ratio <= 1)
   grad_p = jnp.where(inside, g, jnp.zeros_like(g))
   step = jnp.where(ratio > 1, 1.0, 0.0) + jnp.where(inside, jnp.round(ratio) - ratio, 0.0)

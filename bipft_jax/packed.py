@@ -387,7 +387,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
     """name(x) per head, [B, H, L, K] (its binarizer keeps only the signs), and its alpha."""
     y_BxLxD = _binary_dense(policy_of(config).linear, p[name], x_BxLxD)
     y_BxHxLxK = y_BxLxD.reshape(B, L, H, K).transpose(0, 2, 1, 3)
-    return y_BxHxLxK, binarize._clamped(p[f"{name}_alpha"])
+    return y_BxHxLxK, binarize.clamped(p[f"{name}_alpha"])
 
   (q_BxHxLxK, q_alpha), (k_BxHxLxK, k_alpha) = heads("query"), heads("key")
   v_BxHxLxK, v_alpha = heads("value")

@@ -326,6 +326,21 @@ def test_lsq_by_hand():
   np.testing.assert_allclose(grad_step, (-2 + 0 + 0.5 + 0.25 + 0 + 1) / np.sqrt(6), rtol=1e-6)
 
 
+def test_lsq_step_of_an_all_zero_input_is_clamped():
+  """The release's per-call step is 0 on an all-zero input; ours is clamped at ALPHA_EPS: no NaN."""
+  op = zoo.linear_op("binarydm")
+  x = jnp.zeros((2, 3, 8))
+  kernel = jax.random.normal(jax.random.key(0), (8, 4))
+  extras = {"scale_1": jnp.ones(4), "scale_2": jnp.ones(4), "act_step": jnp.float32(1.0)}
+  loss = lambda x, extras: jnp.sum(op.apply(x, kernel, jnp.zeros(4), extras, train=True))
+  grads = jax.grad(loss, argnums=(0, 1))(x, extras)
+  np.testing.assert_array_equal(op.apply(x, kernel, jnp.zeros(4), extras, train=True), 0.0)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  # v = 0 lies inside the clamp window: dL/dx = g @ W_q^T, W_q the op's inference weight.
+  w_q = sum(scale * signs for scale, signs in op.weight_planes(kernel, extras))
+  np.testing.assert_allclose(grads[0], np.broadcast_to(np.sum(w_q, axis=1), x.shape), rtol=1e-6)
+
+
 @needs_zoo_vectors
 def test_binarydm_activation_operand():
   ref = load_file(ZOO_VECTORS / "binarydm_bnnlinear_order2.safetensors")

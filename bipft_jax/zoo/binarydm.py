@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bipft_jax import binarize
 from bipft_jax.zoo import api
 from bipft_jax.zoo.ste import sign_ste
 
@@ -25,8 +26,13 @@ def lsq_quantize(x: jax.Array, step: jax.Array, bits: int) -> jax.Array:
   """round(clip(x / step, Qn, Qp)) * step (round half to even), one step for the tensor.
 
   Backward (LSQ, as the release's grad_scale/round_pass): dx = g inside Qn <= x/step <= Qp (closed);
-  dstep = sum(g * (round(v) - v inside, Qn or Qp outside)) / sqrt(numel(x) * Qp)."""
+  dstep = sum(g * (round(v) - v inside, Qn or Qp outside)) / sqrt(numel(x) * Qp).
+
+  Decision (not the release's): the step is clamped from below at binarize.ALPHA_EPS, as the BiPFT
+  release clamps its alphas. The release divides by a step re-derived from each call's input, which is
+  0 on an all-zero input (a fresh student's attention context) and gives NaN."""
   qn, qp = _levels(bits)
+  step = binarize.clamped(step)
   return jnp.round(jnp.clip(x / step, qn, qp)) * step
 
 
@@ -37,7 +43,7 @@ def _lsq_fwd(x, step, bits):
 def _lsq_bwd(bits, res, g):
   x, step = res
   qn, qp = _levels(bits)
-  v = x / step
+  v = x / binarize.clamped(step)
   inside = (v >= qn) & (v <= qp)
   slope = jnp.where(inside, jnp.round(v) - v, jnp.clip(v, qn, qp))
   grad_step = jnp.sum(g * slope) / np.sqrt(x.size * qp)

@@ -7,7 +7,7 @@ from bipft_jax.zoo import api
 
 
 def _planes(p, extras):
-  alpha = binarize._clamped(extras["alpha"])  # the forward's clamp from below
+  alpha = binarize.clamped(extras["alpha"])  # the forward's clamp from below
   return alpha, jnp.clip(jnp.round(p / alpha), 0, 1)
 
 
