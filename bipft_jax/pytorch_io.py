@@ -133,6 +133,8 @@ def config_from_hf(hf: Mapping, **overrides) -> model_lib.BertConfig:
   if hf.get("position_embedding_type", "absolute") != "absolute":
     raise UserError("only absolute position embeddings are supported")
   values = {ours: hf[theirs] for theirs, ours in HF_CONFIG_FIELDS.items() if theirs in hf}
+  if values.get("pad_token_id", 0) is None:  # some hub configs say null: BERT's vocabularies pad with 0
+    del values["pad_token_id"]
   if hf.get("classifier_dropout") is not None:
     values["classifier_dropout"] = hf["classifier_dropout"]
   if "pooling" in hf:  # ours; Hugging Face BERT pools [CLS]

@@ -229,3 +229,11 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_refused(minilm_dir):
   assert len(pytorch_io.load_tokenizer(str(minilm_dir), vocab_size=30522)) == 30522
   with pytest.raises(UserError, match="has 30522 tokens but the model's vocab_size is 100: set --config.tokenizer"):
     pytorch_io.load_tokenizer(str(minilm_dir), vocab_size=100, fix="set --config.tokenizer")
+
+
+def test_a_null_pad_token_id_reads_as_berts_zero_and_other_nulls_are_refused():
+  hf = {"vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 16, "max_position_embeddings": 8, "pad_token_id": None}
+  assert pytorch_io.config_from_hf(hf).pad_token_id == 0
+  with pytest.raises(UserError, match="hidden_size must be int, got None"):
+    pytorch_io.config_from_hf({**hf, "hidden_size": None})
