@@ -11,16 +11,15 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from bipft_jax.kinds import ACTIVATION_SCALE, FP, WEIGHT_SCALE
+
 Array = jax.Array
 Initializer = Callable[[Array, tuple, Any], Array]  # flax style: (key, shape, dtype) -> array
 
-# The kinds of extra parameters. A weight scale multiplies the weight's sign plane(s) per output
-# channel (or per tensor) and may be folded into a packed weight; an activation scale multiplies
-# or steps the activation quantizer; "fp" is any other trained full-precision tensor (thresholds,
-# noise MLPs).
-WEIGHT_SCALE = "weight_scale"
-ACTIVATION_SCALE = "activation_scale"
-FP = "fp"
+# The kinds an extra parameter may have (kinds.py defines them all): a weight scale multiplies the
+# weight's sign plane(s) per output channel (or per tensor) and may be folded into a packed weight;
+# an activation scale multiplies or steps the activation quantizer; FP is any other trained
+# full-precision tensor (thresholds, noise MLPs).
 KINDS = (WEIGHT_SCALE, ACTIVATION_SCALE, FP)
 
 # The axis names of `Extra.axes`: which layer dimension an extra tensor's axis follows.
