@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 from typing import Callable, Optional
 
@@ -30,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+
+from bipft_jax import files
 
 SIGN_DTYPES = ("float32", "bfloat16", "int8")
 BINARY_MATMUL_DTYPES = SIGN_DTYPES + ("auto",)
@@ -139,17 +140,12 @@ def _read_cache() -> dict:
 
 
 def _write_cache(key: str, kind: str, record: dict) -> None:
-  """Adds one record, atomically: a temporary file in the same folder renamed over the old one."""
-  path = _cache_path()
+  """Adds one record (written atomically)."""
+  data = _read_cache()
+  entry = data.get(key) if isinstance(data.get(key), dict) else {}
+  data[key] = {**entry, kind: record}
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = _read_cache()
-    entry = data.get(key) if isinstance(data.get(key), dict) else {}
-    data[key] = {**entry, kind: record}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=CACHE_FILE, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    files.write_json(str(_cache_path()), data)
   except OSError:  # a read-only cache only costs a new measurement next time
     pass
 
