@@ -66,7 +66,7 @@ def test_a_few_steps_lower_the_loss(glue_dir, vocab_dir, task_name):
   device_batch = finetune._device_batch(batch)
   losses = []
   for i in range(25):
-    params, opt_state, loss = train_step(params, opt_state, device_batch, jax.random.key(i))
+    params, opt_state, loss, _ = train_step(params, opt_state, device_batch, jax.random.key(i))
     losses.append(float(loss))
   assert losses[-1] < 0.7 * losses[0], losses
   # The loss the step reports is the task loss of the model's predictions (no dropout here).
@@ -74,7 +74,7 @@ def test_a_few_steps_lower_the_loss(glue_dir, vocab_dir, task_name):
   labels = jnp.asarray(batch["labels"])
   expected = (jnp.mean((logits[:, 0] - labels) ** 2) if task.is_regression
               else -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels]))
-  _, _, loss_after = train_step(params, opt_state, device_batch, jax.random.key(99))
+  _, _, loss_after, _ = train_step(params, opt_state, device_batch, jax.random.key(99))
   np.testing.assert_allclose(float(loss_after), float(expected), rtol=1e-4)
 
 

@@ -161,6 +161,7 @@ def task_loss(logits_BxC, labels_B, weights_B, regression: bool):
 
 def make_steps(module, optimizer, regression: bool):
   """(train_step, predict_step), jitted."""
+  from bipft_jax import checkpointing
   def loss_fn(params, batch, rng):
     out = module.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), deterministic=False,
                        rngs={"dropout": rng})
@@ -168,9 +169,11 @@ def make_steps(module, optimizer, regression: bool):
 
   @jax.jit
   def train_step(params, opt_state, batch, rng):
+    """(params, opt_state, loss, whether the new params and optimizer state are all finite)."""
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, loss, checkpointing.all_finite((params, opt_state))
 
   return train_step, make_predict_step(module)
 
@@ -331,7 +334,6 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
     print("bipft: activation scales calibrated on the first training batch", file=sys.stderr)
   opt_state = optimizer.init(params)
   train_step, predict_step = make_steps(module, optimizer, task.is_regression)
-  all_finite = jax.jit(checkpointing.all_finite)
 
   # Every input has loaded: the outputs go to a staging folder, moved over an earlier run's at the end.
   workdir, finished_workdir = _staging_dir(workdir), workdir
@@ -348,8 +350,8 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
       for chosen in progress:
         rng, dropout_rng = jax.random.split(rng)
         batch = tasks.make_batch(train_data, chosen, config.batch_size, buckets)
-        params, opt_state, loss = train_step(params, opt_state, _device_batch(batch), dropout_rng)
-        if not (np.isfinite(float(loss)) and bool(all_finite((params, opt_state)))):
+        params, opt_state, loss, finite = train_step(params, opt_state, _device_batch(batch), dropout_rng)
+        if not (np.isfinite(float(loss)) and bool(finite)):
           progress.close()  # the bar's last line before the error, not after it
           raise UserError(_diverged(float(loss), step, epoch))
         step += 1
