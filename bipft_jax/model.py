@@ -525,26 +525,32 @@ def build(config: BertConfig, head: str = "pretraining") -> nn.Module:
   return HEADS[head](config)
 
 
+MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")  # a batch's fields every head reads
+
+
+def boxed_params(module: nn.Module, rng: Array, seq_len: int = 8) -> dict:
+  """Parameters of `module` boxed with their logical axes and kinds (`kinds.Declared`)."""
+  return module.init({"params": rng}, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+
 def init_params(module: nn.Module, rng: Array, seq_len: int = 8) -> dict:
   """Plain (unboxed) parameters of `module`."""
-  ids = jnp.zeros((1, seq_len), jnp.int32)
-  variables = module.init({"params": rng}, ids)
-  return nn.meta.unbox(variables["params"])
+  return nn.meta.unbox(boxed_params(module, rng, seq_len))
 
 
-def _abstract_boxed_params(module: nn.Module, seq_len: int = 8) -> dict:
-  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-  return jax.eval_shape(lambda i: module.init({"params": jax.random.key(0)}, i), ids)["params"]
+def abstract_boxed_params(module: nn.Module, seq_len: int = 8) -> dict:
+  """ShapeDtypeStructs of `boxed_params`, without computing anything."""
+  return jax.eval_shape(lambda: boxed_params(module, jax.random.key(0), seq_len))
 
 
 def logical_axes(module: nn.Module, seq_len: int = 8) -> dict:
   """The logical axis names of every parameter (a PartitionSpec pytree)."""
-  return nn.get_partition_spec(_abstract_boxed_params(module, seq_len))
+  return nn.get_partition_spec(abstract_boxed_params(module, seq_len))
 
 
 def param_kinds(module: nn.Module) -> dict:
   """What every parameter is (`kinds`: binary_weight, activation_scale, ...), as declared where made."""
-  return kinds.kinds_of(_abstract_boxed_params(module))
+  return kinds.kinds_of(abstract_boxed_params(module))
 
 
 def calibrate_alphas(module: nn.Module, params: dict, batch: dict) -> dict:
@@ -564,30 +570,37 @@ def calibrate_alphas(module: nn.Module, params: dict, batch: dict) -> dict:
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def init_student_from_teacher(student: nn.Module, teacher_params: dict, rng: Array) -> dict:
-  """Student params: the teacher's tensors where the names agree, fresh ones elsewhere.
+def merge_params(module: nn.Module, source: dict, rng: Array, complete: tuple = ()) -> dict:
+  """`module`'s params: the source's tensors where the names agree, fresh ones elsewhere. The one way
+  any run starts from other weights (a teacher, a pretraining checkpoint, another run).
 
   Either tree may be a bare encoder (`embeddings/encoder/pooler`) or have heads around a `bert`
   subtree; encoder tensors are matched below those prefixes, heads by their full names (a head the
-  student lacks is dropped). Fresh leaves are the student's own init (METHOD.md section 6):
-  estimators N(0, 0.02^2) with zero bias, move biases 0, alphas 1 (calibrate them before training),
-  the pooler's new LayerNorm 1/0, and any head the teacher lacks. Every encoder tensor of the
-  teacher must find its place, with the same shape.
+  model lacks is dropped). Fresh leaves are the model's own init (METHOD.md section 6): estimators
+  N(0, 0.02^2) with zero bias, move biases 0, alphas 1 (calibrate them before training), the pooler's
+  new LayerNorm 1/0, and any head the source lacks. Every encoder tensor of the source must find its
+  place, with the same shape (ValueError otherwise), and so must every leaf of the model below the
+  top-level names in `complete` (e.g. ("bert",): a finetuning start that keeps a trained encoder).
   """
-  params = init_params(student, rng)
+  params = init_params(module, rng)
   flat = flax.traverse_util.flatten_dict(params)
-  student_prefix = ("bert",) if "bert" in params else ()
-  teacher_prefix = ("bert",) if "bert" in teacher_params else ()
-  unplaced = []
-  for path, value in flax.traverse_util.flatten_dict(teacher_params).items():
-    is_encoder = path[:len(teacher_prefix)] == teacher_prefix
-    target = student_prefix + path[len(teacher_prefix):] if is_encoder else path
+  prefix = ("bert",) if "bert" in params else ()
+  source_prefix = ("bert",) if "bert" in source else ()
+  unplaced, placed = [], set()
+  for path, value in flax.traverse_util.flatten_dict(source).items():
+    is_encoder = path[:len(source_prefix)] == source_prefix
+    target = prefix + path[len(source_prefix):] if is_encoder else path
     if target in flat:
       if tuple(flat[target].shape) != tuple(value.shape):
-        raise ValueError(f"teacher {'/'.join(path)} has shape {value.shape}, student {flat[target].shape}")
+        raise ValueError(f"{'/'.join(path)} has shape {tuple(value.shape)}, the model needs "
+                         f"{tuple(flat[target].shape)}")
       flat[target] = value
+      placed.add(target)
     elif is_encoder:
       unplaced.append("/".join(path))
   if unplaced:
-    raise ValueError(f"{len(unplaced)} teacher tensors have no place in the student (first: {unplaced[0]})")
+    raise ValueError(f"{len(unplaced)} source tensors have no place in the model (first: {unplaced[0]})")
+  missing = ["/".join(p) for p in flat if p[0] in complete and p not in placed]
+  if missing:
+    raise ValueError(f"{len(missing)} tensors of the model are missing (first: {missing[0]})")
   return flax.traverse_util.unflatten_dict(flat)

@@ -295,7 +295,7 @@ def test_jit_agrees_with_eager():
 ])
 def test_student_from_teacher_takes_every_encoder_tensor(teacher_head, student_head):
   teacher = _randomized(_init(model.build(TEACHER, teacher_head), seed=3))
-  student = model.init_student_from_teacher(model.build(STUDENT, student_head), teacher, jax.random.key(0))
+  student = model.merge_params(model.build(STUDENT, student_head), teacher, jax.random.key(0))
   under = lambda tree: tree.get("bert", tree)
   teacher_flat = flax.traverse_util.flatten_dict(under(teacher))
   student_flat = flax.traverse_util.flatten_dict(under(student))
@@ -308,5 +308,14 @@ def test_student_from_teacher_takes_every_encoder_tensor(teacher_head, student_h
 def test_student_from_teacher_refuses_a_teacher_tensor_without_place():
   teacher = _init(model.build(TEACHER, "encoder"))
   teacher["encoder"]["layer"]["9"] = teacher["encoder"]["layer"]["0"]
-  with pytest.raises(ValueError, match="no place in the student.*encoder/layer/9"):
-    model.init_student_from_teacher(model.build(STUDENT), teacher, jax.random.key(0))
+  with pytest.raises(ValueError, match="no place in the model.*encoder/layer/9"):
+    model.merge_params(model.build(STUDENT), teacher, jax.random.key(0))
+
+
+def test_merge_params_with_complete_refuses_a_source_missing_a_kept_tensor():
+  source = _init(model.build(STUDENT, "pretraining"))
+  merged = model.merge_params(model.build(STUDENT, "classification"), source, jax.random.key(0), complete=("bert",))
+  np.testing.assert_array_equal(merged["bert"]["pooler"]["dense"]["kernel"], source["bert"]["pooler"]["dense"]["kernel"])
+  del source["bert"]["pooler"]
+  with pytest.raises(ValueError, match="tensors of the model are missing.*bert/pooler"):
+    model.merge_params(model.build(STUDENT, "classification"), source, jax.random.key(0), complete=("bert",))

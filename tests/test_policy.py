@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from bipft_jax import kinds, losses, optim, packed, packed_export, policy, summary, train
+from bipft_jax import kinds, losses, optim, packed, packed_export, policy, pretraining, summary
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 
@@ -90,10 +90,10 @@ def test_every_binarizer_trains_the_tiny_pretraining_student(files, name, probs)
   config = tiny_config(files, **{"model.linear_binarizer": name, "model.attention_prob_binarizer": probs,
                                  "model.hidden_size": 32, "model.num_heads": 2,
                                  "model.intermediate_size": 64})
-  student_config = train.student_config(config)
+  student_config = pretraining.student_config(config)
   student = model_lib.build(student_config, "pretraining")
   batch = first_batch(config, files)
-  params = train.calibrate(student_config, model_lib.init_params(student, jax.random.key(0)), batch)
+  params = model_lib.calibrate_alphas(student, model_lib.init_params(student, jax.random.key(0)), batch)
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=1e-2, warmup_steps=0, total_steps=10, schedule="constant", weight_decay=0.01,
       b1=0.9, b2=0.999, eps=1e-8)), model_lib.param_kinds(student))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bipft_jax import model as model_lib
-from bipft_jax import precision, train
+from bipft_jax import engine, precision, pretraining, sharding
 
 from test_train import files, first_batch, tiny_config  # noqa: F401  (files is a fixture)
 
@@ -168,16 +168,17 @@ def test_mixed_sign_products_keep_the_exact_forward_and_take_bf16_backward_produ
 
 def test_mixed_training_has_a_finite_falling_loss(files):  # noqa: F811
   config = tiny_config(files, **{"model.precision": "mixed", "optimizer.learning_rate": 3e-3})
-  teacher_config, teacher_params, _ = train.load_teacher(config)
-  mesh = train.sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  trainer = train.make_trainer(config, teacher_config, mesh)
-  assert trainer.student_config.precision == "mixed"
-  teacher = train.put_global(teacher_params, trainer.teacher_shardings)
-  batch = train.global_batch(first_batch(config, files), trainer.batch_sharding)
-  state = trainer.init_state(teacher, batch)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  rules = sharding.rules_from_config(config.mesh.rules)
+  job = pretraining.distillation_job(config, mesh, rules)
+  assert job.model_config.precision == "mixed"
+  run = engine.Engine(job, mesh, rules, seed=config.seed)
+  teacher = run.place_frozen()
+  batch = run.global_batch(first_batch(config, files))
+  state = run.new_state(job.source(), batch)
   losses = []
   for step in range(8):
-    state, metrics = trainer.train_step(state, teacher, batch, step)
+    state, metrics = run.train_step(state, teacher, batch, step)
     losses.append(float(metrics["total_loss"]))
   assert np.all(np.isfinite(losses)), losses
   assert losses[-1] < 0.8 * losses[0], losses

@@ -118,7 +118,7 @@ def test_release_state_round_trips_bit_for_bit(student_init, init_state):
 
 
 def test_student_from_teacher_by_tree_merge(student, teacher_params):
-  params = model.init_student_from_teacher(student, teacher_params, jax.random.key(1))
+  params = model.merge_params(student, teacher_params, jax.random.key(1))
   ours = pytorch_io.to_torch_state(params)
   teacher_state = _load("teacher.safetensors")
   for name, value in teacher_state.items():

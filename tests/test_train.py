@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from bipft_jax import checkpointing, cli, config_loading, losses, sharding, train
+from bipft_jax import checkpointing, cli, config_loading, engine, losses, pretraining, pytorch_io, sharding, train
 from bipft_jax import model as model_lib
 from bipft_jax.data import pipeline, sources
 
@@ -44,7 +44,7 @@ def tiny_config(files, **extra):
 
 
 def first_batch(config, files) -> dict:
-  tokenizer = train.pytorch_io.load_tokenizer(files["vocab"])
+  tokenizer = pytorch_io.load_tokenizer(files["vocab"])
   data = pipeline.PretrainingData(sources.open_source(config.data, "train"), tokenizer, config.data,
                                   batch_size=config.batch_size, seed=0)
   return next(data)
@@ -52,7 +52,7 @@ def first_batch(config, files) -> dict:
 
 def test_mlm_at_masked_positions_equals_all_positions(files):
   config = tiny_config(files)
-  student_config = train.student_config(config)
+  student_config = pretraining.student_config(config)
   student = model_lib.build(student_config, "pretraining")
   params = model_lib.init_params(student, jax.random.key(0))
   batch = first_batch(config, files)
@@ -73,14 +73,16 @@ def test_mlm_at_masked_positions_equals_all_positions(files):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def _two_steps(config, teacher_config, teacher_params, mesh, batches):
-  trainer = train.make_trainer(config, teacher_config, mesh)
-  teacher = train.put_global(teacher_params, trainer.teacher_shardings)
-  global_batches = [train.global_batch(b, trainer.batch_sharding) for b in batches]
-  state = trainer.init_state(teacher, global_batches[0])
+def _two_steps(config, mesh, batches):
+  rules = sharding.rules_from_config(config.mesh.rules)
+  job = pretraining.distillation_job(config, mesh, rules)
+  run = engine.Engine(job, mesh, rules, seed=config.seed, grad_accum_steps=config.grad_accum_steps)
+  teacher = run.place_frozen()
+  global_batches = [run.global_batch(b) for b in batches]
+  state = run.new_state(job.source(), global_batches[0])
   losses_ = []
   for step, batch in enumerate(global_batches):
-    state, metrics = trainer.train_step(state, teacher, batch, step)
+    state, metrics = run.train_step(state, teacher, batch, step)
     losses_.append(float(metrics["total_loss"]))
   return jax.device_get(state["params"]), losses_, state
 
@@ -88,14 +90,11 @@ def _two_steps(config, teacher_config, teacher_params, mesh, batches):
 @pytest.mark.parametrize("accum, shape", [(1, {"data": -1}), (2, {"data": 2, "fsdp": 2, "tensor": 2})])
 def test_sharded_step_equals_single_device(files, accum, shape):
   config = tiny_config(files, grad_accum_steps=accum)
-  teacher_config, teacher_params, _ = train.load_teacher(config)
   batch = first_batch(config, files)
   batches = [batch, jax.tree.map(lambda x: np.roll(x, 1, axis=0), batch)]
-  single, single_losses, _ = _two_steps(config, teacher_config, teacher_params,
-                                        sharding.make_mesh({"data": 1}, jax.devices()[:1]), batches)
+  single, single_losses, _ = _two_steps(config, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batches)
   config.mesh.shape = shape
-  sharded, sharded_losses, state = _two_steps(config, teacher_config, teacher_params, sharding.make_mesh(shape),
-                                              batches)
+  sharded, sharded_losses, state = _two_steps(config, sharding.make_mesh(shape), batches)
   assert len(jax.tree.leaves(state["params"])[0].sharding.device_set) == 8
   np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):

@@ -1,0 +1,415 @@
+"""The run engine: pretraining and finetuning are two jobs driven by one loop.
+
+A job (`Job`) supplies its parts: the model and optimizer, the loss, its batches, where its
+parameters come from when the run is new, and an evaluator `evaluate(params) -> dict`. The engine
+owns the rest, the same for every job:
+- the train state {params, opt_state} and its shardings, derived from the parameters' logical axes
+  with `jax.eval_shape` (as flax's lm1b example and MaxText do: the optimizer state inherits them);
+- one jitted step with the state donated; its metrics are fetched one step late, so the host never
+  waits for the step it has just dispatched;
+- the start: the newest intact checkpoint of the workdir (parameters, optimizer, data position),
+  else the job's source merged into the model by ONE function (`model.merge_params`), whose
+  activation scales are calibrated by ONE rule (`needs_calibration`: a binary model whose scales
+  are all still at their initial 1);
+- orbax checkpoints every `checkpoint_every` steps and at the end, a save on SIGTERM, and the NaN
+  stop: a non-finite loss or state ends the run before anything non-finite is saved;
+- multi-host start-up (`start`) and one metrics writer (metrics.jsonl + TensorBoard).
+"""
+import dataclasses
+import functools
+import queue
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bipft_jax import checkpointing, distributed, kinds, sharding
+from bipft_jax import model as model_lib
+from bipft_jax.errors import UserError
+from bipft_jax.metrics_writer import MetricsWriter
+
+
+def start(config) -> None:
+  """Multi-host start-up, before any JAX computation, and the persistent compilation cache (reruns
+  and resumes skip XLA compilation)."""
+  distributed.initialize(config)
+  if not jax.config.jax_compilation_cache_dir:
+    from bipft_jax import assets
+    jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shardings
+
+
+def _boxed_shardings(abstract_boxed: Any, mesh, rules) -> Any:
+  """A NamedSharding per leaf: a logically partitioned leaf from its axis names, anything else
+  (step counts, scalars) replicated."""
+  def pick(leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, sharding.spec_for(leaf.value.shape, PartitionSpec(*leaf.names), mesh, rules))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(pick, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def param_shardings(module: nn.Module, mesh, rules) -> Any:
+  """The shardings of `module`'s parameters on `mesh` under `rules`."""
+  return _boxed_shardings(model_lib.abstract_boxed_params(module), mesh, rules)
+
+
+def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh, rules) -> dict:
+  """Shardings of {params, opt_state}: the optimizer is initialised on the boxed parameters under
+  `eval_shape`, so its moments carry the parameters' logical axes (nothing matched by name)."""
+  abstract = jax.eval_shape(lambda: (lambda boxed: {"params": boxed, "opt_state": tx.init(boxed)})(
+      model_lib.boxed_params(module, jax.random.key(0))))
+  return _boxed_shardings(abstract, mesh, rules)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Host arrays (the same on every host) placed onto global shardings."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
+                      tree, shardings)
+
+
+def global_batch(local_batch: dict, batch_sharding: NamedSharding) -> dict:
+  """Each host's rows assembled into global arrays split over the mesh."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local_batch)
+
+
+def host_rows(batch: dict) -> dict:
+  """This host's equal share of a batch every host holds whole (its rows in process order)."""
+  count, index = jax.process_count(), jax.process_index()
+  return jax.tree.map(lambda x: np.split(np.asarray(x), count)[index], batch)
+
+
+def needs_calibration(params: Any, param_kinds: Any) -> bool:
+  """Whether the activation scales are all still at their initial 1 (never calibrated nor trained):
+  the one rule, for every start, that decides whether to calibrate them on the first batch."""
+  flat = flax.traverse_util.flatten_dict(params)
+  alphas = [flat[path] for path in kinds.paths_of_kind(param_kinds, kinds.ACTIVATION_SCALE)]
+  return bool(alphas) and all(np.all(np.asarray(jax.device_get(a)) == 1.0) for a in alphas)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a job supplies
+
+
+@dataclasses.dataclass
+class Job:
+  """The parts of one training job.
+
+  `loss_fn(params, frozen, batch, key) -> (loss, metrics)` is traced inside the step (`frozen`: the
+  job's fixed inputs on the mesh, e.g. a teacher's parameters); `metrics[loss_key]` is the loss the
+  NaN stop and the progress bar read. `batches(step, data_state)` yields (this host's rows of a
+  batch, the data state after it) from `step` on (`data_state`: what `checkpoint_state` saved, None
+  for a new run). `source()` gives the parameters of a new run (host arrays; merged into the model).
+  `evaluate(params) -> dict` scores the parameters; `after_evaluation(step, params, scores)` lets the
+  job keep what it needs (the best epoch); `checkpoint_state(data_state)` is the JSON saved with a
+  checkpoint (a collective: every host calls it).
+  """
+  name: str
+  module: nn.Module
+  model_config: model_lib.BertConfig
+  head: str
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  loss_fn: Callable
+  loss_key: str
+  batches: Callable[[int, Optional[dict]], Iterator]
+  source: Callable[[], Any]
+  evaluate: Callable[[Any], dict]
+  run_config: dict
+  frozen: Any = None
+  frozen_module: Optional[nn.Module] = None
+  merge_complete: tuple = ()          # subtrees the source must fill whole (`model.merge_params`)
+  after_evaluation: Callable = lambda step, params, scores: None
+  checkpoint_state: Callable[[Any], dict] = lambda data_state: data_state
+  describe: Callable[[int, dict], str] = lambda step, scores: f"step {step}: {scores}"
+
+
+@dataclasses.dataclass
+class Schedule:
+  """When the loop logs, evaluates and saves (steps; evaluation and a save also at the end)."""
+  total_steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  keep_checkpoints: Optional[int] = 3
+  evaluate_at_start: bool = True
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+
+
+def make_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int,
+              accum: int = 1) -> Callable:
+  """(state, frozen, batch, step) -> (state, metrics); state = {params, opt_state}.
+
+  The batch is split into `accum` micro-batches (example i goes to micro-batch i % accum, so each
+  device keeps its own examples); their gradients are averaged. The dropout key is the seed folded
+  with the step: a resumed run draws what the uninterrupted one would.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, frozen, batch, step):
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    params = state["params"]
+    if accum == 1:
+      (_, metrics), grads = grad_fn(params, frozen, batch, key)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def accumulate(total, inputs):
+        micro_batch, i = inputs
+        (_, metrics), grads = grad_fn(params, frozen, micro_batch, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, total, (grads, metrics)), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: (params, grad_fn(params, frozen, first, key)[0][1])))
+      (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum)))
+      grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["learning_rate"] = schedule(step)
+    state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+    metrics["state_finite"] = checkpointing.all_finite(state)  # fetched with the metrics: no extra sync
+    return state, metrics
+
+  return train_step
+
+
+class Engine:
+  """One job's state, shardings and jitted functions on one mesh."""
+
+  def __init__(self, job: Job, mesh: jax.sharding.Mesh, rules: tuple, *, seed: int, grad_accum_steps: int = 1):
+    self.job, self.mesh, self.rules, self.seed = job, mesh, rules, seed
+    self.state_shardings = state_shardings(job.module, job.tx, mesh, rules)
+    self.frozen_shardings = (param_shardings(job.frozen_module, mesh, rules) if job.frozen_module is not None
+                             else None)
+    self.batch_sharding = sharding.batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params_sh = self.state_shardings["params"]
+    step = make_step(job.loss_fn, job.tx, job.schedule, seed, grad_accum_steps)
+    self._train_step = jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
+                                                   self.batch_sharding, replicated),
+                               out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    merge = functools.partial(model_lib.merge_params, job.module, complete=job.merge_complete)
+    self._merge = jax.jit(merge, out_shardings=params_sh)
+    self._calibrate = jax.jit(functools.partial(model_lib.calibrate_alphas, job.module), out_shardings=params_sh)
+    self._init_opt = jax.jit(job.tx.init, out_shardings=self.state_shardings["opt_state"])
+
+  def on_mesh(self, fn: Callable, *args):
+    """`fn(*args)` traced under the mesh and rules (the model's activation constraints need both)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return fn(*args)
+
+  def place_frozen(self) -> Any:
+    return None if self.job.frozen is None else put_global(self.job.frozen, self.frozen_shardings)
+
+  def new_state(self, source_params: Any, first_batch: Optional[dict]) -> dict:
+    """Params merged from `source_params` (fresh leaves where it has none), the activation scales
+    calibrated on `first_batch` if `needs_calibration`, a fresh optimizer state."""
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    source = put_global(jax.device_get(source_params), jax.tree.map(lambda _: replicated, source_params))
+    try:
+      params = self.on_mesh(self._merge, source, jax.random.key(self.seed))
+    except ValueError as e:
+      raise UserError(f"the initial parameters do not fit the model: {e}") from None
+    if first_batch is not None and needs_calibration(params, model_lib.param_kinds(self.job.module)):
+      params = self.on_mesh(self._calibrate, params, {k: first_batch[k] for k in model_lib.MODEL_INPUTS})
+      distributed.log(f"bipft {self.job.name}: activation scales calibrated on the first training batch")
+    return {"params": params, "opt_state": self.on_mesh(self._init_opt, params)}
+
+  def abstract_state(self) -> dict:
+    """ShapeDtypeStructs of the train state on its shardings (the target of a restore)."""
+    tx, module = self.job.tx, self.job.module
+    shapes = jax.eval_shape(lambda: (lambda p: {"params": p, "opt_state": tx.init(p)})(
+        model_lib.init_params(module, jax.random.key(0))))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        self.state_shardings)
+
+  def train_step(self, state: dict, frozen: Any, batch: dict, step: int) -> tuple:
+    return self.on_mesh(self._train_step, state, frozen, batch, jnp.int32(step))
+
+  def global_batch(self, local_batch: dict) -> dict:
+    return global_batch(local_batch, self.batch_sharding)
+
+  def fit(self, workdir: str, schedule: Schedule) -> dict:
+    """Runs (or resumes) the job in `workdir` to `schedule.total_steps`.
+
+    Returns {"step", "metrics" (the last logged), "start" and "final" (evaluations), "params"} or,
+    after a SIGTERM save, {"step", "terminated": True}."""
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
+    manager = checkpointing.make_manager(workdir, max_to_keep=schedule.keep_checkpoints)
+    try:
+      state, step, batches = self._start(workdir, manager)
+      return _Loop(self, workdir, manager, schedule).run(state, step, batches)
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+
+  def _start(self, workdir: str, manager) -> tuple:
+    """(state, first step, batches): the newest intact checkpoint, else a new state from the source."""
+    resumed = checkpointing.restore_newest_intact(manager, self.abstract_state())
+    if resumed is not None:
+      step, restored, skipped = resumed
+      for error in skipped:
+        distributed.log(f"bipft {self.job.name}: skipped step {error.step}, {error.reason}; "
+                        f"moved it to {error.moved_to}")
+      distributed.log(f"bipft {self.job.name}: resuming {workdir} from step {step}")
+      state = {"params": restored["params"], "opt_state": restored["opt_state"]}
+      return state, step, self.job.batches(step, restored.get("data"))
+    batches = self.job.batches(0, None)
+    first = next(batches)
+    state = self.new_state(self.job.source(), self.global_batch(first[0]))
+    return state, 0, _prepend(first, batches)
+
+
+def _prepend(first, rest: Iterator) -> Iterator:
+  yield first
+  yield from rest
+
+
+class Prefetch:
+  """Items of an iterator made in a background thread, so data preparation overlaps the steps."""
+
+  def __init__(self, items: Iterator, size: int = 2):
+    self.items, self.queue, self.stopped = items, queue.Queue(size), threading.Event()
+    threading.Thread(target=self._fill, daemon=True).start()
+
+  def _fill(self):
+    try:
+      for item in self.items:
+        while not self.stopped.is_set():
+          try:
+            self.queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            pass
+        if self.stopped.is_set():
+          return
+      self.queue.put(StopIteration())
+    except Exception as e:  # handed to the training thread, which raises it
+      self.queue.put(e)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item = self.queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    self.stopped.set()
+
+
+class _Loop:
+  """The steps of one `Engine.fit` call, with logging, evaluation, checkpoints, SIGTERM and NaN stop."""
+
+  def __init__(self, engine: Engine, workdir: str, manager, schedule: Schedule):
+    self.engine, self.job, self.workdir, self.manager, self.schedule = engine, engine.job, workdir, manager, schedule
+    self.record = checkpointing.config_record(self.job.model_config, self.job.head, self.job.run_config)
+    self.logged = {}
+
+  def run(self, state: dict, step: int, batches: Iterator) -> dict:
+    from tqdm import tqdm
+    job, schedule = self.job, self.schedule
+    frozen = self.engine.place_frozen()
+    writer, prefetch = MetricsWriter(self.workdir), Prefetch(batches)
+    terminated = threading.Event()
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
+    self.bar = tqdm(total=schedule.total_steps, initial=step, desc=job.name, disable=not distributed.is_primary(),
+                    dynamic_ncols=True)
+    self.writer = writer
+    start = final = self._evaluate(step, state["params"]) if schedule.evaluate_at_start else None
+    self.reported_at = time.perf_counter()
+    pending, data_state = None, None
+    try:
+      while step < schedule.total_steps:
+        batch, data_state = next(prefetch)
+        tokens = int(np.sum(batch["attention_mask"])) * jax.process_count()
+        state, metrics = self.engine.train_step(state, frozen, self.engine.global_batch(batch), step)
+        if pending:
+          self._report(*pending)  # the previous step's metrics: computed by now
+        step += 1
+        pending = (step, metrics, tokens)
+        last = step == schedule.total_steps
+        save = step % schedule.checkpoint_every == 0 or last or terminated.is_set()
+        evaluate = step % schedule.eval_every == 0 or last
+        if save or evaluate or step % schedule.log_every == 0:
+          self._report(*pending)
+          pending = None
+        if evaluate:
+          final = self._evaluate(step, state["params"])
+        if save:
+          checkpointing.save(self.manager, step, params=state["params"], opt_state=state["opt_state"],
+                             data_state=job.checkpoint_state(data_state), config=self.record)
+        if terminated.is_set():
+          self.manager.wait_until_finished()
+          self.bar.write(f"bipft {job.name}: SIGTERM: saved step {step} to {self.workdir}; rerun the command "
+                         "to resume")
+          return {"step": step, "terminated": True}
+      if pending:
+        self._report(*pending)
+    finally:
+      self.bar.close()
+      prefetch.close()
+      writer.close()
+      signal.signal(signal.SIGTERM, previous_handler)
+    return {"step": step, "metrics": self.logged, "start": start, "final": final, "params": state["params"]}
+
+  def _report(self, step: int, metrics: dict, tokens: int) -> None:
+    """Fetches a step's metrics, stops on a non-finite loss or state, logs every `log_every`."""
+    metrics = jax.device_get(metrics)
+    loss, finite = float(metrics[self.job.loss_key]), bool(metrics.pop("state_finite"))
+    if not (np.isfinite(loss) and finite):  # checked every step, so nothing non-finite is ever saved
+      self.bar.close()  # the bar's last line before the error, not after it
+      raise UserError(diverged(self.manager, step - 1, loss, self.workdir))
+    now = time.perf_counter()
+    seconds, self.reported_at = now - self.reported_at, now  # steps run back to back: one step's time
+    self.bar.update(step - self.bar.n)
+    self.bar.set_postfix(loss=f"{loss:.4f}")
+    if step % self.schedule.log_every == 0 or step == self.schedule.total_steps:
+      self.logged = {k: float(v) for k, v in metrics.items()}
+      self.logged["tokens_per_second"] = tokens / max(seconds, 1e-9)
+      self.writer.write(step, self.logged)
+
+  def _evaluate(self, step: int, params) -> dict:
+    scores = self.job.evaluate(params)
+    self.writer.write(step, scores)
+    if distributed.is_primary():
+      self.bar.write(f"bipft {self.job.name}: {self.job.describe(step, scores)}")
+    self.job.after_evaluation(step, params, scores)
+    return scores
+
+
+def diverged(manager, step: int, loss: float, workdir: str) -> str:
+  """The error of a run whose loss or updated parameters are not finite at `step` (nothing saved).
+
+  A checkpoint of step `step` holds the very parameters that gave a non-finite loss: it is set
+  aside as `STEP.diverged`, so that the error names, and a rerun resumes from, the one before."""
+  what, aside = f"the loss is {loss}", ""
+  if np.isfinite(loss):
+    what = "the update made the parameters non-finite"
+  elif manager.latest_step() == step:
+    manager.wait_until_finished()
+    moved = checkpointing.set_aside(manager, step, "diverged")
+    aside = f" (step {step}, whose parameters gave this loss, moved to {moved})"
+  newest, stopped = manager.latest_step(), f"{what} at step {step}; stopped without saving{aside}."
+  if newest is None:
+    return f"{stopped} There is no checkpoint in {workdir}: lower optimizer.learning_rate or check the data"
+  return (f"{stopped} The newest finite checkpoint is step {newest} in {workdir}: lower "
+          "optimizer.learning_rate or check the data, then rerun to resume from it")

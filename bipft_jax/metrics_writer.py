@@ -1,0 +1,59 @@
+"""The runs' one metrics writer: WORKDIR/metrics.jsonl and TensorBoard scalars (WORKDIR/tensorboard).
+
+Process 0 writes; other hosts' writers do nothing. Records may nest (a finetuning epoch's
+{"dev": {"dev_matched": {"accuracy": ...}}}): metrics.jsonl keeps them as they are, TensorBoard gets
+every number under its path joined by "/". Object stores (gs://) cannot append to a file, so there
+metrics.jsonl is rewritten whole on every record; local files are appended to.
+"""
+import json
+import os
+from numbers import Number
+
+from etils import epath
+
+from bipft_jax import distributed
+
+
+def _scalars(record: dict, prefix: str = "") -> dict:
+  """The numbers of a (nested) record by their "/"-joined paths."""
+  out = {}
+  for key, value in record.items():
+    if isinstance(value, dict):
+      out.update(_scalars(value, f"{prefix}{key}/"))
+    elif isinstance(value, Number) and not isinstance(value, bool):
+      out[f"{prefix}{key}"] = float(value)
+  return out
+
+
+class MetricsWriter:
+  """Appends one JSON record per call to metrics.jsonl and its numbers to TensorBoard."""
+
+  def __init__(self, workdir: str):
+    self.active = distributed.is_primary()
+    if self.active:
+      from tensorboardX import SummaryWriter
+      self.path = epath.Path(workdir) / "metrics.jsonl"
+      self.rewrite = "://" in workdir
+      self.text = self.path.read_text() if self.rewrite and self.path.exists() else ""
+      self.jsonl = None if self.rewrite else open(self.path, "a")
+      self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, record: dict) -> None:
+    if not self.active:
+      return
+    line = json.dumps({"step": step, **record}) + "\n"
+    if self.rewrite:
+      self.text += line
+      self.path.write_text(self.text)
+    else:
+      self.jsonl.write(line)
+      self.jsonl.flush()
+    for name, value in _scalars(record).items():
+      self.tensorboard.add_scalar(name, value, step)
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    if self.active:
+      if self.jsonl:
+        self.jsonl.close()
+      self.tensorboard.close()

@@ -1,0 +1,215 @@
+"""Pretraining's parts (METHOD.md section 6): the frozen teacher, the student, the distillation
+loss and the held-out MLM evaluator. `bipft pretrain` (train.py) hands them to the run engine;
+`bipft evaluate` scores checkpoints with the same evaluator.
+"""
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bipft_jax import engine, losses, optim, pytorch_io, sharding
+from bipft_jax import model as model_lib
+from bipft_jax.data import hosts, sources
+from bipft_jax.errors import UserError
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size")
+
+
+def add_arguments(parser) -> None:
+  config_loading.add_config_argument(parser, default="configs/pretrain.py:demo")
+  parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard logs; "
+                      "an existing workdir is resumed from its latest checkpoint")
+  parser.add_argument("--init_from", default=None,
+                      help="start from the parameters of this checkpoint (a workdir or step folder)")
+
+
+def run(args) -> int:
+  config = config_loading.load_config(args.config, args.config_overrides)
+  config_checks.check_pretrain(config)
+  files.check_writable_dir(args.workdir, "--workdir")
+  distributed.initialize(config)  # before any JAX computation
+  if not jax.config.jax_compilation_cache_dir:  # reruns and resumes skip XLA compilation
+    from bipft_jax import assets
+    jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation"))
+  train_and_evaluate(config, args.workdir, init_from=args.init_from)
+  return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def tokenizer_folder(config) -> str:
+  """The folder of the student's tokenizer: `config.tokenizer`, else the teacher's."""
+  if config.tokenizer:
+    return config.tokenizer
+  if not config.teacher.path:
+    raise UserError("a random teacher (teacher.path='') needs --config.tokenizer=FOLDER with a vocab.txt")
+  return _teacher_folder(config)
+
+
+def _teacher_folder(config) -> str:
+  if config.teacher.path == "minilm":
+    from bipft_jax import assets
+    return str(assets.minilm_dir())
+  return config.teacher.path
+
+
+def load_teacher(config) -> tuple:
+  """(teacher config, teacher params as numpy, tokenizer folder) from `config.teacher`."""
+  head = "pretraining" if config.loss.nsp_distill else "encoder"
+  tokenizer = tokenizer_folder(config)
+  if config.teacher.path:
+    teacher_config, params = pytorch_io.load_pretrained(_teacher_folder(config), head)
+    return teacher_config, jax.device_get(params), tokenizer
+  teacher_config = dataclasses.replace(student_config(config), binary=False, mlm_transform_act="gelu")
+  params = model_lib.init_params(model_lib.build(teacher_config, head), jax.random.key(config.seed + 1))
+  return teacher_config, jax.device_get(params), tokenizer
+
+
+def student_config(config, teacher_config: Optional[model_lib.BertConfig] = None) -> model_lib.BertConfig:
+  try:
+    student = model_lib.BertConfig.from_dict(config.model)
+  except (TypeError, ValueError) as e:
+    raise UserError(f"bad model config: {e}") from None
+  if teacher_config is not None:
+    differ = {f: (getattr(student, f), getattr(teacher_config, f)) for f in SHAPE_FIELDS
+              if getattr(student, f) != getattr(teacher_config, f)}
+    if differ:
+      raise UserError(f"the student's shape differs from the teacher's (student, teacher): {differ}; "
+                      "set --config.model.FIELD to the teacher's values")
+  return student
+
+
+def teacher_outputs(teacher: nn.Module, params, batch: dict, dropout: bool, key) -> dict:
+  """The frozen teacher's hidden states (and NSP logits when it has the head; no MLM decoder)."""
+  kwargs = {}
+  if isinstance(teacher, model_lib.BertForPreTraining):  # the MLM decoder at one position: unused
+    kwargs["mlm_positions_BxN"] = jnp.zeros((batch["input_ids"].shape[0], 1), jnp.int32)
+  out = teacher.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                      deterministic=not dropout, rngs={"dropout": key}, **kwargs)
+  return jax.lax.stop_gradient(out)
+
+
+def masked_accuracy(mlm_logits_BxNxV, mlm_labels_BxN) -> tuple:
+  """(correct, counted) MLM predictions at positions with a label."""
+  valid_BxN = mlm_labels_BxN != losses.IGNORE_INDEX
+  correct_BxN = (jnp.argmax(mlm_logits_BxNxV, axis=-1) == mlm_labels_BxN) & valid_BxN
+  return jnp.sum(correct_BxN), jnp.sum(valid_BxN)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and evaluation
+
+
+def student_loss(student: nn.Module, config, params, teacher_out: dict, batch: dict, key) -> tuple:
+  """(loss, metrics) of the student's training forward against the teacher's outputs."""
+  student_out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
+                              batch["attention_mask"], mlm_positions_BxN=batch["mlm_positions"],
+                              deterministic=False, detach_heads=config.loss.detach_heads,
+                              rngs={"dropout": key})
+  loss, metrics = losses.distillation_loss(
+      student_out, teacher_out, batch, nsp_distill=config.loss.nsp_distill,
+      mask_padding_in_mse=config.loss.mask_padding_in_mse, mlm_labels=batch["mlm_labels"])
+  correct, counted = masked_accuracy(student_out["mlm_logits"], batch["mlm_labels"])
+  metrics = {k: v for k, v in metrics.items() if k != "rep_dist_layerwise"}
+  metrics["mlm_accuracy"] = correct / jnp.maximum(counted, 1)
+  return loss, metrics
+
+
+def mlm_evaluator(student: nn.Module, batches: list, mesh, rules, params_shardings):
+  """evaluate(params) -> {eval_mlm_accuracy, eval_mlm_loss} over the held-out `batches` (global arrays),
+  deterministic: what `bipft pretrain` logs and `bipft evaluate` prints."""
+  def eval_step(params, batch):
+    out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                        mlm_positions_BxN=batch["mlm_positions"], deterministic=True)
+    correct, counted = masked_accuracy(out["mlm_logits"], batch["mlm_labels"])
+    return correct, counted, losses.cross_entropy(out["mlm_logits"], batch["mlm_labels"]) * counted
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  step = jax.jit(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh, rules)),
+                 out_shardings=replicated)
+
+  def evaluate(params) -> dict:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      correct, counted, nll = np.sum([jax.device_get(step(params, b)) for b in batches], axis=0)
+    return {"eval_mlm_accuracy": float(correct / max(counted, 1)), "eval_mlm_loss": float(nll / max(counted, 1))}
+  return evaluate
+
+
+def held_out_batches(config, tokenizer, batch_sharding: NamedSharding) -> list:
+  """The fixed held-out batches (global arrays) the run measures its MLM accuracy on."""
+  return [engine.global_batch(b, batch_sharding) for b in hosts.fixed_batches(
+      sources.open_source(config.data, "eval"), tokenizer, config.data, global_batch_size=config.eval_batch_size,
+      num_batches=config.eval_batches, seed=config.seed + 1)]
+
+
+def describe(step: int, evaluation: dict) -> str:
+  """One line for an `mlm_evaluator` result at `step`."""
+  return (f"held-out MLM accuracy at step {step}: {evaluation['eval_mlm_accuracy']:.4f} "
+          f"(cross entropy {evaluation['eval_mlm_loss']:.3f})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def _check_batch_sizes(config, divisor: int) -> None:
+  hosts_, accum = jax.process_count(), config.grad_accum_steps
+  if accum < 1 or config.batch_size % (accum * divisor) or config.batch_size % hosts_:
+    raise UserError(f"batch_size {config.batch_size} must be a multiple of grad_accum_steps ({accum}) "
+                    f"times the {divisor} batch shards of the mesh, and of the {hosts_} hosts")
+  if config.eval_batch_size % divisor or config.eval_batch_size % hosts_:
+    raise UserError(f"eval_batch_size {config.eval_batch_size} must be a multiple of the {divisor} batch "
+                    f"shards and the {hosts_} hosts")
+
+
+def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> engine.Job:
+  """Pretraining for the run engine: the student distilled from the frozen teacher on the corpus,
+  starting (in a new workdir) from `init_from`'s parameters, else from the teacher's."""
+  optim.learning_rate_schedule(config.optimizer)  # a bad optimizer config fails before anything is loaded
+  teacher_config, teacher_params, tokenizer_dir = load_teacher(config)
+  student_cfg = student_config(config, teacher_config)
+  if config.data.max_seq_length > student_cfg.max_position_embeddings:
+    raise UserError(f"data.max_seq_length {config.data.max_seq_length} exceeds the model's "
+                    f"{student_cfg.max_position_embeddings} positions")
+  _check_batch_sizes(config, sharding.batch_divisor(mesh, rules))
+  student = model_lib.build(student_cfg, "pretraining")
+  # The precision policy covers the teacher too.
+  teacher = model_lib.build(dataclasses.replace(teacher_config, precision=student_cfg.precision),
+                            "pretraining" if config.loss.nsp_distill else "encoder")
+  tokenizer = pytorch_io.load_tokenizer(tokenizer_dir, student_cfg.vocab_size,
+                                        fix="set --config.model.vocab_size or --config.tokenizer")
+  held_out = held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
+
+  def loss_fn(params, teacher_params_, batch, key):
+    teacher_key, student_key = jax.random.split(key)
+    teacher_out = teacher_outputs(teacher, teacher_params_, batch, config.teacher.dropout, teacher_key)
+    return student_loss(student, config, params, teacher_out, batch, student_key)
+
+  def batches(step: int, data_state: Optional[dict]):
+    data = hosts.HostData(sources.open_source(config.data, "train"), tokenizer, config.data,
+                          global_batch_size=config.batch_size, seed=config.seed)
+    if data_state is not None:
+      data.restore(data_state)
+    while True:
+      yield next(data), data.state()
+
+  def source():
+    if init_from:
+      from bipft_jax import checkpointing
+      return checkpointing.restore_params(init_from)[2]
+    return teacher_params
+
+  return engine.Job(
+      name="pretrain", module=student, model_config=student_cfg, head="pretraining",
+      tx=optim.make_optimizer(config.optimizer, model_lib.param_kinds(student)),
+      schedule=optim.learning_rate_schedule(config.optimizer), loss_fn=loss_fn, loss_key="total_loss",
+      batches=batches, source=source, run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher,
+      evaluate=mlm_evaluator(student, held_out, mesh, rules, engine.param_shardings(student, mesh, rules)),
+      checkpoint_state=hosts.global_state, describe=describe)
