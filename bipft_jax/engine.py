@@ -245,13 +245,14 @@ class Engine:
   def global_batch(self, local_batch: dict) -> dict:
     return global_batch(local_batch, self.batch_sharding)
 
-  def fit(self, workdir: str, schedule: Schedule) -> dict:
-    """Runs (or resumes) the job in `workdir` to `schedule.total_steps`.
+  def fit(self, workdir: str, schedule: Schedule, checkpoint_dir: Optional[str] = None) -> dict:
+    """Runs (or resumes) the job in `workdir` (metrics; checkpoints too, unless `checkpoint_dir`) to
+    `schedule.total_steps`.
 
     Returns {"step", "metrics" (the last logged), "start" and "final" (evaluations), "params"} or,
     after a SIGTERM save, {"step", "terminated": True}."""
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
-    manager = checkpointing.make_manager(workdir, max_to_keep=schedule.keep_checkpoints)
+    manager = checkpointing.make_manager(checkpoint_dir or workdir, max_to_keep=schedule.keep_checkpoints)
     try:
       state, step, batches = self._start(workdir, manager)
       return _Loop(self, workdir, manager, schedule).run(state, step, batches)
@@ -377,7 +378,7 @@ class _Loop:
     loss, finite = float(metrics[self.job.loss_key]), bool(metrics.pop("state_finite"))
     if not (np.isfinite(loss) and finite):  # checked every step, so nothing non-finite is ever saved
       self.bar.close()  # the bar's last line before the error, not after it
-      raise UserError(diverged(self.manager, step - 1, loss, self.workdir))
+      raise UserError(diverged(self.manager, step - 1, loss, str(self.manager.directory)))
     now = time.perf_counter()
     seconds, self.reported_at = now - self.reported_at, now  # steps run back to back: one step's time
     self.bar.update(step - self.bar.n)

@@ -16,8 +16,9 @@ import numpy as np
 from tqdm import tqdm
 
 from bipft_jax import config_checks, config_loading, files, pytorch_io
+from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
-from bipft_jax.glue import finetune, tasks
+from bipft_jax.glue import predictions, splits, tasks
 from bipft_jax.glue import metrics as metrics_lib
 
 
@@ -56,11 +57,11 @@ def load_classifier(directory: str, task: tasks.Task):
 
 
 def torch_predict_step(model, progress=None):
-  """A `predict_step(params, batch) -> logits` for `finetune.predict`, run by PyTorch."""
+  """A `predict_step(params, batch) -> logits` for `predictions.predict`, run by PyTorch."""
   import torch
 
   def predict_step(_, batch):
-    inputs = {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in finetune.MODEL_INPUTS}
+    inputs = {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in model_lib.MODEL_INPUTS}
     with torch.no_grad():
       logits = model(**inputs).logits.float().numpy()
     if progress is not None:
@@ -73,15 +74,15 @@ def evaluate(config, model_dir: str) -> dict:
   """split -> {"metrics": {...}, "ids": [...], "predictions": array} for every dev split of the task."""
   task = tasks.get_task(config.task)
   model = load_classifier(model_dir, task)
-  finetune.check_max_length(config, model.config)
-  tokenizer = finetune.load_tokenizer(config, model_dir, model.config)
+  splits.check_max_length(config, model.config)
+  tokenizer = splits.load_tokenizer(config, model_dir, model.config)
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)
   results = {}
   for name, split in tasks.read_splits(task, config.data, task.dev_splits).items():
     data = tasks.encode(tokenizer, split, config.max_length)
     with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
               file=sys.stderr, dynamic_ncols=True) as progress:
-      predictions = finetune.predict(torch_predict_step(model, progress), None, data, config.eval_batch_size,
+      predictions = predictions.predict(torch_predict_step(model, progress), None, data, config.eval_batch_size,
                                      buckets, task.is_regression)
     results[name] = {"metrics": metrics_lib.compute(task.metrics, data.labels, predictions),
                      "ids": list(data.ids), "predictions": predictions}

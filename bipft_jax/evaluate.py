@@ -16,8 +16,8 @@ and cross entropy. The model comes from the checkpoint; everything else from the
 the config and overrides of the run that wrote the checkpoint (GLUE: data, max_length, min_bucket,
 eval_batch_size, and max_train_examples/seed for the majority-class rate; pretraining: the data,
 eval_batches, eval_batch_size and seed that fix the held-out set, and the mesh). The data reading,
-tokenization, batching, prediction and metrics are the runs' own (glue/finetune.py, train.py), so
-the numbers equal what the runs log: a finetune workdir's results.json (except MNLI-mm, which it
+tokenization, batching, prediction and metrics are the runs' own (glue/splits.py,
+glue/predictions.py, pretraining.py), so the numbers equal what the runs log: a finetune workdir's results.json (except MNLI-mm, which it
 takes from the last epoch rather than the best), and a pretraining step's eval_mlm_accuracy in
 metrics.jsonl (on the same devices; other meshes can change the last float bits of the loss).
 
@@ -28,20 +28,18 @@ strings of the GLUE leaderboard (`--split test` gives the file to submit); an ex
 replaced only with `--overwrite`, and then whole (written to a temporary name and renamed).
 """
 import argparse
-import dataclasses
 import json
 import os
 import sys
 
 import jax
-import ml_collections
 from tqdm import tqdm
 
-from bipft_jax import checkpointing, config_checks, config_loading, distributed, files, pytorch_io, sharding
-from bipft_jax import train
+from bipft_jax import checkpointing, config_checks, config_loading, distributed, engine, files, pretraining
+from bipft_jax import pytorch_io, sharding
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
-from bipft_jax.glue import finetune, report, tasks
+from bipft_jax.glue import predictions, splits, tasks
 from bipft_jax.glue import metrics as metrics_lib
 
 
@@ -70,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     config_checks.check_pretrain(config)
     distributed.initialize(config)  # before any JAX computation, as `bipft pretrain`
     results = evaluate_pretraining(config, args.checkpoint)
-    lines = [train.describe(results["step"], results)]
+    lines = [pretraining.describe(results["step"], results)]
   if distributed.is_primary():
     print(json.dumps(results, indent=1) if args.json else "\n".join(lines))
   return 0
@@ -101,7 +99,7 @@ def _checkpoint(path: str, head: str, fix: str) -> tuple:
 
 def split_names(task: tasks.Task, data) -> tuple:
   """Every split `--split` accepts: train, the dev splits and the test splits."""
-  return ("train",) + task.dev_splits + finetune.leaderboard_splits(task, data)
+  return ("train",) + task.dev_splits + splits.leaderboard_splits(task, data)
 
 
 def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions_path: str | None = None,
@@ -121,7 +119,7 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
       raise UserError(f"{task.name} has {len(splits)} dev splits ({', '.join(splits)}): pass --split with "
                       "--predictions")
     files.check_output_file(predictions_path, "--predictions", overwrite)
-  tests = set(finetune.leaderboard_splits(task, config.data))
+  tests = set(splits.leaderboard_splits(task, config.data))
   if set(splits) & tests and not predictions_path:
     raise UserError(f"the {task.name} {splits[0]} split has no labels to score: pass --predictions FILE to write "
                     "its predictions")
@@ -131,32 +129,32 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
   if model_config.num_labels != task.num_labels:
     raise UserError(f"{directory} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
                     "pass the checkpoint finetuned on this task")
-  finetune.check_max_length(config, model_config)
-  examples = {s: finetune.read_test_split(config, task, s) for s in splits if s in tests}
+  splits.check_max_length(config, model_config)
+  examples = {s: splits.read_test_split(config, task, s) for s in splits if s in tests}
   labeled = tuple(s for s in splits if s not in tests)
   if labeled:
     examples.update(tasks.read_splits(task, config.data, labeled))
   train_labels = None if task.is_regression or not labeled else _training_labels(config, task)
-  tokenizer = finetune.load_tokenizer(config, directory, model_config)
+  tokenizer = splits.load_tokenizer(config, directory, model_config)
   params = jax.device_get(checkpointing.restore_params(directory, step)[2])  # one host copy, as finetune's
 
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)
-  predict_step = finetune.make_predict_step(model_lib.build(model_config, "classification"))
+  predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
   results = {"task": task.name, "checkpoint": directory, "step": step, "metrics": {}, "majority_rate": {},
              "predictions": predictions_path, "examples": {}}
   for name in splits:
     data = tasks.encode(tokenizer, examples[name], config.max_length)
     with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
               file=sys.stderr, dynamic_ncols=True, disable=None) as progress:
-      predictions = finetune.predict(_counting(predict_step, progress), params, data, config.eval_batch_size,
+      predictions = predictions.predict(_counting(predict_step, progress), params, data, config.eval_batch_size,
                                      buckets, task.is_regression)
     results["examples"][name] = len(data)
     if data.labels is not None:
       results["metrics"][name] = metrics_lib.compute(task.metrics, data.labels, predictions)
       if train_labels is not None:
-        results["majority_rate"][name] = finetune.majority_rate(train_labels, data.labels)
+        results["majority_rate"][name] = splits.majority_rate(train_labels, data.labels)
     if predictions_path:
-      report.write_predictions(predictions_path, finetune.split_task(task, name), data.ids, predictions)
+      predictions.write_predictions(predictions_path, splits.split_task(task, name), data.ids, predictions)
   return results
 
 
@@ -164,7 +162,7 @@ def _training_labels(config, task: tasks.Task):
   """The labels of the training examples the run used (for the majority-class rate), or None if the
   train split is not readable: the rate is left out, the scores are not."""
   try:
-    return finetune.training_sample(config, tasks.read_splits(task, config.data, ("train",))["train"]).labels
+    return splits.training_sample(config, tasks.read_splits(task, config.data, ("train",))["train"]).labels
   except UserError as e:
     print(f"bipft evaluate: no majority-class rate: {e}", file=sys.stderr)
     return None
@@ -198,16 +196,16 @@ def glue_lines(results: dict) -> list:
 
 def evaluate_pretraining(config, checkpoint: str) -> dict:
   """The held-out MLM accuracy and cross entropy of a pretraining checkpoint, as `bipft pretrain`
-  measures them: {"checkpoint", "step", "eval_mlm_accuracy", "eval_mlm_loss"}."""
+  measures them (the same evaluator, on the config's mesh): {"checkpoint", "step", "eval_mlm_accuracy",
+  "eval_mlm_loss"}."""
   directory, step, student_config = _checkpoint(checkpoint, "pretraining",
                                                 "pass a `bipft pretrain` workdir or one of its step folders")
-  config = config.copy_and_resolve_references()
-  config.model = ml_collections.ConfigDict(dataclasses.asdict(student_config))  # the checkpoint's, not the config's
-  # The teacher is not needed: make_trainer only compares its shape with the student's and derives
-  # shardings from it (its train step is never compiled), so the student's config stands in for it.
-  trainer = train.make_trainer(config, student_config, sharding.make_mesh(dict(config.mesh.shape)))
-  tokenizer = pytorch_io.load_tokenizer(train.tokenizer_folder(config), student_config.vocab_size,
+  mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
+  student = model_lib.build(student_config, "pretraining")
+  params_shardings = engine.param_shardings(student, mesh, rules)
+  tokenizer = pytorch_io.load_tokenizer(pretraining.tokenizer_folder(config), student_config.vocab_size,
                                         fix="set --config.tokenizer to the vocabulary the run used")
-  batches = train.held_out_batches(config, tokenizer, trainer.batch_sharding)
-  _, _, params = checkpointing.restore_params(directory, step, shardings=trainer.state_shardings["params"])
-  return {"checkpoint": directory, "step": step, **trainer.evaluate(params, batches)}
+  batches = pretraining.held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
+  evaluate = pretraining.mlm_evaluator(student, batches, mesh, rules, params_shardings)
+  _, _, params = checkpointing.restore_params(directory, step, shardings=params_shardings)
+  return {"checkpoint": directory, "step": step, **evaluate(params)}

@@ -1,7 +1,8 @@
-"""The pretraining distillation loss (METHOD.md section 6) and its parts.
+"""The training losses: pretraining's distillation loss (METHOD.md section 6) and its parts,
 
 total = softCE(student NSP, teacher NSP) + mean_l MSE(H_s^l, H_t^l) + CE_mlm + CE_nsp,
-the hidden-state MSE over the embedding output and every layer output.
+the hidden-state MSE over the embedding output and every layer output; the finetuning task loss;
+and the terms of downstream (task-level) distillation from a finetuned teacher.
 """
 from typing import Optional, Sequence
 
@@ -67,3 +68,66 @@ def distillation_loss(student_out: dict, teacher_out: dict, batch: dict, *, nsp_
              "real_loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
              "rep_dist_layerwise": jnp.stack(rep_layerwise)}
   return total, metrics
+
+
+def task_loss(logits_BxC: jax.Array, labels_B: jax.Array, weights_B: jax.Array, regression: bool) -> jax.Array:
+  """Finetuning's loss: the weighted mean of MSE (regression, one output) or cross entropy over the
+  real rows (`weights_B` > 0; padding rows have 0)."""
+  if regression:
+    squared_B = (logits_BxC[:, 0] - labels_B) ** 2
+    return jnp.sum(squared_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
+  return cross_entropy(logits_BxC, jnp.where(weights_B > 0, labels_B, IGNORE_INDEX))
+
+
+# ----------------------------------------------------------------------------------------------
+# Downstream (task-level) distillation from a finetuned teacher, as BiT does it on GLUE
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> list:
+  """Teacher layer (1-based) each student layer 1..S learns from: TinyBERT's uniform map, k -> k T / S."""
+  if teacher_layers % student_layers:
+    raise ValueError(f"the teacher's {teacher_layers} layers are not a multiple of the student's {student_layers}")
+  return [k * teacher_layers // student_layers for k in range(1, student_layers + 1)]
+
+
+def _row_mean(per_row_B: jax.Array, weights_B: jax.Array) -> jax.Array:
+  return jnp.sum(per_row_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
+
+
+def _mse_B(s: jax.Array, t: jax.Array) -> jax.Array:
+  """Per-row mean squared difference to the (stopped) teacher, over every other axis."""
+  return jnp.mean(jnp.square(s - jax.lax.stop_gradient(t)).reshape(s.shape[0], -1), axis=-1)
+
+
+def task_distillation(student_out: dict, teacher_out: dict, weights_B: jax.Array, *, temperature: float,
+                      logit_weight: float, hidden_weight: float, attention_weight: float) -> tuple:
+  """(weighted sum, terms) of the task-level distillation terms over the real rows (`weights_B` > 0):
+
+  - logits: soft cross entropy -sum_c softmax(t/T) log softmax(s/T), averaged over classes as BiT's
+    `soft_cross_entropy` does (MSE between the outputs for a regression task);
+  - hidden: the sum over the embedding output and each student layer k of the MSE to teacher layer
+    k T / S (`layer_map`), as BiT's rep loss sums its layers;
+  - attention: the same sum over the layers' attention probabilities.
+  A term with weight 0 is not computed (its shapes need not match)."""
+  terms, total = {}, jnp.zeros(())
+  if logit_weight:
+    s_BxC, t_BxC = student_out["logits"], jax.lax.stop_gradient(teacher_out["logits"])
+    if s_BxC.shape[-1] == 1:
+      per_row_B = _mse_B(s_BxC, t_BxC)
+    else:
+      per_row_B = jnp.mean(-jax.nn.softmax(t_BxC / temperature) * jax.nn.log_softmax(s_BxC / temperature), -1)
+    terms["logit_distill_loss"] = _row_mean(per_row_B, weights_B)
+    total += logit_weight * terms["logit_distill_loss"]
+  student_layers = len(student_out["attentions"])
+  mapped = layer_map(student_layers, len(teacher_out["attentions"]))
+  if hidden_weight:
+    pairs = [(0, 0)] + list(zip(range(1, student_layers + 1), mapped))
+    terms["hidden_distill_loss"] = sum(_row_mean(_mse_B(student_out["hidden_states"][s], teacher_out["hidden_states"][t]),
+                                                 weights_B) for s, t in pairs)
+    total += hidden_weight * terms["hidden_distill_loss"]
+  if attention_weight:
+    terms["attention_distill_loss"] = sum(
+        _row_mean(_mse_B(student_out["attentions"][s - 1], teacher_out["attentions"][t - 1]), weights_B)
+        for s, t in zip(range(1, student_layers + 1), mapped))
+    total += attention_weight * terms["attention_distill_loss"]
+  return total, terms

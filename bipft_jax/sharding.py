@@ -29,7 +29,8 @@ DEFAULT_RULES = (
 
 
 def make_mesh(shape: dict, devices: Sequence = None) -> Mesh:
-  """A mesh with axes data, fsdp, tensor; one size may be -1 (all remaining devices)."""
+  """A mesh with axes data, fsdp, tensor; one size may be -1 (all remaining devices). Without -1, a
+  single process uses the first devices the sizes need; several processes must use them all."""
   devices = list(jax.devices() if devices is None else devices)
   unknown = sorted(set(shape) - set(MESH_AXES))
   if unknown:
@@ -42,9 +43,11 @@ def make_mesh(shape: dict, devices: Sequence = None) -> Mesh:
     if len(devices) % known:
       raise UserError(f"mesh shape {dict(shape)} does not divide the {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise UserError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                    f"but {len(devices)} are available; use -1 for one axis to fill the rest")
+  needed = int(np.prod(sizes))
+  if needed > len(devices) or (needed < len(devices) and jax.process_count() > 1):
+    raise UserError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {needed} devices, but {len(devices)} "
+                    "are available; use -1 for one axis to fill the rest")
+  devices = devices[:needed]  # one process may run on fewer devices than it has (data=1: one device)
   try:
     from jax.experimental import mesh_utils
     device_array = mesh_utils.create_device_mesh(sizes, devices)  # topology-aware on TPU/GPU

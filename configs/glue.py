@@ -22,19 +22,33 @@ or custom (CSV/JSONL files and labels of your own).
   # the offline demo (<= 10 minutes on 2 CPU cores)
   bipft finetune --config configs/glue.py:task=rt_demo --workdir runs/rt --init_from runs/pretrain_demo
   bipft glue-report --workdirs runs/cola runs/sst2 ... --submission_dir submission/
+  # downstream distillation from the finetuned FP teacher (BiT-style; see `distill` below)
+  ... --config.distill.teacher=runs/rt_fp
+  # a mesh and several hosts, as pretraining (configs/meshes.py, launch/)
+  launch/local.sh --processes 2 --devices-per-process 2 -- finetune --config configs/glue.py:task=rt_demo,mesh=local-2x2 ...
 
 Recipe (METHOD.md section 7): AdamW lr 2e-5, constant, no warm-up, weight decay 0, batch 32, max
 length 128, seed 42, dropout 0.1, the pooler on [CLS] (`pooling=mean`: on the mean of the real
 tokens); epochs CoLA 50, MNLI 6, MRPC 20, SST-2 10, STS-B 20, QQP 6, QNLI 10, RTE 20 (WNLI: 20,
 RTE's). rt_demo cuts the recipe to fit 10 CPU minutes (see below).
 """
+import os
+import sys
+
 import ml_collections
 
 from bipft_jax.glue import tasks
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import meshes  # noqa: E402  (configs/meshes.py, beside this file)
+import model as model_configs  # noqa: E402  (configs/model.py, beside this file)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   options = dict(item.partition("=")[::2] for item in (arg or "").replace(" ", "").split(",") if item)
+  unknown = sorted(set(options) - {"task", "mesh"})
+  if unknown:
+    raise ValueError(f"unknown glue option(s) {unknown}; the options are task=NAME and mesh=NAME (configs/meshes.py)")
   if "task" not in options:
     raise ValueError(f"name the task: configs/glue.py:task=NAME with NAME in {', '.join(tasks.TASKS)}")
   if options["task"] == "custom":
@@ -55,7 +69,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.min_bucket = 16                # batches pad to 16, 32, 64, ... max_length: one compile per bucket
   c.steps_per_epoch = 0            # > 0: cut each epoch to this many steps (demos, smoke tests)
   c.max_train_examples = 0         # > 0: train on the first N (shuffled once by `seed`) only
-  c.log_every = 10                 # steps between TensorBoard loss points
+  c.log_every = 10                 # steps between metrics.jsonl/TensorBoard loss points
+  c.checkpoint_every = 0           # steps between checkpoints (a killed run resumes there); 0 = each epoch's end
+
+  # Devices: `mesh=NAME` (configs/meshes.py; default every device on data), as pretraining. Several
+  # hosts: `distributed.enabled` or BIPFT_DISTRIBUTED=1 (the launch scripts set it).
+  c.mesh = meshes.get_config(options.get("mesh", "data"))
+  c.distributed = ml_collections.ConfigDict({"enabled": False})
 
   c.init = ml_collections.ConfigDict()
   c.init.kind = "checkpoint"       # checkpoint (--init_from) | teacher (a PyTorch BERT folder) | scratch
@@ -64,9 +84,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init.binary = False            # teacher only: False = the FP baseline, True = the teacher binarized
   # Architecture for init.kind=scratch (random weights: smoke tests only); the binarization fields
   # also apply to init.kind=teacher with init.binary=True. A checkpoint brings its own.
-  c.model = ml_collections.ConfigDict({k: v for k, v in _model_fields().items() if k not in _TASK_FIELDS})
+  c.model = ml_collections.ConfigDict({k: v for k, v in model_configs.get_config("tiny,binary").to_dict().items() if k not in _TASK_FIELDS})
   c.dropout = 0.1                  # hidden, attention and the pooled output before the classifier
   c.pooling = "cls"                # the pooler's input: cls (the release) | mean (over real tokens)
+
+  # Downstream (task-level) distillation from a finetuned classifier: a `bipft finetune` workdir or a
+  # Hugging Face classifier folder. loss = label_weight * CE(labels) + logit_weight * softCE(s/T, t/T)
+  # + hidden_weight * sum_l MSE(H_s^l, H_t^(l T/S)) + attention_weight * the same over attention
+  # probabilities. Defaults as BiT (Liu et al. 2022), facebookresearch/bit kd_learner_glue.py and
+  # scripts/run_glue.sh: no ground-truth term while distilling, logits at temperature 1 (its
+  # --temperature default), the hidden states' MSE summed over the embedding output and every layer;
+  # attention distillation off (BiT's 2022-09 update made it optional and its script leaves it out).
+  # The paper's "task-specific baseline" is init.kind=teacher, init.binary=True with a distill.teacher.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""           # empty: no distillation
+  c.distill.label_weight = 0.0
+  c.distill.logit_weight = 1.0
+  c.distill.temperature = 1.0
+  c.distill.hidden_weight = 1.0
+  c.distill.attention_weight = 0.0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 2e-5
@@ -116,13 +152,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 # Model fields every finetuning run sets from the task and the fields above, whatever its init.
 _TASK_FIELDS = ("num_labels", "hidden_dropout", "attention_dropout", "classifier_dropout", "pooling")
-
-
-def _model_fields() -> dict:
-  import importlib.util
-  import os
-  spec = importlib.util.spec_from_file_location(
-      "bipft_model_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny,binary").to_dict()

@@ -11,10 +11,10 @@ import pytest
 from safetensors.numpy import save_file
 
 import glue_fixtures
-from bipft_jax import checkpointing, cli, config_loading, pytorch_io
+from bipft_jax import checkpointing, cli, config_loading, engine, losses, pytorch_io
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
-from bipft_jax.glue import finetune, metrics, tasks
+from bipft_jax.glue import finetune, finetuning, metrics, predictions, splits, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
@@ -34,12 +34,20 @@ def vocab_dir(tmp_path_factory):
 def tiny_overrides(glue_dir, vocab_dir, *extra) -> list:
   return TINY + ["init.kind=scratch", f"data.path={glue_dir}", f"data.tokenizer={vocab_dir}", "batch_size=4",
                  "eval_batch_size=8", "max_length=16", "optimizer.learning_rate=0.003",
-                 "log_every=1"] + list(extra)
+                 "log_every=1", "mesh.shape.data=1"] + list(extra)
 
 
 def tiny_config(task, glue_dir, vocab_dir, *extra):
   return config_loading.load_config(os.path.join(ROOT, f"configs/glue.py:task={task}"),
                                     tiny_overrides(glue_dir, vocab_dir, *extra))
+
+
+def _start(config, task_name: str) -> tuple:
+  """(model config, merged params, description) of the run's start, as the engine merges them."""
+  start = finetuning.initial_model(config, tasks.get_task(task_name))
+  module = model_lib.build(start.model_config, "classification")
+  return start.model_config, model_lib.merge_params(module, start.source, jax.random.key(0), start.complete), \
+      start.description
 
 
 def _fixed_batch(task_name, glue_dir, vocab_dir):
@@ -59,32 +67,34 @@ def test_a_few_steps_lower_the_loss(glue_dir, vocab_dir, task_name):
   module = model_lib.build(config, "classification")
   params = jax.jit(lambda r: model_lib.init_params(module, r))(jax.random.key(0))
   params = jax.jit(lambda p, b: model_lib.calibrate_alphas(module, p, b))(
-      params, {k: batch[k] for k in finetune.MODEL_INPUTS})
+      params, {k: batch[k] for k in model_lib.MODEL_INPUTS})
   optimizer = optax.adam(3e-3)
-  opt_state = optimizer.init(params)
-  train_step, predict_step = finetune.make_steps(module, optimizer, task.is_regression)
-  device_batch = finetune._device_batch(batch)
+  state = {"params": params, "opt_state": optimizer.init(params)}
+  train_step = jax.jit(engine.make_step(finetuning.make_loss_fn(module, task.is_regression), optimizer,
+                                        lambda step: 3e-3, seed=0))
+  predict_step = predictions.make_predict_step(module)
+  device_batch = predictions.model_batch(batch)
   losses = []
   for i in range(25):
-    params, opt_state, loss, _ = train_step(params, opt_state, device_batch, jax.random.key(i))
-    losses.append(float(loss))
+    state, metrics = train_step(state, None, device_batch, i)
+    losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.7 * losses[0], losses
   # The loss the step reports is the task loss of the model's predictions (no dropout here).
-  logits = predict_step(params, device_batch)
+  logits = predict_step(state["params"], device_batch)
   labels = jnp.asarray(batch["labels"])
   expected = (jnp.mean((logits[:, 0] - labels) ** 2) if task.is_regression
               else -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels]))
-  _, _, loss_after, _ = train_step(params, opt_state, device_batch, jax.random.key(99))
-  np.testing.assert_allclose(float(loss_after), float(expected), rtol=1e-4)
+  _, metrics = train_step(state, None, device_batch, 99)
+  np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-4)
 
 
 def test_task_loss_ignores_padding_rows():
   logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [5.0, -5.0]])
   labels = jnp.array([0, 1, 1])
-  padded = finetune.task_loss(logits, labels, jnp.array([1.0, 1.0, 0.0]), regression=False)
+  padded = losses.task_loss(logits, labels, jnp.array([1.0, 1.0, 0.0]), regression=False)
   np.testing.assert_allclose(padded, -np.mean([jax.nn.log_softmax(logits[0])[0], jax.nn.log_softmax(logits[1])[1]]),
                              rtol=1e-6)
-  mse = finetune.task_loss(jnp.array([[1.0], [3.0], [9.0]]), jnp.array([2.0, 3.0, 0.0]),
+  mse = losses.task_loss(jnp.array([[1.0], [3.0], [9.0]]), jnp.array([2.0, 3.0, 0.0]),
                            jnp.array([1.0, 1.0, 0.0]), regression=True)
   np.testing.assert_allclose(mse, 0.5)
 
@@ -92,26 +102,26 @@ def test_task_loss_ignores_padding_rows():
 def test_best_epoch_selection_and_mnli_mismatched_from_last_epoch():
   history = [{"epoch": e, "dev": {"dev_matched": {"accuracy": m}, "dev_mismatched": {"accuracy": mm}}}
              for e, (m, mm) in enumerate([(60.0, 61.0), (70.0, 69.0), (70.0, 72.0), (65.0, 66.0)], start=1)]
-  picked = finetune.select_results(tasks.get_task("mnli"), history)
+  picked = finetuning.select_results(tasks.get_task("mnli"), history)
   assert picked["best_epoch"] == 2  # the first of the tied best
   assert picked["dev"] == {"dev_matched": {"accuracy": 70.0}, "dev_mismatched": {"accuracy": 66.0}}
   cola = [{"epoch": e, "dev": {"dev": {"matthews_corr": c, "accuracy": a}}}
           for e, (c, a) in enumerate([(10.0, 90.0), (30.0, 60.0), (20.0, 95.0)], start=1)]
-  picked = finetune.select_results(tasks.get_task("cola"), cola)  # selected by MCC, not accuracy
+  picked = finetuning.select_results(tasks.get_task("cola"), cola)  # selected by MCC, not accuracy
   assert picked["best_epoch"] == 2 and picked["dev"]["dev"]["accuracy"] == 60.0
 
 
 def test_finetune_writes_metrics_best_checkpoint_and_submission(glue_dir, vocab_dir, tmp_path):
   config = tiny_config("sst2", glue_dir, vocab_dir, "epochs=3", "pooling=mean")
   results = finetune.finetune(config, str(tmp_path))
-  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l]
   assert [l["epoch"] for l in lines] == [1, 2, 3] and lines[-1]["step"] == 3 * 4
   scores = [l["dev"]["dev"]["accuracy"] for l in lines]
   assert results["best_epoch"] == 1 + int(np.argmax(scores))
   assert results["dev"]["dev"]["accuracy"] == max(scores)
   assert results["dev_majority_rate"] == 50.0
   assert json.loads((tmp_path / "results.json").read_text()) == results
-  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
   # best/ holds the best epoch's parameters: they reproduce its dev accuracy.
   model_config, head, params = checkpointing.restore_params(str(tmp_path / "best"))
   assert head == "classification" and model_config.num_labels == 2 and model_config.binary
@@ -119,9 +129,9 @@ def test_finetune_writes_metrics_best_checkpoint_and_submission(glue_dir, vocab_
   task = tasks.get_task("sst2")
   dev = tasks.encode(pytorch_io.load_tokenizer(vocab_dir),
                      tasks.read_splits(task, config.data, ("dev",))["dev"], 16)
-  _, predict_step = finetune.make_steps(model_lib.build(model_config, "classification"), optax.adam(0.0), False)
-  predictions = finetune.predict(predict_step, jax.device_get(params), dev, 8, tasks.length_buckets(16), False)
-  assert metrics.compute(("accuracy",), dev.labels, predictions)["accuracy"] == pytest.approx(max(scores))
+  predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
+  predicted = predictions.predict(predict_step, jax.device_get(params), dev, 8, tasks.length_buckets(16), False)
+  assert metrics.compute(("accuracy",), dev.labels, predicted)["accuracy"] == pytest.approx(max(scores))
   rows = (tmp_path / "submission" / "SST-2.tsv").read_text().splitlines()
   assert rows[0] == "index\tprediction" and len(rows) == 17
   assert [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(16)]
@@ -132,7 +142,7 @@ def test_finetune_writes_metrics_best_checkpoint_and_submission(glue_dir, vocab_
 
 def test_mnli_reports_both_dev_sets_and_writes_m_mm_and_ax(glue_dir, vocab_dir, tmp_path):
   results = finetune.finetune(tiny_config("mnli", glue_dir, vocab_dir, "epochs=2", "steps_per_epoch=1"), str(tmp_path))
-  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l]
   assert results["dev"]["dev_mismatched"] == lines[-1]["dev"]["dev_mismatched"]
   assert results["dev"]["dev_matched"] == lines[results["best_epoch"] - 1]["dev"]["dev_matched"]
   assert sorted(os.listdir(tmp_path / "submission")) == ["AX.tsv", "MNLI-m.tsv", "MNLI-mm.tsv"]
@@ -154,12 +164,12 @@ def test_checkpoint_start_keeps_bert_and_a_fresh_classifier(glue_dir, vocab_dir,
   checkpointing.save_params(str(tmp_path / "pretrain"), pretrained, pretrained_config, "pretraining", step=7)
   config = tiny_config("rte", glue_dir, vocab_dir)
   config.init.kind, config.init.path = "checkpoint", str(tmp_path / "pretrain")
-  model_config, params, _, description = finetune.initial_model(config, tasks.get_task("rte"), jax.random.key(0))
+  model_config, params, description = _start(config, "rte")
   assert model_config.binary and model_config.num_labels == 2 and "checkpoint" in description
   jax.tree.map(np.testing.assert_array_equal, params["bert"], pretrained["bert"])
   assert set(params) == {"bert", "classifier"} and model_config.pooling == "cls"
   config.pooling = "mean"  # a finetuning choice, whatever the pretraining pooled
-  assert finetune.initial_model(config, tasks.get_task("rte"), jax.random.key(0))[0].pooling == "mean"
+  assert finetuning.initial_model(config, tasks.get_task("rte")).model_config.pooling == "mean"
   # A checkpoint whose vocab is smaller than the tokenizer's: one clear line, exit code 2.
   small = _tiny_model_config(vocab_size=16, binary=True)
   checkpointing.save_params(str(tmp_path / "small"), model_lib.init_params(model_lib.build(small, "encoder"),
@@ -169,7 +179,7 @@ def test_checkpoint_start_keeps_bert_and_a_fresh_classifier(glue_dir, vocab_dir,
                    f"--config.data.tokenizer={vocab_dir}"])
   assert code == 2
   with pytest.raises(UserError, match="tokens but the model's vocab_size is 16"):
-    finetune.load_tokenizer(config, "", small)
+    splits.load_tokenizer(config, "", small)
 
 
 def _write_teacher(folder, config):
@@ -188,25 +198,27 @@ def _write_teacher(folder, config):
 def test_teacher_start_fp_baseline_and_binarized(glue_dir, vocab_dir, tmp_path):
   teacher = _write_teacher(str(tmp_path / "teacher"), _tiny_model_config())
   config = tiny_config("stsb", glue_dir, vocab_dir, "init.kind=teacher", f"init.path={tmp_path / 'teacher'}")
-  model_config, params, folder, _ = finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
-  assert not model_config.binary and model_config.num_labels == 1 and folder == str(tmp_path / "teacher")
+  start = finetuning.initial_model(config, tasks.get_task("stsb"))
+  assert start.folder == str(tmp_path / "teacher")
+  model_config, params, _ = _start(config, "stsb")
+  assert not model_config.binary and model_config.num_labels == 1
   jax.tree.map(np.testing.assert_array_equal, params["bert"], teacher)
   config.init.binary = True
-  model_config, params, _, _ = finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
+  model_config, params, _ = _start(config, "stsb")
   assert model_config.binary
   config.model.linear_binarizer = "nope"
   with pytest.raises(UserError, match="unknown linear binarizer 'nope'"):
-    finetune.initial_model(config, tasks.get_task("stsb"), jax.random.key(0))
+    finetuning.initial_model(config, tasks.get_task("stsb"))
   config.model.linear_binarizer = "bipft"
   np.testing.assert_array_equal(params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"],
                                 teacher["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"])
   param_kinds = model_lib.param_kinds(model_lib.build(model_config, "classification"))
-  assert finetune._alphas_untrained(params, param_kinds)  # calibrated by finetune on the first batch
+  assert engine.needs_calibration(params, param_kinds)  # calibrated by finetune on the first batch
   config.steps_per_epoch, config.epochs = 1, 1
   results = finetune.finetune(config, str(tmp_path / "run"))
   assert set(results["dev"]["dev"]) == {"pearson_spearman", "pearson", "spearman"}
   _, _, trained = checkpointing.restore_params(str(tmp_path / "run" / "best"))
-  assert not finetune._alphas_untrained(trained, param_kinds)
+  assert not engine.needs_calibration(trained, param_kinds)
 
 
 def test_cli_bad_inputs_exit_2(glue_dir, vocab_dir, tmp_path, capsys):
@@ -230,8 +242,8 @@ def test_a_diverging_run_stops_in_one_line_without_best_or_results(glue_dir, voc
   err = capsys.readouterr().err
   errors = [line for line in err.splitlines() if "bipft finetune: error: " in line]
   assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
-  assert re.search(r"error: the (loss is (nan|inf)|update made the parameters non-finite) at step \d+ "
-                   r"\(epoch 1\); stopped before writing best/ or results.json", errors[0]), errors[0]
+  assert re.search(r"error: the (loss is (nan|inf)|update made the parameters non-finite) at step \d+"
+                   r"; stopped without saving", errors[0]), errors[0]
   assert not os.path.exists(workdir / "best") and not os.path.exists(workdir / "results.json")
 
 
@@ -245,7 +257,7 @@ def test_a_diverging_overwrite_leaves_the_earlier_run_byte_identical(glue_dir, v
   assert any(name.parts[0] == "best" for name in earlier)
   capsys.readouterr()
   assert cli.main(argv + ["--overwrite", "--config.optimizer.learning_rate=1e30"]) == 2
-  assert "stopped before writing best/ or results.json" in capsys.readouterr().err
+  assert "stopped without saving" in capsys.readouterr().err
   assert {name: (workdir / name).read_bytes() for name in earlier} == earlier
   assert {p.relative_to(workdir) for p in (workdir / "best").rglob("*") if p.is_file()} == {
       name for name in earlier if name.parts[0] == "best"}

@@ -59,7 +59,7 @@ def test_optimizer_state_follows_parameter_shardings():
 
 
 @pytest.mark.parametrize("shape, message", [
-    ({"data": 3}, "needs 3 devices"),
+    ({"data": 16}, "needs 16 devices"),
     ({"data": -1, "fsdp": -1}, "at most one -1"),
     ({"data": -1, "fsdp": 3}, "does not divide"),
     ({"pipeline": 2}, "unknown mesh axes"),

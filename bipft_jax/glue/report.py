@@ -15,14 +15,8 @@ import numpy as np
 
 from bipft_jax import files
 from bipft_jax.errors import UserError
+from bipft_jax.glue.predictions import SUBMISSION_FILES
 
-# (task, split) -> the leaderboard's file name.
-SUBMISSION_FILES = {
-    ("cola", "test"): "CoLA.tsv", ("sst2", "test"): "SST-2.tsv", ("mrpc", "test"): "MRPC.tsv",
-    ("stsb", "test"): "STS-B.tsv", ("qqp", "test"): "QQP.tsv", ("mnli", "test_matched"): "MNLI-m.tsv",
-    ("mnli", "test_mismatched"): "MNLI-mm.tsv", ("qnli", "test"): "QNLI.tsv", ("rte", "test"): "RTE.tsv",
-    ("wnli", "test"): "WNLI.tsv", ("ax", "test"): "AX.tsv",
-}
 # Table columns: (header, task, dev split). The score is the task's first metric.
 COLUMNS = (("MNLI-m", "mnli", "dev_matched"), ("MNLI-mm", "mnli", "dev_mismatched"), ("QQP", "qqp", "dev"),
            ("QNLI", "qnli", "dev"), ("SST-2", "sst2", "dev"), ("CoLA", "cola", "dev"), ("STS-B", "stsb", "dev"),
@@ -50,31 +44,6 @@ def run(args) -> int:
     print(f"\nwrote {len(written)} leaderboard files to {args.submission_dir}"
           + (f"; missing: {', '.join(missing)}" if missing else ""))
   return 0
-
-
-def format_prediction(task, prediction) -> str:
-  """The leaderboard's spelling: a label string, or STS-B's score clipped to [0, 5]."""
-  if task.is_regression:
-    return f"{float(np.clip(prediction, 0.0, 5.0)):.3f}"
-  return task.labels[int(prediction)]
-
-
-def write_submission(directory: str, task, split: str, ids, predictions) -> str:
-  """Writes `index<TAB>prediction` rows for a test split under its leaderboard name; returns the path."""
-  name = SUBMISSION_FILES.get((task.name, split))
-  if name is None:
-    raise UserError(f"{task.name} {split} has no GLUE leaderboard file")
-  os.makedirs(directory, exist_ok=True)
-  return write_predictions(os.path.join(directory, name), task, ids, predictions)
-
-
-def write_predictions(path: str, task, ids, predictions) -> str:
-  """`index<TAB>prediction` rows in the leaderboard's spelling, written atomically; returns the path."""
-  with files.atomic_write(path) as f:
-    f.write("index\tprediction\n")
-    for index, prediction in zip(ids, predictions):
-      f.write(f"{index}\t{format_prediction(task, prediction)}\n")
-  return path
 
 
 def read_results(workdir: str) -> dict:
@@ -178,12 +147,3 @@ def collect_submission(workdirs, directory: str, overwrite: bool = False) -> lis
     with files.atomic_path(os.path.join(directory, name)) as tmp:
       shutil.copyfile(source, tmp)
   return [name for _, name in copies]
-
-
-def summary_line(results: dict) -> str:
-  """One line for the end of `bipft finetune`."""
-  parts = [f"{split}: " + ", ".join(f"{m} {v:.2f}" for m, v in d.items()) for split, d in results["dev"].items()]
-  line = f"{results['task']} best epoch {results['best_epoch']}/{results['epochs']}: " + "; ".join(parts)
-  if "dev_majority_rate" in results:
-    line += f" (majority class {results['dev_majority_rate']:.2f})"
-  return line

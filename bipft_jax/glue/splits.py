@@ -1,0 +1,69 @@
+"""Which examples a GLUE run reads, and how: the test splits of the leaderboard, the training sample,
+the tokenizer, the majority-class rate. Shared by `bipft finetune`, `bipft evaluate` and
+`bipft eval-pytorch`, so the three see the same examples.
+"""
+import os
+
+import numpy as np
+
+from bipft_jax import pytorch_io
+from bipft_jax.errors import UserError
+from bipft_jax.glue import tasks
+
+
+def leaderboard_splits(task: tasks.Task, data) -> tuple:
+  """The unlabeled splits predicted for the GLUE leaderboard: the task's test splits, plus `ax` (the
+  diagnostic set) for MNLI from GLUE or TFDS."""
+  return task.test_splits + (("ax",) if task.name == "mnli" and data.format in ("glue", "tfds") else ())
+
+
+def read_test_split(config, task: tasks.Task, split: str) -> tasks.Split:
+  """One test split; `ax` is found beside the MNLI folder when data.path is the MNLI folder itself."""
+  if split != "ax":
+    return tasks.read_splits(task, config.data, (split,))[split]
+  ax, data = tasks.get_task("ax"), config.data
+  if data.format == "glue" and not os.path.isdir(os.path.join(data.path, ax.folder)):
+    data = data.copy_and_resolve_references()
+    data.path = os.path.join(os.path.dirname(os.path.abspath(config.data.path)), ax.folder)
+  return tasks.read_splits(ax, data, ("test",))["test"]
+
+
+def split_task(task: tasks.Task, split: str) -> tasks.Task:
+  """The task whose labels `split` is written with: AX's for the diagnostic set, else `task`."""
+  return tasks.get_task("ax") if split == "ax" else task
+
+
+def training_sample(config, train: tasks.Split) -> tasks.Split:
+  """The training examples the run uses: all, or `max_train_examples` of them shuffled by `seed`."""
+  if config.max_train_examples <= 0:
+    return train
+  keep = np.random.default_rng(config.seed).permutation(len(train))[:config.max_train_examples]
+  return tasks.Split([train.texts_a[i] for i in keep],
+                     None if train.texts_b is None else [train.texts_b[i] for i in keep],
+                     train.labels[keep], [train.ids[i] for i in keep])
+
+
+def majority_rate(train_labels: np.ndarray, dev_labels: np.ndarray) -> float:
+  """Dev accuracy (%) of always predicting the most frequent training label."""
+  majority = np.bincount(train_labels).argmax()
+  return 100.0 * float(np.mean(dev_labels == majority))
+
+
+def load_tokenizer(config, init_folder: str, model_config):
+  """The configured tokenizer, else the init folder's, else all-MiniLM-L6-v2's uncased vocab."""
+  folder = config.data.tokenizer
+  if not folder and init_folder and any(os.path.isfile(os.path.join(init_folder, f))
+                                        for f in ("vocab.txt", "tokenizer.json")):
+    folder = init_folder
+  if not folder:
+    from bipft_jax import assets
+    folder = str(assets.minilm_dir())
+  return pytorch_io.load_tokenizer(folder, model_config.vocab_size, fix="the checkpoint is of another size; "
+                                   "set --config.data.tokenizer to the checkpoint's vocab")
+
+
+def check_max_length(config, model_config) -> None:
+  """UserError if config.max_length exceeds the model's position embeddings."""
+  if config.max_length > model_config.max_position_embeddings:
+    raise UserError(f"max_length {config.max_length} exceeds the model's {model_config.max_position_embeddings} "
+                    "positions; lower --config.max_length")
