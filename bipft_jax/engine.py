@@ -51,19 +51,9 @@ def start(config) -> None:
 # Shardings
 
 
-def _boxed_shardings(abstract_boxed: Any, mesh, rules) -> Any:
-  """A NamedSharding per leaf: a logically partitioned leaf from its axis names, anything else
-  (step counts, scalars) replicated."""
-  def pick(leaf):
-    if isinstance(leaf, nn.LogicallyPartitioned):
-      return NamedSharding(mesh, sharding.spec_for(leaf.value.shape, PartitionSpec(*leaf.names), mesh, rules))
-    return NamedSharding(mesh, PartitionSpec())
-  return jax.tree.map(pick, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-
 def param_shardings(module: nn.Module, mesh, rules) -> Any:
   """The shardings of `module`'s parameters on `mesh` under `rules`."""
-  return _boxed_shardings(model_lib.abstract_boxed_params(module), mesh, rules)
+  return sharding.boxed_shardings(model_lib.abstract_boxed_params(module), mesh, rules)
 
 
 def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh, rules) -> dict:
@@ -71,7 +61,7 @@ def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh, r
   `eval_shape`, so its moments carry the parameters' logical axes (nothing matched by name)."""
   abstract = jax.eval_shape(lambda: (lambda boxed: {"params": boxed, "opt_state": tx.init(boxed)})(
       model_lib.boxed_params(module, jax.random.key(0))))
-  return _boxed_shardings(abstract, mesh, rules)
+  return sharding.boxed_shardings(abstract, mesh, rules)
 
 
 def put_global(tree: Any, shardings: Any) -> Any:

@@ -82,10 +82,10 @@ def evaluate(config, model_dir: str) -> dict:
     data = tasks.encode(tokenizer, split, config.max_length)
     with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
               file=sys.stderr, dynamic_ncols=True) as progress:
-      predictions = predictions.predict(torch_predict_step(model, progress), None, data, config.eval_batch_size,
+      predicted = predictions.predict(torch_predict_step(model, progress), None, data, config.eval_batch_size,
                                      buckets, task.is_regression)
-    results[name] = {"metrics": metrics_lib.compute(task.metrics, data.labels, predictions),
-                     "ids": list(data.ids), "predictions": predictions}
+    results[name] = {"metrics": metrics_lib.compute(task.metrics, data.labels, predicted),
+                     "ids": list(data.ids), "predictions": predicted}
   return results
 
 

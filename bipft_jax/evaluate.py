@@ -113,15 +113,15 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
   task = tasks.task_from_config(config)
   if split is not None and split not in split_names(task, config.data):
     raise UserError(f"{task.name} has no split {split!r}; choose one of {', '.join(split_names(task, config.data))}")
-  splits = (split,) if split else task.dev_splits
+  chosen = (split,) if split else task.dev_splits
   if predictions_path:
-    if len(splits) > 1:
-      raise UserError(f"{task.name} has {len(splits)} dev splits ({', '.join(splits)}): pass --split with "
+    if len(chosen) > 1:
+      raise UserError(f"{task.name} has {len(chosen)} dev splits ({', '.join(chosen)}): pass --split with "
                       "--predictions")
     files.check_output_file(predictions_path, "--predictions", overwrite)
   tests = set(splits.leaderboard_splits(task, config.data))
-  if set(splits) & tests and not predictions_path:
-    raise UserError(f"the {task.name} {splits[0]} split has no labels to score: pass --predictions FILE to write "
+  if set(chosen) & tests and not predictions_path:
+    raise UserError(f"the {task.name} {chosen[0]} split has no labels to score: pass --predictions FILE to write "
                     "its predictions")
 
   directory, step, model_config = _checkpoint(checkpoint, "classification",
@@ -130,8 +130,8 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
     raise UserError(f"{directory} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
                     "pass the checkpoint finetuned on this task")
   splits.check_max_length(config, model_config)
-  examples = {s: splits.read_test_split(config, task, s) for s in splits if s in tests}
-  labeled = tuple(s for s in splits if s not in tests)
+  examples = {s: splits.read_test_split(config, task, s) for s in chosen if s in tests}
+  labeled = tuple(s for s in chosen if s not in tests)
   if labeled:
     examples.update(tasks.read_splits(task, config.data, labeled))
   train_labels = None if task.is_regression or not labeled else _training_labels(config, task)
@@ -142,19 +142,19 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
   predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
   results = {"task": task.name, "checkpoint": directory, "step": step, "metrics": {}, "majority_rate": {},
              "predictions": predictions_path, "examples": {}}
-  for name in splits:
+  for name in chosen:
     data = tasks.encode(tokenizer, examples[name], config.max_length)
     with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
               file=sys.stderr, dynamic_ncols=True, disable=None) as progress:
-      predictions = predictions.predict(_counting(predict_step, progress), params, data, config.eval_batch_size,
+      predicted = predictions.predict(_counting(predict_step, progress), params, data, config.eval_batch_size,
                                      buckets, task.is_regression)
     results["examples"][name] = len(data)
     if data.labels is not None:
-      results["metrics"][name] = metrics_lib.compute(task.metrics, data.labels, predictions)
+      results["metrics"][name] = metrics_lib.compute(task.metrics, data.labels, predicted)
       if train_labels is not None:
         results["majority_rate"][name] = splits.majority_rate(train_labels, data.labels)
     if predictions_path:
-      predictions.write_predictions(predictions_path, splits.split_task(task, name), data.ids, predictions)
+      predictions.write_predictions(predictions_path, splits.split_task(task, name), data.ids, predicted)
   return results
 
 

@@ -543,11 +543,6 @@ def abstract_boxed_params(module: nn.Module, seq_len: int = 8) -> dict:
   return jax.eval_shape(lambda: boxed_params(module, jax.random.key(0), seq_len))
 
 
-def logical_axes(module: nn.Module, seq_len: int = 8) -> dict:
-  """The logical axis names of every parameter (a PartitionSpec pytree)."""
-  return nn.get_partition_spec(abstract_boxed_params(module, seq_len))
-
-
 def param_kinds(module: nn.Module) -> dict:
   """What every parameter is (`kinds`: binary_weight, activation_scale, ...), as declared where made."""
   return kinds.kinds_of(abstract_boxed_params(module))

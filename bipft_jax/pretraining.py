@@ -20,26 +20,6 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "interme
                 "max_position_embeddings", "type_vocab_size")
 
 
-def add_arguments(parser) -> None:
-  config_loading.add_config_argument(parser, default="configs/pretrain.py:demo")
-  parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard logs; "
-                      "an existing workdir is resumed from its latest checkpoint")
-  parser.add_argument("--init_from", default=None,
-                      help="start from the parameters of this checkpoint (a workdir or step folder)")
-
-
-def run(args) -> int:
-  config = config_loading.load_config(args.config, args.config_overrides)
-  config_checks.check_pretrain(config)
-  files.check_writable_dir(args.workdir, "--workdir")
-  distributed.initialize(config)  # before any JAX computation
-  if not jax.config.jax_compilation_cache_dir:  # reruns and resumes skip XLA compilation
-    from bipft_jax import assets
-    jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation"))
-  train_and_evaluate(config, args.workdir, init_from=args.init_from)
-  return 0
-
-
 # ----------------------------------------------------------------------------------------------
 # Models
 

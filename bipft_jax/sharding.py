@@ -8,7 +8,6 @@ does not divide stays replicated, so any rules work with any model size.
 """
 from typing import Any, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import numpy as np
@@ -71,28 +70,15 @@ def spec_for(shape: tuple, logical: PartitionSpec, mesh: Mesh, rules: Sequence) 
   return PartitionSpec(*axes[:len(shape)])
 
 
-def param_shardings(abstract_params: Any, logical_specs: Any, mesh: Mesh, rules: Sequence) -> Any:
-  """NamedShardings for a params tree, from its logical axis names (`model.logical_axes`)."""
-  return jax.tree.map(lambda x, spec: NamedSharding(mesh, spec_for(x.shape, spec, mesh, rules)),
-                      abstract_params, logical_specs,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
-
-
-def like_params_shardings(abstract_tree: Any, abstract_params: Any, params_shardings: Any, mesh: Mesh) -> Any:
-  """Shardings for a tree holding params-shaped subtrees (an optax state: mu, nu...): a leaf whose
-  path and shape end like a parameter's gets that parameter's sharding, anything else is replicated."""
-  shapes = flax.traverse_util.flatten_dict(abstract_params)
-  by_path = flax.traverse_util.flatten_dict(params_shardings)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def pick(path, leaf):
-    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-    for start in range(len(keys)):
-      if keys[start:] in shapes and tuple(shapes[keys[start:]].shape) == tuple(leaf.shape):
-        return by_path[keys[start:]]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+def boxed_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence) -> Any:
+  """A NamedSharding per leaf of a tree of boxed (logically partitioned) leaves, e.g. a train state
+  whose optimizer moments were made from boxed parameters: a box's sharding from its axis names,
+  any other leaf (step counts, scalars) replicated."""
+  def pick(leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, spec_for(leaf.value.shape, PartitionSpec(*leaf.names), mesh, rules))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(pick, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:

@@ -9,7 +9,7 @@ import pytest
 
 from bipft_jax import checkpointing, cli, convert, config_loading
 from bipft_jax import model as model_lib
-from bipft_jax.glue import finetune, tasks
+from bipft_jax.glue import predictions, splits, tasks
 from bipft_jax.glue import metrics as metrics_lib
 from test_convert import assert_one_error_line, padded_two_segment_batch, realistic_params, tiny_config
 
@@ -65,10 +65,10 @@ def test_eval_pytorch_agrees_with_the_jax_evaluation(tmp_path, capsys, exported_
   # The JAX evaluation of the finetuning run, on the same checkpoint and data.
   glue = config_loading.load_config(f"{GLUE_CONFIG}:task=sst2", overrides)
   task = tasks.get_task("sst2")
-  tokenizer = finetune.load_tokenizer(glue, str(export), config)
+  tokenizer = splits.load_tokenizer(glue, str(export), config)
   dev = tasks.encode(tokenizer, tasks.read_splits(task, glue.data, ("dev",))["dev"], glue.max_length)
-  _, predict_step = finetune.make_steps(model_lib.build(config, "classification"), None, regression=False)
-  jax_predictions = finetune.predict(predict_step, params, dev, glue.eval_batch_size,
+  predict_step = predictions.make_predict_step(model_lib.build(config, "classification"))
+  jax_predictions = predictions.predict(predict_step, params, dev, glue.eval_batch_size,
                                      tasks.length_buckets(glue.max_length), regression=False)
 
   assert len(torch_predictions) == len(dev) == 400

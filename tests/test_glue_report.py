@@ -7,7 +7,7 @@ import pytest
 
 from bipft_jax import cli
 from bipft_jax.errors import UserError
-from bipft_jax.glue import report, tasks
+from bipft_jax.glue import predictions, tasks
 
 DEV = {  # task -> reported dev numbers, as finetune writes them
     "mnli": {"dev_matched": {"accuracy": 70.0}, "dev_mismatched": {"accuracy": 71.0}},
@@ -63,19 +63,19 @@ def test_table_has_both_averages(tmp_path, capsys):
     ("ax", "test", "AX.tsv", [2, 1], ["contradiction", "neutral"]),
 ])
 def test_leaderboard_files(tmp_path, task_name, split, name, predictions, expected):
-  path = report.write_submission(str(tmp_path), tasks.get_task(task_name), split, ["0", "1"], predictions)
+  path = predictions.write_submission(str(tmp_path), tasks.get_task(task_name), split, ["0", "1"], predictions)
   assert os.path.basename(path) == name
   assert open(path).read() == "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in enumerate(expected))
 
 
 def test_submission_collection_and_bad_workdirs(tmp_path, capsys):
   run = write_run(tmp_path / "rte", "rte", DEV["rte"])
-  report.write_submission(os.path.join(run, "submission"), tasks.get_task("rte"), "test", ["0"], [0])
+  predictions.write_submission(os.path.join(run, "submission"), tasks.get_task("rte"), "test", ["0"], [0])
   assert cli.main(["glue-report", "--workdirs", run, "--submission_dir", str(tmp_path / "out")]) == 0
   assert os.listdir(tmp_path / "out") == ["RTE.tsv"]
   assert "missing: AX.tsv, CoLA.tsv" in capsys.readouterr().out
   with pytest.raises(UserError, match="has no GLUE leaderboard file"):
-    report.write_submission(str(tmp_path), tasks.get_task("rte"), "dev", ["0"], [0])
+    predictions.write_submission(str(tmp_path), tasks.get_task("rte"), "dev", ["0"], [0])
   assert cli.main(["glue-report", "--workdirs", str(tmp_path / "nothing")]) == 2
   assert "has no results.json" in capsys.readouterr().err
   (tmp_path / "bad").mkdir()

@@ -3,11 +3,10 @@ import functools
 import os
 import re
 
-import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from bipft_jax import config_loading, sharding
+from bipft_jax import config_loading, engine, sharding
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 
@@ -21,9 +20,7 @@ WORDS = ("bert", "embeddings", "word_embeddings", "embedding")  # vocab x embed
 @functools.lru_cache()
 def _base_student():
   config = model_lib.BertConfig.from_dict(config_loading.load_config(f"{PRETRAIN}:base").model)
-  student = model_lib.build(config, "pretraining")
-  return jax.eval_shape(functools.partial(model_lib.init_params, student), jax.random.key(0)), \
-      model_lib.logical_axes(student)
+  return model_lib.build(config, "pretraining")
 
 
 def _specs(mesh_name: str) -> dict:
@@ -31,8 +28,7 @@ def _specs(mesh_name: str) -> dict:
   config = config_loading.load_config(f"{PRETRAIN}:base,mesh={mesh_name}")
   sizes = [config.mesh.shape[axis] if config.mesh.shape[axis] != -1 else 8 for axis in sharding.MESH_AXES]
   mesh = AbstractMesh(tuple(sizes), sharding.MESH_AXES)
-  params, logical = _base_student()
-  shardings = sharding.param_shardings(params, logical, mesh, sharding.rules_from_config(config.mesh.rules))
+  shardings = engine.param_shardings(_base_student(), mesh, sharding.rules_from_config(config.mesh.rules))
 
   def effective(spec):  # an axis of size 1 splits nothing
     axes = [tuple(a for a in ((axis,) if isinstance(axis, str) else axis or ()) if mesh.shape[a] > 1)

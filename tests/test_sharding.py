@@ -1,10 +1,11 @@
-"""Meshes from config, logical-axis rules to shardings, optimizer-state shardings (8 CPU devices)."""
+"""Meshes from config, logical-axis rules to shardings, optimizer-state shardings derived from the boxed
+parameters (8 CPU devices)."""
 import jax
 import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bipft_jax import model, optim, sharding
+from bipft_jax import engine, model, optim, sharding
 from bipft_jax.errors import UserError
 
 CONFIG = model.BertConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
@@ -13,13 +14,12 @@ CONFIG = model.BertConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads
 
 def _shardings(shape, rules=sharding.DEFAULT_RULES):
   module = model.build(CONFIG, "pretraining")
-  abstract = jax.eval_shape(lambda: model.init_params(module, jax.random.key(0)))
   mesh = sharding.make_mesh(shape)
-  return mesh, abstract, sharding.param_shardings(abstract, model.logical_axes(module), mesh, rules)
+  return mesh, engine.param_shardings(module, mesh, rules)
 
 
 def test_default_mesh_is_data_parallel_over_all_devices():
-  mesh, _, shardings = _shardings({"data": -1})
+  mesh, shardings = _shardings({"data": -1})
   assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
   # with fsdp = tensor = 1 every parameter is whole on every device
   assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
@@ -27,7 +27,7 @@ def test_default_mesh_is_data_parallel_over_all_devices():
 
 
 def test_fsdp_and_tensor_rules_split_parameters():
-  mesh, abstract, shardings = _shardings({"data": 2, "fsdp": 2, "tensor": 2})
+  mesh, shardings = _shardings({"data": 2, "fsdp": 2, "tensor": 2})
   layer = shardings["bert"]["encoder"]["layer"]["0"]
   assert layer["attention"]["self"]["query"]["kernel"].spec == P("fsdp", "tensor")
   assert layer["output"]["dense"]["kernel"].spec == P("tensor", "fsdp")
@@ -42,11 +42,12 @@ def test_fsdp_and_tensor_rules_split_parameters():
 
 
 def test_optimizer_state_follows_parameter_shardings():
-  mesh, abstract, shardings = _shardings({"data": 2, "fsdp": 2, "tensor": 2})
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=1, total_steps=10, schedule="linear", weight_decay=0.01,
       b1=0.9, b2=0.999, eps=1e-8)), model.param_kinds(model.build(CONFIG, "pretraining")))
-  opt_shardings = sharding.like_params_shardings(jax.eval_shape(tx.init, abstract), abstract, shardings, mesh)
+  opt_shardings = engine.state_shardings(model.build(CONFIG, "pretraining"), tx, mesh, sharding.DEFAULT_RULES)
+  opt_shardings = opt_shardings["opt_state"]
   kernel = ("bert", "encoder", "layer", "0", "attention", "self", "query", "kernel")
   found = []
   for path, s in jax.tree_util.tree_flatten_with_path(opt_shardings)[0]:

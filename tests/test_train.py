@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from bipft_jax import checkpointing, cli, config_loading, engine, losses, pretraining, pytorch_io, sharding, train
+from bipft_jax import checkpointing, cli, config_loading, engine, losses, pretraining, pytorch_io, sharding
 from bipft_jax import model as model_lib
 from bipft_jax.data import pipeline, sources
 
