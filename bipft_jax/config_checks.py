@@ -92,7 +92,7 @@ def check_glue(config) -> None:
   from bipft_jax import model as model_lib
   from bipft_jax.glue import tasks
   ints_at_least(config, 1, "epochs", "batch_size", "eval_batch_size", "min_bucket", "log_every")
-  ints_at_least(config, 0, "seed", "steps_per_epoch", "max_train_examples", "data.split_seed")
+  ints_at_least(config, 0, "seed", "steps_per_epoch", "max_train_examples", "data.split_seed", "checkpoint_every")
   ints_at_least(config, -1, "init.step")  # -1: the latest
   ints_at_least(config, 3, "max_length")  # [CLS] a [SEP]: nothing shorter holds a token
   numbers_in(config, 0, 1, "dropout", open_high=True)
@@ -100,6 +100,18 @@ def check_glue(config) -> None:
   one_of(config, "pooling", model_lib.POOLINGS)
   one_of(config, "init.kind", ("checkpoint", "teacher", "scratch"))
   one_of(config, "data.format", tasks.FORMATS)
+  check_distill(config)
   check_optimizer(config)
   check_model({**config.model.to_dict(), "pooling": config.pooling, "hidden_dropout": config.dropout,
                "attention_dropout": config.dropout, "classifier_dropout": config.dropout})
+
+
+def check_distill(config) -> None:
+  """The `distill` section of a GLUE config: non-negative weights, a positive temperature, and with a
+  teacher at least one term that uses it."""
+  numbers_in(config, 0, math.inf, "distill.temperature", open_low=True)
+  weights = ("distill.label_weight", "distill.logit_weight", "distill.hidden_weight", "distill.attention_weight")
+  numbers_in(config, 0, math.inf, *weights)
+  if config.distill.teacher and not any(_value(config, w) for w in weights[1:]):
+    raise UserError("distill.teacher is set but distill.logit_weight, hidden_weight and attention_weight are "
+                    "all 0: set one of them, or leave distill.teacher empty")

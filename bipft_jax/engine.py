@@ -99,9 +99,9 @@ class Job:
 
   `loss_fn(params, frozen, batch, key) -> (loss, metrics)` is traced inside the step (`frozen`: the
   job's fixed inputs on the mesh, e.g. a teacher's parameters); `metrics[loss_key]` is the loss the
-  NaN stop and the progress bar read. `batches(step, data_state)` yields (this host's rows of a
-  batch, the data state after it) from `step` on (`data_state`: what `checkpoint_state` saved, None
-  for a new run). `source()` gives the parameters of a new run (host arrays; merged into the model).
+  NaN stop and the progress bar read. `batches(step, data_state)` restores the job's position and
+  returns an iterator of (this host's rows of a batch, the data state after it) from `step` on
+  (`data_state`: what `checkpoint_state` saved, None for a new run). `source()` gives the parameters of a new run (host arrays; merged into the model).
   `evaluate(params) -> dict` scores the parameters; `after_evaluation(step, params, scores)` lets the
   job keep what it needs (the best epoch); `checkpoint_state(data_state)` is the JSON saved with a
   checkpoint (a collective: every host calls it).

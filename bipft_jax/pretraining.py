@@ -3,6 +3,7 @@ loss and the held-out MLM evaluator. `bipft pretrain` (train.py) hands them to t
 `bipft evaluate` scores checkpoints with the same evaluator.
 """
 import dataclasses
+import itertools
 from typing import Optional
 
 import flax.linen as nn
@@ -177,8 +178,7 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
                           global_batch_size=config.batch_size, seed=config.seed)
     if data_state is not None:
       data.restore(data_state)
-    while True:
-      yield next(data), data.state()
+    return ((next(data), data.state()) for _ in itertools.count())  # endless: the step count ends the run
 
   def source():
     if init_from:

@@ -49,7 +49,7 @@ def test_table_has_both_averages(tmp_path, capsys):
   assert len(lines) == 8 and lines[-1] == "| student | rt_demo | accuracy 61.2 | 56.9 |"  # non-GLUE tasks apart
 
 
-@pytest.mark.parametrize("task_name,split,name,predictions,expected", [
+@pytest.mark.parametrize("task_name,split,name,predicted,expected", [
     ("cola", "test", "CoLA.tsv", [1, 0], ["1", "0"]),
     ("sst2", "test", "SST-2.tsv", [0, 1], ["0", "1"]),
     ("mrpc", "test", "MRPC.tsv", [1, 1], ["1", "1"]),
@@ -62,8 +62,8 @@ def test_table_has_both_averages(tmp_path, capsys):
     ("wnli", "test", "WNLI.tsv", [1, 0], ["1", "0"]),
     ("ax", "test", "AX.tsv", [2, 1], ["contradiction", "neutral"]),
 ])
-def test_leaderboard_files(tmp_path, task_name, split, name, predictions, expected):
-  path = predictions.write_submission(str(tmp_path), tasks.get_task(task_name), split, ["0", "1"], predictions)
+def test_leaderboard_files(tmp_path, task_name, split, name, predicted, expected):
+  path = predictions.write_submission(str(tmp_path), tasks.get_task(task_name), split, ["0", "1"], predicted)
   assert os.path.basename(path) == name
   assert open(path).read() == "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in enumerate(expected))
 

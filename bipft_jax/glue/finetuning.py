@@ -189,13 +189,17 @@ class Finetuning:
     position is the step itself, the saved state the evaluations so far."""
     if data_state is not None:
       self.history = list(data_state["history"])
-    epoch, plan = None, None
-    for s in range(step, self.schedule.total_steps):
-      if epoch != s // self.steps_per_epoch + 1:
-        epoch = s // self.steps_per_epoch + 1
-        plan = self._plan(epoch)
-      batch = tasks.make_batch(self.train_data, plan[s % self.steps_per_epoch], self.config.batch_size, self.buckets)
-      yield engine.host_rows(predictions.model_batch(batch)), None
+
+    def from_step():
+      epoch, plan = None, None
+      for s in range(step, self.schedule.total_steps):
+        if epoch != s // self.steps_per_epoch + 1:
+          epoch = s // self.steps_per_epoch + 1
+          plan = self._plan(epoch)
+        chosen = plan[s % self.steps_per_epoch]
+        batch = tasks.make_batch(self.train_data, chosen, self.config.batch_size, self.buckets)
+        yield engine.host_rows(predictions.model_batch(batch)), None
+    return from_step()
 
   def predict(self, params, data: tasks.Encoded) -> np.ndarray:
     return predictions.predict(self.predict_step, params, data, self.config.eval_batch_size, self.buckets,

@@ -1,0 +1,138 @@
+"""Finetuning on the run engine: exact resume after SIGKILL mid-epoch, 8 devices == 1 device, and
+downstream distillation (its terms by hand; a distilled run lowers them)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from bipft_jax import checkpointing, cli, losses
+from test_glue_finetune import ROOT, glue_dir, tiny_overrides, vocab_dir  # noqa: F401  (fixtures)
+
+CONFIG = os.path.join(ROOT, "configs/glue.py:task=sst2")
+
+# A real SIGKILL once the run's checkpoint of step KILL_AT (mid-epoch) is committed.
+_KILLED_RUN = textwrap.dedent("""
+  import os, signal, sys
+  from bipft_jax import checkpointing, cli
+  save, kill_at = checkpointing.save, int(sys.argv[1])
+  def save_then_die(manager, step, **kwargs):
+    save(manager, step, **kwargs)
+    if str(manager.directory).endswith("checkpoints") and step == kill_at:
+      manager.wait_until_finished()
+      os.kill(os.getpid(), signal.SIGKILL)
+  checkpointing.save = save_then_die
+  sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
+def _argv(glue_dir, vocab_dir, workdir, *extra) -> list:
+  return (["finetune", "--config", CONFIG, "--workdir", str(workdir)]
+          + [f"--config.{o}" for o in tiny_overrides(glue_dir, vocab_dir, *extra)])
+
+
+def _losses(workdir) -> dict:
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _best_params(workdir) -> dict:
+  _, _, params = checkpointing.restore_params(os.path.join(workdir, "best"))
+  return flax.traverse_util.flatten_dict(jax.device_get(params), sep="/")
+
+
+def _results(workdir) -> dict:
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  results.pop("seconds")
+  return results
+
+
+def test_finetune_killed_mid_epoch_resumes_bit_identically(glue_dir, vocab_dir, tmp_path):
+  extra = ("epochs=2", "checkpoint_every=3")  # 16 examples, batch 4: 4 steps an epoch, saves 3, 4, 6, 8
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  assert cli.main(_argv(glue_dir, vocab_dir, whole, *extra)) == 0
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-c", _KILLED_RUN, "3", *_argv(glue_dir, vocab_dir, killed, *extra)],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+  steps = os.listdir(killed / ".finetune-staging" / "checkpoints")
+  assert "3" in steps and "4" not in steps and not (killed / "results.json").exists()
+  assert cli.main(_argv(glue_dir, vocab_dir, killed, *extra)) == 0  # the same command resumes
+  assert not (killed / ".finetune-staging").exists()
+  assert _losses(killed) == _losses(whole) and len(_losses(whole)) == 8
+  assert _results(killed) == _results(whole)
+  whole_params, killed_params = _best_params(whole), _best_params(killed)
+  assert whole_params.keys() == killed_params.keys()
+  for name, value in whole_params.items():
+    np.testing.assert_array_equal(killed_params[name], value, err_msg=name)
+
+
+def test_finetune_on_eight_devices_equals_one_device(glue_dir, vocab_dir, tmp_path):
+  extra = ("epochs=2", "batch_size=8", "eval_batch_size=8")
+  assert cli.main(_argv(glue_dir, vocab_dir, tmp_path / "one", *extra)) == 0
+  assert cli.main(_argv(glue_dir, vocab_dir, tmp_path / "eight", *extra, "mesh.shape.data=-1")) == 0
+  one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+  assert one.keys() == eight.keys() and len(one) == 4
+  np.testing.assert_allclose([eight[s] for s in sorted(eight)], [one[s] for s in sorted(one)], rtol=1e-5)
+  assert _results(tmp_path / "eight")["dev"] == _results(tmp_path / "one")["dev"]
+  one_params, eight_params = _best_params(tmp_path / "one"), _best_params(tmp_path / "eight")
+  for name, value in one_params.items():
+    np.testing.assert_allclose(eight_params[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def _outputs(rng, batch, layers, classes, length=3, width=4, heads=2) -> dict:
+  return {"logits": rng.normal(size=(batch, classes)).astype(np.float32),
+          "hidden_states": [rng.normal(size=(batch, length, width)).astype(np.float32) for _ in range(layers + 1)],
+          "attentions": [rng.dirichlet(np.ones(length), size=(batch, heads, length)).astype(np.float32)
+                         for _ in range(layers)]}
+
+
+@pytest.mark.parametrize("classes", [3, 1])
+def test_distillation_terms_equal_a_hand_computation(classes):
+  rng = np.random.default_rng(0)
+  student, teacher = _outputs(rng, 4, 2, classes), _outputs(rng, 4, 4, classes)  # layer k learns from 2k
+  weights = np.array([1.0, 1.0, 1.0, 0.0], np.float32)  # the last row is padding
+  total, terms = losses.task_distillation(student, teacher, weights, temperature=2.0, logit_weight=0.5,
+                                          hidden_weight=2.0, attention_weight=3.0)
+  real = slice(0, 3)
+  s, t = student["logits"][real], teacher["logits"][real]
+  if classes == 1:
+    logit = np.mean((s - t) ** 2)
+  else:
+    log_q = s / 2 - np.log(np.sum(np.exp(s / 2), -1, keepdims=True))
+    p = np.exp(t / 2) / np.sum(np.exp(t / 2), -1, keepdims=True)
+    logit = np.mean(np.mean(-p * log_q, -1))
+  mse = lambda a, b: np.mean((a[real] - b[real]) ** 2)
+  hidden = sum(mse(student["hidden_states"][k], teacher["hidden_states"][2 * k]) for k in range(3))
+  attention = sum(mse(student["attentions"][k - 1], teacher["attentions"][2 * k - 1]) for k in (1, 2))
+  np.testing.assert_allclose([terms["logit_distill_loss"], terms["hidden_distill_loss"],
+                              terms["attention_distill_loss"]], [logit, hidden, attention], rtol=1e-5)
+  np.testing.assert_allclose(total, 0.5 * logit + 2.0 * hidden + 3.0 * attention, rtol=1e-5)
+  with pytest.raises(ValueError, match="not a multiple"):
+    losses.task_distillation(student, _outputs(rng, 4, 3, classes), weights, temperature=1.0, logit_weight=1.0,
+                             hidden_weight=1.0, attention_weight=0.0)
+
+
+def test_a_distilled_finetune_lowers_the_distillation_loss(glue_dir, vocab_dir, tmp_path, capsys):
+  teacher = tmp_path / "teacher"  # the FP classifier, finetuned on the task first
+  assert cli.main(_argv(glue_dir, vocab_dir, teacher, "model.binary=False", "epochs=2")) == 0
+  student = tmp_path / "student"
+  assert cli.main(_argv(glue_dir, vocab_dir, student, "epochs=4", f"distill.teacher={teacher}")) == 0
+  records = [json.loads(line) for line in open(student / "metrics.jsonl")]
+  steps = [r for r in records if "logit_distill_loss" in r]
+  assert len(steps) == 16
+  for r in steps:  # the defaults (BiT's): no label term, logits and hidden states
+    assert r["loss"] == pytest.approx(r["logit_distill_loss"] + r["hidden_distill_loss"], rel=1e-5)
+  first, last = steps[:4], steps[-4:]
+  for term in ("logit_distill_loss", "hidden_distill_loss"):
+    assert np.mean([r[term] for r in last]) < 0.8 * np.mean([r[term] for r in first]), term
+  capsys.readouterr()
+  bad = _argv(glue_dir, vocab_dir, tmp_path / "bad", f"distill.teacher={tmp_path / 'nowhere'}")
+  assert cli.main(bad) == 2
+  assert "nowhere does not exist" in capsys.readouterr().err
