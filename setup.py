@@ -29,7 +29,6 @@ setup(
         "orbax-checkpoint>=0.12",
         "ml_collections>=1.1",
         "tensorflow-datasets>=4.9.10",  # the data pipeline runs without TensorFlow
-        "grain>=0.2.18",
         "array_record>=0.8",
         "transformers>=5.0",        # tokenizers; PyTorch models only with the torch extra
         "tokenizers>=0.22",
@@ -37,8 +36,8 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "numpy>=2.0",
-        "scipy>=1.13",
-        "scikit-learn>=1.5",        # GLUE metrics (Matthews, F1, Pearson/Spearman via scipy)
+        "scipy>=1.13",              # GLUE's Pearson and Spearman (bipft_jax/glue/metrics.py)
+        "scikit-learn>=1.5",        # GLUE's Matthews correlation, F1, accuracy
     ],
     extras_require={
         "torch": [TORCH],

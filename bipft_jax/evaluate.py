@@ -102,6 +102,32 @@ def split_names(task: tasks.Task, data) -> tuple:
   return ("train",) + task.dev_splits + splits.leaderboard_splits(task, data)
 
 
+def _chosen_splits(task: tasks.Task, data, split: str | None, predictions_path: str | None, overwrite: bool) -> tuple:
+  """The splits to score (`split`, default every dev split), checked against the task and --predictions."""
+  if split is not None and split not in split_names(task, data):
+    raise UserError(f"{task.name} has no split {split!r}; choose one of {', '.join(split_names(task, data))}")
+  chosen = (split,) if split else task.dev_splits
+  if predictions_path:
+    if len(chosen) > 1:
+      raise UserError(f"{task.name} has {len(chosen)} dev splits ({', '.join(chosen)}): pass --split with "
+                      "--predictions")
+    files.check_output_file(predictions_path, "--predictions", overwrite)
+  if set(chosen) & set(splits.leaderboard_splits(task, data)) and not predictions_path:
+    raise UserError(f"the {task.name} {chosen[0]} split has no labels to score: pass --predictions FILE to write "
+                    "its predictions")
+  return chosen
+
+
+def _read_examples(config, task: tasks.Task, chosen: tuple) -> dict:
+  """split -> examples, test splits (no labels) included."""
+  tests = set(splits.leaderboard_splits(task, config.data))
+  examples = {s: splits.read_test_split(config, task, s) for s in chosen if s in tests}
+  labeled = tuple(s for s in chosen if s not in tests)
+  if labeled:
+    examples.update(tasks.read_splits(task, config.data, labeled))
+  return examples
+
+
 def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions_path: str | None = None,
                   overwrite: bool = False) -> dict:
   """Scores the classifier at `checkpoint` on `split` (default: every dev split) of config's task;
@@ -111,33 +137,18 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
   "predictions": the TSV written or None, "examples": {split: count}}.
   """
   task = tasks.task_from_config(config)
-  if split is not None and split not in split_names(task, config.data):
-    raise UserError(f"{task.name} has no split {split!r}; choose one of {', '.join(split_names(task, config.data))}")
-  chosen = (split,) if split else task.dev_splits
-  if predictions_path:
-    if len(chosen) > 1:
-      raise UserError(f"{task.name} has {len(chosen)} dev splits ({', '.join(chosen)}): pass --split with "
-                      "--predictions")
-    files.check_output_file(predictions_path, "--predictions", overwrite)
-  tests = set(splits.leaderboard_splits(task, config.data))
-  if set(chosen) & tests and not predictions_path:
-    raise UserError(f"the {task.name} {chosen[0]} split has no labels to score: pass --predictions FILE to write "
-                    "its predictions")
-
+  chosen = _chosen_splits(task, config.data, split, predictions_path, overwrite)
   directory, step, model_config = _checkpoint(checkpoint, "classification",
                                               f"pass a `bipft finetune` workdir (or its best/) of {task.name}")
   if model_config.num_labels != task.num_labels:
     raise UserError(f"{directory} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
                     "pass the checkpoint finetuned on this task")
   splits.check_max_length(config, model_config)
-  examples = {s: splits.read_test_split(config, task, s) for s in chosen if s in tests}
-  labeled = tuple(s for s in chosen if s not in tests)
-  if labeled:
-    examples.update(tasks.read_splits(task, config.data, labeled))
+  examples = _read_examples(config, task, chosen)
+  labeled = any(examples[s].labels is not None for s in chosen)
   train_labels = None if task.is_regression or not labeled else _training_labels(config, task)
   tokenizer = splits.load_tokenizer(config, directory, model_config)
   params = jax.device_get(checkpointing.restore_params(directory, step)[2])  # one host copy, as finetune's
-
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)
   predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
   results = {"task": task.name, "checkpoint": directory, "step": step, "metrics": {}, "majority_rate": {},
@@ -147,7 +158,7 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
     with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
               file=sys.stderr, dynamic_ncols=True, disable=None) as progress:
       predicted = predictions.predict(_counting(predict_step, progress), params, data, config.eval_batch_size,
-                                     buckets, task.is_regression)
+                                      buckets, task.is_regression)
     results["examples"][name] = len(data)
     if data.labels is not None:
       results["metrics"][name] = metrics_lib.compute(task.metrics, data.labels, predicted)

@@ -3,7 +3,8 @@
 Process 0 writes; other hosts' writers do nothing. Records may nest (a finetuning epoch's
 {"dev": {"dev_matched": {"accuracy": ...}}}): metrics.jsonl keeps them as they are, TensorBoard gets
 every number under its path joined by "/". Object stores (gs://) cannot append to a file, so there
-metrics.jsonl is rewritten whole on every record; local files are appended to.
+metrics.jsonl is rewritten whole on every record; local files are appended to. (clu's
+metric_writers does the same job but would add a dependency, and TensorFlow for its summaries.)
 """
 import json
 import os

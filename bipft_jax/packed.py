@@ -51,6 +51,7 @@ WORD_BITS = 32
 WORD_DTYPE = jnp.uint32
 # The heads a packed model carries; a pretraining checkpoint exports its encoder (see pack_params).
 PACKED_HEADS = ("encoder", "classification")
+REMAINDER_DTYPES = {"float16": np.float16, "float32": np.float32}  # how an export stores the FP tensors
 KERNELS = ("popcount", "int8", "auto")
 
 

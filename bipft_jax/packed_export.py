@@ -41,7 +41,6 @@ from bipft_jax.model import BertConfig
 
 FORMAT = "bipft-packed"
 FORMAT_VERSION = "1"
-REMAINDER_DTYPES = {"float16": np.float16, "float32": np.float32}
 PROBE_TOLERANCE = 1e-3  # regression values / pooled features when there is no argmax to compare
 SCALE_LEAVES = ("kernel_scale", "embedding_scale")
 PLANE_LEAVES = ("kernel_sign", "kernel_nonzero", "embedding_sign", "embedding_nonzero")
@@ -68,7 +67,7 @@ def file_tensors(config: BertConfig, head: str, packed_params: dict, remainder_d
     elif packed.base_leaf(_leaf(name)) in SCALE_LEAVES or param_kinds.get(name) in kinds.SCALES:
       out[name] = value.astype(np.float32)
     else:
-      out[name] = value.astype(REMAINDER_DTYPES[remainder_dtype])
+      out[name] = value.astype(packed.REMAINDER_DTYPES[remainder_dtype])
   return out
 
 
@@ -184,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--out", required=True, help="path of the .safetensors file to write")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-  parser.add_argument("--remainder", choices=["auto", *REMAINDER_DTYPES], default="auto",
+  parser.add_argument("--remainder", choices=["auto", *packed.REMAINDER_DTYPES], default="auto",
                       help="dtype of the FP remainder; auto: float16 if the predictions are unchanged")
 
 

@@ -57,7 +57,7 @@ import numpy as np
 from bipft_jax import config_loading, kinds
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
-from bipft_jax.packed_export import REMAINDER_DTYPES
+from bipft_jax.packed import REMAINDER_DTYPES
 
 WORD_BITS = 32
 BOPS_PER_FLOP = 64

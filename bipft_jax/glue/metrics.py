@@ -1,60 +1,40 @@
-"""GLUE metrics in numpy: Matthews correlation, accuracy, F1, Pearson, Spearman.
+"""GLUE metrics: Matthews correlation, accuracy, F1 (scikit-learn), Pearson and Spearman (scipy), as
+the release and Hugging Face's GLUE metric compute them; `compute` returns the named ones in percent.
 
-Each takes labels and predictions (class ids, or scores for STS-B) and returns a float; `compute`
-returns the named ones as percentages, as GLUE tables print them.
+One rule is ours: a metric that is undefined for a degenerate split or predictor (a constant
+prediction's correlation, F1 without positives) is 0 rather than NaN, so an early epoch that
+predicts one value can still be compared with the others when the best epoch is selected.
 """
 import numpy as np
+import scipy.stats
+import sklearn.metrics
 
 
 def accuracy(labels, predictions) -> float:
-  return float(np.mean(np.asarray(labels) == np.asarray(predictions)))
-
-
-def _confusion(labels, predictions):
-  labels, predictions = np.asarray(labels).astype(bool), np.asarray(predictions).astype(bool)
-  tp = float(np.sum(labels & predictions))
-  tn = float(np.sum(~labels & ~predictions))
-  fp = float(np.sum(~labels & predictions))
-  fn = float(np.sum(labels & ~predictions))
-  return tp, tn, fp, fn
+  return float(sklearn.metrics.accuracy_score(labels, predictions))
 
 
 def f1(labels, predictions) -> float:
-  """F1 of the positive class (label 1), 0 when there are no true or predicted positives."""
-  tp, _, fp, fn = _confusion(labels, predictions)
-  return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+  """F1 of the positive class (label 1)."""
+  return float(sklearn.metrics.f1_score(labels, predictions, zero_division=0.0))
 
 
 def matthews_corr(labels, predictions) -> float:
-  """Matthews correlation of binary labels; 0 when a row or column of the confusion matrix is empty."""
-  tp, tn, fp, fn = _confusion(labels, predictions)
-  denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-  return float((tp * tn - fp * fn) / denominator) if denominator else 0.0
+  return float(sklearn.metrics.matthews_corrcoef(labels, predictions))
+
+
+def _correlation(statistic, labels, predictions) -> float:
+  if np.ptp(np.asarray(labels, np.float64)) == 0 or np.ptp(np.asarray(predictions, np.float64)) == 0:
+    return 0.0  # constant input: undefined (scipy warns and returns NaN)
+  return float(statistic(labels, predictions)[0])
 
 
 def pearson(labels, predictions) -> float:
-  x = np.asarray(labels, np.float64) - np.mean(labels)
-  y = np.asarray(predictions, np.float64) - np.mean(predictions)
-  denominator = np.sqrt(np.sum(x * x) * np.sum(y * y))
-  return float(np.sum(x * y) / denominator) if denominator else 0.0
-
-
-def _ranks(values) -> np.ndarray:
-  """1-based ranks with ties given their average rank (as scipy.stats.rankdata)."""
-  values = np.asarray(values)
-  order = np.argsort(values, kind="stable")
-  sorted_values = values[order]
-  starts = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
-  group = np.cumsum(starts) - 1
-  first = np.flatnonzero(starts)
-  last = np.r_[first[1:], len(values)] - 1
-  ranks = np.empty(len(values), np.float64)
-  ranks[order] = (first[group] + last[group]) / 2.0 + 1.0
-  return ranks
+  return _correlation(scipy.stats.pearsonr, labels, predictions)
 
 
 def spearman(labels, predictions) -> float:
-  return pearson(_ranks(labels), _ranks(predictions))
+  return _correlation(scipy.stats.spearmanr, labels, predictions)
 
 
 def pearson_spearman(labels, predictions) -> float:
