@@ -81,6 +81,16 @@ def host_rows(batch: dict) -> dict:
   return jax.tree.map(lambda x: np.split(np.asarray(x), count)[index], batch)
 
 
+def check_batch_size(name: str, size: int, divisor: int, accum: int = 1) -> None:
+  """UserError unless a batch of `size` splits into `accum` micro-batches over the `divisor` batch
+  shards of the mesh, and into equal rows for every host."""
+  hosts = jax.process_count()
+  if size % (accum * divisor) or size % hosts:
+    of_accum = f"grad_accum_steps ({accum}) times " if accum > 1 else ""
+    raise UserError(f"{name} {size} must be a multiple of {of_accum}the {divisor} batch shards of the mesh, "
+                    f"and of the {hosts} hosts; change it or --config.mesh.shape")
+
+
 def needs_calibration(params: Any, param_kinds: Any) -> bool:
   """Whether the activation scales are all still at their initial 1 (never calibrated nor trained):
   the one rule, for every start, that decides whether to calibrate them on the first batch."""

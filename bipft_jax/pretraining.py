@@ -140,16 +140,6 @@ def describe(step: int, evaluation: dict) -> str:
 # The job
 
 
-def _check_batch_sizes(config, divisor: int) -> None:
-  hosts_, accum = jax.process_count(), config.grad_accum_steps
-  if accum < 1 or config.batch_size % (accum * divisor) or config.batch_size % hosts_:
-    raise UserError(f"batch_size {config.batch_size} must be a multiple of grad_accum_steps ({accum}) "
-                    f"times the {divisor} batch shards of the mesh, and of the {hosts_} hosts")
-  if config.eval_batch_size % divisor or config.eval_batch_size % hosts_:
-    raise UserError(f"eval_batch_size {config.eval_batch_size} must be a multiple of the {divisor} batch "
-                    f"shards and the {hosts_} hosts")
-
-
 def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> engine.Job:
   """Pretraining for the run engine: the student distilled from the frozen teacher on the corpus,
   starting (in a new workdir) from `init_from`'s parameters, else from the teacher's."""
@@ -159,7 +149,9 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
   if config.data.max_seq_length > student_cfg.max_position_embeddings:
     raise UserError(f"data.max_seq_length {config.data.max_seq_length} exceeds the model's "
                     f"{student_cfg.max_position_embeddings} positions")
-  _check_batch_sizes(config, sharding.batch_divisor(mesh, rules))
+  divisor = sharding.batch_divisor(mesh, rules)
+  engine.check_batch_size("batch_size", config.batch_size, divisor, config.grad_accum_steps)
+  engine.check_batch_size("eval_batch_size", config.eval_batch_size, divisor)
   student = model_lib.build(student_cfg, "pretraining")
   # The precision policy covers the teacher too.
   teacher = model_lib.build(dataclasses.replace(teacher_config, precision=student_cfg.precision),

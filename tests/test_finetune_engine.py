@@ -74,7 +74,7 @@ def test_finetune_killed_mid_epoch_resumes_bit_identically(glue_dir, vocab_dir, 
 
 
 def test_finetune_on_eight_devices_equals_one_device(glue_dir, vocab_dir, tmp_path):
-  extra = ("epochs=2", "batch_size=8", "eval_batch_size=8")
+  extra = ("epochs=2", "batch_size=8", "eval_batch_size=8", "optimizer.learning_rate=1e-4")
   assert cli.main(_argv(glue_dir, vocab_dir, tmp_path / "one", *extra)) == 0
   assert cli.main(_argv(glue_dir, vocab_dir, tmp_path / "eight", *extra, "mesh.shape.data=-1")) == 0
   one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
@@ -82,8 +82,14 @@ def test_finetune_on_eight_devices_equals_one_device(glue_dir, vocab_dir, tmp_pa
   np.testing.assert_allclose([eight[s] for s in sorted(eight)], [one[s] for s in sorted(one)], rtol=1e-5)
   assert _results(tmp_path / "eight")["dev"] == _results(tmp_path / "one")["dev"]
   one_params, eight_params = _best_params(tmp_path / "one"), _best_params(tmp_path / "eight")
-  for name, value in one_params.items():
-    np.testing.assert_allclose(eight_params[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+  # Every tensor agrees to rounding except in self-attention, where a query or key activation that
+  # sits at 0 may binarize to the other sign on another device count; Adam, which divides each
+  # gradient by its own running size, turns that into at most a step of the learning rate (1e-4) per
+  # step for the elements it touches.
+  differ = {name: float(np.max(np.abs(eight_params[name] - value))) for name, value in one_params.items()
+            if not np.allclose(eight_params[name], value, rtol=1e-5, atol=1e-7)}
+  assert all("/attention/self/" in name for name in differ), differ
+  assert max(differ.values(), default=0.0) <= 4 * 1e-4, differ
 
 
 def _outputs(rng, batch, layers, classes, length=3, width=4, heads=2) -> dict:
@@ -136,3 +142,12 @@ def test_a_distilled_finetune_lowers_the_distillation_loss(glue_dir, vocab_dir, 
   bad = _argv(glue_dir, vocab_dir, tmp_path / "bad", f"distill.teacher={tmp_path / 'nowhere'}")
   assert cli.main(bad) == 2
   assert "nowhere does not exist" in capsys.readouterr().err
+
+
+def test_a_batch_the_mesh_cannot_split_is_one_line(glue_dir, vocab_dir, tmp_path, capsys):
+  argv = _argv(glue_dir, vocab_dir, tmp_path / "run", "mesh.shape.data=-1")  # batch 4 over 8 devices
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == ("bipft finetune: error: batch_size 4 must be a multiple of the 8 batch shards of the mesh, "
+                     "and of the 1 hosts; change it or --config.mesh.shape")
+  assert not (tmp_path / "run" / ".finetune-staging").exists()

@@ -152,7 +152,8 @@ class Finetuning:
     if config.steps_per_epoch > 0:
       self.steps_per_epoch = min(self.steps_per_epoch, config.steps_per_epoch)
     config.optimizer.total_steps = self.steps_per_epoch * config.epochs
-    _check_batch_sizes(config, sharding.batch_divisor(mesh, rules))
+    for name in ("batch_size", "eval_batch_size"):
+      engine.check_batch_size(name, config[name], sharding.batch_divisor(mesh, rules))
     self.module = model_lib.build(self.start.model_config, "classification")
     self.history = []
     teacher_module, teacher_params = self._teacher()
@@ -250,14 +251,6 @@ class Finetuning:
     if distributed.is_primary():
       files.write_json(os.path.join(self.staging, "results.json"), results)
     return results
-
-
-def _check_batch_sizes(config, divisor: int) -> None:
-  hosts = jax.process_count()
-  for name in ("batch_size", "eval_batch_size"):
-    if config[name] % (divisor * hosts):
-      raise UserError(f"{name} {config[name]} must be a multiple of the {divisor} batch shards of the mesh "
-                      f"times the {hosts} hosts; change it or --config.mesh.shape")
 
 
 def read_data(config, task: tasks.Task) -> tuple:
