@@ -103,6 +103,16 @@ def student_loss(student: nn.Module, config, params, teacher_out: dict, batch: d
   return loss, metrics
 
 
+def make_loss_fn(student: nn.Module, teacher: nn.Module, config):
+  """loss_fn(params, teacher_params, batch, key) -> (loss, metrics) for the engine's step: the frozen
+  teacher's forward, then the student's distillation loss against it."""
+  def loss_fn(params, teacher_params, batch, key):
+    teacher_key, student_key = jax.random.split(key)
+    teacher_out = teacher_outputs(teacher, teacher_params, batch, config.teacher.dropout, teacher_key)
+    return student_loss(student, config, params, teacher_out, batch, student_key)
+  return loss_fn
+
+
 def mlm_evaluator(student: nn.Module, batches: list, mesh, rules, params_shardings):
   """evaluate(params) -> {eval_mlm_accuracy, eval_mlm_loss} over the held-out `batches` (global arrays),
   deterministic: what `bipft pretrain` logs and `bipft evaluate` prints."""
@@ -160,11 +170,6 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
                                         fix="set --config.model.vocab_size or --config.tokenizer")
   held_out = held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
 
-  def loss_fn(params, teacher_params_, batch, key):
-    teacher_key, student_key = jax.random.split(key)
-    teacher_out = teacher_outputs(teacher, teacher_params_, batch, config.teacher.dropout, teacher_key)
-    return student_loss(student, config, params, teacher_out, batch, student_key)
-
   def batches(step: int, data_state: Optional[dict]):
     data = hosts.HostData(sources.open_source(config.data, "train"), tokenizer, config.data,
                           global_batch_size=config.batch_size, seed=config.seed)
@@ -181,7 +186,7 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
   return engine.Job(
       name="pretrain", module=student, model_config=student_cfg, head="pretraining",
       tx=optim.make_optimizer(config.optimizer, model_lib.param_kinds(student)),
-      schedule=optim.learning_rate_schedule(config.optimizer), loss_fn=loss_fn, loss_key="total_loss",
-      batches=batches, source=source, run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher,
+      schedule=optim.learning_rate_schedule(config.optimizer), loss_fn=make_loss_fn(student, teacher, config),
+      loss_key="total_loss", batches=batches, source=source, run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher,
       evaluate=mlm_evaluator(student, held_out, mesh, rules, engine.param_shardings(student, mesh, rules)),
       checkpoint_state=hosts.global_state, describe=describe)
