@@ -1,10 +1,11 @@
 """Every shipped mesh (configs/meshes.py) at its real topology on this machine trains like one device.
 
 `bipft simulate-mesh` starts as many processes as the mesh's slice has hosts, each with a host's CPU
-devices (jax.distributed, gloo), runs a tiny pretraining on the mesh and compares its per-step
-losses with the same command on one device. The cheap meshes run in the regular suite; the rest
-take minutes each on 2 cores and run with BIPFT_TEST_ALL_MESHES=1 (v5e-256 on 16 processes of 16
-devices: its real 64 hosts need more memory than this machine has, see README).
+devices (jax.distributed, gloo), runs a tiny pretraining or finetuning on the mesh and compares its
+per-step losses with the same command on one device. v4-32-tensor (4 processes: data across hosts,
+tensor parallel inside) runs in the regular suite; the others take one to several minutes each on 2
+cores and run with BIPFT_TEST_ALL_MESHES=1 (v5e-256 on 16 processes of 16 devices: its real 64
+hosts need more memory than this machine has, see README).
 """
 import json
 import os
@@ -25,31 +26,37 @@ MESHES = os.path.join(REPO, "configs", "meshes.py")
 ALL_MESHES = os.environ.get("BIPFT_TEST_ALL_MESHES", "") not in ("", "0")
 NUM_DOCS = 256  # enough documents for 64 data shards
 TIMEOUT_S = 1800
-# Two tiny commands, each compared with one one-device run. Batch sizes are multiples of every
-# mesh's batch shards and data.shards of every host count in the group (the batches are then the
-# same on any of them); the pod model's hidden size 256 is split by v5e-256's fsdp axis.
+# Two sizes of each tiny command, each compared with one one-device run. Batch sizes are multiples
+# of the batch shards of every mesh in the group, data.shards of every host count (the batches are
+# then the same on any of them); the pod model's hidden size 256 is split by v5e-256's fsdp axis.
 GROUPS = {
-    "small": {"batch_size": 16, "eval_batch_size": 16, "data.shards": 4},
-    "pod": {"batch_size": 256, "eval_batch_size": 256, "data.shards": 64, "model.hidden_size": 256,
-            "model.num_heads": 4, "model.intermediate_size": 512, "data.max_seq_length": 16,
-            "data.max_predictions": 3},
+    "small": {"batch_size": 16, "eval_batch_size": 16},
+    "pod": {"batch_size": 256, "eval_batch_size": 256, "model.hidden_size": 256, "model.num_heads": 4,
+            "model.intermediate_size": 512},
 }
-# mesh -> (group, processes or 0 for the slice's hosts, runs in the regular suite)
+PRETRAIN = {"small": {"data.shards": 4}, "pod": {"data.shards": 64, "data.max_seq_length": 16,
+                                                 "data.max_predictions": 3}}
+# mesh -> (group, processes or 0 for the slice's hosts)
 CASES = {
-    "data": ("small", 0, True),
-    "v4-32-tensor": ("small", 0, True),
-    "local-2x2": ("small", 0, False),  # tests/test_multihost.py runs this topology in the regular suite
-    "v4-32": ("pod", 0, False),
-    "gpu-4x8": ("pod", 0, False),
-    "v5e-256": ("pod", 16, False),
+    "data": ("small", 0),
+    "v4-32-tensor": ("small", 0),
+    "local-2x2": ("small", 0),
+    "v4-32": ("pod", 0),
+    "gpu-4x8": ("pod", 0),
+    "v5e-256": ("pod", 16),
 }
+# The regular suite's cases: 4 processes with tensor parallelism for pretraining (whose local-2x2 is
+# tests/test_multihost.py), 2 processes with fsdp for finetuning.
+REGULAR = {("pretrain", "v4-32-tensor"), ("finetune", "local-2x2")}
+MIN_FREE = 2**30  # bytes of free memory below which a run is killed rather than the machine swamped
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   directory = tmp_path_factory.mktemp("mesh_data")
   write_corpus(directory, num_docs=NUM_DOCS)
-  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "."] + WORDS + [f"d{i}" for i in range(NUM_DOCS)]
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "."] + WORDS
+  vocab += [f"d{i}" for i in range(NUM_DOCS)]
   (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
   return directory
 
@@ -57,19 +64,25 @@ def data_dir(tmp_path_factory):
 def pretrain_command(data_dir, group: str) -> list:
   values = {"data.paths": data_dir / "corpus.txt", "data.eval_paths": data_dir / "corpus.txt",
             "tokenizer": data_dir, "model.vocab_size": 384, "model.num_layers": 1, "total_steps": 3,
-            "eval_batches": 1, "checkpoint_every": 1000, **GROUPS[group]}
+            "eval_batches": 1, "checkpoint_every": 1000, **GROUPS[group], **PRETRAIN[group]}
   return ["pretrain", "--config", os.path.join(REPO, "configs", "pretrain.py:tiny")] + \
       [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def finetune_command(vocab_dir) -> list:
-  """A tiny scratch model on rt_demo for 3 steps, logging the loss of every step."""
-  values = {"init.kind": "scratch", "model.vocab_size": 64, "model.hidden_size": 32, "model.num_heads": 2,
-            "model.intermediate_size": 64, "model.num_layers": 1, "model.max_position_embeddings": 64,
-            "data.tokenizer": vocab_dir, "batch_size": 16, "eval_batch_size": 16, "max_length": 16,
-            "min_bucket": 16, "epochs": 1, "steps_per_epoch": 3, "max_train_examples": 48, "log_every": 1}
+def finetune_command(vocab_dir, group: str) -> list:
+  """A tiny scratch model on rt_demo for 3 steps (a 1% dev set), logging the loss of every step."""
+  values = {"init.kind": "scratch", "model.vocab_size": 64, "model.hidden_size": 128, "model.num_heads": 2,
+            "model.intermediate_size": 256, "model.num_layers": 1, "model.max_position_embeddings": 64,
+            "data.tokenizer": vocab_dir, "data.dev_fraction": 0.01, "max_length": 16, "min_bucket": 16,
+            "epochs": 1, "steps_per_epoch": 3, "max_train_examples": 3 * GROUPS[group]["batch_size"],
+            "log_every": 1, **GROUPS[group]}
   return ["finetune", "--config", os.path.join(REPO, "configs", "glue.py:task=rt_demo")] + \
       [f"--config.{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def vocab_dir(tmp_path_factory):
+  return glue_fixtures.write_vocab(tmp_path_factory.mktemp("vocab"))
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +93,19 @@ def one_device(tmp_path_factory):
   def run(command):
     if tuple(command) not in runs:
       workdir = str(tmp_path_factory.mktemp("one_device"))
-      runs[tuple(command)] = simulate_mesh.run_one_device(command, workdir, time.monotonic() + TIMEOUT_S)
+      runs[tuple(command)] = simulate_mesh.run_one_device(command, workdir, time.monotonic() + TIMEOUT_S,
+                                                          MIN_FREE)
     return runs[tuple(command)]
   return run
 
 
 def _simulate(name, command, one_device, tmp_path) -> simulate_mesh.Result:
-  _, processes, regular = CASES[name]
-  if not (regular or ALL_MESHES):
+  if (command[0], name) not in REGULAR and not ALL_MESHES:
     pytest.skip("minutes on 2 cores: set BIPFT_TEST_ALL_MESHES=1")
   single_losses, single_run = one_device(command)
-  topology = simulate_mesh.topology(name, MESHES, processes)
-  losses, run = simulate_mesh.run_on_mesh(topology, command, str(tmp_path), time.monotonic() + TIMEOUT_S)
+  topology = simulate_mesh.topology(name, MESHES, CASES[name][1])
+  deadline = time.monotonic() + TIMEOUT_S
+  losses, run = simulate_mesh.run_on_mesh(topology, command, str(tmp_path), deadline, MIN_FREE)
   result = simulate_mesh.Result(topology, losses, single_losses, run, single_run, rtol=1e-5)
   print(result.summary())
   return result
@@ -112,11 +126,9 @@ def test_pretraining_on_each_mesh_equals_one_device(name, data_dir, one_device, 
   assert writers == {f"ocdbt.process_{i}" for i in range(result.topology.processes)}
 
 
-@pytest.mark.xfail(strict=True, raises=UserError, reason="finetune meshes land with the run engine")
-@pytest.mark.parametrize("name", [name for name, (group, _, _) in CASES.items() if group == "small"])
-def test_finetuning_on_each_mesh_equals_one_device(name, one_device, tmp_path_factory, tmp_path):
-  vocab_dir = glue_fixtures.write_vocab(tmp_path_factory.mktemp("vocab"))
-  result = _simulate(name, finetune_command(vocab_dir), one_device, tmp_path)
+@pytest.mark.parametrize("name", list(CASES))
+def test_finetuning_on_each_mesh_equals_one_device(name, vocab_dir, one_device, tmp_path):
+  result = _simulate(name, finetune_command(vocab_dir, CASES[name][0]), one_device, tmp_path)
   assert sorted(result.mesh_losses) == [1, 2, 3]
   assert result.equal, result.summary()
 
@@ -144,7 +156,8 @@ def test_topology_is_the_slice_hosts_times_their_devices(name, processes, expect
      "the one-device run: one_device exited with code 2; the end of"),
 ])
 def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys):
-  code = cli.main(["simulate-mesh", argv[0], "--meshes", MESHES, "--workdir", str(tmp_path / "sim"), *argv[1:]])
+  code = cli.main(["simulate-mesh", argv[0], "--meshes", MESHES, "--workdir", str(tmp_path / "sim"),
+                   *argv[1:]])
   err = capsys.readouterr().err
   assert code == 2 and err.startswith("bipft simulate-mesh: error: ") and message in err.splitlines()[0], err
   if "one_device exited" in message:  # the tail of the failing process's log follows
@@ -153,9 +166,11 @@ def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys):
 
 def test_a_failing_process_stops_the_job_and_is_named(tmp_path):
   env = simulate_mesh.environment(1)
+  failing = [sys.executable, "-c", "import sys; sys.exit('boom')"]
   job = [simulate_mesh.start("process_0", ["sleep", "600"], env, str(tmp_path)),
-         simulate_mesh.start("process_1", [sys.executable, "-c", "import sys; sys.exit('boom')"], env, str(tmp_path))]
-  with pytest.raises(UserError, match=r"^job: process_1 exited with code 1; the end of .*process_1\.err:\n  boom$"):
+         simulate_mesh.start("process_1", failing, env, str(tmp_path))]
+  message = r"^job: process_1 exited with code 1; the end of .*process_1\.err:\n  boom$"
+  with pytest.raises(UserError, match=message):
     simulate_mesh.wait_all(job, time.monotonic() + 60, "job")
   assert job[0].code == -signal.SIGKILL  # killed, not left running
 
@@ -163,6 +178,7 @@ def test_a_failing_process_stops_the_job_and_is_named(tmp_path):
 def test_the_deadline_kills_every_process(tmp_path):
   job = [simulate_mesh.start(f"process_{i}", ["sleep", "600"], simulate_mesh.environment(1), str(tmp_path))
          for i in range(2)]
-  with pytest.raises(UserError, match=re.escape("job: still running at the deadline (process_0, process_1); killed")):
+  message = "job: still running at the deadline (process_0, process_1); killed"
+  with pytest.raises(UserError, match=re.escape(message)):
     simulate_mesh.wait_all(job, time.monotonic() + 0.5, "job")
   assert [p.code for p in job] == [-signal.SIGKILL] * 2
