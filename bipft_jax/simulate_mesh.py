@@ -56,6 +56,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+  # SIGTERM unwinds like Ctrl-C, through the process groups' kill (an orphaned process would wait
+  # forever for the collectives of the ones killed).
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
   # The CLI set every --config.field=value aside; this command has no config: they are the command's.
   command = args.command + [config_loading.OVERRIDE_PREFIX + item for item in args.config_overrides]
   result = simulate(args.mesh, command, args.workdir, meshes=args.meshes, processes=args.processes,
