@@ -56,14 +56,17 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-  # SIGTERM unwinds like Ctrl-C, through the process groups' kill (an orphaned process would wait
-  # forever for the collectives of the ones killed).
-  signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
   # The CLI set every --config.field=value aside; this command has no config: they are the command's.
   command = args.command + [config_loading.OVERRIDE_PREFIX + item for item in args.config_overrides]
-  result = simulate(args.mesh, command, args.workdir, meshes=args.meshes, processes=args.processes,
-                    devices=args.devices, rtol=args.rtol, timeout=args.timeout,
-                    min_free=args.min_free_gib * 2**30)
+  # SIGTERM unwinds like Ctrl-C, through the process groups' kill (an orphaned process would wait
+  # forever for the collectives of the ones killed).
+  previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+  try:
+    result = simulate(args.mesh, command, args.workdir, meshes=args.meshes, processes=args.processes,
+                      devices=args.devices, rtol=args.rtol, timeout=args.timeout,
+                      min_free=args.min_free_gib * 2**30)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   print(result.summary(), flush=True)
   return 0 if result.equal else 1
 
@@ -87,7 +90,8 @@ class Topology:
     return self.processes == self.hosts
 
   def describe(self) -> str:
-    what = f"{self.name}: {self.processes} processes x {self.devices_per_process} devices"
+    what = f"{self.name}: {self.processes} process{'es' if self.processes > 1 else ''} x " \
+        f"{self.devices_per_process} devices"
     return what if self.real else f"{what} (NOT the real topology: the slice has {self.hosts} hosts)"
 
 
