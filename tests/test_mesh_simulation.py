@@ -129,8 +129,8 @@ def test_pretraining_on_each_mesh_equals_one_device(name, data_dir, one_device, 
 # Found by this test: finetuning wants batch_size a multiple of the batch shards times the hosts
 # (glue/finetuning.py: 1024 on these 4 processes, 16384 on the real 64 hosts), pretraining a multiple
 # of each; its 256 rows fit v5e-256's 256 devices.
-BATCH_CHECK = pytest.mark.xfail(
-    strict=True, raises=UserError, reason="finetuning's batch check multiplies the mesh's batch shards by the hosts")
+BATCH_CHECK = pytest.mark.xfail(strict=True, raises=UserError,
+                                reason="finetuning's batch check multiplies the batch shards by the hosts")
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=BATCH_CHECK) if name == "v5e-256" else name
