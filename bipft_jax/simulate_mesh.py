@@ -38,8 +38,8 @@ _LOG_TAIL_LINES = 12
 
 def add_arguments(parser) -> None:
   parser.add_argument("mesh", help="a mesh name from the meshes file (configs/meshes.py)")
-  parser.add_argument("command", nargs="+", metavar="-- COMMAND",
-                      help="the bipft command and its arguments, without --workdir (pretrain --config ...)")
+  parser.add_argument("command", nargs="+", metavar="COMMAND",
+                      help="after --: the bipft command and its arguments, without --workdir (pretrain ...)")
   parser.add_argument("--workdir", required=True, help="a new folder: the two runs' workdirs (mesh/, "
                       "one_device/) and every process's log (logs/)")
   parser.add_argument("--meshes", default="configs/meshes.py", help="the meshes file (default: %(default)s)")
