@@ -128,7 +128,9 @@ def test_pretraining_on_each_mesh_equals_one_device(name, data_dir, one_device, 
 
 # Found by this test: finetuning wants batch_size a multiple of the batch shards times the hosts
 # (glue/finetuning.py: 1024 on these 4 processes, 16384 on the real 64 hosts), pretraining a multiple
-# of each; its 256 rows fit v5e-256's 256 devices.
+# of each; its 256 rows fit v5e-256's 256 devices. With batch_size=1024 it runs here, but its losses
+# drift from one device's (relative 4e-7, 6e-5, 3.7e-4 at steps 1-3) where gpu-4x8 with the same
+# command and v5e-256 pretraining agree to 2e-7: to look into once the check is fixed.
 BATCH_CHECK = pytest.mark.xfail(strict=True, raises=UserError,
                                 reason="finetuning's batch check multiplies the batch shards by the hosts")
 
