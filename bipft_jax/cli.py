@@ -22,6 +22,8 @@ COMMANDS = {
     "convert": ("bipft_jax.convert", "convert checkpoints: orbax <-> PyTorch (Hugging Face or release names)"),
     "eval-pytorch": ("bipft_jax.eval_pytorch", "score a PyTorch export on a GLUE dev set with the JAX run's data and metrics"),
     "summary": ("bipft_jax.summary", "parameters, memory and OPs per layer of a 1-bit model vs its FP twin"),
+    "simulate-mesh": ("bipft_jax.simulate_mesh", "run a command on a mesh's real topology in local processes "
+                      "and check its losses equal one device's"),
 }
 
 

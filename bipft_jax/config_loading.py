@@ -19,14 +19,7 @@ OVERRIDE_PREFIX = "--config."
 def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """Loads `path.py[:arg]` and applies `field.sub=value` overrides."""
   path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise UserError(f"config file {path} does not exist")
-  module_spec = importlib.util.spec_from_file_location(f"bipft_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except Exception as e:
-    raise UserError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
+  module = load_module(path)
   if not hasattr(module, "get_config"):
     raise UserError(f"config file {path} has no get_config(arg) function")
   try:
@@ -36,6 +29,19 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   for item in overrides:
     apply_override(config, item)
   return config
+
+
+def load_module(path: str):
+  """The Python config file at `path`, executed as a module (not added to sys.modules)."""
+  if not os.path.isfile(path):
+    raise UserError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"bipft_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:
+    raise UserError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
+  return module
 
 
 def _parse_value(text: str):

@@ -16,13 +16,15 @@ FSDP = (("batch", ("data", "fsdp")), ("embed", "fsdp"))
 FSDP_TENSOR = FSDP + (("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
 
 MESHES = {
-    # name: (axis sizes, rules, what it is for)
-    "data": ({"data": -1}, FSDP_TENSOR, "every device on data: pure data parallelism (the default)"),
-    "v4-32": ({"data": 16}, DATA_PARALLEL, "TPU v4-32 slice: 16 chips on 4 hosts, data parallel"),
-    "v5e-256": ({"fsdp": 256}, FSDP, "TPU v5e-256 pod: 256 chips on 64 hosts, fully sharded"),
-    "gpu-4x8": ({"data": 4, "fsdp": 8}, FSDP, "4 nodes of 8 GPUs: fsdp inside a node, data across nodes"),
-    "v4-32-tensor": ({"data": 4, "tensor": 4}, FSDP_TENSOR, "TPU v4-32: tensor parallel over each host's 4 chips"),
-    "local-2x2": ({"data": 2, "fsdp": 2}, FSDP, "2 processes x 2 CPU devices on one machine (tests, local.sh)"),
+    # name: (axis sizes, rules, hosts (processes) of the slice, what it is for)
+    "data": ({"data": -1}, FSDP_TENSOR, 1, "every device on data: pure data parallelism (the default)"),
+    "v4-32": ({"data": 16}, DATA_PARALLEL, 4, "TPU v4-32 slice: 16 chips on 4 hosts, data parallel"),
+    "v5e-256": ({"fsdp": 256}, FSDP, 64, "TPU v5e-256 pod: 256 chips on 64 hosts, fully sharded"),
+    "gpu-4x8": ({"data": 4, "fsdp": 8}, FSDP, 4, "4 nodes of 8 GPUs: fsdp inside a node, data across nodes"),
+    "v4-32-tensor": ({"data": 4, "tensor": 4}, FSDP_TENSOR, 4,
+                     "TPU v4-32: tensor parallel over each host's 4 chips"),
+    "local-2x2": ({"data": 2, "fsdp": 2}, FSDP, 2,
+                  "2 processes x 2 CPU devices on one machine (tests, local.sh)"),
 }
 
 
@@ -30,8 +32,14 @@ def get_config(name: str) -> ml_collections.ConfigDict:
   """The `mesh` field of a training config: {shape: {data, fsdp, tensor}, rules}."""
   if name not in MESHES:
     raise ValueError(f"unknown mesh {name!r}; choose one of {', '.join(MESHES)}")
-  sizes, rules, _ = MESHES[name]
+  sizes, rules, _, _ = MESHES[name]
   mesh = ml_collections.ConfigDict()
   mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, **sizes})
   mesh.rules = rules
   return mesh
+
+
+def hosts(name: str) -> int:
+  """How many hosts (JAX processes) the mesh's machine has: what `bipft simulate-mesh` starts."""
+  get_config(name)  # the unknown-name error
+  return MESHES[name][2]
