@@ -126,16 +126,14 @@ def test_pretraining_on_each_mesh_equals_one_device(name, data_dir, one_device, 
   assert writers == {f"ocdbt.process_{i}" for i in range(result.topology.processes)}
 
 
-# Found by this test: finetuning wants batch_size a multiple of the batch shards times the hosts
-# (glue/finetuning.py: 1024 on these 4 processes, 16384 on the real 64 hosts), pretraining a multiple
-# of each; its 256 rows fit v5e-256's 256 devices. With batch_size=1024 it runs here, but its losses
-# drift from one device's (relative 4e-7, 6e-5, 3.7e-4 at steps 1-3) where gpu-4x8 with the same
-# command and v5e-256 pretraining agree to 2e-7: to look into once the check is fixed.
-BATCH_CHECK = pytest.mark.xfail(strict=True, raises=UserError,
-                                reason="finetuning's batch check multiplies the batch shards by the hosts")
+# Found by this test: finetuning on v5e-256 (4 processes x 64 devices, batch 1024) drifts from one
+# device (relative loss differences 4e-7, 6e-5, 3.7e-4 at steps 1-3) where gpu-4x8 with the same
+# command and v5e-256 pretraining agree to 2e-7. Cause not found yet (a binarized activation at 0
+# taking the other sign under another reduction order is the suspect): a known bug, kept visible.
+DRIFT = pytest.mark.xfail(strict=True, reason="finetuning on v5e-256 drifts from one device (cause not found)")
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=BATCH_CHECK) if name == "v5e-256" else name
+@pytest.mark.parametrize("name", [pytest.param(name, marks=DRIFT) if name == "v5e-256" else name
                                   for name in CASES])
 def test_finetuning_on_each_mesh_equals_one_device(name, vocab_dir, one_device, tmp_path):
   result = _simulate(name, finetune_command(vocab_dir, CASES[name][0]), one_device, tmp_path)
