@@ -232,8 +232,7 @@ class WordEmbeddings(nn.Module):
     table_VxD = self.param("embedding",
                            kinds.declare(_dense_init(), ("vocab", "embed"), policy.embedding_kind),
                            (cfg.vocab_size, cfg.hidden_size))
-    table_VxD = policy.embedding(table_VxD)
-    words_BxLxD = jnp.take(table_VxD, input_ids_BxL, axis=0)
+    words_BxLxD = policy.embedding(table_VxD, input_ids_BxL)
     # torch's padding_idx: the padding token's lookup sends no gradient to its row.
     is_pad_BxLx1 = (input_ids_BxL == cfg.pad_token_id)[..., None]
     return jnp.where(is_pad_BxLx1, jax.lax.stop_gradient(words_BxLxD), words_BxLxD)
