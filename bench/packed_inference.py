@@ -123,8 +123,7 @@ def build(name: str, paths: dict, batch: int, length: int):
       params = _student_params()
       run = jax.jit(lambda p, *x: student.apply({"params": p}, *x)["hidden_states"][-1])
     else:
-      config, head, params = packed_export.load_packed(paths["packed"])
-      params = packed.prepare(config, params, name.removeprefix("packed_"))
+      config, head, params = packed_export.load_packed(paths["packed"], kernel=name.removeprefix("packed_"))
       run = jax.jit(lambda p, *x: packed.forward(config, head, p, *x)["hidden_states"][-1])
     return lambda: jax.block_until_ready(run(params, *args))
   if name in TORCH:

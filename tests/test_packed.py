@@ -176,6 +176,23 @@ def test_int8_kernel_equals_popcount_exactly(zeros):
     np.testing.assert_array_equal(got, want)
 
 
+def test_load_packed_prepares_the_kernel_it_is_given(exported, tmp_path, monkeypatch):
+  path, _, _, batch = exported
+  monkeypatch.setenv("BIPFT_CACHE", str(tmp_path))
+  loaded = {kernel: packed_export.load_packed(path, kernel)[2] for kernel in ("popcount", "int8", "auto")}
+  ffn = lambda p: p["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]
+  assert "kernel_sign" in ffn(loaded["popcount"]) and "kernel_sign" not in ffn(loaded["int8"])
+  assert ffn(loaded["int8"])["kernel_int8"].dtype == jnp.int8
+  assert sorted(ffn(loaded["auto"])) == sorted(ffn(loaded[packed.resolve_kernel("auto")]))
+  config, head, _ = packed_export.load_packed(path, "popcount")
+  outputs = [_run_packed(config, head, loaded[kernel], batch) for kernel in ("popcount", "int8", "auto")]
+  for theirs in outputs[1:]:
+    for got, want in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(theirs)):
+      np.testing.assert_array_equal(got, want)
+  with pytest.raises(UserError, match="unknown packed kernel 'int4'"):
+    packed_export.load_packed(path, "int4")
+
+
 def test_auto_kernel_is_measured_once_per_machine(tmp_path, monkeypatch):
   monkeypatch.setenv("BIPFT_CACHE", str(tmp_path))
   choice = packed.resolve_kernel("auto")
@@ -236,7 +253,7 @@ def test_summary_predicts_the_exported_tensor_bytes(remainder):
 
 def test_export_stores_one_bit_per_binarized_weight(exported):
   path, _, _, _ = exported
-  config, _, packed_params = packed_export.load_packed(path)
+  config, _, packed_params = packed_export.load_packed(path, kernel="popcount")
   ffn = packed_params["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]
   assert ffn["kernel_sign"].dtype == jnp.uint32
   assert ffn["kernel_sign"].shape == (packed.num_words(config.hidden_size), config.intermediate_size)
