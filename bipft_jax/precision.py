@@ -43,13 +43,9 @@ CACHE_FILE = "matmul_choices.json"
 # --- the exact sign product ------------------------------------------------------------------
 
 def sign_einsum(spec: str, x_s, y_s, dtype: str):
-  """einsum of two {-1, 0, 1} operands as float32, computed in `dtype` (one of SIGN_DTYPES).
-
-  The operands are rounded first: a binarized tensor divided by its scale can be off by one ulp
-  (XLA divides by a scalar as a multiplication by its reciprocal), which bf16 and int8 would round
-  away and float32 would not.
-  """
-  x_s, y_s = (jnp.round(t).astype(dtype) for t in (x_s, y_s))
+  """einsum of two {-1, 0, 1} operands (exactly: e.g. jnp.sign of a binarized tensor) as float32,
+  computed in `dtype` (one of SIGN_DTYPES)."""
+  x_s, y_s = (t.astype(dtype) for t in (x_s, y_s))
   if dtype == "int8":
     return int8_einsum(spec, x_s, y_s).astype(jnp.float32)
   return jnp.einsum(spec, x_s, y_s, preferred_element_type=jnp.float32)
