@@ -176,9 +176,15 @@ def test_int8_kernel_equals_popcount_exactly(zeros):
     np.testing.assert_array_equal(got, want)
 
 
-def test_load_packed_prepares_the_kernel_it_is_given(exported, tmp_path, monkeypatch):
-  path, _, _, batch = exported
+@pytest.fixture
+def small_kernel_probe(tmp_path, monkeypatch):
+  """`auto` measures into a fresh cache, on a short probe batch (the choice, not its speed, is tested)."""
   monkeypatch.setenv("BIPFT_CACHE", str(tmp_path))
+  monkeypatch.setattr(packed, "_kernel_probe", functools.partial(packed._kernel_probe, batch=1, length=16))
+
+
+def test_load_packed_prepares_the_kernel_it_is_given(exported, small_kernel_probe):
+  path, _, _, batch = exported
   loaded = {kernel: packed_export.load_packed(path, kernel)[2] for kernel in ("popcount", "int8", "auto")}
   ffn = lambda p: p["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]
   assert "kernel_sign" in ffn(loaded["popcount"]) and "kernel_sign" not in ffn(loaded["int8"])
@@ -193,8 +199,7 @@ def test_load_packed_prepares_the_kernel_it_is_given(exported, tmp_path, monkeyp
     packed_export.load_packed(path, "int4")
 
 
-def test_auto_kernel_is_measured_once_per_machine(tmp_path, monkeypatch):
-  monkeypatch.setenv("BIPFT_CACHE", str(tmp_path))
+def test_auto_kernel_is_measured_once_per_machine(small_kernel_probe, monkeypatch):
   choice = packed.resolve_kernel("auto")
   assert choice in ("popcount", "int8")
   monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
