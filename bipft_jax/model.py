@@ -183,8 +183,7 @@ def _binary_einsum_bwd(spec, dtype, precision, residuals, g):
   if precision == "mixed":  # bf16 operands: the patterns exactly, the scaled cotangent rounded
     dx_s, dy_s = precision_lib.einsum_transposes(spec, jnp.sign(x_b), jnp.sign(y_b), g * (x_scale * y_scale))
     return dx_s / x_scale, dy_s / y_scale
-  _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b, precision="highest"), x_b, y_b)
-  return vjp(g)
+  return precision_lib.fp32_transposes(spec, x_b, y_b, g)
 
 
 _binary_einsum.defvjp(_binary_einsum_fwd, _binary_einsum_bwd)
@@ -462,7 +461,9 @@ class MlmPredictions(nn.Module):
     h_BxNxD = MlmTransform(cfg, name="transform")(h_BxNxD)
     bias_V = self.param("bias", kinds.declare(nn.initializers.zeros, ("vocab",), kinds.BIAS),
                         (cfg.vocab_size,))
-    return _fp_einsum(cfg, "bnd,vd->bnv", h_BxNxD, word_embeddings_VxD) + bias_V
+    # On the tokens flattened: the gradient of the table then contracts one axis (no transposed copy).
+    logits_BNxV = _fp_einsum(cfg, "nd,vd->nv", h_BxNxD.reshape(-1, h_BxNxD.shape[-1]), word_embeddings_VxD)
+    return logits_BNxV.reshape(*h_BxNxD.shape[:-1], -1) + bias_V
 
 
 class PretrainingHeads(nn.Module):
