@@ -6,7 +6,8 @@
 Contenders (BERT-base encoder forward, random weights, no padding), at each batch size:
   packed_popcount  bipft_jax.packed.forward from an exported 1-bit file: XOR/AND + popcount on words
   packed_int8      the same file, its bit-planes expanded at load to int8 {-1, 0, 1}: int8 matmuls
-                   with int32 accumulation (packed.prepare); the same outputs bit for bit
+                   with int32 accumulation for the Linears, float32 ones of the signs for the
+                   attention (packed.prepare); the same outputs bit for bit
   fp32_xla         the same student simulated in FP32 by model.py (not with --quick)
   torch_fp32       transformers' BertModel, PyTorch FP32
   torch_int8       the same after torch.ao.quantization.quantize_dynamic on its Linear layers (qint8)
@@ -14,7 +15,7 @@ Contenders (BERT-base encoder forward, random weights, no padding), at each batc
   ort_int8         the same after onnxruntime.quantization.quantize_dynamic (QInt8 weights)
 The ONNX Runtime pair needs the `bench` extra (`pip install -e '.[bench]'`: onnxruntime, onnx);
 without it they are skipped with a note. `packed` in the ratios is the kernel `packed.prepare`'s
-"auto" picks on this machine (measured once, cached), never a fixed one.
+"auto" picks on this machine (measured once, cached; what load_packed prepares by default).
 
 Kernel roofline: the exact int8 matmul (int8 operands, int32 accumulation) and the popcount
 matmul alone on the FFN shapes; the encoder's binary MACs at the faster one's rate is `roofline_s`.
@@ -123,8 +124,7 @@ def build(name: str, paths: dict, batch: int, length: int):
       params = _student_params()
       run = jax.jit(lambda p, *x: student.apply({"params": p}, *x)["hidden_states"][-1])
     else:
-      config, head, params = packed_export.load_packed(paths["packed"])
-      params = packed.prepare(config, params, name.removeprefix("packed_"))
+      config, head, params = packed_export.load_packed(paths["packed"], kernel=name.removeprefix("packed_"))
       run = jax.jit(lambda p, *x: packed.forward(config, head, p, *x)["hidden_states"][-1])
     return lambda: jax.block_until_ready(run(params, *args))
   if name in TORCH:

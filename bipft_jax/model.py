@@ -52,7 +52,7 @@ class BertConfig:
   linear_binarizer: str = "bipft"  # the binarized Linear layers' operator: policy.LINEAR_BINARIZERS
   attention_prob_binarizer: str = "elastic"  # zoo.ATTENTION_PROB_BINARIZERS: elastic (the release), bivit
   matmul_precision: str = "highest"  # reduced-precision fp32 matmuls flip signs
-  binary_matmul_dtype: str = "float32"  # sign products: float32 | bfloat16 | int8 | auto; all exact
+  binary_matmul_dtype: str = "auto"  # sign products: float32 | bfloat16 | int8 | auto (the fastest); exact
   precision: str = "fp32"        # "mixed": FP matmuls in bf16 with fp32 accumulation (precision.py)
   pooling: str = "cls"           # the pooler's input: "cls" (BERT, the release) | "mean" (over real tokens)
 
@@ -146,27 +146,6 @@ def binarize_activation(module: nn.Module, name: str, x: Array,
   return binarizer.apply(x, alpha)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def _sign_einsum(spec: str, x_s: Array, y_s: Array, dtype: str, precision: str) -> Array:
-  # Entries in {-1, 0, 1} are exact in bf16 and int8; their products sum exactly in fp32 and int32.
-  return precision_lib.sign_einsum(spec, x_s, y_s, dtype)
-
-
-def _sign_einsum_fwd(spec, x_s, y_s, dtype, precision):
-  return _sign_einsum(spec, x_s, y_s, dtype, precision), (x_s, y_s)
-
-
-def _sign_einsum_bwd(spec, dtype, precision, residuals, g):
-  # The cotangent is not a sign pattern: the backward products are FP ones, in fp32 unless "mixed".
-  if precision == "mixed":
-    return precision_lib.einsum_transposes(spec, *residuals, g)
-  _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b, precision="highest"), *residuals)
-  return vjp(g)
-
-
-_sign_einsum.defvjp(_sign_einsum_fwd, _sign_einsum_bwd)
-
-
 def binary_einsum(spec: str, x_b: Array, y_b: Array, config: BertConfig) -> Array:
   """einsum of two binarized operands, each one scale times {-1, 0, 1} (or {0, 1}).
 
@@ -177,13 +156,37 @@ def binary_einsum(spec: str, x_b: Array, y_b: Array, config: BertConfig) -> Arra
   threshold would otherwise amplify. Gradients are those of the plain product, in fp32 (with bf16
   operands under precision "mixed", as every FP product there).
   """
-  def scale(b):
-    s = jax.lax.stop_gradient(jnp.max(jnp.abs(b)))
-    return jnp.where(s > 0, s, 1.0)
-  x_scale, y_scale = scale(x_b), scale(y_b)
   dtype = precision_lib.sign_product_dtype(config.binary_matmul_dtype)
-  signs = _sign_einsum(spec, x_b / x_scale, y_b / y_scale, dtype, config.precision)
-  return signs * (x_scale * y_scale)
+  return _binary_einsum(spec, x_b, y_b, dtype, config.precision)
+
+
+def _scale(b: Array) -> Array:
+  s = jnp.max(jnp.abs(b))
+  return jnp.where(s > 0, s, 1.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _binary_einsum(spec: str, x_b: Array, y_b: Array, dtype: str, precision: str) -> Array:
+  return _binary_einsum_fwd(spec, x_b, y_b, dtype, precision)[0]
+
+
+def _binary_einsum_fwd(spec, x_b, y_b, dtype, precision):
+  # sign(b) is b's pattern (b = scale * pattern, scale > 0): no division by the scale, no rounding.
+  x_scale, y_scale = _scale(x_b), _scale(y_b)
+  counts = precision_lib.sign_einsum(spec, jnp.sign(x_b), jnp.sign(y_b), dtype)
+  return counts * (x_scale * y_scale), (x_b, y_b, x_scale, y_scale)
+
+
+def _binary_einsum_bwd(spec, dtype, precision, residuals, g):
+  # The cotangent is not a sign pattern: the backward products are FP ones.
+  x_b, y_b, x_scale, y_scale = residuals
+  if precision == "mixed":  # bf16 operands: the patterns exactly, the scaled cotangent rounded
+    dx_s, dy_s = precision_lib.einsum_transposes(spec, jnp.sign(x_b), jnp.sign(y_b), g * (x_scale * y_scale))
+    return dx_s / x_scale, dy_s / y_scale
+  return precision_lib.fp32_transposes(spec, x_b, y_b, g)
+
+
+_binary_einsum.defvjp(_binary_einsum_fwd, _binary_einsum_bwd)
 
 
 class Linear(nn.Module):
@@ -232,8 +235,7 @@ class WordEmbeddings(nn.Module):
     table_VxD = self.param("embedding",
                            kinds.declare(_dense_init(), ("vocab", "embed"), policy.embedding_kind),
                            (cfg.vocab_size, cfg.hidden_size))
-    table_VxD = policy.embedding(table_VxD)
-    words_BxLxD = jnp.take(table_VxD, input_ids_BxL, axis=0)
+    words_BxLxD = policy.embedding(table_VxD, input_ids_BxL)
     # torch's padding_idx: the padding token's lookup sends no gradient to its row.
     is_pad_BxLx1 = (input_ids_BxL == cfg.pad_token_id)[..., None]
     return jnp.where(is_pad_BxLx1, jax.lax.stop_gradient(words_BxLxD), words_BxLxD)
@@ -459,7 +461,9 @@ class MlmPredictions(nn.Module):
     h_BxNxD = MlmTransform(cfg, name="transform")(h_BxNxD)
     bias_V = self.param("bias", kinds.declare(nn.initializers.zeros, ("vocab",), kinds.BIAS),
                         (cfg.vocab_size,))
-    return _fp_einsum(cfg, "bnd,vd->bnv", h_BxNxD, word_embeddings_VxD) + bias_V
+    # On the tokens flattened: the gradient of the table then contracts one axis (no transposed copy).
+    logits_BNxV = _fp_einsum(cfg, "nd,vd->nv", h_BxNxD.reshape(-1, h_BxNxD.shape[-1]), word_embeddings_VxD)
+    return logits_BNxV.reshape(*h_BxNxD.shape[:-1], -1) + bias_V
 
 
 class PretrainingHeads(nn.Module):

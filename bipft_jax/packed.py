@@ -26,11 +26,13 @@ they are). An operator whose weight or input is not scaled sign planes does not 
 refuses it by name. Binarized kernels are found by their declared kind (`model.param_kinds`).
 
 Kernels. "popcount" runs the matmuls above on the packed words. "int8" expands the weight planes
-once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized product as an
-int8 matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or accelerator: the
-same integer counts, so the same outputs bit for bit; the file stays 1-bit, but the weights take
-one byte each in memory (8x the planes: BERT-base's 85M binarized weights, 10.6 MB -> 85 MB).
-"auto" picks the faster on this machine by a one-time measurement (precision.choose).
+once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized Linear as an int8
+matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or accelerator, and the
+two attention products as float32 matmuls of the signs (exact small integers; batched int8 products
+take a slow path on XLA:CPU): the same integer counts, so the same outputs bit for bit; the file
+stays 1-bit, but the weights take one byte each in memory (8x the planes: BERT-base's 85M binarized
+weights, 10.6 MB -> 85 MB). "auto" picks the faster on this machine by a one-time measurement of a
+one-layer encoder (precision.choose); `packed_export.load_packed` prepares it by default.
 
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
 """
@@ -44,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bipft_jax import binarize, kinds, precision
-from bipft_jax.model import BertConfig, build, param_kinds, policy_of, pool_tokens
+from bipft_jax.model import BertConfig, build, init_params, param_kinds, policy_of, pool_tokens
 
 Array = jax.Array
 WORD_BITS = 32
@@ -144,34 +146,40 @@ def _int8_signs(x: Array) -> Array:
 
 
 def _signed_counts(x_xMxK: Array, y_xNxK: Array, int8: bool) -> Array:
-  """Exact int32 sum_k sign(x)_mk sign(y)_nk of two float tensors (leading axes batch)."""
+  """Exact sum_k sign(x)_mk sign(y)_nk of two float tensors (leading axes batch), as float32.
+
+  The int8 kernel multiplies the signs as float32 here: the counts are small integers, exact, and
+  a batched int8 product inside the encoder takes a slow path on XLA:CPU (about 10x the time of
+  the float32 one at BERT-base's attention shapes; bench/packed_inference.py).
+  """
   if int8:
-    return precision.int8_einsum("...mk,...nk->...mn", _int8_signs(x_xMxK), _int8_signs(y_xNxK))
+    return jnp.einsum("...mk,...nk->...mn", jnp.sign(x_xMxK), jnp.sign(y_xNxK), precision="highest")
   y_sign, y_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(y_xNxK))
-  return signed_matmul(*pack_signed(x_xMxK), y_sign, y_nonzero)
+  return signed_matmul(*pack_signed(x_xMxK), y_sign, y_nonzero).astype(jnp.float32)
 
 
 def _bits_signed_counts(p_xMxK: Array, y_xKxN: Array, int8: bool) -> Array:
-  """Exact int32 sum_k p_mk sign(y)_kn for booleans p."""
+  """Exact sum_k p_mk sign(y)_kn for booleans p, as float32 (float32 products for int8: see above)."""
   if int8:
-    return precision.int8_einsum("...mk,...kn->...mn", p_xMxK.astype(jnp.int8), _int8_signs(y_xKxN))
+    return jnp.einsum("...mk,...kn->...mn", p_xMxK.astype(jnp.float32), jnp.sign(y_xKxN), precision="highest")
   # y packed along the contracted axis: [..., W, N].
   y_sign, y_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(jnp.swapaxes(y_xKxN, -1, -2)))
-  return unsigned_signed_matmul(pack_bits(p_xMxK), y_sign, y_nonzero)
+  return unsigned_signed_matmul(pack_bits(p_xMxK), y_sign, y_nonzero).astype(jnp.float32)
 
 
-def _kernel_probe(kernel: str, tokens: int = 256, k: int = 768, n: int = 768):
-  """One binarized Linear's counts on random inputs, as `kernel` computes them: zero-argument."""
-  rng = np.random.default_rng(0)
-  x_MxK = rng.standard_normal((tokens, k)).astype(np.float32)
-  w_KxN = rng.choice(np.float32([-1, 1]), (k, n))
-  if kernel == "int8":
-    w_int8 = jnp.asarray(w_KxN, jnp.int8)
-    run = jax.jit(lambda x: precision.int8_einsum("mk,kn->mn", _int8_signs(x), w_int8))
-  else:
-    w_sign = pack_bits(jnp.asarray(w_KxN.T < 0)).T
-    run = jax.jit(lambda x: signed_matmul(*pack_signed(x), w_sign))
-  return lambda: run(x_MxK)
+def _kernel_probe(kernel: str, batch: int = 8, length: int = 128):
+  """A one-layer BERT-base-wide packed encoder's forward on `kernel`, at batch x length: zero-argument.
+
+  A whole layer, not one matmul: on XLA:CPU the kernels' cost lies as much in what surrounds the
+  products (packing the activations, the int8 conversions, the attention) as in the products.
+  """
+  config = BertConfig(binary=True, num_layers=1, vocab_size=128, max_position_embeddings=length)
+  params = init_params(build(config, "encoder"), jax.random.key(0))
+  head, packed = pack_params(config, "encoder", params)
+  packed = prepare(config, packed, kernel)
+  ids_BxL = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (batch, length)), jnp.int32)
+  run = jax.jit(lambda p, ids: forward(config, head, p, ids)["hidden_states"][-1])
+  return lambda: run(packed, ids_BxL)
 
 
 def resolve_kernel(kernel: str) -> str:
@@ -180,7 +188,7 @@ def resolve_kernel(kernel: str) -> str:
     raise ValueError(f"unknown packed kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
   if kernel != "auto":
     return kernel
-  return precision.choose("packed_matmul", {name: _kernel_probe(name) for name in KERNELS[:-1]})
+  return precision.choose("packed_kernel", {name: _kernel_probe(name) for name in KERNELS[:-1]})
 
 
 def prepare(config: BertConfig, packed: dict, kernel: str = "auto") -> dict:
@@ -393,7 +401,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   (q_BxHxLxK, q_alpha), (k_BxHxLxK, k_alpha) = heads("query"), heads("key")
   v_BxHxLxK, v_alpha = heads("value")
   counts_BxHxLxL = _signed_counts(q_BxHxLxK, k_BxHxLxK, int8)
-  scores_BxHxLxL = counts_BxHxLxL.astype(jnp.float32) * (q_alpha * k_alpha)
+  scores_BxHxLxL = counts_BxHxLxL * (q_alpha * k_alpha)
   estimate = config.estimator_rank > 0
   if estimate:
     q_p, k_p, q_m, k_m = (_fp_dense(p[n], x_BxLxD, config) for n in ("q_p", "k_p", "q_m", "k_m"))
@@ -405,7 +413,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   p_scale, mask_BxHxLxL = prob_op.planes(probs_BxHxLxL, {n: p[f"probs_{n}"] for n in prob_op.init_extras()})
   keep_BxHxLxL = mask_BxHxLxL > 0
   counts_BxHxLxK = _bits_signed_counts(keep_BxHxLxL, v_BxHxLxK, int8)
-  context_BxLxHxK = (counts_BxHxLxK.astype(jnp.float32) * (p_scale * v_alpha)).transpose(0, 2, 1, 3)
+  context_BxLxHxK = (counts_BxHxLxK * (p_scale * v_alpha)).transpose(0, 2, 1, 3)
   if estimate:
     v_p_BxLxR = _fp_dense(p["v_p"], x_BxLxD, config)
     probs_b_BxHxLxL = jnp.where(keep_BxHxLxL, p_scale, 0.0)

@@ -111,8 +111,12 @@ def _read(path: str) -> tuple:
   return metadata, tensors
 
 
-def load_packed(path: str) -> tuple:
-  """(BertConfig, head, packed params as float32/uint32 jax arrays) from an exported file."""
+def load_packed(path: str, kernel: str = "auto") -> tuple:
+  """(BertConfig, head, packed params) from an exported file, made ready for `packed.forward` on
+  `kernel` (`packed.prepare`: popcount keeps the float32/uint32 planes as stored; int8 expands them
+  into int8 weights; auto, the default, takes this machine's faster, measured once and cached)."""
+  if kernel not in packed.KERNELS:
+    raise UserError(f"unknown packed kernel {kernel!r}; choose one of {', '.join(packed.KERNELS)}")
   metadata, tensors = _read(path)
   if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
     raise UserError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} file (metadata {sorted(metadata)}); "
@@ -140,7 +144,7 @@ def load_packed(path: str) -> tuple:
   if metadata.get("sha256") != _digest(tensors):
     raise UserError(f"{path} fails its sha256 check: the file is corrupt, re-export it")
   floats = {n: jnp.asarray(v, jnp.float32 if v.dtype != np.uint32 else jnp.uint32) for n, v in tensors.items()}
-  return config, head, packed.unflatten(floats)
+  return config, head, packed.prepare(config, packed.unflatten(floats), kernel)
 
 
 # --- choosing the remainder's dtype --------------------------------------------

@@ -8,7 +8,7 @@ a binarizer. Its parts:
               calibration, inference planes. The teacher's is `dense` (FP); the student's is named by
               `linear_binarizer`: `bipft` (the release: BWN weights, elastic inputs with a move bias;
               the default) or any operator of `zoo.LINEAR_OPS`.
-  embedding   the word-table binarizer (the release's row-wise BWN; the identity in the teacher).
+  embedding   the word-table lookup (through the release's row-wise BWN; a plain lookup in the teacher).
   qkv         the activation binarizer of Q, K and V (None: FP).
   probs       the attention-probability binarizer (`zoo.api.ProbOp`, by `attention_prob_binarizer`:
               elastic, the release's, or bivit; None: FP).
@@ -33,7 +33,7 @@ BIPFT = "bipft"
 class Policy:
   linear: api.LinearOp
   kernel_kind: str                       # kinds.WEIGHT (FP) or kinds.BINARY_WEIGHT
-  embedding: Callable[[Array], Array]    # word table V x D -> the table looked up
+  embedding: Callable[[Array, Array], Array]  # (word table V x D, ids) -> the rows looked up
   embedding_kind: str                    # kinds.WEIGHT or kinds.BINARY_EMBEDDING
   qkv: Optional[binarize.ActivationBinarizer]
   probs: Optional[api.ProbOp]
@@ -87,6 +87,10 @@ def bipft(weight: Callable[[Array], Array], activation: binarize.ActivationBinar
                       weight_planes=weight_planes, activation_planes=activation_planes, doc=bipft.__doc__)
 
 
+def _lookup(table_VxD: Array, ids: Array) -> Array:
+  return jnp.take(table_VxD, ids, axis=0)
+
+
 LINEAR_BINARIZERS = (BIPFT, *zoo.LINEAR_OPS)
 
 
@@ -117,7 +121,7 @@ def for_config(config, product: Product, fp_product: Optional[Product] = None) -
   if not config.binary:
     linear = dense(config.matmul_precision, fp_product)
     fp_product = fp_product or (lambda spec, a, b: jnp.einsum(spec, a, b, precision=config.matmul_precision))
-    return Policy(linear=linear, kernel_kind=kinds.WEIGHT, embedding=lambda t: t,
+    return Policy(linear=linear, kernel_kind=kinds.WEIGHT, embedding=_lookup,
                   embedding_kind=kinds.WEIGHT, qkv=None, probs=None, product=fp_product)
   return Policy(linear=linear, kernel_kind=kinds.BINARY_WEIGHT, embedding=rowwise,
                 embedding_kind=kinds.BINARY_EMBEDDING, qkv=signed, probs=probs, product=product)

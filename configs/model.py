@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # learned) or "bivit" (BiViT's softmax-aware [p >= max_row(p) / 4]).
   c.attention_prob_binarizer = "elastic"
   c.matmul_precision = "highest"   # default CPU/TPU fp32 matmuls round to bf16 and flip signs
-  c.binary_matmul_dtype = "float32"  # float32 | bfloat16 | int8 | auto (the host's fastest); exact
+  c.binary_matmul_dtype = "auto"   # sign products: the host's fastest exact one of float32, bfloat16, int8
   c.precision = "fp32"             # "mixed": FP matmuls (teacher too) in bf16, fp32 accumulation and weights
   c.pooling = "cls"                # the pooler's input: the [CLS] state (BERT) or "mean" over real tokens
   return c

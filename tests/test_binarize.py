@@ -76,6 +76,18 @@ def test_bwn_rowwise_scales_per_row_and_centres_globally():
   np.testing.assert_array_equal(binarize.bwn_rowwise(w), [[1.0, 1.0], [-1.0, 1.0]])
 
 
+def test_rowwise_lookup_equals_binarizing_the_whole_table_then_looking_up():
+  w = jax.random.normal(jax.random.key(0), (50, 37)) * jnp.linspace(0.1, 3.0, 50)[:, None] + 0.05
+  ids = jnp.array([[3, 49, 0, 3], [17, 17, 8, 1]])
+  g = jax.random.normal(jax.random.key(1), (2, 4, 37))
+  whole = lambda w: jnp.take(binarize.bwn_rowwise(w), ids, axis=0)
+  lookup = lambda w: binarize.bwn_rowwise_lookup(w, ids)
+  for maybe_jit in (lambda f: f, jax.jit):
+    (y, vjp), (expected, expected_vjp) = (jax.vjp(maybe_jit(f), w) for f in (lookup, whole))
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(vjp(g)[0], expected_vjp(g)[0])  # repeated ids sum their gradients
+
+
 @pytest.mark.parametrize("fn", [binarize.bwn, binarize.bwn_rowwise])
 def test_weight_gradient_is_identity(fn):
   w = jax.random.normal(jax.random.key(0), (5, 7))

@@ -176,8 +176,30 @@ def test_int8_kernel_equals_popcount_exactly(zeros):
     np.testing.assert_array_equal(got, want)
 
 
-def test_auto_kernel_is_measured_once_per_machine(tmp_path, monkeypatch):
+@pytest.fixture
+def small_kernel_probe(tmp_path, monkeypatch):
+  """`auto` measures into a fresh cache, on a short probe batch (the choice, not its speed, is tested)."""
   monkeypatch.setenv("BIPFT_CACHE", str(tmp_path))
+  monkeypatch.setattr(packed, "_kernel_probe", functools.partial(packed._kernel_probe, batch=1, length=16))
+
+
+def test_load_packed_prepares_the_kernel_it_is_given(exported, small_kernel_probe):
+  path, _, _, batch = exported
+  loaded = {kernel: packed_export.load_packed(path, kernel)[2] for kernel in ("popcount", "int8", "auto")}
+  ffn = lambda p: p["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]
+  assert "kernel_sign" in ffn(loaded["popcount"]) and "kernel_sign" not in ffn(loaded["int8"])
+  assert ffn(loaded["int8"])["kernel_int8"].dtype == jnp.int8
+  assert sorted(ffn(loaded["auto"])) == sorted(ffn(loaded[packed.resolve_kernel("auto")]))
+  config, head, _ = packed_export.load_packed(path, "popcount")
+  outputs = [_run_packed(config, head, loaded[kernel], batch) for kernel in ("popcount", "int8", "auto")]
+  for theirs in outputs[1:]:
+    for got, want in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(theirs)):
+      np.testing.assert_array_equal(got, want)
+  with pytest.raises(UserError, match="unknown packed kernel 'int4'"):
+    packed_export.load_packed(path, "int4")
+
+
+def test_auto_kernel_is_measured_once_per_machine(small_kernel_probe, monkeypatch):
   choice = packed.resolve_kernel("auto")
   assert choice in ("popcount", "int8")
   monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
@@ -236,7 +258,7 @@ def test_summary_predicts_the_exported_tensor_bytes(remainder):
 
 def test_export_stores_one_bit_per_binarized_weight(exported):
   path, _, _, _ = exported
-  config, _, packed_params = packed_export.load_packed(path)
+  config, _, packed_params = packed_export.load_packed(path, kernel="popcount")
   ffn = packed_params["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]
   assert ffn["kernel_sign"].dtype == jnp.uint32
   assert ffn["kernel_sign"].shape == (packed.num_words(config.hidden_size), config.intermediate_size)

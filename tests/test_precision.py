@@ -40,7 +40,7 @@ def _signs(rng, shape, unsigned=False):
 def test_every_sign_backend_equals_float32_exactly(spec, x_shape, y_shape):
   rng = np.random.default_rng(sum(x_shape) * 7 + sum(y_shape))
   x, y = _signs(rng, x_shape, unsigned=spec.startswith("bhqs")), _signs(rng, y_shape)
-  ref_config = model_lib.BertConfig(**TINY)
+  ref_config = model_lib.BertConfig(**TINY, binary_matmul_dtype="float32")
   reference = model_lib.binary_einsum(spec, x, y, ref_config)
   ref_grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(model_lib.binary_einsum(spec, a, b, ref_config))),
                        (0, 1))(x, y)
@@ -59,7 +59,7 @@ def test_every_sign_backend_equals_float32_exactly(spec, x_shape, y_shape):
 def test_student_outputs_are_bit_identical_on_every_backend():
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(1, TINY["vocab_size"], (2, 13)), jnp.int32)
-  reference_config = model_lib.BertConfig(**TINY)
+  reference_config = model_lib.BertConfig(**TINY, binary_matmul_dtype="float32")
   module = model_lib.build(reference_config, "encoder")
   params = model_lib.init_params(module, jax.random.key(0))
   params = model_lib.calibrate_alphas(module, params, {"input_ids": ids})
