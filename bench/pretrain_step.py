@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bipft_jax import config_loading, precision, sharding, train  # noqa: E402
+from bipft_jax import config_loading, engine, optim, precision, pretraining, sharding  # noqa: E402
 from bipft_jax import model as model_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,23 +62,23 @@ def median_seconds(step, warmup: int, repeats: int) -> float:
   return statistics.median(times)
 
 
-def _ours_breakdown(args, trainer, state, teacher_params, global_batch) -> dict:
+def _ours_breakdown(args, run, state, teacher_params, global_batch, config, teacher) -> dict:
   """Median seconds of the step's parts, each jitted alone on the step's inputs."""
-  config, key = trainer.config, jax.random.key(0)
-  teacher_fwd = jax.jit(lambda tp, b: train.teacher_outputs(trainer.teacher, tp, b, False, key))
-  loss = lambda p, t, b: train.student_loss(trainer.student, config, p, t, b, key)
+  key, student, tx = jax.random.key(0), run.job.module, run.job.tx
+  teacher_fwd = jax.jit(lambda tp, b: pretraining.teacher_outputs(teacher, tp, b, False, key))
+  loss = lambda p, t, b: pretraining.student_loss(student, config, p, t, b, key)
   student_fwd = jax.jit(loss)
   student_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
-  update = jax.jit(lambda g, o, p: optax.apply_updates(p, trainer.tx.update(g, o, p)[0]))
-  run = lambda fn, *a: jax.block_until_ready(trainer._on_mesh(fn, *a))
+  update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
+  timed = lambda fn, *a: jax.block_until_ready(run.on_mesh(fn, *a))
   params, opt_state = state["params"], state["opt_state"]
-  teacher_out = run(teacher_fwd, teacher_params, global_batch)
-  grads = run(student_grad, params, teacher_out, global_batch)[1]
+  teacher_out = timed(teacher_fwd, teacher_params, global_batch)
+  grads = timed(student_grad, params, teacher_out, global_batch)[1]
   parts = {"teacher_forward": (teacher_fwd, teacher_params, global_batch),
            "student_forward": (student_fwd, params, teacher_out, global_batch),
            "student_forward_backward": (student_grad, params, teacher_out, global_batch),
            "optimizer": (update, grads, opt_state, params)}
-  seconds = {name: median_seconds(lambda a=a: run(*a), 1, args.repeats) for name, a in parts.items()}
+  seconds = {name: median_seconds(lambda a=a: timed(*a), 1, args.repeats) for name, a in parts.items()}
   seconds["backward"] = seconds["student_forward_backward"] - seconds["student_forward"]
   return seconds
 
@@ -86,25 +86,33 @@ def _ours_breakdown(args, trainer, state, teacher_params, global_batch) -> dict:
 def ours(args, batch: dict) -> tuple:
   config = config_loading.load_config(os.path.join(REPO, "configs", "pretrain.py") + ":base")
   config.model = config_loading.load_config(os.path.join(REPO, "configs", "model.py") + f":{args.size},binary")
-  config.batch_size, config.eval_batch_size = args.batch, args.batch
   config.data.max_seq_length, config.data.max_predictions = args.length, batch["mlm_positions"].shape[1]
   config.loss.nsp_distill = True  # a BERT teacher with its NSP head, as in the paper
   config.model.precision = args.precision
   config.model.binary_matmul_dtype = args.sign_dtype
-  student_config = train.student_config(config)
+  student_config = pretraining.student_config(config)
   teacher_config = dataclasses.replace(student_config, binary=False, mlm_transform_act="gelu")
-  trainer = train.make_trainer(config, teacher_config, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-  teacher_params = jax.device_put(model_lib.init_params(trainer.teacher, jax.random.key(1)),
-                                  trainer.teacher_shardings)
-  global_batch = train.global_batch(batch, trainer.batch_sharding)
-  state = [trainer.init_state(teacher_params, global_batch)]
+  student, teacher = model_lib.build(student_config, "pretraining"), model_lib.build(teacher_config, "pretraining")
+  teacher_params = model_lib.init_params(teacher, jax.random.key(1))
+  # The engine's own step on one device; the job's data, source and evaluator are not used here.
+  job = engine.Job(name="bench", module=student, model_config=student_config, head="pretraining",
+                   tx=optim.make_optimizer(config.optimizer, model_lib.param_kinds(student)),
+                   schedule=optim.learning_rate_schedule(config.optimizer),
+                   loss_fn=pretraining.make_loss_fn(student, teacher, config), loss_key="total_loss",
+                   batches=None, source=None, evaluate=None, run_config={}, frozen=teacher_params,
+                   frozen_module=teacher)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  run = engine.Engine(job, mesh, sharding.rules_from_config(config.mesh.rules), seed=0)
+  teacher_params = run.place_frozen()
+  global_batch = run.global_batch(batch)
+  state = [run.new_state(teacher_params, global_batch)]
 
   def step():
-    state[0], metrics = trainer.train_step(state[0], teacher_params, global_batch, 0)
+    state[0], metrics = run.train_step(state[0], teacher_params, global_batch, 0)
     jax.block_until_ready(metrics["total_loss"])
 
   whole = median_seconds(step, args.warmup, args.repeats)
-  return whole, _ours_breakdown(args, trainer, state[0], teacher_params, global_batch)
+  return whole, _ours_breakdown(args, run, state[0], teacher_params, global_batch, config, teacher)
 
 
 def peer(args, batch: dict) -> tuple:
