@@ -22,7 +22,7 @@ COMMANDS = {
     "convert": ("bipft_jax.convert", "convert checkpoints: orbax <-> PyTorch (Hugging Face or release names)"),
     "eval-pytorch": ("bipft_jax.eval_pytorch", "score a PyTorch export on a GLUE dev set with the JAX run's data and metrics"),
     "summary": ("bipft_jax.summary", "parameters, memory and OPs per layer of a 1-bit model vs its FP twin"),
-    "track": ("bipft_jax.track", "every binarizer through the same pretraining and finetuning: one comparison table"),
+    "track": ("bipft_jax.track", "every binarizer through the same pretraining and finetuning: one table"),
 }
 
 

@@ -124,15 +124,10 @@ def pretraining_numbers(workdir: str, tokens_per_step: int) -> dict:
           "mlm_accuracy": evaluated[-1]["eval_mlm_accuracy"]}
 
 
-def _fastest(fn, args, repeats: int) -> list:
-  """Seconds of each of `repeats` calls of `fn(*args)` (after a warm-up call)."""
+def _seconds(fn, *args) -> float:
+  started = time.perf_counter()
   jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    started = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - started)
-  return times
+  return time.perf_counter() - started
 
 
 def packed_speed(packed_file: str, checkpoint: str, speed) -> dict:
@@ -149,11 +144,11 @@ def packed_speed(packed_file: str, checkpoint: str, speed) -> dict:
   run_packed = jax.jit(lambda p, *x: packed.forward(config, head, p, *x)["logits"])
   module = model_lib.build(sim_config, sim_head)
   run_simulated = jax.jit(lambda p, *x: module.apply({"params": p}, *x)["logits"])
+  difference = np.max(np.abs(run_packed(packed_params, *inputs) - run_simulated(params, *inputs)))  # compiles
   packed_times, simulated_times = [], []
   for _ in range(speed.repeats):
-    packed_times += _fastest(run_packed, (packed_params, *inputs), 1)
-    simulated_times += _fastest(run_simulated, (params, *inputs), 1)
-  difference = np.max(np.abs(run_packed(packed_params, *inputs) - run_simulated(params, *inputs)))
+    packed_times.append(_seconds(run_packed, packed_params, *inputs))
+    simulated_times.append(_seconds(run_simulated, params, *inputs))
   return {"packed_ms": 1e3 * min(packed_times), "simulated_ms": 1e3 * min(simulated_times),
           "packed_speedup": min(simulated_times) / min(packed_times), "packed_kernel":
           packed.resolve_kernel(speed.kernel), "packed_max_logit_difference": float(difference)}
@@ -161,7 +156,8 @@ def packed_speed(packed_file: str, checkpoint: str, speed) -> dict:
 
 def run_row(config, row_dir: str, linear: str, probs: str) -> dict:
   """One row's commands (see the module docstring); its results, or {"error": ...} if one stopped."""
-  binarizers = [f"--config.model.linear_binarizer={linear}", f"--config.model.attention_prob_binarizer={probs}"]
+  binarizers = [f"--config.model.linear_binarizer={linear}",
+                f"--config.model.attention_prob_binarizer={probs}"]
   pretrain_dir, finetune_dir = os.path.join(row_dir, "pretrain"), os.path.join(row_dir, "finetune")
   started = time.time()
   code, _, error = run_command(["pretrain", "--config", config.pretrain.config, "--workdir", pretrain_dir,
@@ -175,7 +171,8 @@ def run_row(config, row_dir: str, linear: str, probs: str) -> dict:
   results_file = os.path.join(finetune_dir, "results.json")
   if not os.path.exists(results_file):  # else finished before an interruption: kept
     code, _, error = run_command(["finetune", "--config", config.finetune.config, "--workdir", finetune_dir,
-                                  "--init_from", pretrain_dir, "--overwrite", *override_args(config.finetune.overrides)])
+                                  "--init_from", pretrain_dir, "--overwrite",
+                                  *override_args(config.finetune.overrides)])
     if code:
       return {"error": f"finetune: {error}"}
   with open(results_file) as f:

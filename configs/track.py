@@ -14,7 +14,8 @@ Launch:
   bipft track --config configs/track.py:quick --workdir workdirs/track
   bipft track --config configs/track.py:full --workdir workdirs/track_full --config.rows=bipft,xnor,react
   bipft track --config configs/track.py:tiny --workdir /tmp/track \\
-      --config.pretrain.overrides.data.paths=corpus.txt --config.pretrain.overrides.data.eval_paths=heldout.txt \\
+      --config.pretrain.overrides.data.paths=corpus.txt \\
+      --config.pretrain.overrides.data.eval_paths=heldout.txt \\
       --config.pretrain.overrides.tokenizer=VOCAB_DIR --config.finetune.overrides.data.path=glue_data \\
       --config.finetune.overrides.data.tokenizer=VOCAB_DIR
 Rerunning a command with the same workdir skips the rows it finished (WORKDIR/ROW/row.json) and
@@ -63,11 +64,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data=dict(paths="", eval_paths=""), tokenizer="", model=dict(vocab_size=128, num_layers=1),
         total_steps=3, checkpoint_every=3, eval_every=3, eval_batches=1, log_every=1))
     c.finetune.overrides = ml_collections.ConfigDict(dict(
-        data=dict(path="", tokenizer=""), epochs=1, batch_size=4, eval_batch_size=8, max_length=32, min_bucket=32))
+        data=dict(path="", tokenizer=""), epochs=1, batch_size=4, eval_batch_size=8, max_length=32,
+        min_bucket=32))
 
   # `bipft summary` of each row's student (OPs and memory ratios vs the FP model of its size).
   c.summary = ml_collections.ConfigDict()
-  c.summary.model = f"{HERE}/model.py:{'tiny' if variant == 'tiny' else 'minilm-l6'},binary"  # the student's shape
+  # The student's shape (the pretraining config's model), as configs/model.py names it.
+  c.summary.model = f"{HERE}/model.py:{'tiny' if variant == 'tiny' else 'minilm-l6'},binary"
   c.summary.seq_len = 32 if variant == "tiny" else 128  # the paper's 128
   # Packed speed: the finetuned classifier's packed forward vs its simulated forward, one batch.
   c.speed = ml_collections.ConfigDict()

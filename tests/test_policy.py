@@ -161,7 +161,8 @@ def test_summary_counts_planes_and_scales_of_the_operator():
 def test_calibration_runs_the_operators_first_call_init():
   _, _, params = _student("bivit_weight")  # BiViT's weight scales start at 0; calibration sets mean|W|
   query = params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]
-  np.testing.assert_allclose(query["scale"], np.mean(np.abs(np.asarray(query["kernel"])), axis=0), rtol=1e-6)
+  np.testing.assert_allclose(query["channel_scale"], np.mean(np.abs(np.asarray(query["kernel"])), axis=0),
+                             rtol=1e-6)
 
 
 def test_summary_command_takes_the_binarizer_by_name(capsys):
@@ -179,7 +180,8 @@ def test_fda_below_64_features_makes_no_empty_parameter_and_checkpoints(tmp_path
   """FDA's noise MLPs are in // 64 wide: below 64 input features none is made (the released width-0 MLP
   computes 0), so orbax, which cannot write zero-size arrays, saves and restores the student."""
   from bipft_jax import checkpointing
-  config = dataclasses.replace(TINY, hidden_size=32, num_heads=2, intermediate_size=128, linear_binarizer="fda")
+  config = dataclasses.replace(TINY, hidden_size=32, num_heads=2, intermediate_size=128,
+                               linear_binarizer="fda")
   module = model_lib.build(config, "classification")
   params = jax.jit(lambda key: model_lib.init_params(module, key))(jax.random.key(0))
   assert all(np.size(leaf) for leaf in jax.tree.leaves(params))
