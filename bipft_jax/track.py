@@ -92,17 +92,19 @@ class _Tee(io.TextIOBase):
   def isatty(self) -> bool:
     return self.stream.isatty()
 
+  def getvalue(self) -> str:
+    return self.copy.getvalue()
+
 
 def run_command(argv: list, quiet: bool = False) -> tuple:
   """(exit code, stdout text, error message or None) of `bipft ARGV` run in this process; `quiet`
-  keeps its stdout off the console."""
-  out, err = io.StringIO() if quiet else _Tee(sys.stdout), _Tee(sys.stderr)
+  keeps its output off the console."""
+  out, err = (io.StringIO(), io.StringIO()) if quiet else (_Tee(sys.stdout), _Tee(sys.stderr))
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     code = cli.main(argv)
   prefix = f"bipft {argv[0]}: error: "
-  errors = [line[len(prefix):] for line in err.copy.getvalue().splitlines() if line.startswith(prefix)]
-  stdout = out.getvalue() if quiet else out.copy.getvalue()
-  return code, stdout, (errors[-1] if errors else f"exit code {code}") if code else None
+  errors = [line[len(prefix):] for line in err.getvalue().splitlines() if line.startswith(prefix)]
+  return code, out.getvalue(), (errors[-1] if errors else f"exit code {code}") if code else None
 
 
 def _read_jsonl(path: str) -> list:
@@ -198,6 +200,7 @@ def run_row(config, row_dir: str, linear: str, probs: str) -> dict:
                                 "--remainder", "float32"], quiet=True)
   if code and NOT_PACKABLE in error:
     result["packed"] = f"refused: {error.split('; export-packed needs')[0]}"
+    print(f"bipft track: export-packed {result['packed']}")
   elif code:
     return {"error": f"export-packed: {error}"}
   else:

@@ -2,11 +2,12 @@
 rt_demo finetuning, one table of accuracy, OPs and memory ratios, packed size and speed, training speed.
 
 `get_config(VARIANT)`, VARIANT one of:
-  quick  configs/pretrain.py:demo cut to 40 steps and rt_demo to one epoch over 960 examples: about
-         1.5 minutes a row on an idle 2-core CPU (15 rows: about 25 minutes). A smoke comparison: 40
-         steps move a student little from its binarized teacher (see README.md for its reading).
+  quick  configs/pretrain.py:demo cut to 20 steps at length 32 and rt_demo to one epoch over 640
+         examples (20 steps): most of a row is compiling (about ten programs: pretraining, evaluation,
+         finetuning and prediction per length bucket, packed and simulated forwards). A smoke comparison:
+         20 steps move a student little from its binarized teacher (README.md: measured rows, reading).
   full   the demo pretraining (300 steps) and rt_demo (3 epochs over 2,400 examples) unchanged, as
-         README.md reports the default binarizer's: about 10 minutes a row, 2.5 hours in all.
+         README.md reports the default binarizer's (about 10 minutes a row on an idle 2-core CPU).
   tiny   a random tiny teacher on files of your own, a few steps (tests): set the pretraining data
          and tokenizer and the finetuning data as below.
 
