@@ -24,6 +24,7 @@ COMMANDS = {
     "summary": ("bipft_jax.summary", "parameters, memory and OPs per layer of a 1-bit model vs its FP twin"),
     "simulate-mesh": ("bipft_jax.simulate_mesh", "run a command on a mesh's real topology in local processes "
                       "and check its losses equal one device's"),
+    "track": ("bipft_jax.track", "every binarizer through the same pretraining and finetuning: one table"),
 }
 
 

@@ -39,7 +39,8 @@ RELEASE_BINARIZER_FIELDS = {"weight_quant_method": "weight_binarizer",
                             "linear_quant_method": "linear_binarizer",
                             "attention_prob_quant_method": "attention_prob_binarizer"}
 # The binarizers modeling_bipft.py computes (ZOO_LINEARS there; tests check the two agree).
-PYTORCH_LINEAR_BINARIZERS = ("bipft", "bnn", "xnor", "xnorplusplus", "dorefa", "bireal", "react", "recu")
+PYTORCH_LINEAR_BINARIZERS = ("bipft", "bnn", "xnor", "xnorplusplus", "dorefa", "bireal", "react", "recu",
+                             "fda", "binarydm", "binarydm1", "dbllm_fdb", "bivit_weight")
 PYTORCH_PROB_BINARIZERS = ("elastic", "bivit")
 
 

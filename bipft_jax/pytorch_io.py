@@ -15,10 +15,11 @@ import flax
 import numpy as np
 
 from bipft_jax import model as model_lib
+from bipft_jax import zoo
 from bipft_jax.errors import UserError
 
 # our leaf name -> (torch leaf name, transpose?). Flax kernels are (in, out), torch weights (out, in).
-LEAF_TABLE = {
+_MODEL_LEAVES = {
     "kernel": ("weight", True),
     "bias": ("bias", False),
     "scale": ("weight", False),          # LayerNorm
@@ -29,11 +30,24 @@ LEAF_TABLE = {
     "key_alpha": ("clip_key", False),
     "value_alpha": ("clip_value", False),
     "probs_alpha": ("clip_attn", False),
-    # zoo operators' extras (bipft_jax/zoo; modeling_bipft.ZOO_LINEARS names them the same)
-    "o_scale": ("o_scale", False),
-    "threshold": ("threshold", False),
-    "alpha": ("alpha", False),
 }
+
+
+BIGGEST_FAN_IN = 1 << 16  # large enough for every extra an operator makes (FDA's appear from 64 features)
+
+
+def _zoo_extra_leaves() -> dict:
+  """The zoo operators' extra parameters, named where each operator declares them (its init_extras) and
+  kept as they are in torch (modeling_bipft.ZOO_LINEARS makes them so). A name the model's leaves use
+  already (e.g. LayerNorm's `scale`) would map two tensors to one torch name: refused here."""
+  names = {name for op in zoo.LINEAR_OPS
+           for name in zoo.linear_op(op).init_extras(BIGGEST_FAN_IN, BIGGEST_FAN_IN)}
+  clashes = names & set(_MODEL_LEAVES)
+  assert not clashes, f"zoo extras named as model leaves: {sorted(clashes)}; give them names of their own"
+  return {name: (name, False) for name in sorted(names)}
+
+
+LEAF_TABLE = {**_MODEL_LEAVES, **_zoo_extra_leaves()}
 # Tied aliases and buffers that torch state dicts may hold; never parameters of their own.
 TIED_ALIASES = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
                 "cls.predictions.decoder.bias": "cls.predictions.bias"}

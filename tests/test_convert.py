@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from bipft_jax import checkpointing, cli, convert
+from bipft_jax import checkpointing, cli, convert, policy
 from bipft_jax import model as model_lib
 from bipft_jax import pytorch_io
 from reference_data import VECTORS, needs_vectors
@@ -398,14 +398,16 @@ def test_zoo_binarizers_export_to_pytorch(tmp_path, linear, probs):
     out.last_hidden_state.sum().backward()
 
 
-def test_zoo_binarizers_without_pytorch_code_are_refused_by_name(tmp_path, capsys):
+def test_every_binarizer_exports_and_the_release_format_refuses_the_zoo_by_name(tmp_path, capsys):
   from bipft_jax.pytorch_model import modeling_bipft
   assert set(convert.PYTORCH_LINEAR_BINARIZERS) == {"bipft", *modeling_bipft.ZOO_LINEARS}
+  assert set(convert.PYTORCH_LINEAR_BINARIZERS) == set(policy.LINEAR_BINARIZERS)
   config = tiny_config(linear_binarizer="fda", num_layers=1, hidden_size=64)  # noise MLP width 64 // 64
   module = model_lib.build(config, "encoder")
   checkpointing.save_params(str(tmp_path / "ckpt"), model_lib.init_params(module, jax.random.key(0)), config,
                             "encoder")
   code, err = bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "ckpt",
-                    "--out", tmp_path / "hf")
-  assert "linear binarizer 'fda' has no PyTorch implementation" in assert_one_error_line(code, err)
-  assert not (tmp_path / "hf").exists()
+                    "--out", tmp_path / "ref", "--format", "reference")
+  assert "linear binarizer 'fda' has no PyTorch implementation in the reference format" in (
+      assert_one_error_line(code, err))
+  assert not (tmp_path / "ref").exists()

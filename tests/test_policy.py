@@ -17,10 +17,9 @@ from bipft_jax.errors import UserError
 
 from test_train import files, first_batch, tiny_config  # noqa: F401 (files is a fixture)
 
-# Odd fan-ins: a sum of an odd number of signs is never exactly 0. Where it is, the packed count is an
-# exact 0 but a zoo operator's simulated product (the scales multiplied in before an fp32 sum) leaves
-# a rounding residue whose sign the next binarizer reads.
-TINY = model_lib.BertConfig(vocab_size=50, hidden_size=63, num_layers=1, num_heads=3, intermediate_size=95,
+# Even fan-ins: sums of signs that are exactly 0 occur, and the packed count and the simulated product
+# (zoo.api.factored_linear: the scales multiplied after the sum) must both give the exact 0.
+TINY = model_lib.BertConfig(vocab_size=50, hidden_size=64, num_layers=1, num_heads=4, intermediate_size=96,
                             max_position_embeddings=16, num_labels=3, binary=True, hidden_dropout=0.0,
                             attention_dropout=0.0)
 PACKABLE = policy.packable_binarizers()
@@ -125,8 +124,8 @@ def test_packed_equals_simulated(name, probs):
   head, packed_params = packed.pack_params(config, "classification", params)
   ours = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(packed_params)
   for got, want in zip(ours["hidden_states"], simulated["hidden_states"]):
-    np.testing.assert_allclose(got, want, atol=2e-4)
-  np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=2e-4)
+    np.testing.assert_allclose(got, want, atol=1e-6)  # the same products: rounding of the fusions only
+  np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=1e-6)
   expanded = packed.prepare(config, packed_params, "int8")
   int8 = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(expanded)
   for got, want in zip(jax.tree.leaves(int8), jax.tree.leaves(ours)):  # every plane as int8: the same bits
@@ -162,7 +161,8 @@ def test_summary_counts_planes_and_scales_of_the_operator():
 def test_calibration_runs_the_operators_first_call_init():
   _, _, params = _student("bivit_weight")  # BiViT's weight scales start at 0; calibration sets mean|W|
   query = params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]
-  np.testing.assert_allclose(query["scale"], np.mean(np.abs(np.asarray(query["kernel"])), axis=0), rtol=1e-6)
+  np.testing.assert_allclose(query["channel_scale"], np.mean(np.abs(np.asarray(query["kernel"])), axis=0),
+                             rtol=1e-6)
 
 
 def test_summary_command_takes_the_binarizer_by_name(capsys):
@@ -174,3 +174,24 @@ def test_summary_command_takes_the_binarizer_by_name(capsys):
   assert cli.main(args + ["--config.linear_binarizer=xnr"]) == 2
   err = [line for line in capsys.readouterr().err.splitlines() if line]
   assert len(err) == 1 and "unknown linear binarizer 'xnr'; choose one of bipft, bnn" in err[0]
+
+
+def test_fda_below_64_features_makes_no_empty_parameter_and_checkpoints(tmp_path):
+  """FDA's noise MLPs are in // 64 wide: below 64 input features none is made (the released width-0 MLP
+  computes 0), so orbax, which cannot write zero-size arrays, saves and restores the student."""
+  from bipft_jax import checkpointing
+  config = dataclasses.replace(TINY, hidden_size=32, num_heads=2, intermediate_size=128,
+                               linear_binarizer="fda")
+  module = model_lib.build(config, "classification")
+  params = jax.jit(lambda key: model_lib.init_params(module, key))(jax.random.key(0))
+  assert all(np.size(leaf) for leaf in jax.tree.leaves(params))
+  layer = params["bert"]["encoder"]["layer"]["0"]
+  assert set(layer["attention"]["self"]["query"]) == {"kernel", "bias"}  # 32 features: no noise MLP
+  assert layer["output"]["dense"]["act_noise_fc1"].shape == (128, 2)  # the FFN's 128: width 2
+  checkpointing.save_params(str(tmp_path / "fda"), params, config, "classification")
+  _, _, restored = checkpointing.restore_params(str(tmp_path / "fda"))
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+  batch = _batch()
+  logits = module.apply({"params": restored}, batch["input_ids"], batch["token_type_ids"],
+                        batch["attention_mask"])["logits"]
+  assert logits.shape == (3, TINY.num_labels) and bool(jnp.all(jnp.isfinite(logits)))

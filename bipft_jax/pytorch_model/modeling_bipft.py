@@ -13,8 +13,9 @@ binarizer is an autograd Function with the release's straight-through gradients,
 also trains in PyTorch. Parameter names are the original release's.
 
 A student trained with another binarizer of bipft-jax's zoo (`linear_quant_method`: BiBench's bnn,
-xnor, xnorplusplus, dorefa, bireal, react, recu; `attention_prob_quant_method`: bivit) computes its
-inference forward here; its backward raises (those operators train in bipft-jax).
+xnor, xnorplusplus, dorefa, bireal, react, recu, fda; BinaryDM's binarydm, binarydm1; DB-LLM's
+dbllm_fdb; BiViT's bivit_weight; `attention_prob_quant_method`: bivit) computes its inference forward
+here; its backward raises (those operators train in bipft-jax).
 
 Shapes: B batch, L length, D hidden, H heads, K head size, R estimator rank, V vocab.
 """
@@ -154,20 +155,81 @@ def _xnor(layer, x):
                   layer.bias)
 
 
-# BiBench's Linear layers at inference (bipft_jax/zoo/bibench.py; weights here are out x in): method ->
-# (forward(layer, x), {extra parameter: shape as "in" or "out" features}).
+FDA_ALPHA, FDA_BOTTLENECK = 0.1, 64  # bipft-jax's fda: alpha 0.1, noise MLPs in // 64 wide
+
+
+def _fda_noise(layer, v_NxI: torch.Tensor, side: str) -> torch.Tensor:
+  """FDA's noise adaption fc2(relu(fc1(v))) + 0.1 sin(v) over the last axis (no MLP below 64 inputs)."""
+  noise = 0.1 * torch.sin(v_NxI)
+  if not hasattr(layer, f"{side}_noise_fc1"):
+    return noise
+  return F.relu(v_NxI @ getattr(layer, f"{side}_noise_fc1")) @ getattr(layer, f"{side}_noise_fc2") + noise
+
+
+def _fda(layer, x):
+  w = layer.weight
+  w_b = (torch.sign(w) + FDA_ALPHA * _fda_noise(layer, w, "weight")) * _row_abs_mean(w)
+  return F.linear(torch.sign(x) + FDA_ALPHA * _fda_noise(layer, x, "act"), w_b, layer.bias)
+
+
+def _fda_extras(i: int, o: int) -> dict:
+  width = i // FDA_BOTTLENECK
+  if width == 0:
+    return {}
+  return {f"{side}_noise_{fc}": shape for side in ("weight", "act")
+          for fc, shape in (("fc1", (i, width)), ("fc2", (width, i)))}
+
+
+BINARYDM_ACTIVATION_LEVELS = (-128, 127)  # its 8-bit LSQ activations
+
+
+def _binarydm(layer, x):
+  """LSQ(x) @ (s1 sign(W) [+ s2 sign(W - s1 sign(W))])^T + b; the LSQ step is re-derived from each call's
+  input, 2 mean|x| / sqrt(127), as the release (and bipft-jax) does, clamped from below at ALPHA_EPS."""
+  qn, qp = BINARYDM_ACTIVATION_LEVELS
+  step = _clamped(2 * x.abs().mean() / math.sqrt(qp))
+  x_q = torch.round(torch.clamp(x / step, qn, qp)) * step
+  first = torch.sign(layer.weight) * layer.scale_1[:, None]
+  if hasattr(layer, "scale_2"):  # order 2
+    return F.linear(x_q, first + torch.sign(layer.weight - first) * layer.scale_2[:, None], layer.bias)
+  return F.linear(x_q, first, layer.bias)
+
+
+def _dbllm_fdb(layer, x):
+  """x @ (alpha1 w_b1 + alpha2 w_b2)^T + b, w_b1 = [w >= (alpha1 + alpha2) / 2], w_b2 = [w <= alpha1 w_b1 +
+  alpha2 / 2] (DB-LLM's Flexible Dual Binarization as bipft-jax's zoo/dbllm.py; FP inputs)."""
+  a1, a2, w = layer.alpha1[:, None], layer.alpha2[:, None], layer.weight
+  plane1 = (w - (a1 + a2) / 2 >= 0).to(w.dtype)
+  plane2 = (-(w - a1 * plane1 - a2 / 2) >= 0).to(w.dtype)
+  return F.linear(x, a1 * plane1 + a2 * plane2, layer.bias)
+
+
+_out = lambda *names: (lambda i, o: {name: (o,) for name in names})  # noqa: E731
+_none = lambda i, o: {}  # noqa: E731
+
+# bipft-jax's zoo Linear layers at inference (bipft_jax/zoo; weights here are out x in): method ->
+# (forward(layer, x), extras(in_features, out_features) -> {parameter: shape}, as bipft-jax makes them).
 ZOO_LINEARS = {
-    "bnn": (lambda layer, x: F.linear(torch.sign(x), torch.sign(layer.weight), layer.bias), {}),
-    "xnor": (_xnor, {}),
+    "bnn": (lambda layer, x: F.linear(torch.sign(x), torch.sign(layer.weight), layer.bias), _none),
+    "xnor": (_xnor, _none),
     "xnorplusplus": (lambda layer, x: F.linear(torch.sign(x), torch.sign(layer.weight)) * layer.o_scale
-                     + layer.bias, {"o_scale": "out"}),
-    "dorefa": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight), layer.bias), {}),
-    "bireal": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight)), {}),
+                     + layer.bias, _out("o_scale")),
+    "dorefa": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight), layer.bias), _none),
+    "bireal": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight)), _none),
     # ReAct's released forward ignores its threshold (it only moves the gradient window).
-    "react": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight)), {"threshold": "in"}),
+    "react": (lambda layer, x: F.linear(torch.sign(x), _abs_mean_signs(layer.weight)),
+              lambda i, o: {"threshold": (i,)}),
     # ReCU with BiBench's BERT-track tau = 1: the clamp bound is +inf, the standardisation keeps signs.
     "recu": (lambda layer, x: F.linear(torch.sign(x), torch.sign(_centred(layer.weight))) * layer.alpha
-             + layer.bias, {"alpha": "out"}),
+             + layer.bias, _out("alpha")),
+    "fda": (_fda, _fda_extras),
+    "binarydm": (_binarydm, lambda i, o: {"scale_1": (o,), "scale_2": (o,), "act_step": ()}),
+    "binarydm1": (_binarydm, lambda i, o: {"scale_1": (o,), "act_step": ()}),
+    "dbllm_fdb": (_dbllm_fdb, _out("alpha1", "alpha2")),
+    # BiViT's learned channel scales on the centred weight's signs.
+    "bivit_weight": (lambda layer, x: F.linear(torch.sign(x), torch.sign(_centred(layer.weight))
+                                               * layer.channel_scale[:, None], layer.bias),
+                     _out("channel_scale")),
 }
 
 
@@ -218,9 +280,8 @@ class ZooLinear(nn.Module):
     self.method = method
     self.weight = nn.Parameter(torch.empty(out_features, in_features))
     self.bias = nn.Parameter(torch.zeros(out_features))
-    sizes = {"in": in_features, "out": out_features}
-    for name, axis in ZOO_LINEARS[method][1].items():
-      self.register_parameter(name, nn.Parameter(torch.zeros(sizes[axis])))
+    for name, shape in ZOO_LINEARS[method][1](in_features, out_features).items():
+      self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     forward = ZOO_LINEARS[self.method][0]

@@ -100,6 +100,29 @@ def linear(x_NxI: Array, w_IxO: Array) -> Array:
   return jnp.einsum("...i,io->...o", x_NxI, w_IxO)
 
 
+@jax.custom_vjp
+def factored_linear(x_b: Array, w_b: Array, x_plane: Plane, w_plane: Plane) -> Array:
+  """linear(x_b, w_b) of two scaled sign planes, x_b = x_scale * x_signs and w_b = w_scale * w_signs,
+  given beside their planes (x_scale () or (..., 1), w_scale () or (O,)).
+
+  Computed as (x_signs @ w_signs) * (x_scale * w_scale): the sums of signs are exact integers in fp32
+  and the scales multiply once, after them, as the packed forward computes its counts (and
+  model.binary_einsum a product of per-tensor scales), so both give the same numbers. Gradients are
+  the plain product's, to x_b and w_b (and through them their quantizers' backward); none to the planes.
+  """
+  (x_scale, x_signs), (w_scale, w_signs) = x_plane, w_plane
+  return linear(x_signs, w_signs) * (x_scale * w_scale)
+
+
+def _factored_linear_bwd(residuals, g):
+  x_b, w_b, x_plane, w_plane = residuals
+  _, vjp = jax.vjp(linear, x_b, w_b)
+  return (*vjp(g), jax.tree.map(jnp.zeros_like, x_plane), jax.tree.map(jnp.zeros_like, w_plane))
+
+
+factored_linear.defvjp(lambda *args: (factored_linear(*args), args), _factored_linear_bwd)
+
+
 def per_output_mean(v_IxO: Array) -> Array:
   """One value per output channel: the mean over the input axis, shape (1, O).
 

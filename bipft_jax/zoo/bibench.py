@@ -45,12 +45,17 @@ def _token_scale(x):
 def _xnor_apply(x, kernel, bias, extras, *, train):
   centred = api.centred_per_output(kernel)
   w_b = sign_ste(centred, True) * _sg(api.per_output_mean(jnp.abs(centred)))
-  return api.linear(sign_ste(x, True) * _token_scale(x), w_b) + bias
+  x_b = sign_ste(x, True) * _token_scale(x)
+  return api.factored_linear(x_b, w_b, _xnor_activation(x, extras), *_xnor_planes(kernel, extras)) + bias
 
 
 def _xnor_planes(kernel, extras):
   centred = api.centred_per_output(kernel)
   return [(api.per_output_mean(jnp.abs(centred))[0], jnp.sign(centred))]
+
+
+def _xnor_activation(x, extras):
+  return _token_scale(x), jnp.sign(x)
 
 
 def xnor() -> api.LinearOp:
@@ -59,7 +64,7 @@ def xnor() -> api.LinearOp:
   passes the centring. (The released layer's per-token scale only broadcasts for 2-D input; this
   is its evident intent.)"""
   return api.LinearOp("xnor", _xnor_apply, api.no_extras, weight_planes=_xnor_planes,
-                      activation_planes=lambda x, extras: (_token_scale(x), jnp.sign(x)), doc=xnor.__doc__)
+                      activation_planes=_xnor_activation, doc=xnor.__doc__)
 
 
 # --- XNOR++ -------------------------------------------------------------------------------------
@@ -90,7 +95,9 @@ def _abs_mean_scale(kernel):
 
 
 def _dorefa_apply(x, kernel, bias, extras, *, train):
-  return api.linear(sign_ste(x, False), sign_ste(kernel, False) * _abs_mean_scale(kernel)) + bias
+  w_b = sign_ste(kernel, False) * _abs_mean_scale(kernel)
+  return api.factored_linear(sign_ste(x, False), w_b, _sign_activation(x, extras),
+                             *_abs_mean_planes(kernel, extras)) + bias
 
 
 def _abs_mean_planes(kernel, extras):
@@ -107,7 +114,9 @@ def dorefa() -> api.LinearOp:
 # --- Bi-Real and ReAct --------------------------------------------------------------------------
 
 def _bireal_product(x, kernel, shift):
-  return api.linear(polynomial_sign(x, shift), scaled_sign_clip(kernel, _abs_mean_scale(kernel)))
+  w_b = scaled_sign_clip(kernel, _abs_mean_scale(kernel))
+  return api.factored_linear(polynomial_sign(x, shift), w_b, _sign_activation(x, None),
+                             *_abs_mean_planes(kernel, None))
 
 
 def _bireal_apply(x, kernel, bias, extras, *, train):
@@ -185,7 +194,7 @@ def fda_schedule(max_epochs: int, epoch: int) -> dict:
   return {"n": 9 + int(epoch / max_epochs * 9), "alpha": float(alpha)}
 
 
-FDA_BOTTLENECK = 64  # the noise MLP's width is in_features // 64 (0 below 64 features)
+FDA_BOTTLENECK = 64  # the noise MLP's width is in_features // 64
 
 
 def _torch_linear_init(key, shape, dtype):
@@ -195,27 +204,35 @@ def _torch_linear_init(key, shape, dtype):
 
 
 def _fda_extras(in_features, out_features):
+  """The two noise MLPs' weights; none below 64 input features, where the released MLP has width 0 and
+  computes 0 (zero-size arrays, which orbax cannot checkpoint, are never made)."""
   width = in_features // FDA_BOTTLENECK
+  if width == 0:
+    return {}
   return {f"{side}_noise_{fc}": api.Extra(_torch_linear_init, shape, api.FP, axes)
           for side in ("weight", "act")
           for fc, shape, axes in (("fc1", (in_features, width), (api.IN, None)),
                                   ("fc2", (width, in_features), (None, api.IN)))}
 
 
-def _noise_adaption(v_NxI, fc1, fc2):
-  """NA(v) = fc2(relu(fc1(v))) + 0.1 sin(v), over the last axis."""
-  return jax.nn.relu(v_NxI @ fc1) @ fc2 + 0.1 * jnp.sin(v_NxI)
+def _noise_adaption(v_NxI, extras, side):
+  """NA(v) = fc2(relu(fc1(v))) + 0.1 sin(v) over the last axis, with `side`'s MLP (0 without one)."""
+  noise = 0.1 * jnp.sin(v_NxI)
+  if f"{side}_noise_fc1" not in extras:
+    return noise
+  return jax.nn.relu(v_NxI @ extras[f"{side}_noise_fc1"]) @ extras[f"{side}_noise_fc2"] + noise
 
 
 def fda(n: int = 9, alpha: float = 0.1) -> api.LinearOp:
   """FDA: y = (sign(x) + alpha NA_a(x)) @ ((sign(W) + alpha NA_w(W)) * mean|W|) + b, the scale per
   output channel (detached, applied to the noise term too). sign's backward: the square wave's
   Fourier series with n + 1 terms (`ste.fourier_sign`); the noise MLPs NA (width in//64, applied to
-  each token and to each output channel's weight vector) train by autodiff. Not sign planes."""
+  each token and to each output channel's weight vector; none below 64 features) train by autodiff.
+  Not sign planes."""
   def apply(x, kernel, bias, extras, *, train):
-    noise_w = _noise_adaption(kernel.T, extras["weight_noise_fc1"], extras["weight_noise_fc2"]).T
+    noise_w = _noise_adaption(kernel.T, extras, "weight").T
     w_b = (fourier_sign(kernel, n) + alpha * noise_w) * _abs_mean_scale(kernel)
-    x_b = fourier_sign(x, n) + alpha * _noise_adaption(x, extras["act_noise_fc1"], extras["act_noise_fc2"])
+    x_b = fourier_sign(x, n) + alpha * _noise_adaption(x, extras, "act")
     return api.linear(x_b, w_b) + bias
 
   return api.LinearOp("fda", apply, _fda_extras, doc=fda.__doc__)

@@ -47,14 +47,22 @@ def weight_scales(activations: str = "sign") -> api.LinearOp:
   check_input_mode(activations)
 
   def init_extras(in_features, out_features):
-    return {"scale": api.Extra(jax.nn.initializers.zeros, (out_features,), api.WEIGHT_SCALE, (api.OUT,))}
+    return {"channel_scale": api.Extra(jax.nn.initializers.zeros, (out_features,), api.WEIGHT_SCALE,
+                                       (api.OUT,))}
+
+  activation_planes = sign_activation_planes(activations)
+
+  def weight_planes(kernel, extras):
+    return [(extras["channel_scale"], jnp.sign(api.centred_per_output(kernel)))]
 
   def apply(x, kernel, bias, extras, *, train):
-    w_b = sign_ste(api.centred_per_output(kernel), False) * extras["scale"]
-    return api.linear(input_operand(x, activations, False), w_b) + bias
+    w_b = sign_ste(api.centred_per_output(kernel), False) * extras["channel_scale"]
+    x_b = input_operand(x, activations, False)
+    if activation_planes is None:  # full-precision inputs: nothing to factor out
+      return api.linear(x_b, w_b) + bias
+    return api.factored_linear(x_b, w_b, activation_planes(x, extras), *weight_planes(kernel, extras)) + bias
 
   return api.LinearOp(
       "bivit_weight", apply, init_extras,
-      calibrate=lambda x, kernel, extras: {**extras, "scale": jnp.mean(jnp.abs(kernel), axis=0)},
-      weight_planes=lambda kernel, extras: [(extras["scale"], jnp.sign(api.centred_per_output(kernel)))],
-      activation_planes=sign_activation_planes(activations), doc=weight_scales.__doc__)
+      calibrate=lambda x, kernel, extras: {**extras, "channel_scale": jnp.mean(jnp.abs(kernel), axis=0)},
+      weight_planes=weight_planes, activation_planes=activation_planes, doc=weight_scales.__doc__)

@@ -1,0 +1,75 @@
+"""`bipft track`: the whole track on the tiny config, its table, and a rerun that skips finished rows."""
+import json
+import os
+
+import pytest
+
+import glue_fixtures
+from bipft_jax import cli, config_loading, policy, summary
+from bipft_jax import model as model_lib
+from test_train import REPO, files  # noqa: F401 (files is a fixture)
+
+CONFIG = os.path.join(REPO, "configs", "track.py")
+
+
+def _track_args(files, glue_dir, workdir, rows="bipft,dbllm_fdb"):  # noqa: F811
+  return ["track", "--config", f"{CONFIG}:tiny", "--workdir", str(workdir), f"--config.rows={rows}",
+          f"--config.pretrain.overrides.data.paths={files['corpus']}",
+          f"--config.pretrain.overrides.data.eval_paths={files['corpus']}",
+          f"--config.pretrain.overrides.tokenizer={files['vocab']}",
+          f"--config.finetune.overrides.data.path={glue_dir}",
+          f"--config.finetune.overrides.data.tokenizer={files['vocab']}"]
+
+
+def _summary(linear):
+  config = config_loading.load_config(f"{REPO}/configs/model.py:tiny,binary", [f"linear_binarizer={linear}"])
+  return summary.summarize(model_lib.BertConfig.from_dict(config.to_dict()), 32)
+
+
+def test_track_runs_every_row_writes_the_table_and_skips_finished_rows(files, tmp_path, capsys):  # noqa: F811
+  glue_dir = glue_fixtures.write_glue(tmp_path / "glue_data", n=8)
+  workdir = tmp_path / "track"
+  args = _track_args(files, glue_dir, workdir)
+  assert cli.main(args) == 0
+  out = capsys.readouterr().out
+  table = json.loads((workdir / "track.json").read_text())
+  packs, refused = table["rows"]
+  assert [r["row"] for r in table["rows"]] == ["bipft", "dbllm_fdb"]
+  for row in table["rows"]:
+    assert 0 <= row["dev_score"] <= 100 and row["dev_metric"] == "accuracy"
+    assert row["finetune_steps"] == 2 and row["train_tokens_per_second"] > 0 and row["hidden_mse"] > 0
+    expected = _summary(row["linear"])  # the summary command's numbers for the row's binarizer
+    assert row["ops_ratio"] == pytest.approx(expected["ops_ratio"])
+    assert row["memory_ratio"] == pytest.approx(expected["memory_ratio"])
+    assert row == json.loads((workdir / row["row"] / "row.json").read_text())
+  # The packable row's packed file is the finetuned classifier (same logits) and its size is predicted.
+  assert packs["packed_file_bytes"] == os.path.getsize(workdir / "bipft" / "model.bipft.safetensors")
+  assert packs["packed_max_logit_difference"] < 1e-4 and packs["packed_ms"] > 0
+  assert refused["packed"].startswith("refused: linear binarizer 'dbllm_fdb' does not pack")
+  assert not (workdir / "dbllm_fdb" / "model.bipft.safetensors").exists()
+  markdown = (workdir / "track.md").read_text()
+  assert markdown.count("\n| bipft | bipft | elastic |") == 1 and "| dbllm_fdb | dbllm_fdb |" in markdown
+  assert markdown.split("\n\n", 1)[1] in out  # the same table printed
+
+  # A rerun skips finished rows; a row without row.json (interrupted after its finetuning) is
+  # completed from its files, without training again.
+  metrics = (workdir / "dbllm_fdb" / "pretrain" / "metrics.jsonl").read_text()
+  os.remove(workdir / "dbllm_fdb" / "row.json")
+  assert cli.main(args) == 0
+  out = capsys.readouterr().out
+  assert "bipft: finished earlier, skipped" in out and "dbllm_fdb: finished earlier" not in out
+  again = json.loads((workdir / "track.json").read_text())["rows"]
+  assert again[0] == packs
+  assert {k: v for k, v in again[1].items() if k != "row_seconds"} == {
+      k: v for k, v in refused.items() if k != "row_seconds"}
+  trained = lambda text: [r for r in map(json.loads, text.splitlines()) if "total_loss" in r]
+  assert trained((workdir / "dbllm_fdb" / "pretrain" / "metrics.jsonl").read_text()) == trained(metrics)
+
+
+def test_an_unknown_row_is_one_error_line_before_any_work(files, tmp_path, capsys):  # noqa: F811
+  workdir = tmp_path / "track"
+  assert cli.main(_track_args(files, tmp_path, workdir, rows="bipft,xnr+bivit")) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line]
+  assert err == ["bipft track: error: row 'xnr+bivit': unknown linear binarizer 'xnr'; choose one of "
+                 + ", ".join(policy.LINEAR_BINARIZERS)]
+  assert not workdir.exists()
