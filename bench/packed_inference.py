@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bipft_jax import model as model_lib  # noqa: E402
-from bipft_jax import packed, packed_export, precision  # noqa: E402
+from bipft_jax import packed, packed_file, precision  # noqa: E402
 
 CONFIG = model_lib.BertConfig(binary=True)
 PACKED = ("packed_popcount", "packed_int8")
@@ -99,7 +99,7 @@ def write_files(folder: str, with_ort: bool) -> dict:
   """The files the contenders load: the 1-bit packed encoder and the ONNX models. name -> path."""
   head, packed_params = packed.pack_params(CONFIG, "encoder", _student_params())
   paths = {"packed": os.path.join(folder, "encoder.safetensors")}
-  packed_export.write_packed(paths["packed"], CONFIG, head, packed_params, "float32")
+  packed_file.write_packed(paths["packed"], CONFIG, head, packed_params, "float32")
   if with_ort:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -124,7 +124,7 @@ def build(name: str, paths: dict, batch: int, length: int):
       params = _student_params()
       run = jax.jit(lambda p, *x: student.apply({"params": p}, *x)["hidden_states"][-1])
     else:
-      config, head, params = packed_export.load_packed(paths["packed"], kernel=name.removeprefix("packed_"))
+      config, head, params = packed_file.load_packed(paths["packed"], kernel=name.removeprefix("packed_"))
       run = jax.jit(lambda p, *x: packed.forward(config, head, p, *x)["hidden_states"][-1])
     return lambda: jax.block_until_ready(run(params, *args))
   if name in TORCH:

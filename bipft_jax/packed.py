@@ -32,7 +32,7 @@ two attention products as float32 matmuls of the signs (exact small integers; ba
 take a slow path on XLA:CPU): the same integer counts, so the same outputs bit for bit; the file
 stays 1-bit, but the weights take one byte each in memory (8x the planes: BERT-base's 85M binarized
 weights, 10.6 MB -> 85 MB). "auto" picks the faster on this machine by a one-time measurement of a
-one-layer encoder (precision.choose); `packed_export.load_packed` prepares it by default.
+one-layer encoder (precision.choose); `packed_file.load_packed` prepares it by default.
 
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
 """

@@ -132,16 +132,15 @@ def _seconds(fn, *args) -> float:
   return time.perf_counter() - started
 
 
-def packed_speed(packed_file: str, checkpoint: str, speed) -> dict:
+def packed_speed(packed_path: str, checkpoint: str, speed) -> dict:
   """The packed file's classifier forward vs the simulated student's (the finetuned checkpoint), on
   one padded batch: the fastest of `speed.repeats` each, measured alternately; their largest logit
   difference (a check that the packed model is the one trained)."""
-  from bipft_jax import checkpointing, packed, packed_export
+  from bipft_jax import checkpointing, packed, packed_file
   from bipft_jax import model as model_lib
-  config, head, packed_params = packed_export.load_packed(packed_file)
-  packed_params = packed.prepare(config, packed_params, speed.kernel)
+  config, head, packed_params = packed_file.load_packed(packed_path, speed.kernel)  # the kernel prepared
   sim_config, sim_head, params = checkpointing.restore_params(checkpoint)
-  batch = packed_export.probe_batch(config, speed.batch_size, speed.length)
+  batch = packed_file.probe_batch(config, speed.batch_size, speed.length)
   inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
   run_packed = jax.jit(lambda p, *x: packed.forward(config, head, p, *x)["logits"])
   module = model_lib.build(sim_config, sim_head)
@@ -194,9 +193,9 @@ def run_row(config, row_dir: str, linear: str, probs: str) -> dict:
                                                "honest_memory_ratio", "packed_bytes")})
   result["predicted_packed_bytes"] = result.pop("packed_bytes")
 
-  packed_file, best = os.path.join(row_dir, PACKED_FILE), os.path.join(finetune_dir, "best")
+  packed_path, best = os.path.join(row_dir, PACKED_FILE), os.path.join(finetune_dir, "best")
   # The remainder in fp32, as `bipft summary` predicts the size (its `packed_bytes`).
-  code, _, error = run_command(["export-packed", "--checkpoint", best, "--out", packed_file, "--overwrite",
+  code, _, error = run_command(["export-packed", "--checkpoint", best, "--out", packed_path, "--overwrite",
                                 "--remainder", "float32"], quiet=True)
   if code and NOT_PACKABLE in error:
     result["packed"] = f"refused: {error.split('; export-packed needs')[0]}"
@@ -204,8 +203,8 @@ def run_row(config, row_dir: str, linear: str, probs: str) -> dict:
   elif code:
     return {"error": f"export-packed: {error}"}
   else:
-    result.update(packed="packed", packed_file_bytes=os.path.getsize(packed_file),
-                  **packed_speed(packed_file, best, config.speed))
+    result.update(packed="packed", packed_file_bytes=os.path.getsize(packed_path),
+                  **packed_speed(packed_path, best, config.speed))
   result["row_seconds"] = round(time.time() - started, 1)
   return result
 

@@ -9,7 +9,7 @@ import pytest
 
 from bipft_jax import model as model_lib
 from bipft_jax import packed, precision
-from bipft_jax import packed_export
+from bipft_jax import packed_file
 from bipft_jax.errors import UserError
 
 TINY = dict(vocab_size=97, hidden_size=48, num_layers=2, num_heads=3, intermediate_size=72,
@@ -185,18 +185,18 @@ def small_kernel_probe(tmp_path, monkeypatch):
 
 def test_load_packed_prepares_the_kernel_it_is_given(exported, small_kernel_probe):
   path, _, _, batch = exported
-  loaded = {kernel: packed_export.load_packed(path, kernel)[2] for kernel in ("popcount", "int8", "auto")}
+  loaded = {kernel: packed_file.load_packed(path, kernel)[2] for kernel in ("popcount", "int8", "auto")}
   ffn = lambda p: p["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]
   assert "kernel_sign" in ffn(loaded["popcount"]) and "kernel_sign" not in ffn(loaded["int8"])
   assert ffn(loaded["int8"])["kernel_int8"].dtype == jnp.int8
   assert sorted(ffn(loaded["auto"])) == sorted(ffn(loaded[packed.resolve_kernel("auto")]))
-  config, head, _ = packed_export.load_packed(path, "popcount")
+  config, head, _ = packed_file.load_packed(path, "popcount")
   outputs = [_run_packed(config, head, loaded[kernel], batch) for kernel in ("popcount", "int8", "auto")]
   for theirs in outputs[1:]:
     for got, want in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(theirs)):
       np.testing.assert_array_equal(got, want)
   with pytest.raises(UserError, match="unknown packed kernel 'int4'"):
-    packed_export.load_packed(path, "int4")
+    packed_file.load_packed(path, "int4")
 
 
 def test_auto_kernel_is_measured_once_per_machine(small_kernel_probe, monkeypatch):
@@ -228,14 +228,14 @@ def test_teacher_cannot_be_packed():
 def exported(tmp_path_factory):
   config, module, params, batch = _trained_like_student()
   path = str(tmp_path_factory.mktemp("packed") / "tiny.safetensors")
-  result = packed_export.export(config, "classification", params, path, remainder="float32")
+  result = packed_file.export(config, "classification", params, path, remainder="float32")
   simulated = module.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
   return path, result, simulated, batch
 
 
 def test_exported_file_reloads_with_the_same_logits(exported):
   path, result, simulated, batch = exported
-  config, head, packed_params = packed_export.load_packed(path)
+  config, head, packed_params = packed_file.load_packed(path)
   assert head == "classification" and config.num_labels == 3
   ours = _run_packed(config, head, packed_params, batch)
   np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=1e-4)
@@ -252,13 +252,13 @@ def test_summary_predicts_the_exported_tensor_bytes(remainder):
   from bipft_jax import summary
   config, _, params, _ = _trained_like_student()
   head, packed_params = packed.pack_params(config, "classification", params)
-  tensors = packed_export.file_tensors(config, head, packed_params, remainder)
+  tensors = packed_file.file_tensors(config, head, packed_params, remainder)
   assert sum(t.nbytes for t in tensors.values()) == summary.packed_size_bytes(config, head, remainder)
 
 
 def test_export_stores_one_bit_per_binarized_weight(exported):
   path, _, _, _ = exported
-  config, _, packed_params = packed_export.load_packed(path, kernel="popcount")
+  config, _, packed_params = packed_file.load_packed(path, kernel="popcount")
   ffn = packed_params["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]
   assert ffn["kernel_sign"].dtype == jnp.uint32
   assert ffn["kernel_sign"].shape == (packed.num_words(config.hidden_size), config.intermediate_size)
@@ -273,7 +273,7 @@ def test_export_cli_prints_sizes(tmp_path, capsys):
   assert cli.main(["export-packed", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   assert f"{out.stat().st_size:,} bytes" in printed and "ratio" in printed
-  assert packed_export.load_packed(str(out))[0] == config
+  assert packed_file.load_packed(str(out))[0] == config
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flipped_bit", "drop_tensor", "wrong_shape", "no_metadata"])
@@ -304,12 +304,12 @@ def test_bad_packed_file_is_a_user_error(exported, tmp_path, damage):
   reason = {"truncate": "not a readable", "garbage": "not a readable", "flipped_bit": "sha256",
             "drop_tensor": "lacks 1 tensors", "wrong_shape": "expected uint32", "no_metadata": "not a bipft-packed"}
   with pytest.raises(UserError, match=reason[damage]):
-    packed_export.load_packed(str(bad))
+    packed_file.load_packed(str(bad))
   with pytest.raises(UserError, match="does not exist"):
-    packed_export.load_packed(str(tmp_path / "missing.safetensors"))
+    packed_file.load_packed(str(tmp_path / "missing.safetensors"))
 
 
 def test_export_refuses_a_teacher(tmp_path):
   config = model_lib.BertConfig.from_dict({**TINY, "binary": False})
   with pytest.raises(UserError, match="full-precision"):
-    packed_export.export(config, "classification", {}, str(tmp_path / "x.safetensors"))
+    packed_file.export(config, "classification", {}, str(tmp_path / "x.safetensors"))

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from bipft_jax import kinds, losses, optim, packed, packed_export, policy, pretraining, summary
+from bipft_jax import kinds, losses, optim, packed, packed_file, policy, pretraining, summary
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 
@@ -130,7 +130,7 @@ def test_packed_equals_simulated(name, probs):
   int8 = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(expanded)
   for got, want in zip(jax.tree.leaves(int8), jax.tree.leaves(ours)):  # every plane as int8: the same bits
     np.testing.assert_array_equal(got, want)
-  tensors = packed_export.file_tensors(config, head, packed_params, "float32")
+  tensors = packed_file.file_tensors(config, head, packed_params, "float32")
   assert sum(t.nbytes for t in tensors.values()) == summary.packed_size_bytes(config, head)
 
 
@@ -138,7 +138,7 @@ def test_packed_equals_simulated(name, probs):
 def test_a_binarizer_without_sign_planes_is_refused_by_name(name, tmp_path):
   config = dataclasses.replace(TINY, linear_binarizer=name)
   with pytest.raises(UserError, match=f"linear binarizer '{name}' does not pack.*needs one of bipft"):
-    packed_export.export(config, "classification", {}, str(tmp_path / "m.safetensors"))  # refused first
+    packed_file.export(config, "classification", {}, str(tmp_path / "m.safetensors"))  # refused first
   assert not (tmp_path / "m.safetensors").exists()
 
 
