@@ -204,6 +204,6 @@ def test_unknown_binarizer_names_raise():
 
 def test_release_binarizers_are_the_defaults():
   config = model.BertConfig()
-  assert binarize.weight_binarizers(config.weight_binarizer) == (binarize.bwn, binarize.bwn_rowwise)
+  assert binarize.weight_binarizers(config.weight_binarizer) == (binarize.bwn, binarize.bwn_rowwise_lookup)
   signed, unsigned = binarize.activation_binarizers(config.activation_binarizer)
   assert (signed.apply, unsigned.apply) == (binarize.signed_binarize, binarize.unsigned_binarize)
