@@ -64,9 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.overrides = ml_collections.ConfigDict(dict(
         data=dict(paths="", eval_paths=""), tokenizer="", model=dict(vocab_size=128, num_layers=1),
         total_steps=3, checkpoint_every=3, eval_every=3, eval_batches=1, log_every=1))
-    c.finetune.overrides = ml_collections.ConfigDict(dict(
+    c.finetune.overrides = ml_collections.ConfigDict(dict(  # one device: 4 rows do not split over 8
         data=dict(path="", tokenizer=""), epochs=1, batch_size=4, eval_batch_size=8, max_length=32,
-        min_bucket=32))
+        min_bucket=32, mesh=dict(shape=dict(data=1))))
 
   # `bipft summary` of each row's student (OPs and memory ratios vs the FP model of its size).
   c.summary = ml_collections.ConfigDict()
