@@ -347,8 +347,8 @@ class _Loop:
           self._report(*pending)  # the previous step's metrics: computed by now
         step += 1
         pending = (step, metrics, tokens)
-        last = step == schedule.total_steps
-        save = step % schedule.checkpoint_every == 0 or last or terminated.is_set()
+        last, stop = step == schedule.total_steps, terminated.is_set()  # the flag read once: a SIGTERM
+        save = step % schedule.checkpoint_every == 0 or last or stop      # arriving later waits a step
         evaluate = step % schedule.eval_every == 0 or last
         if save or evaluate or step % schedule.log_every == 0:
           self._report(*pending)
@@ -358,7 +358,7 @@ class _Loop:
         if save:
           checkpointing.save(self.manager, step, params=state["params"], opt_state=state["opt_state"],
                              data_state=job.checkpoint_state(data_state), config=self.record)
-        if terminated.is_set():
+        if stop:
           self.manager.wait_until_finished()
           self.bar.write(f"bipft {job.name}: SIGTERM: saved step {step} to {self.workdir}; rerun the command "
                          "to resume")

@@ -47,7 +47,7 @@ CASES = {
 }
 # The regular suite's cases: 4 processes with tensor parallelism for pretraining (whose local-2x2 is
 # tests/test_multihost.py), 2 processes with fsdp for finetuning.
-REGULAR = {("pretrain", "v4-32-tensor"), ("finetune", "local-2x2")}
+REGULAR = {("finetune", "local-2x2")}  # multi-host pretraining: test_multihost.py
 MIN_FREE = 2**30  # bytes of free memory below which a run is killed rather than the machine swamped
 
 
@@ -71,7 +71,9 @@ def pretrain_command(data_dir, group: str) -> list:
 
 def finetune_command(vocab_dir, group: str) -> list:
   """A tiny scratch model on rt_demo for 3 steps (a 1% dev set), logging the loss of every step."""
-  values = {"init.kind": "scratch", "model.vocab_size": 64, "model.hidden_size": 128, "model.num_heads": 2,
+  # The FP model: a binary one can leave the one-device run when an activation at exactly 0
+  # binarizes to the other sign under another reduction order (seen: 1.5e-2 after 3 steps on local-2x2).
+  values = {"init.kind": "scratch", "model.binary": False, "model.vocab_size": 64, "model.hidden_size": 128, "model.num_heads": 2,
             "model.intermediate_size": 256, "model.num_layers": 1, "model.max_position_embeddings": 64,
             "data.tokenizer": vocab_dir, "data.dev_fraction": 0.01, "max_length": 16, "min_bucket": 16,
             "epochs": 1, "steps_per_epoch": 3, "max_train_examples": 3 * GROUPS[group]["batch_size"],
