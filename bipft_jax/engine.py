@@ -56,12 +56,16 @@ def param_shardings(module: nn.Module, mesh, rules) -> Any:
   return sharding.boxed_shardings(model_lib.abstract_boxed_params(module), mesh, rules)
 
 
-def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh, rules) -> dict:
-  """Shardings of {params, opt_state}: the optimizer is initialised on the boxed parameters under
-  `eval_shape`, so its moments carry the parameters' logical axes (nothing matched by name)."""
-  abstract = jax.eval_shape(lambda: (lambda boxed: {"params": boxed, "opt_state": tx.init(boxed)})(
+def _abstract_boxed_state(module: nn.Module, tx: optax.GradientTransformation) -> dict:
+  """{params, opt_state} as ShapeDtypeStructs, the optimizer initialised on the boxed parameters so
+  that its moments carry the parameters' logical axes (nothing matched by name)."""
+  return jax.eval_shape(lambda: (lambda boxed: {"params": boxed, "opt_state": tx.init(boxed)})(
       model_lib.boxed_params(module, jax.random.key(0))))
-  return sharding.boxed_shardings(abstract, mesh, rules)
+
+
+def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh, rules) -> dict:
+  """Shardings of {params, opt_state}, from the logical axes of `_abstract_boxed_state`."""
+  return sharding.boxed_shardings(_abstract_boxed_state(module, tx), mesh, rules)
 
 
 def put_global(tree: Any, shardings: Any) -> Any:
@@ -111,10 +115,11 @@ class Job:
   job's fixed inputs on the mesh, e.g. a teacher's parameters); `metrics[loss_key]` is the loss the
   NaN stop and the progress bar read. `batches(step, data_state)` restores the job's position and
   returns an iterator of (this host's rows of a batch, the data state after it) from `step` on
-  (`data_state`: what `checkpoint_state` saved, None for a new run). `source()` gives the parameters of a new run (host arrays; merged into the model).
-  `evaluate(params) -> dict` scores the parameters; `after_evaluation(step, params, scores)` lets the
-  job keep what it needs (the best epoch); `checkpoint_state(data_state)` is the JSON saved with a
-  checkpoint (a collective: every host calls it).
+  (`data_state`: what `checkpoint_state` saved, None for a new run). `source()` gives the parameters
+  of a new run (host arrays; merged into the model). `evaluate(params) -> dict` scores the
+  parameters; `after_evaluation(step, params, scores)` lets the job keep what it needs (the best
+  epoch); `checkpoint_state(data_state)` is the JSON saved with a checkpoint (a collective: every host
+  calls it).
   """
   name: str
   module: nn.Module
@@ -194,7 +199,11 @@ class Engine:
 
   def __init__(self, job: Job, mesh: jax.sharding.Mesh, rules: tuple, *, seed: int, grad_accum_steps: int = 1):
     self.job, self.mesh, self.rules, self.seed = job, mesh, rules, seed
-    self.state_shardings = state_shardings(job.module, job.tx, mesh, rules)
+    boxed_state = _abstract_boxed_state(job.module, job.tx)
+    self.state_shardings = sharding.boxed_shardings(boxed_state, mesh, rules)
+    # The target of a restore: the same shapes, unboxed, on their shardings.
+    self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                       nn.meta.unbox(boxed_state), self.state_shardings)
     self.frozen_shardings = (param_shardings(job.frozen_module, mesh, rules) if job.frozen_module is not None
                              else None)
     self.batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -211,7 +220,7 @@ class Engine:
 
   def on_mesh(self, fn: Callable, *args):
     """`fn(*args)` traced under the mesh and rules (the model's activation constraints need both)."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with sharding.on_mesh(self.mesh, self.rules):
       return fn(*args)
 
   def place_frozen(self) -> Any:
@@ -230,14 +239,6 @@ class Engine:
       params = self.on_mesh(self._calibrate, params, {k: first_batch[k] for k in model_lib.MODEL_INPUTS})
       distributed.log(f"bipft {self.job.name}: activation scales calibrated on the first training batch")
     return {"params": params, "opt_state": self.on_mesh(self._init_opt, params)}
-
-  def abstract_state(self) -> dict:
-    """ShapeDtypeStructs of the train state on its shardings (the target of a restore)."""
-    tx, module = self.job.tx, self.job.module
-    shapes = jax.eval_shape(lambda: (lambda p: {"params": p, "opt_state": tx.init(p)})(
-        model_lib.init_params(module, jax.random.key(0))))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
-                        self.state_shardings)
 
   def train_step(self, state: dict, frozen: Any, batch: dict, step: int) -> tuple:
     return self.on_mesh(self._train_step, state, frozen, batch, jnp.int32(step))
@@ -262,7 +263,7 @@ class Engine:
 
   def _start(self, workdir: str, manager) -> tuple:
     """(state, first step, batches): the newest intact checkpoint, else a new state from the source."""
-    resumed = checkpointing.restore_newest_intact(manager, self.abstract_state())
+    resumed = checkpointing.restore_newest_intact(manager, self.abstract_state)
     if resumed is not None:
       step, restored, skipped = resumed
       for error in skipped:
@@ -378,7 +379,7 @@ class _Loop:
     loss, finite = float(metrics[self.job.loss_key]), bool(metrics.pop("state_finite"))
     if not (np.isfinite(loss) and finite):  # checked every step, so nothing non-finite is ever saved
       self.bar.close()  # the bar's last line before the error, not after it
-      raise UserError(diverged(self.manager, step - 1, loss, str(self.manager.directory)))
+      raise UserError(diverged(self.manager, step - 1, loss))
     now = time.perf_counter()
     seconds, self.reported_at = now - self.reported_at, now  # steps run back to back: one step's time
     self.bar.update(step - self.bar.n)
@@ -397,7 +398,7 @@ class _Loop:
     return scores
 
 
-def diverged(manager, step: int, loss: float, workdir: str) -> str:
+def diverged(manager, step: int, loss: float) -> str:
   """The error of a run whose loss or updated parameters are not finite at `step` (nothing saved).
 
   A checkpoint of step `step` holds the very parameters that gave a non-finite loss: it is set
@@ -410,6 +411,7 @@ def diverged(manager, step: int, loss: float, workdir: str) -> str:
     moved = checkpointing.set_aside(manager, step, "diverged")
     aside = f" (step {step}, whose parameters gave this loss, moved to {moved})"
   newest, stopped = manager.latest_step(), f"{what} at step {step}; stopped without saving{aside}."
+  workdir = manager.directory
   if newest is None:
     return f"{stopped} There is no checkpoint in {workdir}: lower optimizer.learning_rate or check the data"
   return (f"{stopped} The newest finite checkpoint is step {newest} in {workdir}: lower "

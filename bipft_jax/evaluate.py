@@ -17,9 +17,10 @@ the config and overrides of the run that wrote the checkpoint (GLUE: data, max_l
 eval_batch_size, and max_train_examples/seed for the majority-class rate; pretraining: the data,
 eval_batches, eval_batch_size and seed that fix the held-out set, and the mesh). The data reading,
 tokenization, batching, prediction and metrics are the runs' own (glue/splits.py,
-glue/predictions.py, pretraining.py), so the numbers equal what the runs log: a finetune workdir's results.json (except MNLI-mm, which it
-takes from the last epoch rather than the best), and a pretraining step's eval_mlm_accuracy in
-metrics.jsonl (on the same devices; other meshes can change the last float bits of the loss).
+glue/predictions.py, pretraining.py), so the numbers equal what the runs log: a finetune workdir's
+results.json (except MNLI-mm, which it takes from the last epoch rather than the best), and a
+pretraining step's eval_mlm_accuracy in metrics.jsonl (on the same devices; other meshes can change
+the last float bits of the loss).
 
 Output on stdout: one line per split (GLUE: metrics in percent and the majority-class rate;
 pretraining: accuracy and cross entropy), or with `--json` one JSON object instead. GLUE:

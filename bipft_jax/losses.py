@@ -122,8 +122,9 @@ def task_distillation(student_out: dict, teacher_out: dict, weights_B: jax.Array
   mapped = layer_map(student_layers, len(teacher_out["attentions"]))
   if hidden_weight:
     pairs = [(0, 0)] + list(zip(range(1, student_layers + 1), mapped))
-    terms["hidden_distill_loss"] = sum(_row_mean(_mse_B(student_out["hidden_states"][s], teacher_out["hidden_states"][t]),
-                                                 weights_B) for s, t in pairs)
+    student_states, teacher_states = student_out["hidden_states"], teacher_out["hidden_states"]
+    terms["hidden_distill_loss"] = sum(_row_mean(_mse_B(student_states[s], teacher_states[t]), weights_B)
+                                       for s, t in pairs)
     total += hidden_weight * terms["hidden_distill_loss"]
   if attention_weight:
     terms["attention_distill_loss"] = sum(

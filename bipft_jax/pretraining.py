@@ -127,7 +127,7 @@ def mlm_evaluator(student: nn.Module, batches: list, mesh, rules, params_shardin
                  out_shardings=replicated)
 
   def evaluate(params) -> dict:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with sharding.on_mesh(mesh, rules):
       correct, counted, nll = np.sum([jax.device_get(step(params, b)) for b in batches], axis=0)
     return {"eval_mlm_accuracy": float(correct / max(counted, 1)), "eval_mlm_loss": float(nll / max(counted, 1))}
   return evaluate
@@ -153,7 +153,7 @@ def describe(step: int, evaluation: dict) -> str:
 def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> engine.Job:
   """Pretraining for the run engine: the student distilled from the frozen teacher on the corpus,
   starting (in a new workdir) from `init_from`'s parameters, else from the teacher's."""
-  optim.learning_rate_schedule(config.optimizer)  # a bad optimizer config fails before anything is loaded
+  schedule = optim.learning_rate_schedule(config.optimizer)  # a bad one fails before anything is loaded
   teacher_config, teacher_params, tokenizer_dir = load_teacher(config)
   student_cfg = student_config(config, teacher_config)
   if config.data.max_seq_length > student_cfg.max_position_embeddings:
@@ -186,7 +186,7 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
   return engine.Job(
       name="pretrain", module=student, model_config=student_cfg, head="pretraining",
       tx=optim.make_optimizer(config.optimizer, model_lib.param_kinds(student)),
-      schedule=optim.learning_rate_schedule(config.optimizer), loss_fn=make_loss_fn(student, teacher, config),
-      loss_key="total_loss", batches=batches, source=source, run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher,
+      schedule=schedule, loss_fn=make_loss_fn(student, teacher, config), loss_key="total_loss",
+      batches=batches, source=source, run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher,
       evaluate=mlm_evaluator(student, held_out, mesh, rules, engine.param_shardings(student, mesh, rules)),
       checkpoint_state=hosts.global_state, describe=describe)

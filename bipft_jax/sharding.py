@@ -6,6 +6,7 @@ logical names to mesh axes (data, fsdp, tensor), so changing the parallelism is 
 The default mesh puts every device on `data` (pure data parallelism); a dimension that a mesh axis
 does not divide stays replicated, so any rules work with any model size.
 """
+import contextlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -79,6 +80,14 @@ def boxed_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence) -> Any:
       return NamedSharding(mesh, spec_for(leaf.value.shape, PartitionSpec(*leaf.names), mesh, rules))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(pick, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+@contextlib.contextmanager
+def on_mesh(mesh: Mesh, rules: Sequence):
+  """The mesh and the logical-axis rules in force: what tracing the model (its activation
+  constraints) and running its jitted functions need."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:

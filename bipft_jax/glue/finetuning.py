@@ -60,9 +60,9 @@ def initial_model(config, task: tasks.Task) -> Start:
   kind, path = config.init.kind, config.init.path
   if kind == "checkpoint":
     saved_config, head, saved = checkpointing.restore_params(path, None if config.init.step < 0 else config.init.step)
-    source = jax.device_get(saved)
-    return Start(dataclasses.replace(saved_config, **overrides), source if head == "encoder" else source.get("bert", source),
-                 ("bert",), path, f"checkpoint {path}")
+    source = jax.device_get(saved)  # host copies: the engine places them
+    bert = source if head == "encoder" else source.get("bert", source)
+    return Start(dataclasses.replace(saved_config, **overrides), bert, ("bert",), path, f"checkpoint {path}")
   if kind == "teacher":
     from bipft_jax import assets
     folder = path or str(assets.minilm_dir())
@@ -118,11 +118,16 @@ def make_loss_fn(module, regression: bool, teacher=None, distill=None):
 
 # --- evaluation -----------------------------------------------------------------
 
+def selection_split(task: tasks.Task) -> str:
+  """The dev split the best epoch is chosen on: the task's first."""
+  return (task.dev_splits or ("dev",))[0]
+
+
 def select_results(task: tasks.Task, history: list) -> dict:
   """The reported dev numbers: each dev split at the best epoch (by the task's first metric on the
   first dev split), except MNLI-mm, reported from the last epoch as the release does."""
-  selection_split, metric = (task.dev_splits or ("dev",))[0], task.metrics[0]
-  best = max(history, key=lambda r: (r["dev"][selection_split][metric], -r["epoch"]))
+  selection, metric = selection_split(task), task.metrics[0]
+  best = max(history, key=lambda r: (r["dev"][selection][metric], -r["epoch"]))
   reported = dict(best["dev"])
   if "dev_mismatched" in reported:
     reported["dev_mismatched"] = history[-1]["dev"]["dev_mismatched"]
@@ -157,14 +162,14 @@ class Finetuning:
     self.module = model_lib.build(self.start.model_config, "classification")
     self.history = []
     teacher_module, teacher_params = self._teacher()
-    params_sh = engine.param_shardings(self.module, mesh, rules)
-    self.predict_step = predictions.sharded_predict_step(self.module, mesh, rules, params_sh)
-    self.params_shardings = params_sh
+    self.params_shardings = engine.param_shardings(self.module, mesh, rules)
+    self.predict_step = predictions.sharded_predict_step(self.module, mesh, rules, self.params_shardings)
     self.job = engine.Job(
         name="finetune", module=self.module, model_config=self.start.model_config, head="classification",
         tx=optim.make_optimizer(config.optimizer, model_lib.param_kinds(self.module)),
-        schedule=optim.learning_rate_schedule(config.optimizer), loss_fn=make_loss_fn(self.module, task.is_regression, teacher_module, config.distill),
-        loss_key="loss", batches=self._batches, source=lambda: self.start.source, evaluate=self._evaluate,
+        schedule=optim.learning_rate_schedule(config.optimizer),
+        loss_fn=make_loss_fn(self.module, task.is_regression, teacher_module, config.distill), loss_key="loss",
+        batches=self._batches, source=lambda: self.start.source, evaluate=self._evaluate,
         run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher_module,
         merge_complete=self.start.complete, after_evaluation=self._keep_best,
         checkpoint_state=lambda _: {"history": self.history}, describe=describe)
@@ -177,7 +182,8 @@ class Finetuning:
     return tasks.encode(self.tokenizer, split, self.config.max_length)
 
   def _plan(self, epoch: int) -> list:
-    return tasks.batch_plan(self.train_data, self.config.batch_size, self.buckets, shuffle_seed=self.config.seed + epoch)
+    return tasks.batch_plan(self.train_data, self.config.batch_size, self.buckets,
+                            shuffle_seed=self.config.seed + epoch)
 
   def _teacher(self) -> tuple:
     if not self.config.distill.teacher:
@@ -242,7 +248,7 @@ class Finetuning:
       if distributed.is_primary():
         predictions.write_submission(os.path.join(self.staging, "submission"), splits.split_task(self.task, split),
                                      "test" if split == "ax" else split, data.ids, predicted)
-    selection = (self.task.dev_splits or ("dev",))[0]
+    selection = selection_split(self.task)
     results.update(model=self.config.name or self.start.description, init=self.start.description,
                    task=self.task.name, selection=f"{selection} {self.task.metrics[0]}",
                    steps=self.schedule.total_steps, seconds=round(time.time() - self.started, 1))

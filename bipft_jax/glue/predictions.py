@@ -29,27 +29,29 @@ def model_batch(batch: dict) -> dict:
   return {k: batch[k] for k in model_lib.MODEL_INPUTS + ("labels", "weights")}
 
 
-def make_predict_step(module: nn.Module) -> Callable:
-  """predict_step(params, batch) -> logits, jitted, without dropout, on one device."""
-  @jax.jit
-  def predict_step(params, batch):
+def _logits(module: nn.Module) -> Callable:
+  """(params, batch) -> the classifier's logits, without dropout."""
+  def logits(params, batch):
     return module.apply({"params": params}, *(batch[k] for k in model_lib.MODEL_INPUTS),
                         deterministic=True)["logits"]
-  return predict_step
+  return logits
+
+
+def make_predict_step(module: nn.Module) -> Callable:
+  """predict_step(params, batch) -> logits, jitted, on one device."""
+  return jax.jit(_logits(module))
 
 
 def sharded_predict_step(module: nn.Module, mesh, rules, params_shardings) -> Callable:
   """predict_step(params, batch) -> logits on `mesh`: every host passes the whole batch (the same on
   all hosts), each contributes its rows, the logits come back whole everywhere."""
-  def logits(params, batch):
-    return module.apply({"params": params}, *(batch[k] for k in model_lib.MODEL_INPUTS),
-                        deterministic=True)["logits"]
   batch_sh = sharding.batch_sharding(mesh, rules)
-  step = jax.jit(logits, in_shardings=(params_shardings, batch_sh), out_shardings=NamedSharding(mesh, PartitionSpec()))
+  step = jax.jit(_logits(module), in_shardings=(params_shardings, batch_sh),
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))
 
   def predict_step(params, batch):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return step(params, engine.global_batch(engine.host_rows(model_batch(batch)), batch_sh))
+    with sharding.on_mesh(mesh, rules):
+      return step(params, engine.global_batch(engine.host_rows(batch), batch_sh))
   return predict_step
 
 
