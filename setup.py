@@ -38,6 +38,7 @@ setup(
         "numpy>=2.0",
         "scipy>=1.13",              # GLUE's Pearson and Spearman (bipft_jax/glue/metrics.py)
         "scikit-learn>=1.5",        # GLUE's Matthews correlation, F1, accuracy
+        "matplotlib>=3.8",          # `bipft study`'s plots
     ],
     extras_require={
         "torch": [TORCH],

@@ -25,6 +25,8 @@ COMMANDS = {
     "simulate-mesh": ("bipft_jax.simulate_mesh", "run a command on a mesh's real topology in local processes "
                       "and check its losses equal one device's"),
     "track": ("bipft_jax.track", "every binarizer through the same pretraining and finetuning: one table"),
+    "study": ("bipft_jax.study", "BiPFT vs binarizing per task on offline data sets: seeds, a learning-rate "
+              "sweep, tables and plots (resumable)"),
 }
 
 

@@ -260,14 +260,15 @@ def read_weights(directory: str) -> dict:
 
 
 def load_pretrained(directory: str, head: str = "encoder", *, allow_missing: Iterable[str] = (),
-                    seed: int = 0, **config_overrides) -> tuple:
+                    drop: Iterable[str] = (), seed: int = 0, **config_overrides) -> tuple:
   """(config, params) from a PyTorch BERT checkpoint directory (Hugging Face or release names).
 
-  Tensors under `allow_missing` prefixes (e.g. heads the checkpoint lacks) keep a fresh init.
+  Tensors under `allow_missing` prefixes (e.g. heads the checkpoint lacks) keep a fresh init; those
+  under `drop` prefixes (e.g. pretraining heads a classifier does not have) are left out.
   """
   import jax
   config = config_from_hf(read_config(directory), **config_overrides)
-  state = read_weights(directory)
+  state = {name: value for name, value in read_weights(directory).items() if not name.startswith(tuple(drop))}
   template = model_lib.init_params(model_lib.build(config, head), jax.random.key(seed))
   params, _ = from_torch_state(state, template, allow_missing=allow_missing)
   return config, params

@@ -115,6 +115,20 @@ def test_csv_and_jsonl_with_configured_fields(tmp_path):
     tasks.read_records(task, str(tmp_path / "dev.csv"), "csv", ["premise", "h"], "gold", True)
 
 
+def test_a_field_may_hold_line_breaks_and_unicode_line_separators(tmp_path):
+  # A quoted CSV field spanning lines keeps its line break; JSON strings may hold U+2028, U+0085 and a
+  # form feed raw (str.splitlines() would cut the record at each).
+  texts = ["one\u2028two", "three\x85four\x0cfive", "line\r\nbreak"]
+  (tmp_path / "a.jsonl").write_text("".join(json.dumps({"s": t, "y": "pos"}, ensure_ascii=False) + "\n"
+                                            for t in texts), encoding="utf-8")
+  (tmp_path / "a.csv").write_bytes('s,y\r\n"line\r\nbreak",neg\r\nplain,pos\r\n'.encode())
+  task = tasks.custom_task("neg,pos", 1)
+  jsonl = tasks.read_records(task, str(tmp_path / "a.jsonl"), "jsonl", ["s"], "y", True)
+  assert jsonl.texts_a == texts and jsonl.labels.tolist() == [1, 1, 1]
+  csv_split = tasks.read_records(task, str(tmp_path / "a.csv"), "csv", ["s"], "y", True)
+  assert csv_split.texts_a == ["line\r\nbreak", "plain"] and csv_split.labels.tolist() == [0, 1]
+
+
 def _glue_copy(glue_dir, tmp_path, folder):
   import shutil
   shutil.copytree(f"{glue_dir}/{folder}", tmp_path / folder)

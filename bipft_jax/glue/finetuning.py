@@ -20,6 +20,7 @@ from bipft_jax.glue import metrics as metrics_lib
 from bipft_jax.glue import predictions, splits, tasks
 
 BEST = "best"
+PRETRAINING_HEADS = "cls."  # torch names of the MLM and NSP heads (BertForPreTraining)
 
 
 # --- the starting model ---------------------------------------------------------
@@ -66,8 +67,9 @@ def initial_model(config, task: tasks.Task) -> Start:
   if kind == "teacher":
     from bipft_jax import assets
     folder = path or str(assets.minilm_dir())
+    # A BertForPreTraining folder (bert-base-uncased's) also holds the MLM/NSP heads: not a classifier's.
     fp_config, teacher = pytorch_io.load_pretrained(folder, "classification", allow_missing=("classifier",),
-                                                    **overrides)
+                                                    drop=(PRETRAINING_HEADS,), **overrides)
     name = path or "all-MiniLM-L6-v2"
     if not config.init.binary:
       return Start(fp_config, teacher, (), folder, f"FP teacher {name}")

@@ -4,7 +4,8 @@ Each finetuning workdir holds `results.json` (the reported dev numbers) and `sub
 test predictions, already in the leaderboard's format: `index<TAB>prediction` with the label
 strings GLUE expects). The report groups runs by their `model` name, one table row per model,
 with two GLUE averages: the 8 tasks with MNLI-m only (as METHOD.md's table), and all 9 numbers
-including MNLI-mm. WNLI is shown but, as in the paper's table, in neither average.
+including MNLI-mm. WNLI is shown but, as in the paper's table, in neither average. A `bipft study`
+workdir prints the study's tables (study_results.py).
 """
 import json
 import os
@@ -13,7 +14,7 @@ import sys
 
 import numpy as np
 
-from bipft_jax import files
+from bipft_jax import files, study_results
 from bipft_jax.errors import UserError
 from bipft_jax.glue.predictions import SUBMISSION_FILES
 
@@ -26,7 +27,8 @@ AVERAGE_9 = AVERAGE_8 + ("MNLI-mm",)
 
 
 def add_arguments(parser) -> None:
-  parser.add_argument("--workdirs", nargs="+", required=True, help="finetuning workdirs (bipft finetune)")
+  parser.add_argument("--workdirs", nargs="+", required=True,
+                      help="finetuning workdirs (bipft finetune), or a study's (bipft study: its tables)")
   parser.add_argument("--submission_dir", default=None,
                       help="collect the runs' leaderboard files (CoLA.tsv, ..., AX.tsv) into this folder")
   parser.add_argument("--overwrite", action="store_true",
@@ -36,8 +38,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
   if args.submission_dir:
     files.check_writable_dir(args.submission_dir, "--submission_dir")
-  runs = [read_results(w) for w in args.workdirs]
-  print(markdown_table(runs))
+  studies = [w for w in args.workdirs if study_results.is_study(w)]
+  for workdir in studies:
+    print(f"study {workdir}:\n\n{study_results.read(workdir)}")
+  runs = [read_results(w) for w in args.workdirs if w not in studies]
+  if runs:
+    print(markdown_table(runs))
   if args.submission_dir:
     written = collect_submission(args.workdirs, args.submission_dir, args.overwrite)
     missing = sorted(set(SUBMISSION_FILES.values()) - set(written))

@@ -15,6 +15,7 @@ handful of shapes instead of one per batch.
 """
 import csv
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -196,7 +197,7 @@ def _task_folder(task: Task, path: str) -> str:
   return inner if os.path.isdir(inner) else path
 
 
-def _read_lines(path: str) -> list:
+def _read_text(path: str) -> str:
   try:
     with open(path, "rb") as f:
       raw = f.read()
@@ -208,13 +209,19 @@ def _read_lines(path: str) -> list:
     line = raw[:e.start].count(b"\n") + 1
     raise UserError(f"{path} line {line} is not valid UTF-8 (byte {raw[e.start]:#04x}); re-encode the file "
                     "as UTF-8") from None
-  return text.splitlines()
+  return text
+
+
+def _lines(text: str) -> list:
+  """The text's lines, split at line feeds only: str.splitlines() also splits at characters a field
+  may hold (U+2028, U+0085, form feeds...), which would cut a record in two."""
+  lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+  return lines[:-1] if lines and not lines[-1] else lines
 
 
 def read_glue_tsv(task: Task, path: str, layout: TsvLayout) -> Split:
   """One GLUE TSV file, read with quoting disabled."""
-  lines = _read_lines(path)
-  rows = list(csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
+  rows = list(csv.reader(_lines(_read_text(path)), delimiter="\t", quoting=csv.QUOTE_NONE))
   columns = {}
   if layout.header:
     if not rows:
@@ -320,11 +327,11 @@ def _tfds_label(task: Task, label, where: str) -> str:
 # --- CSV and JSONL with configurable fields -----------------------------------
 
 def _records(path: str, file_format: str) -> list:
-  lines = _read_lines(path)
-  if file_format == "csv":
-    return list(csv.DictReader(lines))
+  text = _read_text(path)
+  if file_format == "csv":  # the csv module splits the rows itself: a quoted field may span lines
+    return list(csv.DictReader(io.StringIO(text, newline="")))
   records = []
-  for number, line in enumerate(lines, start=1):
+  for number, line in enumerate(_lines(text), start=1):
     if line.strip():
       try:
         record = json.loads(line)

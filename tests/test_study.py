@@ -1,0 +1,87 @@
+"""`bipft study` end to end on a micro grid (a tiny random teacher, two methods, one task, one seed):
+the cells, the tables and plots, a rerun that skips finished cells; bad study configs."""
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+from bipft_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "study.py")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+  """A random BERT with heads, configs/model.py's tiny shape with one layer, a 128-token vocab."""
+  folder = tmp_path_factory.mktemp("teacher")
+  words = "the a of and to is was it this that film movie good bad story not but very with".split()
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+  vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+  vocab += [f"w{i}" for i in range(128 - len(vocab))]
+  (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  torch.manual_seed(0)
+  config = transformers.BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=512, max_position_embeddings=512)
+  transformers.BertForPreTraining(config).save_pretrained(str(folder))
+  return folder
+
+
+def _study(workdir, teacher, *extra) -> int:
+  return cli.main(["study", "--config", f"{CONFIG}:micro", "--workdir", str(workdir),
+                   f"--config.teacher={teacher}", *extra])
+
+
+def test_micro_study_writes_tables_and_plots_and_a_rerun_skips_finished_cells(tiny_teacher, tmp_path, capsys):
+  workdir = tmp_path / "study"
+  assert _study(workdir, tiny_teacher) == 0
+  out = capsys.readouterr().out
+  assert "[1/3] pretrain bipft_b" in out and "[3/3] finetune rt bipft_b_kd lr 0.001 seed 42" in out
+  results = json.loads((workdir / "results.json").read_text())
+  kinds = sorted((c["kind"], c.get("method", c.get("variant"))) for c in results["cells"])
+  assert kinds == [("finetune", "bipft_b_kd"), ("finetune", "fp"), ("pretrain", "bipft_b")]
+  for method in ("fp", "bipft_b_kd"):
+    cell = results["table"]["rt"][method]
+    assert cell["n"] == 1 and 0 <= cell["mean"] <= 100
+    finetuned = json.loads((workdir / "finetune/rt" / method / "lr0.001/seed42/results.json").read_text())
+    assert cell["mean"] == finetuned["dev"]["dev"]["accuracy"]
+    assert [s for s, _ in results["curves"]["rt"][method]] == [2, 4]  # 16 examples, batch 8, 2 epochs
+  kd_metrics = (workdir / "finetune/rt/bipft_b_kd/lr0.001/seed42/metrics.jsonl").read_text()
+  assert "logit_distill_loss" in kd_metrics  # distilled from the FP cell
+  assert results["pretraining"]["bipft_b"]["steps"] == 3
+  markdown = (workdir / "results.md").read_text()
+  assert "| FP teacher |" in markdown and "| BiPFT-B + KD |" in markdown and "majority class" in markdown
+  for name in ("accuracy_by_task.png", "accuracy_vs_steps.png"):
+    assert (workdir / name).read_bytes()[:8] == PNG_MAGIC
+  assert not (workdir / "accuracy_vs_learning_rate.png").exists()  # micro has no sweep
+
+  # A rerun skips every finished cell; a cell whose command ended but whose record was lost (an
+  # interruption between the two) is recorded again without rerunning the command.
+  fp_cell = workdir / "finetune/rt/fp/lr0.001/seed42"
+  (fp_cell / "cell.json").unlink()
+  stamp = os.path.getmtime(fp_cell / "results.json")
+  assert _study(workdir, tiny_teacher) == 0
+  out = capsys.readouterr().out
+  assert "3 cells, 2 finished earlier" in out and "[2/3] finetune rt fp" in out and "[1/3]" not in out
+  assert os.path.getmtime(fp_cell / "results.json") == stamp
+  assert json.loads((workdir / "results.json").read_text())["table"] == results["table"]
+
+  assert cli.main(["glue-report", "--workdirs", str(workdir)]) == 0
+  assert "| BiPFT-B + KD |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.methods=fp,bogus", "config.methods: unknown bogus"),
+    ("--config.methods=binary_kd", "distil from the FP cells; add fp"),
+    ("--config.tasks=nope", "config.tasks: unknown nope"),
+    ("--config.seeds=1,x", "config.seeds must be comma-separated numbers"),
+    ("--config.sweep.task=elsewhere", "config.sweep.task 'elsewhere' is not one of config.tasks"),
+])
+def test_bad_study_config_is_one_error_line(tiny_teacher, tmp_path, capsys, override, message):
+  assert _study(tmp_path / "study", tiny_teacher, override) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("bipft study: error: ") and message in err[0], err
+  assert not (tmp_path / "study").exists()
