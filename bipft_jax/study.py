@@ -14,7 +14,8 @@ would run, through `cli.main`, each in a folder of its own (a cell) under WORKDI
                        the default learning rate), which therefore runs first.
 A cell is finished when its cell.json exists (its numbers, written atomically after the command
 ends); a rerun with the same workdir skips finished cells and resumes the one that was interrupted
-(`bipft pretrain` from its checkpoint, `bipft finetune` from its staging folder). After every cell
+(`bipft pretrain` from its checkpoint, `bipft finetune` from its staging folder). A rerun may change
+the grid (methods, tasks, seeds, sweep), not the recipe (teacher, pretraining, finetuning: recipe.json). After every cell
 the tables and plots are rewritten (study_results.py): results.json, results.md, *.png.
 """
 import argparse
@@ -32,6 +33,10 @@ from bipft_jax.errors import UserError
 from bipft_jax.runs import override_args, pretraining_numbers, read_jsonl, run_command
 
 CELL_FILE = "cell.json"
+RECIPE_FILE = "recipe.json"
+# The config fields every cell's numbers depend on; the grid (methods, tasks, seeds, sweep) may grow or
+# shrink between reruns, these may not.
+RECIPE_FIELDS = ("teacher", "pretrain", "finetune", "task_overrides")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,10 +228,32 @@ def _remaining(cells: list, done: set, timed: dict) -> Optional[float]:
   return sum(sum(timed[c.labels["kind"]]) / len(timed[c.labels["kind"]]) for c in left)
 
 
+def check_recipe(config, workdir: str) -> None:
+  """Records the recipe (RECIPE_FIELDS) of the first run in `workdir`; UserError if a rerun's differs:
+  its finished cells would be mixed with cells of another recipe."""
+  recipe = json.loads(json.dumps({field: config[field].to_dict() if hasattr(config[field], "to_dict")
+                                  else config[field] for field in RECIPE_FIELDS}))  # as it reads back
+  path = os.path.join(workdir, RECIPE_FILE)
+  if not os.path.exists(path):
+    files.write_json(path, recipe)
+    return
+  try:
+    with open(path) as f:
+      earlier = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is not a study recipe file ({type(e).__name__}); remove it or choose another "
+                    "--workdir") from None
+  changed = [field for field in RECIPE_FIELDS if earlier.get(field) != recipe[field]]
+  if changed:
+    raise UserError(f"{workdir} holds a study run with another config.{changed[0]} ({RECIPE_FILE}); its "
+                    "finished cells would be mixed with these: choose another --workdir")
+
+
 def run_study(config, workdir: str, config_name: Optional[str] = None) -> dict:
   """Runs (or resumes) every cell of `config` in `workdir`; returns the results (study_results)."""
   plan = Plan.from_config(config)
   files.check_writable_dir(workdir, "--workdir")
+  check_recipe(config, workdir)
   data = {task: study_data.data_overrides(task, os.path.join(workdir, "data", task)) for task in plan.tasks}
   cells = plan_cells(config, plan, workdir, data)
   model_name, _ = precision.cpu_description()

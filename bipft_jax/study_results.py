@@ -150,6 +150,9 @@ def plot(results: dict, workdir: str) -> list:
     if results["majority"][t] is not None:
       ax.hlines(results["majority"][t], j - 0.45, j + 0.45, colors="k", linestyles=":", linewidth=1)
   ax.set_xticks(range(len(tasks)), tasks)
+  floor = [s["mean"] - s["std"] for by_method in results["table"].values() for s in by_method.values()]
+  floor += [m for m in results["majority"].values() if m is not None]
+  ax.set_ylim(bottom=max(0.0, min(floor, default=0.0) - 5))  # the differences, not the common base
   ax.set_ylabel("dev accuracy (%)")
   ax.set_title("per task and method (dotted: majority class)")
   ax.legend(fontsize=7, loc="lower right")

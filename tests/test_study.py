@@ -72,6 +72,14 @@ def test_micro_study_writes_tables_and_plots_and_a_rerun_skips_finished_cells(ti
   assert cli.main(["glue-report", "--workdirs", str(workdir)]) == 0
   assert "| BiPFT-B + KD |" in capsys.readouterr().out
 
+  # Another recipe in the same workdir is refused before anything runs; another grid is not.
+  before = (workdir / "results.json").read_bytes()
+  assert _study(workdir, tiny_teacher, "--config.finetune.overrides.epochs=3") == 2
+  assert "holds a study run with another config.finetune" in capsys.readouterr().err
+  assert (workdir / "results.json").read_bytes() == before
+  assert _study(workdir, tiny_teacher, "--config.methods=fp") == 0
+  assert "1 cells, 1 finished earlier" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("override,message", [
     ("--config.methods=fp,bogus", "config.methods: unknown bogus"),
