@@ -75,11 +75,11 @@ def test_finetune_killed_mid_epoch_resumes_bit_identically(glue_dir, vocab_dir, 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "fp"])
 def test_finetune_on_eight_devices_equals_one_device(glue_dir, vocab_dir, tmp_path, binary):
-  # Equal up to reduction order: XLA:CPU rounds a row's sum (LayerNorm, the activation scales'
-  # calibration) differently on a batch of 8 and on its 8 one-example shards, 1-2 ulp. In the binary
-  # model such an ulp could still flip an activation sitting at a binarization threshold; none does
-  # in these steps (since i15's row-wise lookup, the word embeddings themselves differed by an ulp
-  # with the batch shape and the losses drifted 0.6% apart in 4 steps).
+  # Equal up to summation order: a batch of 8 and its 8 one-example shards sum in other orders, 1-2 ulp
+  # apart (XLA:CPU rounds a LayerNorm's rows by the shape it reduces; the calibrated activation scales
+  # are sums across devices). In the binary model such an ulp could still flip an activation sitting
+  # at a binarization threshold; none does in these steps. (The word embeddings' row scales, reduced
+  # over the looked-up rows after i15, differed with the batch shape: the losses were 0.6% apart.)
   extra = ("epochs=2", "batch_size=8", "eval_batch_size=8", "optimizer.learning_rate=1e-4",
            f"model.binary={binary}")
   assert cli.main(_argv(glue_dir, vocab_dir, tmp_path / "one", *extra)) == 0
