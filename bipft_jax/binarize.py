@@ -59,24 +59,29 @@ bwn_rowwise.defvjp(_identity_rowwise_fwd, _identity_bwd)
 def bwn_rowwise_lookup(w_VxD: jax.Array, ids: jax.Array) -> jax.Array:
   """take(bwn_rowwise(w_VxD), ids, axis=0), binarizing only the rows looked up.
 
-  The same values and straight-through gradient without a pass over every row of the table (BERT's
-  30522 for the 1024 tokens of a batch); only the global centre reads the whole table.
+  The same values and straight-through gradient without writing the binarized table (BERT's 30522
+  rows for the 1024 tokens of a batch). The row scales and the global centre are reduced over the
+  table, not over the rows looked up: XLA:CPU rounds a row's sum differently with the shape of the
+  tensor it reduces (a batch of 8 or its 8 one-example shards), so scales taken from the looked-up
+  rows made an embedding depend on the batch shape and a sharded run leave the single-device one.
   """
+  scale_V = jax.lax.stop_gradient(jnp.mean(jnp.abs(w_VxD), axis=-1))
   centre = jax.lax.stop_gradient(jnp.mean(w_VxD))
-  return _bwn_rows(jnp.take(w_VxD, ids, axis=0), centre)
+  return _bwn_rows(jnp.take(w_VxD, ids, axis=0), jnp.take(scale_V, ids, axis=0)[..., None], centre)
 
 
 @jax.custom_vjp
-def _bwn_rows(rows_NxD: jax.Array, centre: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.abs(rows_NxD), axis=-1, keepdims=True) * jnp.sign(rows_NxD - centre)
+def _bwn_rows(rows_NxD: jax.Array, scale_Nx1: jax.Array, centre: jax.Array) -> jax.Array:
+  return scale_Nx1 * jnp.sign(rows_NxD - centre)
 
 
-def _bwn_rows_fwd(rows, centre):
-  return _bwn_rows(rows, centre), None
+def _bwn_rows_fwd(rows, scale, centre):
+  return _bwn_rows(rows, scale, centre), None
 
 
 def _bwn_rows_bwd(_, g):
-  return g, jnp.zeros((), g.dtype)  # the centre is a constant of the straight-through estimator
+  # The scale and the centre are constants of the straight-through estimator.
+  return g, jnp.zeros(g.shape[:-1] + (1,), g.dtype), jnp.zeros((), g.dtype)
 
 
 _bwn_rows.defvjp(_bwn_rows_fwd, _bwn_rows_bwd)

@@ -88,6 +88,19 @@ def test_rowwise_lookup_equals_binarizing_the_whole_table_then_looking_up():
     np.testing.assert_array_equal(vjp(g)[0], expected_vjp(g)[0])  # repeated ids sum their gradients
 
 
+def test_rowwise_lookup_of_a_token_does_not_depend_on_its_batch():
+  # XLA:CPU rounds the sum of a row differently with the shape of the tensor it reduces: scales
+  # reduced over the looked-up rows gave a batch of 8 and its 8 one-example shards (8 devices)
+  # embeddings 1-2 ulp apart, and a sharded binary finetune left the single-device one. The table's
+  # scales are the same whatever looks them up.
+  w = jax.random.normal(jax.random.key(0), (64, 32)) * 0.02 + 0.001
+  ids = jax.random.randint(jax.random.key(1), (8, 16), 0, 64)
+  lookup = jax.jit(binarize.bwn_rowwise_lookup)
+  batch = lookup(w, ids)
+  np.testing.assert_array_equal(batch, np.concatenate([lookup(w, ids[i:i + 1]) for i in range(8)]))
+  np.testing.assert_array_equal(batch, jnp.take(binarize.bwn_rowwise(w), ids, axis=0))
+
+
 @pytest.mark.parametrize("fn", [binarize.bwn, binarize.bwn_rowwise])
 def test_weight_gradient_is_identity(fn):
   w = jax.random.normal(jax.random.key(0), (5, 7))
