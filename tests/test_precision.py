@@ -2,6 +2,7 @@
 cache, the mixed-precision FP matmuls and a mixed training run."""
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,22 @@ def test_mixed_einsum_is_bf16_products_with_fp32_accumulation_both_ways():
   assert da.dtype == db.dtype == jnp.float32
   np.testing.assert_allclose(da, round16(g) @ round16(b).T, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(db, np.einsum("mki,mko->io", round16(a), round16(g)), rtol=1e-5, atol=1e-5)
+
+
+def _dot_operand_dtypes(compiled_text: str) -> set:
+  """The (lhs, rhs) element types of every dot in an optimized HLO module's text."""
+  dtypes = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", compiled_text))
+  return {(dtypes[x], dtypes[y]) for x, y in re.findall(r" dot\((%[\w.-]+), (%[\w.-]+)\)", compiled_text)}
+
+
+@pytest.mark.parametrize("spec,a_shape,b_shape", [("...i,io->...o", (3, 40, 48), (48, 64)),  # a Linear
+                                                  ("nd,vd->nv", (24, 48), (64, 48))])       # the MLM decoder
+def test_mixed_products_compile_to_bf16_dots_weight_gradients_included(spec, a_shape, b_shape):
+  # XLA:CPU would run a bf16 weight gradient (operands contracted on their first axis) as an fp32 dot.
+  loss = lambda a, b: jnp.sum(precision.mixed_einsum(spec, a, b) ** 2)
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  a, b = jnp.ones(a_shape), jnp.ones(b_shape)
+  assert _dot_operand_dtypes(step.lower(a, b).compile().as_text()) == {("bf16", "bf16")}
 
 
 def test_mixed_sign_products_keep_the_exact_forward_and_take_bf16_backward_products():
