@@ -152,7 +152,7 @@ def all_finite(tree) -> jax.Array:
 
   0 * x is 0 for a finite x and NaN for a NaN or an Inf: one reduction per leaf (XLA:CPU runs an
   isfinite as a pass of its own, writing a boolean copy of the leaf for the reduction to read)."""
-  zeros = [jnp.sum(x * 0) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  zeros = [jnp.sum(jnp.multiply(x, 0)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.isfinite(sum(zeros)) if zeros else jnp.array(True)
 
 
