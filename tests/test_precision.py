@@ -160,10 +160,15 @@ def _dot_operand_dtypes(compiled_text: str) -> set:
                                                   ("nd,vd->nv", (24, 48), (64, 48))])       # the MLM decoder
 def test_mixed_products_compile_to_bf16_dots_weight_gradients_included(spec, a_shape, b_shape):
   # XLA:CPU would run a bf16 weight gradient (operands contracted on their first axis) as an fp32 dot.
-  loss = lambda a, b: jnp.sum(precision.mixed_einsum(spec, a, b) ** 2)
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  a, b = jnp.ones(a_shape), jnp.ones(b_shape)
-  assert _dot_operand_dtypes(step.lower(a, b).compile().as_text()) == {("bf16", "bf16")}
+  rng = np.random.default_rng(3)
+  a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (a_shape, b_shape))
+  g = jnp.asarray(rng.standard_normal(jnp.einsum(spec, a, b).shape), jnp.float32)
+  grads = jax.jit(lambda x, y: jax.vjp(lambda x_, y_: precision.mixed_einsum(spec, x_, y_), x, y)[1](g))
+  assert _dot_operand_dtypes(grads.lower(a, b).compile().as_text()) == {("bf16", "bf16")}
+  round16 = lambda t: np.asarray(t.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  expected = jax.vjp(lambda x, y: jnp.einsum(spec, x, y), round16(a), round16(b))[1](round16(g))
+  for got, want in zip(grads(a, b), expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_sign_products_keep_the_exact_forward_and_take_bf16_backward_products():
