@@ -196,13 +196,33 @@ def _bf16_einsum(spec: str, a, b):
   On CPU a product with batch indices (in both operands and the output: attention's, a few percent
   of BERT's FLOPs) multiplies the rounded values as fp32 instead: the same exact products, but
   XLA:CPU runs some batched bf16 layouts on a fallback that rejects bf16 (UNIMPLEMENTED: DotThunk).
+  A weight gradient (2-D operands contracting their first axis) is `_bf16_first_axis_product`.
   """
   inputs, out = spec.split("->")
   a_spec, b_spec = inputs.split(",")
-  if jax.default_backend() == "cpu" and set(a_spec) & set(b_spec) & set(out) - {"."}:
+  on_cpu = jax.default_backend() == "cpu"
+  if on_cpu and set(a_spec) & set(b_spec) & set(out) - {"."}:
     a, b = (_bf16(t).astype(jnp.float32) for t in (a, b))
     return jnp.einsum(spec, a, b, precision="highest")
+  first_axes_contracted = (len(a_spec) == len(b_spec) == 2 and a_spec[0] == b_spec[0]
+                           and sorted(out) == sorted(a_spec[1] + b_spec[1]))
+  if on_cpu and first_axes_contracted:
+    return _bf16_first_axis_product(*((a, b) if out == a_spec[1] + b_spec[1] else (b, a)))
   return jnp.einsum(spec, _bf16(a), _bf16(b), preferred_element_type=jnp.float32)
+
+
+def _bf16_first_axis_product(x_KxI, y_KxO):
+  """x^T y of bf16-rounded operands, summed in fp32, on CPU.
+
+  XLA:CPU folds a transpose of an operand into the dot, and a bf16 dot contracting the first axis of
+  its left operand is not one its bf16 kernels take: it runs as an fp32 dot instead (the weight
+  gradients of the mixed backward, half its FLOPs: 2-4x slower than in bf16 at BERT-base shapes). One
+  zero appended to the contracted axis makes x^T a copy of its own, which is not folded; the sum is
+  the same.
+  """
+  x_IxK1 = jnp.pad(_bf16(x_KxI).T, ((0, 0), (0, 1)))
+  y_K1xO = jnp.pad(_bf16(y_KxO), ((0, 1), (0, 0)))
+  return jnp.einsum("ik,ko->io", x_IxK1, y_K1xO, preferred_element_type=jnp.float32)
 
 
 LINEAR_SPEC = "...i,io->...o"

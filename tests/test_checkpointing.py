@@ -8,6 +8,7 @@ import textwrap
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -145,6 +146,19 @@ def test_non_finite_parameters_are_neither_saved_nor_restored(saved, tmp_path):
   checkpointing.wait(manager)
   with pytest.raises(checkpointing.CorruptCheckpoint, match="step 3 .* is corrupt: its params hold NaN"):
     checkpointing.restore_params(str(tmp_path / "nan"))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_any_non_finite_value_jitted_and_not(bad):
+  tree = {"w": np.full((3, 5), 3e38, np.float32), "step": np.int32(7), "m": {"v": np.ones(4, jnp.bfloat16)}}
+  for check in (checkpointing.all_finite, jax.jit(checkpointing.all_finite)):
+    assert bool(check(tree))  # large finite values (their sum would overflow) are finite
+    for path in (("w",), ("m", "v")):
+      broken = jax.tree.map(np.array, tree)
+      leaf = broken[path[0]] if len(path) == 1 else broken[path[0]][path[1]]
+      leaf[-1] = bad
+      assert not bool(check(broken)), (path, bad)
+  assert bool(checkpointing.all_finite({"step": np.int32(1)}))
 
 
 def test_what_a_failed_read_leaves_behind_is_not_printed(monkeypatch):

@@ -2,6 +2,7 @@
 cache, the mixed-precision FP matmuls and a mixed training run."""
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,27 @@ def test_mixed_einsum_is_bf16_products_with_fp32_accumulation_both_ways():
   assert da.dtype == db.dtype == jnp.float32
   np.testing.assert_allclose(da, round16(g) @ round16(b).T, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(db, np.einsum("mki,mko->io", round16(a), round16(g)), rtol=1e-5, atol=1e-5)
+
+
+def _dot_operand_dtypes(compiled_text: str) -> set:
+  """The (lhs, rhs) element types of every dot in an optimized HLO module's text."""
+  dtypes = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", compiled_text))
+  return {(dtypes[x], dtypes[y]) for x, y in re.findall(r" dot\((%[\w.-]+), (%[\w.-]+)\)", compiled_text)}
+
+
+@pytest.mark.parametrize("spec,a_shape,b_shape", [("...i,io->...o", (3, 40, 48), (48, 64)),  # a Linear
+                                                  ("nd,vd->nv", (24, 48), (64, 48))])       # the MLM decoder
+def test_mixed_products_compile_to_bf16_dots_weight_gradients_included(spec, a_shape, b_shape):
+  # XLA:CPU would run a bf16 weight gradient (operands contracted on their first axis) as an fp32 dot.
+  rng = np.random.default_rng(3)
+  a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (a_shape, b_shape))
+  g = jnp.asarray(rng.standard_normal(jnp.einsum(spec, a, b).shape), jnp.float32)
+  grads = jax.jit(lambda x, y: jax.vjp(lambda x_, y_: precision.mixed_einsum(spec, x_, y_), x, y)[1](g))
+  assert _dot_operand_dtypes(grads.lower(a, b).compile().as_text()) == {("bf16", "bf16")}
+  round16 = lambda t: np.asarray(t.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  expected = jax.vjp(lambda x, y: jnp.einsum(spec, x, y), round16(a), round16(b))[1](round16(g))
+  for got, want in zip(grads(a, b), expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_sign_products_keep_the_exact_forward_and_take_bf16_backward_products():
