@@ -187,18 +187,33 @@ def _finetune_record(cell_dir: str) -> dict:
           "best_epoch": results["best_epoch"], "steps": results["steps"], "curve": curve}
 
 
+def _finished(config, cell: Cell, cell_dir: str) -> bool:
+  """Whether the cell's command ran to its end: a finetuning's results.json, a pretraining's checkpoint
+  of its last step (a SIGTERM saves an earlier step and exits 0)."""
+  if cell.labels["kind"] == "finetune":
+    return os.path.exists(os.path.join(cell_dir, "results.json"))
+  steps = [int(name) for name in os.listdir(cell_dir) if name.isdigit()] if os.path.isdir(cell_dir) else []
+  return max(steps, default=-1) == _pretrain_config(config).total_steps
+
+
+def _pretrain_config(config):
+  return config_loading.load_config(config.pretrain.config, [
+      a[len(config_loading.OVERRIDE_PREFIX):] for a in override_args(config.pretrain.overrides)])
+
+
 def run_cell(config, cell: Cell, workdir: str) -> dict:
-  """Runs (or resumes) one cell; its record, or {"error": ...} if its command stopped."""
+  """Runs (or resumes) one cell; its record, {"error": ...} if its command failed, or {"interrupted":
+  True} if it stopped early (a SIGTERM: saved, to resume)."""
   cell_dir, started = os.path.join(workdir, cell.name), time.time()
   kind = cell.labels["kind"]
-  finished_before = kind == "finetune" and os.path.exists(os.path.join(cell_dir, "results.json"))
-  if not finished_before:  # else the command ended before an interruption: only its record is missing
+  if not (kind == "finetune" and _finished(config, cell, cell_dir)):  # else only its record was lost
     code, _, error = run_command(list(cell.argv))
     if code:
       return {"error": f"{kind}: {error}"}
+    if not _finished(config, cell, cell_dir):
+      return {"interrupted": True}
   if kind == "pretrain":
-    pretrain_config = config_loading.load_config(config.pretrain.config, [
-        a[len(config_loading.OVERRIDE_PREFIX):] for a in override_args(config.pretrain.overrides)])
+    pretrain_config = _pretrain_config(config)
     numbers = pretraining_numbers(cell_dir, pretrain_config.batch_size * pretrain_config.data.max_seq_length)
     numbers["steps"] = pretrain_config.total_steps
   else:
@@ -273,6 +288,9 @@ def run_study(config, workdir: str, config_name: Optional[str] = None) -> dict:
     if cell.name in records:
       continue
     record = {**cell.labels, **run_cell(config, cell, workdir)}
+    if "interrupted" in record:  # the signal was meant for the study: stop, nothing recorded for the cell
+      print(f"bipft study: stopped during {cell.name} (saved there); rerun the same command to resume", flush=True)
+      break
     if "error" in record:
       failed.append(cell.name)
     else:

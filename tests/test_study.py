@@ -93,3 +93,19 @@ def test_bad_study_config_is_one_error_line(tiny_teacher, tmp_path, capsys, over
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("bipft study: error: ") and message in err[0], err
   assert not (tmp_path / "study").exists()
+
+
+def test_a_cell_stopped_early_is_not_recorded_and_stops_the_study(tiny_teacher, tmp_path, monkeypatch, capsys):
+  # A SIGTERM makes pretrain and finetune save and exit 0 before their end: the study must not take
+  # that cell as finished (its cell.json would mark a short pretraining as done), and stops.
+  from bipft_jax import study
+
+  def stopped_early(argv):  # what a SIGTERM'd pretraining leaves: a checkpoint before its last step
+    os.makedirs(os.path.join(argv[argv.index("--workdir") + 1], "2"))
+    return 0, "", None
+  monkeypatch.setattr(study, "run_command", stopped_early)
+  assert _study(tmp_path / "study", tiny_teacher) == 0
+  out = capsys.readouterr().out
+  assert "stopped during pretrain/bipft_b (saved there); rerun the same command to resume" in out
+  assert not (tmp_path / "study/pretrain/bipft_b/cell.json").exists()
+  assert not (tmp_path / "study/finetune").exists()  # no later cell ran
