@@ -137,6 +137,16 @@ def reference_student_dir(directory: pathlib.Path) -> pathlib.Path:
   return directory
 
 
+def tiny_release_dir(directory: pathlib.Path) -> pathlib.Path:
+  """A tiny binary student in the release's layout (names, tie aliases, config): bad input to edit."""
+  config = tiny_config()
+  params = realistic_params(config, "pretraining", padded_two_segment_batch(config.vocab_size))
+  directory.mkdir()
+  save_file(convert.reference_state(params, "pretraining"), str(directory / "model.safetensors"))
+  (directory / "config.json").write_text(json.dumps(convert.hf_config_dict(config, "pretraining")))
+  return directory
+
+
 @needs_vectors
 def test_release_names_to_jax_to_reference_is_bit_identical(tmp_path, capsys):
   src = reference_student_dir(tmp_path / "release")
@@ -315,11 +325,10 @@ def test_checkpoint_sharded_over_8_devices_converts_on_one(tmp_path):
 
 # --- bad input: one clear line, exit 2, nothing left behind ---------------------------------
 
-@needs_vectors
 def test_unknown_tensor_is_named(tmp_path, capsys):
-  src = reference_student_dir(tmp_path / "release")
+  src = tiny_release_dir(tmp_path / "release")
   state = load_file(src / "model.safetensors")
-  state["bert.encoder.layer.1.attention.self.lora_q.weight"] = np.zeros((4, 192), np.float32)
+  state["bert.encoder.layer.1.attention.self.lora_q.weight"] = np.zeros((4, 32), np.float32)
   save_file(state, str(src / "model.safetensors"))
   line = assert_one_error_line(*bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work"))
   assert "unexpected tensor bert.encoder.layer.1.attention.self.lora_q.weight" in line
@@ -327,15 +336,15 @@ def test_unknown_tensor_is_named(tmp_path, capsys):
 
 
 def test_config_that_disagrees_with_the_tensors_names_the_tensor(tmp_path, capsys):
-  src = reference_student_dir(tmp_path / "release")
+  src = tiny_release_dir(tmp_path / "release")
   config = json.loads((src / "config.json").read_text())
-  (src / "config.json").write_text(json.dumps(dict(config, intermediate_size=512)))
+  (src / "config.json").write_text(json.dumps(dict(config, intermediate_size=48)))
   line = assert_one_error_line(*bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work"))
-  assert "shape mismatch for bert.encoder.layer.0.intermediate.dense.weight: checkpoint (768, 192)" in line
+  assert "shape mismatch for bert.encoder.layer.0.intermediate.dense.weight: checkpoint (64, 32)" in line
 
 
 def test_unsupported_binarization_switch(tmp_path, capsys):
-  src = reference_student_dir(tmp_path / "release")
+  src = tiny_release_dir(tmp_path / "release")
   config = json.loads((src / "config.json").read_text())
   (src / "config.json").write_text(json.dumps(dict(config, weight_layerwise=False)))
   line = assert_one_error_line(*bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work"))
@@ -343,7 +352,7 @@ def test_unsupported_binarization_switch(tmp_path, capsys):
 
 
 def test_existing_output_is_never_overwritten(tmp_path, capsys):
-  src = reference_student_dir(tmp_path / "release")
+  src = tiny_release_dir(tmp_path / "release")
   (tmp_path / "work").mkdir()
   (tmp_path / "work" / "notes.txt").write_text("keep me")
   line = assert_one_error_line(*bipft(capsys, "convert", "from-pytorch", "--src", src, "--out", tmp_path / "work"))
