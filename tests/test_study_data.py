@@ -80,6 +80,17 @@ def test_labels_are_the_sources(written):
       == ["spam"]
 
 
+def test_a_dev_subset_is_a_seeded_choice_of_the_dev_set_and_train_stays_clean_of_all_of_it(written, tmp_path):
+  dev = _read(written["trec"], "dev")
+  for folder in ("a", "b"):
+    study_data.write("trec", str(tmp_path / folder), dev_examples=100)
+  subset = _read(str(tmp_path / "a"), "dev")
+  assert len(subset) == 100 and subset == _read(str(tmp_path / "b"), "dev")
+  positions = [dev.index(r) for r in subset]
+  assert positions == sorted(positions) and positions[-1] > 100  # in the set's order, not its head
+  assert _read(str(tmp_path / "a"), "train") == _read(written["trec"], "train")
+
+
 def test_existing_files_are_kept(tmp_path):
   for split in ("train", "dev"):
     (tmp_path / f"{split}.jsonl").write_text('{"text": "kept", "label": "ham"}\n')
