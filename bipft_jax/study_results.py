@@ -94,7 +94,7 @@ def markdown(results: dict) -> str:
     average = f"{results['average'][m]:.1f}" if m in results["average"] else "-"
     lines.append(f"| {label} | " + " | ".join(cells) + f" | {average} |")
   majority = [f"{results['majority'][t]:.1f}" if results["majority"][t] is not None else "-" for t in tasks]
-  lines.append("| (majority class) | " + " | ".join(majority) + " | |")
+  lines.append("| (train's majority class, always) | " + " | ".join(majority) + " | |")
   if results["differences"]:
     lines += ["", "Differences (points; ± the standard error of a difference of means):", "",
               "| comparison | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
@@ -154,7 +154,7 @@ def plot(results: dict, workdir: str) -> list:
   floor += [m for m in results["majority"].values() if m is not None]
   ax.set_ylim(bottom=max(0.0, min(floor, default=0.0) - 5))  # the differences, not the common base
   ax.set_ylabel("dev accuracy (%)")
-  ax.set_title("per task and method (dotted: majority class)")
+  ax.set_title("per task and method (dotted: train's majority class, always)")
   ax.legend(fontsize=7, loc="lower right")
   save(fig, "by_task")
 
