@@ -66,9 +66,10 @@ def summarize(header: dict, records: list) -> dict:
 
 
 def _difference(a: dict, b: dict) -> dict:
-  """Difference of two cells' means, +- its standard error (each cell's seeds independent)."""
-  error = np.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-  return {"mean": a["mean"] - b["mean"], "stderr": float(error)}
+  """Difference of two cells' means, +- its standard error (each cell's seeds independent; None when a
+  cell has one seed: no spread measured)."""
+  error = np.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]) if min(a["n"], b["n"]) > 1 else None
+  return {"mean": a["mean"] - b["mean"], "stderr": None if error is None else float(error)}
 
 
 def _mean_curve(curves: list) -> list:
@@ -79,6 +80,11 @@ def _mean_curve(curves: list) -> list:
 
 def _pm(stats: dict) -> str:
   return f"{stats['mean']:.1f} ± {stats['std']:.1f}" if stats["n"] > 1 else f"{stats['mean']:.1f}"
+
+
+def _pm_difference(difference: dict) -> str:
+  error = difference["stderr"]
+  return f"{difference['mean']:+.1f}" + (f" ± {error:.1f}" if error is not None else "")
 
 
 def markdown(results: dict) -> str:
@@ -99,8 +105,7 @@ def markdown(results: dict) -> str:
     lines += ["", "Differences (points; ± the standard error of a difference of means):", "",
               "| comparison | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
     for d in results["differences"]:
-      cells = [f"{d['per_task'][t]['mean']:+.1f} ± {d['per_task'][t]['stderr']:.1f}" if t in d["per_task"] else "-"
-               for t in tasks]
+      cells = [_pm_difference(d["per_task"][t]) if t in d["per_task"] else "-" for t in tasks]
       lines.append(f"| {d['label']} | " + " | ".join(cells) + f" | {d['average']:+.1f} |")
   if results["sweep"]:
     rates = sorted({float(r) for by_rate in results["sweep"].values() for r in by_rate})

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from bipft_jax import cli
+from bipft_jax import cli, study_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "study.py")
@@ -111,3 +111,27 @@ def test_a_cell_stopped_early_is_not_recorded_and_stops_the_study(tiny_teacher, 
   assert "stopped during pretrain/bipft_b (saved there); rerun the same command to resume" in out
   assert not (tmp_path / "study/pretrain/bipft_b/cell.json").exists()
   assert not (tmp_path / "study/finetune").exists()  # no later cell ran
+
+
+def test_differences_carry_a_standard_error_only_where_both_cells_have_seeds():
+  header = {"config": "x", "host": "h", "date": "d", "learning_rate": 1e-4, "sweep_task": "",
+            "methods": {"binary": "task-specific binary", "bipft_a": "BiPFT-A", "bipft_b": "BiPFT-B"},
+            "tasks": {"rt": "", "trec": ""}}
+  scores = {("rt", "binary"): [50.0, 54.0], ("rt", "bipft_a"): [60.0, 66.0, 63.0], ("rt", "bipft_b"): [70.0],
+            ("trec", "binary"): [20.0], ("trec", "bipft_a"): [30.0]}
+  records = [{"kind": "finetune", "task": t, "method": m, "learning_rate": 1e-4, "seed": i, "score": s,
+              "majority": 10.0, "curve": [[8, s]], "seconds": 1.0}
+             for (t, m), values in scores.items() for i, s in enumerate(values)]
+  results = study_results.summarize(header, records)
+  a_vs_binary = results["differences"][0]
+  assert a_vs_binary["label"].startswith("BiPFT-A - task-specific")
+  assert a_vs_binary["per_task"]["rt"]["mean"] == pytest.approx(63.0 - 52.0)
+  # std 2.828 over 2 seeds, 3.0 over 3: sqrt(8/2 + 9/3)
+  assert a_vs_binary["per_task"]["rt"]["stderr"] == pytest.approx(7 ** 0.5)
+  assert a_vs_binary["per_task"]["trec"]["stderr"] is None  # one seed each: no spread measured
+  assert a_vs_binary["average"] == pytest.approx((11.0 + 10.0) / 2)
+  b_vs_a = results["differences"][1]
+  assert b_vs_a["per_task"] == {"rt": {"mean": pytest.approx(7.0), "stderr": None}}
+  markdown = study_results.markdown(results)
+  assert "| BiPFT-A - task-specific (binary pretraining) | +11.0 ± 2.6 | +10.0 | +10.5 |" in markdown
+  assert "| BiPFT-A | 63.0 ± 3.0 | 30.0 | 46.5 |" in markdown
