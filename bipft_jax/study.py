@@ -21,6 +21,7 @@ After every cell the tables and plots are rewritten (study_results.py): results.
 import argparse
 import dataclasses
 import datetime
+import filecmp
 import json
 import os
 import time
@@ -38,6 +39,7 @@ RECIPE_FILE = "recipe.json"
 # shrink between reruns, these may not.
 RECIPE_FIELDS = ("teacher", "pretrain", "finetune", "task_overrides", "dev_examples")
 RECIPE_DEFAULTS = {"dev_examples": 0}  # what a recipe written before the field was
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +246,26 @@ def _remaining(cells: list, done: set, timed: dict) -> Optional[float]:
   return sum(sum(timed[c.labels["kind"]]) / len(timed[c.labels["kind"]]) for c in left)
 
 
+def portable_config(spec: str) -> str:
+  """A config spec as a recipe compares it: `configs/NAME.py:ARG` when its file is byte for byte this
+  repository's configs/NAME.py (the study then resumes from another clone), else as given."""
+  path, colon, arg = spec.partition(":")
+  ours = os.path.join(REPO_CONFIGS, os.path.basename(path))
+  if os.path.isfile(path) and os.path.isfile(ours) and filecmp.cmp(path, ours, shallow=False):
+    return f"configs/{os.path.basename(path)}{colon}{arg}"
+  return spec
+
+
+def _comparable(recipe: dict) -> dict:
+  """A recipe's fields as compared: missing ones at their defaults, this repository's configs portable."""
+  fields = {field: recipe.get(field, RECIPE_DEFAULTS.get(field)) for field in RECIPE_FIELDS}
+  for field in ("pretrain", "finetune"):
+    part = fields[field]
+    if isinstance(part, dict) and isinstance(part.get("config"), str):
+      fields[field] = {**part, "config": portable_config(part["config"])}
+  return fields
+
+
 def check_recipe(config, workdir: str) -> None:
   """Records the recipe (RECIPE_FIELDS) of the first run in `workdir`; UserError if a rerun's differs:
   its finished cells would be mixed with cells of another recipe."""
@@ -259,7 +281,10 @@ def check_recipe(config, workdir: str) -> None:
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{path} is not a study recipe file ({type(e).__name__}); remove it or choose another "
                     "--workdir") from None
-  changed = [field for field in RECIPE_FIELDS if earlier.get(field, RECIPE_DEFAULTS.get(field)) != recipe[field]]
+  if not isinstance(earlier, dict):
+    raise UserError(f"{path} is not a study recipe file (not an object); remove it or choose another --workdir")
+  earlier, now = _comparable(earlier), _comparable(recipe)
+  changed = [field for field in RECIPE_FIELDS if earlier[field] != now[field]]
   if changed:
     raise UserError(f"{workdir} holds a study run with another config.{changed[0]} ({RECIPE_FILE}); its "
                     "finished cells would be mixed with these: choose another --workdir")

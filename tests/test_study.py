@@ -2,12 +2,14 @@
 the cells, the tables and plots, a rerun that skips finished cells; bad study configs."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
 import transformers
 
-from bipft_jax import cli, study_results
+from bipft_jax import cli, config_loading, study, study_results
+from bipft_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "study.py")
@@ -135,3 +137,26 @@ def test_differences_carry_a_standard_error_only_where_both_cells_have_seeds():
   markdown = study_results.markdown(results)
   assert "| BiPFT-A - task-specific (binary pretraining) | +11.0 ± 2.6 | +10.0 | +10.5 |" in markdown
   assert "| BiPFT-A | 63.0 ± 3.0 | 30.0 | 46.5 |" in markdown
+
+
+def test_a_recipe_resumes_from_another_clone_of_the_same_configs_and_not_from_edited_ones(tmp_path):
+  config = config_loading.load_config(f"{CONFIG}:full")
+  workdir = tmp_path / "study"
+  workdir.mkdir()
+  study.check_recipe(config, str(workdir))  # the first run records it
+  recorded = json.loads((workdir / "recipe.json").read_text())
+  assert recorded["pretrain"]["config"] == os.path.join(ROOT, "configs", "pretrain.py:demo")
+  # The same study started from a clone elsewhere: its configs are byte for byte ours.
+  clone = tmp_path / "elsewhere" / "configs"
+  shutil.copytree(os.path.join(ROOT, "configs"), clone)
+  moved = {**recorded, "pretrain": {**recorded["pretrain"], "config": f"{clone}/pretrain.py:demo"},
+           "finetune": {**recorded["finetune"], "config": f"{clone}/glue.py:task=custom"}}
+  del moved["dev_examples"]  # a recipe from before the field: whole dev sets
+  (workdir / "recipe.json").write_text(json.dumps(moved))
+  study.check_recipe(config, str(workdir))
+  (clone / "pretrain.py").write_text((clone / "pretrain.py").read_text() + "\n# edited\n")
+  with pytest.raises(UserError, match="another config.pretrain"):
+    study.check_recipe(config, str(workdir))
+  (workdir / "recipe.json").write_text("[1, 2]")
+  with pytest.raises(UserError, match="is not a study recipe file"):
+    study.check_recipe(config, str(workdir))
