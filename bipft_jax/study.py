@@ -302,6 +302,7 @@ def run_study(config, workdir: str, config_name: Optional[str] = None) -> dict:
   header = {"config": config_name, "host": f"{model_name} ({os.cpu_count()} cores)",
             "date": datetime.date.today().isoformat(), "study": config.to_dict(),
             "tasks": {t: study_data.DATASETS[t].description for t in plan.tasks},
+            "dev_largest_class": {t: study_data.largest_class_share(data[t]["dev_file"]) for t in plan.tasks},
             "methods": {m: METHODS[m].label for m in plan.methods}, "learning_rate": plan.learning_rate,
             "sweep_task": plan.sweep_task}
   records, failed, timed, results = {}, [], {}, None

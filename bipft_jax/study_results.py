@@ -101,6 +101,9 @@ def markdown(results: dict) -> str:
     lines.append(f"| {label} | " + " | ".join(cells) + f" | {average} |")
   majority = [f"{results['majority'][t]:.1f}" if results["majority"][t] is not None else "-" for t in tasks]
   lines.append("| (train's majority class, always) | " + " | ".join(majority) + " | |")
+  if "dev_largest_class" in results:  # the best constant answer: where a model has learned nothing
+    lines.append("| (dev's largest class, always) | " + " | ".join(
+        f"{results['dev_largest_class'][t]:.1f}" for t in tasks) + " | |")
   if results["differences"]:
     lines += ["", "Differences (points; ± the standard error of a difference of means):", "",
               "| comparison | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]

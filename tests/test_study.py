@@ -54,7 +54,11 @@ def test_micro_study_writes_tables_and_plots_and_a_rerun_skips_finished_cells(ti
   kd_metrics = (workdir / "finetune/rt/bipft_b_kd/lr0.001/seed42/metrics.jsonl").read_text()
   assert "logit_distill_loss" in kd_metrics  # distilled from the FP cell
   assert results["pretraining"]["bipft_b"]["steps"] == 3
-  assert len((workdir / "data/rt/dev.jsonl").read_text().splitlines()) == 64  # config.dev_examples
+  dev_labels = [json.loads(line)["label"] for line in (workdir / "data/rt/dev.jsonl").read_text().splitlines()]
+  assert len(dev_labels) == 64  # config.dev_examples
+  largest = 100 * max(dev_labels.count(label) for label in set(dev_labels)) / 64
+  assert results["dev_largest_class"] == {"rt": largest}
+  assert f"| (dev's largest class, always) | {largest:.1f} | |" in (workdir / "results.md").read_text()
   markdown = (workdir / "results.md").read_text()
   assert "| FP teacher |" in markdown and "| BiPFT-B + KD |" in markdown and "majority class" in markdown
   for name in ("accuracy_by_task.png", "accuracy_vs_steps.png"):

@@ -55,6 +55,11 @@ def test_splits_have_the_measured_sizes_disjoint_texts_and_declared_labels(writt
   assert (splits["dev"].texts_b is None) == (len(study_set.text_fields) == 1)
 
 
+def test_largest_class_share_is_the_best_constant_answer(written):
+  assert study_data.largest_class_share(f"{written['trec']}/dev.jsonl") == pytest.approx(100 * 138 / 500)  # DESC
+  assert study_data.largest_class_share(f"{written['stsb']}/dev.jsonl") == pytest.approx(100 * 871 / 1500)
+
+
 def test_rt_dev_set_is_rt_demo_dev_set(written):
   demo = tasks.read_rt_demo(tasks.get_task("rt_demo"))["dev"]
   dev = _read(written["rt"], "dev")
