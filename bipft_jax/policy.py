@@ -41,14 +41,19 @@ class Policy:
 
 
 def dense(precision: str, product: Optional[Product] = None) -> api.LinearOp:
-  """The FP Linear: x @ kernel + bias, computed as flax's nn.Dense does (same XLA ops, same bits),
-  or with `product` if given (precision "mixed": precision.mixed_einsum)."""
+  """The FP Linear: x @ kernel + bias, or with `product` if given (precision "mixed":
+  precision.mixed_einsum). The tokens are flattened into one axis: the same bits as flax's nn.Dense
+  under jit, and the kernel's gradient then contracts one axis, which XLA:CPU computes without
+  writing the cotangent transposed (MiniLM's 384 -> 1536 layer at 32 x 48 tokens: backward 31 ms
+  instead of 55)."""
   def apply(x, kernel, bias, extras, *, train):
     del extras, train
     if product is not None:
       y = product("...i,io->...o", x, kernel)
     else:
-      y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+      x_MxI = x.reshape(-1, x.shape[-1])
+      y = jax.lax.dot_general(x_MxI, kernel, (((1,), (0,)), ((), ())), precision=precision)
+      y = y.reshape(*x.shape[:-1], kernel.shape[-1])
     return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
   return api.LinearOp(name="dense", apply=apply, init_extras=api.no_extras)
 
