@@ -68,8 +68,9 @@ def summarize(header: dict, records: list) -> dict:
 def _difference(a: dict, b: dict) -> dict:
   """Difference of two cells' means, +- its standard error (each cell's seeds independent; None when a
   cell has one seed: no spread measured)."""
-  error = np.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]) if min(a["n"], b["n"]) > 1 else None
-  return {"mean": a["mean"] - b["mean"], "stderr": None if error is None else float(error)}
+  one_seed = min(a["n"], b["n"]) < 2
+  error = None if one_seed else float(np.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]))
+  return {"mean": a["mean"] - b["mean"], "stderr": error}
 
 
 def _mean_curve(curves: list) -> list:
@@ -101,7 +102,7 @@ def markdown(results: dict) -> str:
     lines.append(f"| {label} | " + " | ".join(cells) + f" | {average} |")
   majority = [f"{results['majority'][t]:.1f}" if results["majority"][t] is not None else "-" for t in tasks]
   lines.append("| (train's majority class, always) | " + " | ".join(majority) + " | |")
-  if "dev_largest_class" in results:  # the best constant answer: where a model has learned nothing
+  if "dev_largest_class" in results:  # the best constant answer (absent from older studies' results)
     lines.append("| (dev's largest class, always) | " + " | ".join(
         f"{results['dev_largest_class'][t]:.1f}" for t in tasks) + " | |")
   if results["differences"]:
@@ -223,6 +224,8 @@ def read(workdir: str) -> str:
     with open(path) as f:
       results = json.load(f)
     header = {k: results[k] for k in ("config", "host", "date", "tasks", "methods", "learning_rate", "sweep_task")}
+    if "dev_largest_class" in results:  # absent from studies written before it
+      header["dev_largest_class"] = results["dev_largest_class"]
     return markdown(summarize(header, results["cells"]))
   except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
     raise UserError(f"{path} is not a study's results file ({type(e).__name__}: {e})") from None

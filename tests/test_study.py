@@ -77,7 +77,8 @@ def test_micro_study_writes_tables_and_plots_and_a_rerun_skips_finished_cells(ti
   assert json.loads((workdir / "results.json").read_text())["table"] == results["table"]
 
   assert cli.main(["glue-report", "--workdirs", str(workdir)]) == 0
-  assert "| BiPFT-B + KD |" in capsys.readouterr().out
+  report = capsys.readouterr().out
+  assert "| BiPFT-B + KD |" in report and f"| (dev's largest class, always) | {largest:.1f} | |" in report
 
   # Another recipe in the same workdir is refused before anything runs; another grid is not.
   before = (workdir / "results.json").read_bytes()
