@@ -24,6 +24,8 @@ import datetime
 import filecmp
 import json
 import os
+import signal
+import threading
 import time
 from typing import Optional
 
@@ -312,23 +314,35 @@ def run_study(config, workdir: str, config_name: Optional[str] = None) -> dict:
       with open(record_file) as f:
         records[cell.name] = json.load(f)
   print(f"bipft study: {len(cells)} cells, {len(records)} finished earlier (skipped)")
-  for index, cell in enumerate(cells, 1):
-    if cell.name in records:
-      continue
-    record = {**cell.labels, **run_cell(config, cell, workdir)}
-    if "interrupted" in record:  # the signal was meant for the study: stop, nothing recorded for the cell
-      print(f"bipft study: stopped during {cell.name} (saved there); rerun the same command to resume", flush=True)
-      break
-    if "error" in record:
-      failed.append(cell.name)
-    else:
-      files.write_json(os.path.join(workdir, cell.name, CELL_FILE), record)
-      records[cell.name] = record
-      timed.setdefault(cell.labels["kind"], []).append(record["seconds"])
-    remaining = _remaining(cells, set(records) | set(failed), timed)
-    print(_progress(index, len(cells), cell, record, remaining), flush=True)
-    results = study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])
-    jax.clear_caches()  # each cell compiles its own programs: keep the memory of one
+  # A SIGTERM outside a cell's training loop (which saves and stops on its own) lets the cell end and be
+  # recorded, then stops the study: the default handler would kill it mid-cell, without a word.
+  terminated = threading.Event()
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
+  try:
+    for index, cell in enumerate(cells, 1):
+      if cell.name in records:
+        continue
+      record = {**cell.labels, **run_cell(config, cell, workdir)}
+      if "interrupted" in record:  # the signal was meant for the study: stop, nothing recorded for the cell
+        print(f"bipft study: stopped during {cell.name} (saved there); rerun the same command to resume",
+              flush=True)
+        break
+      if "error" in record:
+        failed.append(cell.name)
+      else:
+        files.write_json(os.path.join(workdir, cell.name, CELL_FILE), record)
+        records[cell.name] = record
+        timed.setdefault(cell.labels["kind"], []).append(record["seconds"])
+      remaining = _remaining(cells, set(records) | set(failed), timed)
+      print(_progress(index, len(cells), cell, record, remaining), flush=True)
+      results = study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])
+      jax.clear_caches()  # each cell compiles its own programs: keep the memory of one
+      if terminated.is_set():
+        print(f"bipft study: SIGTERM: stopped after {cell.name} (recorded); rerun the same command to resume",
+              flush=True)
+        break
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
   if results is None:  # every cell finished earlier (or the first was interrupted): the tables once
     results = study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])
   return {**results, "failed": failed}

@@ -120,6 +120,30 @@ def test_a_cell_stopped_early_is_not_recorded_and_stops_the_study(tiny_teacher, 
   assert not (tmp_path / "study/finetune").exists()  # no later cell ran
 
 
+def test_a_sigterm_outside_a_training_loop_lets_the_cell_finish_then_stops_the_study(
+    tiny_teacher, tmp_path, monkeypatch, capsys):
+  import signal
+
+  def fail(*_):
+    raise AssertionError("the SIGTERM reached the handler the study was given, not the study's")
+
+  def cell_then_sigterm(config, cell, workdir):  # a signal landing between a cell's steps and its record
+    os.kill(os.getpid(), signal.SIGTERM)
+    return {"mlm_accuracy": 0.1, "hidden_mse": 0.2, "steps": 3, "seconds": 1.0}
+  monkeypatch.setattr(study, "run_cell", cell_then_sigterm)
+  previous = signal.signal(signal.SIGTERM, fail)
+  try:
+    assert _study(tmp_path / "study", tiny_teacher) == 0
+    assert signal.getsignal(signal.SIGTERM) is fail  # given back after the study
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  out = capsys.readouterr().out
+  assert "SIGTERM: stopped after pretrain/bipft_b (recorded); rerun the same command to resume" in out
+  record = json.loads((tmp_path / "study/pretrain/bipft_b/cell.json").read_text())
+  assert record["mlm_accuracy"] == 0.1 and (tmp_path / "study/results.json").exists()
+  assert not (tmp_path / "study/finetune").exists()  # no later cell ran
+
+
 def test_differences_carry_a_standard_error_only_where_both_cells_have_seeds():
   header = {"config": "x", "host": "h", "date": "d", "learning_rate": 1e-4, "sweep_task": "",
             "methods": {"binary": "task-specific binary", "bipft_a": "BiPFT-A", "bipft_b": "BiPFT-B"},
