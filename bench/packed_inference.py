@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bipft_jax import model as model_lib  # noqa: E402
+from bipft_jax import model_params  # noqa: E402
 from bipft_jax import packed, packed_file, precision  # noqa: E402
 
 CONFIG = model_lib.BertConfig(binary=True)
@@ -65,8 +66,8 @@ def _student_params() -> dict:
   """A base-size student at its init, alphas calibrated on a fixed small batch."""
   module = model_lib.build(CONFIG, "encoder")
   batch = {k: jnp.asarray(v, jnp.int32) for k, v in _inputs(2, 16).items()}
-  params = jax.jit(lambda key: model_lib.init_params(module, key))(jax.random.key(0))
-  return jax.jit(lambda p, b: model_lib.calibrate_alphas(module, p, b))(params, batch)
+  params = jax.jit(lambda key: model_params.init_params(module, key))(jax.random.key(0))
+  return jax.jit(lambda p, b: model_params.calibrate_alphas(module, p, b))(params, batch)
 
 
 def _torch_model():

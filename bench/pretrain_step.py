@@ -33,6 +33,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bipft_jax import config_loading, engine, optim, precision, pretraining, sharding  # noqa: E402
 from bipft_jax import model as model_lib  # noqa: E402
+from bipft_jax import model_params  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,10 +94,10 @@ def ours(args, batch: dict) -> tuple:
   student_config = pretraining.student_config(config)
   teacher_config = dataclasses.replace(student_config, binary=False, mlm_transform_act="gelu")
   student, teacher = model_lib.build(student_config, "pretraining"), model_lib.build(teacher_config, "pretraining")
-  teacher_params = model_lib.init_params(teacher, jax.random.key(1))
+  teacher_params = model_params.init_params(teacher, jax.random.key(1))
   # The engine's own step on one device; the job's data, source and evaluator are not used here.
   job = engine.Job(name="bench", module=student, model_config=student_config, head="pretraining",
-                   tx=optim.make_optimizer(config.optimizer, model_lib.param_kinds(student)),
+                   tx=optim.make_optimizer(config.optimizer, model_params.param_kinds(student)),
                    schedule=optim.learning_rate_schedule(config.optimizer),
                    loss_fn=pretraining.make_loss_fn(student, teacher, config), loss_key="total_loss",
                    batches=None, source=None, evaluate=None, run_config={}, frozen=teacher_params,

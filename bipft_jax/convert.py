@@ -21,6 +21,7 @@ import numpy as np
 
 from bipft_jax import files, pytorch_io
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax.errors import UserError
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -84,7 +85,7 @@ def read_pytorch_checkpoint(directory: str, seed: int = 0) -> tuple:
   state = pytorch_io.read_weights(directory)
   config = config_from_checkpoint(hf, state)
   head = detect_head(state)
-  template = model_lib.init_params(model_lib.build(config, head), jax.random.key(seed))
+  template = model_params.init_params(model_lib.build(config, head), jax.random.key(seed))
   params, report = pytorch_io.from_torch_state(state, template, allow_missing=OPTIONAL_PREFIXES,
                                                skip_suffixes=UNUSED_RELEASE_SUFFIXES)
   return config, head, params, report

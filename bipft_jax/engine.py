@@ -8,7 +8,7 @@ owns the rest, the same for every job:
 - one jitted step with the state donated; its metrics are fetched one step late, so the host never
   waits for the step it has just dispatched;
 - the start: the newest intact checkpoint of the workdir (parameters, optimizer, data position),
-  else the job's source merged into the model by ONE function (`model.merge_params`), whose
+  else the job's source merged into the model by ONE function (`model_params.merge_params`), whose
   activation scales are calibrated by ONE rule (`needs_calibration`: a binary model whose scales
   are all still at their initial 1);
 - orbax checkpoints every `checkpoint_every` steps and at the end, a save on SIGTERM, and the NaN
@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bipft_jax import checkpointing, distributed, kinds, sharding
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax.errors import UserError
 from bipft_jax.metrics_writer import MetricsWriter
 
@@ -53,14 +54,14 @@ def start(config) -> None:
 
 def param_shardings(module: nn.Module, mesh, rules) -> Any:
   """The shardings of `module`'s parameters on `mesh` under `rules`."""
-  return sharding.boxed_shardings(model_lib.abstract_boxed_params(module), mesh, rules)
+  return sharding.boxed_shardings(model_params.abstract_boxed_params(module), mesh, rules)
 
 
 def _abstract_boxed_state(module: nn.Module, tx: optax.GradientTransformation) -> dict:
   """{params, opt_state} as ShapeDtypeStructs, the optimizer initialised on the boxed parameters so
   that its moments carry the parameters' logical axes (nothing matched by name)."""
   return jax.eval_shape(lambda: (lambda boxed: {"params": boxed, "opt_state": tx.init(boxed)})(
-      model_lib.boxed_params(module, jax.random.key(0))))
+      model_params.boxed_params(module, jax.random.key(0))))
 
 
 def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh, rules) -> dict:
@@ -135,7 +136,7 @@ class Job:
   run_config: dict
   frozen: Any = None
   frozen_module: Optional[nn.Module] = None
-  merge_complete: tuple = ()          # subtrees the source must fill whole (`model.merge_params`)
+  merge_complete: tuple = ()          # subtrees the source must fill whole (`model_params.merge_params`)
   after_evaluation: Callable = lambda step, params, scores: None
   checkpoint_state: Callable[[Any], dict] = lambda data_state: data_state
   describe: Callable[[int, dict], str] = lambda step, scores: f"step {step}: {scores}"
@@ -213,9 +214,9 @@ class Engine:
     self._train_step = jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
                                                    self.batch_sharding, replicated),
                                out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-    merge = functools.partial(model_lib.merge_params, job.module, complete=job.merge_complete)
+    merge = functools.partial(model_params.merge_params, job.module, complete=job.merge_complete)
     self._merge = jax.jit(merge, out_shardings=params_sh)
-    self._calibrate = jax.jit(functools.partial(model_lib.calibrate_alphas, job.module), out_shardings=params_sh)
+    self._calibrate = jax.jit(functools.partial(model_params.calibrate_alphas, job.module), out_shardings=params_sh)
     self._init_opt = jax.jit(job.tx.init, out_shardings=self.state_shardings["opt_state"])
 
   def on_mesh(self, fn: Callable, *args):
@@ -235,7 +236,7 @@ class Engine:
       params = self.on_mesh(self._merge, source, jax.random.key(self.seed))
     except ValueError as e:
       raise UserError(f"the initial parameters do not fit the model: {e}") from None
-    if first_batch is not None and needs_calibration(params, model_lib.param_kinds(self.job.module)):
+    if first_batch is not None and needs_calibration(params, model_params.param_kinds(self.job.module)):
       params = self.on_mesh(self._calibrate, params, {k: first_batch[k] for k in model_lib.MODEL_INPUTS})
       distributed.log(f"bipft {self.job.name}: activation scales calibrated on the first training batch")
     return {"params": params, "opt_state": self.on_mesh(self._init_opt, params)}

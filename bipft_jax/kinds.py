@@ -2,7 +2,7 @@
 
 Every parameter of model.py is created with an initializer from `declare(init, axes, kind)`: it
 returns a `Declared` box, flax's logical-partitioning box (the axis names sharding reads) plus the
-parameter's `kind`. `model.param_kinds(module)` reads the kinds of the whole tree from an abstract
+parameter's `kind`. `model_params.param_kinds(module)` reads the kinds of the whole tree from an abstract
 init (`jax.eval_shape`: no arrays are made) as a tree of strings shaped like the params; summary,
 packed, optim and finetune read that tree instead of guessing from leaf names or sibling leaves. A
 binarizer with a new learnable tensor declares its kind in its `init_extras`; nothing downstream

@@ -6,7 +6,7 @@ weight_decay, b1, b2, eps, and optionally head_lr_multiplier (the heads, pretrai
 finetuning `classifier`, learn that much faster: a fresh head on a short run). As in BERT, weight
 decay skips biases, LayerNorms, and here also the binarizers' shifts (move biases) and scales
 (alphas), which decay would drag towards zero: it applies to the weights, by their declared kind
-(`kinds.DECAYED`, from `model.param_kinds`).
+(`kinds.DECAYED`, from `model_params.param_kinds`).
 """
 from typing import Any
 
@@ -54,7 +54,7 @@ def head_mask(params: Any) -> Any:
 
 def make_optimizer(config: Any, kinds: Any) -> optax.GradientTransformation:
   """AdamW over the schedule above; `config` is the optimizer section of a job config, `kinds` the
-  params' kinds (`model.param_kinds`)."""
+  params' kinds (`model_params.param_kinds`)."""
   schedule = learning_rate_schedule(config)
   if config.weight_decay > 0:
     tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,

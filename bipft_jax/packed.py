@@ -23,7 +23,7 @@ Which binarizer a Linear uses is the config's LinearOp (`model.policy_of(config)
 dual-binarized weight: two planes, `kernel_sign` and `kernel_sign_1`, each with its scales), its
 `activation_planes` the input's sign plane and scale at run time, from the layer's extras (kept as
 they are). An operator whose weight or input is not scaled sign planes does not pack: pack_params
-refuses it by name. Binarized kernels are found by their declared kind (`model.param_kinds`).
+refuses it by name. Binarized kernels are found by their declared kind (`model_params.param_kinds`).
 
 Kernels. "popcount" runs the matmuls above on the packed words. "int8" expands the weight planes
 once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized Linear as an int8
@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bipft_jax import binarize, kinds, precision
-from bipft_jax.model import BertConfig, build, init_params, param_kinds, policy_of, pool_tokens
+from bipft_jax.model import BertConfig, build, policy_of, pool_tokens
+from bipft_jax.model_params import init_params, param_kinds
 
 Array = jax.Array
 WORD_BITS = 32

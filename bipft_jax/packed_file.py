@@ -88,8 +88,9 @@ def write_packed(path: str, config: BertConfig, head: str, packed_params: dict, 
 def _expected_shapes(config: BertConfig, head: str) -> dict:
   """name -> (shape, is_plane) of every tensor the file must hold (nonzero planes are optional)."""
   from bipft_jax import model as model_lib
+  from bipft_jax import model_params
   module = model_lib.build(config, head)
-  abstract = jax.eval_shape(lambda: model_lib.init_params(module, jax.random.key(0)))
+  abstract = jax.eval_shape(lambda: model_params.init_params(module, jax.random.key(0)))
   tree = jax.eval_shape(lambda p: packed.pack_params(config, head, p, zero_planes=False)[1], abstract)
   return {name: (tuple(v.shape), _is_plane(name)) for name, v in packed.flatten(tree).items()}
 

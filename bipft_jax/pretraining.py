@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bipft_jax import engine, losses, optim, pytorch_io, sharding
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax.data import hosts, sources
 from bipft_jax.errors import UserError
 
@@ -49,7 +50,7 @@ def load_teacher(config) -> tuple:
     teacher_config, params = pytorch_io.load_pretrained(_teacher_folder(config), head)
     return teacher_config, jax.device_get(params), tokenizer
   teacher_config = dataclasses.replace(student_config(config), binary=False, mlm_transform_act="gelu")
-  params = model_lib.init_params(model_lib.build(teacher_config, head), jax.random.key(config.seed + 1))
+  params = model_params.init_params(model_lib.build(teacher_config, head), jax.random.key(config.seed + 1))
   return teacher_config, jax.device_get(params), tokenizer
 
 
@@ -185,7 +186,7 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
 
   return engine.Job(
       name="pretrain", module=student, model_config=student_cfg, head="pretraining",
-      tx=optim.make_optimizer(config.optimizer, model_lib.param_kinds(student)),
+      tx=optim.make_optimizer(config.optimizer, model_params.param_kinds(student)),
       schedule=schedule, loss_fn=make_loss_fn(student, teacher, config), loss_key="total_loss",
       batches=batches, source=source, run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher,
       evaluate=mlm_evaluator(student, held_out, mesh, rules, engine.param_shardings(student, mesh, rules)),

@@ -15,6 +15,7 @@ import flax
 import numpy as np
 
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax import zoo
 from bipft_jax.errors import UserError
 
@@ -269,7 +270,7 @@ def load_pretrained(directory: str, head: str = "encoder", *, allow_missing: Ite
   import jax
   config = config_from_hf(read_config(directory), **config_overrides)
   state = {name: value for name, value in read_weights(directory).items() if not name.startswith(tuple(drop))}
-  template = model_lib.init_params(model_lib.build(config, head), jax.random.key(seed))
+  template = model_params.init_params(model_lib.build(config, head), jax.random.key(seed))
   params, _ = from_torch_state(state, template, allow_missing=allow_missing)
   return config, params
 

@@ -142,6 +142,8 @@ def plot(results: dict, workdir: str) -> list:
   matplotlib.use("Agg")  # files only: no display on a pod host or in CI
   import matplotlib.pyplot as plt
   names, tasks, written = results["methods"], list(results["tasks"]), []
+  colors = {m: f"C{i}" for i, m in enumerate(names)}  # one colour per method in every plot
+  outside = {"fontsize": 7, "loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # legends off the data
 
   def save(fig, key):
     with files.atomic_path(os.path.join(workdir, PLOTS[key])) as tmp:
@@ -154,17 +156,20 @@ def plot(results: dict, workdir: str) -> list:
   for i, (m, label) in enumerate(names.items()):
     xs = [j + (i - (len(names) - 1) / 2) * width for j, t in enumerate(tasks) if m in results["table"][t]]
     stats = [results["table"][t][m] for t in tasks if m in results["table"][t]]
-    ax.bar(xs, [s["mean"] for s in stats], width, yerr=[s["std"] for s in stats], label=label, capsize=2)
+    ax.bar(xs, [s["mean"] for s in stats], width, yerr=[s["std"] for s in stats], label=label, capsize=2,
+           color=colors[m])
+  constants = {":": results["majority"], "--": results.get("dev_largest_class", {})}
   for j, t in enumerate(tasks):
-    if results["majority"][t] is not None:
-      ax.hlines(results["majority"][t], j - 0.45, j + 0.45, colors="k", linestyles=":", linewidth=1)
+    for style, by_task in constants.items():
+      if by_task.get(t) is not None:
+        ax.hlines(by_task[t], j - 0.45, j + 0.45, colors="k", linestyles=style, linewidth=1)
   ax.set_xticks(range(len(tasks)), tasks)
   floor = [s["mean"] - s["std"] for by_method in results["table"].values() for s in by_method.values()]
-  floor += [m for m in results["majority"].values() if m is not None]
+  floor += [m for by_task in constants.values() for m in by_task.values() if m is not None]
   ax.set_ylim(bottom=max(0.0, min(floor, default=0.0) - 5))  # the differences, not the common base
   ax.set_ylabel("dev accuracy (%)")
-  ax.set_title("per task and method (dotted: train's majority class, always)")
-  ax.legend(fontsize=7, loc="lower right")
+  ax.set_title("per task and method\n(dotted: train's majority class; dashed: dev's largest class)", fontsize=9)
+  ax.legend(**outside)
   save(fig, "by_task")
 
   if results["sweep"]:
@@ -172,23 +177,28 @@ def plot(results: dict, workdir: str) -> list:
     for m, by_rate in results["sweep"].items():
       rates = sorted(by_rate, key=float)
       ax.errorbar([float(r) for r in rates], [by_rate[r]["mean"] for r in rates],
-                  yerr=[by_rate[r]["std"] for r in rates], marker="o", capsize=2, label=names.get(m, m))
+                  yerr=[by_rate[r]["std"] for r in rates], marker="o", capsize=2, label=names.get(m, m),
+                  color=colors.get(m))
     ax.set_xscale("log")
+    swept = sorted({float(r) for by_rate in results["sweep"].values() for r in by_rate})
+    ax.set_xticks(swept, [f"{r:g}" for r in swept])
+    ax.minorticks_off()  # the log axis' minor labels overlap at a 10x span
     ax.set_xlabel("finetuning learning rate")
     ax.set_ylabel("dev accuracy (%)")
     ax.set_title(f"robustness on {results['sweep_task']}")
-    ax.legend(fontsize=7)
+    ax.legend(**outside)
     save(fig, "sweep")
 
   if any(len(curve) > 1 for by_method in results["curves"].values() for curve in by_method.values()):
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
       for m, curve in results["curves"][t].items():
-        ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=names.get(m, m))
+        ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=names.get(m, m),
+                color=colors.get(m))
       ax.set_title(t)
       ax.set_xlabel("finetuning steps")
     axes[0][0].set_ylabel("dev accuracy (%)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(**outside)
     save(fig, "curves")
   return written
 

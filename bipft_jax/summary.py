@@ -27,7 +27,7 @@ Two accountings:
   LayerNorm), the activation binarizations (1 comparison per element), move-bias adds and the
   estimators' matmuls; memory is `packed_size_bytes`, the size of a bit-packed export.
 
-What a parameter is comes from its declared kind (`model.param_kinds`), what a binarized Linear
+What a parameter is comes from its declared kind (`model_params.param_kinds`), what a binarized Linear
 computes from the config's LinearOp (`model.policy_of(config).linear`, `--config.linear_binarizer`):
 its weight is as many 1-bit planes as `weight_planes` returns (a dual-binarized weight is two, each
 with its own scales), its products are binary MACs (one pass per plane) when its input is a sign
@@ -56,6 +56,7 @@ import numpy as np
 
 from bipft_jax import config_loading, kinds
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax.errors import UserError
 from bipft_jax.packed import REMAINDER_DTYPES
 
@@ -121,7 +122,7 @@ def _packed_row_bytes(fan_in: int) -> int:
 
 def _abstract_params(config: model_lib.BertConfig, head: str) -> dict:
   module = model_lib.build(config, head)
-  return jax.eval_shape(lambda: model_lib.init_params(module, jax.random.key(0)))
+  return jax.eval_shape(lambda: model_params.init_params(module, jax.random.key(0)))
 
 
 class PlaneLayout(NamedTuple):
@@ -153,7 +154,7 @@ def _group(path: tuple) -> tuple:
 def count_rows(config: model_lib.BertConfig, seq_len: int, head: str = "classification") -> list:
   """Per-part counts for `config` (as given, binary or not) on one sequence of `seq_len` tokens."""
   params = flax.traverse_util.flatten_dict(_abstract_params(config, head))
-  param_kinds = flax.traverse_util.flatten_dict(model_lib.param_kinds(model_lib.build(config, head)))
+  param_kinds = flax.traverse_util.flatten_dict(model_params.param_kinds(model_lib.build(config, head)))
   op = model_lib.policy_of(config).linear
   # A leaf the FP model of the same size lacks is one of BiPFT's extras.
   fp_paths = set(flax.traverse_util.flatten_dict(
@@ -359,8 +360,8 @@ def format_table(summary: dict) -> str:
 def format_ratios(s: dict) -> str:
   mib = 1024 ** 2
   return "\n".join([
-      f"paper's accounting (backbone only: embeddings, encoder, pooler; no task head; FP matmuls + "
-      f"BERT's elementwise ops; binarized products as BOPs/64 + one scale multiply per output):",
+      "paper's accounting (backbone only: embeddings, encoder, pooler; no task head; FP matmuls + "
+      "BERT's elementwise ops; binarized products as BOPs/64 + one scale multiply per output):",
       f"  OPs    FP {s['fp_ops'] / 1e9:.2f} G (paper: 22.5 G for BERT-base at 128)  binary "
       f"{s['binary_ops'] / 1e9:.3f} G (paper: ~0.4 G)  ratio {s['ops_ratio']:.1f}x (paper: 56x)",
       f"  memory FP {s['fp_memory_bytes'] / mib:.1f} MiB (paper: 418 MB)  binary "

@@ -1,9 +1,10 @@
 """The study (`bipft study`): BiPFT vs binarizing per task, in miniature, offline on a 2-core CPU.
 
 `get_config(VARIANT)`, VARIANT one of:
-  quick  every method on every task and the sweep, one seed, 60 pretraining steps, 16 finetuning steps
-         (256 examples x 2 epochs) scored on 256 dev examples a task: a smoke version of `full` (<= 20
-         minutes on 2 cores); too short for the binary models to learn a task.
+  quick  every method on every task and the sweep, one seed, 40 pretraining steps, 8 finetuning steps
+         (128 examples x 2 epochs) scored on 128 dev examples a task: a smoke version of `full` (<= 20
+         minutes on 2 cores, a fresh clone's downloads and compilations included); too short for the
+         binary models to learn a task.
   full   the README's Results: three seeds, 1,000 pretraining steps per variant (3.3x the demo's: the
          pretrainings are what the comparison is about), 96 finetuning steps per cell (1,024 examples x
          3 epochs), the sweep's other rates with one seed: 2 pretrainings + 66 finetunings (<= 3 hours).
@@ -74,11 +75,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == "quick":
     c.seeds = "42"
-    c.pretrain.overrides = ml_collections.ConfigDict(dict(total_steps=60, checkpoint_every=60, eval_every=60,
+    c.pretrain.overrides = ml_collections.ConfigDict(dict(total_steps=40, checkpoint_every=40, eval_every=40,
                                                           log_every=10))
     c.finetune.overrides.epochs = 2
-    c.finetune.overrides.max_train_examples = 256
-    c.dev_examples = 256              # whole dev sets would take more time than the training
+    c.finetune.overrides.max_train_examples = 128
+    c.dev_examples = 128              # whole dev sets would take more time than the training
   elif variant == "micro":
     c.teacher = ""                    # set: a Hugging Face BERT folder with vocab.txt
     c.methods = "fp,bipft_b_kd"

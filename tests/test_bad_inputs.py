@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 import glue_fixtures
 from bipft_jax import checkpointing, cli, convert
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax.glue import finetune, predictions, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ GLUE_TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.num_heads=2",
 
 def _checkpoint(folder: str, head: str, **changes) -> str:
   config = model_lib.BertConfig(**{**TINY, **changes})
-  params = model_lib.init_params(model_lib.build(config, head), jax.random.key(0))
+  params = model_params.init_params(model_lib.build(config, head), jax.random.key(0))
   checkpointing.save_params(folder, jax.device_get(params), config, head)
   glue_fixtures.write_vocab(folder)  # a workdir keeps its tokenizer beside the steps
   return folder

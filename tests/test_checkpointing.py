@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bipft_jax import checkpointing, model
+from bipft_jax import checkpointing, model, model_params
 from bipft_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,11 +23,11 @@ _SCRIPT = textwrap.dedent("""
   import sys
   import jax, numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from bipft_jax import checkpointing, model
+  from bipft_jax import checkpointing, model, model_params
   action, path = sys.argv[1], sys.argv[2]
   config = model.BertConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
                             intermediate_size=32, max_position_embeddings=16, binary=True)
-  params = model.init_params(model.build(config, "pretraining"), jax.random.key(7))
+  params = model_params.init_params(model.build(config, "pretraining"), jax.random.key(7))
   mesh = Mesh(np.array(jax.devices()), ("d",))
   def spread(x):  # split the first axis over all devices where it divides
     n = len(jax.devices())
@@ -68,7 +68,7 @@ def test_checkpoint_moves_between_8_devices_and_1(tmp_path):
 def saved(tmp_path):
   config = model.BertConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
                             intermediate_size=32, max_position_embeddings=16)
-  params = model.init_params(model.build(config, "encoder"), jax.random.key(1))
+  params = model_params.init_params(model.build(config, "encoder"), jax.random.key(1))
   checkpointing.save_params(str(tmp_path / "run"), params, config, "encoder", step=2)
   return tmp_path / "run", config, params
 

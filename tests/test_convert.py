@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from bipft_jax import checkpointing, cli, convert, policy
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax import pytorch_io
 from reference_data import VECTORS, needs_vectors
 
@@ -46,14 +47,14 @@ def realistic_params(config: model_lib.BertConfig, head: str, batch: dict, seed:
   (reference_vectors/README.md, choice 1); perturbing them keeps the parity check meaningful.
   """
   module = model_lib.build(config, head)
-  flat = flax.traverse_util.flatten_dict(model_lib.init_params(module, jax.random.key(seed)))
+  flat = flax.traverse_util.flatten_dict(model_params.init_params(module, jax.random.key(seed)))
   for i, path in enumerate(sorted(flat)):
     if path[-1] in ("bias", "move_bias", "scale"):
       noise = 0.02 * jax.random.normal(jax.random.key(1000 + i), flat[path].shape)
       flat[path] = flat[path] + noise
   params = flax.traverse_util.unflatten_dict(flat)
   if config.binary:
-    params = model_lib.calibrate_alphas(module, params, jax.tree.map(jnp.asarray, batch))
+    params = model_params.calibrate_alphas(module, params, jax.tree.map(jnp.asarray, batch))
   return params
 
 
@@ -370,7 +371,7 @@ def test_to_pytorch_of_a_directory_without_checkpoint(tmp_path, capsys):
 
 def test_to_pytorch_ships_the_tokenizer_it_is_given(tmp_path, capsys, minilm_dir):
   config = tiny_config(binary=False, vocab_size=30522)
-  params = model_lib.init_params(model_lib.build(config, "classification"), jax.random.key(0))
+  params = model_params.init_params(model_lib.build(config, "classification"), jax.random.key(0))
   checkpointing.save_params(str(tmp_path / "ckpt"), params, config, "classification", step=3)
   code, _ = bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "ckpt" / "3", "--out", tmp_path / "hf",
                   "--tokenizer", minilm_dir)
@@ -413,7 +414,7 @@ def test_every_binarizer_exports_and_the_release_format_refuses_the_zoo_by_name(
   assert set(convert.PYTORCH_LINEAR_BINARIZERS) == set(policy.LINEAR_BINARIZERS)
   config = tiny_config(linear_binarizer="fda", num_layers=1, hidden_size=64)  # noise MLP width 64 // 64
   module = model_lib.build(config, "encoder")
-  checkpointing.save_params(str(tmp_path / "ckpt"), model_lib.init_params(module, jax.random.key(0)), config,
+  checkpointing.save_params(str(tmp_path / "ckpt"), model_params.init_params(module, jax.random.key(0)), config,
                             "encoder")
   code, err = bipft(capsys, "convert", "to-pytorch", "--checkpoint", tmp_path / "ckpt",
                     "--out", tmp_path / "ref", "--format", "reference")

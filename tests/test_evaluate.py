@@ -9,6 +9,7 @@ import pytest
 
 from bipft_jax import checkpointing, cli
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax.glue import finetune
 
 from test_glue_finetune import ROOT, glue_dir, tiny_config, vocab_dir  # noqa: F401  (fixtures)
@@ -77,7 +78,7 @@ def pretraining_checkpoint(tmp_path_factory):
   config = model_lib.BertConfig.from_dict(dict(vocab_size=64, hidden_size=32, num_heads=2, intermediate_size=64,
                                                num_layers=1, max_position_embeddings=64, binary=True))
   path = str(tmp_path_factory.mktemp("pretrained"))
-  params = model_lib.init_params(model_lib.build(config, "pretraining"), jax.random.key(0))
+  params = model_params.init_params(model_lib.build(config, "pretraining"), jax.random.key(0))
   checkpointing.save_params(path, params, config, "pretraining")
   return path
 

@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 import glue_fixtures
 from bipft_jax import checkpointing, cli, config_loading, engine, losses, pytorch_io
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax.errors import UserError
 from bipft_jax.glue import finetune, finetuning, metrics, predictions, splits, tasks
 
@@ -46,7 +47,7 @@ def _start(config, task_name: str) -> tuple:
   """(model config, merged params, description) of the run's start, as the engine merges them."""
   start = finetuning.initial_model(config, tasks.get_task(task_name))
   module = model_lib.build(start.model_config, "classification")
-  return start.model_config, model_lib.merge_params(module, start.source, jax.random.key(0), start.complete), \
+  return start.model_config, model_params.merge_params(module, start.source, jax.random.key(0), start.complete), \
       start.description
 
 
@@ -65,8 +66,8 @@ def test_a_few_steps_lower_the_loss(glue_dir, vocab_dir, task_name):
                                            "attention_dropout": 0.0, "classifier_dropout": 0.0})
   assert config.binary
   module = model_lib.build(config, "classification")
-  params = jax.jit(lambda r: model_lib.init_params(module, r))(jax.random.key(0))
-  params = jax.jit(lambda p, b: model_lib.calibrate_alphas(module, p, b))(
+  params = jax.jit(lambda r: model_params.init_params(module, r))(jax.random.key(0))
+  params = jax.jit(lambda p, b: model_params.calibrate_alphas(module, p, b))(
       params, {k: batch[k] for k in model_lib.MODEL_INPUTS})
   optimizer = optax.adam(3e-3)
   state = {"params": params, "opt_state": optimizer.init(params)}
@@ -160,7 +161,7 @@ def _tiny_model_config(**changes):
 
 def test_checkpoint_start_keeps_bert_and_a_fresh_classifier(glue_dir, vocab_dir, tmp_path):
   pretrained_config = _tiny_model_config(binary=True)
-  pretrained = model_lib.init_params(model_lib.build(pretrained_config, "pretraining"), jax.random.key(3))
+  pretrained = model_params.init_params(model_lib.build(pretrained_config, "pretraining"), jax.random.key(3))
   checkpointing.save_params(str(tmp_path / "pretrain"), pretrained, pretrained_config, "pretraining", step=7)
   config = tiny_config("rte", glue_dir, vocab_dir)
   config.init.kind, config.init.path = "checkpoint", str(tmp_path / "pretrain")
@@ -172,7 +173,7 @@ def test_checkpoint_start_keeps_bert_and_a_fresh_classifier(glue_dir, vocab_dir,
   assert finetuning.initial_model(config, tasks.get_task("rte")).model_config.pooling == "mean"
   # A checkpoint whose vocab is smaller than the tokenizer's: one clear line, exit code 2.
   small = _tiny_model_config(vocab_size=16, binary=True)
-  checkpointing.save_params(str(tmp_path / "small"), model_lib.init_params(model_lib.build(small, "encoder"),
+  checkpointing.save_params(str(tmp_path / "small"), model_params.init_params(model_lib.build(small, "encoder"),
                                                                            jax.random.key(0)), small, "encoder")
   code = cli.main(["finetune", "--config", os.path.join(ROOT, "configs/glue.py:task=rte"), "--workdir",
                    str(tmp_path / "run"), "--init_from", str(tmp_path / "small"), f"--config.data.path={glue_dir}",
@@ -184,7 +185,7 @@ def test_checkpoint_start_keeps_bert_and_a_fresh_classifier(glue_dir, vocab_dir,
 
 def _write_teacher(folder, config):
   """A Hugging Face BERT folder (config.json + model.safetensors) of random FP weights."""
-  params = model_lib.init_params(model_lib.build(config, "encoder"), jax.random.key(5))
+  params = model_params.init_params(model_lib.build(config, "encoder"), jax.random.key(5))
   os.makedirs(folder)
   hf = {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads, "intermediate_size": config.intermediate_size,
@@ -212,7 +213,7 @@ def test_teacher_start_fp_baseline_and_binarized(glue_dir, vocab_dir, tmp_path):
   config.model.linear_binarizer = "bipft"
   np.testing.assert_array_equal(params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"],
                                 teacher["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"])
-  param_kinds = model_lib.param_kinds(model_lib.build(model_config, "classification"))
+  param_kinds = model_params.param_kinds(model_lib.build(model_config, "classification"))
   assert engine.needs_calibration(params, param_kinds)  # calibrated by finetune on the first batch
   config.steps_per_epoch, config.epochs = 1, 1
   results = finetune.finetune(config, str(tmp_path / "run"))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bipft_jax import binarize, model
+from bipft_jax import binarize, model, model_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -50,13 +50,13 @@ def _randomized(params, seed=1):
 
 
 def _init(module, seed=0):
-  return model.init_params(module, jax.random.key(seed))
+  return model_params.init_params(module, jax.random.key(seed))
 
 
 def _student(config=STUDENT, head="pretraining", seed=0):
   module = model.build(config, head)
   params = _randomized(_init(module, seed))
-  return module, model.calibrate_alphas(module, params, _batch())
+  return module, model_params.calibrate_alphas(module, params, _batch())
 
 
 def _paths(params):
@@ -101,15 +101,15 @@ def test_estimators_work_for_any_head_count_and_rank(heads, rank):
 def test_rank_must_divide_the_head_size():
   config = dataclasses.replace(STUDENT, estimator_rank=3)  # head size 4
   with pytest.raises(ValueError, match="estimator_rank 3 must divide the head size 4"):
-    model.init_params(model.build(config), jax.random.key(0))
+    model_params.init_params(model.build(config), jax.random.key(0))
 
 
 @pytest.mark.parametrize("config", [TEACHER, STUDENT], ids=["teacher", "student"])
 def test_padded_keys_get_exactly_zero_probability(config):
   module = model.build(config)
-  params = _randomized(model.init_params(module, jax.random.key(0)))
+  params = _randomized(model_params.init_params(module, jax.random.key(0)))
   if config.binary:
-    params = model.calibrate_alphas(module, params, _batch())
+    params = model_params.calibrate_alphas(module, params, _batch())
   batch = _batch()
   out = _forward(module, params, batch)
   padded_keys = np.asarray(batch["attention_mask"] == 0)[:, None, None, :]
@@ -165,7 +165,7 @@ def test_k_p_and_k_m_biases_get_no_gradient():
 def test_classification_head(num_labels, binary):
   config = dataclasses.replace(STUDENT, binary=binary, num_labels=num_labels, classifier_dropout=0.1)
   module = model.build(config, "classification")
-  params = model.init_params(module, jax.random.key(0))
+  params = model_params.init_params(module, jax.random.key(0))
   assert params["classifier"]["kernel"].shape == (16, num_labels)
   batch = _batch()
   out = _forward(module, params, batch)
@@ -237,8 +237,8 @@ def _global_norm(tree) -> float:
 
 def test_calibration_changes_only_alphas():
   module = model.build(STUDENT)
-  params = _randomized(model.init_params(module, jax.random.key(0)))
-  calibrated = model.calibrate_alphas(module, params, _batch())
+  params = _randomized(model_params.init_params(module, jax.random.key(0)))
+  calibrated = model_params.calibrate_alphas(module, params, _batch())
   before, after = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(calibrated)
   assert before.keys() == after.keys()
   n_alphas = 0
@@ -250,14 +250,14 @@ def test_calibration_changes_only_alphas():
       np.testing.assert_array_equal(after[path], value, err_msg="/".join(path))
   assert n_alphas == STUDENT.num_layers * (6 + 4) + 1
   # Deterministic, and a second calibration from calibrated alphas gives the same values.
-  again = flax.traverse_util.flatten_dict(model.calibrate_alphas(module, calibrated, _batch()))
+  again = flax.traverse_util.flatten_dict(model_params.calibrate_alphas(module, calibrated, _batch()))
   for path in before:
     np.testing.assert_array_equal(again[path], after[path])
 
 
 def test_calibrated_probs_alpha_is_four_over_length_without_padding():
   module = model.build(STUDENT)
-  params = model.calibrate_alphas(module, model.init_params(module, jax.random.key(0)), _batch(pads=(0, 0, 0)))
+  params = model_params.calibrate_alphas(module, model_params.init_params(module, jax.random.key(0)), _batch(pads=(0, 0, 0)))
   alpha = params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["probs_alpha"]
   np.testing.assert_allclose(alpha, 4 / 10, rtol=1e-5)  # softmax rows sum to 1: mean P = 1/L
 
@@ -295,7 +295,7 @@ def test_jit_agrees_with_eager():
 ])
 def test_student_from_teacher_takes_every_encoder_tensor(teacher_head, student_head):
   teacher = _randomized(_init(model.build(TEACHER, teacher_head), seed=3))
-  student = model.merge_params(model.build(STUDENT, student_head), teacher, jax.random.key(0))
+  student = model_params.merge_params(model.build(STUDENT, student_head), teacher, jax.random.key(0))
   under = lambda tree: tree.get("bert", tree)
   teacher_flat = flax.traverse_util.flatten_dict(under(teacher))
   student_flat = flax.traverse_util.flatten_dict(under(student))
@@ -309,13 +309,13 @@ def test_student_from_teacher_refuses_a_teacher_tensor_without_place():
   teacher = _init(model.build(TEACHER, "encoder"))
   teacher["encoder"]["layer"]["9"] = teacher["encoder"]["layer"]["0"]
   with pytest.raises(ValueError, match="no place in the model.*encoder/layer/9"):
-    model.merge_params(model.build(STUDENT), teacher, jax.random.key(0))
+    model_params.merge_params(model.build(STUDENT), teacher, jax.random.key(0))
 
 
 def test_merge_params_with_complete_refuses_a_source_missing_a_kept_tensor():
   source = _init(model.build(STUDENT, "pretraining"))
-  merged = model.merge_params(model.build(STUDENT, "classification"), source, jax.random.key(0), complete=("bert",))
+  merged = model_params.merge_params(model.build(STUDENT, "classification"), source, jax.random.key(0), complete=("bert",))
   np.testing.assert_array_equal(merged["bert"]["pooler"]["dense"]["kernel"], source["bert"]["pooler"]["dense"]["kernel"])
   del source["bert"]["pooler"]
   with pytest.raises(ValueError, match="tensors of the model are missing.*bert/pooler"):
-    model.merge_params(model.build(STUDENT, "classification"), source, jax.random.key(0), complete=("bert",))
+    model_params.merge_params(model.build(STUDENT, "classification"), source, jax.random.key(0), complete=("bert",))

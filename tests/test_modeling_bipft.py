@@ -1,7 +1,4 @@
 """The exported PyTorch model's binarizers and gradients: the release's vectors and our JAX model."""
-import pathlib
-
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np

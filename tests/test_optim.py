@@ -1,12 +1,11 @@
 """AdamW and its schedule against torch.optim.AdamW + a LambdaLR of BERT's schedule."""
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from bipft_jax import kinds, model, optim
+from bipft_jax import kinds, model, model_params, optim
 from bipft_jax.errors import UserError
 
 
@@ -30,7 +29,7 @@ KINDS = {"kernel": kinds.WEIGHT, "bias": kinds.BIAS}
 def test_decay_mask_skips_biases_layernorms_and_alphas():
   config = model.BertConfig(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
                             max_position_embeddings=8, binary=True)
-  mask = optim.decay_mask(model.param_kinds(model.build(config, "classification")))
+  mask = optim.decay_mask(model_params.param_kinds(model.build(config, "classification")))
   layer = mask["bert"]["encoder"]["layer"]["0"]
   assert layer["attention"]["self"]["query"] == {"kernel": True, "bias": False, "move_bias": False,
                                                  "input_alpha": False}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax import packed, precision
 from bipft_jax import packed_file
 from bipft_jax.errors import UserError
@@ -66,7 +67,7 @@ def _student(head, estimator_rank, pooling="cls"):
   """A tiny student with random non-zero biases, move biases and calibrated alphas (cached)."""
   config = model_lib.BertConfig.from_dict({**TINY, "estimator_rank": estimator_rank, "pooling": pooling})
   module = model_lib.build(config, head)
-  params = jax.jit(lambda key: model_lib.init_params(module, key))(jax.random.key(0))
+  params = jax.jit(lambda key: model_params.init_params(module, key))(jax.random.key(0))
   flat = flax.traverse_util.flatten_dict(params)
   keys = jax.random.split(jax.random.key(1), len(flat))
   for key, (path, value) in zip(keys, sorted(flat.items())):
@@ -74,7 +75,7 @@ def _student(head, estimator_rank, pooling="cls"):
       flat[path] = 0.05 * jax.random.normal(key, value.shape)
   params = flax.traverse_util.unflatten_dict(flat)
   batch = _batch(config)
-  params = jax.jit(lambda p, b: model_lib.calibrate_alphas(module, p, b))(params, batch)
+  params = jax.jit(lambda p, b: model_params.calibrate_alphas(module, p, b))(params, batch)
   return config, module, params, batch
 
 
@@ -243,7 +244,7 @@ def test_exported_file_reloads_with_the_same_logits(exported):
   with open(path, "rb") as f:
     assert f.read(8)  # a real file; its size is what export reports
   assert result["packed_bytes"] == len(open(path, "rb").read())
-  assert result["fp32_bytes"] == 4 * packed.param_count(model_lib.init_params(
+  assert result["fp32_bytes"] == 4 * packed.param_count(model_params.init_params(
       model_lib.build(config, "classification"), jax.random.key(0)))
 
 

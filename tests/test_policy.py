@@ -13,6 +13,7 @@ import pytest
 
 from bipft_jax import kinds, losses, optim, packed, packed_file, policy, pretraining, summary
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax.errors import UserError
 
 from test_train import files, first_batch, tiny_config  # noqa: F401 (files is a fixture)
@@ -41,13 +42,13 @@ def _student(name, probs="elastic"):
   """A tiny calibrated classifier with binarizers `name` and `probs`, random non-zero biases and shifts."""
   config = dataclasses.replace(TINY, linear_binarizer=name, attention_prob_binarizer=probs)
   module = model_lib.build(config, "classification")
-  params = jax.jit(lambda key: model_lib.init_params(module, key))(jax.random.key(0))
+  params = jax.jit(lambda key: model_params.init_params(module, key))(jax.random.key(0))
   flat = flax.traverse_util.flatten_dict(params)
-  param_kinds = flax.traverse_util.flatten_dict(model_lib.param_kinds(module))
+  param_kinds = flax.traverse_util.flatten_dict(model_params.param_kinds(module))
   for i, path in enumerate(sorted(flat)):
     if param_kinds[path] in (kinds.BIAS, kinds.SHIFT):
       flat[path] = 0.05 * jax.random.normal(jax.random.key(i), flat[path].shape)
-  params = jax.jit(lambda p, b: model_lib.calibrate_alphas(module, p, b))(
+  params = jax.jit(lambda p, b: model_params.calibrate_alphas(module, p, b))(
       flax.traverse_util.unflatten_dict(flat), _batch())
   return config, module, params
 
@@ -65,7 +66,7 @@ def test_unknown_linear_binarizer_names_the_choices():
 
 def test_kinds_are_declared_for_every_parameter():
   config, module, params = _student("react")
-  param_kinds = flax.traverse_util.flatten_dict(model_lib.param_kinds(module))
+  param_kinds = flax.traverse_util.flatten_dict(model_params.param_kinds(module))
   assert param_kinds.keys() == flax.traverse_util.flatten_dict(params).keys()
   dense = ("bert", "encoder", "layer", "0", "intermediate", "dense")
   assert param_kinds[dense + ("kernel",)] == kinds.BINARY_WEIGHT
@@ -75,7 +76,7 @@ def test_kinds_are_declared_for_every_parameter():
   assert param_kinds[attention + ("probs_alpha",)] == kinds.ACTIVATION_SCALE
   assert param_kinds[("classifier", "kernel")] == kinds.WEIGHT
   _, teacher, _ = _student_fp()
-  assert kinds.paths_of_kind(model_lib.param_kinds(teacher), *kinds.BINARY, *kinds.SCALES) == set()
+  assert kinds.paths_of_kind(model_params.param_kinds(teacher), *kinds.BINARY, *kinds.SCALES) == set()
 
 
 def _student_fp():
@@ -92,10 +93,10 @@ def test_every_binarizer_trains_the_tiny_pretraining_student(files, name, probs)
   student_config = pretraining.student_config(config)
   student = model_lib.build(student_config, "pretraining")
   batch = first_batch(config, files)
-  params = model_lib.calibrate_alphas(student, model_lib.init_params(student, jax.random.key(0)), batch)
+  params = model_params.calibrate_alphas(student, model_params.init_params(student, jax.random.key(0)), batch)
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=1e-2, warmup_steps=0, total_steps=10, schedule="constant", weight_decay=0.01,
-      b1=0.9, b2=0.999, eps=1e-8)), model_lib.param_kinds(student))
+      b1=0.9, b2=0.999, eps=1e-8)), model_params.param_kinds(student))
 
   def mlm_loss(params):
     out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
@@ -183,7 +184,7 @@ def test_fda_below_64_features_makes_no_empty_parameter_and_checkpoints(tmp_path
   config = dataclasses.replace(TINY, hidden_size=32, num_heads=2, intermediate_size=128,
                                linear_binarizer="fda")
   module = model_lib.build(config, "classification")
-  params = jax.jit(lambda key: model_lib.init_params(module, key))(jax.random.key(0))
+  params = jax.jit(lambda key: model_params.init_params(module, key))(jax.random.key(0))
   assert all(np.size(leaf) for leaf in jax.tree.leaves(params))
   layer = params["bert"]["encoder"]["layer"]["0"]
   assert set(layer["attention"]["self"]["query"]) == {"kernel", "bias"}  # 32 features: no noise MLP

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax import engine, precision, pretraining, sharding
 
 from test_train import files, first_batch, tiny_config  # noqa: F401  (files is a fixture)
@@ -62,8 +63,8 @@ def test_student_outputs_are_bit_identical_on_every_backend():
   ids = jnp.asarray(rng.integers(1, TINY["vocab_size"], (2, 13)), jnp.int32)
   reference_config = model_lib.BertConfig(**TINY, binary_matmul_dtype="float32")
   module = model_lib.build(reference_config, "encoder")
-  params = model_lib.init_params(module, jax.random.key(0))
-  params = model_lib.calibrate_alphas(module, params, {"input_ids": ids})
+  params = model_params.init_params(module, jax.random.key(0))
+  params = model_params.calibrate_alphas(module, params, {"input_ids": ids})
   reference = jax.jit(module.apply)({"params": params}, ids)
   for dtype in ("bfloat16", "int8", "auto"):
     config = dataclasses.replace(reference_config, binary_matmul_dtype=dtype)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bipft_jax import model, pytorch_io
+from bipft_jax import model, model_params, pytorch_io
 from bipft_jax.errors import UserError
 
 torch = pytest.importorskip("torch")
@@ -80,7 +80,7 @@ TINY = model.BertConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2
 
 
 def _tiny_state(head: str = "encoder") -> tuple:
-  params = model.init_params(model.build(TINY, head), jax.random.key(0))
+  params = model_params.init_params(model.build(TINY, head), jax.random.key(0))
   return params, pytorch_io.to_torch_state(params)
 
 

@@ -5,14 +5,13 @@ trajectory, all in strict fp32. The vectors live in `shared/reference_vectors` b
 """
 import json
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from bipft_jax import losses, model, pytorch_io
+from bipft_jax import losses, model, model_params, pytorch_io
 from reference_data import VECTORS, needs_vectors
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -69,7 +68,7 @@ def init_state():
 
 @pytest.fixture(scope="module")
 def student_init(student, init_state):
-  template = model.init_params(student, jax.random.key(0))
+  template = model_params.init_params(student, jax.random.key(0))
   params, report = pytorch_io.from_torch_state(init_state, template)
   assert report == {"kept_from_init": [], "skipped": []}
   return params
@@ -77,12 +76,12 @@ def student_init(student, init_state):
 
 @pytest.fixture(scope="module")
 def calibrated(student, student_init, batch):
-  return model.calibrate_alphas(student, student_init, batch)
+  return model_params.calibrate_alphas(student, student_init, batch)
 
 
 @pytest.fixture(scope="module")
 def teacher_params(teacher):
-  params, _ = pytorch_io.from_torch_state(_load("teacher.safetensors"), model.init_params(teacher, jax.random.key(0)))
+  params, _ = pytorch_io.from_torch_state(_load("teacher.safetensors"), model_params.init_params(teacher, jax.random.key(0)))
   return params
 
 
@@ -118,7 +117,7 @@ def test_release_state_round_trips_bit_for_bit(student_init, init_state):
 
 
 def test_student_from_teacher_by_tree_merge(student, teacher_params):
-  params = model.merge_params(student, teacher_params, jax.random.key(1))
+  params = model_params.merge_params(student, teacher_params, jax.random.key(1))
   ours = pytorch_io.to_torch_state(params)
   teacher_state = _load("teacher.safetensors")
   for name, value in teacher_state.items():

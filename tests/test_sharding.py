@@ -5,7 +5,7 @@ import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bipft_jax import engine, model, optim, sharding
+from bipft_jax import engine, model, model_params, optim, sharding
 from bipft_jax.errors import UserError
 
 CONFIG = model.BertConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
@@ -45,7 +45,7 @@ def test_optimizer_state_follows_parameter_shardings():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=1, total_steps=10, schedule="linear", weight_decay=0.01,
-      b1=0.9, b2=0.999, eps=1e-8)), model.param_kinds(model.build(CONFIG, "pretraining")))
+      b1=0.9, b2=0.999, eps=1e-8)), model_params.param_kinds(model.build(CONFIG, "pretraining")))
   opt_shardings = engine.state_shardings(model.build(CONFIG, "pretraining"), tx, mesh, sharding.DEFAULT_RULES)
   opt_shardings = opt_shardings["opt_state"]
   kernel = ("bert", "encoder", "layer", "0", "attention", "self", "query", "kernel")

@@ -6,7 +6,7 @@ import pathlib
 import jax
 import pytest
 
-from bipft_jax import cli, model, summary
+from bipft_jax import cli, model, model_params, summary
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASE = "configs/model.py:base"
@@ -43,7 +43,7 @@ def test_bert_base_reproduces_the_papers_accounting(base):
 
 def test_counts_follow_the_parameter_tree(base):
   config = dataclasses.replace(summary.load_model_config(str(REPO / BASE), []), binary=True)
-  params = jax.eval_shape(lambda: model.init_params(model.build(config, "classification"), jax.random.key(0)))
+  params = jax.eval_shape(lambda: model_params.init_params(model.build(config, "classification"), jax.random.key(0)))
   assert base["binary_params"] + base["fp_params"] == sum(x.size for x in jax.tree.leaves(params))
   assert base["binary_params"] == 30522 * 768 + 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 768 * 768
   assert base["fp_model_params"] == 109_482_240 + 768 * 2 + 2  # BERT-base + a 2-way classifier

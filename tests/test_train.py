@@ -15,6 +15,7 @@ import pytest
 
 from bipft_jax import checkpointing, cli, config_loading, engine, losses, pretraining, pytorch_io, sharding
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax.data import pipeline, sources
 
 from test_data import NUM_DOCS, WORDS, write_corpus
@@ -54,7 +55,7 @@ def test_mlm_at_masked_positions_equals_all_positions(files):
   config = tiny_config(files)
   student_config = pretraining.student_config(config)
   student = model_lib.build(student_config, "pretraining")
-  params = model_lib.init_params(student, jax.random.key(0))
+  params = model_params.init_params(student, jax.random.key(0))
   batch = first_batch(config, files)
   args = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
 

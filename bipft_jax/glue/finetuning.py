@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from bipft_jax import checkpointing, distributed, engine, files, losses, optim, pytorch_io, sharding
 from bipft_jax import model as model_lib
+from bipft_jax import model_params
 from bipft_jax.errors import UserError
 from bipft_jax.glue import metrics as metrics_lib
 from bipft_jax.glue import predictions, splits, tasks
@@ -28,7 +29,7 @@ PRETRAINING_HEADS = "cls."  # torch names of the MLM and NSP heads (BertForPreTr
 @dataclasses.dataclass
 class Start:
   """What a finetuning run starts from: the model (with the task's head) and the parameters merged
-  into it (`model.merge_params`; `complete`: the subtrees they must fill whole)."""
+  into it (`model_params.merge_params`; `complete`: the subtrees they must fill whole)."""
   model_config: model_lib.BertConfig
   source: dict
   complete: tuple
@@ -168,7 +169,7 @@ class Finetuning:
     self.predict_step = predictions.sharded_predict_step(self.module, mesh, rules, self.params_shardings)
     self.job = engine.Job(
         name="finetune", module=self.module, model_config=self.start.model_config, head="classification",
-        tx=optim.make_optimizer(config.optimizer, model_lib.param_kinds(self.module)),
+        tx=optim.make_optimizer(config.optimizer, model_params.param_kinds(self.module)),
         schedule=optim.learning_rate_schedule(config.optimizer),
         loss_fn=make_loss_fn(self.module, task.is_regression, teacher_module, config.distill), loss_key="loss",
         batches=self._batches, source=lambda: self.start.source, evaluate=self._evaluate,
