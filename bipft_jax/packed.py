@@ -26,10 +26,10 @@ they are). An operator whose weight or input is not scaled sign planes does not 
 refuses it by name. Binarized kernels are found by their declared kind (`model_params.param_kinds`).
 
 Kernels. "popcount" runs the matmuls above on the packed words. "int8" expands the weight planes
-once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized Linear as an int8
-matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or accelerator, and the
-two attention products as float32 matmuls of the signs (exact small integers; batched int8 products
-take a slow path on XLA:CPU): the same integer counts, so the same outputs bit for bit; the file
+once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized product (the
+Linears and the two attention products) as an int8 matmul with int32 accumulation, on the int8
+units of the host (AMX, VNNI) or accelerator: the same integer counts, so the same outputs bit
+for bit; the file
 stays 1-bit, but the weights take one byte each in memory (8x the planes: BERT-base's 85M binarized
 weights, 10.6 MB -> 85 MB). "auto" picks the faster on this machine by a one-time measurement of a
 one-layer encoder (precision.choose); `packed_file.load_packed` prepares it by default.
@@ -146,26 +146,32 @@ def _int8_signs(x: Array) -> Array:
   return jnp.sign(x).astype(jnp.int8)
 
 
-def _signed_counts(x_xMxK: Array, y_xNxK: Array, int8: bool) -> Array:
-  """Exact sum_k sign(x)_mk sign(y)_nk of two float tensors (leading axes batch), as float32.
+def _heads_first(x_BxLxHxK: Array) -> Array:
+  return x_BxLxHxK.transpose(0, 2, 1, 3)
 
-  The int8 kernel multiplies the signs as float32 here: the counts are small integers, exact, and
-  a batched int8 product inside the encoder takes a slow path on XLA:CPU (about 10x the time of
-  the float32 one at BERT-base's attention shapes; bench/packed_inference.py).
+
+def _query_key_counts(q_BxLxHxK: Array, k_BxLxHxK: Array, int8: bool) -> Array:
+  """Exact sum_k sign(q)_bqhk sign(k)_bshk per head, as float32 [B, H, L, L].
+
+  The int8 kernel hands XLA the projections' own [B, L, H, K] layout and lets it place the
+  transposes: given operands already transposed to [B, H, L, K], XLA:CPU ran these batched int8
+  products on a fallback loop, about 10x slower (bench/packed_inference.py).
   """
   if int8:
-    return jnp.einsum("...mk,...nk->...mn", jnp.sign(x_xMxK), jnp.sign(y_xNxK), precision="highest")
-  y_sign, y_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(y_xNxK))
-  return signed_matmul(*pack_signed(x_xMxK), y_sign, y_nonzero).astype(jnp.float32)
+    return jnp.einsum("bqhk,bshk->bhqs", _int8_signs(q_BxLxHxK), _int8_signs(k_BxLxHxK),
+                      preferred_element_type=jnp.int32).astype(jnp.float32)
+  k_sign, k_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(_heads_first(k_BxLxHxK)))
+  return signed_matmul(*pack_signed(_heads_first(q_BxLxHxK)), k_sign, k_nonzero).astype(jnp.float32)
 
 
-def _bits_signed_counts(p_xMxK: Array, y_xKxN: Array, int8: bool) -> Array:
-  """Exact sum_k p_mk sign(y)_kn for booleans p, as float32 (float32 products for int8: see above)."""
+def _probs_value_counts(keep_BxHxLxL: Array, v_BxLxHxK: Array, int8: bool) -> Array:
+  """Exact sum_s keep_bhqs sign(v)_bshk for booleans keep, as float32 [B, L, H, K] (layout: see above)."""
   if int8:
-    return jnp.einsum("...mk,...kn->...mn", p_xMxK.astype(jnp.float32), jnp.sign(y_xKxN), precision="highest")
-  # y packed along the contracted axis: [..., W, N].
-  y_sign, y_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(jnp.swapaxes(y_xKxN, -1, -2)))
-  return unsigned_signed_matmul(pack_bits(p_xMxK), y_sign, y_nonzero).astype(jnp.float32)
+    return jnp.einsum("bhqs,bshk->bqhk", keep_BxHxLxL.astype(jnp.int8), _int8_signs(v_BxLxHxK),
+                      preferred_element_type=jnp.int32).astype(jnp.float32)
+  # v packed along the contracted axis (positions): [B, H, W, K].
+  v_sign, v_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(v_BxLxHxK.transpose(0, 2, 3, 1)))
+  return _heads_first(unsigned_signed_matmul(pack_bits(keep_BxHxLxL), v_sign, v_nonzero).astype(jnp.float32))
 
 
 def _kernel_probe(kernel: str, batch: int = 8, length: int = 128):
@@ -373,6 +379,8 @@ def _binary_dense(op, p: dict, x_xK: Array) -> Array:
     y_xN = sum(terms[1:], terms[0])
     return y_xN + p["bias"] if op.uses_bias else y_xN
 
+  if plane_leaf("kernel_int8", 0) in p:  # int8 products are not fused into their neighbours
+    return dense(x_xK)
   # False only for a NaN input, whose outputs are NaN anyway.
   return _unfused(dense, x_xK, always_true=~jnp.isnan(x_xK.reshape(-1)[0]))
 
@@ -394,14 +402,13 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   int8 = plane_leaf("kernel_int8", 0) in p["query"]  # the kernel `prepare` set up
 
   def heads(name):
-    """name(x) per head, [B, H, L, K] (its binarizer keeps only the signs), and its alpha."""
+    """name(x) per head, [B, L, H, K] (its binarizer keeps only the signs), and its alpha."""
     y_BxLxD = _binary_dense(policy_of(config).linear, p[name], x_BxLxD)
-    y_BxHxLxK = y_BxLxD.reshape(B, L, H, K).transpose(0, 2, 1, 3)
-    return y_BxHxLxK, binarize.clamped(p[f"{name}_alpha"])
+    return y_BxLxD.reshape(B, L, H, K), binarize.clamped(p[f"{name}_alpha"])
 
-  (q_BxHxLxK, q_alpha), (k_BxHxLxK, k_alpha) = heads("query"), heads("key")
-  v_BxHxLxK, v_alpha = heads("value")
-  counts_BxHxLxL = _signed_counts(q_BxHxLxK, k_BxHxLxK, int8)
+  (q_BxLxHxK, q_alpha), (k_BxLxHxK, k_alpha) = heads("query"), heads("key")
+  v_BxLxHxK, v_alpha = heads("value")
+  counts_BxHxLxL = _query_key_counts(q_BxLxHxK, k_BxLxHxK, int8)
   scores_BxHxLxL = counts_BxHxLxL * (q_alpha * k_alpha)
   estimate = config.estimator_rank > 0
   if estimate:
@@ -413,12 +420,15 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   prob_op = policy_of(config).probs
   p_scale, mask_BxHxLxL = prob_op.planes(probs_BxHxLxL, {n: p[f"probs_{n}"] for n in prob_op.init_extras()})
   keep_BxHxLxL = mask_BxHxLxL > 0
-  counts_BxHxLxK = _bits_signed_counts(keep_BxHxLxL, v_BxHxLxK, int8)
-  context_BxLxHxK = (counts_BxHxLxK * (p_scale * v_alpha)).transpose(0, 2, 1, 3)
+  context_BxLxHxK = _probs_value_counts(keep_BxHxLxL, v_BxLxHxK, int8) * (p_scale * v_alpha)
   if estimate:
     v_p_BxLxR = _fp_dense(p["v_p"], x_BxLxD, config)
-    probs_b_BxHxLxL = jnp.where(keep_BxHxLxL, p_scale, 0.0)
-    residual_BxLxHxR = jnp.einsum("bhqs,bsr->bqhr", probs_b_BxHxLxL, v_p_BxLxR, precision=config.matmul_precision)
+    # Sums of v_p over the kept positions, one rank at a time: a reduction XLA fuses into the
+    # booleans' pass (as an einsum it was a product of [B, H, L, L] copied transposed first).
+    keep_BxHxLxL = keep_BxHxLxL.astype(jnp.float32)
+    residual_BxHxLxR = jnp.stack([jnp.sum(keep_BxHxLxL * v_p_BxLxR[:, None, None, :, r], -1)
+                                  for r in range(config.estimator_rank)], -1) * p_scale
+    residual_BxLxHxR = _heads_first(residual_BxHxLxR)
     context_BxLxHxK = context_BxLxHxK + jnp.tile(residual_BxLxHxR, (1, 1, 1, K // config.estimator_rank))
   return context_BxLxHxK.reshape(B, L, H * K)
 
