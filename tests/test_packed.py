@@ -177,6 +177,23 @@ def test_int8_kernel_equals_popcount_exactly(zeros):
     np.testing.assert_array_equal(got, want)
 
 
+def test_int8_kernel_compiles_to_int8_products_and_no_branches():
+  """The int8 kernel's compiled forward: every binarized product an s8 x s8 -> s32 dot (the two
+  attention products included) and no conditional (the popcount kernel's fusion guard, which
+  cost the int8 kernel a quarter of its time)."""
+  config, _, params, batch = _trained_like_student()
+  head, packed_params = packed.pack_params(config, "classification", params)
+  expanded = packed.prepare(config, packed_params, "int8")
+  forward = jax.jit(lambda p, ids: packed.forward(config, head, p, ids)["logits"])
+  hlo = forward.lower(expanded, batch["input_ids"]).compile().as_text()
+  int8_dots = [line for line in hlo.splitlines() if " dot(" in line and line.split("=")[1].lstrip().startswith("s32")]
+  # Per layer: Q, K, V, attention output, FFN in and out, Q.K^T and P.V; plus the pooler.
+  assert len(int8_dots) == TINY["num_layers"] * 8 + 1, int8_dots
+  assert " conditional(" not in hlo
+  popcount = jax.jit(lambda p, ids: packed.forward(config, head, p, ids)["logits"])
+  assert " conditional(" in popcount.lower(packed_params, batch["input_ids"]).compile().as_text()
+
+
 @pytest.fixture
 def small_kernel_probe(tmp_path, monkeypatch):
   """`auto` measures into a fresh cache, on a short probe batch (the choice, not its speed, is tested)."""
