@@ -6,8 +6,8 @@
 Contenders (BERT-base encoder forward, random weights, no padding), at each batch size:
   packed_popcount  bipft_jax.packed.forward from an exported 1-bit file: XOR/AND + popcount on words
   packed_int8      the same file, its bit-planes expanded at load to int8 {-1, 0, 1}: int8 matmuls
-                   with int32 accumulation for the Linears, float32 ones of the signs for the
-                   attention (packed.prepare); the same outputs bit for bit
+                   with int32 accumulation for the Linears and the attention products
+                   (packed.prepare); the same outputs bit for bit
   fp32_xla         the same student simulated in FP32 by model.py (not with --quick)
   torch_fp32       transformers' BertModel, PyTorch FP32
   torch_int8       the same after torch.ao.quantization.quantize_dynamic on its Linear layers (qint8)
