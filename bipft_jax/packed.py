@@ -259,21 +259,18 @@ def _kernel_planes(op, kernel_KxN: Array, extras: dict) -> list:
 
 
 def _weight_planes(p: dict) -> list:
-  """[(scale, sign [W, N], nonzero [W, N] or None)] of a packed Linear, plane by plane."""
-  return [(p[plane_leaf("kernel_scale", k)], p[leaf], p.get(plane_leaf("kernel_nonzero", k)))
-          for k, leaf in enumerate(_plane_leaves(p, "kernel_sign"))]
+  """[(sign [W, N], nonzero [W, N] or None)] of a packed Linear, plane by plane."""
+  return [(p[leaf], p.get(plane_leaf("kernel_nonzero", k))) for k, leaf in enumerate(_plane_leaves(p, "kernel_sign"))]
 
 
 def _weight_counts(p: dict, x_signs_xK: Array) -> list:
-  """[(weight scale, exact int32 counts sign(x) . plane)] of a packed Linear, plane by plane: int8
-  matmuls once `prepare` expanded its planes, else popcounts on the packed words."""
+  """[exact int32 counts sign(x) . plane] of a packed Linear, plane by plane: int8 matmuls once
+  `prepare` expanded its planes, else popcounts on the packed words."""
   if plane_leaf("kernel_int8", 0) in p:
     x_int8 = _int8_signs(x_signs_xK)
-    return [(p[plane_leaf("kernel_scale", k)], precision.int8_einsum("...k,kn->...n", x_int8, p[leaf]))
-            for k, leaf in enumerate(_plane_leaves(p, "kernel_int8"))]
+    return [precision.int8_einsum("...k,kn->...n", x_int8, p[leaf]) for leaf in _plane_leaves(p, "kernel_int8")]
   x_sign, x_nonzero = pack_signed(x_signs_xK)
-  return [(w_scale, signed_matmul(x_sign, x_nonzero, w_sign, w_nonzero))
-          for w_scale, w_sign, w_nonzero in _weight_planes(p)]
+  return [signed_matmul(x_sign, x_nonzero, w_sign, w_nonzero) for w_sign, w_nonzero in _weight_planes(p)]
 
 
 def _plane_leaves(p: dict, base: str) -> list:
@@ -362,27 +359,26 @@ def _unfused(fn, x: Array, always_true: Array) -> Array:
   consumes it and recomputes it there in a strided, unvectorized loop (up to 40x slower). On CPU an
   optimization_barrier is dropped and a loop's invariant body is hoisted out, but the branch of a
   conditional on a runtime value stays a separate computation. `always_true` must be true at run
-  time (XLA cannot know it); the other branch, never taken, gives NaNs.
+  time (XLA cannot know it); the other branch, never taken, gives zeros.
   """
   out = jax.eval_shape(fn, x)
-  return jax.lax.cond(always_true, fn, lambda _: jnp.full(out.shape, jnp.nan, out.dtype), x)
+  return jax.lax.cond(always_true, fn, lambda _: jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out), x)
 
 
 def _binary_dense(op, p: dict, x_xK: Array) -> Array:
   """The LinearOp `op` on packed planes: sum over weight planes of (a_scale w_scale) counts (+ bias)."""
   extras = {name: p[name] for name in op.init_extras(x_xK.shape[-1], p["bias"].shape[-1])}
 
-  def dense(x):
-    x_scale, x_signs = op.activation_planes(x, extras)
-    terms = [counts_xN.astype(jnp.float32) * (x_scale * w_scale)
-             for w_scale, counts_xN in _weight_counts(p, x_signs)]
-    y_xN = sum(terms[1:], terms[0])
-    return y_xN + p["bias"] if op.uses_bias else y_xN
-
+  counts = lambda x: _weight_counts(p, op.activation_planes(x, extras)[1])
   if plane_leaf("kernel_int8", 0) in p:  # int8 products are not fused into their neighbours
-    return dense(x_xK)
-  # False only for a NaN input, whose outputs are NaN anyway.
-  return _unfused(dense, x_xK, always_true=~jnp.isnan(x_xK.reshape(-1)[0]))
+    counts_xN = counts(x_xK)
+  else:  # only the integer counts: the scaling after them is the int8 kernel's, rounded alike
+    counts_xN = _unfused(counts, x_xK, always_true=~jnp.isnan(x_xK.reshape(-1)[0]))  # any runtime truth
+  x_scale = op.activation_planes(x_xK, extras)[0]
+  terms = [plane_counts_xN.astype(jnp.float32) * (x_scale * p[leaf])
+           for leaf, plane_counts_xN in zip(_plane_leaves(p, "kernel_scale"), counts_xN)]
+  y_xN = sum(terms[1:], terms[0])
+  return y_xN + p["bias"] if op.uses_bias else y_xN
 
 
 def _word_embeddings(p: dict, input_ids_BxL: Array, hidden_size: int) -> Array:
