@@ -15,14 +15,21 @@ ours need not sum to the whole step, which XLA compiles as one program.
   PYTHONPATH=. python bench/pretrain_step.py --size base --batch 8 --length 128 --precision mixed
   PYTHONPATH=. python bench/pretrain_step.py --quick   # BERT-base, 2 repeats, about 3 minutes
 
+Memory: `bipft` runs with glibc's huge-page tunable (bipft_jax/hugepages.py), which removes most of
+our step's page faults but made the PyTorch peer's step about 1.7x slower on the Intel host. So each
+side runs in a child process of its own under both allocators, glibc's default and the tunable, and
+the ratio compares ours as `bipft` runs it with the peer at its faster; the four times are printed
+(a child per side and allocator: `--quick` takes about 6 minutes).
+
 The first line names the CPU; the last line is `RESULT {json}` with ours_s, peer_s, speedup
-(peer_s / ours_s) and both breakdowns.
+(peer_s / ours_s), both breakdowns and the four runs.
 """
 import argparse
 import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -33,7 +40,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bipft_jax import config_loading, engine, optim, precision, pretraining, sharding  # noqa: E402
 from bipft_jax import model as model_lib  # noqa: E402
-from bipft_jax import model_params  # noqa: E402
+from bipft_jax import hugepages, model_params  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,6 +158,26 @@ def _line(name: str, seconds: dict) -> str:
   return f"  {name}: " + ", ".join(f"{part} {value:.3f} s" for part, value in seconds.items())
 
 
+MALLOCS = ("default", "hugepages")
+
+
+def _malloc_env(malloc: str) -> dict:
+  """This process's environment under glibc's default allocator or with the huge-page tunable."""
+  tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(hugepages.TUNABLE)]
+  env = {**os.environ, "GLIBC_TUNABLES": ":".join(tunables), hugepages.OPT_OUT: "0"}
+  return hugepages.with_tunable(env) if malloc == "hugepages" else env
+
+
+def _run_side(side: str, malloc: str, argv: list) -> dict:
+  """One side's step in a child process under `malloc`: {"seconds", "parts", ...}."""
+  done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--side", side],
+                        env=_malloc_env(malloc), capture_output=True, text=True)
+  lines = [line for line in done.stdout.splitlines() if line.startswith("SIDE ")]
+  if done.returncode or not lines:
+    sys.exit(f"the {side} side ({malloc} malloc) failed:\n{done.stderr[-3000:]}")
+  return json.loads(lines[-1][len("SIDE "):])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="base", help="a size of configs/model.py (tiny, mini, small, base...)")
@@ -162,29 +189,44 @@ def main() -> None:
                       help="our training precision policy (model.precision); the peer is always FP32")
   parser.add_argument("--sign-dtype", choices=precision.BINARY_MATMUL_DTYPES, default="auto",
                       help="model.binary_matmul_dtype: the units of the exact forward sign products")
-  parser.add_argument("--quick", action="store_true", help="2 repeats (BERT-base still): about 3 minutes")
+  parser.add_argument("--quick", action="store_true", help="2 repeats (BERT-base still): about 6 minutes")
+  parser.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)  # a child's one side
   args = parser.parse_args()
   if args.quick:
     args.repeats = 2
-  cpu, flags = precision.cpu_description()
-  print(f"host: {cpu}; flags: {flags}; jax {jax.__version__}; load {os.getloadavg()}", flush=True)
   size = config_loading.load_config(os.path.join(REPO, "configs", "model.py") + f":{args.size}")
   batch = synthetic_batch(args.batch, args.length, size.vocab_size, max(1, round(0.15 * args.length)))
-  ours_s, ours_parts = ours(args, batch)
-  sign_dtype = precision.sign_product_dtype(args.sign_dtype)
-  print(f"ours ({args.precision}, sign products in {sign_dtype}: teacher forward + binary student step "
-        f"+ AdamW): median {ours_s:.3f} s", flush=True)
-  print(_line("ours", ours_parts), flush=True)
-  peer_s, peer_parts = peer(args, batch)
-  print(f"peer (transformers BertForPreTraining FP32 step + AdamW): median {peer_s:.3f} s", flush=True)
-  print(_line("peer", peer_parts), flush=True)
-  print(f"speedup (peer / ours): {peer_s / ours_s:.2f}x; load {os.getloadavg()}", flush=True)
+  if args.side:
+    seconds, parts = (ours if args.side == "ours" else peer)(args, batch)
+    print("SIDE " + json.dumps({"seconds": seconds, "parts": parts,
+                                "sign_dtype": precision.sign_product_dtype(args.sign_dtype)}), flush=True)
+    return
+  cpu, flags = precision.cpu_description()
+  print(f"host: {cpu}; flags: {flags}; jax {jax.__version__}; load {os.getloadavg()}", flush=True)
+  argv = [a for a in sys.argv[1:] if a != "--side"]
+  runs = {}
+  for side in ("ours", "peer"):
+    for malloc in MALLOCS:
+      run = runs[f"{side}_{malloc}"] = _run_side(side, malloc, argv)
+      what = (f"ours ({args.precision}, sign products in {run['sign_dtype']}: teacher forward + binary student "
+              "step + AdamW)" if side == "ours" else "peer (transformers BertForPreTraining FP32 step + AdamW)")
+      print(f"{what}, {malloc} malloc: median {run['seconds']:.3f} s", flush=True)
+      print(_line(side, run["parts"]), flush=True)
+  ours_s = runs["ours_hugepages"]["seconds"]
+  peer_best = min(MALLOCS, key=lambda m: runs[f"peer_{m}"]["seconds"])
+  peer_s = runs[f"peer_{peer_best}"]["seconds"]
+  same_malloc = {m: runs[f"peer_{m}"]["seconds"] / runs[f"ours_{m}"]["seconds"] for m in MALLOCS}
+  print(f"speedup (peer at its faster, {peer_best} malloc / ours as bipft runs, hugepages): {peer_s / ours_s:.2f}x; "
+        "same allocator on both sides: " + ", ".join(f"{m} {r:.2f}x" for m, r in same_malloc.items())
+        + f"; load {os.getloadavg()}", flush=True)
   rounded = lambda parts: {k: round(v, 4) for k, v in parts.items()}
   print("RESULT " + json.dumps({"ours_s": round(ours_s, 4), "peer_s": round(peer_s, 4),
-                                "speedup": round(peer_s / ours_s, 3), "precision": args.precision,
-                                "sign_dtype": sign_dtype,
-                                "ours_breakdown_s": rounded(ours_parts),
-                                "peer_breakdown_s": rounded(peer_parts),
+                                "speedup": round(peer_s / ours_s, 3), "peer_malloc": peer_best,
+                                "speedup_same_malloc": {m: round(r, 3) for m, r in same_malloc.items()},
+                                "precision": args.precision, "sign_dtype": runs["ours_hugepages"]["sign_dtype"],
+                                "ours_breakdown_s": rounded(runs["ours_hugepages"]["parts"]),
+                                "peer_breakdown_s": rounded(runs[f"peer_{peer_best}"]["parts"]),
+                                "runs_s": {name: round(run["seconds"], 4) for name, run in runs.items()},
                                 "cpu": cpu, "size": args.size, "batch": args.batch, "length": args.length,
                                 "repeats": args.repeats}))
 

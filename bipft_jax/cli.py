@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 
-from bipft_jax import __version__
+from bipft_jax import __version__, hugepages
 from bipft_jax.config_loading import split_overrides
 from bipft_jax.errors import UserError
 
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  if argv is None:  # the `bipft` command itself, not a caller's main([...])
+    hugepages.reexec_with_hugepages()
   argv = sys.argv[1:] if argv is None else list(argv)
   # transformers serves tokenizers here; without the torch extra it would advise on every run that
   # "PyTorch was not found".

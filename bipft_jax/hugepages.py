@@ -1,0 +1,65 @@
+"""Large allocations on transparent huge pages: glibc's `glibc.malloc.hugetlb=1`, set by re-executing.
+
+XLA:CPU allocates a step's temporaries afresh on every run, and glibc hands large freed blocks back
+to the kernel, so every step touches gigabytes of new memory 4 KiB at a time: a BERT-base
+distillation step took 760,000 page faults and 2 s of kernel time on the 2-core Intel host
+(README, Benchmarks). With the tunable, glibc asks for transparent huge pages (`madvise`, the
+kernel's default mode) and the same step faults 1,600 times. glibc reads its tunables once, at
+process start, so the `bipft` command re-executes itself once, before importing JAX, with the
+tunable added to GLIBC_TUNABLES; child processes inherit it. BIPFT_HUGEPAGES=0 keeps glibc's
+default. Nothing changes numerically: only where the memory comes from.
+"""
+import os
+import platform
+import sys
+from typing import Mapping
+
+TUNABLE = "glibc.malloc.hugetlb"
+OPT_OUT = "BIPFT_HUGEPAGES"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+MIN_GLIBC = (2, 35)  # the first glibc with the tunable
+
+
+def thp_mode(path: str = THP_MODE_FILE) -> str:
+  """The kernel's transparent huge page mode (always, madvise, never), "" if it has none."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError:
+    return ""
+  start, end = text.find("["), text.find("]")
+  return text[start + 1:end] if 0 <= start < end else ""
+
+
+def wanted(environ: Mapping[str, str], libc: tuple, mode: str) -> bool:
+  """Whether a process started with `environ`, on `libc` (platform.libc_ver()) and THP `mode`,
+  should re-execute with the tunable: glibc new enough, huge pages available, not set already, not
+  opted out."""
+  name, version = libc
+  try:
+    glibc = name == "glibc" and tuple(int(part) for part in version.split(".")[:2]) >= MIN_GLIBC
+  except ValueError:
+    glibc = False
+  return (glibc and mode in ("always", "madvise") and environ.get(OPT_OUT, "1") != "0"
+          and TUNABLE not in environ.get("GLIBC_TUNABLES", ""))
+
+
+def with_tunable(environ: Mapping[str, str]) -> dict:
+  """`environ` with the tunable appended to GLIBC_TUNABLES (colon-separated, others kept)."""
+  tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+  return {**environ, "GLIBC_TUNABLES": ":".join(tunables + [f"{TUNABLE}=1"])}
+
+
+def reexec_with_hugepages() -> None:
+  """Re-executes this process with the tunable if `wanted` (it does not return then); else returns.
+
+  Call it first thing in a command's entry point: the process starts over from its own command line.
+  """
+  if not sys.executable or sys.platform != "linux" or not wanted(os.environ, platform.libc_ver(), thp_mode()):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_tunable(os.environ))
+  except OSError:  # cannot restart (a sandbox without exec): run on with glibc's default
+    return

@@ -1,0 +1,71 @@
+"""The `bipft` command re-executes itself once with glibc's huge-page tunable (bipft_jax/hugepages.py)."""
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from bipft_jax import cli, hugepages
+
+GLIBC = ("glibc", "2.36")
+
+
+@pytest.mark.parametrize("environ, libc, mode, expected", [
+    ({}, GLIBC, "madvise", True),
+    ({}, GLIBC, "always", True),
+    ({}, GLIBC, "never", False),  # no huge pages to ask for
+    ({}, GLIBC, "", False),  # a kernel without THP
+    ({}, ("glibc", "2.34"), "madvise", False),  # before the tunable existed
+    ({}, ("glibc", "2.x"), "madvise", False),
+    ({}, ("", ""), "madvise", False),  # musl, macOS...
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise", False),  # the user's own setting
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, "madvise", True),
+    ({"BIPFT_HUGEPAGES": "0"}, GLIBC, "madvise", False),  # opted out
+])
+def test_when_to_reexecute(environ, libc, mode, expected):
+  assert hugepages.wanted(environ, libc, mode) is expected
+
+
+def test_the_tunable_is_added_to_the_users_own():
+  env = hugepages.with_tunable({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/h"})
+  assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "HOME": "/h"}
+  assert hugepages.with_tunable({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_thp_mode_reads_the_bracketed_word(tmp_path):
+  path = tmp_path / "enabled"
+  path.write_text("always [madvise] never\n")
+  assert hugepages.thp_mode(str(path)) == "madvise"
+  assert hugepages.thp_mode(str(tmp_path / "missing")) == ""
+
+
+def _child_tunables(extra_env: dict) -> str:
+  """GLIBC_TUNABLES as a Python child sees it after calling reexec_with_hugepages."""
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BIPFT_HUGEPAGES")}
+  code = ("from bipft_jax import hugepages; hugepages.reexec_with_hugepages(); import os; "
+          "print(repr(os.environ.get('GLIBC_TUNABLES')))")
+  done = subprocess.run([sys.executable, "-c", code], env={**env, **extra_env}, capture_output=True, text=True,
+                        check=True)
+  return done.stdout.strip()
+
+
+def test_a_process_restarts_with_the_tunable_once():
+  if sys.platform != "linux" or not hugepages.wanted({}, platform.libc_ver(), hugepages.thp_mode()):
+    pytest.skip("this host has no glibc >= 2.35 with transparent huge pages: nothing to set")
+  assert _child_tunables({}) == repr("glibc.malloc.hugetlb=1")
+  assert _child_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == repr(
+      "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+  assert _child_tunables({"BIPFT_HUGEPAGES": "0"}) == repr(None)
+
+
+def test_only_the_command_reexecutes_not_a_callers_main(monkeypatch):
+  calls = []
+  monkeypatch.setattr(hugepages, "reexec_with_hugepages", lambda: calls.append(1))
+  with pytest.raises(SystemExit):
+    cli.main(["--version"])
+  assert calls == []
+  monkeypatch.setattr(sys, "argv", ["bipft"])
+  with pytest.raises(SystemExit):
+    cli.main()  # prints the help
+  assert calls == [1]
