@@ -29,9 +29,8 @@ Kernels. "popcount" runs the matmuls above on the packed words. "int8" expands t
 once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized product (the
 Linears and the two attention products) as an int8 matmul with int32 accumulation, on the int8
 units of the host (AMX, VNNI) or accelerator: the same integer counts, so the same outputs bit
-for bit; the file
-stays 1-bit, but the weights take one byte each in memory (8x the planes: BERT-base's 85M binarized
-weights, 10.6 MB -> 85 MB). "auto" picks the faster on this machine by a one-time measurement of a
+for bit; the file stays 1-bit, but the weights take one byte each in memory (8x the planes:
+BERT-base's 85M binarized weights, 10.6 MB -> 85 MB). "auto" picks the faster on this machine by a one-time measurement of a
 one-layer encoder (precision.choose); `packed_file.load_packed` prepares it by default.
 
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
@@ -373,7 +372,7 @@ def _binary_dense(op, p: dict, x_xK: Array) -> Array:
   if plane_leaf("kernel_int8", 0) in p:  # int8 products are not fused into their neighbours
     counts_xN = counts(x_xK)
   else:  # only the integer counts: the scaling after them is the int8 kernel's, rounded alike
-    counts_xN = _unfused(counts, x_xK, always_true=~jnp.isnan(x_xK.reshape(-1)[0]))  # any runtime truth
+    counts_xN = _unfused(counts, x_xK, always_true=~jnp.isnan(x_xK.reshape(-1)[0]))  # true, but not to XLA
   x_scale = op.activation_planes(x_xK, extras)[0]
   terms = [plane_counts_xN.astype(jnp.float32) * (x_scale * p[leaf])
            for leaf, plane_counts_xN in zip(_plane_leaves(p, "kernel_scale"), counts_xN)]
