@@ -30,8 +30,9 @@ once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarize
 Linears and the two attention products) as an int8 matmul with int32 accumulation, on the int8
 units of the host (AMX, VNNI) or accelerator: the same integer counts, so the same outputs bit
 for bit; the file stays 1-bit, but the weights take one byte each in memory (8x the planes:
-BERT-base's 85M binarized weights, 10.6 MB -> 85 MB). "auto" picks the faster on this machine by a one-time measurement of a
-one-layer encoder (precision.choose); `packed_file.load_packed` prepares it by default.
+BERT-base's 85M binarized weights, 10.6 MB -> 85 MB). "auto" picks the faster on this machine by
+a one-time measurement of a one-layer encoder (precision.choose); `packed_file.load_packed`
+prepares it by default.
 
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
 """
