@@ -15,11 +15,11 @@ ours need not sum to the whole step, which XLA compiles as one program.
   PYTHONPATH=. python bench/pretrain_step.py --size base --batch 8 --length 128 --precision mixed
   PYTHONPATH=. python bench/pretrain_step.py --quick   # BERT-base, 2 repeats, about 3 minutes
 
-Memory: `bipft` runs with glibc's huge-page tunable (bipft_jax/hugepages.py), which removes most of
-our step's page faults but made the PyTorch peer's step about 1.7x slower on the Intel host. So each
-side runs in a child process of its own under both allocators, glibc's default and the tunable, and
-the ratio compares ours as `bipft` runs it with the peer at its faster; the four times are printed
-(a child per side and allocator: `--quick` takes about 6 minutes).
+Memory: glibc's huge-page tunable (opt-in for `bipft`: BIPFT_HUGEPAGES=1, bipft_jax/hugepages.py)
+removes most of our step's page faults but makes the PyTorch peer's step 2.4-3x slower on the Intel
+host. So each side runs in a child process of its own under both allocators, glibc's default and
+the tunable, and the ratio compares each side at its faster; the same-allocator ratios and the four
+times are printed too (a child per side and allocator: `--quick` takes about 6 minutes).
 
 The first line names the CPU; the last line is `RESULT {json}` with ours_s, peer_s, speedup
 (peer_s / ours_s), both breakdowns and the four runs.
@@ -164,7 +164,7 @@ MALLOCS = ("default", "hugepages")
 def _malloc_env(malloc: str) -> dict:
   """This process's environment under glibc's default allocator or with the huge-page tunable."""
   tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(hugepages.TUNABLE)]
-  env = {**os.environ, "GLIBC_TUNABLES": ":".join(tunables), hugepages.OPT_OUT: "0"}
+  env = {**os.environ, "GLIBC_TUNABLES": ":".join(tunables), hugepages.OPT_IN: "0"}
   return hugepages.with_tunable(env) if malloc == "hugepages" else env
 
 
@@ -212,19 +212,18 @@ def main() -> None:
               "step + AdamW)" if side == "ours" else "peer (transformers BertForPreTraining FP32 step + AdamW)")
       print(f"{what}, {malloc} malloc: median {run['seconds']:.3f} s", flush=True)
       print(_line(side, run["parts"]), flush=True)
-  ours_s = runs["ours_hugepages"]["seconds"]
-  peer_best = min(MALLOCS, key=lambda m: runs[f"peer_{m}"]["seconds"])
-  peer_s = runs[f"peer_{peer_best}"]["seconds"]
+  ours_best, peer_best = (min(MALLOCS, key=lambda m, s=side: runs[f"{s}_{m}"]["seconds"]) for side in ("ours", "peer"))
+  ours_s, peer_s = runs[f"ours_{ours_best}"]["seconds"], runs[f"peer_{peer_best}"]["seconds"]
   same_malloc = {m: runs[f"peer_{m}"]["seconds"] / runs[f"ours_{m}"]["seconds"] for m in MALLOCS}
-  print(f"speedup (peer at its faster, {peer_best} malloc / ours as bipft runs, hugepages): {peer_s / ours_s:.2f}x; "
+  print(f"speedup (each side at its faster: peer {peer_best} malloc / ours {ours_best} malloc): {peer_s / ours_s:.2f}x; "
         "same allocator on both sides: " + ", ".join(f"{m} {r:.2f}x" for m, r in same_malloc.items())
         + f"; load {os.getloadavg()}", flush=True)
   rounded = lambda parts: {k: round(v, 4) for k, v in parts.items()}
   print("RESULT " + json.dumps({"ours_s": round(ours_s, 4), "peer_s": round(peer_s, 4),
-                                "speedup": round(peer_s / ours_s, 3), "peer_malloc": peer_best,
+                                "speedup": round(peer_s / ours_s, 3), "ours_malloc": ours_best, "peer_malloc": peer_best,
                                 "speedup_same_malloc": {m: round(r, 3) for m, r in same_malloc.items()},
-                                "precision": args.precision, "sign_dtype": runs["ours_hugepages"]["sign_dtype"],
-                                "ours_breakdown_s": rounded(runs["ours_hugepages"]["parts"]),
+                                "precision": args.precision, "sign_dtype": runs[f"ours_{ours_best}"]["sign_dtype"],
+                                "ours_breakdown_s": rounded(runs[f"ours_{ours_best}"]["parts"]),
                                 "peer_breakdown_s": rounded(runs[f"peer_{peer_best}"]["parts"]),
                                 "runs_s": {name: round(run["seconds"], 4) for name, run in runs.items()},
                                 "cpu": cpu, "size": args.size, "batch": args.batch, "length": args.length,

@@ -1,4 +1,4 @@
-"""The `bipft` command re-executes itself once with glibc's huge-page tunable (bipft_jax/hugepages.py)."""
+"""With BIPFT_HUGEPAGES=1 the `bipft` command re-executes itself once with glibc's huge-page tunable."""
 import os
 import platform
 import subprocess
@@ -11,17 +11,21 @@ from bipft_jax import cli, hugepages
 GLIBC = ("glibc", "2.36")
 
 
+ON = {"BIPFT_HUGEPAGES": "1"}
+
+
 @pytest.mark.parametrize("environ, libc, mode, expected", [
-    ({}, GLIBC, "madvise", True),
-    ({}, GLIBC, "always", True),
-    ({}, GLIBC, "never", False),  # no huge pages to ask for
-    ({}, GLIBC, "", False),  # a kernel without THP
-    ({}, ("glibc", "2.34"), "madvise", False),  # before the tunable existed
-    ({}, ("glibc", "2.x"), "madvise", False),
-    ({}, ("", ""), "madvise", False),  # musl, macOS...
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise", False),  # the user's own setting
-    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, "madvise", True),
-    ({"BIPFT_HUGEPAGES": "0"}, GLIBC, "madvise", False),  # opted out
+    (ON, GLIBC, "madvise", True),
+    (ON, GLIBC, "always", True),
+    ({}, GLIBC, "madvise", False),  # not asked for: glibc's default
+    ({"BIPFT_HUGEPAGES": "0"}, GLIBC, "madvise", False),
+    (ON, GLIBC, "never", False),  # no huge pages to ask for
+    (ON, GLIBC, "", False),  # a kernel without THP
+    (ON, ("glibc", "2.34"), "madvise", False),  # before the tunable existed
+    (ON, ("glibc", "2.x"), "madvise", False),
+    (ON, ("", ""), "madvise", False),  # musl, macOS...
+    ({**ON, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise", False),  # the user's own setting
+    ({**ON, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, "madvise", True),
 ])
 def test_when_to_reexecute(environ, libc, mode, expected):
   assert hugepages.wanted(environ, libc, mode) is expected
@@ -51,12 +55,12 @@ def _child_tunables(extra_env: dict) -> str:
 
 
 def test_a_process_restarts_with_the_tunable_once():
-  if sys.platform != "linux" or not hugepages.wanted({}, platform.libc_ver(), hugepages.thp_mode()):
+  if sys.platform != "linux" or not hugepages.wanted(ON, platform.libc_ver(), hugepages.thp_mode()):
     pytest.skip("this host has no glibc >= 2.35 with transparent huge pages: nothing to set")
-  assert _child_tunables({}) == repr("glibc.malloc.hugetlb=1")
-  assert _child_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == repr(
+  assert _child_tunables(ON) == repr("glibc.malloc.hugetlb=1")
+  assert _child_tunables({**ON, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == repr(
       "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
-  assert _child_tunables({"BIPFT_HUGEPAGES": "0"}) == repr(None)
+  assert _child_tunables({}) == repr(None)  # the default: glibc's own
 
 
 def test_only_the_command_reexecutes_not_a_callers_main(monkeypatch):
