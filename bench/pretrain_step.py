@@ -164,7 +164,7 @@ MALLOCS = ("default", "hugepages")
 def _malloc_env(malloc: str) -> dict:
   """This process's environment under glibc's default allocator or with the huge-page tunable."""
   tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(hugepages.TUNABLE)]
-  env = {**os.environ, "GLIBC_TUNABLES": ":".join(tunables), hugepages.OPT_IN: "0"}
+  env = {**os.environ, "GLIBC_TUNABLES": ":".join(tunables)}
   return hugepages.with_tunable(env) if malloc == "hugepages" else env
 
 
@@ -203,16 +203,16 @@ def main() -> None:
     return
   cpu, flags = precision.cpu_description()
   print(f"host: {cpu}; flags: {flags}; jax {jax.__version__}; load {os.getloadavg()}", flush=True)
-  argv = [a for a in sys.argv[1:] if a != "--side"]
   runs = {}
   for side in ("ours", "peer"):
     for malloc in MALLOCS:
-      run = runs[f"{side}_{malloc}"] = _run_side(side, malloc, argv)
+      run = runs[f"{side}_{malloc}"] = _run_side(side, malloc, sys.argv[1:])
       what = (f"ours ({args.precision}, sign products in {run['sign_dtype']}: teacher forward + binary student "
               "step + AdamW)" if side == "ours" else "peer (transformers BertForPreTraining FP32 step + AdamW)")
       print(f"{what}, {malloc} malloc: median {run['seconds']:.3f} s", flush=True)
       print(_line(side, run["parts"]), flush=True)
-  ours_best, peer_best = (min(MALLOCS, key=lambda m, s=side: runs[f"{s}_{m}"]["seconds"]) for side in ("ours", "peer"))
+  faster = {side: min(MALLOCS, key=lambda m: runs[f"{side}_{m}"]["seconds"]) for side in ("ours", "peer")}
+  ours_best, peer_best = faster["ours"], faster["peer"]
   ours_s, peer_s = runs[f"ours_{ours_best}"]["seconds"], runs[f"peer_{peer_best}"]["seconds"]
   same_malloc = {m: runs[f"peer_{m}"]["seconds"] / runs[f"ours_{m}"]["seconds"] for m in MALLOCS}
   print(f"speedup (each side at its faster: peer {peer_best} malloc / ours {ours_best} malloc): {peer_s / ours_s:.2f}x; "

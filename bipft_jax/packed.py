@@ -374,7 +374,7 @@ def _binary_dense(op, p: dict, x_xK: Array) -> Array:
     counts_xN = counts(x_xK)
   else:  # only the integer counts: the scaling after them is the int8 kernel's, rounded alike
     counts_xN = _unfused(counts, x_xK, always_true=~jnp.isnan(x_xK.reshape(-1)[0]))  # true, but not to XLA
-  x_scale = op.activation_planes(x_xK, extras)[0]
+  x_scale = op.activation_planes(x_xK, extras)[0]  # the signs half of this call is unused, so dropped
   terms = [plane_counts_xN.astype(jnp.float32) * (x_scale * p[leaf])
            for leaf, plane_counts_xN in zip(_plane_leaves(p, "kernel_scale"), counts_xN)]
   y_xN = sum(terms[1:], terms[0])
