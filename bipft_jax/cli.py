@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   if argv is None:  # the `bipft` command itself, not a caller's main([...])
-    hugepages.reexec_with_hugepages()
+    try:
+      hugepages.reexec_with_hugepages()
+    except UserError as e:
+      print(f"bipft: error: {e}", file=sys.stderr)
+      return 2
   argv = sys.argv[1:] if argv is None else list(argv)
   # transformers serves tokenizers here; without the torch extra it would advise on every run that
   # "PyTorch was not found".

@@ -16,6 +16,8 @@ import platform
 import sys
 from typing import Mapping
 
+from bipft_jax.errors import UserError
+
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_IN = "BIPFT_HUGEPAGES"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -33,17 +35,27 @@ def thp_mode(path: str = THP_MODE_FILE) -> str:
   return text[start + 1:end] if 0 <= start < end else ""
 
 
+def opted_in(environ: Mapping[str, str]) -> bool:
+  """BIPFT_HUGEPAGES read strictly: "1" on, "0" or unset off; anything else is a UserError (a typo
+  such as "yes" would otherwise silently leave it off)."""
+  value = environ.get(OPT_IN, "0")
+  if value not in ("0", "1"):
+    raise UserError(f"{OPT_IN}={value!r}: use 1 (huge-page malloc) or 0 (glibc's default)")
+  return value == "1"
+
+
 def wanted(environ: Mapping[str, str], libc: tuple, mode: str) -> bool:
   """Whether a process started with `environ`, on `libc` (platform.libc_ver()) and THP `mode`,
   should re-execute with the tunable: asked for (BIPFT_HUGEPAGES=1), glibc new enough, huge pages
-  available, not set already."""
+  available, not set already. Raises UserError on a BIPFT_HUGEPAGES other than 0 or 1."""
+  if not opted_in(environ):
+    return False
   name, version = libc
   try:
     glibc = name == "glibc" and tuple(int(part) for part in version.split(".")[:2]) >= MIN_GLIBC
   except ValueError:
     glibc = False
-  return (glibc and mode in ("always", "madvise") and environ.get(OPT_IN) == "1"
-          and TUNABLE not in environ.get("GLIBC_TUNABLES", ""))
+  return glibc and mode in ("always", "madvise") and TUNABLE not in environ.get("GLIBC_TUNABLES", "")
 
 
 def with_tunable(environ: Mapping[str, str]) -> dict:
@@ -56,8 +68,9 @@ def reexec_with_hugepages() -> None:
   """Re-executes this process with the tunable if `wanted` (it does not return then); else returns.
 
   Call it first thing in a command's entry point: the process starts over from its own command line.
+  Raises UserError on a bad BIPFT_HUGEPAGES, on every platform.
   """
-  if not sys.executable or sys.platform != "linux" or not wanted(os.environ, platform.libc_ver(), thp_mode()):
+  if not wanted(os.environ, platform.libc_ver(), thp_mode()) or not sys.executable or sys.platform != "linux":
     return
   sys.stdout.flush()
   sys.stderr.flush()

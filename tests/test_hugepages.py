@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from bipft_jax import cli, hugepages
+from bipft_jax.errors import UserError
 
 GLIBC = ("glibc", "2.36")
 
@@ -29,6 +30,20 @@ ON = {"BIPFT_HUGEPAGES": "1"}
 ])
 def test_when_to_reexecute(environ, libc, mode, expected):
   assert hugepages.wanted(environ, libc, mode) is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "on", "", " 1", "2"])
+def test_a_value_other_than_0_or_1_is_an_error_not_a_silent_off(value):
+  with pytest.raises(UserError, match=f"BIPFT_HUGEPAGES={value!r}: use 1"):
+    hugepages.wanted({"BIPFT_HUGEPAGES": value}, ("", ""), "")  # even where it could do nothing
+
+
+def test_the_command_reports_a_bad_value_in_one_line(monkeypatch, capsys):
+  monkeypatch.setenv("BIPFT_HUGEPAGES", "yes")
+  monkeypatch.setattr(sys, "argv", ["bipft", "--version"])
+  assert cli.main() == 2
+  err = capsys.readouterr().err
+  assert err == "bipft: error: BIPFT_HUGEPAGES='yes': use 1 (huge-page malloc) or 0 (glibc's default)\n"
 
 
 def test_the_tunable_is_added_to_the_users_own():
