@@ -39,12 +39,9 @@ import sys
 import tempfile
 import time
 
-# XLA reads its flags once, at backend start: 512-bit vectors let the popcount loops use AVX-512.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_prefer_vector_width=512")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bipft_jax import model as model_lib  # noqa: E402
@@ -126,7 +123,7 @@ def build(name: str, paths: dict, batch: int, length: int):
       run = jax.jit(lambda p, *x: student.apply({"params": p}, *x)["hidden_states"][-1])
     else:
       config, head, params = packed_file.load_packed(paths["packed"], kernel=name.removeprefix("packed_"))
-      run = jax.jit(lambda p, *x: packed.forward(config, head, p, *x)["hidden_states"][-1])
+      run = packed.jit(lambda p, *x: packed.forward(config, head, p, *x)["hidden_states"][-1])
     return lambda: jax.block_until_ready(run(params, *args))
   if name in TORCH:
     import torch
@@ -167,11 +164,11 @@ def kernel_rates(tokens: int, repeats: int) -> dict:
     for k, n in [(d, f), (f, d)]:
       if kernel == "int8":
         a, b = (jnp.asarray(rng.integers(-1, 2, s), jnp.int8) for s in [(tokens, k), (k, n)])
-        fn = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.int32))
+        fn = packed.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.int32))
       else:
         w = packed.num_words(k)
         a, b = (jnp.asarray(rng.integers(0, 2**32, s, dtype=np.uint32)) for s in [(tokens, w), (w, n)])
-        fn = jax.jit(lambda a, b: packed.signed_matmul(a, a, b))
+        fn = packed.jit(lambda a, b: packed.signed_matmul(a, a, b))
       fn(a, b).block_until_ready()
       calls.append(lambda fn=fn, a=a, b=b: fn(a, b).block_until_ready())
     seconds = _fastest({i: call for i, call in enumerate(calls)}, repeats)

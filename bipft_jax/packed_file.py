@@ -167,7 +167,7 @@ def predictions_agree(config: BertConfig, head: str, a: dict, b: dict) -> bool:
 def choose_remainder(config: BertConfig, head: str, packed_params: dict) -> str:
   """'float16' if storing the FP remainder in float16 keeps the probe's predictions, else 'float32'."""
   batch = probe_batch(config)
-  run = jax.jit(lambda p: packed.forward(config, head, p, batch["input_ids"], batch["token_type_ids"],
+  run = packed.jit(lambda p: packed.forward(config, head, p, batch["input_ids"], batch["token_type_ids"],
                                          batch["attention_mask"]))
   as_stored = lambda dtype: packed.unflatten({n: jnp.asarray(v) for n, v in file_tensors(
       config, head, packed_params, dtype).items()})

@@ -86,7 +86,7 @@ def bipft(weight: Callable[[Array], Array], activation: binarize.ActivationBinar
     return [(jnp.mean(jnp.abs(kernel)), jnp.sign(kernel - jnp.mean(kernel)))]  # as binarize.bwn
 
   def activation_planes(x, extras):
-    return binarize.clamped(extras["input_alpha"]), jnp.sign(x + extras["move_bias"])
+    return binarize.clamped(extras["input_alpha"]), api.activation_signs(x + extras["move_bias"])
 
   return api.LinearOp(name=BIPFT, apply=apply, init_extras=init_extras, calibrate=calibrate,
                       weight_planes=weight_planes, activation_planes=activation_planes, doc=bipft.__doc__)

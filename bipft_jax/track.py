@@ -75,7 +75,7 @@ def packed_speed(packed_path: str, checkpoint: str, speed) -> dict:
   sim_config, sim_head, params = checkpointing.restore_params(checkpoint)
   batch = packed_file.probe_batch(config, speed.batch_size, speed.length)
   inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-  run_packed = jax.jit(lambda p, *x: packed.forward(config, head, p, *x)["logits"])
+  run_packed = packed.jit(lambda p, *x: packed.forward(config, head, p, *x)["logits"])
   module = model_lib.build(sim_config, sim_head)
   run_simulated = jax.jit(lambda p, *x: module.apply({"params": p}, *x)["logits"])
   difference = np.max(np.abs(run_packed(packed_params, *inputs) - run_simulated(params, *inputs)))  # compiles

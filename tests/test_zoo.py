@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 from bipft_jax import zoo
 from bipft_jax import binarize
-from bipft_jax.zoo import bibench, binarydm, bivit, dbllm
+from bipft_jax.zoo import api, bibench, binarydm, bivit, dbllm
 from reference_data import ZOO_VECTORS, needs_zoo_vectors
 
 
@@ -253,6 +253,18 @@ def test_sign_of_zero_is_zero(name):
     # An all-zero input row gives sign 0 everywhere: only the bias is left.
     y = op.apply(jnp.zeros((1, 7)), kernel, jnp.full((1,), 0.5), extras, train=False)
     np.testing.assert_array_equal(y, [[0.5 if op.uses_bias else 0.0]])
+
+
+def test_activation_signs_are_jnp_sign_bit_for_bit():
+  """The selects-for-speed sign equals jnp.sign everywhere (+-0, +-inf, NaN, subnormals) and has its
+  zero gradient."""
+  x = jnp.array([-np.inf, -2.5, -1e-45, -0.0, 0.0, 1e-45, 3.0, np.inf, np.nan], jnp.float32)
+  for f in (lambda v: v, jax.jit):
+    got = f(api.activation_signs)(x)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(jnp.sign(x)))
+    np.testing.assert_array_equal(got, jnp.sign(x))  # NaN == NaN for assert_array_equal
+  assert got.dtype == x.dtype
+  assert jax.grad(lambda v: jnp.sum(api.activation_signs(v)))(x[1:-2]).tolist() == [0.0] * 6
 
 
 def test_fda_at_the_boundaries():

@@ -21,7 +21,7 @@ def _sign_planes(kernel, extras):
 
 
 def _sign_activation(x, extras):
-  return api.unit_plane(jnp.sign(x))
+  return api.unit_plane(api.activation_signs(x))
 
 
 # --- BNN ----------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def _xnor_planes(kernel, extras):
 
 
 def _xnor_activation(x, extras):
-  return _token_scale(x), jnp.sign(x)
+  return _token_scale(x), api.activation_signs(x)
 
 
 def xnor() -> api.LinearOp:

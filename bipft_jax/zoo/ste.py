@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bipft_jax.zoo.api import unit_plane
+from bipft_jax.zoo.api import activation_signs, unit_plane
 
 Array = jax.Array
 
@@ -133,4 +133,4 @@ def input_operand(x: jax.Array, activations: str, closed: bool) -> jax.Array:
 
 def sign_activation_planes(activations: str):
   """`LinearOp.activation_planes` of `input_operand`: one unscaled sign plane, none for FP inputs."""
-  return (lambda x, extras: unit_plane(jnp.sign(x))) if activations == "sign" else None
+  return (lambda x, extras: unit_plane(activation_signs(x))) if activations == "sign" else None
