@@ -36,9 +36,9 @@ def thp_mode(path: str = THP_MODE_FILE) -> str:
 
 
 def opted_in(environ: Mapping[str, str]) -> bool:
-  """BIPFT_HUGEPAGES read strictly: "1" on, "0" or unset off; anything else is a UserError (a typo
-  such as "yes" would otherwise silently leave it off)."""
-  value = environ.get(OPT_IN, "0")
+  """BIPFT_HUGEPAGES read strictly: "1" on; "0", empty or unset off; anything else is a UserError (a
+  typo such as "yes" would otherwise silently leave it off)."""
+  value = environ.get(OPT_IN) or "0"
   if value not in ("0", "1"):
     raise UserError(f"{OPT_IN}={value!r}: use 1 (huge-page malloc) or 0 (glibc's default)")
   return value == "1"

@@ -180,7 +180,7 @@ def jit(fn):
 
   XLA:CPU prefers 256-bit vectors by default; the popcount loops then run at half the width of
   AVX-512 (VPOPCNTDQ): the popcount forward took 1.4x as long at batch 8 on the AMD EPYC (373 vs
-  267 ms), the int8 one the same. Hosts without AVX-512 ignore the preference.
+  267 ms; the int8 forward was unchanged). Hosts without AVX-512 ignore the preference.
   """
   options = {"xla_cpu_prefer_vector_width": 512} if jax.default_backend() == "cpu" else None
   return jax.jit(fn, compiler_options=options)

@@ -168,7 +168,7 @@ def choose_remainder(config: BertConfig, head: str, packed_params: dict) -> str:
   """'float16' if storing the FP remainder in float16 keeps the probe's predictions, else 'float32'."""
   batch = probe_batch(config)
   run = packed.jit(lambda p: packed.forward(config, head, p, batch["input_ids"], batch["token_type_ids"],
-                                         batch["attention_mask"]))
+                                            batch["attention_mask"]))
   as_stored = lambda dtype: packed.unflatten({n: jnp.asarray(v) for n, v in file_tensors(
       config, head, packed_params, dtype).items()})
   reference = run(packed.cast_floats(as_stored("float32"), jnp.float32))

@@ -20,6 +20,7 @@ ON = {"BIPFT_HUGEPAGES": "1"}
     (ON, GLIBC, "always", True),
     ({}, GLIBC, "madvise", False),  # not asked for: glibc's default
     ({"BIPFT_HUGEPAGES": "0"}, GLIBC, "madvise", False),
+    ({"BIPFT_HUGEPAGES": ""}, GLIBC, "madvise", False),  # empty: as unset
     (ON, GLIBC, "never", False),  # no huge pages to ask for
     (ON, GLIBC, "", False),  # a kernel without THP
     (ON, ("glibc", "2.34"), "madvise", False),  # before the tunable existed
@@ -32,7 +33,7 @@ def test_when_to_reexecute(environ, libc, mode, expected):
   assert hugepages.wanted(environ, libc, mode) is expected
 
 
-@pytest.mark.parametrize("value", ["yes", "true", "on", "", " 1", "2"])
+@pytest.mark.parametrize("value", ["yes", "true", "on", "off", " 1", "2"])
 def test_a_value_other_than_0_or_1_is_an_error_not_a_silent_off(value):
   with pytest.raises(UserError, match=f"BIPFT_HUGEPAGES={value!r}: use 1"):
     hugepages.wanted({"BIPFT_HUGEPAGES": value}, ("", ""), "")  # even where it could do nothing
