@@ -279,7 +279,7 @@ def _weight_counts(p: dict, x_signs_xK: Array) -> list:
   """[exact int32 counts sign(x) . plane] of a packed Linear, plane by plane: int8 matmuls once
   `prepare` expanded its planes, else popcounts on the packed words."""
   if plane_leaf("kernel_int8", 0) in p:
-    x_int8 = _int8_signs(x_signs_xK)
+    x_int8 = x_signs_xK.astype(jnp.int8)  # already signs: {-1, 0, 1} convert exactly
     return [precision.int8_einsum("...k,kn->...n", x_int8, p[leaf]) for leaf in _plane_leaves(p, "kernel_int8")]
   x_sign, x_nonzero = pack_signed(x_signs_xK)
   return [signed_matmul(x_sign, x_nonzero, w_sign, w_nonzero) for w_sign, w_nonzero in _weight_planes(p)]
