@@ -207,7 +207,9 @@ def resolve_kernel(kernel: str) -> str:
     raise ValueError(f"unknown packed kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
   if kernel != "auto":
     return kernel
-  return precision.choose("packed_kernel", {name: _kernel_probe(name) for name in KERNELS[:-1]})
+  # Cached under a name of its own since the probe runs under `jit`'s vector width: choices cached
+  # as "packed_kernel" were measured at XLA's default width and are measured again.
+  return precision.choose("packed_kernel_jit", {name: _kernel_probe(name) for name in KERNELS[:-1]})
 
 
 def prepare(config: BertConfig, packed: dict, kernel: str = "auto") -> dict:
