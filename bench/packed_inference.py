@@ -227,6 +227,8 @@ def main() -> None:
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--paths", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if min(args.repeats, args.rounds) < 1:
+    parser.error("--repeats and --rounds must be at least 1")
   batches = [int(b) for b in args.batches.split(",")]
   cache = os.path.join(tempfile.gettempdir(), "bipft_bench_xla_cache")
   jax.config.update("jax_compilation_cache_dir", cache)  # shared with the subprocesses

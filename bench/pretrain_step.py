@@ -194,11 +194,13 @@ def main() -> None:
                       help="model.binary_matmul_dtype: the units of the exact forward sign products")
   parser.add_argument("--rounds", type=int, default=2,
                       help="rounds over the four sides and allocators; each keeps its fastest round")
-  parser.add_argument("--quick", action="store_true", help="1 round of 2 repeats (BERT-base still): about 6 minutes")
+  parser.add_argument("--quick", action="store_true", help="1 round of 2 repeats (BERT-base still): 6-9 minutes")
   parser.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)  # a child's one side
   args = parser.parse_args()
   if args.quick:
     args.repeats, args.rounds = 2, 1
+  if min(args.repeats, args.rounds) < 1:
+    parser.error("--repeats and --rounds must be at least 1")
   size = config_loading.load_config(os.path.join(REPO, "configs", "model.py") + f":{args.size}")
   batch = synthetic_batch(args.batch, args.length, size.vocab_size, max(1, round(0.15 * args.length)))
   if args.side:
