@@ -21,6 +21,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["bipft_jax", "bipft_jax.*"]),
+    package_data={"bipft_jax.native": ["*.cc"]},  # the native kernel is compiled on first use
     install_requires=[
         "jax>=0.10,<0.11",
         "jaxlib>=0.10,<0.11",       # the CPU backend; GPU/TPU users add jax's plugin on top

@@ -5,6 +5,9 @@
 
 Contenders (BERT-base encoder forward, random weights, no padding), at each batch size:
   packed_popcount  bipft_jax.packed.forward from an exported 1-bit file: XOR/AND + popcount on words
+                   in XLA's loops
+  packed_native    the same products in bipft_jax.native's C++ custom call, built for this host
+                   (skipped with a note where it cannot be built)
   packed_int8      the same file, its bit-planes expanded at load to int8 {-1, 0, 1}: int8 matmuls
                    with int32 accumulation for the Linears and the attention products
                    (packed.prepare); the same outputs bit for bit
@@ -17,8 +20,9 @@ The ONNX Runtime pair needs the `bench` extra (`pip install -e '.[bench]'`: onnx
 without it they are skipped with a note. `packed` in the ratios is the kernel `packed.prepare`'s
 "auto" picks on this machine (measured once, cached; what load_packed prepares by default).
 
-Kernel roofline: the exact int8 matmul (int8 operands, int32 accumulation) and the popcount
-matmul alone on the FFN shapes; the encoder's binary MACs at the faster one's rate is `roofline_s`.
+Kernel roofline: the exact int8 matmul (int8 operands, int32 accumulation), the popcount matmul
+(XLA's loops) and the native one (from float signs, its packing included) alone on the FFN shapes;
+the encoder's binary MACs at the fastest one's rate is `roofline_s`.
 
 Each contender runs in a process of its own, one after the other (in one process, the thread
 pools of JAX, PyTorch and ONNX Runtime slow each other down: PyTorch at batch 1 took 20x longer).
@@ -46,10 +50,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bipft_jax import model as model_lib  # noqa: E402
 from bipft_jax import model_params  # noqa: E402
-from bipft_jax import packed, packed_file, precision  # noqa: E402
+from bipft_jax import native, packed, packed_file, precision  # noqa: E402
 
 CONFIG = model_lib.BertConfig(binary=True)
-PACKED = ("packed_popcount", "packed_int8")
+PACKED = ("packed_popcount", "packed_int8", "packed_native")
 TORCH = ("torch_fp32", "torch_int8")
 ORT = ("ort_fp32", "ort_int8")
 
@@ -154,17 +158,21 @@ def _fastest(contenders: dict, repeats: int) -> dict:
   return best
 
 
-def kernel_rates(tokens: int, repeats: int) -> dict:
-  """Binary MACs per second of the exact int8 and popcount matmuls alone, on the two FFN shapes."""
+def kernel_rates(tokens: int, repeats: int, kernels: tuple) -> dict:
+  """Binary MACs per second of each exact matmul alone (int8, popcount, native), on the two FFN shapes."""
   rng = np.random.default_rng(0)
   rates = {}
-  for kernel in ("int8", "popcount"):
+  for kernel in kernels:
     calls = []
     d, f = CONFIG.hidden_size, CONFIG.intermediate_size
     for k, n in [(d, f), (f, d)]:
       if kernel == "int8":
         a, b = (jnp.asarray(rng.integers(-1, 2, s), jnp.int8) for s in [(tokens, k), (k, n)])
         fn = packed.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.int32))
+      elif kernel == "native":  # from the float signs a Linear hands it
+        a = jnp.asarray(rng.integers(-1, 2, (tokens, k)), jnp.float32)
+        b = jnp.asarray(rng.integers(0, 2**32, (packed.num_words(k), n), dtype=np.uint32))
+        fn = packed.jit(native.kernels().linear_counts)
       else:
         w = packed.num_words(k)
         a, b = (jnp.asarray(rng.integers(0, 2**32, s, dtype=np.uint32)) for s in [(tokens, w), (w, n)])
@@ -251,7 +259,13 @@ def main() -> None:
     with_ort = False
     print("note: onnxruntime/onnx not installed (pip install -e '.[bench]'): ONNX Runtime skipped",
           flush=True)
-  names = list(PACKED) + ([] if args.quick else ["fp32_xla"])
+  try:
+    native.kernels()
+    packed_names = list(PACKED)
+  except native.Unavailable as e:
+    packed_names = [name for name in PACKED if name != "packed_native"]
+    print(f"note: {e}: packed_native skipped", flush=True)
+  names = packed_names + ([] if args.quick else ["fp32_xla"])
   names += [] if args.skip_torch else list(TORCH) + (list(ORT) if with_ort else [])
   auto_kernel = packed.resolve_kernel("auto")
   print(f"packed.prepare(kernel='auto') picks {auto_kernel} on this host", flush=True)
@@ -265,8 +279,8 @@ def main() -> None:
     for batch in batches:  # outputs compared here; compiles for the subprocesses' cache
       outputs = {name: np.asarray(build(name, paths, batch, args.length)()) for name in names
                  if name in PACKED or name == "fp32_xla"}
-      checks[batch] = {"packed_int8_equals_popcount": bool(np.array_equal(outputs["packed_int8"],
-                                                                          outputs["packed_popcount"]))}
+      checks[batch] = {f"{name}_equals_popcount": bool(np.array_equal(outputs[name], outputs["packed_popcount"]))
+                       for name in packed_names[1:]}
       if "fp32_xla" in outputs:
         diff = np.abs(outputs["packed_popcount"] - outputs["fp32_xla"])
         checks[batch]["max_abs_diff_vs_simulated"] = float(np.max(diff))
@@ -279,7 +293,7 @@ def main() -> None:
           old = best.get((name, batch), (float("inf"), peak))
           best[name, batch] = (min(old[0], seconds), old[1])
   for batch in batches:
-    rates = kernel_rates(batch * args.length, args.repeats)
+    rates = kernel_rates(batch * args.length, args.repeats, tuple(n.removeprefix("packed_") for n in packed_names))
     roofline_s = binary_macs(batch, args.length) / max(rates.values())
     times = {name: best[name, batch][0] for name in names}
     ours = times[f"packed_{auto_kernel}"]

@@ -25,14 +25,16 @@ dual-binarized weight: two planes, `kernel_sign` and `kernel_sign_1`, each with 
 they are). An operator whose weight or input is not scaled sign planes does not pack: pack_params
 refuses it by name. Binarized kernels are found by their declared kind (`model_params.param_kinds`).
 
-Kernels. "popcount" runs the matmuls above on the packed words. "int8" expands the weight planes
+Kernels. "popcount" runs the matmuls above on the packed words as XLA loops; "native" runs the same
+counts in a C++ custom call built for the host on first use (`bipft_jax.native`: outputs kept in
+registers over the contracted axis, which XLA's loops do not do). "int8" expands the weight planes
 once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized product (the
 Linears and the two attention products) as an int8 matmul with int32 accumulation, on the int8
 units of the host (AMX, VNNI) or accelerator: the same integer counts, so the same outputs bit
 for bit; the file stays 1-bit, but the weights take one byte each in memory (8x the planes:
 BERT-base's 85M binarized weights, 10.6 MB -> 85 MB). "auto" picks the faster on this machine by
-a one-time measurement of a one-layer encoder (precision.choose); `packed_file.load_packed`
-prepares it by default.
+a one-time measurement of a one-layer encoder (precision.choose; a kernel that cannot be built or
+run here is skipped); `packed_file.load_packed` prepares it by default.
 
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
 """
@@ -45,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bipft_jax import binarize, kinds, precision
+from bipft_jax import binarize, kinds, native, precision
 from bipft_jax.model import BertConfig, build, policy_of, pool_tokens
 from bipft_jax.model_params import init_params, param_kinds
 from bipft_jax.zoo.api import activation_signs
@@ -56,7 +58,8 @@ WORD_DTYPE = jnp.uint32
 # The heads a packed model carries; a pretraining checkpoint exports its encoder (see pack_params).
 PACKED_HEADS = ("encoder", "classification")
 REMAINDER_DTYPES = {"float16": np.float16, "float32": np.float32}  # how an export stores the FP tensors
-KERNELS = ("popcount", "int8", "auto")
+KERNELS = ("popcount", "int8", "native", "auto")
+NATIVE_PREFIX = "native"  # prepare(..., "native") names the weight planes native_sign, native_nonzero...
 
 
 def num_words(k: int) -> int:
@@ -151,28 +154,37 @@ def _heads_first(x_BxLxHxK: Array) -> Array:
   return x_BxLxHxK.transpose(0, 2, 1, 3)
 
 
-def _query_key_counts(q_BxLxHxK: Array, k_BxLxHxK: Array, int8: bool) -> Array:
+def _popcount_products(kernel: str) -> tuple:
+  """(signed_matmul, unsigned_signed_matmul) of a popcount kernel: XLA's loops, or the native call."""
+  if kernel == "native":
+    return native.kernels().signed_matmul, native.kernels().unsigned_signed_matmul
+  return signed_matmul, unsigned_signed_matmul
+
+
+def _query_key_counts(q_BxLxHxK: Array, k_BxLxHxK: Array, kernel: str) -> Array:
   """Exact sum_k sign(q)_bqhk sign(k)_bshk per head, as float32 [B, H, L, L].
 
   The int8 kernel hands XLA the projections' own [B, L, H, K] layout and lets it place the
   transposes: given operands already transposed to [B, H, L, K], XLA:CPU ran these batched int8
   products on a fallback loop, about 10x slower (bench/packed_inference.py).
   """
-  if int8:
+  if kernel == "int8":
     return jnp.einsum("bqhk,bshk->bhqs", _int8_signs(q_BxLxHxK), _int8_signs(k_BxLxHxK),
                       preferred_element_type=jnp.int32).astype(jnp.float32)
   k_sign, k_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(_heads_first(k_BxLxHxK)))
-  return signed_matmul(*pack_signed(_heads_first(q_BxLxHxK)), k_sign, k_nonzero).astype(jnp.float32)
+  matmul, _ = _popcount_products(kernel)
+  return matmul(*pack_signed(_heads_first(q_BxLxHxK)), k_sign, k_nonzero).astype(jnp.float32)
 
 
-def _probs_value_counts(keep_BxHxLxL: Array, v_BxLxHxK: Array, int8: bool) -> Array:
+def _probs_value_counts(keep_BxHxLxL: Array, v_BxLxHxK: Array, kernel: str) -> Array:
   """Exact sum_s keep_bhqs sign(v)_bshk for booleans keep, as float32 [B, L, H, K] (layout: see above)."""
-  if int8:
+  if kernel == "int8":
     return jnp.einsum("bhqs,bshk->bqhk", keep_BxHxLxL.astype(jnp.int8), _int8_signs(v_BxLxHxK),
                       preferred_element_type=jnp.int32).astype(jnp.float32)
   # v packed along the contracted axis (positions): [B, H, W, K].
   v_sign, v_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(v_BxLxHxK.transpose(0, 2, 3, 1)))
-  return _heads_first(unsigned_signed_matmul(pack_bits(keep_BxHxLxL), v_sign, v_nonzero).astype(jnp.float32))
+  _, matmul = _popcount_products(kernel)
+  return _heads_first(matmul(pack_bits(keep_BxHxLxL), v_sign, v_nonzero).astype(jnp.float32))
 
 
 def jit(fn):
@@ -187,18 +199,22 @@ def jit(fn):
 
 
 def _kernel_probe(kernel: str, batch: int = 8, length: int = 128):
-  """A one-layer BERT-base-wide packed encoder's forward on `kernel`, at batch x length: zero-argument.
+  """A one-layer BERT-base-wide packed encoder's forward on `kernel`, at batch x length: zero-argument,
+  set up on its first call (which raises where the kernel is unavailable).
 
   A whole layer, not one matmul: on XLA:CPU the kernels' cost lies as much in what surrounds the
   products (packing the activations, the int8 conversions, the attention) as in the products.
   """
-  config = BertConfig(binary=True, num_layers=1, vocab_size=128, max_position_embeddings=length)
-  params = init_params(build(config, "encoder"), jax.random.key(0))
-  head, packed = pack_params(config, "encoder", params)
-  packed = prepare(config, packed, kernel)
-  ids_BxL = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (batch, length)), jnp.int32)
-  run = jit(lambda p, ids: forward(config, head, p, ids)["hidden_states"][-1])
-  return lambda: run(packed, ids_BxL)
+  @functools.lru_cache(maxsize=None)
+  def set_up():
+    config = BertConfig(binary=True, num_layers=1, vocab_size=128, max_position_embeddings=length)
+    params = init_params(build(config, "encoder"), jax.random.key(0))
+    head, packed = pack_params(config, "encoder", params)
+    ids_BxL = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (batch, length)), jnp.int32)
+    run = jit(lambda p, ids: forward(config, head, p, ids)["hidden_states"][-1])
+    return functools.partial(run, prepare(config, packed, kernel), ids_BxL)
+
+  return lambda: set_up()()
 
 
 def resolve_kernel(kernel: str) -> str:
@@ -207,21 +223,26 @@ def resolve_kernel(kernel: str) -> str:
     raise ValueError(f"unknown packed kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
   if kernel != "auto":
     return kernel
-  # Cached under a name of its own since the probe runs under `jit`'s vector width: choices cached
-  # as "packed_kernel" were measured at XLA's default width and are measured again.
-  return precision.choose("packed_kernel_jit", {name: _kernel_probe(name) for name in KERNELS[:-1]})
+  return precision.choose("packed_kernel", {name: _kernel_probe(name) for name in KERNELS[:-1]})
 
 
 def prepare(config: BertConfig, packed: dict, kernel: str = "auto") -> dict:
-  """`packed` ready for `forward` on `kernel`: unchanged for popcount; for int8 each binarized
-  Linear's planes replaced by int8 {-1, 0, 1} kernels (`kernel_int8`, `kernel_int8_1`...: [K, N],
-  1 byte a weight)."""
-  if resolve_kernel(kernel) == "popcount":
+  """`packed` ready for `forward` on `kernel`: unchanged for popcount; for native the same planes
+  under the names that select the custom call (`native_sign`, `native_nonzero`...); for int8 each
+  binarized Linear's planes replaced by int8 {-1, 0, 1} kernels (`kernel_int8`, `kernel_int8_1`...:
+  [K, N], 1 byte a weight). native.Unavailable (a UserError) where native cannot be built or run."""
+  kernel = resolve_kernel(kernel)
+  if kernel == "popcount":
     return packed
+  if kernel == "native":
+    native.kernels()  # built (or found) now, not while a forward is being traced
 
   def expand(tree: dict, path: tuple) -> dict:
     if "kernel_sign" not in tree:
       return {name: expand(v, path + (name,)) if isinstance(v, dict) else v for name, v in tree.items()}
+    if kernel == "native":
+      return {NATIVE_PREFIX + name[len("kernel"):] if name.startswith(("kernel_sign", "kernel_nonzero")) else name: v
+              for name, v in tree.items()}
     # Only the FFN's output Linear contracts over the intermediate size.
     is_ffn_out = path[-2:] == ("output", "dense") and "attention" not in path[-3:]
     k = config.intermediate_size if is_ffn_out else config.hidden_size
@@ -272,17 +293,29 @@ def _kernel_planes(op, kernel_KxN: Array, extras: dict) -> list:
   return planes
 
 
-def _weight_planes(p: dict) -> list:
+def _kernel_of(p: dict) -> str:
+  """The kernel `prepare` set a packed Linear's params up for, told by their names."""
+  if plane_leaf("kernel_int8", 0) in p:
+    return "int8"
+  return "native" if plane_leaf(NATIVE_PREFIX + "_sign", 0) in p else "popcount"
+
+
+def _weight_planes(p: dict, prefix: str = "kernel") -> list:
   """[(sign [W, N], nonzero [W, N] or None)] of a packed Linear, plane by plane."""
-  return [(p[leaf], p.get(plane_leaf("kernel_nonzero", k))) for k, leaf in enumerate(_plane_leaves(p, "kernel_sign"))]
+  return [(p[leaf], p.get(plane_leaf(f"{prefix}_nonzero", k)))
+          for k, leaf in enumerate(_plane_leaves(p, f"{prefix}_sign"))]
 
 
 def _weight_counts(p: dict, x_signs_xK: Array) -> list:
   """[exact int32 counts sign(x) . plane] of a packed Linear, plane by plane: int8 matmuls once
-  `prepare` expanded its planes, else popcounts on the packed words."""
-  if plane_leaf("kernel_int8", 0) in p:
+  `prepare` expanded its planes, else popcounts on the packed words (XLA's or the native call)."""
+  kernel = _kernel_of(p)
+  if kernel == "int8":
     x_int8 = x_signs_xK.astype(jnp.int8)  # already signs: {-1, 0, 1} convert exactly
     return [precision.int8_einsum("...k,kn->...n", x_int8, p[leaf]) for leaf in _plane_leaves(p, "kernel_int8")]
+  if kernel == "native":  # the call packs x itself
+    return [native.kernels().linear_counts(x_signs_xK, w_sign, w_nonzero)
+            for w_sign, w_nonzero in _weight_planes(p, NATIVE_PREFIX)]
   x_sign, x_nonzero = pack_signed(x_signs_xK)
   return [signed_matmul(x_sign, x_nonzero, w_sign, w_nonzero) for w_sign, w_nonzero in _weight_planes(p)]
 
@@ -384,7 +417,7 @@ def _binary_dense(op, p: dict, x_xK: Array) -> Array:
   extras = {name: p[name] for name in op.init_extras(x_xK.shape[-1], p["bias"].shape[-1])}
 
   counts = lambda x: _weight_counts(p, op.activation_planes(x, extras)[1])
-  if plane_leaf("kernel_int8", 0) in p:  # int8 products are not fused into their neighbours
+  if _kernel_of(p) != "popcount":  # int8 products and custom calls are not fused into their neighbours
     counts_xN = counts(x_xK)
   else:  # only the integer counts: the scaling after them is the int8 kernel's, rounded alike
     counts_xN = _unfused(counts, x_xK, always_true=~jnp.isnan(x_xK.reshape(-1)[0]))  # true, but not to XLA
@@ -409,7 +442,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   B, L, _ = x_BxLxD.shape
   H, K = config.num_heads, config.head_size
 
-  int8 = plane_leaf("kernel_int8", 0) in p["query"]  # the kernel `prepare` set up
+  kernel = _kernel_of(p["query"])
 
   def heads(name):
     """name(x) per head, [B, L, H, K] (its binarizer keeps only the signs), and its alpha."""
@@ -418,7 +451,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
 
   (q_BxLxHxK, q_alpha), (k_BxLxHxK, k_alpha) = heads("query"), heads("key")
   v_BxLxHxK, v_alpha = heads("value")
-  counts_BxHxLxL = _query_key_counts(q_BxLxHxK, k_BxLxHxK, int8)
+  counts_BxHxLxL = _query_key_counts(q_BxLxHxK, k_BxLxHxK, kernel)
   scores_BxHxLxL = counts_BxHxLxL * (q_alpha * k_alpha)
   estimate = config.estimator_rank > 0
   if estimate:
@@ -430,7 +463,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   prob_op = policy_of(config).probs
   p_scale, mask_BxHxLxL = prob_op.planes(probs_BxHxLxL, {n: p[f"probs_{n}"] for n in prob_op.init_extras()})
   keep_BxHxLxL = mask_BxHxLxL > 0
-  context_BxLxHxK = _probs_value_counts(keep_BxHxLxL, v_BxLxHxK, int8) * (p_scale * v_alpha)
+  context_BxLxHxK = _probs_value_counts(keep_BxHxLxL, v_BxLxHxK, kernel) * (p_scale * v_alpha)
   if estimate:
     v_p_BxLxR = _fp_dense(p["v_p"], x_BxLxD, config)
     # Sums of v_p over the kept positions, one rank at a time: a reduction XLA fuses into the

@@ -8,7 +8,7 @@ ACCELERATOR_ORDER the backend compiles (their matrix units take int8 and bf16 na
 the fastest in a one-time micro-benchmark, cached per machine (CPU model, flags, jax and jaxlib
 versions, XLA_FLAGS) in `assets.cache_dir()/matmul_choices.json`. Every candidate must equal the
 float32 reference bit for bit before it may win; one that fails to compile or differs is skipped.
-The packed encoder chooses its kernel (popcount or int8) with the same `choose`.
+The packed encoder chooses its kernel (popcount, native or int8) with the same `choose`.
 
 Training precision (`BertConfig.precision`): `fp32` computes everything in float32 (the FP
 matmuls at `matmul_precision`, "highest" by default: the parity tests' mode); `mixed` gives the FP
@@ -170,17 +170,18 @@ def measure(candidates: dict, repeats: int = 5) -> dict:
 def choose(kind: str, candidates: dict, repeats: int = 5) -> str:
   """The fastest exact candidate (name -> zero-argument probe) for `kind` on this machine.
 
-  Measured once and cached per machine; a cached choice that is no longer a candidate, or a cache
-  that cannot be read, is measured again. Falls back to the first candidate if none runs.
+  Measured once and cached per machine; a choice made among other candidates (a new kernel, one
+  dropped), or a cache that cannot be read, is measured again. Falls back to the first candidate
+  if none runs.
   """
   key = host_key()
   cached = _read_cache().get(key)
   record = cached.get(kind) if isinstance(cached, dict) else None
-  if isinstance(record, dict) and record.get("choice") in candidates:
+  if isinstance(record, dict) and record.get("candidates") == sorted(candidates):
     return record["choice"]
   seconds = measure(candidates, repeats)
   choice = min(seconds, key=seconds.get) if seconds else next(iter(candidates))
-  _write_cache(key, kind, {"choice": choice, "seconds": seconds})
+  _write_cache(key, kind, {"choice": choice, "seconds": seconds, "candidates": sorted(candidates)})
   return choice
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
-from bipft_jax import packed, precision
+from bipft_jax import native, packed, precision
 from bipft_jax import packed_file
 from bipft_jax.errors import UserError
 
@@ -162,16 +162,21 @@ def test_exact_zeros_in_weights_and_embedding_stay_exact():
 
 
 @pytest.mark.parametrize("zeros", [False, True])
-def test_int8_kernel_equals_popcount_exactly(zeros):
+@pytest.mark.parametrize("kernel", ["int8", "native"])
+def test_kernels_equal_popcount_exactly(kernel, zeros):
   config, _, params, batch = _trained_like_student()
   params = _with_exact_zeros(params) if zeros else params
   head, packed_params = packed.pack_params(config, "classification", params)
   assert packed.prepare(config, packed_params, "popcount") is packed_params
-  expanded = packed.prepare(config, packed_params, "int8")
+  expanded = packed.prepare(config, packed_params, kernel)
   dense = expanded["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
-  assert "kernel_int8" in dense and "kernel_sign" not in dense and "kernel_nonzero" not in dense
-  assert dense["kernel_int8"].dtype == jnp.int8 and dense["kernel_int8"].shape == (TINY["hidden_size"], 72)
-  assert (0 in np.asarray(dense["kernel_int8"])) == zeros
+  assert "kernel_sign" not in dense and "kernel_nonzero" not in dense
+  if kernel == "int8":
+    assert dense["kernel_int8"].dtype == jnp.int8 and dense["kernel_int8"].shape == (TINY["hidden_size"], 72)
+    assert (0 in np.asarray(dense["kernel_int8"])) == zeros
+  else:  # the same planes under the names that select the custom call
+    original = packed_params["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
+    assert dense["native_sign"] is original["kernel_sign"] and ("native_nonzero" in dense) == zeros
   ours, theirs = (_run_packed(config, head, p, batch) for p in (expanded, packed_params))
   for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
     np.testing.assert_array_equal(got, want)
@@ -202,13 +207,14 @@ def small_kernel_probe(tmp_path, monkeypatch):
 
 def test_load_packed_prepares_the_kernel_it_is_given(exported, small_kernel_probe):
   path, _, _, batch = exported
-  loaded = {kernel: packed_file.load_packed(path, kernel)[2] for kernel in ("popcount", "int8", "auto")}
+  kernels = ("popcount", "int8", "native", "auto")
+  loaded = {kernel: packed_file.load_packed(path, kernel)[2] for kernel in kernels}
   ffn = lambda p: p["bert"]["encoder"]["layer"]["1"]["intermediate"]["dense"]
   assert "kernel_sign" in ffn(loaded["popcount"]) and "kernel_sign" not in ffn(loaded["int8"])
-  assert ffn(loaded["int8"])["kernel_int8"].dtype == jnp.int8
+  assert ffn(loaded["int8"])["kernel_int8"].dtype == jnp.int8 and "native_sign" in ffn(loaded["native"])
   assert sorted(ffn(loaded["auto"])) == sorted(ffn(loaded[packed.resolve_kernel("auto")]))
   config, head, _ = packed_file.load_packed(path, "popcount")
-  outputs = [_run_packed(config, head, loaded[kernel], batch) for kernel in ("popcount", "int8", "auto")]
+  outputs = [_run_packed(config, head, loaded[kernel], batch) for kernel in kernels]
   for theirs in outputs[1:]:
     for got, want in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(theirs)):
       np.testing.assert_array_equal(got, want)
@@ -218,11 +224,24 @@ def test_load_packed_prepares_the_kernel_it_is_given(exported, small_kernel_prob
 
 def test_auto_kernel_is_measured_once_per_machine(small_kernel_probe, monkeypatch):
   choice = packed.resolve_kernel("auto")
-  assert choice in ("popcount", "int8")
+  assert choice in ("popcount", "int8", "native")
   monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
   assert packed.resolve_kernel("auto") == choice
   with pytest.raises(ValueError, match="unknown packed kernel 'int4'"):
     packed.resolve_kernel("int4")
+
+
+def test_without_the_native_kernel_auto_picks_among_the_others(exported, small_kernel_probe, monkeypatch):
+  def unavailable(portable=False):
+    raise native.Unavailable("the native packed kernel needs a C++ compiler: none found")
+
+  monkeypatch.setattr(native, "kernels", unavailable)
+  assert packed.resolve_kernel("auto") in ("popcount", "int8")
+  record = precision._read_cache()[precision.host_key()]["packed_kernel"]
+  assert "native" not in record["seconds"] and "native" in record["candidates"]
+  path, *_ = exported
+  with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
+    packed_file.load_packed(path, "native")
 
 
 def test_pretraining_student_packs_its_encoder():

@@ -127,10 +127,11 @@ def test_packed_equals_simulated(name, probs):
   for got, want in zip(ours["hidden_states"], simulated["hidden_states"]):
     np.testing.assert_allclose(got, want, atol=1e-6)  # the same products: rounding of the fusions only
   np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=1e-6)
-  expanded = packed.prepare(config, packed_params, "int8")
-  int8 = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(expanded)
-  for got, want in zip(jax.tree.leaves(int8), jax.tree.leaves(ours)):  # every plane as int8: the same bits
-    np.testing.assert_array_equal(got, want)
+  for kernel in ("int8", "native"):  # every plane as int8, or counted by the custom call: the same bits
+    expanded = packed.prepare(config, packed_params, kernel)
+    theirs = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(expanded)
+    for got, want in zip(jax.tree.leaves(theirs), jax.tree.leaves(ours)):
+      np.testing.assert_array_equal(got, want)
   tensors = packed_file.file_tensors(config, head, packed_params, "float32")
   assert sum(t.nbytes for t in tensors.values()) == summary.packed_size_bytes(config, head)
 

@@ -103,6 +103,15 @@ def test_a_corrupt_cache_is_measured_again(damage):
   assert _cache()[precision.host_key()]["sign_matmul"]["choice"] in precision.SIGN_DTYPES
 
 
+def test_a_choice_made_among_other_candidates_is_measured_again():
+  """A new kernel (or one dropped) is measured before the cached choice is trusted."""
+  exact = lambda: jnp.arange(4)
+  assert precision.choose("kind", {"a": exact}, repeats=1) == "a"
+  assert _cache()[precision.host_key()]["kind"]["candidates"] == ["a"]
+  precision.choose("kind", {"a": exact, "b": exact}, repeats=1)
+  assert set(_cache()[precision.host_key()]["kind"]["seconds"]) == {"a", "b"}
+
+
 def _failing_for(failing: set, probe_for=precision._sign_probe):
   def probe(dtype, **kwargs):
     if dtype in failing:

@@ -1,0 +1,142 @@
+"""The packed encoder's popcount matmuls as a C++ XLA custom call, built for this machine on first use.
+
+XLA:CPU runs packed.signed_matmul's loops one output element at a time, reloading the weight's
+words for every row. popcount_matmul.cc keeps a block of outputs in registers over the whole
+contracted axis instead (AVX-512 VPOPCNTDQ where the host has it, else plain loops for the
+compiler to vectorize) and splits the column blocks over XLA's intra-op threads. Same integer
+counts, exactly; `packed.prepare(..., "native")` selects it, and "auto" measures it against the
+other kernels like any of them.
+
+Built with the host's C++ compiler (`$CXX`, else c++, g++ or clang++; -O3 -march=native against
+jaxlib's FFI headers) into `assets.cache_dir()/native/`, once per source, compiler, CPU and jax
+version: a few seconds. Without a compiler, or off CPU, `kernels()` raises Unavailable (a
+UserError) saying why; `auto` then skips the kernel.
+"""
+import ctypes
+import functools
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from bipft_jax import files, precision
+from bipft_jax.errors import UserError
+
+Array = jax.Array
+SOURCE = pathlib.Path(__file__).with_name("popcount_matmul.cc")
+COMPILERS = ("c++", "g++", "clang++")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# The three handlers the library exports, by the product they compute.
+HANDLERS = {"signed": "BipftPopcountSigned", "signed_masked": "BipftPopcountSignedMasked",
+            "unsigned": "BipftPopcountUnsigned", "linear": "BipftPopcountLinear",
+            "linear_masked": "BipftPopcountLinearMasked"}
+
+
+class Unavailable(UserError):
+  """The native kernel cannot be built or run here (the message says why)."""
+
+
+def _compiler() -> str:
+  for candidate in ([os.environ["CXX"]] if os.environ.get("CXX") else []) + list(COMPILERS):
+    path = shutil.which(candidate)
+    if path:
+      return path
+  raise Unavailable("the native packed kernel needs a C++ compiler (c++, g++ or clang++; or set CXX): none found")
+
+
+def _build(portable: bool) -> pathlib.Path:
+  """The compiled library for this machine (built now unless cached); Unavailable if it cannot be."""
+  from bipft_jax import assets
+  compiler = _compiler()
+  flags = list(FLAGS) + (["-DBIPFT_PORTABLE"] if portable else [])
+  try:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    raise Unavailable(f"the C++ compiler {compiler} does not run ({e})") from None
+  key = hashlib.sha256(json.dumps([SOURCE.read_text(), compiler, version, flags, precision.cpu_description(),
+                                   jax.__version__, jaxlib.__version__]).encode()).hexdigest()[:20]
+  path = assets.cache_dir() / "native" / f"popcount_matmul-{key}.so"
+  if path.exists():
+    return path
+  with files.atomic_path(str(path)) as tmp:  # other processes building it at once each rename a whole file
+    command = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+      first_error = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr[-300:])
+      raise Unavailable(f"building the native packed kernel failed: {first_error.strip()}")
+  return path
+
+
+class Kernels:
+  """The custom calls of one build of popcount_matmul.cc, registered with XLA under names of their own."""
+
+  def __init__(self, path: pathlib.Path):
+    self.library = ctypes.CDLL(str(path))
+    self.vectorized = bool(self.library.bipft_vectorized())  # the AVX-512 blocks, not plain loops
+    self._targets = {}
+    for product, symbol in HANDLERS.items():
+      self._targets[product] = f"bipft_popcount_{product}_{path.stem.rsplit('-', 1)[-1]}"
+      jax.ffi.register_ffi_target(self._targets[product], jax.ffi.pycapsule(getattr(self.library, symbol)),
+                                  platform="cpu")
+
+  def _call(self, product: str, x_planes: list, w_planes: list) -> Array:
+    """int32 [..., M, N] from x planes [..., M, W] and w planes [W, N] (shared by every leading
+    index) or [..., W, N] (one per leading index)."""
+    x_lead, (m, words) = x_planes[0].shape[:-2], x_planes[0].shape[-2:]
+    w_lead, n = w_planes[0].shape[:-2], w_planes[0].shape[-1]
+    if w_lead and w_lead != x_lead:
+      raise ValueError(f"native popcount matmul: leading axes {x_lead} and {w_lead} differ")
+    groups = math.prod(x_lead) if w_lead else 1
+    x_planes = [x.reshape(groups, -1, words) for x in x_planes]
+    w_planes = [w.reshape(-1, words, n) for w in w_planes]
+    out = jax.ffi.ffi_call(self._targets[product],
+                           jax.ShapeDtypeStruct((groups, x_planes[0].shape[1], n), jnp.int32))(*x_planes, *w_planes)
+    return out.reshape(*x_lead, m, n)
+
+  def signed_matmul(self, x_sign_xMxW: Array, x_nonzero_xMxW: Array, w_sign_xWxN: Array,
+                    w_nonzero_xWxN: Optional[Array] = None) -> Array:
+    """packed.signed_matmul, computed by the custom call."""
+    if w_nonzero_xWxN is None:
+      return self._call("signed", [x_sign_xMxW, x_nonzero_xMxW], [w_sign_xWxN])
+    return self._call("signed_masked", [x_sign_xMxW, x_nonzero_xMxW], [w_sign_xWxN, w_nonzero_xWxN])
+
+  def linear_counts(self, x_signs_xK: Array, w_sign_WxN: Array, w_nonzero_WxN: Optional[Array] = None) -> Array:
+    """Exact int32 [..., N] counts sign(x) . w of a Linear from x's float32 signs, which the call
+    packs itself (as packed.pack_signed would: the same planes), and the weight's planes [W, N]."""
+    lead, k = x_signs_xK.shape[:-1], x_signs_xK.shape[-1]
+    product, w_planes = ("linear", [w_sign_WxN]) if w_nonzero_WxN is None else ("linear_masked", [w_sign_WxN, w_nonzero_WxN])
+    rows = math.prod(lead)
+    out = jax.ffi.ffi_call(self._targets[product], jax.ShapeDtypeStruct((rows, w_sign_WxN.shape[-1]), jnp.int32))(
+        x_signs_xK.astype(jnp.float32).reshape(rows, k), *w_planes)
+    return out.reshape(*lead, -1)
+
+  def unsigned_signed_matmul(self, p_bits_xMxW: Array, v_sign_xWxN: Array, v_nonzero_xWxN: Array) -> Array:
+    """packed.unsigned_signed_matmul, computed by the custom call."""
+    return self._call("unsigned", [p_bits_xMxW], [v_sign_xWxN, v_nonzero_xWxN])
+
+
+def kernels(portable: bool = False) -> Kernels:
+  """This machine's build (`portable`: the plain-loop blocks even where AVX-512 is there; for tests)."""
+  return _kernels(bool(portable))
+
+
+_LOADED = {}  # build key -> Kernels: XLA takes each target name once per process
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(portable: bool) -> Kernels:
+  if jax.default_backend() != "cpu":
+    raise Unavailable(f"the native packed kernel runs on CPU only, not {jax.default_backend()}")
+  path = _build(portable)
+  key = path.stem.rsplit("-", 1)[-1]  # the same key elsewhere (another cache folder) is the same library
+  if key not in _LOADED:
+    _LOADED[key] = Kernels(path)
+  return _LOADED[key]

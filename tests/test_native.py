@@ -1,0 +1,124 @@
+"""The native popcount kernel (bipft_jax/native): exact counts against integer matmuls and XLA's
+popcount loops, both builds (AVX-512 and plain loops), and clean failure without a compiler."""
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bipft_jax import native, packed, precision
+from bipft_jax.errors import UserError
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["host", "portable"])
+def kernels(request):
+  return native.kernels(portable=request.param)
+
+
+def _ternary(rng, shape, zero_fraction=0.2):
+  values = rng.choice([-1.0, 1.0], size=shape)
+  return np.where(rng.random(shape) < zero_fraction, 0.0, values).astype(np.float32)
+
+
+def _weight_planes(w_KxN):
+  """(sign, nonzero) planes of w stored word-major [..., W, N], as pack_params stores a Linear's."""
+  return tuple(jnp.swapaxes(planes, -1, -2) for planes in packed.pack_signed(jnp.swapaxes(jnp.asarray(w_KxN), -1, -2)))
+
+
+# Rows not a multiple of the 3- and 2-row blocks, columns not of the 16-lane vectors or 64-column
+# blocks, K not a multiple of the 32-bit words.
+SHAPES = [(1, 1, 1), (5, 7, 3), (7, 32, 16), (4, 45, 65), (9, 100, 130), (3, 200, 64)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("weight_zeros", [False, True])
+def test_linear_counts_equal_integer_matmul(kernels, m, k, n, weight_zeros):
+  rng = np.random.default_rng(m * k * n)
+  x = _ternary(rng, (2, m, k))
+  w = _ternary(rng, (k, n), 0.2 if weight_zeros else 0.0)
+  w_sign, w_nonzero = _weight_planes(w)
+  got = jax.jit(kernels.linear_counts)(jnp.asarray(x), w_sign, w_nonzero if weight_zeros else None)
+  assert got.dtype == jnp.int32 and got.shape == (2, m, n)
+  np.testing.assert_array_equal(got, np.einsum("bmk,kn->bmn", x.astype(np.int64), w.astype(np.int64)))
+
+
+def test_linear_packs_signs_as_pack_signed_does(kernels):
+  """-0 counts as zero and NaN as a positive nonzero, as the XLA path's planes have them; eager
+  calls equal jitted ones."""
+  rng = np.random.default_rng(0)
+  x = _ternary(rng, (6, 70))
+  x[0, :5] = -0.0
+  x[1, 3] = np.nan
+  x[2] = 0.0
+  w_sign, w_nonzero = _weight_planes(_ternary(rng, (70, 20)))
+  want = packed.signed_matmul(*packed.pack_signed(jnp.asarray(x)), w_sign, w_nonzero)
+  np.testing.assert_array_equal(kernels.linear_counts(jnp.asarray(x), w_sign, w_nonzero), want)
+  np.testing.assert_array_equal(jax.jit(kernels.linear_counts)(jnp.asarray(x), w_sign, w_nonzero), want)
+  assert np.all(np.asarray(want)[2] == 0)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("weight_zeros", [False, True])
+def test_signed_matmul_equals_xla_loops_per_group(kernels, m, k, n, weight_zeros):
+  """Grouped products (attention's Q.K^T: one weight per group) and one weight for every group."""
+  rng = np.random.default_rng(m + k + n)
+  x_sign, x_nonzero = packed.pack_signed(jnp.asarray(_ternary(rng, (2, 3, m, k))))
+  for w_shape in [(2, 3, k, n), (k, n)]:
+    w_sign, w_nonzero = _weight_planes(_ternary(rng, w_shape, 0.2 if weight_zeros else 0.0))
+    w_nonzero = w_nonzero if weight_zeros else None
+    got = jax.jit(kernels.signed_matmul)(x_sign, x_nonzero, w_sign, w_nonzero)
+    np.testing.assert_array_equal(got, packed.signed_matmul(x_sign, x_nonzero, w_sign, w_nonzero))
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_unsigned_signed_matmul_equals_integer_matmul(kernels, m, k, n):
+  rng = np.random.default_rng(k)
+  p = rng.random((4, m, k)) < 0.3
+  v = _ternary(rng, (4, k, n))
+  got = jax.jit(kernels.unsigned_signed_matmul)(packed.pack_bits(jnp.asarray(p)), *_weight_planes(v))
+  np.testing.assert_array_equal(got, np.einsum("gmk,gkn->gmn", p.astype(np.int64), v.astype(np.int64)))
+
+
+def test_mismatched_groups_are_refused(kernels):
+  x = jnp.zeros((2, 3, 4, 1), jnp.uint32)
+  with pytest.raises(ValueError, match="leading axes"):
+    kernels.signed_matmul(x, x, jnp.zeros((3, 2, 1, 5), jnp.uint32))
+
+
+def test_the_host_build_is_the_vectorized_one_where_the_cpu_has_vpopcntdq():
+  _, flags = precision.cpu_description()
+  has_it = {"avx512f", "avx512_vpopcntdq"} <= set(flags.split())
+  assert native.kernels().vectorized == has_it
+  assert not native.kernels(portable=True).vectorized
+
+
+def test_a_build_is_cached_per_machine(tmp_path, monkeypatch):
+  monkeypatch.setenv("BIPFT_CACHE", str(tmp_path))
+  path = native._build(portable=True)
+  assert path.parent == tmp_path / "native" and path.suffix == ".so"
+  compiles = []
+  real_run = native.subprocess.run
+  monkeypatch.setattr(native.subprocess, "run",
+                      lambda command, **kw: compiles.append(command) if "-o" in command else real_run(command, **kw))
+  assert native._build(portable=True) == path and compiles == []
+
+
+def test_no_compiler_is_one_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setenv("BIPFT_CACHE", str(tmp_path))
+  monkeypatch.delenv("CXX", raising=False)
+  monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+  with pytest.raises(native.Unavailable, match="needs a C\\+\\+ compiler"):
+    native._build(portable=False)
+  assert issubclass(native.Unavailable, UserError)
+
+
+def test_a_failing_build_leaves_no_library(tmp_path, monkeypatch):
+  compiler = tmp_path / "broken-c++"
+  compiler.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n")
+  compiler.chmod(0o755)
+  monkeypatch.setenv("BIPFT_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("CXX", str(compiler))
+  with pytest.raises(native.Unavailable, match="building the native packed kernel failed: error: this compiler"):
+    native._build(portable=False)
+  assert list(pathlib.Path(tmp_path / "cache").rglob("*")) in ([], [tmp_path / "cache" / "native"])
