@@ -25,15 +25,15 @@ dual-binarized weight: two planes, `kernel_sign` and `kernel_sign_1`, each with 
 they are). An operator whose weight or input is not scaled sign planes does not pack: pack_params
 refuses it by name. Binarized kernels are found by their declared kind (`model_params.param_kinds`).
 
-Kernels. "popcount" runs the matmuls above on the packed words as XLA loops; "native" runs the same
-counts in a C++ custom call built for the host on first use (`bipft_jax.native`: outputs kept in
-registers over the contracted axis, which XLA's loops do not do). "int8" expands the weight planes
-once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized product (the
-Linears and the two attention products) as an int8 matmul with int32 accumulation, on the int8
-units of the host (AMX, VNNI) or accelerator: the same integer counts, so the same outputs bit
-for bit; the file stays 1-bit, but the weights take one byte each in memory (8x the planes:
-BERT-base's 85M binarized weights, 10.6 MB -> 85 MB). "auto" picks the faster on this machine by
-a one-time measurement of a one-layer encoder (precision.choose; a kernel that cannot be built or
+Kernels. "popcount" runs the matmuls above on the packed words as XLA loops; "native" runs the
+Linears' counts in a C++ custom call built for the host on first use (`bipft_jax.native`: outputs
+kept in registers over the contracted axis, which XLA's loops do not do) and attention's as
+popcount does. "int8" expands the weight planes once, at load (`prepare`), into int8 {-1, 0, 1}
+matrices and runs every binarized product (the Linears and the two attention products) as an int8
+matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or accelerator. All
+three give the same integer counts, so the same outputs bit for bit; the file stays 1-bit, but
+int8's weights take one byte each in memory (8x the planes: BERT-base's 85M binarized weights,
+10.6 MB -> 85 MB). "auto" picks the fastest on this machine by a one-time measurement of a one-layer encoder (precision.choose; a kernel that cannot be built or
 run here is skipped); `packed_file.load_packed` prepares it by default.
 
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
@@ -154,37 +154,28 @@ def _heads_first(x_BxLxHxK: Array) -> Array:
   return x_BxLxHxK.transpose(0, 2, 1, 3)
 
 
-def _popcount_products(kernel: str) -> tuple:
-  """(signed_matmul, unsigned_signed_matmul) of a popcount kernel: XLA's loops, or the native call."""
-  if kernel == "native":
-    return native.kernels().signed_matmul, native.kernels().unsigned_signed_matmul
-  return signed_matmul, unsigned_signed_matmul
-
-
-def _query_key_counts(q_BxLxHxK: Array, k_BxLxHxK: Array, kernel: str) -> Array:
+def _query_key_counts(q_BxLxHxK: Array, k_BxLxHxK: Array, int8: bool) -> Array:
   """Exact sum_k sign(q)_bqhk sign(k)_bshk per head, as float32 [B, H, L, L].
 
   The int8 kernel hands XLA the projections' own [B, L, H, K] layout and lets it place the
   transposes: given operands already transposed to [B, H, L, K], XLA:CPU ran these batched int8
   products on a fallback loop, about 10x slower (bench/packed_inference.py).
   """
-  if kernel == "int8":
+  if int8:
     return jnp.einsum("bqhk,bshk->bhqs", _int8_signs(q_BxLxHxK), _int8_signs(k_BxLxHxK),
                       preferred_element_type=jnp.int32).astype(jnp.float32)
   k_sign, k_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(_heads_first(k_BxLxHxK)))
-  matmul, _ = _popcount_products(kernel)
-  return matmul(*pack_signed(_heads_first(q_BxLxHxK)), k_sign, k_nonzero).astype(jnp.float32)
+  return signed_matmul(*pack_signed(_heads_first(q_BxLxHxK)), k_sign, k_nonzero).astype(jnp.float32)
 
 
-def _probs_value_counts(keep_BxHxLxL: Array, v_BxLxHxK: Array, kernel: str) -> Array:
+def _probs_value_counts(keep_BxHxLxL: Array, v_BxLxHxK: Array, int8: bool) -> Array:
   """Exact sum_s keep_bhqs sign(v)_bshk for booleans keep, as float32 [B, L, H, K] (layout: see above)."""
-  if kernel == "int8":
+  if int8:
     return jnp.einsum("bhqs,bshk->bqhk", keep_BxHxLxL.astype(jnp.int8), _int8_signs(v_BxLxHxK),
                       preferred_element_type=jnp.int32).astype(jnp.float32)
   # v packed along the contracted axis (positions): [B, H, W, K].
   v_sign, v_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(v_BxLxHxK.transpose(0, 2, 3, 1)))
-  _, matmul = _popcount_products(kernel)
-  return _heads_first(matmul(pack_bits(keep_BxHxLxL), v_sign, v_nonzero).astype(jnp.float32))
+  return _heads_first(unsigned_signed_matmul(pack_bits(keep_BxHxLxL), v_sign, v_nonzero).astype(jnp.float32))
 
 
 def jit(fn):
@@ -442,7 +433,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   B, L, _ = x_BxLxD.shape
   H, K = config.num_heads, config.head_size
 
-  kernel = _kernel_of(p["query"])
+  int8 = _kernel_of(p["query"]) == "int8"  # native's attention products are popcount's (see bipft_jax.native)
 
   def heads(name):
     """name(x) per head, [B, L, H, K] (its binarizer keeps only the signs), and its alpha."""
@@ -451,7 +442,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
 
   (q_BxLxHxK, q_alpha), (k_BxLxHxK, k_alpha) = heads("query"), heads("key")
   v_BxLxHxK, v_alpha = heads("value")
-  counts_BxHxLxL = _query_key_counts(q_BxLxHxK, k_BxLxHxK, kernel)
+  counts_BxHxLxL = _query_key_counts(q_BxLxHxK, k_BxLxHxK, int8)
   scores_BxHxLxL = counts_BxHxLxL * (q_alpha * k_alpha)
   estimate = config.estimator_rank > 0
   if estimate:
@@ -463,7 +454,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   prob_op = policy_of(config).probs
   p_scale, mask_BxHxLxL = prob_op.planes(probs_BxHxLxL, {n: p[f"probs_{n}"] for n in prob_op.init_extras()})
   keep_BxHxLxL = mask_BxHxLxL > 0
-  context_BxLxHxK = _probs_value_counts(keep_BxHxLxL, v_BxLxHxK, kernel) * (p_scale * v_alpha)
+  context_BxLxHxK = _probs_value_counts(keep_BxHxLxL, v_BxLxHxK, int8) * (p_scale * v_alpha)
   if estimate:
     v_p_BxLxR = _fp_dense(p["v_p"], x_BxLxD, config)
     # Sums of v_p over the kept positions, one rank at a time: a reduction XLA fuses into the

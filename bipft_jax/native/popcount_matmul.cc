@@ -1,20 +1,20 @@
-// Register-blocked popcount matmuls on packed bit-planes: XLA FFI custom calls for the CPU.
+// Register-blocked popcount matmuls for the packed encoder's Linears: an XLA FFI custom call for CPUs.
 //
 // Built on first use by bipft_jax/native/__init__.py with the host's C++ compiler (-O3
-// -march=native) and cached per machine. The counts are those of bipft_jax/packed.py's
-// signed_matmul and unsigned_signed_matmul, exactly (integers); only the loop structure differs:
-// XLA emits one output element at a time and reloads the weights' words for every row, while here
-// an R x (C * 16) block of outputs stays in registers over the whole contracted axis: each weight
-// word is loaded once per block as a vector of 16 columns, each activation word broadcast to it.
+// -march=native) and cached per machine. The counts are bipft_jax/packed.py's signed_matmul,
+// exactly (integers); only the loop structure differs: XLA emits one output element at a time and
+// reloads the weight's words for every row, while here an R x (C * 16) block of outputs stays in
+// registers over the whole contracted axis: each weight word is loaded once per block as a vector
+// of 16 columns, each activation word broadcast to it.
 //
-// Operands (uint32 words, W of them along the contracted axis):
-//   x planes [G, M, W]; w planes [Gw, W, N] with Gw == G or Gw == 1 (one weight for every group);
-//   out int32 [G, M, N]. The Linear handlers take x's signs as float32 [M, K] instead and pack
-//   them here (in XLA the packing took about as long as the products), in packed.py's bit order.
-// Modes, per word (xs/xn: x's sign and nonzero planes, ws/wn: w's; p: {0, 1} bits):
+// A call takes the Linear's input signs as float32 [M, K] and packs them itself, in packed.py's bit
+// order and with its predicates (in XLA the packing took about as long as the products), and the
+// weight's planes as pack_params stores them: [W, N], W = ceil(K / 32) words along K. Per word
+// (xs/xn: x's sign and nonzero planes, ws/wn: w's):
 //   kSigned        diff += popcount((xs ^ ws) & xn)               out = popcount(xn) - 2 diff
 //   kSignedMasked  both = xn & wn; total += popcount(both); diff += popcount((xs ^ ws) & both)
-//   kUnsigned      total += popcount(p & wn); diff += popcount(p & ws)   out = total - 2 diff
+//                                                                  out = total - 2 diff
+// (kSignedMasked when the weight has exact zeros: then it carries a nonzero plane.)
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -67,32 +67,31 @@ inline void store(int32_t* p, Vec v, int valid) {
 }
 #endif
 
-enum Mode { kSigned, kSignedMasked, kUnsigned };
+enum Mode { kSigned, kSignedMasked };
 
+// x planes [M, W] against w planes [W, N] -> out [M, N].
 struct Problem {
-  const uint32_t* xs;  // x's sign plane (kUnsigned: its bits)
-  const uint32_t* xn;  // x's nonzero plane (unused by kUnsigned)
+  const uint32_t* xs;
+  const uint32_t* xn;
   const uint32_t* ws;
   const uint32_t* wn;  // unused by kSigned
-  int64_t groups, m, w, n;
-  bool shared_weight;  // one weight [W, N] for every group
+  int64_t m, w, n;
   int32_t* out;
 };
 
-// Outputs rows [row, row + R) x columns [col, col + C * 16) of one group (valid_cols of them real).
+// Outputs rows [row, row + R) x columns [col, col + C * 16) (valid_cols of them real).
 template <Mode mode, int R, int C>
-void block(const Problem& pr, int64_t group, int64_t row, int64_t col, int64_t valid_cols) {
+void block(const Problem& pr, int64_t row, int64_t col, int64_t valid_cols) {
   const int64_t words = pr.w, n = pr.n;  // locals: the compiler cannot know stores leave `pr` alone
-  const uint32_t* xs = pr.xs + (group * pr.m + row) * words;
-  const uint32_t* xn = pr.xn ? pr.xn + (group * pr.m + row) * words : nullptr;
-  const int64_t weight_offset = (pr.shared_weight ? 0 : group * words * n) + col;
-  const uint32_t* ws = pr.ws + weight_offset;
-  const uint32_t* wn = pr.wn ? pr.wn + weight_offset : nullptr;
+  const uint32_t* xs = pr.xs + row * words;
+  const uint32_t* xn = pr.xn + row * words;
+  const uint32_t* ws = pr.ws + col;
+  const uint32_t* wn = pr.wn ? pr.wn + col : nullptr;
   int valid[C];
   for (int c = 0; c < C; ++c) valid[c] = (int)std::clamp<int64_t>(valid_cols - c * kLanes, 0, kLanes);
 
-  // Fully unrolled so that the accumulators live in registers (R * C of them, twice for the
-  // modes with a per-output total).
+  // Fully unrolled so that the accumulators live in registers (R * C of them, twice for
+  // kSignedMasked's per-output totals).
   constexpr int kTotals = mode == kSigned ? 1 : R * C;
   Vec diff[R * C], total[kTotals];
   uint32_t row_total[R] = {};
@@ -105,18 +104,12 @@ void block(const Problem& pr, int64_t group, int64_t row, int64_t col, int64_t v
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       w_sign[c] = load(ws + k * n + c * kLanes, valid[c]);
-      if constexpr (mode != kSigned) w_nonzero[c] = load(wn + k * n + c * kLanes, valid[c]);
+      if constexpr (mode == kSignedMasked) w_nonzero[c] = load(wn + k * n + c * kLanes, valid[c]);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const Vec x_sign = broadcast(xs[r * words + k]);
-      if constexpr (mode == kUnsigned) {
-#pragma GCC unroll 8
-        for (int c = 0; c < C; ++c) {
-          total[r * C + c] = add_popcount(total[r * C + c], and_(x_sign, w_nonzero[c]));
-          diff[r * C + c] = add_popcount(diff[r * C + c], and_(x_sign, w_sign[c]));
-        }
-      } else if constexpr (mode == kSigned) {
+      if constexpr (mode == kSigned) {
         const uint32_t x_nonzero_word = xn[r * words + k];
         const Vec x_nonzero = broadcast(x_nonzero_word);
         row_total[r] += __builtin_popcount(x_nonzero_word);
@@ -133,7 +126,7 @@ void block(const Problem& pr, int64_t group, int64_t row, int64_t col, int64_t v
       }
     }
   }
-  int32_t* out = pr.out + (group * pr.m + row) * pr.n + col;
+  int32_t* out = pr.out + row * n + col;
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -144,31 +137,29 @@ void block(const Problem& pr, int64_t group, int64_t row, int64_t col, int64_t v
 }
 
 // Rows per block: what the 32 vector registers of AVX-512 hold next to 4 column vectors (16
-// accumulators, or 2 x 8 for the modes with a per-output total, plus the operands). Block shapes
+// accumulators, or 2 x 8 for kSignedMasked, plus the operands). Block shapes
 // from 2 x 64 to 8 x 32 ran within 1.3x of each other on the AMD EPYC (Zen 4); 3 x 64 was fastest.
 template <Mode mode> constexpr int kRows = mode == kSigned ? 3 : 2;
 constexpr int kColumnVectors = 4;
 constexpr int64_t kBlockColumns = kColumnVectors * kLanes;
 
 template <Mode mode, int R>
-void rows_tail(const Problem& pr, int64_t group, int64_t row, int64_t col, int64_t valid_cols, int64_t rows) {
+void rows_tail(const Problem& pr, int64_t row, int64_t col, int64_t valid_cols, int64_t rows) {
   if constexpr (R > 0) {
-    if (rows == R) return block<mode, R, kColumnVectors>(pr, group, row, col, valid_cols);
-    rows_tail<mode, R - 1>(pr, group, row, col, valid_cols, rows);
+    if (rows == R) return block<mode, R, kColumnVectors>(pr, row, col, valid_cols);
+    rows_tail<mode, R - 1>(pr, row, col, valid_cols, rows);
   }
 }
 
-// One work item: every row of one group against one block of kBlockColumns columns (the weight's
-// block, W x 64 words, stays in L1 while the rows stream past it).
+// One work item: every row against one block of kBlockColumns columns (the weight's block, W x 64
+// words, stays in L1 while the rows stream past it).
 template <Mode mode>
 void column_block(const Problem& pr, int64_t item) {
-  const int64_t blocks_per_group = (pr.n + kBlockColumns - 1) / kBlockColumns;
-  const int64_t group = item / blocks_per_group, col = (item % blocks_per_group) * kBlockColumns;
-  const int64_t valid_cols = std::min(kBlockColumns, pr.n - col);
+  const int64_t col = item * kBlockColumns, valid_cols = std::min(kBlockColumns, pr.n - col);
   constexpr int R = kRows<mode>;
   int64_t row = 0;
-  for (; row + R <= pr.m; row += R) block<mode, R, kColumnVectors>(pr, group, row, col, valid_cols);
-  if (row < pr.m) rows_tail<mode, R - 1>(pr, group, row, col, valid_cols, pr.m - row);
+  for (; row + R <= pr.m; row += R) block<mode, R, kColumnVectors>(pr, row, col, valid_cols);
+  if (row < pr.m) rows_tail<mode, R - 1>(pr, row, col, valid_cols, pr.m - row);
 }
 
 // Runs items [0, n) on the calling thread and XLA's intra-op pool. Every thread claims items from a
@@ -192,13 +183,6 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
   for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));
   work();
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
-
-// The blocked matmul of `pr` on every thread.
-template <Mode mode>
-void matmul(ffi::ThreadPool& pool, const Problem& pr) {
-  const int64_t items = pr.groups * ((pr.n + kBlockColumns - 1) / kBlockColumns);
-  parallel_for(pool, items, [&pr](int64_t item) { column_block<mode>(pr, item); });
 }
 
 // Packs one row of K values' signs into its sign and nonzero planes, `words` words each, in
@@ -237,19 +221,7 @@ void pack_row(const float* x, int64_t k_len, int64_t words, uint32_t* sign, uint
 #endif
 }
 
-template <Mode mode>
-ffi::Error packed_product(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> xs, const uint32_t* xn,
-                          ffi::Buffer<ffi::U32> ws, const uint32_t* wn, ffi::ResultBuffer<ffi::S32> out) {
-  const auto x_dims = xs.dimensions(), w_dims = ws.dimensions();
-  if (x_dims.size() != 3 || w_dims.size() != 3 || x_dims[2] != w_dims[1] ||
-      (w_dims[0] != 1 && w_dims[0] != x_dims[0]))
-    return ffi::Error::InvalidArgument("popcount_matmul: operands must be [G, M, W] and [G or 1, W, N]");
-  matmul<mode>(pool, Problem{xs.typed_data(), xn, ws.typed_data(), wn, x_dims[0], x_dims[1], x_dims[2], w_dims[2],
-                             w_dims[0] == 1 && x_dims[0] != 1, out->typed_data()});
-  return ffi::Error::Success();
-}
-
-// A Linear: x's signs as float32 [M, K] (packed here, into a scratch buffer), the weight's planes [W, N].
+// A Linear: x's signs as float32 [M, K] (packed here, both threads), the weight's planes [W, N].
 template <Mode mode>
 ffi::Error linear_product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> ws,
                           const uint32_t* wn, ffi::ResultBuffer<ffi::S32> out) {
@@ -264,23 +236,9 @@ ffi::Error linear_product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     for (int64_t row = item * kPackRows; row < std::min(m, (item + 1) * kPackRows); ++row)
       pack_row(x.typed_data() + row * k_len, k_len, words, sign + row * words, nonzero + row * words);
   });
-  matmul<mode>(pool, Problem{sign, nonzero, ws.typed_data(), wn, 1, m, words, w_dims[1], false, out->typed_data()});
+  const Problem pr{sign, nonzero, ws.typed_data(), wn, m, words, w_dims[1], out->typed_data()};
+  parallel_for(pool, (pr.n + kBlockColumns - 1) / kBlockColumns, [&pr](int64_t item) { column_block<mode>(pr, item); });
   return ffi::Error::Success();
-}
-
-ffi::Error Signed(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> xs, ffi::Buffer<ffi::U32> xn,
-                  ffi::Buffer<ffi::U32> ws, ffi::ResultBuffer<ffi::S32> out) {
-  return packed_product<kSigned>(pool, xs, xn.typed_data(), ws, nullptr, out);
-}
-
-ffi::Error SignedMasked(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> xs, ffi::Buffer<ffi::U32> xn,
-                        ffi::Buffer<ffi::U32> ws, ffi::Buffer<ffi::U32> wn, ffi::ResultBuffer<ffi::S32> out) {
-  return packed_product<kSignedMasked>(pool, xs, xn.typed_data(), ws, wn.typed_data(), out);
-}
-
-ffi::Error Unsigned(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> p, ffi::Buffer<ffi::U32> ws,
-                    ffi::Buffer<ffi::U32> wn, ffi::ResultBuffer<ffi::S32> out) {
-  return packed_product<kUnsigned>(pool, p, nullptr, ws, wn.typed_data(), out);
 }
 
 ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> ws,
@@ -302,31 +260,6 @@ extern "C" int bipft_vectorized() {
   return 0;
 #endif
 }
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BipftPopcountSigned, Signed,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BipftPopcountSignedMasked, SignedMasked,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BipftPopcountUnsigned, Unsigned,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BipftPopcountLinear, Linear,
                               ffi::Ffi::Bind()
