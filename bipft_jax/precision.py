@@ -147,8 +147,12 @@ def _write_cache(key: str, kind: str, record: dict) -> None:
 
 
 def measure(candidates: dict, repeats: int = 5) -> dict:
-  """name -> fastest seconds of each candidate that runs and equals the first one's result exactly."""
-  reference, seconds = None, {}
+  """name -> fastest seconds of each candidate that runs and equals the first one's result exactly.
+
+  The candidates take turns, one run each per repeat, so that a spell of load from elsewhere
+  slows them alike instead of deciding the choice.
+  """
+  reference, exact = None, {}
   for name, probe in candidates.items():
     try:
       result = np.asarray(jax.block_until_ready(probe()))  # compiles
@@ -158,12 +162,13 @@ def measure(candidates: dict, repeats: int = 5) -> dict:
       reference = result
     elif result.shape != reference.shape or not np.array_equal(result, reference):
       continue  # not exact: never chosen
-    best = float("inf")
-    for _ in range(repeats):
+    exact[name] = probe
+  seconds = {name: float("inf") for name in exact}
+  for _ in range(repeats):
+    for name, probe in exact.items():
       start = time.perf_counter()
       jax.block_until_ready(probe())
-      best = min(best, time.perf_counter() - start)
-    seconds[name] = best
+      seconds[name] = min(seconds[name], time.perf_counter() - start)
   return seconds
 
 
