@@ -37,7 +37,6 @@ Array = jax.Array
 SOURCE = pathlib.Path(__file__).with_name("popcount_matmul.cc")
 COMPILERS = ("c++", "g++", "clang++")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-# The three handlers the library exports, by the product they compute.
 # The handlers the library exports: a Linear whose weight has no exact zero (sign planes only) or has some.
 HANDLERS = {"linear": "BipftPopcountLinear", "linear_masked": "BipftPopcountLinearMasked"}
 
