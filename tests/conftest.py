@@ -23,3 +23,16 @@ def minilm_dir() -> pathlib.Path:
   from bipft_jax import assets
   return assets.minilm_dir()
 
+
+
+@pytest.fixture(scope="session")
+def exact_kernels() -> tuple:
+  """The packed kernels to compare with popcount: int8, and native where a C++ compiler is found
+  (without one the package leaves native out, so do the tests; a compiler whose build fails
+  still fails them)."""
+  from bipft_jax import native
+  try:
+    native._compiler()
+  except native.Unavailable:
+    return ("int8",)
+  return ("int8", "native")

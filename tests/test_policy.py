@@ -117,7 +117,7 @@ def test_every_binarizer_trains_the_tiny_pretraining_student(files, name, probs)
 
 
 @pytest.mark.parametrize("name, probs", [(name, "elastic") for name in PACKABLE] + [("bipft", "bivit")])
-def test_packed_equals_simulated(name, probs):
+def test_packed_equals_simulated(name, probs, exact_kernels):
   config, module, params = _student(name, probs)
   batch = _batch()
   inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
@@ -127,7 +127,7 @@ def test_packed_equals_simulated(name, probs):
   for got, want in zip(ours["hidden_states"], simulated["hidden_states"]):
     np.testing.assert_allclose(got, want, atol=1e-6)  # the same products: rounding of the fusions only
   np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=1e-6)
-  for kernel in ("int8", "native"):  # every plane as int8, or counted by the custom call: the same bits
+  for kernel in exact_kernels:  # every plane as int8, or counted by the custom call: the same bits
     expanded = packed.prepare(config, packed_params, kernel)
     theirs = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(expanded)
     for got, want in zip(jax.tree.leaves(theirs), jax.tree.leaves(ours)):
