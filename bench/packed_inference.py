@@ -279,7 +279,8 @@ def main() -> None:
     for batch in batches:  # outputs compared here; compiles for the subprocesses' cache
       outputs = {name: np.asarray(build(name, paths, batch, args.length)()) for name in names
                  if name in PACKED or name == "fp32_xla"}
-      checks[batch] = {f"{name}_equals_popcount": bool(np.array_equal(outputs[name], outputs["packed_popcount"]))
+      popcount = outputs["packed_popcount"]
+      checks[batch] = {f"{name}_equals_popcount": bool(np.array_equal(outputs[name], popcount))
                        for name in packed_names[1:]}
       if "fp32_xla" in outputs:
         diff = np.abs(outputs["packed_popcount"] - outputs["fp32_xla"])
@@ -293,7 +294,8 @@ def main() -> None:
           old = best.get((name, batch), (float("inf"), peak))
           best[name, batch] = (min(old[0], seconds), old[1])
   for batch in batches:
-    rates = kernel_rates(batch * args.length, args.repeats, tuple(n.removeprefix("packed_") for n in packed_names))
+    kernels = tuple(name.removeprefix("packed_") for name in packed_names)
+    rates = kernel_rates(batch * args.length, args.repeats, kernels)
     roofline_s = binary_macs(batch, args.length) / max(rates.values())
     times = {name: best[name, batch][0] for name in names}
     ours = times[f"packed_{auto_kernel}"]

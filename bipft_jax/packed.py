@@ -33,8 +33,9 @@ matrices and runs every binarized product (the Linears and the two attention pro
 matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or accelerator. All
 three give the same integer counts, so the same outputs bit for bit; the file stays 1-bit, but
 int8's weights take one byte each in memory (8x the planes: BERT-base's 85M binarized weights,
-10.6 MB -> 85 MB). "auto" picks the fastest on this machine by a one-time measurement of a one-layer encoder (precision.choose; a kernel that cannot be built or
-run here is skipped); `packed_file.load_packed` prepares it by default.
+10.6 MB -> 85 MB). "auto" picks the fastest on this machine by a one-time measurement of a
+one-layer encoder (precision.choose; a kernel that cannot be built or run here is skipped);
+`packed_file.load_packed` prepares it by default.
 
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
 """
