@@ -33,8 +33,9 @@ def _weight_planes(w_KxN):
 
 
 # Rows not a multiple of the 3- and 2-row blocks, columns not of the 16-lane vectors or 64-column
-# blocks, K not a multiple of the 32-bit words; 1400 rows: several packing items (64 rows each).
-SHAPES = [(1, 1, 1), (5, 7, 3), (7, 32, 16), (4, 45, 65), (9, 100, 130), (3, 200, 64), (700, 33, 17)]
+# blocks, K not a multiple of the 32-bit words (700: 22 words, more than one vector of 16); 1400
+# rows: several packing items (64 rows each).
+SHAPES = [(1, 1, 1), (5, 7, 3), (7, 32, 16), (4, 45, 65), (9, 100, 130), (3, 200, 64), (700, 33, 17), (5, 700, 20)]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
