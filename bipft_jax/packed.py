@@ -34,12 +34,14 @@ matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or acc
 three give the same integer counts, so the same outputs bit for bit; the file stays 1-bit, but
 int8's weights take one byte each in memory (8x the planes: BERT-base's 85M binarized weights,
 10.6 MB -> 85 MB). "auto" picks the fastest on this machine by a one-time measurement of a
-one-layer encoder (precision.choose; a kernel that cannot be built or run here is skipped);
-`packed_file.load_packed` prepares it by default.
+one-layer encoder (precision.choose, cached per machine and version of the kernels' code; a kernel
+that cannot be built or run here is skipped); `packed_file.load_packed` prepares it by default.
 
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
 """
 import functools
+import hashlib
+import pathlib
 from typing import Optional
 
 import flax
@@ -215,7 +217,15 @@ def resolve_kernel(kernel: str) -> str:
     raise ValueError(f"unknown packed kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
   if kernel != "auto":
     return kernel
-  return precision.choose("packed_kernel", {name: _kernel_probe(name) for name in KERNELS[:-1]})
+  return precision.choose(choice_kind(), {name: _kernel_probe(name) for name in KERNELS[:-1]})
+
+
+@functools.lru_cache(maxsize=None)
+def choice_kind() -> str:
+  """The name `auto`'s choice is cached under: with a hash of the kernels' code (this module and
+  the native source), so that a changed kernel is measured again rather than judged by old times."""
+  code = pathlib.Path(__file__).read_bytes() + native.SOURCE.read_bytes()
+  return "packed_kernel-" + hashlib.sha256(code).hexdigest()[:12]
 
 
 def prepare(config: BertConfig, packed: dict, kernel: str = "auto") -> dict:

@@ -1,5 +1,6 @@
 """Packed 1-bit inference: bit packing, popcount matmuls, the packed encoder, the exported file."""
 import functools
+import pathlib
 
 import flax
 import jax
@@ -228,6 +229,12 @@ def test_auto_kernel_is_measured_once_per_machine(small_kernel_probe, monkeypatc
   assert choice in ("popcount", "int8", "native")
   monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
   assert packed.resolve_kernel("auto") == choice
+  # Changed kernel code is measured again: the choice is cached under a hash of it.
+  monkeypatch.setattr(packed.native, "SOURCE", pathlib.Path(packed.__file__))
+  packed.choice_kind.cache_clear()
+  with pytest.raises(pytest.fail.Exception, match="measured again"):
+    packed.resolve_kernel("auto")
+  packed.choice_kind.cache_clear()
   with pytest.raises(ValueError, match="unknown packed kernel 'int4'"):
     packed.resolve_kernel("int4")
 
@@ -238,7 +245,7 @@ def test_without_the_native_kernel_auto_picks_among_the_others(exported, small_k
 
   monkeypatch.setattr(native, "kernels", unavailable)
   assert packed.resolve_kernel("auto") in ("popcount", "int8")
-  record = precision._read_cache()[precision.host_key()]["packed_kernel"]
+  record = precision._read_cache()[precision.host_key()][packed.choice_kind()]
   assert "native" not in record["seconds"] and "native" in record["candidates"]
   path, *_ = exported
   with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
