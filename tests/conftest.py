@@ -24,7 +24,6 @@ def minilm_dir() -> pathlib.Path:
   return assets.minilm_dir()
 
 
-
 @pytest.fixture(scope="session")
 def exact_kernels() -> tuple:
   """The packed kernels to compare with popcount: int8, and native where a C++ compiler is found

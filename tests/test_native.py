@@ -9,6 +9,7 @@ import pytest
 
 from bipft_jax import native, packed, precision
 from bipft_jax.errors import UserError
+from test_packed import ternary
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +21,6 @@ def compiler(exact_kernels):
 @pytest.fixture(scope="module", params=[False, True], ids=["host", "portable"])
 def kernels(request, compiler):
   return native.kernels(portable=request.param)
-
-
-def _ternary(rng, shape, zero_fraction=0.2):
-  values = rng.choice([-1.0, 1.0], size=shape)
-  return np.where(rng.random(shape) < zero_fraction, 0.0, values).astype(np.float32)
 
 
 def _weight_planes(w_KxN):
@@ -42,8 +38,8 @@ SHAPES = [(1, 1, 1), (5, 7, 3), (7, 32, 16), (4, 45, 65), (9, 100, 130), (3, 200
 @pytest.mark.parametrize("weight_zeros", [False, True])
 def test_linear_counts_equal_integer_matmul(kernels, m, k, n, weight_zeros):
   rng = np.random.default_rng(m * k * n)
-  x = _ternary(rng, (2, m, k))
-  w = _ternary(rng, (k, n), 0.2 if weight_zeros else 0.0)
+  x = ternary(rng, (2, m, k))
+  w = ternary(rng, (k, n), 0.2 if weight_zeros else 0.0)
   w_sign, w_nonzero = _weight_planes(w)
   got = jax.jit(kernels.linear_counts)(jnp.asarray(x), w_sign, w_nonzero if weight_zeros else None)
   assert got.dtype == jnp.int32 and got.shape == (2, m, n)
@@ -54,11 +50,11 @@ def test_linear_packs_signs_as_pack_signed_does(kernels):
   """-0 counts as zero and NaN as a positive nonzero, as the XLA path's planes have them; eager
   calls equal jitted ones."""
   rng = np.random.default_rng(0)
-  x = _ternary(rng, (6, 70))
+  x = ternary(rng, (6, 70))
   x[0, :5] = -0.0
   x[1, 3] = np.nan
   x[2] = 0.0
-  w_sign, w_nonzero = _weight_planes(_ternary(rng, (70, 20)))
+  w_sign, w_nonzero = _weight_planes(ternary(rng, (70, 20)))
   want = packed.signed_matmul(*packed.pack_signed(jnp.asarray(x)), w_sign, w_nonzero)
   np.testing.assert_array_equal(kernels.linear_counts(jnp.asarray(x), w_sign, w_nonzero), want)
   np.testing.assert_array_equal(jax.jit(kernels.linear_counts)(jnp.asarray(x), w_sign, w_nonzero), want)

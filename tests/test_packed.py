@@ -18,7 +18,7 @@ TINY = dict(vocab_size=97, hidden_size=48, num_layers=2, num_heads=3, intermedia
             max_position_embeddings=40, num_labels=3, binary=True, estimator_rank=1)
 
 
-def _ternary(rng, shape, zero_fraction=0.2):
+def ternary(rng, shape, zero_fraction=0.2):
   values = rng.choice([-1.0, 1.0], size=shape)
   return np.where(rng.random(shape) < zero_fraction, 0.0, values).astype(np.float32)
 
@@ -30,7 +30,7 @@ def test_pack_unpack_round_trip(k):
   words = packed.pack_bits(jnp.asarray(bits))
   assert words.dtype == jnp.uint32 and words.shape == (3, 5, packed.num_words(k))
   np.testing.assert_array_equal(packed.unpack_bits(words, k), bits)
-  t = _ternary(rng, (4, k))
+  t = ternary(rng, (4, k))
   np.testing.assert_array_equal(packed.unpack_signed(*packed.pack_signed(jnp.asarray(t)), k), t)
 
 
@@ -44,8 +44,8 @@ def test_bit_order_interleaves_elements_over_words():
 @pytest.mark.parametrize("weight_zeros", [False, True])
 def test_signed_matmul_equals_integer_matmul(m, k, n, weight_zeros):
   rng = np.random.default_rng(m * k * n)
-  x = _ternary(rng, (2, m, k))  # activations with zeros, leading batch axis
-  w = _ternary(rng, (k, n), 0.2 if weight_zeros else 0.0)
+  x = ternary(rng, (2, m, k))  # activations with zeros, leading batch axis
+  w = ternary(rng, (k, n), 0.2 if weight_zeros else 0.0)
   x_sign, x_nonzero = packed.pack_signed(jnp.asarray(x))
   w_sign, w_nonzero = (planes.T for planes in packed.pack_signed(jnp.asarray(w.T)))
   got = packed.signed_matmul(x_sign, x_nonzero, w_sign, w_nonzero if weight_zeros else None)
@@ -57,7 +57,7 @@ def test_signed_matmul_equals_integer_matmul(m, k, n, weight_zeros):
 def test_unsigned_signed_matmul_equals_integer_matmul(m, k, n):
   rng = np.random.default_rng(k)
   p = rng.random((m, k)) < 0.3
-  v = _ternary(rng, (k, n))
+  v = ternary(rng, (k, n))
   v_sign, v_nonzero = (planes.T for planes in packed.pack_signed(jnp.asarray(v.T)))
   got = packed.unsigned_signed_matmul(packed.pack_bits(jnp.asarray(p)), v_sign, v_nonzero)
   np.testing.assert_array_equal(got, p.astype(np.int64) @ v.astype(np.int64))

@@ -128,8 +128,8 @@ def test_packed_equals_simulated(name, probs, exact_kernels):
     np.testing.assert_allclose(got, want, atol=1e-6)  # the same products: rounding of the fusions only
   np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=1e-6)
   for kernel in exact_kernels:  # every plane as int8, or counted by the custom call: the same bits
-    expanded = packed.prepare(config, packed_params, kernel)
-    theirs = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(expanded)
+    prepared = packed.prepare(config, packed_params, kernel)
+    theirs = jax.jit(lambda p: packed.forward(config, head, p, *inputs))(prepared)
     for got, want in zip(jax.tree.leaves(theirs), jax.tree.leaves(ours)):
       np.testing.assert_array_equal(got, want)
   tensors = packed_file.file_tensors(config, head, packed_params, "float32")

@@ -106,18 +106,11 @@ class Kernels:
 
 def kernels(portable: bool = False) -> Kernels:
   """This machine's build (`portable`: the plain-loop blocks even where AVX-512 is there; for tests)."""
-  return _kernels(bool(portable))
-
-
-_LOADED = {}  # build key -> Kernels: XLA takes each target name once per process
+  return _kernels(bool(portable))  # one key per build: XLA takes each target name once per process
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(portable: bool) -> Kernels:
   if jax.default_backend() != "cpu":
     raise Unavailable(f"the native packed kernel runs on CPU only, not {jax.default_backend()}")
-  path = _build(portable)
-  key = path.stem.rsplit("-", 1)[-1]  # the same key elsewhere (another cache folder) is the same library
-  if key not in _LOADED:
-    _LOADED[key] = Kernels(path)
-  return _LOADED[key]
+  return Kernels(_build(portable))

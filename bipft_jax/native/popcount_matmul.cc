@@ -131,7 +131,9 @@ void block(const Problem& pr, int64_t row, int64_t col, int64_t valid_cols) {
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      const Vec t = mode == kSigned ? broadcast(row_total[r]) : total[mode == kSigned ? 0 : r * C + c];
+      Vec t;
+      if constexpr (mode == kSigned) t = broadcast(row_total[r]);
+      else t = total[r * C + c];
       store(out + r * n + c * kLanes, sub_twice(t, diff[r * C + c]), valid[c]);
     }
 }
