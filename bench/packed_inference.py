@@ -6,7 +6,7 @@
 Contenders (BERT-base encoder forward, random weights, no padding), at each batch size:
   packed_popcount  bipft_jax.packed.forward from an exported 1-bit file: XOR/AND + popcount on words
                    in XLA's loops
-  packed_native    the same products in bipft_jax.native's C++ custom call, built for this host
+  packed_native    the same products in bipft_jax.native's C++ custom calls, built for this host
                    (skipped with a note where it cannot be built)
   packed_int8      the same file, its bit-planes expanded at load to int8 {-1, 0, 1}: int8 matmuls
                    with int32 accumulation for the Linears and the attention products

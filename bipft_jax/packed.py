@@ -25,10 +25,10 @@ dual-binarized weight: two planes, `kernel_sign` and `kernel_sign_1`, each with 
 they are). An operator whose weight or input is not scaled sign planes does not pack: pack_params
 refuses it by name. Binarized kernels are found by their declared kind (`model_params.param_kinds`).
 
-Kernels. "popcount" runs the matmuls above on the packed words as XLA loops; "native" runs the
-Linears' counts in a C++ custom call built for the host on first use (`bipft_jax.native`: outputs
-kept in registers over the contracted axis, which XLA's loops do not do) and attention's as
-popcount does. "int8" expands the weight planes once, at load (`prepare`), into int8 {-1, 0, 1}
+Kernels. "popcount" runs the matmuls above on the packed words as XLA loops; "native" runs every
+binarized product's counts (the Linears and the two attention products) in C++ custom calls built
+for the host on first use (`bipft_jax.native`: outputs kept in registers over the contracted axis,
+which XLA's loops do not do; the operands packed in the call). "int8" expands the weight planes once, at load (`prepare`), into int8 {-1, 0, 1}
 matrices and runs every binarized product (the Linears and the two attention products) as an int8
 matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or accelerator. All
 three give the same integer counts, so the same outputs bit for bit; the file stays 1-bit, but
@@ -157,25 +157,29 @@ def _heads_first(x_BxLxHxK: Array) -> Array:
   return x_BxLxHxK.transpose(0, 2, 1, 3)
 
 
-def _query_key_counts(q_BxLxHxK: Array, k_BxLxHxK: Array, int8: bool) -> Array:
+def _query_key_counts(q_BxLxHxK: Array, k_BxLxHxK: Array, kernel: str) -> Array:
   """Exact sum_k sign(q)_bqhk sign(k)_bshk per head, as float32 [B, H, L, L].
 
   The int8 kernel hands XLA the projections' own [B, L, H, K] layout and lets it place the
   transposes: given operands already transposed to [B, H, L, K], XLA:CPU ran these batched int8
   products on a fallback loop, about 10x slower (bench/packed_inference.py).
   """
-  if int8:
+  if kernel == "int8":
     return jnp.einsum("bqhk,bshk->bhqs", _int8_signs(q_BxLxHxK), _int8_signs(k_BxLxHxK),
                       preferred_element_type=jnp.int32).astype(jnp.float32)
+  if kernel == "native":
+    return native.kernels().query_key_counts(q_BxLxHxK, k_BxLxHxK)
   k_sign, k_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(_heads_first(k_BxLxHxK)))
   return signed_matmul(*pack_signed(_heads_first(q_BxLxHxK)), k_sign, k_nonzero).astype(jnp.float32)
 
 
-def _probs_value_counts(keep_BxHxLxL: Array, v_BxLxHxK: Array, int8: bool) -> Array:
+def _probs_value_counts(keep_BxHxLxL: Array, v_BxLxHxK: Array, kernel: str) -> Array:
   """Exact sum_s keep_bhqs sign(v)_bshk for booleans keep, as float32 [B, L, H, K] (layout: see above)."""
-  if int8:
+  if kernel == "int8":
     return jnp.einsum("bhqs,bshk->bqhk", keep_BxHxLxL.astype(jnp.int8), _int8_signs(v_BxLxHxK),
                       preferred_element_type=jnp.int32).astype(jnp.float32)
+  if kernel == "native":
+    return native.kernels().probs_value_counts(keep_BxHxLxL, v_BxLxHxK)
   # v packed along the contracted axis (positions): [B, H, W, K].
   v_sign, v_nonzero = (jnp.swapaxes(planes, -1, -2) for planes in pack_signed(v_BxLxHxK.transpose(0, 2, 3, 1)))
   return _heads_first(unsigned_signed_matmul(pack_bits(keep_BxHxLxL), v_sign, v_nonzero).astype(jnp.float32))
@@ -444,7 +448,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   B, L, _ = x_BxLxD.shape
   H, K = config.num_heads, config.head_size
 
-  int8 = _kernel_of(p["query"]) == "int8"  # native's attention products are popcount's (see bipft_jax.native)
+  kernel = _kernel_of(p["query"])
 
   def heads(name):
     """name(x) per head, [B, L, H, K] (its binarizer keeps only the signs), and its alpha."""
@@ -453,7 +457,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
 
   (q_BxLxHxK, q_alpha), (k_BxLxHxK, k_alpha) = heads("query"), heads("key")
   v_BxLxHxK, v_alpha = heads("value")
-  counts_BxHxLxL = _query_key_counts(q_BxLxHxK, k_BxLxHxK, int8)
+  counts_BxHxLxL = _query_key_counts(q_BxLxHxK, k_BxLxHxK, kernel)
   scores_BxHxLxL = counts_BxHxLxL * (q_alpha * k_alpha)
   estimate = config.estimator_rank > 0
   if estimate:
@@ -465,7 +469,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   prob_op = policy_of(config).probs
   p_scale, mask_BxHxLxL = prob_op.planes(probs_BxHxLxL, {n: p[f"probs_{n}"] for n in prob_op.init_extras()})
   keep_BxHxLxL = mask_BxHxLxL > 0
-  context_BxLxHxK = _probs_value_counts(keep_BxHxLxL, v_BxLxHxK, int8) * (p_scale * v_alpha)
+  context_BxLxHxK = _probs_value_counts(keep_BxHxLxL, v_BxLxHxK, kernel) * (p_scale * v_alpha)
   if estimate:
     v_p_BxLxR = _fp_dense(p["v_p"], x_BxLxD, config)
     # Sums of v_p over the kept positions, one rank at a time: a reduction XLA fuses into the

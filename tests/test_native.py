@@ -1,5 +1,6 @@
-"""The native popcount kernel (bipft_jax/native): exact Linear counts against integer matmuls and
-XLA's popcount loops, both builds (AVX-512 and plain loops), and clean failure without a compiler."""
+"""The native popcount kernel (bipft_jax/native): exact Linear and attention counts against integer
+matmuls and XLA's popcount loops, both builds (AVX-512 and plain loops), and clean failure without a
+compiler."""
 import pathlib
 
 import jax
@@ -66,9 +67,50 @@ def test_operands_that_do_not_fit_are_refused(kernels):
     jax.block_until_ready(kernels.linear_counts(jnp.zeros((4, 70)), jnp.zeros((2, 5), jnp.uint32)))  # 3 words
 
 
+# [B, L, H, K] queries against [B, S, H, K] keys: L and S off the 4-row blocks, the 8- and 16-column
+# vectors and the 64-bit words; K off the words (7; 100: two words; 129: three).
+HEAD_SHAPES = [(1, 1, 1, 1, 1), (2, 5, 70, 3, 100), (1, 65, 9, 2, 7), (3, 130, 129, 1, 129), (1, 128, 128, 12, 64)]
+
+
+@pytest.mark.parametrize("b,l,s,h,k", HEAD_SHAPES)
+def test_attention_counts_equal_integer_products(kernels, b, l, s, h, k):
+  rng = np.random.default_rng(b * l * s * h * k)
+  q, key, v = ternary(rng, (b, l, h, k)), ternary(rng, (b, s, h, k)), ternary(rng, (b, s, h, k))
+  keep = rng.random((b, h, l, s)) < 0.3
+  scores = jax.jit(kernels.query_key_counts)(jnp.asarray(q), jnp.asarray(key))
+  assert scores.dtype == jnp.float32 and scores.shape == (b, h, l, s)
+  np.testing.assert_array_equal(scores, np.einsum("blhk,bshk->bhls", q.astype(np.int64), key.astype(np.int64)))
+  context = jax.jit(kernels.probs_value_counts)(jnp.asarray(keep), jnp.asarray(v))
+  assert context.dtype == jnp.float32 and context.shape == (b, l, h, k)
+  np.testing.assert_array_equal(context, np.einsum("bhls,bshk->blhk", keep.astype(np.int64), v.astype(np.int64)))
+
+
+def test_attention_packs_signs_as_the_xla_path_does(kernels):
+  """-0 is zero and NaN a positive nonzero in q, k and v, as packed.pack_signed has them; eager == jit."""
+  rng = np.random.default_rng(1)
+  q, key, v = (ternary(rng, (2, 66, 3, 70)) for _ in range(3))
+  for x in (q, key, v):
+    x[0, 0, 0, :5] = -0.0
+    x[1, 2, 1, 3] = np.nan
+  keep = jnp.asarray(rng.random((2, 3, 66, 66)) < 0.5)
+  q, key, v = jnp.asarray(q), jnp.asarray(key), jnp.asarray(v)
+  want_scores = packed._query_key_counts(q, key, "popcount")
+  want_context = packed._probs_value_counts(keep, v, "popcount")
+  for call in (lambda f, *a: f(*a), lambda f, *a: jax.jit(f)(*a)):
+    np.testing.assert_array_equal(call(kernels.query_key_counts, q, key), want_scores)
+    np.testing.assert_array_equal(call(kernels.probs_value_counts, keep, v), want_context)
+
+
+def test_attention_operands_that_do_not_fit_are_refused(kernels):
+  with pytest.raises(Exception, match="query and key must be"):
+    jax.block_until_ready(kernels.query_key_counts(jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 3, 8))))
+  with pytest.raises(Exception, match="kept probabilities and value must be"):
+    jax.block_until_ready(kernels.probs_value_counts(jnp.zeros((1, 2, 4, 5), bool), jnp.zeros((1, 4, 2, 8))))
+
+
 def test_the_host_build_is_the_vectorized_one_where_the_cpu_has_vpopcntdq(compiler):
   _, flags = precision.cpu_description()
-  has_it = {"avx512f", "avx512_vpopcntdq"} <= set(flags.split())
+  has_it = {"avx512f", "avx512bw", "avx512_vpopcntdq"} <= set(flags.split())
   assert native.kernels().vectorized == has_it
   assert not native.kernels(portable=True).vectorized
 

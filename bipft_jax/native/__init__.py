@@ -1,14 +1,15 @@
-"""The packed encoder's Linears as a C++ XLA custom call (popcount), built for this machine on first use.
+"""The packed encoder's binarized products as C++ XLA custom calls (popcount), built for this machine on first use.
 
 XLA:CPU runs packed.signed_matmul's loops one output element at a time, reloading the weight's
 words for every row. popcount_matmul.cc keeps a block of outputs in registers over the whole
 contracted axis instead (AVX-512 VPOPCNTDQ where the host has it, else plain loops for the
 compiler to vectorize), packs the float activations itself, and splits the work over XLA's
-intra-op threads. Same integer counts, exactly. `packed.prepare(..., "native")` selects it, and
-"auto" measures it against the other kernels like any of them. Attention's two products stay on
-XLA's loops: per head they are small (K = 64 is two words), and XLA's fusions of packing,
-transposes and counts ran them faster than a call doing the same (Q.K^T at batch 8: 0.69 vs 1.96
-ms on the AMD EPYC).
+intra-op threads. Same integer counts, exactly. Attention's two products get calls of their own,
+one (batch, head) per work item: per head they are small (K = 64 is one 64-bit word), so their
+operands are packed in natural bit order into 64-bit words, read row by row for every head at
+once (head by head, the strided reads missed the caches), and the counts come back as float32
+in the layout the graph continues with. `packed.prepare(..., "native")` selects the calls, and
+"auto" measures them against the other kernels like any of them.
 
 Built with the host's C++ compiler (`$CXX`, else c++, g++ or clang++; -O3 -march=native against
 jaxlib's FFI headers) into `assets.cache_dir()/native/`, once per source, compiler, CPU and jax
@@ -37,8 +38,10 @@ Array = jax.Array
 SOURCE = pathlib.Path(__file__).with_name("popcount_matmul.cc")
 COMPILERS = ("c++", "g++", "clang++")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-# The handlers the library exports: a Linear whose weight has no exact zero (sign planes only) or has some.
-HANDLERS = {"linear": "BipftPopcountLinear", "linear_masked": "BipftPopcountLinearMasked"}
+# The handlers the library exports: a Linear whose weight has no exact zero (sign planes only) or has
+# some; attention's two products per head.
+HANDLERS = {"linear": "BipftPopcountLinear", "linear_masked": "BipftPopcountLinearMasked",
+            "query_key": "BipftPopcountQueryKey", "probs_value": "BipftPopcountProbsValue"}
 
 
 class Unavailable(UserError):
@@ -88,8 +91,8 @@ class Kernels:
       jax.ffi.register_ffi_target(self._targets[product], jax.ffi.pycapsule(getattr(self.library, symbol)),
                                   platform="cpu")
 
-  def _call(self, product: str, out_shape: tuple, *operands: Array) -> Array:
-    return jax.ffi.ffi_call(self._targets[product], jax.ShapeDtypeStruct(out_shape, jnp.int32))(*operands)
+  def _call(self, product: str, out_shape: tuple, *operands: Array, dtype=jnp.int32) -> Array:
+    return jax.ffi.ffi_call(self._targets[product], jax.ShapeDtypeStruct(out_shape, dtype))(*operands)
 
   def linear_counts(self, x_signs_xK: Array, w_sign_WxN: Array, w_nonzero_WxN: Optional[Array] = None) -> Array:
     """Exact int32 [..., N] counts sign(x) . w of a Linear from x's float32 signs (packed in the
@@ -102,6 +105,18 @@ class Kernels:
     else:
       out = self._call("linear_masked", out_shape, x_MxK, w_sign_WxN, w_nonzero_WxN)
     return out.reshape(*lead, -1)
+
+  def query_key_counts(self, q_BxLxHxK: Array, k_BxSxHxK: Array) -> Array:
+    """Exact sum_k sign(q)_bihk sign(k)_bjhk per head, as float32 [B, H, L, S]."""
+    (B, L, H, _), S = q_BxLxHxK.shape, k_BxSxHxK.shape[1]
+    return self._call("query_key", (B, H, L, S), q_BxLxHxK.astype(jnp.float32), k_BxSxHxK.astype(jnp.float32),
+                      dtype=jnp.float32)
+
+  def probs_value_counts(self, keep_BxHxLxS: Array, v_BxSxHxK: Array) -> Array:
+    """Exact sum_j keep_bhij sign(v)_bjhk for booleans keep, as float32 [B, L, H, K]."""
+    B, H, L, _ = keep_BxHxLxS.shape
+    return self._call("probs_value", (B, L, H, v_BxSxHxK.shape[-1]), keep_BxHxLxS.astype(bool),
+                      v_BxSxHxK.astype(jnp.float32), dtype=jnp.float32)
 
 
 def kernels(portable: bool = False) -> Kernels:

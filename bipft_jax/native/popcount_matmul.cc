@@ -1,4 +1,5 @@
-// Register-blocked popcount matmuls for the packed encoder's Linears: an XLA FFI custom call for CPUs.
+// Register-blocked popcount matmuls for the packed encoder's binarized products: XLA FFI custom calls
+// for CPUs (the Linears, then attention's two products further down).
 //
 // Built on first use by bipft_jax/native/__init__.py with the host's C++ compiler (-O3
 // -march=native) and cached per machine. The counts are bipft_jax/packed.py's signed_matmul,
@@ -23,7 +24,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && !defined(BIPFT_PORTABLE)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VPOPCNTDQ__) && !defined(BIPFT_PORTABLE)
 #include <immintrin.h>
 #define BIPFT_AVX512 1
 #endif
@@ -253,6 +254,208 @@ ffi::Error LinearMasked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return linear_product<kSignedMasked>(pool, x, ws, wn.typed_data(), out);
 }
 
+// --- attention's two products, per (batch, head) -----------------------------------------------
+// Per head the products are small (K = 64, L = 128), so they get their own layout: 64-bit words in
+// natural bit order (element t -> bit t % 64 of word t / 64), packed here from the float operands,
+// and the counts written as float32 (exact integers) where the XLA graph continues. Both are one
+// product of ternary rows against ternary columns,
+//   count[i, j] = sum_w popcount(rn & cn) - 2 popcount((rs ^ cs) & rn & cn)
+// (rs/rn: row i's sign and nonzero words, cs/cn: column j's): Q.K^T with q's rows and k's rows as
+// columns; P.V with the kept probabilities as rows (sign 0, nonzero = kept) and v's columns packed
+// along the positions.
+
+// Bits of x < 0 and x != 0 (-0 is zero, NaN nonzero and not negative) of n <= 64 floats.
+inline void pack_word(const float* x, int n, uint64_t* negative, uint64_t* nonzero) {
+  uint64_t neg = 0, nz = 0;
+#ifdef BIPFT_AVX512
+  const __m512 zero_ps = _mm512_setzero_ps();
+  for (int c = 0; c * kLanes < n; ++c) {
+    const __mmask16 valid = lane_mask(n - c * kLanes);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, x + c * kLanes);
+    neg |= (uint64_t)_mm512_mask_cmp_ps_mask(valid, v, zero_ps, _CMP_LT_OQ) << (c * kLanes);
+    nz |= (uint64_t)_mm512_mask_cmp_ps_mask(valid, v, zero_ps, _CMP_NEQ_UQ) << (c * kLanes);
+  }
+#else
+  for (int t = 0; t < n; ++t) {
+    neg |= (uint64_t)(x[t] < 0) << t;
+    nz |= (uint64_t)(x[t] != 0) << t;
+  }
+#endif
+  *negative = neg, *nonzero = nz;
+}
+
+// Bits of n <= 64 booleans (one byte each, 0 or 1).
+inline uint64_t pack_bools(const bool* b, int n) {
+#ifdef BIPFT_AVX512
+  const __m512i bytes = _mm512_maskz_loadu_epi8(n >= 64 ? ~0ULL : (1ULL << n) - 1, b);
+  return _mm512_test_epi8_mask(bytes, bytes);
+#else
+  uint64_t bits = 0;
+  for (int t = 0; t < n; ++t) bits |= (uint64_t)b[t] << t;
+  return bits;
+#endif
+}
+
+// In place: bit c of a[r] <-> bit r of a[c] (a 64 x 64 bit matrix transposed by 6 rounds of block swaps).
+void transpose64(uint64_t a[64]) {
+  uint64_t mask = 0x00000000FFFFFFFFULL;
+  for (int width = 32; width != 0; width >>= 1, mask ^= mask << width)
+    for (int r = 0; r < 64; r = (r + width + 1) & ~width) {
+      const uint64_t swap = ((a[r] >> width) ^ a[r + width]) & mask;
+      a[r] ^= swap << width;
+      a[r + width] ^= swap;
+    }
+}
+
+// Rows' planes [words, padded_rows] (padded to kRowBlock with zeros: they count 0), columns'
+// [words, col_stride] (cols of them real).
+constexpr int kRowBlock = 4;
+struct Ternary {
+  const uint64_t *row_sign, *row_nonzero, *col_sign, *col_nonzero;
+  int64_t rows, padded_rows, cols, col_stride, words;
+};
+
+// out[i * stride + j] = count[i, j] as float32, for the rows i and columns j of `t`.
+void ternary_counts(const Ternary& t, float* out, int64_t stride) {
+  // Locals: the compiler cannot know that the stores to `out` leave `t` alone.
+  const uint64_t *row_sign = t.row_sign, *row_nonzero = t.row_nonzero;
+  const uint64_t *col_sign = t.col_sign, *col_nonzero = t.col_nonzero;
+  const int64_t rows = t.rows, padded_rows = t.padded_rows, cols = t.cols, col_stride = t.col_stride;
+  const int64_t words = t.words;
+#ifdef BIPFT_AVX512
+  constexpr int C = 2;  // column vectors of 8 per block: a 4 x 16 block of outputs in registers
+  for (int64_t j = 0; j < cols; j += C * 8) {
+    __mmask8 valid[C];
+    for (int c = 0; c < C; ++c) {
+      const int64_t left = std::clamp<int64_t>(cols - j - c * 8, 0, 8);
+      valid[c] = (__mmask8)((1u << left) - 1);
+    }
+    for (int64_t i = 0; i < rows; i += kRowBlock) {
+      __m512i total[kRowBlock * C], differ[kRowBlock * C];
+#pragma GCC unroll 8
+      for (int r = 0; r < kRowBlock * C; ++r) total[r] = differ[r] = _mm512_setzero_si512();
+      for (int64_t w = 0; w < words; ++w) {
+        __m512i cs[C], cn[C];
+#pragma GCC unroll 2
+        for (int c = 0; c < C; ++c) {
+          cs[c] = _mm512_maskz_loadu_epi64(valid[c], col_sign + w * col_stride + j + c * 8);
+          cn[c] = _mm512_maskz_loadu_epi64(valid[c], col_nonzero + w * col_stride + j + c * 8);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < kRowBlock; ++r) {
+          const __m512i rs = _mm512_set1_epi64((int64_t)row_sign[w * padded_rows + i + r]);
+          const __m512i rn = _mm512_set1_epi64((int64_t)row_nonzero[w * padded_rows + i + r]);
+#pragma GCC unroll 2
+          for (int c = 0; c < C; ++c) {
+            const __m512i both = _mm512_and_si512(rn, cn[c]);
+            total[r * C + c] = _mm512_add_epi64(total[r * C + c], _mm512_popcnt_epi64(both));
+            differ[r * C + c] = _mm512_add_epi64(differ[r * C + c],
+                                                 _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(rs, cs[c], both, 0x28)));
+          }
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < kRowBlock; ++r)
+#pragma GCC unroll 2
+        for (int c = 0; c < C; ++c) {
+          if (i + r >= rows) break;
+          const __m512i count = _mm512_sub_epi64(total[r * C + c], _mm512_slli_epi64(differ[r * C + c], 1));
+          _mm256_mask_storeu_ps(out + (i + r) * stride + j + c * 8, valid[c], _mm512_cvtepi64_ps(count));
+        }
+    }
+  }
+#else
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      int64_t count = 0;
+      for (int64_t w = 0; w < words; ++w) {
+        const uint64_t both = row_nonzero[w * padded_rows + i] & col_nonzero[w * col_stride + j];
+        count += __builtin_popcountll(both) -
+                 2 * __builtin_popcountll((row_sign[w * padded_rows + i] ^ col_sign[w * col_stride + j]) & both);
+      }
+      out[i * stride + j] = (float)count;
+    }
+#endif
+}
+
+inline int64_t padded(int64_t rows) { return (rows + kRowBlock - 1) / kRowBlock * kRowBlock; }
+
+// A [B, T, H, K] float32 operand packed along K: sign and nonzero planes [B, H, words, stride]
+// (positions past T stay zero). Read row by row, every head at once: head by head, the strided
+// reads missed the caches (the first compare after each load took half the packing's time).
+struct HeadPlanes {
+  int64_t batch, t, heads, k, words, stride;
+  std::unique_ptr<uint64_t[]> planes;
+  uint64_t* sign(int64_t b, int64_t head) const { return planes.get() + ((b * heads + head) * words) * stride; }
+  uint64_t* nonzero(int64_t b, int64_t head) const { return sign(b, head) + batch * heads * words * stride; }
+
+  HeadPlanes(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, int64_t stride)
+      : batch(x.dimensions()[0]), t(x.dimensions()[1]), heads(x.dimensions()[2]), k(x.dimensions()[3]),
+        words((k + 63) / 64), stride(stride), planes(new uint64_t[2 * batch * heads * words * stride]()) {
+    constexpr int64_t kRowsPerItem = 16;
+    const float* data = x.typed_data();
+    parallel_for(pool, (batch * t + kRowsPerItem - 1) / kRowsPerItem, [&](int64_t item) {
+      for (int64_t row = item * kRowsPerItem; row < std::min(batch * t, (item + 1) * kRowsPerItem); ++row) {
+        const int64_t b = row / t, pos = row % t;
+        for (int64_t head = 0; head < heads; ++head)
+          for (int64_t w = 0; w < words; ++w)
+            pack_word(data + (row * heads + head) * k + w * 64, (int)std::min<int64_t>(64, k - w * 64),
+                      sign(b, head) + w * stride + pos, nonzero(b, head) + w * stride + pos);
+      }
+    });
+  }
+};
+
+// counts[b, h, i, j] = sum_k sign(q)[b, i, h, k] sign(k)[b, j, h, k], one (b, h) per work item.
+ffi::Error QueryKeyCounts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[2] != kd[2] || qd[3] != kd[3])
+    return ffi::Error::InvalidArgument("popcount_matmul: query and key must be [B, L, H, K] and [B, S, H, K]");
+  const HeadPlanes qp(pool, q, padded(qd[1])), kp(pool, k, kd[1]);
+  parallel_for(pool, qp.batch * qp.heads, [&](int64_t item) {
+    const int64_t b = item / qp.heads, head = item % qp.heads;
+    const Ternary t{qp.sign(b, head), qp.nonzero(b, head), kp.sign(b, head), kp.nonzero(b, head),
+                    qp.t, qp.stride, kp.t, kp.stride, qp.words};
+    ternary_counts(t, out->typed_data() + item * qp.t * kp.t, kp.t);
+  });
+  return ffi::Error::Success();
+}
+
+// counts[b, i, h, k] = sum_j keep[b, h, i, j] sign(v)[b, j, h, k], one (b, h) per work item.
+ffi::Error ProbsValueCounts(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> keep, ffi::Buffer<ffi::F32> v,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  const auto pd = keep.dimensions(), vd = v.dimensions();
+  if (pd.size() != 4 || vd.size() != 4 || pd[0] != vd[0] || pd[1] != vd[2] || pd[3] != vd[1])
+    return ffi::Error::InvalidArgument("popcount_matmul: kept probabilities and value must be [B, H, L, S] and [B, S, H, K]");
+  const int64_t heads = pd[1], lq = pd[2], ls = pd[3], dk = vd[3];
+  const int64_t words = (ls + 63) / 64, rows = padded(lq), columns = (dk + 63) / 64 * 64;
+  const HeadPlanes vp(pool, v, words * 64);  // packed along K, positions padded to whole words
+  parallel_for(pool, pd[0] * heads, [&](int64_t item) {
+    const int64_t b = item / heads, head = item % heads;
+    std::unique_ptr<uint64_t[]> planes(new uint64_t[2 * words * (rows + columns)]());
+    uint64_t *keep_zeros = planes.get(), *keep_bits = keep_zeros + words * rows;  // kept positions: rows with no sign
+    uint64_t *v_sign = keep_bits + words * rows, *v_nonzero = v_sign + words * columns;
+    const bool* keep_rows = keep.typed_data() + item * lq * ls;
+    for (int64_t i = 0; i < lq; ++i)
+      for (int64_t w = 0; w < words; ++w)
+        keep_bits[w * rows + i] = pack_bools(keep_rows + i * ls + w * 64, (int)std::min<int64_t>(64, ls - w * 64));
+    // v's signs along the positions: each block of 64 positions x 64 columns of vp transposed.
+    for (int64_t w = 0; w < words; ++w)
+      for (int64_t c = 0; c < vp.words; ++c) {
+        uint64_t* sign_block = v_sign + w * columns + c * 64;
+        uint64_t* nonzero_block = v_nonzero + w * columns + c * 64;
+        std::copy_n(vp.sign(b, head) + c * vp.stride + w * 64, 64, sign_block);
+        std::copy_n(vp.nonzero(b, head) + c * vp.stride + w * 64, 64, nonzero_block);
+        transpose64(sign_block);
+        transpose64(nonzero_block);
+      }
+    ternary_counts(Ternary{keep_zeros, keep_bits, v_sign, v_nonzero, lq, rows, dk, columns, words},
+                   out->typed_data() + (b * lq * heads + head) * dk, heads * dk);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 extern "C" int bipft_vectorized() {
@@ -277,3 +480,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BipftPopcountLinearMasked, LinearMasked,
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BipftPopcountQueryKey, QueryKeyCounts,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BipftPopcountProbsValue, ProbsValueCounts,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
