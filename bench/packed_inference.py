@@ -21,8 +21,10 @@ without it they are skipped with a note. `packed` in the ratios is the kernel `p
 "auto" picks on this machine (measured once, cached; what load_packed prepares by default).
 
 Kernel roofline: the exact int8 matmul (int8 operands, int32 accumulation), the popcount matmul
-(XLA's loops) and the native one (from float signs, its packing included) alone on the FFN shapes;
-the encoder's binary MACs at the fastest one's rate is `roofline_s`.
+(XLA's loops) and the native one (from float signs, its packing included) alone on the FFN shapes,
+in a process of their own in every round like the contenders (the fastest kept: the rates varied
+by 1.4x between runs on the AMD host); the encoder's binary MACs at the fastest one's rate is
+`roofline_s`.
 
 Each contender runs in a process of its own, one after the other (in one process, the thread
 pools of JAX, PyTorch and ONNX Runtime slow each other down: PyTorch at batch 1 took 20x longer).
@@ -56,6 +58,7 @@ CONFIG = model_lib.BertConfig(binary=True)
 PACKED = ("packed_popcount", "packed_int8", "packed_native")
 TORCH = ("torch_fp32", "torch_int8")
 ORT = ("ort_fp32", "ort_int8")
+ROOFLINE = "roofline"  # the exact kernels timed alone, in a process of their own like the contenders
 
 
 def _inputs(batch: int, length: int) -> dict:
@@ -158,6 +161,15 @@ def _fastest(contenders: dict, repeats: int) -> dict:
   return best
 
 
+def packed_contenders() -> tuple:
+  """The packed contenders this host runs, and why packed_native is not among them (None if it is)."""
+  try:
+    native.kernels()
+    return list(PACKED), None
+  except native.Unavailable as e:
+    return [name for name in PACKED if name != "packed_native"], str(e)
+
+
 def kernel_rates(tokens: int, repeats: int, kernels: tuple) -> dict:
   """Binary MACs per second of each exact matmul alone (int8, popcount, native), on the two FFN shapes."""
   rng = np.random.default_rng(0)
@@ -191,18 +203,24 @@ def binary_macs(batch: int, length: int) -> int:
 
 
 def measure_in_subprocess(name: str, paths: dict, batches: list, length: int, repeats: int) -> dict:
-  """`name` timed and its peak memory read in a fresh process: {batch: (fastest seconds, peak MiB)}."""
+  """`name` timed and its peak memory read in a fresh process: {batch: (fastest seconds, peak MiB)};
+  for ROOFLINE, {batch: {kernel: binary MACs per second}}."""
   command = [sys.executable, os.path.abspath(__file__), "--child", name, "--paths", json.dumps(paths),
              "--batches", ",".join(map(str, batches)), "--length", str(length), "--repeats", str(repeats)]
   out = subprocess.run(command, capture_output=True, text=True)
   lines = [line for line in out.stdout.splitlines() if line.startswith("CHILD ")]
   if out.returncode or not lines:
     raise RuntimeError(f"{name} failed in its subprocess: {out.stderr.strip().splitlines()[-3:]}")
-  return {int(batch): tuple(values) for batch, values in json.loads(lines[-1][len("CHILD "):]).items()}
+  return {int(batch): values if name == ROOFLINE else tuple(values)
+          for batch, values in json.loads(lines[-1][len("CHILD "):]).items()}
 
 
 def _child(name: str, paths: dict, batches: list, length: int, repeats: int) -> None:
   """Loads `name`, then per batch size (ascending: the peak after each is that batch's) times it."""
+  if name == ROOFLINE:
+    kernels = tuple(name.removeprefix("packed_") for name in packed_contenders()[0])
+    print("CHILD " + json.dumps({batch: kernel_rates(batch * length, repeats, kernels) for batch in batches}))
+    return
   if name in TORCH or name in ORT:
     import torch  # noqa: F401  (the framework's import is not the model's memory)
     if name in ORT:
@@ -259,12 +277,9 @@ def main() -> None:
     with_ort = False
     print("note: onnxruntime/onnx not installed (pip install -e '.[bench]'): ONNX Runtime skipped",
           flush=True)
-  try:
-    native.kernels()
-    packed_names = list(PACKED)
-  except native.Unavailable as e:
-    packed_names = [name for name in PACKED if name != "packed_native"]
-    print(f"note: {e}: packed_native skipped", flush=True)
+  packed_names, why_not_native = packed_contenders()
+  if why_not_native:
+    print(f"note: {why_not_native}: packed_native skipped", flush=True)
   names = packed_names + ([] if args.quick else ["fp32_xla"])
   names += [] if args.skip_torch else list(TORCH) + (list(ORT) if with_ort else [])
   auto_kernel = packed.resolve_kernel("auto")
@@ -286,16 +301,18 @@ def main() -> None:
         diff = np.abs(outputs["packed_popcount"] - outputs["fp32_xla"])
         checks[batch]["max_abs_diff_vs_simulated"] = float(np.max(diff))
     print(f"files written and compiled in {time.perf_counter() - started:.0f} s", flush=True)
-    best = {}
+    best, best_rates = {}, {batch: {} for batch in batches}
     for _ in range(args.rounds):  # one process per contender and round, one after the other
       for name in names:
         for batch, (seconds, peak) in measure_in_subprocess(name, paths, batches, args.length,
                                                             args.repeats).items():
           old = best.get((name, batch), (float("inf"), peak))
           best[name, batch] = (min(old[0], seconds), old[1])
+      for batch, rates in measure_in_subprocess(ROOFLINE, paths, batches, args.length, args.repeats).items():
+        for kernel, rate in rates.items():
+          best_rates[batch][kernel] = max(rate, best_rates[batch].get(kernel, 0.0))
   for batch in batches:
-    kernels = tuple(name.removeprefix("packed_") for name in packed_names)
-    rates = kernel_rates(batch * args.length, args.repeats, kernels)
+    rates = best_rates[batch]
     roofline_s = binary_macs(batch, args.length) / max(rates.values())
     times = {name: best[name, batch][0] for name in names}
     ours = times[f"packed_{auto_kernel}"]
