@@ -427,7 +427,8 @@ ffi::Error ProbsValueCounts(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> keep, f
                             ffi::ResultBuffer<ffi::F32> out) {
   const auto pd = keep.dimensions(), vd = v.dimensions();
   if (pd.size() != 4 || vd.size() != 4 || pd[0] != vd[0] || pd[1] != vd[2] || pd[3] != vd[1])
-    return ffi::Error::InvalidArgument("popcount_matmul: kept probabilities and value must be [B, H, L, S] and [B, S, H, K]");
+    return ffi::Error::InvalidArgument(
+        "popcount_matmul: kept probabilities and value must be [B, H, L, S] and [B, S, H, K]");
   const int64_t heads = pd[1], lq = pd[2], ls = pd[3], dk = vd[3];
   const int64_t words = (ls + 63) / 64, rows = padded(lq), columns = (dk + 63) / 64 * 64;
   const HeadPlanes vp(pool, v, words * 64);  // packed along K, positions padded to whole words
