@@ -28,12 +28,12 @@ refuses it by name. Binarized kernels are found by their declared kind (`model_p
 Kernels. "popcount" runs the matmuls above on the packed words as XLA loops; "native" runs every
 binarized product's counts (the Linears and the two attention products) in C++ custom calls built
 for the host on first use (`bipft_jax.native`: outputs kept in registers over the contracted axis,
-which XLA's loops do not do; the operands packed in the call). "int8" expands the weight planes once, at load (`prepare`), into int8 {-1, 0, 1}
-matrices and runs every binarized product (the Linears and the two attention products) as an int8
-matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or accelerator. All
-three give the same integer counts, so the same outputs bit for bit; the file stays 1-bit, but
-int8's weights take one byte each in memory (8x the planes: BERT-base's 85M binarized weights,
-10.6 MB -> 85 MB). "auto" picks the fastest on this machine by a one-time measurement of a
+which XLA's loops do not do; the operands packed in the call). "int8" expands the weight planes
+once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized product (the
+Linears and the two attention products) as an int8 matmul with int32 accumulation, on the int8
+units of the host (AMX, VNNI) or accelerator. All three give the same integer counts, so the same
+outputs bit for bit; the file stays 1-bit, but int8's weights take one byte each in memory (8x the
+planes: BERT-base's 85M binarized weights, 10.6 MB -> 85 MB). "auto" picks the fastest on this machine by a one-time measurement of a
 one-layer encoder (precision.choose, cached per machine and version of the kernels' code; a kernel
 that cannot be built or run here is skipped); `packed_file.load_packed` prepares it by default.
 

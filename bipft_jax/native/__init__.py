@@ -1,4 +1,4 @@
-"""The packed encoder's binarized products as C++ XLA custom calls (popcount), built for this machine on first use.
+"""The packed encoder's binarized products as C++ XLA custom calls (popcount), built here on first use.
 
 XLA:CPU runs packed.signed_matmul's loops one output element at a time, reloading the weight's
 words for every row. popcount_matmul.cc keeps a block of outputs in registers over the whole
