@@ -218,7 +218,7 @@ def measure_in_subprocess(name: str, paths: dict, batches: list, length: int, re
 def _child(name: str, paths: dict, batches: list, length: int, repeats: int) -> None:
   """Loads `name`, then per batch size (ascending: the peak after each is that batch's) times it."""
   if name == ROOFLINE:
-    kernels = tuple(name.removeprefix("packed_") for name in packed_contenders()[0])
+    kernels = tuple(contender.removeprefix("packed_") for contender in packed_contenders()[0])
     print("CHILD " + json.dumps({batch: kernel_rates(batch * length, repeats, kernels) for batch in batches}))
     return
   if name in TORCH or name in ORT:
