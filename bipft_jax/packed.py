@@ -28,12 +28,16 @@ refuses it by name. Binarized kernels are found by their declared kind (`model_p
 Kernels. "popcount" runs the matmuls above on the packed words as XLA loops; "native" runs every
 binarized product's counts (the Linears and the two attention products) in C++ custom calls built
 for the host on first use (`bipft_jax.native`: outputs kept in registers over the contracted axis,
-which XLA's loops do not do; the operands packed in the call). "int8" expands the weight planes
-once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized product (the
-Linears and the two attention products) as an int8 matmul with int32 accumulation, on the int8
-units of the host (AMX, VNNI) or accelerator. All three give the same integer counts, so the same
-outputs bit for bit; the file stays 1-bit, but int8's weights take one byte each in memory (8x the
-planes: BERT-base's 85M binarized weights, 10.6 MB -> 85 MB). "auto" picks the fastest on this machine by a one-time measurement of a
+which XLA's loops do not do; the operands packed in the call); for it `prepare` also replaces each
+FFN's GELU: the output Linear's input signs are then a function of the input Linear's integer
+counts, channel by channel, computed once for every count by the forward's own expressions and
+stored as step functions (`ffn_steps`, 16 bytes a channel), so GELU never runs and the intermediate
+activation never exists as floats. "int8" expands the weight planes once, at load (`prepare`), into
+int8 {-1, 0, 1} matrices and runs every binarized product (the Linears and the two attention
+products) as an int8 matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or
+accelerator. All three give the same integer counts, so the same outputs bit for bit; the file stays
+1-bit, but int8's weights take one byte each in memory (8x the planes: BERT-base's 85M binarized
+weights, 10.6 MB -> 85 MB). "auto" picks the fastest on this machine by a one-time measurement of a
 one-layer encoder (precision.choose, cached per machine and version of the kernels' code; a kernel
 that cannot be built or run here is skipped); `packed_file.load_packed` prepares it by default.
 
@@ -63,6 +67,7 @@ PACKED_HEADS = ("encoder", "classification")
 REMAINDER_DTYPES = {"float16": np.float16, "float32": np.float32}  # how an export stores the FP tensors
 KERNELS = ("popcount", "int8", "native", "auto")
 NATIVE_PREFIX = "native"  # prepare(..., "native") names the weight planes native_sign, native_nonzero...
+FFN_STEPS = "native_ffn_steps"  # and adds the FFN's step functions (ffn_steps) to its output Linear
 
 
 def num_words(k: int) -> int:
@@ -185,7 +190,7 @@ def _probs_value_counts(keep_BxHxLxL: Array, v_BxLxHxK: Array, kernel: str) -> A
   return _heads_first(unsigned_signed_matmul(pack_bits(keep_BxHxLxL), v_sign, v_nonzero).astype(jnp.float32))
 
 
-def jit(fn):
+def jit(fn, **jit_options):
   """jax.jit for the packed kernels: on CPU, compiled for 512-bit vectors where the host has them.
 
   XLA:CPU prefers 256-bit vectors by default; the popcount loops then run at half the width of
@@ -193,7 +198,7 @@ def jit(fn):
   267 ms; the int8 forward was unchanged). Hosts without AVX-512 ignore the preference.
   """
   options = {"xla_cpu_prefer_vector_width": 512} if jax.default_backend() == "cpu" else None
-  return jax.jit(fn, compiler_options=options)
+  return jax.jit(fn, compiler_options=options, **jit_options)
 
 
 def _kernel_probe(kernel: str, batch: int = 8, length: int = 128):
@@ -261,7 +266,57 @@ def prepare(config: BertConfig, packed: dict, kernel: str = "auto") -> dict:
       tree[plane_leaf("kernel_int8", plane)] = unpack_signed(sign_WxN.T, nonzero_WxN.T, k).T.astype(jnp.int8)
     return tree
 
-  return expand(packed, ())
+  prepared = expand(packed, ())
+  if kernel == "native" and steps_apply(config, packed):
+    for layer in prepared["bert"]["encoder"]["layer"].values():
+      ffn_in, ffn_out = layer["intermediate"]["dense"], layer["output"]["dense"]
+      codes_ExF = _ffn_codes(policy_of(config).linear, config.hidden_size, config.intermediate_size, ffn_in, ffn_out)
+      steps_4xF = ffn_steps(np.asarray(codes_ExF), -config.hidden_size)
+      if steps_4xF is not None:  # else this layer's GELU stays in the graph
+        ffn_out[FFN_STEPS] = jnp.asarray(steps_4xF)
+  return prepared
+
+
+def steps_apply(config: BertConfig, packed: dict) -> bool:
+  """Whether `prepare` may replace the FFN's GELU for the native kernel: a Linear binarizer with
+  elementwise activation signs and an input-independent scale (then the output Linear's input signs
+  are a function of the input Linear's counts, channel by channel), one weight plane."""
+  ffn_in = packed["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
+  return policy_of(config).linear.elementwise_activation and len(_plane_leaves(ffn_in, "kernel_sign")) == 1
+
+
+def _input_scale(op, p: dict, in_features: int) -> Array:
+  """The activation scale of a Linear whose op has `elementwise_activation` (it does not depend on x)."""
+  return op.activation_planes(jnp.zeros((in_features,)), _extras(op, p, in_features))[0]
+
+
+@functools.partial(jit, static_argnums=(0, 1, 2))
+def _ffn_codes(op, hidden: int, intermediate: int, ffn_in: dict, ffn_out: dict) -> Array:
+  """The FFN output Linear's input signs as `op` binarizes GELU(ffn_in's output), for every count c in
+  [-hidden, hidden] of ffn_in's products and every intermediate channel, coded (s < 0) | (s != 0) << 1:
+  uint32 [2 hidden + 1, intermediate]. By the forward's own expressions (_scaled_counts, GELU,
+  activation_planes), so exact by construction."""
+  counts_ExF = jnp.broadcast_to(jnp.arange(-hidden, hidden + 1, dtype=jnp.int32)[:, None],
+                                (2 * hidden + 1, intermediate))
+  y_ExF = _scaled_counts(op, ffn_in, _input_scale(op, ffn_in, hidden), [counts_ExF])
+  signs_ExF = op.activation_planes(jax.nn.gelu(y_ExF, approximate=False), _extras(op, ffn_out, intermediate))[1]
+  return (signs_ExF < 0).astype(jnp.uint32) | ((signs_ExF != 0).astype(jnp.uint32) << 1)
+
+
+def ffn_steps(codes_ExF: np.ndarray, lowest: int) -> Optional[np.ndarray]:
+  """Per-channel step functions of count -> code (codes_ExF[e] is count lowest + e's) as the native
+  kernel takes them: int32 [4, F], rows 0-2 the counts where a step starts (ascending; int32 max:
+  unused), row 3 step i's code in bits 2 i, 2 i + 1. None if a channel has more than four steps."""
+  codes_ExF = np.asarray(codes_ExF, np.uint32)
+  channel, before = np.nonzero((codes_ExF[1:] != codes_ExF[:-1]).T)  # by channel, then count
+  if len(channel) and np.bincount(channel).max() > 3:
+    return None
+  rank = np.arange(len(channel)) - np.searchsorted(channel, channel)  # change `rank` starts step rank + 1
+  steps = np.full((4, codes_ExF.shape[1]), np.iinfo(np.int32).max, np.int64)
+  steps[rank, channel] = lowest + before + 1
+  steps[3] = codes_ExF[0]
+  np.bitwise_or.at(steps[3], channel, codes_ExF[before + 1, channel].astype(np.int64) << (2 * (rank + 1)))
+  return steps.astype(np.uint32).view(np.int32)
 
 
 # --- packing a student's parameters ---------------------------------------------
@@ -418,16 +473,24 @@ def _unfused(fn, x: Array, always_true: Array) -> Array:
   return jax.lax.cond(always_true, fn, lambda _: jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out), x)
 
 
+def _extras(op, p: dict, in_features: int) -> dict:
+  return {name: p[name] for name in op.init_extras(in_features, p["bias"].shape[-1])}
+
+
 def _binary_dense(op, p: dict, x_xK: Array) -> Array:
   """The LinearOp `op` on packed planes: sum over weight planes of (a_scale w_scale) counts (+ bias)."""
-  extras = {name: p[name] for name in op.init_extras(x_xK.shape[-1], p["bias"].shape[-1])}
-
+  extras = _extras(op, p, x_xK.shape[-1])
   counts = lambda x: _weight_counts(p, op.activation_planes(x, extras)[1])
   if _kernel_of(p) != "popcount":  # int8 products and custom calls are not fused into their neighbours
     counts_xN = counts(x_xK)
   else:  # only the integer counts: the scaling after them is the int8 kernel's, rounded alike
     counts_xN = _unfused(counts, x_xK, always_true=~jnp.isnan(x_xK.reshape(-1)[0]))  # true, but not to XLA
   x_scale = op.activation_planes(x_xK, extras)[0]  # the signs half of this call is unused, so dropped
+  return _scaled_counts(op, p, x_scale, counts_xN)
+
+
+def _scaled_counts(op, p: dict, x_scale: Array, counts_xN: list) -> Array:
+  """A packed Linear's output from its planes' integer counts: sum of (x_scale w_scale) counts (+ bias)."""
   terms = [plane_counts_xN.astype(jnp.float32) * (x_scale * p[leaf])
            for leaf, plane_counts_xN in zip(_plane_leaves(p, "kernel_scale"), counts_xN)]
   y_xN = sum(terms[1:], terms[0])
@@ -488,9 +551,17 @@ def _layer(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: BertConfig
   out = attention["output"]
   attended_BxLxD = _layer_norm(out["LayerNorm"], _binary_dense(op, out["dense"], context_BxLxD) + x_BxLxD,
                                config)
-  h_BxLxF = jax.nn.gelu(_binary_dense(op, p["intermediate"]["dense"], attended_BxLxD), approximate=False)
-  out = p["output"]
-  return _layer_norm(out["LayerNorm"], _binary_dense(op, out["dense"], h_BxLxF) + attended_BxLxD, config)
+  ffn_in, ffn_out = p["intermediate"]["dense"], p["output"]["dense"]
+  if FFN_STEPS in ffn_out:  # GELU and ffn_out's signs as step functions of ffn_in's counts (see prepare)
+    extras = _extras(op, ffn_in, config.hidden_size)
+    counts_BxLxF = _weight_counts(ffn_in, op.activation_planes(attended_BxLxD, extras)[1])[0]
+    counts_BxLxD = [native.kernels().steps_linear_counts(counts_BxLxF, ffn_out[FFN_STEPS], w_sign, w_nonzero)
+                    for w_sign, w_nonzero in _weight_planes(ffn_out, NATIVE_PREFIX)]
+    dense_BxLxD = _scaled_counts(op, ffn_out, _input_scale(op, ffn_out, config.intermediate_size), counts_BxLxD)
+  else:
+    h_BxLxF = jax.nn.gelu(_binary_dense(op, ffn_in, attended_BxLxD), approximate=False)
+    dense_BxLxD = _binary_dense(op, ffn_out, h_BxLxF)
+  return _layer_norm(p["output"]["LayerNorm"], dense_BxLxD + attended_BxLxD, config)
 
 
 def forward(config: BertConfig, head: str, packed: dict, input_ids_BxL: Array,

@@ -89,7 +89,8 @@ def bipft(weight: Callable[[Array], Array], activation: binarize.ActivationBinar
     return binarize.clamped(extras["input_alpha"]), api.activation_signs(x + extras["move_bias"])
 
   return api.LinearOp(name=BIPFT, apply=apply, init_extras=init_extras, calibrate=calibrate,
-                      weight_planes=weight_planes, activation_planes=activation_planes, doc=bipft.__doc__)
+                      weight_planes=weight_planes, activation_planes=activation_planes,
+                      elementwise_activation=True, doc=bipft.__doc__)
 
 
 def _lookup(table_VxD: Array, ids: Array) -> Array:

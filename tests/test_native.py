@@ -47,6 +47,39 @@ def test_linear_counts_equal_integer_matmul(kernels, m, k, n, weight_zeros):
   np.testing.assert_array_equal(got, np.einsum("bmk,kn->bmn", x.astype(np.int64), w.astype(np.int64)))
 
 
+def _random_steps(rng, k, lowest, highest):
+  """Per-channel step functions as steps_linear_counts takes them (0-3 starts, codes zero/+/-), and
+  the signs they give every count in [lowest, highest]: [counts, k]."""
+  unused = np.iinfo(np.int32).max
+  steps = np.full((4, k), unused, np.int64)
+  signs = np.zeros((highest - lowest + 1, k))
+  counts = np.arange(lowest, highest + 1)
+  for channel in range(k):
+    starts = np.sort(rng.choice(np.arange(lowest + 1, highest + 1), rng.integers(0, 4), replace=False))
+    codes = rng.choice([0, 2, 3], 4)  # zero, positive, negative
+    steps[:len(starts), channel] = starts
+    steps[3, channel] = sum(int(code) << (2 * i) for i, code in enumerate(codes))
+    signs[:, channel] = np.array([0, 0, 1, -1])[codes[np.searchsorted(starts, counts, side="right")]]
+  return jnp.asarray(steps.astype(np.uint32).view(np.int32)), signs
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("weight_zeros", [False, True])
+def test_steps_linear_counts_equal_integer_matmul(kernels, m, k, n, weight_zeros):
+  """A Linear whose input signs are step functions of integer counts (the FFN without its GELU):
+  counts on and around every step's start included."""
+  rng = np.random.default_rng(m * k * n + 1)
+  steps, signs = _random_steps(rng, k, -20, 20)
+  counts = rng.integers(-20, 21, (2, m, k))
+  w = ternary(rng, (k, n), 0.2 if weight_zeros else 0.0)
+  w_sign, w_nonzero = _weight_planes(w)
+  got = jax.jit(kernels.steps_linear_counts)(jnp.asarray(counts, jnp.int32), steps, w_sign,
+                                             w_nonzero if weight_zeros else None)
+  assert got.dtype == jnp.int32 and got.shape == (2, m, n)
+  x = np.take_along_axis(signs, counts.reshape(-1, k) + 20, axis=0).reshape(2, m, k)
+  np.testing.assert_array_equal(got, np.einsum("bmk,kn->bmn", x.astype(np.int64), w.astype(np.int64)))
+
+
 def test_linear_packs_signs_as_pack_signed_does(kernels):
   """-0 counts as zero and NaN as a positive nonzero, as the XLA path's planes have them; eager
   calls equal jitted ones."""
@@ -65,6 +98,9 @@ def test_linear_packs_signs_as_pack_signed_does(kernels):
 def test_operands_that_do_not_fit_are_refused(kernels):
   with pytest.raises(Exception, match="a Linear's operands must be"):
     jax.block_until_ready(kernels.linear_counts(jnp.zeros((4, 70)), jnp.zeros((2, 5), jnp.uint32)))  # 3 words
+  with pytest.raises(Exception, match="a Linear on step functions takes"):
+    jax.block_until_ready(kernels.steps_linear_counts(jnp.zeros((4, 70), jnp.int32), jnp.zeros((3, 70), jnp.int32),
+                                                      jnp.zeros((3, 5), jnp.uint32)))
 
 
 # [B, L, H, K] queries against [B, S, H, K] keys: L and S off the 4-row blocks, the 8- and 16-column

@@ -162,10 +162,23 @@ def test_exact_zeros_in_weights_and_embedding_stay_exact():
   np.testing.assert_allclose(ours["logits"], simulated["logits"], atol=1e-4)
 
 
-@pytest.mark.parametrize("zeros", [False, True])
-def test_kernels_equal_popcount_exactly(zeros, exact_kernels):
+def _in_gelu_dip(params):
+  """`params` with every FFN's counts scaled up (x20) and positive move biases after its GELU, so that
+  sign(GELU(y) + m) is +, -, + along y: GELU dips below -m only for y between about -2 and 0."""
+  flat = flax.traverse_util.flatten_dict(params)
+  for path in list(flat):
+    if path[-3:] == ("intermediate", "dense", "kernel"):
+      flat[path] = 20 * flat[path]
+    if path[-3:] == ("output", "dense", "move_bias") and "attention" not in path:
+      flat[path] = 0.02 + jnp.abs(flat[path])
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+@pytest.mark.parametrize("variant", ["plain", "zeros", "gelu_dip"])
+def test_kernels_equal_popcount_exactly(variant, exact_kernels):
   config, _, params, batch = _trained_like_student()
-  params = _with_exact_zeros(params) if zeros else params
+  params = {"plain": lambda p: p, "zeros": _with_exact_zeros, "gelu_dip": _in_gelu_dip}[variant](params)
+  zeros = variant == "zeros"
   head, packed_params = packed.pack_params(config, "classification", params)
   assert packed.prepare(config, packed_params, "popcount") is packed_params
   original = packed_params["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
@@ -177,10 +190,48 @@ def test_kernels_equal_popcount_exactly(zeros, exact_kernels):
     if kernel == "int8":
       assert dense["kernel_int8"].dtype == jnp.int8 and dense["kernel_int8"].shape == (TINY["hidden_size"], 72)
       assert (0 in np.asarray(dense["kernel_int8"])) == zeros
-    else:  # the same planes under the names that select the custom call
+    else:  # the same planes under the names that select the custom call; the FFN's GELU as step functions
       assert dense["native_sign"] is original["kernel_sign"] and ("native_nonzero" in dense) == zeros
+      steps = np.asarray(prepared["bert"]["encoder"]["layer"]["0"]["output"]["dense"][packed.FFN_STEPS])
+      if variant == "gelu_dip":  # some channel's signs go +, -, + as its count rises
+        assert np.any((steps[3] & 0b111111) == 0b10_11_10)
     for got, want in zip(jax.tree.leaves(_run_packed(config, head, prepared, batch)), jax.tree.leaves(popcount)):
       np.testing.assert_array_equal(got, want)
+
+
+def test_ffn_steps_encode_every_count():
+  """Step functions of count -> (sign, nonzero) code decode to the codes they were made from, for
+  every count; a channel with more than four steps has no encoding (its layer keeps GELU)."""
+  rng = np.random.default_rng(5)
+  entries, channels, lowest = 97, 300, -48
+  codes = np.zeros((entries, channels), np.uint32)
+  for channel in range(channels):
+    starts = np.sort(rng.choice(np.arange(1, entries), rng.integers(0, 4), replace=False))
+    values = rng.choice([0, 2, 3], len(starts) + 1)  # zero, positive, negative
+    codes[:, channel] = values[np.searchsorted(starts, np.arange(entries), side="right")]
+  steps = packed.ffn_steps(codes, lowest)
+  assert steps.dtype == np.int32 and steps.shape == (4, channels)
+  counts = np.arange(lowest, lowest + entries)[:, None]
+  step = (counts >= steps[None, 0]).astype(int) + (counts >= steps[None, 1]) + (counts >= steps[None, 2])
+  np.testing.assert_array_equal((steps[3].view(np.uint32)[None] >> (2 * step)) & 3, codes)
+  codes[[10, 20, 30, 40], 7] = 3 - codes[[10, 20, 30, 40], 7]  # channel 7: at least five steps now
+  assert packed.ffn_steps(codes, lowest) is None
+
+
+def test_a_layer_whose_steps_do_not_fit_keeps_its_gelu(exact_kernels, monkeypatch):
+  if "native" not in exact_kernels:
+    pytest.skip("no C++ compiler here: the native kernel is left out")
+  config, _, params, batch = _trained_like_student()
+  head, packed_params = packed.pack_params(config, "classification", params)
+  encode = packed.ffn_steps
+  calls = []
+  monkeypatch.setattr(packed, "ffn_steps", lambda *a: calls.append(1) or (None if len(calls) == 2 else encode(*a)))
+  prepared = packed.prepare(config, packed_params, "native")
+  layers = prepared["bert"]["encoder"]["layer"]
+  assert packed.FFN_STEPS in layers["0"]["output"]["dense"] and packed.FFN_STEPS not in layers["1"]["output"]["dense"]
+  for got, want in zip(jax.tree.leaves(_run_packed(config, head, prepared, batch)),
+                       jax.tree.leaves(_run_packed(config, head, packed_params, batch))):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_int8_kernel_compiles_to_int8_products_and_no_branches():

@@ -8,7 +8,9 @@ intra-op threads. Same integer counts, exactly. Attention's two products get cal
 one (batch, head) per work item: per head they are small (K = 64 is one 64-bit word), so their
 operands are packed in natural bit order into 64-bit words, read row by row for every head at
 once (head by head, the strided reads missed the caches), and the counts come back as float32
-in the layout the graph continues with. `packed.prepare(..., "native")` selects the calls, and
+in the layout the graph continues with. The FFN's output Linear can also take its input as the
+previous Linear's integer counts and per-channel step functions of them (GELU and its binarizer,
+tabulated by packed.prepare). `packed.prepare(..., "native")` selects the calls, and
 "auto" measures them against the other kernels like any of them.
 
 Built with the host's C++ compiler (`$CXX`, else c++, g++ or clang++; -O3 -march=native against
@@ -39,8 +41,10 @@ SOURCE = pathlib.Path(__file__).with_name("popcount_matmul.cc")
 COMPILERS = ("c++", "g++", "clang++")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # The handlers the library exports: a Linear whose weight has no exact zero (sign planes only) or has
-# some; attention's two products per head.
+# some, from float signs or from step functions of the previous Linear's counts; attention's two
+# products per head.
 HANDLERS = {"linear": "BipftPopcountLinear", "linear_masked": "BipftPopcountLinearMasked",
+            "linear_steps": "BipftPopcountLinearSteps", "linear_steps_masked": "BipftPopcountLinearStepsMasked",
             "query_key": "BipftPopcountQueryKey", "probs_value": "BipftPopcountProbsValue"}
 
 
@@ -104,6 +108,21 @@ class Kernels:
       out = self._call("linear", out_shape, x_MxK, w_sign_WxN)
     else:
       out = self._call("linear_masked", out_shape, x_MxK, w_sign_WxN, w_nonzero_WxN)
+    return out.reshape(*lead, -1)
+
+  def steps_linear_counts(self, counts_xK: Array, steps_4xK: Array, w_sign_WxN: Array,
+                          w_nonzero_WxN: Optional[Array] = None) -> Array:
+    """Exact int32 [..., N] counts s . w of a Linear whose input signs s are step functions of the
+    previous Linear's int32 counts c, channel by channel: with steps[0..2, k] the counts where a step
+    starts (ascending; int32 max: unused), s_k(c) is step i = #(steps[:3, k] <= c), whose sign bit
+    (s < 0) is bit 2 i of steps[3, k] and nonzero bit (s != 0) bit 2 i + 1."""
+    lead, k = counts_xK.shape[:-1], counts_xK.shape[-1]
+    counts_MxK = counts_xK.astype(jnp.int32).reshape(math.prod(lead), k)
+    out_shape = (counts_MxK.shape[0], w_sign_WxN.shape[-1])
+    if w_nonzero_WxN is None:
+      out = self._call("linear_steps", out_shape, counts_MxK, steps_4xK, w_sign_WxN)
+    else:
+      out = self._call("linear_steps_masked", out_shape, counts_MxK, steps_4xK, w_sign_WxN, w_nonzero_WxN)
     return out.reshape(*lead, -1)
 
   def query_key_counts(self, q_BxLxHxK: Array, k_BxSxHxK: Array) -> Array:

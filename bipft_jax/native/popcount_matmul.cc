@@ -15,7 +15,9 @@
 //   kSigned        diff += popcount((xs ^ ws) & xn)               out = popcount(xn) - 2 diff
 //   kSignedMasked  both = xn & wn; total += popcount(both); diff += popcount((xs ^ ws) & both)
 //                                                                  out = total - 2 diff
-// (kSignedMasked when the weight has exact zeros: then it carries a nonzero plane.)
+// (kSignedMasked when the weight has exact zeros: then it carries a nonzero plane.) The FFN's output
+// Linear may instead take the input Linear's int32 counts and, per channel, a step function of the
+// count giving the sign (LinearSteps: GELU and the binarizer tabulated by packed.prepare).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -224,23 +226,85 @@ void pack_row(const float* x, int64_t k_len, int64_t words, uint32_t* sign, uint
 #endif
 }
 
-// A Linear: x's signs as float32 [M, K] (packed here, both threads), the weight's planes [W, N].
+// Packs one row of the previous Linear's K integer counts through per-channel step functions
+// instead (see LinearSteps): the signs of input channel k are a step function of its count c with at
+// most four steps, steps[0..2, k] the counts where a step starts (ascending; INT32_MAX: unused) and
+// bits 2 i, 2 i + 1 of steps[3, k] step i's sign bit (s < 0) and nonzero bit (s != 0). Bit order and
+// padding as pack_row's.
+void pack_row_steps(const int32_t* counts, int64_t k_len, int64_t words, const int32_t* steps, uint32_t* sign,
+                    uint32_t* nonzero) {
+  const int32_t *first = steps, *second = steps + k_len, *third = steps + 2 * k_len;
+  const uint32_t* codes = (const uint32_t*)(steps + 3 * k_len);
+#ifdef BIPFT_AVX512
+  const Vec one = broadcast(1), two = broadcast(2);
+  for (int64_t w0 = 0; w0 < words; w0 += kLanes) {
+    const int valid_words = (int)std::min<int64_t>(kLanes, words - w0);
+    Vec negative = zero(), nonzero_bits = zero();
+    for (int j = 0; j < 32; ++j) {
+      const int64_t start = j * words + w0;
+      if (start >= k_len) break;
+      const __mmask16 valid = lane_mask((int)std::min<int64_t>(valid_words, k_len - start));
+      const Vec c = _mm512_maskz_loadu_epi32(valid, counts + start);
+      Vec shift = _mm512_maskz_mov_epi32(_mm512_cmpge_epi32_mask(c, load((const uint32_t*)first + start, valid)), two);
+      shift = _mm512_mask_add_epi32(shift, _mm512_cmpge_epi32_mask(c, load((const uint32_t*)second + start, valid)),
+                                    shift, two);
+      shift = _mm512_mask_add_epi32(shift, _mm512_cmpge_epi32_mask(c, load((const uint32_t*)third + start, valid)),
+                                    shift, two);
+      const Vec code = _mm512_srlv_epi32(load(codes + start, valid), shift);
+      const Vec bit = broadcast(1u << j);
+      negative = _mm512_mask_or_epi32(negative, _mm512_mask_test_epi32_mask(valid, code, one), negative, bit);
+      nonzero_bits = _mm512_mask_or_epi32(nonzero_bits, _mm512_mask_test_epi32_mask(valid, code, two),
+                                          nonzero_bits, bit);
+    }
+    store((int32_t*)sign + w0, negative, valid_words);
+    store((int32_t*)nonzero + w0, nonzero_bits, valid_words);
+  }
+#else
+  for (int64_t w = 0; w < words; ++w) {
+    uint32_t negative = 0, nonzero_bits = 0;
+    for (int j = 0; j < 32 && j * words + w < k_len; ++j) {
+      const int64_t k = j * words + w;
+      const int32_t c = counts[k];
+      const int step = (c >= first[k]) + (c >= second[k]) + (c >= third[k]);
+      const uint32_t code = codes[k] >> (2 * step);
+      negative |= (code & 1u) << j;
+      nonzero_bits |= ((code >> 1) & 1u) << j;
+    }
+    sign[w] = negative;
+    nonzero[w] = nonzero_bits;
+  }
+#endif
+}
+
+// The product of x's planes, packed row by row by pack(row, sign, nonzero) on both threads, with the
+// weight's planes [W, N] into out [M, N].
+template <Mode mode, typename Pack>
+void packed_product(ffi::ThreadPool& pool, int64_t m, const uint32_t* ws, const uint32_t* wn, int64_t words, int64_t n,
+                    int32_t* out, Pack pack) {
+  std::unique_ptr<uint32_t[]> planes(new uint32_t[2 * m * words]);
+  uint32_t *sign = planes.get(), *nonzero = planes.get() + m * words;
+  constexpr int64_t kPackRows = 64;
+  parallel_for(pool, (m + kPackRows - 1) / kPackRows, [&](int64_t item) {
+    for (int64_t row = item * kPackRows; row < std::min(m, (item + 1) * kPackRows); ++row)
+      pack(row, sign + row * words, nonzero + row * words);
+  });
+  const Problem pr{sign, nonzero, ws, wn, m, words, n, out};
+  parallel_for(pool, (n + kBlockColumns - 1) / kBlockColumns, [&pr](int64_t item) { column_block<mode>(pr, item); });
+}
+
+// A Linear: x's signs as float32 [M, K] (packed here), the weight's planes [W, N].
 template <Mode mode>
 ffi::Error linear_product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> ws,
                           const uint32_t* wn, ffi::ResultBuffer<ffi::S32> out) {
   const auto x_dims = x.dimensions(), w_dims = ws.dimensions();
   if (x_dims.size() != 2 || w_dims.size() != 2 || w_dims[0] != (x_dims[1] + 31) / 32)
     return ffi::Error::InvalidArgument("popcount_matmul: a Linear's operands must be [M, K] and [ceil(K / 32), N]");
-  const int64_t m = x_dims[0], k_len = x_dims[1], words = w_dims[0];
-  std::unique_ptr<uint32_t[]> planes(new uint32_t[2 * m * words]);
-  uint32_t *sign = planes.get(), *nonzero = planes.get() + m * words;
-  constexpr int64_t kPackRows = 64;
-  parallel_for(pool, (m + kPackRows - 1) / kPackRows, [&](int64_t item) {
-    for (int64_t row = item * kPackRows; row < std::min(m, (item + 1) * kPackRows); ++row)
-      pack_row(x.typed_data() + row * k_len, k_len, words, sign + row * words, nonzero + row * words);
-  });
-  const Problem pr{sign, nonzero, ws.typed_data(), wn, m, words, w_dims[1], out->typed_data()};
-  parallel_for(pool, (pr.n + kBlockColumns - 1) / kBlockColumns, [&pr](int64_t item) { column_block<mode>(pr, item); });
+  const int64_t k_len = x_dims[1], words = w_dims[0];
+  const float* data = x.typed_data();
+  packed_product<mode>(pool, x_dims[0], ws.typed_data(), wn, words, w_dims[1], out->typed_data(),
+                       [&](int64_t row, uint32_t* sign, uint32_t* nonzero) {
+                         pack_row(data + row * k_len, k_len, words, sign, nonzero);
+                       });
   return ffi::Error::Success();
 }
 
@@ -252,6 +316,36 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
 ffi::Error LinearMasked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> ws,
                         ffi::Buffer<ffi::U32> wn, ffi::ResultBuffer<ffi::S32> out) {
   return linear_product<kSignedMasked>(pool, x, ws, wn.typed_data(), out);
+}
+
+// A Linear whose input signs are step functions of the previous Linear's integer counts, channel by
+// channel (the FFN's output Linear: GELU and its binarizer over the input Linear's counts, packed.py's
+// _ffn_steps): counts int32 [M, K], steps int32 [4, K] (pack_row_steps), the weight's planes [W, N].
+template <Mode mode>
+ffi::Error steps_product(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> steps,
+                         ffi::Buffer<ffi::U32> ws, const uint32_t* wn, ffi::ResultBuffer<ffi::S32> out) {
+  const auto c_dims = counts.dimensions(), s_dims = steps.dimensions(), w_dims = ws.dimensions();
+  if (c_dims.size() != 2 || s_dims.size() != 2 || w_dims.size() != 2 || s_dims[0] != 4 || s_dims[1] != c_dims[1] ||
+      w_dims[0] != (c_dims[1] + 31) / 32)
+    return ffi::Error::InvalidArgument(
+        "popcount_matmul: a Linear on step functions takes [M, K] counts, [4, K] steps and [ceil(K / 32), N] planes");
+  const int64_t k_len = c_dims[1], words = w_dims[0];
+  const int32_t* data = counts.typed_data();
+  packed_product<mode>(pool, c_dims[0], ws.typed_data(), wn, words, w_dims[1], out->typed_data(),
+                       [&](int64_t row, uint32_t* sign, uint32_t* nonzero) {
+                         pack_row_steps(data + row * k_len, k_len, words, steps.typed_data(), sign, nonzero);
+                       });
+  return ffi::Error::Success();
+}
+
+ffi::Error LinearSteps(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> steps,
+                       ffi::Buffer<ffi::U32> ws, ffi::ResultBuffer<ffi::S32> out) {
+  return steps_product<kSigned>(pool, counts, steps, ws, nullptr, out);
+}
+
+ffi::Error LinearStepsMasked(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> steps,
+                             ffi::Buffer<ffi::U32> ws, ffi::Buffer<ffi::U32> wn, ffi::ResultBuffer<ffi::S32> out) {
+  return steps_product<kSignedMasked>(pool, counts, steps, ws, wn.typed_data(), out);
 }
 
 // --- attention's two products, per (batch, head) -----------------------------------------------
@@ -478,6 +572,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BipftPopcountLinearMasked, LinearMasked,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BipftPopcountLinearSteps, LinearSteps,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BipftPopcountLinearStepsMasked, LinearStepsMasked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());

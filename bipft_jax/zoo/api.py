@@ -55,6 +55,8 @@ class LinearOp:
   activation_planes(x_...xI, extras) -> (scale, signs_...xI): the inference activation as one
     scaled sign plane; None when it is not one (8-bit, noise terms, full precision).
   uses_bias: whether the forward adds `bias` (Bi-Real and ReAct own one but never add it).
+  elementwise_activation: activation_planes' signs are elementwise in x (channel by channel) and its
+    scale does not depend on x, so a packed forward may tabulate them (packed.py's FFN table).
   """
   name: str
   apply: Callable[..., Array]
@@ -63,6 +65,7 @@ class LinearOp:
   weight_planes: Optional[Callable[[Array, dict], list]] = None
   activation_planes: Optional[Callable[[Array, dict], Plane]] = None
   uses_bias: bool = True
+  elementwise_activation: bool = False
   doc: str = ""
 
   @property

@@ -33,7 +33,7 @@ def _bnn_apply(x, kernel, bias, extras, *, train):
 def bnn() -> api.LinearOp:
   """BNN: y = sign(x) @ sign(W) + b; both gradients pass where |v| <= 1 (+-1 included)."""
   return api.LinearOp("bnn", _bnn_apply, api.no_extras, weight_planes=_sign_planes,
-                      activation_planes=_sign_activation, doc=bnn.__doc__)
+                      activation_planes=_sign_activation, elementwise_activation=True, doc=bnn.__doc__)
 
 
 # --- XNOR ---------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def xnorplusplus() -> api.LinearOp:
   extras = _output_scale_extras("o_scale", jax.nn.initializers.ones)
   return api.LinearOp("xnorplusplus", _xnorpp_apply, extras,
                       weight_planes=lambda kernel, extras: [(extras["o_scale"], jnp.sign(kernel))],
-                      activation_planes=_sign_activation, doc=xnorplusplus.__doc__)
+                      activation_planes=_sign_activation, elementwise_activation=True, doc=xnorplusplus.__doc__)
 
 
 # --- DoReFa -------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def dorefa() -> api.LinearOp:
   """BiBench's 1-bit DoReFa: y = sign(x) @ (mean|W| * sign(W)) + b, scale per output channel
   (detached); windows |v| < 1 (v = +-1 blocked); the weight gradient is times the scale."""
   return api.LinearOp("dorefa", _dorefa_apply, api.no_extras, weight_planes=_abs_mean_planes,
-                      activation_planes=_sign_activation, doc=dorefa.__doc__)
+                      activation_planes=_sign_activation, elementwise_activation=True, doc=dorefa.__doc__)
 
 
 # --- Bi-Real and ReAct --------------------------------------------------------------------------
@@ -132,7 +132,8 @@ def bireal() -> api.LinearOp:
   it). d/dx = p'(x) (2 + 2x on [-1, 0), 2 - 2x on [0, 1), else 0); d/dW = 1 on [-1, 1], not times
   the scale."""
   return api.LinearOp("bireal", _bireal_apply, api.no_extras, weight_planes=_abs_mean_planes,
-                      activation_planes=_sign_activation, uses_bias=False, doc=bireal.__doc__)
+                      activation_planes=_sign_activation, elementwise_activation=True, uses_bias=False,
+                      doc=bireal.__doc__)
 
 
 def _react_extras(in_features, out_features):
@@ -143,7 +144,8 @@ def react() -> api.LinearOp:
   """ReActNet: Bi-Real with a learned per-input-channel threshold t (init 0) that, as released,
   only shifts the gradient window: forward sign(x), backward p'(x + t); t gets sum g * p'(x + t)."""
   return api.LinearOp("react", _react_apply, _react_extras, weight_planes=_abs_mean_planes,
-                      activation_planes=_sign_activation, uses_bias=False, doc=react.__doc__)
+                      activation_planes=_sign_activation, elementwise_activation=True, uses_bias=False,
+                      doc=react.__doc__)
 
 
 # --- ReCU ---------------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def recu(tau: float = 1.0) -> api.LinearOp:
   return api.LinearOp("recu", apply, _output_scale_extras("alpha", jax.nn.initializers.uniform(1.0)),
                       weight_planes=lambda kernel, extras: [
                           (extras["alpha"], jnp.sign(_recu_weight(kernel, tau)))],
-                      activation_planes=_sign_activation, doc=recu.__doc__)
+                      activation_planes=_sign_activation, elementwise_activation=True, doc=recu.__doc__)
 
 
 # --- FDA ----------------------------------------------------------------------------------------
