@@ -28,18 +28,19 @@ refuses it by name. Binarized kernels are found by their declared kind (`model_p
 Kernels. "popcount" runs the matmuls above on the packed words as XLA loops; "native" runs every
 binarized product's counts (the Linears and the two attention products) in C++ custom calls built
 for the host on first use (`bipft_jax.native`: outputs kept in registers over the contracted axis,
-which XLA's loops do not do; the operands packed in the call); for it `prepare` also replaces each
-FFN's GELU: the output Linear's input signs are then a function of the input Linear's integer
-counts, channel by channel, computed once for every count by the forward's own expressions and
-stored as step functions (`ffn_steps`, 16 bytes a channel), so GELU never runs and the intermediate
-activation never exists as floats. "int8" expands the weight planes once, at load (`prepare`), into
-int8 {-1, 0, 1} matrices and runs every binarized product (the Linears and the two attention
-products) as an int8 matmul with int32 accumulation, on the int8 units of the host (AMX, VNNI) or
-accelerator. All three give the same integer counts, so the same outputs bit for bit; the file stays
-1-bit, but int8's weights take one byte each in memory (8x the planes: BERT-base's 85M binarized
-weights, 10.6 MB -> 85 MB). "auto" picks the fastest on this machine by a one-time measurement of a
-one-layer encoder (precision.choose, cached per machine and version of the kernels' code; a kernel
-that cannot be built or run here is skipped); `packed_file.load_packed` prepares it by default.
+which XLA's loops do not do; the operands packed in the call). "int8" expands the weight planes
+once, at load (`prepare`), into int8 {-1, 0, 1} matrices and runs every binarized product (the
+Linears and the two attention products) as an int8 matmul with int32 accumulation, on the int8 units
+of the host (AMX, VNNI) or accelerator. All three give the same integer counts, so the same outputs
+bit for bit; the file stays 1-bit, but int8's weights take one byte each in memory (8x the planes:
+BERT-base's 85M binarized weights, 10.6 MB -> 85 MB). "auto" picks the fastest on this machine by a
+one-time measurement of a one-layer encoder (precision.choose, cached per machine and version of the
+kernels' code; a kernel that cannot be built or run here is skipped); `packed_file.load_packed`
+prepares it by default. For native and int8, `prepare` also replaces each FFN's GELU: the output
+Linear's input signs are a function of the input Linear's integer counts, channel by channel,
+computed once for every count by the forward's own expressions and kept as step functions
+(`ffn_steps`, 16 bytes a channel), so GELU never runs (the native call reads the counts through
+them; int8 decodes them in XLA). popcount keeps GELU, the reference the other two equal bit for bit.
 
 Shapes: as in model.py, plus W words along the contracted axis (ceil(K / 32)).
 """
@@ -241,7 +242,9 @@ def prepare(config: BertConfig, packed: dict, kernel: str = "auto") -> dict:
   """`packed` ready for `forward` on `kernel`: unchanged for popcount; for native the same planes
   under the names that select the custom call (`native_sign`, `native_nonzero`...); for int8 each
   binarized Linear's planes replaced by int8 {-1, 0, 1} kernels (`kernel_int8`, `kernel_int8_1`...:
-  [K, N], 1 byte a weight). native.Unavailable (a UserError) where native cannot be built or run."""
+  [K, N], 1 byte a weight); for both, each FFN's GELU as step functions of its counts (`FFN_STEPS`,
+  see `ffn_steps`) where the binarizer allows. popcount keeps GELU: the reference the others equal.
+  native.Unavailable (a UserError) where native cannot be built or run."""
   kernel = resolve_kernel(kernel)
   if kernel == "popcount":
     return packed
@@ -267,7 +270,7 @@ def prepare(config: BertConfig, packed: dict, kernel: str = "auto") -> dict:
     return tree
 
   prepared = expand(packed, ())
-  if kernel == "native" and steps_apply(config, packed):
+  if steps_apply(config, packed):
     for layer in prepared["bert"]["encoder"]["layer"].values():
       ffn_in, ffn_out = layer["intermediate"]["dense"], layer["output"]["dense"]
       codes_ExF = _ffn_codes(policy_of(config).linear, config.hidden_size, config.intermediate_size, ffn_in, ffn_out)
@@ -473,6 +476,13 @@ def _unfused(fn, x: Array, always_true: Array) -> Array:
   return jax.lax.cond(always_true, fn, lambda _: jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out), x)
 
 
+def _step_signs(counts_xF: Array, steps_4xF: Array) -> Array:
+  """The int8 signs {-1, 0, 1} that `ffn_steps`' step functions give the counts."""
+  step_xF = sum((counts_xF >= steps_4xF[i]).astype(jnp.int32) for i in range(3))
+  code_xF = (steps_4xF[3] >> (2 * step_xF)) & 3  # codes use bits 0-7: the shift never meets the sign bit
+  return jnp.where(code_xF & 2, jnp.where(code_xF & 1, -1, 1), 0).astype(jnp.int8)
+
+
 def _extras(op, p: dict, in_features: int) -> dict:
   return {name: p[name] for name in op.init_extras(in_features, p["bias"].shape[-1])}
 
@@ -555,8 +565,11 @@ def _layer(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: BertConfig
   if FFN_STEPS in ffn_out:  # GELU and ffn_out's signs as step functions of ffn_in's counts (see prepare)
     extras = _extras(op, ffn_in, config.hidden_size)
     counts_BxLxF = _weight_counts(ffn_in, op.activation_planes(attended_BxLxD, extras)[1])[0]
-    counts_BxLxD = [native.kernels().steps_linear_counts(counts_BxLxF, ffn_out[FFN_STEPS], w_sign, w_nonzero)
-                    for w_sign, w_nonzero in _weight_planes(ffn_out, NATIVE_PREFIX)]
+    if _kernel_of(ffn_out) == "native":  # the call reads the counts through the steps itself
+      counts_BxLxD = [native.kernels().steps_linear_counts(counts_BxLxF, ffn_out[FFN_STEPS], w_sign, w_nonzero)
+                      for w_sign, w_nonzero in _weight_planes(ffn_out, NATIVE_PREFIX)]
+    else:
+      counts_BxLxD = _weight_counts(ffn_out, _step_signs(counts_BxLxF, ffn_out[FFN_STEPS]))
     dense_BxLxD = _scaled_counts(op, ffn_out, _input_scale(op, ffn_out, config.intermediate_size), counts_BxLxD)
   else:
     h_BxLxF = jax.nn.gelu(_binary_dense(op, ffn_in, attended_BxLxD), approximate=False)

@@ -190,11 +190,12 @@ def test_kernels_equal_popcount_exactly(variant, exact_kernels):
     if kernel == "int8":
       assert dense["kernel_int8"].dtype == jnp.int8 and dense["kernel_int8"].shape == (TINY["hidden_size"], 72)
       assert (0 in np.asarray(dense["kernel_int8"])) == zeros
-    else:  # the same planes under the names that select the custom call; the FFN's GELU as step functions
+    else:  # the same planes under the names that select the custom call
       assert dense["native_sign"] is original["kernel_sign"] and ("native_nonzero" in dense) == zeros
-      steps = np.asarray(prepared["bert"]["encoder"]["layer"]["0"]["output"]["dense"][packed.FFN_STEPS])
-      if variant == "gelu_dip":  # some channel's signs go +, -, + as its count rises
-        assert np.any((steps[3] & 0b111111) == 0b10_11_10)
+    # Both replace the FFN's GELU by step functions of its counts; popcount keeps it.
+    steps = np.asarray(prepared["bert"]["encoder"]["layer"]["0"]["output"]["dense"][packed.FFN_STEPS])
+    if variant == "gelu_dip":  # some channel's signs go +, -, + as its count rises
+      assert np.any((steps[3] & 0b111111) == 0b10_11_10)
     for got, want in zip(jax.tree.leaves(_run_packed(config, head, prepared, batch)), jax.tree.leaves(popcount)):
       np.testing.assert_array_equal(got, want)
 
@@ -219,19 +220,19 @@ def test_ffn_steps_encode_every_count():
 
 
 def test_a_layer_whose_steps_do_not_fit_keeps_its_gelu(exact_kernels, monkeypatch):
-  if "native" not in exact_kernels:
-    pytest.skip("no C++ compiler here: the native kernel is left out")
   config, _, params, batch = _trained_like_student()
   head, packed_params = packed.pack_params(config, "classification", params)
   encode = packed.ffn_steps
-  calls = []
-  monkeypatch.setattr(packed, "ffn_steps", lambda *a: calls.append(1) or (None if len(calls) == 2 else encode(*a)))
-  prepared = packed.prepare(config, packed_params, "native")
-  layers = prepared["bert"]["encoder"]["layer"]
-  assert packed.FFN_STEPS in layers["0"]["output"]["dense"] and packed.FFN_STEPS not in layers["1"]["output"]["dense"]
-  for got, want in zip(jax.tree.leaves(_run_packed(config, head, prepared, batch)),
-                       jax.tree.leaves(_run_packed(config, head, packed_params, batch))):
-    np.testing.assert_array_equal(got, want)
+  popcount = _run_packed(config, head, packed_params, batch)
+  for kernel in exact_kernels:
+    calls = []
+    monkeypatch.setattr(packed, "ffn_steps", lambda *a: calls.append(1) or (None if len(calls) == 2 else encode(*a)))
+    prepared = packed.prepare(config, packed_params, kernel)
+    layers = prepared["bert"]["encoder"]["layer"]
+    assert packed.FFN_STEPS in layers["0"]["output"]["dense"]
+    assert packed.FFN_STEPS not in layers["1"]["output"]["dense"]
+    for got, want in zip(jax.tree.leaves(_run_packed(config, head, prepared, batch)), jax.tree.leaves(popcount)):
+      np.testing.assert_array_equal(got, want)
 
 
 def test_int8_kernel_compiles_to_int8_products_and_no_branches():
