@@ -7,10 +7,11 @@ Contenders (BERT-base encoder forward, random weights, no padding), at each batc
   packed_popcount  bipft_jax.packed.forward from an exported 1-bit file: XOR/AND + popcount on words
                    in XLA's loops
   packed_native    the same products in bipft_jax.native's C++ custom calls, built for this host
-                   (skipped with a note where it cannot be built)
+                   (skipped with a note where it cannot be built); the FFN's GELU as step
+                   functions of its integer counts (packed.prepare)
   packed_int8      the same file, its bit-planes expanded at load to int8 {-1, 0, 1}: int8 matmuls
-                   with int32 accumulation for the Linears and the attention products
-                   (packed.prepare); the same outputs bit for bit
+                   with int32 accumulation for the Linears and the attention products, the FFN's
+                   GELU as native's (packed.prepare); the same outputs bit for bit
   fp32_xla         the same student simulated in FP32 by model.py (not with --quick)
   torch_fp32       transformers' BertModel, PyTorch FP32
   torch_int8       the same after torch.ao.quantization.quantize_dynamic on its Linear layers (qint8)
