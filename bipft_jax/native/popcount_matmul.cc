@@ -320,7 +320,7 @@ ffi::Error LinearMasked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 // A Linear whose input signs are step functions of the previous Linear's integer counts, channel by
 // channel (the FFN's output Linear: GELU and its binarizer over the input Linear's counts, packed.py's
-// _ffn_steps): counts int32 [M, K], steps int32 [4, K] (pack_row_steps), the weight's planes [W, N].
+// ffn_steps): counts int32 [M, K], steps int32 [4, K] (pack_row_steps), the weight's planes [W, N].
 template <Mode mode>
 ffi::Error steps_product(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> steps,
                          ffi::Buffer<ffi::U32> ws, const uint32_t* wn, ffi::ResultBuffer<ffi::S32> out) {
