@@ -68,7 +68,7 @@ PACKED_HEADS = ("encoder", "classification")
 REMAINDER_DTYPES = {"float16": np.float16, "float32": np.float32}  # how an export stores the FP tensors
 KERNELS = ("popcount", "int8", "native", "auto")
 NATIVE_PREFIX = "native"  # prepare(..., "native") names the weight planes native_sign, native_nonzero...
-FFN_STEPS = "native_ffn_steps"  # and adds the FFN's step functions (ffn_steps) to its output Linear
+FFN_STEPS = "ffn_steps"  # prepare (native, int8) adds the FFN's step functions to its output Linear
 
 
 def num_words(k: int) -> int:
@@ -281,7 +281,7 @@ def prepare(config: BertConfig, packed: dict, kernel: str = "auto") -> dict:
 
 
 def steps_apply(config: BertConfig, packed: dict) -> bool:
-  """Whether `prepare` may replace the FFN's GELU for the native kernel: a Linear binarizer with
+  """Whether `prepare` may replace the FFN's GELU (native and int8 kernels): a Linear binarizer with
   elementwise activation signs and an input-independent scale (then the output Linear's input signs
   are a function of the input Linear's counts, channel by channel), one weight plane."""
   ffn_in = packed["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
