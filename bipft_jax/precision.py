@@ -20,6 +20,7 @@ stay float32. The forward sign products are exact either way.
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -199,22 +200,45 @@ def _bf16(x):
 def _bf16_einsum(spec: str, a, b):
   """einsum of bf16-rounded operands, summed in fp32.
 
-  On CPU a product with batch indices (in both operands and the output: attention's, a few percent
-  of BERT's FLOPs) multiplies the rounded values as fp32 instead: the same exact products, but
-  XLA:CPU runs some batched bf16 layouts on a fallback that rejects bf16 (UNIMPLEMENTED: DotThunk).
-  A weight gradient (2-D operands contracting their first axis) is `_bf16_first_axis_product`.
+  On CPU a product with batch indices (in both operands and the output: attention's) is
+  `_bf16_batched_product`, a weight gradient (2-D operands contracting their first axis)
+  `_bf16_first_axis_product`: layouts XLA:CPU's bf16 dots do not take as they come.
   """
   inputs, out = spec.split("->")
   a_spec, b_spec = inputs.split(",")
   on_cpu = jax.default_backend() == "cpu"
   if on_cpu and set(a_spec) & set(b_spec) & set(out) - {"."}:
-    a, b = (_bf16(t).astype(jnp.float32) for t in (a, b))
-    return jnp.einsum(spec, a, b, precision="highest")
+    return _bf16_batched_product(a_spec, b_spec, out, a, b)
   first_axes_contracted = (len(a_spec) == len(b_spec) == 2 and a_spec[0] == b_spec[0]
                            and sorted(out) == sorted(a_spec[1] + b_spec[1]))
   if on_cpu and first_axes_contracted:
     return _bf16_first_axis_product(*((a, b) if out == a_spec[1] + b_spec[1] else (b, a)))
   return jnp.einsum(spec, _bf16(a), _bf16(b), preferred_element_type=jnp.float32)
+
+
+def _bf16_batched_product(a_spec: str, b_spec: str, out: str, a, b):
+  """einsum(a_spec,b_spec->out) of bf16-rounded operands with batch indices, summed in fp32, on CPU.
+
+  Each operand is copied into the batched-matmul layout [batch, rows, contracted] and [batch,
+  contracted, columns]; the barrier keeps XLA from folding the copies back into the dot, whose other
+  layouts XLA:CPU sends to a loop that rejects bf16 (UNIMPLEMENTED: DotThunk).
+  """
+  batch = [i for i in a_spec if i in b_spec and i in out]
+  contracted = [i for i in a_spec if i in b_spec and i not in out]
+  rows, cols = [i for i in a_spec if i not in b_spec], [i for i in b_spec if i not in a_spec]
+  size = dict(zip(a_spec, a.shape)) | dict(zip(b_spec, b.shape))
+  count = lambda indices: math.prod(size[i] for i in indices)
+
+  def laid_out(t, spec, order, shape):
+    return _bf16(t).transpose([spec.index(i) for i in order]).reshape(shape)
+
+  a_BxMxK = laid_out(a, a_spec, batch + rows + contracted, (count(batch), count(rows), count(contracted)))
+  b_BxKxN = laid_out(b, b_spec, batch + contracted + cols, (count(batch), count(contracted), count(cols)))
+  a_BxMxK, b_BxKxN = jax.lax.optimization_barrier((a_BxMxK, b_BxKxN))
+  c_BxMxN = jnp.einsum("bmk,bkn->bmn", a_BxMxK, b_BxKxN, preferred_element_type=jnp.float32)
+  order = batch + rows + cols
+  c = c_BxMxN.reshape([size[i] for i in order])
+  return c.transpose([order.index(i) for i in out])
 
 
 def _bf16_first_axis_product(x_KxI, y_KxO):

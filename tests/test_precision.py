@@ -166,10 +166,13 @@ def _dot_operand_dtypes(compiled_text: str) -> set:
   return {(dtypes[x], dtypes[y]) for x, y in re.findall(r" dot\((%[\w.-]+), (%[\w.-]+)\)", compiled_text)}
 
 
-@pytest.mark.parametrize("spec,a_shape,b_shape", [("...i,io->...o", (3, 40, 48), (48, 64)),  # a Linear
-                                                  ("nd,vd->nv", (24, 48), (64, 48))])       # the MLM decoder
+@pytest.mark.parametrize("spec,a_shape,b_shape", [("...i,io->...o", (3, 40, 48), (48, 64)),     # a Linear
+                                                  ("nd,vd->nv", (24, 48), (64, 48)),          # the MLM decoder
+                                                  ("bqhk,bshk->bhqs", (2, 9, 3, 20), (2, 9, 3, 20)),  # attention
+                                                  ("bhqs,bshk->bqhk", (2, 3, 11, 11), (2, 11, 3, 13))])
 def test_mixed_products_compile_to_bf16_dots_weight_gradients_included(spec, a_shape, b_shape):
-  # XLA:CPU would run a bf16 weight gradient (operands contracted on their first axis) as an fp32 dot.
+  # XLA:CPU would run a bf16 weight gradient (operands contracted on their first axis) as an fp32 dot,
+  # and some of attention's backward products on a loop that rejects bf16.
   rng = np.random.default_rng(3)
   a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (a_shape, b_shape))
   g = jnp.asarray(rng.standard_normal(jnp.einsum(spec, a, b).shape), jnp.float32)
