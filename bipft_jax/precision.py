@@ -200,32 +200,35 @@ def _bf16(x):
 def _bf16_einsum(spec: str, a, b):
   """einsum of bf16-rounded operands, summed in fp32.
 
-  On CPU a product with batch indices (in both operands and the output: attention's) is
-  `_bf16_batched_product`, a weight gradient (2-D operands contracting their first axis)
-  `_bf16_first_axis_product`: layouts XLA:CPU's bf16 dots do not take as they come.
+  On CPU a product with batch indices (in both operands and the output: attention's) or a weight
+  gradient (2-D operands contracting their first axis) is `_bf16_matmul_layout_product`: layouts
+  XLA:CPU's bf16 dots do not take as they come.
   """
   inputs, out = spec.split("->")
   a_spec, b_spec = inputs.split(",")
-  on_cpu = jax.default_backend() == "cpu"
-  if on_cpu and set(a_spec) & set(b_spec) & set(out) - {"."}:
-    return _bf16_batched_product(a_spec, b_spec, out, a, b)
+  batched = set(a_spec) & set(b_spec) & set(out) - {"."}
   first_axes_contracted = (len(a_spec) == len(b_spec) == 2 and a_spec[0] == b_spec[0]
                            and sorted(out) == sorted(a_spec[1] + b_spec[1]))
-  if on_cpu and first_axes_contracted:
-    return _bf16_first_axis_product(*((a, b) if out == a_spec[1] + b_spec[1] else (b, a)))
+  if jax.default_backend() == "cpu" and (batched or first_axes_contracted):
+    return _bf16_matmul_layout_product(a_spec, b_spec, out, a, b)
   return jnp.einsum(spec, _bf16(a), _bf16(b), preferred_element_type=jnp.float32)
 
 
-def _bf16_batched_product(a_spec: str, b_spec: str, out: str, a, b):
-  """einsum(a_spec,b_spec->out) of bf16-rounded operands with batch indices, summed in fp32, on CPU.
+def _bf16_matmul_layout_product(a_spec: str, b_spec: str, out: str, a, b):
+  """einsum(a_spec,b_spec->out) of bf16-rounded operands (no ellipsis), summed in fp32, on CPU.
 
   Each operand is copied into the batched-matmul layout [batch, rows, contracted] and [batch,
-  contracted, columns]; the barrier keeps XLA from folding the copies back into the dot, whose other
-  layouts XLA:CPU sends to a loop that rejects bf16 (UNIMPLEMENTED: DotThunk).
+  contracted, columns]; the barrier keeps XLA from folding the copies back into the dot. Folded, a
+  dot contracting the first axis of its left operand (the mixed backward's weight gradients, half
+  its FLOPs) runs as an fp32 dot, 2-4x slower than in bf16 at BERT-base shapes, and some of
+  attention's batched layouts go to a loop that rejects bf16 (UNIMPLEMENTED: DotThunk). A result
+  the dot would write transposed is not a layout those dots take either: the operands swap roles.
   """
   batch = [i for i in a_spec if i in b_spec and i in out]
   contracted = [i for i in a_spec if i in b_spec and i not in out]
   rows, cols = [i for i in a_spec if i not in b_spec], [i for i in b_spec if i not in a_spec]
+  if [i for i in out if i not in batch] == cols + rows:
+    return _bf16_matmul_layout_product(b_spec, a_spec, out, b, a)
   size = dict(zip(a_spec, a.shape)) | dict(zip(b_spec, b.shape))
   count = lambda indices: math.prod(size[i] for i in indices)
 
@@ -239,20 +242,6 @@ def _bf16_batched_product(a_spec: str, b_spec: str, out: str, a, b):
   order = batch + rows + cols
   c = c_BxMxN.reshape([size[i] for i in order])
   return c.transpose([order.index(i) for i in out])
-
-
-def _bf16_first_axis_product(x_KxI, y_KxO):
-  """x^T y of bf16-rounded operands, summed in fp32, on CPU.
-
-  XLA:CPU folds a transpose of an operand into the dot, and a bf16 dot contracting the first axis of
-  its left operand is not one its bf16 kernels take: it runs as an fp32 dot instead (the weight
-  gradients of the mixed backward, half its FLOPs: 2-4x slower than in bf16 at BERT-base shapes). One
-  zero appended to the contracted axis makes x^T a copy of its own, which is not folded; the sum is
-  the same.
-  """
-  x_IxK1 = jnp.pad(_bf16(x_KxI).T, ((0, 0), (0, 1)))
-  y_K1xO = jnp.pad(_bf16(y_KxO), ((0, 1), (0, 0)))
-  return jnp.einsum("ik,ko->io", x_IxK1, y_K1xO, preferred_element_type=jnp.float32)
 
 
 LINEAR_SPEC = "...i,io->...o"
