@@ -150,10 +150,21 @@ def verify(manager: ocp.CheckpointManager, step: int, items) -> None:
 def all_finite(tree) -> jax.Array:
   """True when no floating-point leaf of `tree` holds a NaN or Inf (traceable, for jitted steps).
 
-  0 * x is 0 for a finite x and NaN for a NaN or an Inf: one reduction per leaf (XLA:CPU runs an
-  isfinite as a pass of its own, writing a boolean copy of the leaf for the reduction to read)."""
-  zeros = [jnp.sum(jnp.multiply(x, 0)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.isfinite(sum(zeros)) if zeros else jnp.array(True)
+  A NaN or an Inf makes any sum it enters non-finite, so one sum of every leaf screens for them,
+  each leaf read once. Only when that sum is not finite (a NaN, an Inf, or finite values whose sum
+  overflows) does the exact test run, under a `lax.cond` the common case never enters: per leaf a
+  sum of 0 * x, 0 if x is finite and NaN if not. In the BERT-base mixed step the exact test as the
+  only check cost about 7% of the step (it reads each leaf beside a materialized zero array); the
+  screen about what no check costs (README, "Training step")."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.array(True)
+  exact = lambda: jnp.isfinite(_sum_of_all([jnp.multiply(x, 0) for x in leaves]))
+  return jax.lax.cond(jnp.isfinite(_sum_of_all(leaves)), lambda: jnp.array(True), exact)
+
+
+def _sum_of_all(leaves: list) -> jax.Array:
+  return sum(jnp.sum(x, dtype=jnp.promote_types(x.dtype, jnp.float32)) for x in leaves)
 
 
 def _absolute(path: str) -> str:
