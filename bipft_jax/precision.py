@@ -227,7 +227,7 @@ def _bf16_matmul_layout_product(a_spec: str, b_spec: str, out: str, a, b):
   batch = [i for i in a_spec if i in b_spec and i in out]
   contracted = [i for i in a_spec if i in b_spec and i not in out]
   rows, cols = [i for i in a_spec if i not in b_spec], [i for i in b_spec if i not in a_spec]
-  if [i for i in out if i not in batch] == cols + rows:
+  if rows and cols and [i for i in out if i not in batch] == cols + rows:
     return _bf16_matmul_layout_product(b_spec, a_spec, out, b, a)
   size = dict(zip(a_spec, a.shape)) | dict(zip(b_spec, b.shape))
   count = lambda indices: math.prod(size[i] for i in indices)

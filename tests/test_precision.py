@@ -184,6 +184,22 @@ def test_mixed_products_compile_to_bf16_dots_weight_gradients_included(spec, a_s
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec,a_shape,b_shape", [("bqk,bk->bq", (2, 5, 16), (2, 16)), ("bk,bkn->bn", (2, 16), (2, 16, 7))])
+def test_mixed_batched_products_with_a_side_without_free_axes(spec, a_shape, b_shape):
+  # A batched matrix-vector product: the layout copy once recursed forever on it (swapping the
+  # operands of a result with no rows or no columns). XLA:CPU may run these as fp32 dots of the
+  # rounded operands; the values are what count.
+  rng = np.random.default_rng(4)
+  a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (a_shape, b_shape))
+  g = jnp.asarray(rng.standard_normal(jnp.einsum(spec, a, b).shape), jnp.float32)
+  out, vjp = jax.jit(lambda x, y: jax.vjp(lambda x_, y_: precision.mixed_einsum(spec, x_, y_), x, y))(a, b)
+  round16 = lambda t: np.asarray(t.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  want_out, want_vjp = jax.vjp(lambda x, y: jnp.einsum(spec, x, y), round16(a), round16(b))
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  for got, want in zip(vjp(g), want_vjp(round16(g))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_sign_products_keep_the_exact_forward_and_take_bf16_backward_products():
   rng = np.random.default_rng(2)
   x, y = _signs(rng, (4, 45)), _signs(rng, (45, 6))
