@@ -155,7 +155,7 @@ def all_finite(tree) -> jax.Array:
   overflows) does the exact test run, under a `lax.cond` the common case never enters: per leaf a
   sum of 0 * x, 0 if x is finite and NaN if not. As the only check, that exact test cost the
   BERT-base mixed step about 5% (XLA:CPU reads each leaf beside a materialized zero array); the
-  screen costs about what no check does (README, "The mixed step's bound on the AMD host")."""
+  screen costs about what no check does (docs/performance.md, "The mixed step's bound on the AMD host")."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   if not leaves:
     return jnp.array(True)

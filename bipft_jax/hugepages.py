@@ -3,7 +3,7 @@
 XLA:CPU allocates a step's temporaries afresh on every run, and glibc hands large freed blocks back
 to the kernel, so every step touches gigabytes of new memory 4 KiB at a time: a BERT-base
 distillation step took 760,000 page faults and 2 s of kernel time on the 2-core Intel host
-(README, Benchmarks). With the tunable, glibc asks for transparent huge pages (`madvise`, the
+(docs/performance.md, "Training step"). With the tunable, glibc asks for transparent huge pages (`madvise`, the
 kernel's default mode) and the same step faults 1,600 times and takes 0.67-0.90x the time. It is
 not the default: the small demo model ran 1.18x slower with it (313 vs 265 s), and PyTorch's
 BERT-base step 2.4-3x slower. glibc reads its tunables once, at process start, so with
