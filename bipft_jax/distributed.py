@@ -10,6 +10,7 @@ from typing import Optional
 
 import jax
 
+from bipft_jax import precision
 from bipft_jax.errors import UserError
 
 
@@ -40,6 +41,9 @@ def initialize(config=None) -> None:
   # Cross-process collectives between CPU devices need gloo; it only affects the CPU backend.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**explicit)
+  # `auto` sign products are measured on each host and the job takes process 0's choice. Agreeing is a
+  # collective, which the model's traces (where the choice is asked) cannot run: it is made here.
+  precision.sign_product_dtype("auto")
 
 
 def is_primary() -> bool:

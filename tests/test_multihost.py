@@ -16,7 +16,7 @@ import numpy as np
 
 import pytest
 
-from bipft_jax import checkpointing, config_loading, distributed
+from bipft_jax import checkpointing, config_loading, distributed, precision
 from bipft_jax.data import hosts, pipeline
 from bipft_jax.errors import UserError
 from test_data import corpus, data_config, tokenizer  # noqa: F401  (fixtures)
@@ -49,20 +49,30 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(files, tmp_path, name: str, devices: int, **env) -> tuple:
+def _launch(tmp_path, name: str, command: list, devices: int, **env) -> tuple:
   """Starts one process in its own process group, output to files (a full pipe would stall the job)."""
-  overrides = tiny_overrides(files, **{"data.shards": 2, "total_steps": STEPS, "checkpoint_every": 2,
-                                       "eval_every": 1000, "eval_batches": 1})
   base_env = {k: v for k, v in os.environ.items() if not k.startswith("BIPFT_")}
   base_env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                   **env)
   stdout, stderr = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-  run = name.split("_")[0]
-  command = [sys.executable, "-c", _PROCESS, f"{CONFIG}:tiny,mesh=local-2x2", str(tmp_path / run),
-             str(tmp_path / f"{run}.npz"), *overrides]
   process = subprocess.Popen(command, env=base_env, cwd=REPO, stdout=open(stdout, "w"), stderr=open(stderr, "w"),
                              start_new_session=True)
   return process, stdout, stderr
+
+
+def _start(files, tmp_path, name: str, devices: int, **env) -> tuple:
+  """One process of the training job (`name`: run_index)."""
+  overrides = tiny_overrides(files, **{"data.shards": 2, "total_steps": STEPS, "checkpoint_every": 2,
+                                       "eval_every": 1000, "eval_batches": 1})
+  run = name.split("_")[0]
+  command = [sys.executable, "-c", _PROCESS, f"{CONFIG}:tiny,mesh=local-2x2", str(tmp_path / run),
+             str(tmp_path / f"{run}.npz"), *overrides]
+  return _launch(tmp_path, name, command, devices, **env)
+
+
+def _multi_env(processes: int = 2) -> dict:
+  return {"BIPFT_DISTRIBUTED": "1", "BIPFT_COORDINATOR": f"localhost:{_free_port()}",
+          "BIPFT_NUM_PROCESSES": str(processes)}
 
 
 def _finish(started: list) -> list:
@@ -90,10 +100,48 @@ def _losses(workdir) -> list:
   return [r["total_loss"] for r in records if "total_loss" in r]
 
 
-def test_two_processes_train_like_one_and_write_one_checkpoint(files, tmp_path):
-  port = _free_port()
-  multi = {"BIPFT_DISTRIBUTED": "1", "BIPFT_COORDINATOR": f"localhost:{port}", "BIPFT_NUM_PROCESSES": "2"}
-  started = [_start(files, tmp_path, f"multi_{i}", 2, BIPFT_PROCESS_ID=str(i), **multi) for i in range(2)]
+def _cache_choosing(tmp_path, name: str, choices: dict, devices: int, monkeypatch) -> str:
+  """A cache folder holding `choices` ({kind: (choice, candidates)}) for a process with `devices` CPU devices."""
+  with monkeypatch.context() as patch:
+    patch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
+    key = precision.host_key()  # what that process computes: its XLA_FLAGS are part of it
+  folder = tmp_path / name
+  folder.mkdir()
+  records = {kind: {"choice": choice, "seconds": {}, "candidates": sorted(candidates)}
+             for kind, (choice, candidates) in choices.items()}
+  (folder / precision.CACHE_FILE).write_text(json.dumps({key: records}))
+  return str(folder)
+
+
+# Each host measures `auto`'s choices on its own (and a close race can go either way). Processes that
+# compiled different sign products ran different programs as one job: a 2-process finetuning whose
+# hosts had taken bfloat16 and int8 logged losses 1.5% off one device's, without an error.
+_CHOICES = textwrap.dedent("""
+  import jax
+  from bipft_jax import distributed, precision
+  distributed.initialize()
+  probes = {name: (lambda: jax.numpy.zeros(2)) for name in ("first", "second")}
+  print("chose", precision.sign_product_dtype("auto"), precision.choose("probe", probes), flush=True)
+""")
+
+
+def test_every_process_takes_process_0s_measured_choices(tmp_path, monkeypatch):
+  multi, started = _multi_env(), []
+  for i, (dtype, probe) in enumerate((("bfloat16", "first"), ("int8", "second"))):
+    cache = _cache_choosing(tmp_path, f"cache_{i}", {"sign_matmul": (dtype, precision.SIGN_DTYPES),
+                                                     "probe": (probe, ("first", "second"))}, 1, monkeypatch)
+    started.append(_launch(tmp_path, f"process_{i}", [sys.executable, "-c", _CHOICES], 1,
+                           BIPFT_PROCESS_ID=str(i), BIPFT_CACHE=cache, **multi))
+  (out0, _), (out1, _) = _finish(started)
+  assert "chose bfloat16 first" in out0 and "chose bfloat16 first" in out1, (out0, out1)
+
+
+def test_two_processes_train_like_one_and_write_one_checkpoint(files, tmp_path, monkeypatch):
+  multi = _multi_env()
+  caches = [_cache_choosing(tmp_path, f"cache_{i}", {"sign_matmul": (dtype, precision.SIGN_DTYPES)}, 2, monkeypatch)
+            for i, dtype in enumerate(("bfloat16", "int8"))]  # disagreeing hosts (above)
+  started = [_start(files, tmp_path, f"multi_{i}", 2, BIPFT_PROCESS_ID=str(i), BIPFT_CACHE=caches[i], **multi)
+             for i in range(2)]
   started.append(_start(files, tmp_path, "single", 4))
   (out0, err0), (out1, err1), (out_single, _) = _finish(started)
 
