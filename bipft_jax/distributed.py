@@ -4,6 +4,7 @@ Enabled by `config.distributed.enabled` or the environment variable BIPFT_DISTRI
 launch scripts set). On TPU pods, SLURM and other clusters JAX detects the coordinator, process
 count and id itself; `launch/local.sh` (and the multi-process test) pass them explicitly through
 BIPFT_COORDINATOR, BIPFT_NUM_PROCESSES and BIPFT_PROCESS_ID, with gloo collectives on CPU.
+Start-up also agrees on what `auto` measures per host (precision.choose): process 0's choice.
 """
 import os
 from typing import Optional

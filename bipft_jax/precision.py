@@ -206,8 +206,13 @@ def _agreed(choice: str, names: list) -> str:
   """
   if jax.process_count() == 1:
     return choice
-  from jax.experimental import multihost_utils  # a collective: not inside a trace (distributed.initialize)
-  return names[int(multihost_utils.broadcast_one_to_all(np.int32(names.index(choice))))]
+  from jax.experimental import multihost_utils
+  try:
+    index = multihost_utils.broadcast_one_to_all(np.int32(names.index(choice)))
+  except ValueError as e:  # a collective cannot run inside a trace (jax raises ValueError there)
+    raise RuntimeError("a multi-host job must agree on `auto`'s choices before tracing a model: start it with "
+                       "bipft_jax.distributed.initialize(), not jax.distributed.initialize() alone") from e
+  return names[int(index)]
 
 
 # --- mixed-precision FP matmuls --------------------------------------------------------------

@@ -136,6 +136,25 @@ def test_every_process_takes_process_0s_measured_choices(tmp_path, monkeypatch):
   assert "chose bfloat16 first" in out0 and "chose bfloat16 first" in out1, (out0, out1)
 
 
+def test_a_choice_asked_first_inside_a_trace_names_the_start_up_to_use(tmp_path):
+  """Started by jax.distributed.initialize alone, nothing agreed before the model's trace asks."""
+  multi, script = _multi_env(), textwrap.dedent("""
+    import sys
+    import jax
+    from bipft_jax import precision
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    try:
+      jax.jit(lambda x: x * 0 + len(precision.sign_product_dtype("auto")))(1.0)
+    except RuntimeError as e:
+      print("error:", e, flush=True)
+  """)
+  started = [_launch(tmp_path, f"process_{i}", [sys.executable, "-c", script, multi["BIPFT_COORDINATOR"], str(i)], 1)
+             for i in range(2)]
+  for out, _ in _finish(started):
+    assert "must agree on `auto`'s choices before tracing" in out and "bipft_jax.distributed.initialize()" in out
+
+
 def test_two_processes_train_like_one_and_write_one_checkpoint(files, tmp_path, monkeypatch):
   multi = _multi_env()
   caches = [_cache_choosing(tmp_path, f"cache_{i}", {"sign_matmul": (dtype, precision.SIGN_DTYPES)}, 2, monkeypatch)
