@@ -101,15 +101,16 @@ def _losses(workdir) -> list:
 
 
 def _cache_choosing(tmp_path, name: str, choices: dict, devices: int, monkeypatch) -> str:
-  """A cache folder holding `choices` ({kind: (choice, candidates)}) for a process with `devices` CPU devices."""
-  with monkeypatch.context() as patch:
-    patch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
-    key = precision.host_key()  # what that process computes: its XLA_FLAGS are part of it
+  """A cache folder holding `choices` ({kind: (choice, candidates)}) for a process with `devices` CPU
+  devices, written by the package's own cache writer."""
   folder = tmp_path / name
   folder.mkdir()
-  records = {kind: {"choice": choice, "seconds": {}, "candidates": sorted(candidates)}
-             for kind, (choice, candidates) in choices.items()}
-  (folder / precision.CACHE_FILE).write_text(json.dumps({key: records}))
+  with monkeypatch.context() as patch:
+    patch.setenv("BIPFT_CACHE", str(folder))
+    patch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
+    key = precision.host_key()  # what that process computes: its XLA_FLAGS are part of it
+    for kind, (choice, candidates) in choices.items():
+      precision._write_cache(key, kind, {"choice": choice, "seconds": {}, "candidates": sorted(candidates)})
   return str(folder)
 
 
