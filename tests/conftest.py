@@ -15,6 +15,12 @@ import pytest  # noqa: E402
 
 # Numeric comparisons need true fp32 matmuls: the default CPU/TPU passes round inputs to bf16.
 jax.config.update("jax_default_matmul_precision", "highest")
+# The persistent compilation cache `bipft` keeps (engine.start), for every test from the start rather
+# than from a worker's first CLI run, keeping programs that compile in 0.3 s or more (jax's default
+# is 1 s): later runs read them instead of compiling.
+from bipft_jax import assets  # noqa: E402
+jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "jax_compilation"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 
 
 @pytest.fixture(scope="session")
