@@ -18,8 +18,11 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 import os
 import sys
+import traceback
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -30,7 +33,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bipft_jax import model as model_lib
-from bipft_jax.errors import UserError
+from bipft_jax import errors
+from bipft_jax.errors import UserError, WriteFailed
 
 ARRAY_ITEMS = ("params", "opt_state")
 JSON_ITEMS = ("data", "config")
@@ -56,24 +60,52 @@ class SealingManager(ocp.CheckpointManager):
 
   orbax calls `post_finalization_callback` on process 0 once every process has written its files
   and before the step's temporary folder is renamed into place: the manifest commits with the step.
+
+  A step that cannot be written (a full disk, a quota, a failing file system), in the foreground
+  or in orbax's background threads, raises `WriteFailed` naming that step, the cause and the newest
+  complete step, when the manager next waits or saves; its temporary folder is never renamed into
+  place, and the next save or resume replaces it.
   """
 
   def __init__(self, directory: str, *, item_handlers: dict, options: ocp.CheckpointManagerOptions):
     self._unsealed = collections.deque()  # steps saved, in order, whose callback has not run yet
+    self._writing = None  # the step being written in the background
     options.async_options = ocp.AsyncOptions(post_finalization_callback=self._seal)
     super().__init__(directory, item_handlers=item_handlers, options=options)
 
   def save(self, step: int, *args, **kwargs) -> bool:
+    self.wait_until_finished()  # orbax waits too; here a failure is reported as the earlier step's
     if jax.process_index() == 0:  # orbax's primary host, the only one that runs the callback
       self._unsealed.append(step)
     try:
       saved = super().save(step, *args, **kwargs)
-    except BaseException:
+    except BaseException as e:
       self._unsealed.clear()  # a failed save runs no callback: forget it (and any before it)
+      if isinstance(e, Exception):
+        raise self._not_written(step, e) from e
       raise
-    if not saved and self._unsealed:
+    if saved:
+      self._writing = step
+    elif self._unsealed:
       self._unsealed.pop()
     return saved
+
+  def wait_until_finished(self) -> None:
+    step, self._writing = self._writing, None
+    try:
+      super().wait_until_finished()
+    except Exception as e:
+      self._unsealed.clear()
+      raise self._not_written(step, e) from e
+
+  def _not_written(self, step: Optional[int], error: Exception) -> WriteFailed:
+    self.reload()  # the failed step is not among the steps on disk
+    newest = self.latest_step()
+    intact = (f"the newest complete checkpoint there is step {newest}: once the cause is fixed, rerun the "
+              "same command to resume from it" if newest is not None else
+              "no checkpoint there is complete: once the cause is fixed, rerun the same command")
+    return WriteFailed(f"checkpoint step {step} could not be written to {self.directory} ({_cause(error)}); "
+                       f"{intact}")
 
   def _seal(self) -> None:
     step = self._unsealed.popleft()
@@ -86,6 +118,7 @@ def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager over `workdir` holding the items above: an asynchronous `SealingManager`,
   or with `read_only` a plain one that never creates or writes anything."""
+  _drop_abandoned_io()  # reports that may come, during a failed read or write and after it
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                          enable_async_checkpointing=not read_only)
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
@@ -296,14 +329,17 @@ def set_aside(manager: ocp.CheckpointManager, step: int, label: str) -> str:
   return str(target)
 
 
-def _drop_abandoned_reads() -> None:
-  """Installs (once) an unraisable hook that drops what the reads of a failed restore leave behind.
+def _drop_abandoned_io() -> None:
+  """Installs (once) an unraisable hook, an asyncio log filter and a warnings filter that drop what
+  the reads of a failed restore, or the writes of a failed save, leave behind.
 
-  orbax abandons its other array reads when one fails; as the interpreter collects them, later
-  or at exit, each may report "Event loop is closed" or an exception raised while its coroutine
-  was being closed ("Exception ignored in: <coroutine object _read_array_index_and_device_put>"),
-  a traceback of kilobytes after our one line. Those, and only those, are dropped."""
-  if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+  orbax abandons its other array reads or writes when one fails; as tensorstore completes them or
+  the interpreter collects them, at once, later or at exit, each may report "Event loop is closed",
+  an exception raised while its coroutine was being closed ("Exception ignored in: <coroutine
+  object _read_array_index_and_device_put>", or `write_fragment`), that it was never awaited, or
+  through asyncio's log that its exception was never retrieved: a full disk gave a hundred
+  tracebacks around our one line. Those, and only those, are dropped."""
+  if getattr(sys.unraisablehook, "drops_abandoned_io", False):
     return
   previous, orbax_dir = sys.unraisablehook, os.path.dirname(ocp.__file__)
 
@@ -312,21 +348,33 @@ def _drop_abandoned_reads() -> None:
   def hook(unraisable, previous=previous, orbax_dir=orbax_dir, iscoroutine=inspect.iscoroutine) -> None:
     exc, source = unraisable.exc_value, unraisable.object
     closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-    orbax_read = iscoroutine(source) and source.cr_code.co_filename.startswith(orbax_dir)
-    if not (closed_loop or orbax_read):
+    orbax_io = iscoroutine(source) and source.cr_code.co_filename.startswith(orbax_dir)
+    if not (closed_loop or orbax_io):
       previous(unraisable)
 
-  hook.drops_abandoned_reads = True
+  def keep_log(record: logging.LogRecord, orbax_dir=orbax_dir, extract_tb=traceback.extract_tb) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    frames = extract_tb(error.__traceback__) if error is not None else ()
+    from_orbax = any(frame.filename.startswith(orbax_dir) for frame in frames)
+    return not ("never retrieved" in record.getMessage() and from_orbax)
+
+  hook.drops_abandoned_io = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(keep_log)
+  warnings.filterwarnings("ignore", r"coroutine '(async_serialize_from_host\.<locals>\.write_fragment|"
+                          r"_read_array_index_and_device_put)' was never awaited", RuntimeWarning)
+
+
+def _cause(error: Exception) -> str:
+  """Why a write failed: the OS's reason where the error carries one, else its first line."""
+  code = errors.os_error_code(error)
+  return os.strerror(code) if code else errors.first_line(error)
 
 
 def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> UserError:
   """The one-line error for arrays orbax could not read (and nothing printed after it)."""
-  _drop_abandoned_reads()
-  detail = (str(error).splitlines() or [""])[0]
-  detail = detail if len(detail) <= 300 else detail[:300] + "..."  # tensorstore appends kilobytes of spec
   return UserError(f"checkpoint step {step} in {manager.directory} could not be restored "
-                   f"({type(error).__name__}: {detail}); it may be corrupt or from a different model")
+                   f"({errors.first_line(error)}); it may be corrupt or from a different model")
 
 
 def save_params(directory: str, params, config: model_lib.BertConfig, head: str, step: int = 0) -> None:

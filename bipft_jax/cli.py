@@ -1,16 +1,18 @@
 """The `bipft` command line: one subcommand per job, each in its own module.
 
 A subcommand module defines `add_arguments(parser)` and `run(args) -> int`; it is imported only
-when used, so `bipft --help` stays fast. Bad input raises `UserError`: one line, exit code 2.
+when used, so `bipft --help` stays fast. Bad input raises `UserError`: one line, exit code 2; a write
+the machine refused (`WriteFailed`, or any error carrying a full disk's error number): one line,
+exit code 1.
 """
 import argparse
 import importlib
 import os
 import sys
 
-from bipft_jax import __version__, hugepages
+from bipft_jax import __version__, errors, hugepages
 from bipft_jax.config_loading import split_overrides
-from bipft_jax.errors import UserError
+from bipft_jax.errors import UserError, WriteFailed
 
 # name -> (module, one-line help). Subcommands register here.
 COMMANDS = {
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  if argv is None:  # the `bipft` command itself, not a caller's main([...])
+  command_line = argv is None  # the `bipft` command itself, not a caller's main([...])
+  if command_line:
     try:
       hugepages.reexec_with_hugepages()
     except UserError as e:
@@ -67,6 +70,18 @@ def main(argv=None) -> int:
   except UserError as e:
     print(f"bipft {name}: error: {e}", file=sys.stderr)
     return 2
+  except WriteFailed as e:
+    print(f"bipft {name}: error: {e}", file=sys.stderr)
+    if command_line:  # the failed save's threads in orbax would log their ends after this line as the
+      sys.stdout.flush()  # interpreter exits; our own files are closed by now
+      sys.stderr.flush()
+      os._exit(1)
+    return 1
+  except Exception as e:
+    if errors.os_error_code(e) not in errors.WRITE_REFUSED:
+      raise
+    print(f"bipft {name}: error: the file system refused a write: {errors.first_line(e)}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

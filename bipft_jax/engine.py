@@ -259,8 +259,10 @@ class Engine:
       state, step, batches = self._start(workdir, manager)
       return _Loop(self, workdir, manager, schedule).run(state, step, batches)
     finally:
-      manager.wait_until_finished()
-      manager.close()
+      try:
+        manager.wait_until_finished()  # the last step's write: WriteFailed if it could not be written
+      finally:
+        manager.close()
 
   def _start(self, workdir: str, manager) -> tuple:
     """(state, first step, batches): the newest intact checkpoint, else a new state from the source."""

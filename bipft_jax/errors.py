@@ -1,8 +1,37 @@
-"""The one exception type for bad user input (configs, data files, checkpoints, CLI arguments).
+"""The two exceptions the CLI reports in one `error: ...` line instead of a traceback, and how a
+failed write is recognised and described.
 
-The CLI turns it into a single `error: ...` line and exit code 2.
+`UserError`: bad user input (configs, data files, checkpoints, CLI arguments), exit code 2.
+`WriteFailed`: the machine refused a write (disk full, quota, a read-only or failing file system),
+exit code 1; what was written before it is intact. Any other exception that carries one of
+`WRITE_REFUSED`'s error numbers is reported the same way.
 """
+import errno
+import re
+from typing import Optional
+
+# The file system refused a write: the machine's problem, not the input's or the code's.
+WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 
 
 class UserError(Exception):
   """Bad input from the user; the message names the problem and what to do."""
+
+
+class WriteFailed(Exception):
+  """An output that could not be written; the message names it, the cause and what is intact."""
+
+
+def os_error_code(error: BaseException) -> Optional[int]:
+  """The OS error number an exception carries: an OSError's, or one that a native library wrote
+  into its message (tensorstore: "os_error_code='28'", safetensors: "(os error 28)")."""
+  if isinstance(error, OSError) and error.errno is not None:
+    return error.errno
+  found = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", str(error))
+  return int(found.group(1) or found.group(2)) if found else None
+
+
+def first_line(error: BaseException) -> str:
+  """`Type: first line` of an error, at most 300 characters (tensorstore appends kilobytes of spec)."""
+  detail = (str(error).splitlines() or [""])[0]
+  return f"{type(error).__name__}: {detail if len(detail) <= 300 else detail[:300] + '...'}"

@@ -165,9 +165,9 @@ def test_what_a_failed_read_leaves_behind_is_not_printed(monkeypatch):
   from orbax.checkpoint._src.serialization import serialization
   printed = []
   monkeypatch.setattr(sys, "unraisablehook", printed.append)
-  checkpointing._drop_abandoned_reads()
+  checkpointing._drop_abandoned_io()
   hook = sys.unraisablehook
-  checkpointing._drop_abandoned_reads()
+  checkpointing._drop_abandoned_io()
   assert sys.unraisablehook is hook  # installed once, however many reads fail
 
   async def ours():

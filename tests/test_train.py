@@ -1,4 +1,6 @@
-"""The pretraining loop: masked-position MLM, sharded == single device, exact resume, NaN stop, CLI errors."""
+"""The pretraining loop: masked-position MLM, sharded == single device, exact resume, NaN stop, a full
+disk, CLI errors."""
+import errno
 import json
 import os
 import re
@@ -117,11 +119,13 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
-def _pretrain(files, workdir, *extra, script=None, **popen):
+def _pretrain(files, workdir, *extra, script=None, command=None, **popen):
+  """`bipft pretrain` of the tiny config in a process of its own (or `command` instead)."""
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=files["cache"],
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  command = ["pretrain", "--config", f"{CONFIG}:tiny", "--workdir", str(workdir), *extra]
-  command += [f"--config.{o}" for o in tiny_overrides(files)]
+  if command is None:
+    command = ["pretrain", "--config", f"{CONFIG}:tiny", "--workdir", str(workdir), *extra]
+    command += [f"--config.{o}" for o in tiny_overrides(files)]
   prefix = [sys.executable, "-c", script] if script else [sys.executable, "-m", "bipft_jax.cli"]
   if popen:
     return subprocess.Popen(prefix + command, env=env, cwd=REPO, **popen)
@@ -241,6 +245,68 @@ def test_resume_skips_a_bit_flipped_latest_step(files, trained, tmp_path, capsys
   _, _, got = checkpointing.restore_params(str(workdir), 4)
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# A file system that refuses every file above 64 KiB (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the
+# write fails with EFBIG): the tiny run's metrics and TensorBoard files fit, its checkpoint's arrays do not.
+_SMALL_FILES_ONLY = textwrap.dedent("""
+  import resource, sys
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+  from bipft_jax import cli
+  sys.exit(cli.main())  # as the `bipft` command
+""")
+
+
+def test_a_checkpoint_the_file_system_refuses_stops_the_run_in_one_line(files, tmp_path):
+  workdir = tmp_path / "run"
+  run = _pretrain(files, workdir, *FOUR_STEPS, script=_SMALL_FILES_ONLY)
+  assert run.returncode == 1, run.stderr[-3000:]
+  # Step 2 fails in orbax's background threads; the run stops at the next save, naming step 2 (orbax's
+  # own error logs come before the line).
+  assert run.stderr.rstrip().splitlines()[-1] == (
+      f"bipft pretrain: error: checkpoint step 2 could not be written to {workdir} (File too large); no "
+      "checkpoint there is complete: once the cause is fixed, rerun the same command"), run.stderr[-3000:]
+  assert "Event loop is closed" not in run.stderr  # the abandoned writes' reports, dropped
+  assert not [name for name in os.listdir(workdir) if name.isdigit()]  # no step passed off as written
+
+
+def test_a_last_checkpoint_lost_to_a_full_disk_is_reported_and_the_rerun_resumes(files, trained, tmp_path,
+                                                                                  capsys, monkeypatch):
+  workdir = tmp_path / "run"
+  seal = checkpointing.write_checksums
+
+  def disk_full_at_step_4(step_dir):  # in orbax's background thread, before the step is renamed into place
+    if step_dir.name.split(".")[0] == "4":
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(step_dir))
+    seal(step_dir)
+  monkeypatch.setattr(checkpointing, "write_checksums", disk_full_at_step_4)
+  assert cli.main(_pretrain_args(files, workdir, *FOUR_STEPS)) == 1
+  assert capsys.readouterr().err.rstrip().splitlines()[-1] == (
+      f"bipft pretrain: error: checkpoint step 4 could not be written to {workdir} (No space left on device); "
+      "the newest complete checkpoint there is step 2: once the cause is fixed, rerun the same command to "
+      "resume from it")
+  assert checkpointing.make_manager(str(workdir), read_only=True).all_steps() == [2]
+  monkeypatch.undo()
+  assert cli.main(_pretrain_args(files, workdir, *FOUR_STEPS)) == 0
+  assert f"bipft pretrain: resuming {workdir} from step 2\n" in capsys.readouterr().out
+  # Steps 3 and 4 trained again equal the run that never lost a step, bit for bit.
+  _, _, expected = checkpointing.restore_params(str(trained), 4)
+  _, _, got = checkpointing.restore_params(str(workdir), 4)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_export_the_file_system_refuses_leaves_the_earlier_file_in_one_line(files, trained, tmp_path):
+  out = tmp_path / "model.safetensors"
+  out.write_bytes(b"an earlier export")
+  run = _pretrain(files, tmp_path, script=_SMALL_FILES_ONLY,
+                  command=["export-packed", "--checkpoint", str(trained), "--out", str(out), "--overwrite"])
+  assert run.returncode == 1, run.stderr[-3000:]
+  lines = run.stderr.strip().splitlines()
+  # safetensors' error, which carries the OS's error number in its message
+  assert len(lines) == 1 and lines[0].startswith("bipft export-packed: error: the file system refused a write: "), lines
+  assert "File too large" in lines[0]
+  assert os.listdir(tmp_path) == ["model.safetensors"] and out.read_bytes() == b"an earlier export"
 
 
 @pytest.mark.parametrize("command", ["convert", "evaluate", "export-packed"])
