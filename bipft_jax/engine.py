@@ -333,7 +333,7 @@ class _Loop:
     from tqdm import tqdm
     job, schedule = self.job, self.schedule
     frozen = self.engine.place_frozen()
-    writer, prefetch = MetricsWriter(self.workdir), Prefetch(batches)
+    writer, prefetch = MetricsWriter(self.workdir, start_step=step), Prefetch(batches)
     terminated = threading.Event()
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     self.bar = tqdm(total=schedule.total_steps, initial=step, desc=job.name, disable=not distributed.is_primary(),

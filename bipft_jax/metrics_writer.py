@@ -5,6 +5,10 @@ Process 0 writes; other hosts' writers do nothing. Records may nest (a finetunin
 every number under its path joined by "/". Object stores (gs://) cannot append to a file, so there
 metrics.jsonl is rewritten whole on every record; local files are appended to. (clu's
 metric_writers does the same job but would add a dependency, and TensorFlow for its summaries.)
+
+A resumed run writes the steps after its checkpoint again, so the writer first drops the records a
+killed run wrote after that step (and a line cut short by the kill), and TensorBoard hides that
+run's events from there on (`purge_step`): the log holds each step once, as the resumed run saw it.
 """
 import json
 import os
@@ -12,7 +16,7 @@ from numbers import Number
 
 from etils import epath
 
-from bipft_jax import distributed
+from bipft_jax import distributed, files
 
 
 def _scalars(record: dict, prefix: str = "") -> dict:
@@ -26,18 +30,32 @@ def _scalars(record: dict, prefix: str = "") -> dict:
   return out
 
 
+def _step_of(line: str) -> float:
+  """The step of a metrics.jsonl line; infinite for a line that is cut short or not a record."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, TypeError, KeyError):
+    return float("inf")
+
+
 class MetricsWriter:
   """Appends one JSON record per call to metrics.jsonl and its numbers to TensorBoard."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int = 0):
+    """`start_step`: the step the run starts from (a resumed run's checkpoint); records after it go."""
     self.active = distributed.is_primary()
     if self.active:
       from tensorboardX import SummaryWriter
       self.path = epath.Path(workdir) / "metrics.jsonl"
       self.rewrite = "://" in workdir
-      self.text = self.path.read_text() if self.rewrite and self.path.exists() else ""
+      text = self.path.read_text() if self.path.exists() else ""
+      kept = "".join(line for line in text.splitlines(keepends=True) if _step_of(line) <= start_step)
+      self.text = kept if self.rewrite else ""
+      if not self.rewrite and kept != text:
+        with files.atomic_write(os.fspath(self.path)) as f:
+          f.write(kept)
       self.jsonl = None if self.rewrite else open(self.path, "a")
-      self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, record: dict) -> None:
     if not self.active:

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from bipft_jax import checkpointing, cli, config_loading, engine, losses, pretra
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
 from bipft_jax.data import pipeline, sources
+from bipft_jax.metrics_writer import MetricsWriter
 
 from test_data import NUM_DOCS, WORDS, write_corpus
 
@@ -140,14 +142,44 @@ def test_sigkill_and_resume_is_bit_identical(files, tmp_path):
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   resumed = _pretrain(files, tmp_path / "killed", *steps)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "resuming" in resumed.stdout and "from step 6" not in resumed.stdout
+  resumed_from = int(re.search(r"resuming \S+ from step (\d+)", resumed.stdout).group(1))
+  assert resumed_from in (2, 4)
   _, _, expected = checkpointing.restore_params(str(tmp_path / "whole"))
   _, _, got = checkpointing.restore_params(str(tmp_path / "killed"))
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  logged = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
-  assert [r["step"] for r in logged if "total_loss" in r] == [1, 2, 3, 4, 5, 6]
+  # Each step's metrics once: the killed run's steps after the checkpoint gave way to the resumed run's,
+  # in metrics.jsonl and in TensorBoard (the resumed run's events hide the killed run's from there on).
+  for run in ("whole", "killed"):
+    logged = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+    assert [r["step"] for r in logged if "total_loss" in r] == [1, 2, 3, 4, 5, 6], run
   assert os.listdir(tmp_path / "whole" / "tensorboard")
+  newest = max((tmp_path / "killed" / "tensorboard").iterdir(), key=lambda p: p.stat().st_mtime)
+  assert [e.step for e in _tensorboard_events(newest) if e.HasField("session_log")] == [resumed_from + 1]
+
+
+def test_a_resumed_runs_metrics_drop_what_the_killed_run_wrote_after_the_checkpoint(tmp_path):
+  lines = [json.dumps({"step": step, "loss": 1.0 / (step + 1)}) + "\n" for step in range(6)]
+  (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 6, "lo')  # the kill cut the last one short
+  writer = MetricsWriter(str(tmp_path), start_step=3)
+  writer.write(4, {"loss": 0.5})
+  writer.close()
+  assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines[:4]) + '{"step": 4, "loss": 0.5}\n'
+  (event_file,) = (tmp_path / "tensorboard").iterdir()
+  events = _tensorboard_events(event_file)
+  assert [e.step for e in events if e.HasField("session_log")] == [4]  # TensorBoard hides older steps >= 4
+  assert [(e.step, e.summary.value[0].simple_value) for e in events if e.HasField("summary")] == [(4, 0.5)]
+
+
+def _tensorboard_events(path) -> list:
+  """The events of a TensorBoard file (TFRecord framing: length, its CRC, the record, its CRC)."""
+  from tensorboardX.proto import event_pb2
+  data, events, at = path.read_bytes(), [], 0
+  while at < len(data):
+    (length,) = struct.unpack("<Q", data[at:at + 8])
+    events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
+    at += 12 + length + 4
+  return events
 
 
 def test_sigterm_saves_and_exits(files, tmp_path):
