@@ -10,8 +10,9 @@ import errno
 import re
 from typing import Optional
 
-# The file system refused a write: the machine's problem, not the input's or the code's.
-WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+# The file system refused a write: the machine's problem, not the input's or the code's. (EIO is left
+# out: a read can fail with it too, and the line would then misname what failed.)
+WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class UserError(Exception):

@@ -1,4 +1,6 @@
-"""The installed `bipft` command: help, version, and one-line errors with exit code 2."""
+"""The installed `bipft` command: help, version, one-line errors with exit code 2 (bad input) or 1 (a
+write the file system refused)."""
+import errno
 import json
 import os
 import pathlib
@@ -85,3 +87,25 @@ def test_import_of_weights_that_do_not_fit(tmp_path):
   line = _import(src, tmp_path / "out")
   assert "shape mismatch for embeddings.word_embeddings.weight: checkpoint (41, 16), model (40, 16)" in line
   assert "missing tensor encoder.layer.0.output.dense.weight" in line
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device", "/out/m.bin"),
+                                   OSError(errno.EDQUOT, "Disk quota exceeded", "/out/m.bin")])
+def test_a_refused_write_is_one_line_and_exit_1(monkeypatch, capsys, error):
+  from bipft_jax import summary
+
+  def run(args):
+    raise error
+  monkeypatch.setattr(summary, "run", run)
+  assert cli.main(["summary", "--config", "unused.py"]) == 1
+  assert capsys.readouterr().err == f"bipft summary: error: the file system refused a write: OSError: {error}\n"
+
+
+def test_other_errors_keep_their_traceback(monkeypatch):
+  from bipft_jax import summary
+
+  def run(args):  # a bug, or a read that failed: not the file system refusing a write
+    raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/in/x")
+  monkeypatch.setattr(summary, "run", run)
+  with pytest.raises(FileNotFoundError):
+    cli.main(["summary", "--config", "unused.py"])
