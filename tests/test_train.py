@@ -121,13 +121,24 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
-def _pretrain(files, workdir, *extra, script=None, command=None, **popen):
-  """`bipft pretrain` of the tiny config in a process of its own (or `command` instead)."""
+def _assert_same_params(expected_workdir, workdir) -> None:
+  """The latest checkpoints of two runs hold the same parameters, bit for bit."""
+  _, _, expected = checkpointing.restore_params(str(expected_workdir))
+  _, _, got = checkpointing.restore_params(str(workdir))
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _pretrain(files, workdir, *extra, script=None, **popen):
+  """`bipft pretrain` of the tiny config in a process of its own."""
+  command = ["pretrain", "--config", f"{CONFIG}:tiny", "--workdir", str(workdir), *extra]
+  return _run(files, command + [f"--config.{o}" for o in tiny_overrides(files)], script, **popen)
+
+
+def _run(files, command: list, script=None, **popen):
+  """A `bipft` command in a process of its own, through `script` if given (Popen with `popen`)."""
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=files["cache"],
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  if command is None:
-    command = ["pretrain", "--config", f"{CONFIG}:tiny", "--workdir", str(workdir), *extra]
-    command += [f"--config.{o}" for o in tiny_overrides(files)]
   prefix = [sys.executable, "-c", script] if script else [sys.executable, "-m", "bipft_jax.cli"]
   if popen:
     return subprocess.Popen(prefix + command, env=env, cwd=REPO, **popen)
@@ -144,10 +155,7 @@ def test_sigkill_and_resume_is_bit_identical(files, tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   resumed_from = int(re.search(r"resuming \S+ from step (\d+)", resumed.stdout).group(1))
   assert resumed_from in (2, 4)
-  _, _, expected = checkpointing.restore_params(str(tmp_path / "whole"))
-  _, _, got = checkpointing.restore_params(str(tmp_path / "killed"))
-  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_same_params(tmp_path / "whole", tmp_path / "killed")
   # Each step's metrics once: the killed run's steps after the checkpoint gave way to the resumed run's,
   # in metrics.jsonl and in TensorBoard (the resumed run's events hide the killed run's from there on).
   for run in ("whole", "killed"):
@@ -272,18 +280,17 @@ def test_resume_skips_a_bit_flipped_latest_step(files, trained, tmp_path, capsys
   assert (f"bipft pretrain: skipped step 4, {flipped} fails its sha256 check; moved it to "
           f"{workdir}/4.corrupt\nbipft pretrain: resuming {workdir} from step 2\n") in out
   assert sorted(os.listdir(workdir / "4.corrupt")) == sorted(os.listdir(trained / "4"))  # kept, not deleted
-  # Steps 3 and 4 trained again from step 2 equal the run that was never corrupted, bit for bit.
-  _, _, expected = checkpointing.restore_params(str(trained), 4)
-  _, _, got = checkpointing.restore_params(str(workdir), 4)
-  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_same_params(trained, workdir)  # steps 3 and 4, trained again, equal the uncorrupted run
 
 
 # A file system that refuses every file above 64 KiB (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the
-# write fails with EFBIG): the tiny run's metrics and TensorBoard files fit, its checkpoint's arrays do not.
+# write fails with EFBIG): the tiny run's metrics and TensorBoard files fit, its checkpoint's arrays do
+# not. The compilation cache is off: its entries would fail too, each with jax's warning.
 _SMALL_FILES_ONLY = textwrap.dedent("""
   import resource, sys
+  import jax
   resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+  jax.config.update("jax_enable_compilation_cache", False)
   from bipft_jax import cli
   sys.exit(cli.main())  # as the `bipft` command
 """)
@@ -321,18 +328,14 @@ def test_a_last_checkpoint_lost_to_a_full_disk_is_reported_and_the_rerun_resumes
   monkeypatch.undo()
   assert cli.main(_pretrain_args(files, workdir, *FOUR_STEPS)) == 0
   assert f"bipft pretrain: resuming {workdir} from step 2\n" in capsys.readouterr().out
-  # Steps 3 and 4 trained again equal the run that never lost a step, bit for bit.
-  _, _, expected = checkpointing.restore_params(str(trained), 4)
-  _, _, got = checkpointing.restore_params(str(workdir), 4)
-  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_same_params(trained, workdir)  # steps 3 and 4, trained again, equal the run that lost none
 
 
 def test_an_export_the_file_system_refuses_leaves_the_earlier_file_in_one_line(files, trained, tmp_path):
   out = tmp_path / "model.safetensors"
   out.write_bytes(b"an earlier export")
-  run = _pretrain(files, tmp_path, script=_SMALL_FILES_ONLY,
-                  command=["export-packed", "--checkpoint", str(trained), "--out", str(out), "--overwrite"])
+  run = _run(files, ["export-packed", "--checkpoint", str(trained), "--out", str(out), "--overwrite"],
+             _SMALL_FILES_ONLY)
   assert run.returncode == 1, run.stderr[-3000:]
   lines = run.stderr.strip().splitlines()
   # safetensors' error, which carries the OS's error number in its message
