@@ -114,9 +114,7 @@ def _cache_choosing(tmp_path, name: str, choices: dict, devices: int, monkeypatc
   return str(folder)
 
 
-# Each host measures `auto`'s choices on its own (and a close race can go either way). Processes that
-# compiled different sign products ran different programs as one job: a 2-process finetuning whose
-# hosts had taken bfloat16 and int8 logged losses 1.5% off one device's, without an error.
+# Two hosts whose caches disagree (why that matters: precision._agreed) print what they chose.
 _CHOICES = textwrap.dedent("""
   import jax
   from bipft_jax import distributed, precision
