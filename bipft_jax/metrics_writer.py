@@ -33,9 +33,10 @@ def _scalars(record: dict, prefix: str = "") -> dict:
 def _step_of(line: str) -> float:
   """The step of a metrics.jsonl line; infinite for a line that is cut short or not a record."""
   try:
-    return json.loads(line)["step"]
+    step = json.loads(line)["step"]
   except (ValueError, TypeError, KeyError):
     return float("inf")
+  return step if isinstance(step, Number) and not isinstance(step, bool) else float("inf")
 
 
 class MetricsWriter:

@@ -168,7 +168,9 @@ def test_sigkill_and_resume_is_bit_identical(files, tmp_path):
 
 def test_a_resumed_runs_metrics_drop_what_the_killed_run_wrote_after_the_checkpoint(tmp_path):
   lines = [json.dumps({"step": step, "loss": 1.0 / (step + 1)}) + "\n" for step in range(6)]
-  (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 6, "lo')  # the kill cut the last one short
+  not_records = '{"step": "2"}\n{"step": null}\n[2]\n'  # hand-edited lines: not ours, dropped
+  (tmp_path / "metrics.jsonl").write_text("".join(lines[:3]) + not_records + "".join(lines[3:])
+                                          + '{"step": 6, "lo')  # the kill cut the last one short
   writer = MetricsWriter(str(tmp_path), start_step=3)
   writer.write(4, {"loss": 0.5})
   writer.close()
