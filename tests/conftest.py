@@ -13,6 +13,10 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 import pytest  # noqa: E402
 
+# The backend starts now, so a test that patches XLA_FLAGS (to compute another process's host key)
+# cannot be the one that starts it, leaving its worker's later tests with that test's device count.
+jax.devices()
+
 # Numeric comparisons need true fp32 matmuls: the default CPU/TPU passes round inputs to bf16.
 jax.config.update("jax_default_matmul_precision", "highest")
 # The persistent compilation cache `bipft` keeps (engine.start), for every test from the start rather
