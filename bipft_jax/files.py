@@ -6,11 +6,16 @@ over it only when complete, so a crash, a full disk or a bad value leaves the ea
 The result has the mode a plain `open`/`mkdir` would give it (0666/0777 less the umask), not
 mkstemp's owner-only 0600.
 The `check_*` functions turn an unwritable output into one UserError before anything expensive runs.
+`workdir_lock` keeps a second run out of a workdir that a run is writing.
 """
 import contextlib
+import datetime
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from typing import Iterator
 
@@ -134,3 +139,51 @@ def check_output_file(path: str, what: str, overwrite: bool = False, flag: str =
   if os.path.exists(path) and not overwrite:
     raise UserError(f"{what} {path} already exists; choose another name or pass {flag} to replace it")
   check_writable_dir(os.path.dirname(os.path.abspath(path)), f"the folder of {what}")
+
+
+LOCK_FILE = ".bipft-lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, command: str, primary: bool = True) -> Iterator[None]:
+  """Holds `workdir` (created if needed) for this process while the block runs; UserError naming the
+  holder if another process holds it. Two runs writing one workdir would interleave their
+  checkpoints and logs, and a finetuning run would delete the other's staged outputs.
+
+  An exclusive flock on WORKDIR/.bipft-lock, which the kernel releases however the process ends (a
+  SIGKILL leaves no stale lock); the file, naming the holder, is removed on the way out. The
+  processes of a multi-host job share their workdir: only the `primary` one takes the lock. Object
+  stores (gs://) and file systems without locks are not locked (a warning says so)."""
+  if "://" in workdir or not primary:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that is starting"
+      os.close(fd)
+      raise UserError(f"{workdir} is in use by another run: {holder}; wait for it to end or choose "
+                      "another --workdir") from None
+    except OSError as e:  # ENOLCK, EOPNOTSUPP: some network and FUSE file systems have no locks
+      os.close(fd)
+      print(f"bipft {command}: warning: {workdir} cannot be locked ({e.strerror}); make sure no other "
+            "run writes to it", file=sys.stderr)
+      yield
+      return
+    with contextlib.suppress(FileNotFoundError):
+      if os.path.samestat(os.fstat(fd), os.stat(path)):
+        break  # else the holder removed the file we locked as it left: lock the new one
+    os.close(fd)
+  try:
+    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"bipft {command}, pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode())
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(path)  # while still locked, so a process that opened it before sees a removed file
+    os.close(fd)

@@ -296,6 +296,11 @@ def run_study(config, workdir: str, config_name: Optional[str] = None) -> dict:
   """Runs (or resumes) every cell of `config` in `workdir`; returns the results (study_results)."""
   plan = Plan.from_config(config)
   files.check_writable_dir(workdir, "--workdir")
+  with files.workdir_lock(workdir, "study"):
+    return _run_cells(config, plan, workdir, config_name)
+
+
+def _run_cells(config, plan: Plan, workdir: str, config_name: Optional[str]) -> dict:
   check_recipe(config, workdir)
   data = {task: study_data.data_overrides(task, os.path.join(workdir, "data", task), config.dev_examples)
           for task in plan.tasks}

@@ -194,6 +194,11 @@ def run_track(config, workdir: str, config_name: Optional[str] = None) -> list:
   """Runs (or resumes) every row of `config` in `workdir`; returns the rows' results."""
   rows = parse_rows(config.rows)
   files.check_writable_dir(workdir, "--workdir")
+  with files.workdir_lock(workdir, "track"):
+    return _run_rows(config, rows, workdir, config_name)
+
+
+def _run_rows(config, rows: list, workdir: str, config_name: Optional[str]) -> list:
   model_name, _ = precision.cpu_description()
   header = {"config": config_name, "host": f"{model_name} ({os.cpu_count()} cores)",
             "date": datetime.date.today().isoformat(), "seq_len": config.summary.seq_len,

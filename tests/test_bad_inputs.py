@@ -20,7 +20,7 @@ import torch
 from safetensors.numpy import save_file
 
 import glue_fixtures
-from bipft_jax import checkpointing, cli, convert
+from bipft_jax import checkpointing, cli, convert, files
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
 from bipft_jax.glue import finetune, predictions, tasks
@@ -519,6 +519,25 @@ def test_finetune_overwrite_that_crashes_mid_run_keeps_the_earlier_run(fx, tmp_p
   assert "checkpoints" in staged  # the run had started writing its outputs
   after = snapshot(workdir)
   assert {p: v for p, v in after.items() if finetune.STAGING not in p} == before
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "study", "track"])
+def test_a_workdir_another_run_is_writing_is_refused(fx, tmp_path, capsys, command):
+  workdir = tmp_path / "busy"
+  staged = workdir / finetune.STAGING / "metrics.jsonl"  # a finetuning run before its first checkpoint
+  staged.parent.mkdir(parents=True)
+  staged.write_text('{"step": 1}\n')
+  argv = {"pretrain": pretrain(workdir=lambda fx, tmp: workdir),
+          "finetune": finetune_argv(workdir=lambda fx, tmp: workdir),
+          "study": lambda fx, tmp: ["study", "--config", os.path.join(ROOT, "configs", "study.py:quick"),
+                                    "--workdir", workdir],
+          "track": lambda fx, tmp: ["track", "--config", os.path.join(ROOT, "configs", "track.py:quick"),
+                                    "--workdir", workdir]}[command](fx, tmp_path)
+  with files.workdir_lock(str(workdir), "finetune"):  # as the other run holds it
+    line = assert_refused(argv, capsys, fx["root"], str(tmp_path))
+  assert f"{workdir} is in use by another run: bipft finetune, pid {os.getpid()} on " in line
+  assert staged.read_text() == '{"step": 1}\n'  # its staged outputs were not cleared away
+  assert sorted(os.listdir(workdir)) == [finetune.STAGING]  # the lock's file leaves with its holder
 
 
 def test_export_packed_keeps_an_existing_file_unless_overwrite(fx, tmp_path, capsys):

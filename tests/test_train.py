@@ -18,6 +18,7 @@ import pytest
 
 from bipft_jax import checkpointing, cli, config_loading, engine, losses, pretraining, pytorch_io, sharding
 from bipft_jax import model as model_lib
+from bipft_jax import files as bipft_files  # the `files` fixture takes the name
 from bipft_jax import model_params
 from bipft_jax.data import pipeline, sources
 from bipft_jax.metrics_writer import MetricsWriter
@@ -151,11 +152,13 @@ def test_sigkill_and_resume_is_bit_identical(files, tmp_path):
   assert whole.returncode == 0, whole.stderr[-2000:]
   killed = _pretrain(files, tmp_path / "killed", *steps, script=_KILLED_RUN)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert (tmp_path / "killed" / bipft_files.LOCK_FILE).exists()  # the killed run's, whose lock died with it
   resumed = _pretrain(files, tmp_path / "killed", *steps)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   resumed_from = int(re.search(r"resuming \S+ from step (\d+)", resumed.stdout).group(1))
   assert resumed_from in (2, 4)
   _assert_same_params(tmp_path / "whole", tmp_path / "killed")
+  assert not (tmp_path / "killed" / bipft_files.LOCK_FILE).exists()
   # Each step's metrics once: the killed run's steps after the checkpoint gave way to the resumed run's,
   # in metrics.jsonl and in TensorBoard (the resumed run's events hide the killed run's from there on).
   for run in ("whole", "killed"):
@@ -192,21 +195,27 @@ def _tensorboard_events(path) -> list:
   return events
 
 
-def test_sigterm_saves_and_exits(files, tmp_path):
-  run = _pretrain(files, tmp_path / "run", "--config.total_steps=100000", "--config.checkpoint_every=100000",
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_sigterm_saves_and_exits(files, tmp_path, capsys):
+  steps = ["--config.total_steps=100000", "--config.checkpoint_every=100000"]
+  run = _pretrain(files, tmp_path / "run", *steps, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = tmp_path / "run" / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and run.poll() is None:
     if metrics.exists() and sum(1 for _ in open(metrics)) >= 3:  # accuracy at step 0, then steps 1, 2
       break
     time.sleep(0.5)
+  # The same command again while the run trains (a requeued job, a second terminal) is turned away.
+  assert cli.main(_pretrain_args(files, tmp_path / "run", *steps)) == 2
+  assert (f"is in use by another run: bipft pretrain, pid {run.pid} on "
+          in _error_line(capsys.readouterr().err, "pretrain"))
+  assert run.poll() is None
   run.send_signal(signal.SIGTERM)
   out, err = run.communicate(timeout=120)
   assert run.returncode == 0, err[-2000:]
   assert "SIGTERM: saved step" in err + out
   manager = checkpointing.make_manager(str(tmp_path / "run"), read_only=True)
   assert 2 <= manager.latest_step() < 100000
+  assert not (tmp_path / "run" / bipft_files.LOCK_FILE).exists()
 
 
 def _pretrain_args(files, workdir, *extra) -> list:

@@ -16,7 +16,8 @@ split is kept (MNLI-mm is reported from the last epoch, as the release does); at
 holds its checkpoint, `results.json` the reported numbers and `submission/` the GLUE leaderboard
 files of whatever test splits exist. Everything is written to `WORKDIR/.finetune-staging/` (a killed
 run resumes from there) and moved into the workdir when the run ends, so a workdir with an earlier
-run (replaced only with `--overwrite`) keeps it whole until then.
+run (replaced only with `--overwrite`) keeps it whole until then. From its first write to its last the
+run holds the workdir: another run started there is refused (`files.workdir_lock`).
 """
 import os
 import shutil
@@ -59,15 +60,17 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   finetuning.check_init(config)
   engine.start(config)
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
-  staging = _staging(workdir)
+  staging = os.path.join(workdir, STAGING)
   run = finetuning.Finetuning(config, task, mesh, rules, staging)  # every input read: outputs may start
-  result = engine.Engine(run.job, mesh, rules, seed=config.seed).fit(
-      staging, run.schedule, checkpoint_dir=os.path.join(staging, "checkpoints"))
-  if result.get("terminated"):
-    return {}
-  results = run.write_outputs()
-  if distributed.is_primary():
-    _publish(staging, workdir)
+  with files.workdir_lock(workdir, "finetune", primary=distributed.is_primary()):
+    _prepare_staging(staging)
+    result = engine.Engine(run.job, mesh, rules, seed=config.seed).fit(
+        staging, run.schedule, checkpoint_dir=os.path.join(staging, "checkpoints"))
+    if result.get("terminated"):
+      return {}
+    results = run.write_outputs()
+    if distributed.is_primary():
+      _publish(staging, workdir)
   return results
 
 
@@ -80,17 +83,15 @@ def _earlier_outputs(workdir: str, overwrite: bool) -> list:
   return existing
 
 
-def _staging(workdir: str) -> str:
-  """The folder of this run's outputs: a killed run's, resumed, if it saved a checkpoint; a crashed
-  run's leftovers without one are removed."""
-  staging = os.path.join(workdir, STAGING)
+def _prepare_staging(staging: str) -> None:
+  """Readies the folder of this run's outputs: a killed run's is resumed if it saved a checkpoint; a
+  crashed run's leftovers without one are removed."""
   checkpoints = os.path.join(staging, "checkpoints")
   if os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)):
     distributed.log(f"bipft finetune: resuming the run in {staging} (delete that folder to start afresh)")
   elif distributed.is_primary():
     shutil.rmtree(staging, ignore_errors=True)
   multihost_utils.sync_global_devices("bipft finetune staging")  # no host writes there before that
-  return staging
 
 
 def _publish(staging: str, workdir: str) -> None:
