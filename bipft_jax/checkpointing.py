@@ -55,6 +55,30 @@ def config_record(model_config: model_lib.BertConfig, head: str, run_config: Opt
   return {"model": dataclasses.asdict(model_config), "head": head, "run": run_config}
 
 
+# Model fields a resumed run may change: how exactly it computes (choices equal bit for bit, the
+# precision policy) and its dropout. The others say what the parameters mean.
+RESUMABLE_MODEL_CHANGES = frozenset({"hidden_dropout", "attention_dropout", "classifier_dropout",
+                                     "matmul_precision", "binary_matmul_dtype", "precision"})
+
+
+def check_same_model(manager: ocp.CheckpointManager, step: int, model_config: model_lib.BertConfig) -> None:
+  """UserError if the run saved at `step` trained another model than `model_config`. Without it a
+  resume either fails in orbax with advice that does not apply (shapes, tree structure) or, where the
+  parameters agree (an activation, layer_norm_eps), goes on silently training another model. A step
+  whose config cannot be read is left to the restore, which sets it aside or refuses it."""
+  try:
+    saved = read_config(manager, step)["model"]
+    saved = {name: value for name, value in saved.items() if name not in RESUMABLE_MODEL_CHANGES}
+  except (UserError, KeyError, TypeError, AttributeError):
+    return
+  now = dataclasses.asdict(model_config)
+  differ = [f"{name} {value!r} there, {now[name]!r} now" for name, value in saved.items()
+            if name in now and value != now[name]]
+  if differ:
+    raise UserError(f"{manager.directory} holds a run of another model (step {step}: {'; '.join(differ)}); "
+                    "rerun with that run's model config to resume it, or choose another --workdir")
+
+
 class SealingManager(ocp.CheckpointManager):
   """orbax's asynchronous CheckpointManager that seals every step it saves with `checksums.json`.
 

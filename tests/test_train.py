@@ -234,6 +234,22 @@ def _all_finite(params) -> bool:
   return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+def test_resuming_another_model_is_refused_and_a_dropout_change_resumes(files, tmp_path, capsys):
+  workdir, steps = tmp_path / "run", ("--config.total_steps=4", "--config.optimizer.warmup_steps=1")
+  assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=2", "--config.optimizer.warmup_steps=1",
+                                 "--config.checkpoint_every=2")) == 0
+  written = {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()}
+  for change, named in (("model.mlm_transform_act=gelu", "mlm_transform_act 'relu' there, 'gelu' now"),
+                        ("model.intermediate_size=48", "intermediate_size 512 there, 48 now")):
+    capsys.readouterr()
+    assert cli.main(_pretrain_args(files, workdir, *steps, f"--config.{change}")) == 2
+    error = _error_line(capsys.readouterr().err, "pretrain")
+    assert f"{workdir} holds a run of another model (step 2: {named}); rerun with that run's model" in error
+    assert {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()} == written
+  assert cli.main(_pretrain_args(files, workdir, *steps, "--config.model.hidden_dropout=0.0")) == 0
+  assert f"resuming {workdir} from step 2" in capsys.readouterr().out
+
+
 def test_diverging_run_saves_only_finite_checkpoints(files, tmp_path, capsys):
   workdir = tmp_path / "run"
   code = cli.main(_pretrain_args(files, workdir, "--config.optimizer.learning_rate=1e30",
