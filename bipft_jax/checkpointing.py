@@ -50,6 +50,14 @@ class CorruptCheckpoint(UserError):
     self.step, self.reason = step, reason
 
 
+def saved_steps(directory: str) -> list:
+  """The steps saved in a local `directory` (its folders named by a number), without an orbax manager."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
 def config_record(model_config: model_lib.BertConfig, head: str, run_config: Optional[dict] = None) -> dict:
   """The `config` item: enough to rebuild the model (and, for runs, the whole job) from the checkpoint."""
   return {"model": dataclasses.asdict(model_config), "head": head, "run": run_config}

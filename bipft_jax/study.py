@@ -31,7 +31,7 @@ from typing import Optional
 
 import jax
 
-from bipft_jax import config_loading, files, precision, study_data, study_results
+from bipft_jax import checkpointing, config_loading, files, precision, study_data, study_results
 from bipft_jax.errors import UserError
 from bipft_jax.runs import config_with_overrides, override_args, pretraining_numbers, read_jsonl, run_command
 
@@ -200,8 +200,7 @@ def _finished(cell_dir: str, total_steps: Optional[int] = None) -> bool:
   (a SIGTERM saves an earlier step and exits 0), else a finetuning's results.json."""
   if total_steps is None:
     return os.path.exists(os.path.join(cell_dir, "results.json"))
-  steps = [int(name) for name in os.listdir(cell_dir) if name.isdigit()] if os.path.isdir(cell_dir) else []
-  return max(steps, default=-1) == total_steps
+  return max(checkpointing.saved_steps(cell_dir), default=-1) == total_steps
 
 
 def run_cell(config, cell: Cell, workdir: str) -> dict:

@@ -12,9 +12,12 @@ workdir is its own: another run started there is refused (`files.workdir_lock`).
 metrics.jsonl and TensorBoard scalars (`DIR/tensorboard`). The parts are pretraining.py's; the loop
 is the run engine's (engine.py), the same as finetuning's.
 """
+import os
 from typing import Optional
 
 from bipft_jax import config_checks, config_loading, distributed, engine, files, pretraining, sharding
+from bipft_jax.errors import UserError
+from bipft_jax.glue import finetune
 
 
 def add_arguments(parser) -> None:
@@ -29,6 +32,9 @@ def run(args) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
   config_checks.check_pretrain(config)
   files.check_writable_dir(args.workdir, "--workdir")
+  finetuned = [name for name in finetune.OWN if os.path.exists(os.path.join(args.workdir, name))]
+  if finetuned:  # its metrics.jsonl would be cut back to this run's
+    raise UserError(f"{args.workdir} holds a finetuning run ({', '.join(finetuned)}); choose another --workdir")
   engine.start(config)
   train_and_evaluate(config, args.workdir, init_from=args.init_from)
   return 0

@@ -336,6 +336,8 @@ CASES = [
     Case("pretrain no corpus files", pretrain("data.paths=/nonexistent/*.txt"), "no text files match"),
     Case("pretrain workdir under a file", pretrain(workdir=under_file), "is a file"),
     Case("pretrain read-only workdir", pretrain(workdir=fixture("readonly", "wd")), "read-only", "readonly"),
+    Case("pretrain in a finetuning workdir", pretrain(workdir=fixture("finished")),
+         "holds a finetuning run (results.json, best, submission); choose another --workdir"),
     # finetune
     Case("finetune min_bucket=0", finetune_argv("min_bucket=0"), "min_bucket " + MUST_BE_1),
     Case("finetune max_length=1", finetune_argv("max_length=1"), "max_length must be an integer >= 3"),
@@ -361,6 +363,9 @@ CASES = [
     Case("finetune existing run without --overwrite", finetune_argv(workdir=fixture("finished")),
          "already holds a finetuning run"),
     Case("finetune workdir under a file", finetune_argv(workdir=under_file), "is a file"),
+    Case("finetune --overwrite in a pretraining workdir",
+         lambda fx, tmp: finetune_argv(workdir=fixture("pretrain_wd"))(fx, tmp) + ["--overwrite"],
+         "holds a pretraining run (checkpoint steps 0, 5); to finetune from it, pass --init_from"),
     Case("finetune read-only workdir", finetune_argv(workdir=fixture("readonly", "ft")),
          "read-only", "readonly"),
     # evaluate
@@ -524,9 +529,11 @@ def test_finetune_overwrite_that_crashes_mid_run_keeps_the_earlier_run(fx, tmp_p
 @pytest.mark.parametrize("command", ["pretrain", "finetune", "study", "track"])
 def test_a_workdir_another_run_is_writing_is_refused(fx, tmp_path, capsys, command):
   workdir = tmp_path / "busy"
-  staged = workdir / finetune.STAGING / "metrics.jsonl"  # a finetuning run before its first checkpoint
-  staged.parent.mkdir(parents=True)
-  staged.write_text('{"step": 1}\n')
+  # The other run's log (a finetuning run's staged before its first checkpoint): a second run would
+  # cut it back or clear it away.
+  written = workdir / (f"{finetune.STAGING}/metrics.jsonl" if command == "finetune" else "metrics.jsonl")
+  written.parent.mkdir(parents=True)
+  written.write_text('{"step": 1}\n')
   argv = {"pretrain": pretrain(workdir=lambda fx, tmp: workdir),
           "finetune": finetune_argv(workdir=lambda fx, tmp: workdir),
           "study": lambda fx, tmp: ["study", "--config", os.path.join(ROOT, "configs", "study.py:quick"),
@@ -536,8 +543,8 @@ def test_a_workdir_another_run_is_writing_is_refused(fx, tmp_path, capsys, comma
   with files.workdir_lock(str(workdir), "finetune"):  # as the other run holds it
     line = assert_refused(argv, capsys, fx["root"], str(tmp_path))
   assert f"{workdir} is in use by another run: bipft finetune, pid {os.getpid()} on " in line
-  assert staged.read_text() == '{"step": 1}\n'  # its staged outputs were not cleared away
-  assert sorted(os.listdir(workdir)) == [finetune.STAGING]  # the lock's file leaves with its holder
+  assert written.read_text() == '{"step": 1}\n'
+  assert sorted(os.listdir(workdir)) == [written.relative_to(workdir).parts[0]]  # the lock's file left with it
 
 
 def test_export_packed_keeps_an_existing_file_unless_overwrite(fx, tmp_path, capsys):

@@ -24,12 +24,13 @@ import shutil
 
 from jax.experimental import multihost_utils
 
-from bipft_jax import config_checks, config_loading, distributed, engine, files, sharding
+from bipft_jax import checkpointing, config_checks, config_loading, distributed, engine, files, sharding
 from bipft_jax.errors import UserError
 from bipft_jax.glue import finetuning, tasks
 
 OUTPUTS = ("metrics.jsonl", "results.json", "best", "submission", "tensorboard")
 STAGING = ".finetune-staging"  # a run's outputs until it ends; then they replace an earlier run's
+OWN = ("results.json", "best", "submission", STAGING)  # what only a finetuning workdir holds
 
 
 def add_arguments(parser) -> None:
@@ -75,7 +76,12 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
 
 
 def _earlier_outputs(workdir: str, overwrite: bool) -> list:
-  """The outputs of an earlier run in `workdir`; UserError if there are some and not `overwrite`."""
+  """The outputs of an earlier run in `workdir`; UserError if there are some and not `overwrite`, and
+  for a pretraining workdir (its logs share our outputs' names: --overwrite would replace them)."""
+  steps = checkpointing.saved_steps(workdir)
+  if steps:
+    raise UserError(f"{workdir} holds a pretraining run (checkpoint steps {', '.join(map(str, steps))}); to "
+                    f"finetune from it, pass --init_from {workdir} and another --workdir")
   existing = [name for name in OUTPUTS if os.path.exists(os.path.join(workdir, name))]
   if existing and not overwrite:
     raise UserError(f"{workdir} already holds a finetuning run ({', '.join(existing)}); choose another "
@@ -87,7 +93,7 @@ def _prepare_staging(staging: str) -> None:
   """Readies the folder of this run's outputs: a killed run's is resumed if it saved a checkpoint; a
   crashed run's leftovers without one are removed."""
   checkpoints = os.path.join(staging, "checkpoints")
-  if os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)):
+  if checkpointing.saved_steps(checkpoints):
     distributed.log(f"bipft finetune: resuming the run in {staging} (delete that folder to start afresh)")
   elif distributed.is_primary():
     shutil.rmtree(staging, ignore_errors=True)
