@@ -5,11 +5,15 @@ launch scripts set). On TPU pods, SLURM and other clusters JAX detects the coord
 count and id itself; `launch/local.sh` (and the multi-process test) pass them explicitly through
 BIPFT_COORDINATOR, BIPFT_NUM_PROCESSES and BIPFT_PROCESS_ID, with gloo collectives on CPU.
 Start-up also agrees on what `auto` measures per host (precision.choose): process 0's choice.
+`SigtermWatch` is how a run learns, on one host or many, that it should save and stop.
 """
 import os
+import signal
+import threading
 from typing import Optional
 
 import jax
+from jax.experimental import multihost_utils
 
 from bipft_jax import precision
 from bipft_jax.errors import UserError
@@ -56,3 +60,29 @@ def log(message: str) -> None:
   """Prints a line of the run's story from process 0 only (every host would repeat it)."""
   if is_primary():
     print(message, flush=True)
+
+
+class SigtermWatch:
+  """Whether a SIGTERM (a preemption, `scancel`, `kill`) asks the run to save at a step and stop.
+
+  One process: a handler of ours notes the signal, and the step after it saves. A jax.distributed
+  job: jax's preemption service, which `jax.distributed.initialize` starts and which handles SIGTERM
+  itself, passes a signal that any host gets to all of them, and they agree on one step to save at.
+  A handler of ours would replace the service's and stop the signalled host alone, whose save then
+  waits forever for hosts gone on to the next step's collectives (a job that hangs)."""
+
+  def __init__(self):
+    self.synced = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
+    self.signalled = threading.Event()
+    if not self.synced:
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.signalled.set())
+
+  def stop_at(self, step: int) -> bool:
+    """Whether to save at `step` and stop; every process asks at every step (the agreement needs it)."""
+    if self.synced:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signalled.is_set()
+
+  def close(self) -> None:
+    if not self.synced:
+      signal.signal(signal.SIGTERM, self.previous)

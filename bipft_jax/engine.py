@@ -18,7 +18,6 @@ owns the rest, the same for every job:
 import dataclasses
 import functools
 import queue
-import signal
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -336,8 +335,7 @@ class _Loop:
     job, schedule = self.job, self.schedule
     frozen = self.engine.place_frozen()
     writer, prefetch = MetricsWriter(self.workdir, start_step=step), Prefetch(batches)
-    terminated = threading.Event()
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
+    sigterm = distributed.SigtermWatch()
     self.bar = tqdm(total=schedule.total_steps, initial=step, desc=job.name, disable=not distributed.is_primary(),
                     dynamic_ncols=True)
     self.writer = writer
@@ -353,8 +351,8 @@ class _Loop:
           self._report(*pending)  # the previous step's metrics: computed by now
         step += 1
         pending = (step, metrics, tokens)
-        last, stop = step == schedule.total_steps, terminated.is_set()  # the flag read once: a SIGTERM
-        save = step % schedule.checkpoint_every == 0 or last or stop      # arriving later waits a step
+        last, stop = step == schedule.total_steps, sigterm.stop_at(step)  # asked once: a SIGTERM
+        save = step % schedule.checkpoint_every == 0 or last or stop        # arriving later waits a step
         evaluate = step % schedule.eval_every == 0 or last
         if save or evaluate or step % schedule.log_every == 0:
           self._report(*pending)
@@ -366,8 +364,9 @@ class _Loop:
                              data_state=job.checkpoint_state(data_state), config=self.record)
         if stop:
           self.manager.wait_until_finished()
-          self.bar.write(f"bipft {job.name}: SIGTERM: saved step {step} to {self.workdir}; rerun the command "
-                         "to resume")
+          if distributed.is_primary():
+            self.bar.write(f"bipft {job.name}: SIGTERM: saved step {step} to {self.workdir}; rerun the "
+                           "command to resume")
           return {"step": step, "terminated": True}
       if pending:
         self._report(*pending)
@@ -375,7 +374,7 @@ class _Loop:
       self.bar.close()
       prefetch.close()
       writer.close()
-      signal.signal(signal.SIGTERM, previous_handler)
+      sigterm.close()
     return {"step": step, "metrics": self.logged, "start": start, "final": final, "params": state["params"]}
 
   def _report(self, step: int, metrics: dict, tokens: int) -> None:

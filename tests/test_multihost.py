@@ -203,6 +203,30 @@ def test_two_processes_train_like_one_and_write_one_checkpoint(files, tmp_path, 
   assert state == data_state(tmp_path / "single")
 
 
+def test_a_sigterm_to_one_host_saves_the_whole_job_at_one_step(files, tmp_path):
+  # A preempted host gets the signal alone or first: every process must save the same step and stop
+  # (a handler of our own on that host alone left the job hanging in its save).
+  multi, workdir = _multi_env(), tmp_path / "run"
+  overrides = tiny_overrides(files, **{"data.shards": 2, "total_steps": 100000, "checkpoint_every": 100000,
+                                       "eval_every": 100000, "eval_batches": 1})
+  command = [sys.executable, "-m", "bipft_jax.cli", "pretrain", "--config", f"{CONFIG}:tiny,mesh=local-2x2",
+             "--workdir", str(workdir), *[f"--config.{o}" for o in overrides]]
+  started = [_launch(tmp_path, f"p{i}", command, 2, BIPFT_PROCESS_ID=str(i), **multi) for i in range(2)]
+  deadline = time.monotonic() + TIMEOUT_S
+  metrics = workdir / "metrics.jsonl"
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # accuracy at 0, steps 1, 2
+    assert time.monotonic() < deadline and all(p.poll() is None for p, _, _ in started), "the job did not train"
+    time.sleep(0.5)
+  started[1][0].send_signal(signal.SIGTERM)
+  (out0, _), (out1, _) = _finish(started)
+  saved = int(re.search(r"SIGTERM: saved step (\d+) to ", out0).group(1))
+  assert "SIGTERM: saved" not in out1  # process 0 alone tells the story
+  manager = checkpointing.make_manager(str(workdir), read_only=True)
+  assert manager.all_steps() == [saved] and saved >= 2
+  _, _, params = checkpointing.restore_params(str(workdir))  # both processes' files, checksums verified
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
 def test_host_data_is_its_shards_side_by_side_and_resumes_exactly(corpus, tokenizer):
   config = data_config(shards=2)
   data = hosts.HostData(corpus, tokenizer, config, global_batch_size=8, seed=3)
