@@ -7,15 +7,17 @@ BIPFT_COORDINATOR, BIPFT_NUM_PROCESSES and BIPFT_PROCESS_ID, with gloo collectiv
 Start-up also agrees on what `auto` measures per host (precision.choose): process 0's choice.
 `SigtermWatch` is how a run learns, on one host or many, that it should save and stop.
 """
+import contextlib
 import os
 import signal
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
-from bipft_jax import precision
+from bipft_jax import files, precision
 from bipft_jax.errors import UserError
 
 
@@ -60,6 +62,25 @@ def log(message: str) -> None:
   """Prints a line of the run's story from process 0 only (every host would repeat it)."""
   if is_primary():
     print(message, flush=True)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, command: str) -> Iterator[None]:
+  """`files.workdir_lock` for a job of one or many processes: process 0 holds the workdir, and every
+  process learns whether it could (a refusal on process 0 alone left the others waiting in the job's
+  first collective, and process 0 waiting for them at exit: a job that hung)."""
+  with contextlib.ExitStack() as held:
+    refusal = ""
+    if is_primary():
+      try:
+        held.enter_context(files.workdir_lock(workdir, command))
+      except UserError as e:
+        refusal = str(e)
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.bool_(refusal)) and not refusal:
+      refusal = f"{workdir} is in use by another run (process 0 found its lock)"
+    if refusal:
+      raise UserError(refusal)
+    yield
 
 
 class SigtermWatch:

@@ -145,16 +145,16 @@ LOCK_FILE = ".bipft-lock"
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str, command: str, primary: bool = True) -> Iterator[None]:
+def workdir_lock(workdir: str, command: str) -> Iterator[None]:
   """Holds `workdir` (created if needed) for this process while the block runs; UserError naming the
   holder if another process holds it. Two runs writing one workdir would interleave their
   checkpoints and logs, and a finetuning run would delete the other's staged outputs.
 
   An exclusive flock on WORKDIR/.bipft-lock, which the kernel releases however the process ends (a
-  SIGKILL leaves no stale lock); the file, naming the holder, is removed on the way out. The
-  processes of a multi-host job share their workdir: only the `primary` one takes the lock. Object
-  stores (gs://) and file systems without locks are not locked (a warning says so)."""
-  if "://" in workdir or not primary:
+  SIGKILL leaves no stale lock); the file, naming the holder, is removed on the way out. A job of
+  several processes takes it through `distributed.workdir_lock`. Object stores (gs://) and file
+  systems without locks are not locked (a warning says so)."""
+  if "://" in workdir:
     yield
     return
   os.makedirs(workdir, exist_ok=True)

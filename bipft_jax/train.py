@@ -8,7 +8,7 @@ whose activation scales are untrained calibrates them on the first batch. Checkp
 asynchronous, every `checkpoint_every` steps and at the end; SIGTERM saves and exits; a NaN/Inf
 loss or update stops the run before it is saved (nothing non-finite is ever saved). A resume skips
 (and sets aside) newer steps that fail their checksums or are not finite. While it runs, the
-workdir is its own: another run started there is refused (`files.workdir_lock`). Process 0 writes
+workdir is its own: another run started there is refused (`distributed.workdir_lock`). Process 0 writes
 metrics.jsonl and TensorBoard scalars (`DIR/tensorboard`). The parts are pretraining.py's; the loop
 is the run engine's (engine.py), the same as finetuning's.
 """
@@ -46,7 +46,7 @@ def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) ->
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
   job = pretraining.distillation_job(config, mesh, rules, init_from)
   run_engine = engine.Engine(job, mesh, rules, seed=config.seed, grad_accum_steps=config.grad_accum_steps)
-  with files.workdir_lock(workdir, "pretrain", primary=distributed.is_primary()):  # every input read
+  with distributed.workdir_lock(workdir, "pretrain"):  # every input read
     result = run_engine.fit(workdir, engine.Schedule(config.total_steps, config.log_every, config.eval_every,
                                                      config.checkpoint_every, config.keep_checkpoints))
   if result.get("final") and result.get("start"):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from bipft_jax import checkpointing, config_loading, distributed, precision
+from bipft_jax import files as bipft_files  # `files` is test_train's fixture here
 from bipft_jax.data import hosts, pipeline
 from bipft_jax.errors import UserError
 from test_data import corpus, data_config, tokenizer  # noqa: F401  (fixtures)
@@ -75,8 +76,9 @@ def _multi_env(processes: int = 2) -> dict:
           "BIPFT_NUM_PROCESSES": str(processes)}
 
 
-def _finish(started: list) -> list:
-  """Waits for every process until one deadline; kills every group on a failure or the deadline."""
+def _finish(started: list, expected: int = 0) -> list:
+  """Waits for every process until one deadline, each to exit with `expected`; kills every group on a
+  failure or the deadline."""
   deadline = time.monotonic() + TIMEOUT_S
   try:
     for process, _, stderr in started:
@@ -84,7 +86,7 @@ def _finish(started: list) -> list:
         code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
       except subprocess.TimeoutExpired:
         raise AssertionError(f"{stderr.name}: still running after {TIMEOUT_S} s; killed") from None
-      assert code == 0, f"{stderr.name} exited {code}:\n{stderr.read_text()[-3000:]}"
+      assert code == expected, f"{stderr.name} exited {code}:\n{stderr.read_text()[-3000:]}"
   finally:
     for process, _, _ in started:
       if process.poll() is None:
@@ -203,15 +205,31 @@ def test_two_processes_train_like_one_and_write_one_checkpoint(files, tmp_path, 
   assert state == data_state(tmp_path / "single")
 
 
-def test_a_sigterm_to_one_host_saves_the_whole_job_at_one_step(files, tmp_path):
-  # A preempted host gets the signal alone or first: every process must save the same step and stop
-  # (a handler of our own on that host alone left the job hanging in its save).
-  multi, workdir = _multi_env(), tmp_path / "run"
+def _start_pretrain(files, tmp_path, workdir) -> list:
+  """The two processes of a `bipft pretrain` job that trains until it is stopped."""
+  multi = _multi_env()
   overrides = tiny_overrides(files, **{"data.shards": 2, "total_steps": 100000, "checkpoint_every": 100000,
                                        "eval_every": 100000, "eval_batches": 1})
   command = [sys.executable, "-m", "bipft_jax.cli", "pretrain", "--config", f"{CONFIG}:tiny,mesh=local-2x2",
              "--workdir", str(workdir), *[f"--config.{o}" for o in overrides]]
-  started = [_launch(tmp_path, f"p{i}", command, 2, BIPFT_PROCESS_ID=str(i), **multi) for i in range(2)]
+  return [_launch(tmp_path, f"p{i}", command, 2, BIPFT_PROCESS_ID=str(i), **multi) for i in range(2)]
+
+
+def test_a_workdir_another_run_holds_stops_every_process(files, tmp_path):
+  # Process 0 takes the lock; had it stopped alone, process 1 would wait for it in the first collective.
+  workdir = tmp_path / "run"
+  with bipft_files.workdir_lock(str(workdir), "pretrain"):
+    outputs = _finish(_start_pretrain(files, tmp_path, workdir), expected=2)
+  errors = [err.strip().splitlines()[-1] for _, err in outputs]
+  assert errors[0].startswith(f"bipft pretrain: error: {workdir} is in use by another run: bipft pretrain, pid ")
+  assert errors[1] == f"bipft pretrain: error: {workdir} is in use by another run (process 0 found its lock)"
+
+
+def test_a_sigterm_to_one_host_saves_the_whole_job_at_one_step(files, tmp_path):
+  # A preempted host gets the signal alone or first: every process must save the same step and stop
+  # (a handler of our own on that host alone left the job hanging in its save).
+  workdir = tmp_path / "run"
+  started = _start_pretrain(files, tmp_path, workdir)
   deadline = time.monotonic() + TIMEOUT_S
   metrics = workdir / "metrics.jsonl"
   while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # accuracy at 0, steps 1, 2

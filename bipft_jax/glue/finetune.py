@@ -17,7 +17,7 @@ holds its checkpoint, `results.json` the reported numbers and `submission/` the 
 files of whatever test splits exist. Everything is written to `WORKDIR/.finetune-staging/` (a killed
 run resumes from there) and moved into the workdir when the run ends, so a workdir with an earlier
 run (replaced only with `--overwrite`) keeps it whole until then. From its first write to its last the
-run holds the workdir: another run started there is refused (`files.workdir_lock`).
+run holds the workdir: another run started there is refused (`distributed.workdir_lock`).
 """
 import os
 import shutil
@@ -63,7 +63,7 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
   staging = os.path.join(workdir, STAGING)
   run = finetuning.Finetuning(config, task, mesh, rules, staging)  # every input read: outputs may start
-  with files.workdir_lock(workdir, "finetune", primary=distributed.is_primary()):
+  with distributed.workdir_lock(workdir, "finetune"):
     _prepare_staging(staging)
     result = engine.Engine(run.job, mesh, rules, seed=config.seed).fit(
         staging, run.schedule, checkpoint_dir=os.path.join(staging, "checkpoints"))
