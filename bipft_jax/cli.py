@@ -3,7 +3,8 @@
 A subcommand module defines `add_arguments(parser)` and `run(args) -> int`; it is imported only
 when used, so `bipft --help` stays fast. Bad input raises `UserError`: one line, exit code 2; a write
 the machine refused (`WriteFailed`, or any error carrying a full disk's error number): one line,
-exit code 1.
+exit code 1. In a multi-process job a failed process ends the others with its line
+(`distributed.leave_job`).
 """
 import argparse
 import importlib
@@ -65,23 +66,34 @@ def main(argv=None) -> int:
   rest, overrides = split_overrides(rest)
   args = sub.parse_args(rest)
   args.config_overrides = overrides  # --config.field=value items, for load_config
+  unexpected = None  # an error of ours, shown with its traceback
   try:
     return int(module.run(args) or 0)
-  except UserError as e:
-    print(f"bipft {name}: error: {e}", file=sys.stderr)
-    return 2
-  except WriteFailed as e:
-    print(f"bipft {name}: error: {e}", file=sys.stderr)
-    if command_line:  # the failed save's threads in orbax would log their ends after this line as the
-      sys.stdout.flush()  # interpreter exits; our own files are closed by now
-      sys.stderr.flush()
-      os._exit(1)
-    return 1
+  except (UserError, WriteFailed) as e:
+    failure = e
+    code, line = (2 if isinstance(e, UserError) else 1), f"bipft {name}: error: {e}"
   except Exception as e:
-    if errors.os_error_code(e) not in errors.WRITE_REFUSED:
+    failure = e
+    if errors.os_error_code(e) in errors.WRITE_REFUSED:
+      code, line = 1, f"bipft {name}: error: the file system refused a write: {errors.first_line(e)}"
+    elif _several_processes():
+      unexpected, code, line = e, 1, f"bipft {name}: error: {errors.first_line(e)} (its traceback above)"
+    else:
       raise
-    print(f"bipft {name}: error: the file system refused a write: {errors.first_line(e)}", file=sys.stderr)
-    return 1
+  if _several_processes():  # the others wait for this process in a collective: end them too
+    sys.modules["bipft_jax.distributed"].leave_job(line, code, unexpected)
+  print(line, file=sys.stderr)
+  if command_line and isinstance(failure, WriteFailed):  # the failed save's threads in orbax would log
+    sys.stdout.flush()  # their ends after this line as the interpreter exits; our files are closed by now
+    sys.stderr.flush()
+    os._exit(code)
+  return code
+
+
+def _several_processes() -> bool:
+  """Whether this process is one of a multi-process job (only a job that imported jax can be one)."""
+  distributed = sys.modules.get("bipft_jax.distributed")
+  return distributed is not None and distributed.several_processes()
 
 
 if __name__ == "__main__":

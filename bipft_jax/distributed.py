@@ -5,16 +5,20 @@ launch scripts set). On TPU pods, SLURM and other clusters JAX detects the coord
 count and id itself; `launch/local.sh` (and the multi-process test) pass them explicitly through
 BIPFT_COORDINATOR, BIPFT_NUM_PROCESSES and BIPFT_PROCESS_ID, with gloo collectives on CPU.
 Start-up also agrees on what `auto` measures per host (precision.choose): process 0's choice.
-`SigtermWatch` is how a run learns, on one host or many, that it should save and stop.
+`SigtermWatch` is how a run learns, on one host or many, that it should save and stop; `leave_job`
+how one process's failure ends the whole job at once.
 """
+import atexit
 import contextlib
 import os
 import signal
+import sys
 import threading
-from typing import Iterator, Optional
+import time
+import traceback
+from typing import NoReturn, Optional
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
 from bipft_jax import files, precision
@@ -48,6 +52,8 @@ def initialize(config=None) -> None:
   # Cross-process collectives between CPU devices need gloo; it only affects the CPU backend.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**explicit)
+  if several_processes():
+    _watch_for_failures()
   # `auto` sign products are measured on each host and the job takes process 0's choice. Agreeing is a
   # collective, which the model's traces (where the choice is asked) cannot run: it is made here.
   precision.sign_product_dtype("auto")
@@ -64,23 +70,97 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-@contextlib.contextmanager
-def workdir_lock(workdir: str, command: str) -> Iterator[None]:
-  """`files.workdir_lock` for a job of one or many processes: process 0 holds the workdir, and every
-  process learns whether it could (a refusal on process 0 alone left the others waiting in the job's
-  first collective, and process 0 waiting for them at exit: a job that hung)."""
-  with contextlib.ExitStack() as held:
-    refusal = ""
-    if is_primary():
+# A failed process posts its error line under this key of jax's coordination service; every process
+# watches for it. (The service's client is not public API; orbax uses it the same way.)
+_FAILURE_KEY = "bipft/failure"
+# Held by the one thread that ends this process: its own failed main thread, or the watcher with the
+# line of another process's failure (of which this process's own failure may be a consequence).
+_ENDING = threading.Lock()
+
+
+def _client():
+  from jax._src import distributed as jax_distributed
+  return getattr(jax_distributed.global_state, "client", None)
+
+
+def _end_with_posted(posted: str) -> NoReturn:
+  """Ends this process with another process's posted failure: its line, naming it, and its exit code."""
+  code, process, line = posted.split(" ", 2)
+  print(f"{line} [on process {process}]", file=sys.stderr, flush=True)
+  _exit(int(code))
+
+
+def _watch_for_failures() -> None:
+  """Starts a thread that ends this process, with the failed process's line and exit code, as soon as
+  another process of the job posts one (`leave_job`)."""
+  client, done = _client(), threading.Event()
+  if client is None:
+    return
+
+  def watch():
+    while not done.is_set():
       try:
-        held.enter_context(files.workdir_lock(workdir, command))
-      except UserError as e:
-        refusal = str(e)
-    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.bool_(refusal)) and not refusal:
-      refusal = f"{workdir} is in use by another run (process 0 found its lock)"
-    if refusal:
-      raise UserError(refusal)
-    yield
+        posted = client.blocking_key_value_get(_FAILURE_KEY, 1000)
+      except Exception:  # not posted within the second, or the client is shutting down
+        done.wait(0.1)
+        continue
+      if int(posted.split(" ", 2)[1]) == jax.process_index():
+        return  # this process posted it and is leaving
+      _ENDING.acquire()  # never released: the process ends
+      _end_with_posted(posted)
+  watcher = threading.Thread(target=watch, daemon=True, name="bipft-failure-watch")
+  watcher.start()
+
+  def stop():  # the thread must be out of the client's call when jax shuts the client down (an abort)
+    done.set()
+    watcher.join()
+  atexit.register(stop)  # runs before jax's own exit handler, registered earlier
+
+
+def leave_job(line: str, code: int, unexpected: Optional[BaseException] = None) -> NoReturn:
+  """Prints `line` (after the traceback of an `unexpected` error) and ends this process
+  of a multi-process job now, and, through the watchers, every other process with `line` naming this
+  one. Leaving the usual way waited at jax's shutdown barrier for processes that wait in a collective
+  for this one: a bad input on one host hung the whole job (5 min and more; a bare exit still left the
+  others for the 100 s heartbeat timeout, then an abort). When another process failed first (this
+  failure may be its consequence: a collective broken by its exit), its line is the job's."""
+  _ENDING.acquire()  # held by the watcher if it is ending the process with another's line: wait here
+  client = _client()
+  try:
+    posted = client.key_value_try_get(_FAILURE_KEY)
+  except Exception:  # none posted yet
+    posted = None
+  if posted is not None and int(posted.split(" ", 2)[1]) != jax.process_index():
+    _end_with_posted(posted)
+  if unexpected is not None:
+    traceback.print_exception(unexpected)
+  print(line, file=sys.stderr, flush=True)
+  try:
+    client.key_value_set(_FAILURE_KEY, f"{code} {jax.process_index()} {line}")
+  except Exception:  # another process posted at the same moment: both lines are printed
+    pass
+  _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+  """Leaves at once; process 0 hosts the coordination service, so it leaves 2 s after the others
+  (gone first, it would abort those still on their way out)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if is_primary():
+    time.sleep(2)
+  os._exit(code)
+
+
+def several_processes() -> bool:
+  """Whether this process is one of a multi-process job."""
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def workdir_lock(workdir: str, command: str):
+  """`files.workdir_lock` for a job of one or many processes: process 0 holds the workdir (when it
+  cannot, the CLI's `leave_job` ends the other processes with its line)."""
+  return files.workdir_lock(workdir, command) if is_primary() else contextlib.nullcontext()
 
 
 class SigtermWatch:

@@ -205,24 +205,47 @@ def test_two_processes_train_like_one_and_write_one_checkpoint(files, tmp_path, 
   assert state == data_state(tmp_path / "single")
 
 
-def _start_pretrain(files, tmp_path, workdir) -> list:
-  """The two processes of a `bipft pretrain` job that trains until it is stopped."""
+def _start_pretrain(files, tmp_path, workdir, script=None, **env) -> list:
+  """The two processes of a `bipft pretrain` job that trains until it is stopped (through `script`,
+  given the command's arguments, if given)."""
   multi = _multi_env()
   overrides = tiny_overrides(files, **{"data.shards": 2, "total_steps": 100000, "checkpoint_every": 100000,
                                        "eval_every": 100000, "eval_batches": 1})
-  command = [sys.executable, "-m", "bipft_jax.cli", "pretrain", "--config", f"{CONFIG}:tiny,mesh=local-2x2",
-             "--workdir", str(workdir), *[f"--config.{o}" for o in overrides]]
-  return [_launch(tmp_path, f"p{i}", command, 2, BIPFT_PROCESS_ID=str(i), **multi) for i in range(2)]
+  prefix = [sys.executable, "-c", script] if script else [sys.executable, "-m", "bipft_jax.cli"]
+  command = [*prefix, "pretrain", "--config", f"{CONFIG}:tiny,mesh=local-2x2", "--workdir", str(workdir),
+             *[f"--config.{o}" for o in overrides]]
+  return [_launch(tmp_path, f"p{i}", command, 2, BIPFT_PROCESS_ID=str(i), **multi, **env) for i in range(2)]
+
+
+# Process `FAIL` alone meets a bad input (a path this host cannot read) after the job has started.
+_ONE_HOST_FAILS = textwrap.dedent("""
+  import os, sys
+  from bipft_jax import cli, errors, pretraining
+  def unreadable(config):
+    raise errors.UserError("teacher.path /shared/teacher does not exist")
+  if os.environ["BIPFT_PROCESS_ID"] == os.environ["FAIL"]:
+    pretraining.load_teacher = unreadable
+  sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_bad_input_on_one_host_ends_every_process_with_its_line(files, tmp_path, failing):
+  # The others wait for it in a collective, and it waited for them at jax's shutdown: the job hung.
+  started = _start_pretrain(files, tmp_path, tmp_path / "run", script=_ONE_HOST_FAILS, FAIL=str(failing))
+  errors = [err.strip().splitlines()[-1] for _, err in _finish(started, expected=2)]
+  line = "bipft pretrain: error: teacher.path /shared/teacher does not exist"
+  assert errors[failing] == line
+  assert errors[1 - failing] == f"{line} [on process {failing}]"
 
 
 def test_a_workdir_another_run_holds_stops_every_process(files, tmp_path):
-  # Process 0 takes the lock; had it stopped alone, process 1 would wait for it in the first collective.
   workdir = tmp_path / "run"
   with bipft_files.workdir_lock(str(workdir), "pretrain"):
     outputs = _finish(_start_pretrain(files, tmp_path, workdir), expected=2)
   errors = [err.strip().splitlines()[-1] for _, err in outputs]
   assert errors[0].startswith(f"bipft pretrain: error: {workdir} is in use by another run: bipft pretrain, pid ")
-  assert errors[1] == f"bipft pretrain: error: {workdir} is in use by another run (process 0 found its lock)"
+  assert errors[1] == f"{errors[0]} [on process 0]"
 
 
 def test_a_sigterm_to_one_host_saves_the_whole_job_at_one_step(files, tmp_path):
