@@ -1,5 +1,6 @@
 """Two JAX processes on this machine train as one 4-device job (jax.distributed, localhost coordinator,
-gloo collectives): the same losses as one process with 4 devices, one consistent checkpoint."""
+gloo collectives): the same losses as one process with 4 devices, one consistent checkpoint; and they
+stop as one: a SIGTERM to either saves one step on both, a failure on either ends both with its line."""
 import json
 import os
 import re
