@@ -83,6 +83,11 @@ def _client():
   return getattr(jax_distributed.global_state, "client", None)
 
 
+def _poster(posted: str) -> int:
+  """The process that posted a failure ("CODE PROCESS LINE")."""
+  return int(posted.split(" ", 2)[1])
+
+
 def _end_with_posted(posted: str) -> NoReturn:
   """Ends this process with another process's posted failure: its line, naming it, and its exit code."""
   code, process, line = posted.split(" ", 2)
@@ -104,7 +109,7 @@ def _watch_for_failures() -> None:
       except Exception:  # not posted within the second, or the client is shutting down
         done.wait(0.1)
         continue
-      if int(posted.split(" ", 2)[1]) == jax.process_index():
+      if _poster(posted) == jax.process_index():
         return  # this process posted it and is leaving
       _ENDING.acquire()  # never released: the process ends
       _end_with_posted(posted)
@@ -130,7 +135,7 @@ def leave_job(line: str, code: int, unexpected: Optional[BaseException] = None) 
     posted = client.key_value_try_get(_FAILURE_KEY)
   except Exception:  # none posted yet
     posted = None
-  if posted is not None and int(posted.split(" ", 2)[1]) != jax.process_index():
+  if posted is not None and _poster(posted) != jax.process_index():
     _end_with_posted(posted)
   if unexpected is not None:
     traceback.print_exception(unexpected)

@@ -265,8 +265,9 @@ class Engine:
 
   def _start(self, workdir: str, manager) -> tuple:
     """(state, first step, batches): the newest intact checkpoint, else a new state from the source."""
-    if manager.latest_step() is not None:
-      checkpointing.check_same_model(manager, manager.latest_step(), self.job.model_config)
+    newest = manager.latest_step()
+    if newest is not None:
+      checkpointing.check_same_model(manager, newest, self.job.model_config)
     resumed = checkpointing.restore_newest_intact(manager, self.abstract_state)
     if resumed is not None:
       step, restored, skipped = resumed
