@@ -3,12 +3,14 @@
 A subcommand module defines `add_arguments(parser)` and `run(args) -> int`; it is imported only
 when used, so `bipft --help` stays fast. Bad input raises `UserError`: one line, exit code 2; a write
 the machine refused (`WriteFailed`, or any error carrying a full disk's error number): one line,
-exit code 1. In a multi-process job a failed process ends the others with its line
-(`distributed.leave_job`).
+exit code 1. A Ctrl-C outside a training loop (whose first Ctrl-C saves, `distributed.StopSignals`):
+one line, exit code 130, what was written complete (every file is written atomically). In a
+multi-process job a failed process ends the others with its line (`distributed.leave_job`).
 """
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from bipft_jax import __version__, errors, hugepages
@@ -72,6 +74,8 @@ def main(argv=None) -> int:
   except (UserError, WriteFailed) as e:
     failure = e
     code, line = (2 if isinstance(e, UserError) else 1), f"bipft {name}: error: {e}"
+  except KeyboardInterrupt as e:
+    failure, code, line = e, errors.signal_exit_code(signal.SIGINT), f"bipft {name}: stopped by Ctrl-C"
   except Exception as e:
     failure = e
     if errors.os_error_code(e) in errors.WRITE_REFUSED:

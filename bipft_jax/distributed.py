@@ -5,7 +5,7 @@ launch scripts set). On TPU pods, SLURM and other clusters JAX detects the coord
 count and id itself; `launch/local.sh` (and the multi-process test) pass them explicitly through
 BIPFT_COORDINATOR, BIPFT_NUM_PROCESSES and BIPFT_PROCESS_ID, with gloo collectives on CPU.
 Start-up also agrees on what `auto` measures per host (precision.choose): process 0's choice.
-`SigtermWatch` is how a run learns, on one host or many, that it should save and stop; `leave_job`
+`StopSignals` is how a run learns, on one host or many, that it should save and stop; `leave_job`
 how one process's failure ends the whole job at once.
 """
 import atexit
@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 import jax
 from jax.experimental import multihost_utils
@@ -168,27 +168,43 @@ def workdir_lock(workdir: str, command: str):
   return files.workdir_lock(workdir, command) if is_primary() else contextlib.nullcontext()
 
 
-class SigtermWatch:
-  """Whether a SIGTERM (a preemption, `scancel`, `kill`) asks the run to save at a step and stop.
+class StopSignals:
+  """Whether a signal asks the run to save at a step and stop: a SIGTERM (a preemption, `scancel`,
+  `kill`) or a first Ctrl-C (SIGINT; a second one stops at once, without saving).
 
-  One process: a handler of ours notes the signal, and the step after it saves. A jax.distributed
+  One process: handlers of ours note the signal, and the step after it saves. A jax.distributed
   job: jax's preemption service, which `jax.distributed.initialize` starts and which handles SIGTERM
-  itself, passes a signal that any host gets to all of them, and they agree on one step to save at.
-  A handler of ours would replace the service's and stop the signalled host alone, whose save then
-  waits forever for hosts gone on to the next step's collectives (a job that hangs)."""
+  itself, passes a signal that any host gets to all of them, and they agree on one step to save at;
+  a Ctrl-C is handed to it as a SIGTERM of this process. A SIGTERM handler of ours would replace the
+  service's and stop the signalled host alone, whose save then waits forever for hosts gone on to
+  the next step's collectives (a job that hangs). Ctrl-C is left alone where the process was started
+  ignoring it (a background job) or with a handler other than Python's."""
 
-  def __init__(self):
+  def __init__(self, say: Callable[[str], None]):
     self.synced = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
-    self.signalled = threading.Event()
+    self.say, self.received = say, []
+    self.previous = {}
     if not self.synced:
-      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.signalled.set())
+      self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.received.append(signal.SIGTERM))
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+      self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._ctrl_c)
 
-  def stop_at(self, step: int) -> bool:
-    """Whether to save at `step` and stop; every process asks at every step (the agreement needs it)."""
+  def _ctrl_c(self, *_) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
+    self.received.append(signal.SIGINT)
+    self.say("Ctrl-C: saving after this step, then stopping (Ctrl-C again stops at once, without saving)")
     if self.synced:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.signalled.is_set()
+      os.kill(os.getpid(), signal.SIGTERM)  # to jax's preemption service: every process saves one step
+
+  def stop_at(self, step: int) -> Optional[signal.Signals]:
+    """The signal that asks to save at `step` and stop, or None; every process asks at every step
+    (the agreement needs it)."""
+    if self.synced and not multihost_utils.reached_preemption_sync_point(step):
+      return None
+    if self.synced or self.received:
+      return signal.SIGINT if signal.SIGINT in self.received else signal.SIGTERM
+    return None
 
   def close(self) -> None:
-    if not self.synced:
-      signal.signal(signal.SIGTERM, self.previous)
+    for signum, handler in self.previous.items():
+      signal.signal(signum, handler)

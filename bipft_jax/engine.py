@@ -11,13 +11,15 @@ owns the rest, the same for every job:
   else the job's source merged into the model by ONE function (`model_params.merge_params`), whose
   activation scales are calibrated by ONE rule (`needs_calibration`: a binary model whose scales
   are all still at their initial 1);
-- orbax checkpoints every `checkpoint_every` steps and at the end, a save on SIGTERM, and the NaN
-  stop: a non-finite loss or state ends the run before anything non-finite is saved;
+- orbax checkpoints every `checkpoint_every` steps and at the end, a save on SIGTERM or Ctrl-C
+  (`distributed.StopSignals`), and the NaN stop: a non-finite loss or state ends the run before
+  anything non-finite is saved;
 - multi-host start-up (`start`) and one metrics writer (metrics.jsonl + TensorBoard).
 """
 import dataclasses
 import functools
 import queue
+import signal
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -251,7 +253,7 @@ class Engine:
     `schedule.total_steps`.
 
     Returns {"step", "metrics" (the last logged), "start" and "final" (evaluations), "params"} or,
-    after a SIGTERM save, {"step", "terminated": True}."""
+    after the save that a SIGTERM or Ctrl-C asked for, {"step", "stopped_by": the signal}."""
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     manager = checkpointing.make_manager(checkpoint_dir or workdir, max_to_keep=schedule.keep_checkpoints)
     try:
@@ -324,7 +326,8 @@ class Prefetch:
 
 
 class _Loop:
-  """The steps of one `Engine.fit` call, with logging, evaluation, checkpoints, SIGTERM and NaN stop."""
+  """The steps of one `Engine.fit` call, with logging, evaluation, checkpoints, the stop on a signal and
+  the NaN stop."""
 
   def __init__(self, engine: Engine, workdir: str, manager, schedule: Schedule):
     self.engine, self.job, self.workdir, self.manager, self.schedule = engine, engine.job, workdir, manager, schedule
@@ -336,13 +339,13 @@ class _Loop:
     job, schedule = self.job, self.schedule
     frozen = self.engine.place_frozen()
     writer, prefetch = MetricsWriter(self.workdir, start_step=step), Prefetch(batches)
-    sigterm = distributed.SigtermWatch()
     self.bar = tqdm(total=schedule.total_steps, initial=step, desc=job.name, disable=not distributed.is_primary(),
                     dynamic_ncols=True)
     self.writer = writer
     start = final = self._evaluate(step, state["params"]) if schedule.evaluate_at_start else None
     self.reported_at = time.perf_counter()
     pending, data_state = None, None
+    signals = distributed.StopSignals(say=lambda line: self.bar.write(f"bipft {job.name}: {line}"))
     try:
       while step < schedule.total_steps:
         batch, data_state = next(prefetch)
@@ -352,8 +355,9 @@ class _Loop:
           self._report(*pending)  # the previous step's metrics: computed by now
         step += 1
         pending = (step, metrics, tokens)
-        last, stop = step == schedule.total_steps, sigterm.stop_at(step)  # asked once: a SIGTERM
-        save = step % schedule.checkpoint_every == 0 or last or stop        # arriving later waits a step
+        last, stop = step == schedule.total_steps, signals.stop_at(step)  # asked once: a signal
+        stop = None if last else stop                                      # arriving later waits a step
+        save = step % schedule.checkpoint_every == 0 or last or stop
         evaluate = step % schedule.eval_every == 0 or last
         if save or evaluate or step % schedule.log_every == 0:
           self._report(*pending)
@@ -366,16 +370,17 @@ class _Loop:
         if stop:
           self.manager.wait_until_finished()
           if distributed.is_primary():
-            self.bar.write(f"bipft {job.name}: SIGTERM: saved step {step} to {self.workdir}; rerun the "
+            name = "Ctrl-C" if stop == signal.SIGINT else stop.name
+            self.bar.write(f"bipft {job.name}: {name}: saved step {step} to {self.workdir}; rerun the "
                            "command to resume")
-          return {"step": step, "terminated": True}
+          return {"step": step, "stopped_by": stop}
       if pending:
         self._report(*pending)
     finally:
       self.bar.close()
       prefetch.close()
       writer.close()
-      sigterm.close()
+      signals.close()
     return {"step": step, "metrics": self.logged, "start": start, "final": final, "params": state["params"]}
 
   def _report(self, step: int, metrics: dict, tokens: int) -> None:

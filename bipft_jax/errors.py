@@ -1,18 +1,39 @@
-"""The two exceptions the CLI reports in one `error: ...` line instead of a traceback, and how a
-failed write is recognised and described.
+"""The two exceptions the CLI reports in one `error: ...` line instead of a traceback, how a
+failed write is recognised and described, and the exit code of a run a signal stopped.
 
 `UserError`: bad user input (configs, data files, checkpoints, CLI arguments), exit code 2.
 `WriteFailed`: the machine refused a write (disk full, quota, a read-only or failing file system),
 exit code 1; what was written before it is intact. Any other exception that carries one of
 `WRITE_REFUSED`'s error numbers is reported the same way.
+A run that a SIGTERM or Ctrl-C stopped after saving exits with the shell's code for that signal,
+128 + its number (143, 130): not 0, so that `bipft pretrain ... && bipft finetune ...`, a job
+controller that restarts failed jobs, and `bipft study`/`track` do not take it for a finished run.
 """
 import errno
 import re
+import signal
 from typing import Optional
 
 # The file system refused a write: the machine's problem, not the input's or the code's. (EIO is left
 # out: a read can fail with it too, and the line would then misname what failed.)
 WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def signal_exit_code(signum: int) -> int:
+  """The exit code of a command that signal `signum` stopped."""
+  return 128 + signum
+
+
+# The exit codes of a run a signal stopped, and what stopped it.
+STOPPED = {signal_exit_code(signal.SIGINT): "Ctrl-C", signal_exit_code(signal.SIGTERM): "SIGTERM"}
+
+
+class Stopped(Exception):
+  """A command run inside another (`runs.run_command`) was stopped by a signal; `code` its exit code."""
+
+  def __init__(self, code: int):
+    super().__init__(STOPPED[code])
+    self.code = code
 
 
 class UserError(Exception):

@@ -5,10 +5,14 @@ import contextlib
 import io
 import json
 import os
+import signal
 import statistics
 import sys
+import threading
+from typing import Iterator
 
 from bipft_jax import cli, config_loading
+from bipft_jax.errors import STOPPED, Stopped
 
 
 def override_args(overrides) -> list:
@@ -53,13 +57,29 @@ class _Tee(io.TextIOBase):
 
 def run_command(argv: list, quiet: bool = False) -> tuple:
   """(exit code, stdout text, error message or None) of `bipft ARGV` run in this process; `quiet`
-  keeps its output off the console."""
+  keeps its output off the console. `Stopped` if a SIGTERM or Ctrl-C stopped the command (a training
+  loop saves first): the driver stops too."""
   out, err = (io.StringIO(), io.StringIO()) if quiet else (_Tee(sys.stdout), _Tee(sys.stderr))
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     code = cli.main(argv)
+  if code in STOPPED:
+    raise Stopped(code)
   prefix = f"bipft {argv[0]}: error: "
   errors = [line[len(prefix):] for line in err.getvalue().splitlines() if line.startswith(prefix)]
   return code, out.getvalue(), (errors[-1] if errors else f"exit code {code}") if code else None
+
+
+@contextlib.contextmanager
+def sigterm_between_commands() -> Iterator[threading.Event]:
+  """For a driver of commands: a SIGTERM outside their training loops (which save and stop on their
+  own: `Stopped`) is noted in the event this yields instead of killing the driver mid-way without
+  a word, so the driver can finish and record what it is doing, then stop."""
+  noted = threading.Event()
+  previous = signal.signal(signal.SIGTERM, lambda *_: noted.set())
+  try:
+    yield noted
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def read_jsonl(path: str) -> list:

@@ -14,7 +14,9 @@ would run, through `cli.main`, each in a folder of its own (a cell) under WORKDI
                        the default learning rate), which therefore runs first.
 A cell is finished when its cell.json exists (its numbers, written atomically after the command
 ends); a rerun with the same workdir skips finished cells and resumes the one that was interrupted
-(`bipft pretrain` from its checkpoint, `bipft finetune` from its staging folder). A rerun may change
+(`bipft pretrain` from its checkpoint, `bipft finetune` from its staging folder). A SIGTERM or Ctrl-C
+stops the study with the signal's exit code (143, 130): in a training loop after its save, a SIGTERM
+elsewhere once the cell is recorded, a Ctrl-C elsewhere at once. A rerun may change
 the grid (methods, tasks, seeds, sweep), not the recipe (teacher, pretraining, finetuning: recipe.json).
 After every cell the tables and plots are rewritten (study_results.py): results.json, results.md, *.png.
 """
@@ -25,15 +27,15 @@ import filecmp
 import json
 import os
 import signal
-import threading
 import time
 from typing import Optional
 
 import jax
 
-from bipft_jax import checkpointing, config_loading, files, precision, study_data, study_results
-from bipft_jax.errors import UserError
-from bipft_jax.runs import config_with_overrides, override_args, pretraining_numbers, read_jsonl, run_command
+from bipft_jax import config_loading, files, precision, study_data, study_results
+from bipft_jax.errors import Stopped, UserError, signal_exit_code
+from bipft_jax.runs import (config_with_overrides, override_args, pretraining_numbers, read_jsonl, run_command,
+                            sigterm_between_commands)
 
 CELL_FILE = "cell.json"
 RECIPE_FILE = "recipe.json"
@@ -195,31 +197,25 @@ def _finetune_record(cell_dir: str) -> dict:
           "best_epoch": results["best_epoch"], "steps": results["steps"], "curve": curve}
 
 
-def _finished(cell_dir: str, total_steps: Optional[int] = None) -> bool:
-  """Whether a cell's command ran to its end: a pretraining's checkpoint of its last step `total_steps`
-  (a SIGTERM saves an earlier step and exits 0), else a finetuning's results.json."""
-  if total_steps is None:
-    return os.path.exists(os.path.join(cell_dir, "results.json"))
-  return max(checkpointing.saved_steps(cell_dir), default=-1) == total_steps
+def _finetuned(cell_dir: str) -> bool:
+  """Whether a finetuning cell's command ran to its end (its results.json)."""
+  return os.path.exists(os.path.join(cell_dir, "results.json"))
 
 
 def run_cell(config, cell: Cell, workdir: str) -> dict:
-  """Runs (or resumes) one cell; its record, {"error": ...} if its command failed, or {"interrupted":
-  True} if it stopped early (a SIGTERM: saved, to resume)."""
+  """Runs (or resumes) one cell; its record, or {"error": ...} if its command failed (`Stopped` if a
+  SIGTERM or Ctrl-C stopped it)."""
   cell_dir, started = os.path.join(workdir, cell.name), time.time()
   kind = cell.labels["kind"]
   pretrain_config = (config_with_overrides(config.pretrain.config, config.pretrain.overrides)
                      if kind == "pretrain" else None)
-  total_steps = pretrain_config.total_steps if pretrain_config else None
-  if not (kind == "finetune" and _finished(cell_dir)):  # else only its record was lost
+  if not (kind == "finetune" and _finetuned(cell_dir)):  # else only its record was lost
     code, _, error = run_command(list(cell.argv))
     if code:
       return {"error": f"{kind}: {error}"}
-    if not _finished(cell_dir, total_steps):
-      return {"interrupted": True}
   if pretrain_config:
     numbers = pretraining_numbers(cell_dir, pretrain_config.batch_size * pretrain_config.data.max_seq_length)
-    numbers["steps"] = total_steps
+    numbers["steps"] = pretrain_config.total_steps
   else:
     numbers = _finetune_record(cell_dir)
   return {**numbers, "seconds": round(time.time() - started, 1)}
@@ -318,17 +314,16 @@ def _run_cells(config, plan: Plan, workdir: str, config_name: Optional[str]) -> 
       with open(record_file) as f:
         records[cell.name] = json.load(f)
   print(f"bipft study: {len(cells)} cells, {len(records)} finished earlier (skipped)")
-  # A SIGTERM outside a cell's training loop (which saves and stops on its own) lets the cell end and be
-  # recorded, then stops the study: the default handler would kill it mid-cell, without a word.
-  terminated = threading.Event()
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
-  try:
+  stopped = None  # the exit code of a signal that stopped the study
+  with sigterm_between_commands() as sigterm:  # the cell ends and is recorded, then the study stops
     for index, cell in enumerate(cells, 1):
       if cell.name in records:
         continue
-      record = {**cell.labels, **run_cell(config, cell, workdir)}
-      if "interrupted" in record:  # the signal was meant for the study: stop, nothing recorded for the cell
-        print(f"bipft study: stopped during {cell.name} (saved there); rerun the same command to resume",
+      try:
+        record = {**cell.labels, **run_cell(config, cell, workdir)}
+      except Stopped as e:  # the signal was meant for the study: stop, nothing recorded for the cell
+        stopped = e.code
+        print(f"bipft study: {e}: stopped during {cell.name} (not recorded); rerun the same command to resume",
               flush=True)
         break
       if "error" in record:
@@ -341,15 +336,14 @@ def _run_cells(config, plan: Plan, workdir: str, config_name: Optional[str]) -> 
       print(_progress(index, len(cells), cell, record, remaining), flush=True)
       results = study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])
       jax.clear_caches()  # each cell compiles its own programs: keep the memory of one
-      if terminated.is_set():
+      if sigterm.is_set():
+        stopped = signal_exit_code(signal.SIGTERM)
         print(f"bipft study: SIGTERM: stopped after {cell.name} (recorded); rerun the same command to resume",
               flush=True)
         break
-  finally:
-    signal.signal(signal.SIGTERM, previous_handler)
-  if results is None:  # every cell finished earlier (or the first was interrupted): the tables once
+  if results is None:  # every cell finished earlier (or the first was stopped): the tables once
     results = study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])
-  return {**results, "failed": failed}
+  return {**results, "failed": failed, "stopped": stopped}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -364,4 +358,4 @@ def run(args: argparse.Namespace) -> int:
   print(f"bipft study: wrote results.json, results.md and the plots in {args.workdir}")
   if results["failed"]:
     print(f"bipft study: {len(results['failed'])} cell(s) failed (rerun to retry): {', '.join(results['failed'])}")
-  return 1 if results["failed"] else 0
+  return results["stopped"] or (1 if results["failed"] else 0)

@@ -17,12 +17,16 @@ commands a user would, through `cli.main`, and reads what they write:
 The row's results go to WORKDIR/ROW/row.json (atomically) when it is complete; a rerun skips rows
 that have one and resumes the others (pretraining from its checkpoint, a finetuning run without
 results.json afresh). A row whose pretraining or finetuning stops with an error is reported with that
-error and not saved. After every row the table is rewritten: WORKDIR/track.md and WORKDIR/track.json.
+error and not saved. A SIGTERM or Ctrl-C stops the track with the signal's exit code (143, 130): in
+a training loop after the loop's save, the row left unsaved (a rerun resumes it); a SIGTERM elsewhere
+once the row is saved; a Ctrl-C elsewhere at once. After every row the table is rewritten:
+WORKDIR/track.md and WORKDIR/track.json.
 """
 import argparse
 import datetime
 import json
 import os
+import signal
 import time
 from typing import Optional
 
@@ -30,8 +34,9 @@ import jax
 import numpy as np
 
 from bipft_jax import config_loading, files, policy, precision, zoo
-from bipft_jax.runs import config_with_overrides, override_args, pretraining_numbers, run_command
-from bipft_jax.errors import UserError
+from bipft_jax.runs import (config_with_overrides, override_args, pretraining_numbers, run_command,
+                            sigterm_between_commands)
+from bipft_jax.errors import Stopped, UserError, signal_exit_code
 
 ROW_FILE = "row.json"
 PACKED_FILE = "model.bipft.safetensors"
@@ -89,7 +94,8 @@ def packed_speed(packed_path: str, checkpoint: str, speed) -> dict:
 
 
 def run_row(config, row_dir: str, linear: str, probs: str) -> dict:
-  """One row's commands (see the module docstring); its results, or {"error": ...} if one stopped."""
+  """One row's commands (see the module docstring); its results, or {"error": ...} if one failed
+  (`Stopped` if a SIGTERM or Ctrl-C stopped one)."""
   binarizers = [f"--config.model.linear_binarizer={linear}",
                 f"--config.model.attention_prob_binarizer={probs}"]
   pretrain_dir, finetune_dir = os.path.join(row_dir, "pretrain"), os.path.join(row_dir, "finetune")
@@ -190,41 +196,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workdir", required=True, help="one folder per row, the table (track.md, track.json)")
 
 
-def run_track(config, workdir: str, config_name: Optional[str] = None) -> list:
-  """Runs (or resumes) every row of `config` in `workdir`; returns the rows' results."""
+def run_track(config, workdir: str, config_name: Optional[str] = None) -> tuple:
+  """Runs (or resumes) every row of `config` in `workdir`; returns the rows' results and the exit code
+  of a signal that stopped the track (else None)."""
   rows = parse_rows(config.rows)
   files.check_writable_dir(workdir, "--workdir")
   with files.workdir_lock(workdir, "track"):
     return _run_rows(config, rows, workdir, config_name)
 
 
-def _run_rows(config, rows: list, workdir: str, config_name: Optional[str]) -> list:
+def _run_rows(config, rows: list, workdir: str, config_name: Optional[str]) -> tuple:
   model_name, _ = precision.cpu_description()
   header = {"config": config_name, "host": f"{model_name} ({os.cpu_count()} cores)",
             "date": datetime.date.today().isoformat(), "seq_len": config.summary.seq_len,
             "speed": config.speed.to_dict()}
   results = []
-  for name, linear, probs in rows:
-    row_dir = os.path.join(workdir, name)
-    row_file = os.path.join(row_dir, ROW_FILE)
-    if os.path.exists(row_file):
-      with open(row_file) as f:
-        result = json.load(f)
-      print(f"bipft track: {name}: finished earlier, skipped")
-    else:
-      print(f"bipft track: {name}: linear {linear}, attention probabilities {probs}")
-      result = {"row": name, "linear": linear, "probs": probs, **run_row(config, row_dir, linear, probs)}
-      if "error" not in result:
-        files.write_json(row_file, result)
-      jax.clear_caches()  # each row compiles its own model: keep the memory of one
-    results.append(result)
-    write_table(workdir, header, results)
-  return results
+  with sigterm_between_commands() as sigterm:  # the row ends and is saved, then the track stops
+    for name, linear, probs in rows:
+      row_dir = os.path.join(workdir, name)
+      row_file = os.path.join(row_dir, ROW_FILE)
+      if os.path.exists(row_file):
+        with open(row_file) as f:
+          result = json.load(f)
+        print(f"bipft track: {name}: finished earlier, skipped")
+      else:
+        print(f"bipft track: {name}: linear {linear}, attention probabilities {probs}")
+        try:
+          result = {"row": name, "linear": linear, "probs": probs, **run_row(config, row_dir, linear, probs)}
+        except Stopped as e:
+          print(f"bipft track: {e}: stopped during row {name} (not recorded); rerun the same command to resume",
+                flush=True)
+          write_table(workdir, header, results)
+          return results, e.code
+        if "error" not in result:
+          files.write_json(row_file, result)
+        jax.clear_caches()  # each row compiles its own model: keep the memory of one
+      results.append(result)
+      write_table(workdir, header, results)
+      if sigterm.is_set():
+        print(f"bipft track: SIGTERM: stopped after row {name}; rerun the same command to resume", flush=True)
+        return results, signal_exit_code(signal.SIGTERM)
+  return results, None
 
 
 def run(args: argparse.Namespace) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
-  results = run_track(config, args.workdir, args.config)
+  results, stopped = run_track(config, args.workdir, args.config)
   print(format_table(results))
   print(f"bipft track: wrote {os.path.join(args.workdir, 'track.md')} and track.json")
-  return 1 if any("error" in r for r in results) else 0
+  return stopped or (1 if any("error" in r for r in results) else 0)

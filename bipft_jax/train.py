@@ -5,7 +5,8 @@
 Where the parameters come from, in this order: the latest checkpoint in DIR (resume: parameters,
 optimizer and data state), else `--init_from` (parameters only), else the teacher's weights. A start
 whose activation scales are untrained calibrates them on the first batch. Checkpoints are orbax,
-asynchronous, every `checkpoint_every` steps and at the end; SIGTERM saves and exits; a NaN/Inf
+asynchronous, every `checkpoint_every` steps and at the end; a SIGTERM or Ctrl-C saves and exits with
+the signal's code (143, 130: `errors.signal_exit_code`); a NaN/Inf
 loss or update stops the run before it is saved (nothing non-finite is ever saved). A resume skips
 (and sets aside) newer steps that fail their checksums or are not finite. While it runs, the
 workdir is its own: another run started there is refused (`distributed.workdir_lock`). Process 0 writes
@@ -15,7 +16,7 @@ is the run engine's (engine.py), the same as finetuning's.
 import os
 from typing import Optional
 
-from bipft_jax import config_checks, config_loading, distributed, engine, files, pretraining, sharding
+from bipft_jax import config_checks, config_loading, distributed, engine, errors, files, pretraining, sharding
 from bipft_jax.errors import UserError
 from bipft_jax.glue import finetune
 
@@ -36,8 +37,8 @@ def run(args) -> int:
   if finetuned:  # its metrics.jsonl would be cut back to this run's
     raise UserError(f"{args.workdir} holds a finetuning run ({', '.join(finetuned)}); choose another --workdir")
   engine.start(config)
-  train_and_evaluate(config, args.workdir, init_from=args.init_from)
-  return 0
+  result = train_and_evaluate(config, args.workdir, init_from=args.init_from)
+  return errors.signal_exit_code(result["stopped_by"]) if "stopped_by" in result else 0
 
 
 def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) -> dict:

@@ -1,5 +1,5 @@
-"""Finetuning on the run engine: exact resume after SIGKILL mid-epoch, 8 devices == 1 device, and
-downstream distillation (its terms by hand; a distilled run lowers them)."""
+"""Finetuning on the run engine: exact resume after a SIGKILL or a stop (Ctrl-C) mid-epoch, 8 devices == 1
+device, and downstream distillation (its terms by hand; a distilled run lowers them)."""
 import json
 import os
 import signal
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from bipft_jax import checkpointing, cli, losses
+from bipft_jax import checkpointing, cli, distributed, losses
 from test_glue_finetune import ROOT, glue_dir, tiny_overrides, vocab_dir  # noqa: F401  (fixtures)
 
 CONFIG = os.path.join(ROOT, "configs/glue.py:task=sst2")
@@ -53,7 +53,8 @@ def _results(workdir) -> dict:
   return results
 
 
-def test_finetune_killed_mid_epoch_resumes_bit_identically(glue_dir, vocab_dir, tmp_path):
+def test_finetune_killed_or_stopped_mid_epoch_resumes_bit_identically(glue_dir, vocab_dir, tmp_path, monkeypatch,
+                                                                      capsys):
   extra = ("epochs=2", "checkpoint_every=3")  # 16 examples, batch 4: 4 steps an epoch, saves 3, 4, 6, 8
   whole, killed = tmp_path / "whole", tmp_path / "killed"
   assert cli.main(_argv(glue_dir, vocab_dir, whole, *extra)) == 0
@@ -64,13 +65,24 @@ def test_finetune_killed_mid_epoch_resumes_bit_identically(glue_dir, vocab_dir, 
   steps = os.listdir(killed / ".finetune-staging" / "checkpoints")
   assert "3" in steps and "4" not in steps and not (killed / "results.json").exists()
   assert cli.main(_argv(glue_dir, vocab_dir, killed, *extra)) == 0  # the same command resumes
-  assert not (killed / ".finetune-staging").exists()
-  assert _losses(killed) == _losses(whole) and len(_losses(whole)) == 8
-  assert _results(killed) == _results(whole)
-  whole_params, killed_params = _best_params(whole), _best_params(killed)
-  assert whole_params.keys() == killed_params.keys()
-  for name, value in whole_params.items():
-    np.testing.assert_array_equal(killed_params[name], value, err_msg=name)
+  # A Ctrl-C (or SIGTERM) noticed at step 5: saved there, exit 130, nothing published; the rerun resumes.
+  stopped = tmp_path / "stopped"
+  monkeypatch.setattr(distributed.StopSignals, "stop_at", lambda self, step: signal.SIGINT if step == 5 else None)
+  assert cli.main(_argv(glue_dir, vocab_dir, stopped, *extra)) == 130
+  assert f"Ctrl-C: saved step 5 to {stopped / '.finetune-staging'}" in capsys.readouterr().out
+  assert max(checkpointing.saved_steps(str(stopped / ".finetune-staging" / "checkpoints"))) == 5
+  assert sorted(os.listdir(stopped)) == [".finetune-staging"]
+  monkeypatch.undo()
+  assert cli.main(_argv(glue_dir, vocab_dir, stopped, *extra)) == 0
+  whole_params = _best_params(whole)
+  for run in (killed, stopped):
+    assert not (run / ".finetune-staging").exists()
+    assert _losses(run) == _losses(whole) and len(_losses(whole)) == 8
+    assert _results(run) == _results(whole)
+    run_params = _best_params(run)
+    assert whole_params.keys() == run_params.keys()
+    for name, value in whole_params.items():
+      np.testing.assert_array_equal(run_params[name], value, err_msg=f"{run.name}: {name}")
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "fp"])

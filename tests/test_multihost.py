@@ -1,6 +1,6 @@
 """Two JAX processes on this machine train as one 4-device job (jax.distributed, localhost coordinator,
 gloo collectives): the same losses as one process with 4 devices, one consistent checkpoint; and they
-stop as one: a SIGTERM to either saves one step on both, a failure on either ends both with its line."""
+stop as one: a SIGTERM or Ctrl-C to either saves one step on both, a failure on either ends both with its line."""
 import json
 import os
 import re
@@ -77,17 +77,18 @@ def _multi_env(processes: int = 2) -> dict:
           "BIPFT_NUM_PROCESSES": str(processes)}
 
 
-def _finish(started: list, expected: int = 0) -> list:
-  """Waits for every process until one deadline, each to exit with `expected`; kills every group on a
-  failure or the deadline."""
+def _finish(started: list, expected=0) -> list:
+  """Waits for every process until one deadline, each to exit with `expected` (one code, or one per
+  process); kills every group on a failure or the deadline."""
   deadline = time.monotonic() + TIMEOUT_S
+  codes = expected if isinstance(expected, list) else [expected] * len(started)
   try:
-    for process, _, stderr in started:
+    for (process, _, stderr), want in zip(started, codes):
       try:
         code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
       except subprocess.TimeoutExpired:
         raise AssertionError(f"{stderr.name}: still running after {TIMEOUT_S} s; killed") from None
-      assert code == expected, f"{stderr.name} exited {code}:\n{stderr.read_text()[-3000:]}"
+      assert code == want, f"{stderr.name} exited {code}:\n{stderr.read_text()[-3000:]}"
   finally:
     for process, _, _ in started:
       if process.poll() is None:
@@ -249,9 +250,11 @@ def test_a_workdir_another_run_holds_stops_every_process(files, tmp_path):
   assert errors[1] == f"{errors[0]} [on process 0]"
 
 
-def test_a_sigterm_to_one_host_saves_the_whole_job_at_one_step(files, tmp_path):
-  # A preempted host gets the signal alone or first: every process must save the same step and stop
-  # (a handler of our own on that host alone left the job hanging in its save).
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_one_host_saves_the_whole_job_at_one_step(files, tmp_path, signum):
+  # A preempted host gets its SIGTERM alone or first, a Ctrl-C reaches one host's terminal: every process
+  # must save the same step and stop (a handler of our own on that host alone left the job hanging in
+  # its save), each with a signal's exit code, not 0 (the run has not finished).
   workdir = tmp_path / "run"
   started = _start_pretrain(files, tmp_path, workdir)
   deadline = time.monotonic() + TIMEOUT_S
@@ -259,10 +262,11 @@ def test_a_sigterm_to_one_host_saves_the_whole_job_at_one_step(files, tmp_path):
   while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # accuracy at 0, steps 1, 2
     assert time.monotonic() < deadline and all(p.poll() is None for p, _, _ in started), "the job did not train"
     time.sleep(0.5)
-  started[1][0].send_signal(signal.SIGTERM)
-  (out0, _), (out1, _) = _finish(started)
+  started[1][0].send_signal(signum)
+  (out0, _), (out1, _) = _finish(started, expected=[143, 128 + signum])  # 130: process 1 saw a Ctrl-C
   saved = int(re.search(r"SIGTERM: saved step (\d+) to ", out0).group(1))
-  assert "SIGTERM: saved" not in out1  # process 0 alone tells the story
+  assert "saved step" not in out1  # process 0 alone tells the story
+  assert ("Ctrl-C: saving after this step" in out1) == (signum == signal.SIGINT)
   manager = checkpointing.make_manager(str(workdir), read_only=True)
   assert manager.all_steps() == [saved] and saved >= 2
   _, _, params = checkpointing.restore_params(str(workdir))  # both processes' files, checksums verified

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from bipft_jax import cli, config_loading, study, study_results
-from bipft_jax.errors import UserError
+from bipft_jax.errors import Stopped, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "study.py")
@@ -104,18 +104,22 @@ def test_bad_study_config_is_one_error_line(tiny_teacher, tmp_path, capsys, over
   assert not (tmp_path / "study").exists()
 
 
-def test_a_cell_stopped_early_is_not_recorded_and_stops_the_study(tiny_teacher, tmp_path, monkeypatch, capsys):
-  # A SIGTERM makes pretrain and finetune save and exit 0 before their end: the study must not take
-  # that cell as finished (its cell.json would mark a short pretraining as done), and stops.
+@pytest.mark.parametrize("code", [143, 130])
+def test_a_cell_a_signal_stopped_is_not_recorded_and_stops_the_study(tiny_teacher, tmp_path, monkeypatch, capsys,
+                                                                     code):
+  # A SIGTERM or Ctrl-C makes pretrain and finetune save and exit 143 or 130 before their end: the study must
+  # not take that cell as finished (its cell.json would mark a short pretraining as done) and stops with
+  # that code.
   from bipft_jax import study
 
-  def stopped_early(argv):  # what a SIGTERM'd pretraining leaves: a checkpoint before its last step
+  def stopped_early(argv):  # what a stopped pretraining leaves: a checkpoint before its last step
     os.makedirs(os.path.join(argv[argv.index("--workdir") + 1], "2"))
-    return 0, "", None
+    raise Stopped(code)  # what runs.run_command raises for its exit code (test_track: the whole chain)
   monkeypatch.setattr(study, "run_command", stopped_early)
-  assert _study(tmp_path / "study", tiny_teacher) == 0
+  assert _study(tmp_path / "study", tiny_teacher) == code
   out = capsys.readouterr().out
-  assert "stopped during pretrain/bipft_b (saved there); rerun the same command to resume" in out
+  what = {143: "SIGTERM", 130: "Ctrl-C"}[code]
+  assert f"{what}: stopped during pretrain/bipft_b (not recorded); rerun the same command to resume" in out
   assert not (tmp_path / "study/pretrain/bipft_b/cell.json").exists()
   assert not (tmp_path / "study/finetune").exists()  # no later cell ran
 
@@ -133,7 +137,7 @@ def test_a_sigterm_outside_a_training_loop_lets_the_cell_finish_then_stops_the_s
   monkeypatch.setattr(study, "run_cell", cell_then_sigterm)
   previous = signal.signal(signal.SIGTERM, fail)
   try:
-    assert _study(tmp_path / "study", tiny_teacher) == 0
+    assert _study(tmp_path / "study", tiny_teacher) == 143
     assert signal.getsignal(signal.SIGTERM) is fail  # given back after the study
   finally:
     signal.signal(signal.SIGTERM, previous)

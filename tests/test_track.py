@@ -1,11 +1,12 @@
 """`bipft track`: the whole track on the tiny config, its table, and a rerun that skips finished rows."""
 import json
 import os
+import signal
 
 import pytest
 
 import glue_fixtures
-from bipft_jax import cli, config_loading, policy, summary
+from bipft_jax import cli, config_loading, distributed, policy, summary
 from bipft_jax import model as model_lib
 from test_train import REPO, files  # noqa: F401 (files is a fixture)
 
@@ -26,12 +27,24 @@ def _summary(linear):
   return summary.summarize(model_lib.BertConfig.from_dict(config.to_dict()), 32)
 
 
-def test_track_runs_every_row_writes_the_table_and_skips_finished_rows(files, tmp_path, capsys):  # noqa: F811
+def test_track_runs_every_row_writes_the_table_and_skips_finished_rows(files, tmp_path, capsys,  # noqa: F811
+                                                                      monkeypatch):
   glue_dir = glue_fixtures.write_glue(tmp_path / "glue_data", n=8)
   workdir = tmp_path / "track"
   args = _track_args(files, glue_dir, workdir)
+  # A SIGTERM at step 2 of the first row's 3 pretraining steps: the step is saved, the pretraining exits
+  # 143 and the track stops with it, the row unsaved (it finetuned a 2-step pretraining and saved the row
+  # as done, which every rerun then skipped, when a stopped run exited 0).
+  monkeypatch.setattr(distributed.StopSignals, "stop_at", lambda self, step: signal.SIGTERM if step == 2 else None)
+  assert cli.main(args) == 143
+  out = capsys.readouterr().out
+  assert "bipft track: SIGTERM: stopped during row bipft (not recorded); rerun the same command to resume" in out
+  assert json.loads((workdir / "track.json").read_text())["rows"] == []
+  assert not (workdir / "bipft" / "row.json").exists() and not (workdir / "bipft" / "finetune").exists()
+  monkeypatch.undo()
   assert cli.main(args) == 0
   out = capsys.readouterr().out
+  assert "from step 2" in out  # the row's pretraining resumed
   table = json.loads((workdir / "track.json").read_text())
   packs, refused = table["rows"]
   assert [r["row"] for r in table["rows"]] == ["bipft", "dbllm_fdb"]

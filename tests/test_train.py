@@ -195,7 +195,10 @@ def _tensorboard_events(path) -> list:
   return events
 
 
-def test_sigterm_saves_and_exits(files, tmp_path, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_sigterm_or_ctrl_c_saves_and_exits_with_its_code(files, tmp_path, capsys, signum):
+  # Not exit code 0: `bipft pretrain ... && bipft finetune ...` and job controllers would take the
+  # stopped run for a finished one.
   steps = ["--config.total_steps=100000", "--config.checkpoint_every=100000"]
   run = _pretrain(files, tmp_path / "run", *steps, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = tmp_path / "run" / "metrics.jsonl"
@@ -209,13 +212,23 @@ def test_sigterm_saves_and_exits(files, tmp_path, capsys):
   assert (f"is in use by another run: bipft pretrain, pid {run.pid} on "
           in _error_line(capsys.readouterr().err, "pretrain"))
   assert run.poll() is None
-  run.send_signal(signal.SIGTERM)
+  run.send_signal(signum)
   out, err = run.communicate(timeout=120)
-  assert run.returncode == 0, err[-2000:]
-  assert "SIGTERM: saved step" in err + out
+  assert run.returncode == 128 + signum, err[-2000:]
+  what = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}[signum]
+  assert f"{what}: saved step" in out and "Traceback" not in err
   manager = checkpointing.make_manager(str(tmp_path / "run"), read_only=True)
   assert 2 <= manager.latest_step() < 100000
   assert not (tmp_path / "run" / bipft_files.LOCK_FILE).exists()
+
+
+def test_a_ctrl_c_outside_the_training_loop_is_one_line(files, tmp_path, capsys, monkeypatch):
+  def interrupted(*args, **kwargs):  # a Ctrl-C while the job is being set up (or a second Ctrl-C)
+    raise KeyboardInterrupt
+  monkeypatch.setattr(pretraining, "distillation_job", interrupted)
+  assert cli.main(_pretrain_args(files, tmp_path / "run")) == 130
+  assert capsys.readouterr().err.splitlines() == ["bipft pretrain: stopped by Ctrl-C"]
+  assert not (tmp_path / "run").exists()
 
 
 def _pretrain_args(files, workdir, *extra) -> list:

@@ -7,24 +7,24 @@ the untrained 1.0 is calibrated once on the first training batch. With `distill.
 finetuned classifier: a finetune workdir or a Hugging Face folder) the loss adds downstream
 distillation to it (configs/glue.py).
 
-The run engine (engine.py) drives it as it drives pretraining: sharded over `config.mesh`,
-multi-host through the launch scripts, checkpoints every `checkpoint_every` steps and at each
-epoch's end, exact resume after a kill (rerun the same command), a save on SIGTERM, and a stop on a
-NaN/Inf loss or update before best/ or results.json exist. Each epoch ends with every dev split
-evaluated (metrics.jsonl, TensorBoard). The best epoch by the task's first metric on the first dev
-split is kept (MNLI-mm is reported from the last epoch, as the release does); at the end `best/`
-holds its checkpoint, `results.json` the reported numbers and `submission/` the GLUE leaderboard
-files of whatever test splits exist. Everything is written to `WORKDIR/.finetune-staging/` (a killed
-run resumes from there) and moved into the workdir when the run ends, so a workdir with an earlier
-run (replaced only with `--overwrite`) keeps it whole until then. From its first write to its last the
-run holds the workdir: another run started there is refused (`distributed.workdir_lock`).
+The run engine (engine.py) drives it as it drives pretraining: sharded over `config.mesh`, multi-host
+through the launch scripts, checkpoints every `checkpoint_every` steps and at each epoch's end, exact
+resume after a kill (rerun the same command), a save on SIGTERM or Ctrl-C (exit code 143 or 130), and a
+stop on a NaN/Inf loss or update before best/ or results.json exist. Each epoch ends with every dev
+split evaluated (metrics.jsonl, TensorBoard). The best epoch by the task's first metric on the first
+dev split is kept (MNLI-mm is reported from the last epoch, as the release does); at the end `best/`
+holds its checkpoint, `results.json` the reported numbers and `submission/` the GLUE leaderboard files
+of whatever test splits exist. Everything is written to `WORKDIR/.finetune-staging/` (a killed run
+resumes from there) and moved into the workdir when the run ends, so a workdir with an earlier run
+(replaced only with `--overwrite`) keeps it whole until then. From its first write to its last the run
+holds the workdir: another run started there is refused (`distributed.workdir_lock`).
 """
 import os
 import shutil
 
 from jax.experimental import multihost_utils
 
-from bipft_jax import checkpointing, config_checks, config_loading, distributed, engine, files, sharding
+from bipft_jax import checkpointing, config_checks, config_loading, distributed, engine, errors, files, sharding
 from bipft_jax.errors import UserError
 from bipft_jax.glue import finetuning, tasks
 
@@ -46,14 +46,16 @@ def run(args) -> int:
   if args.init_from:
     config.init.kind, config.init.path = "checkpoint", args.init_from
   results = finetune(config, args.workdir, overwrite=args.overwrite)
-  if results and distributed.is_primary():
+  if "stopped_by" in results:
+    return errors.signal_exit_code(results["stopped_by"])
+  if distributed.is_primary():
     print(summary_line(results))
   return 0
 
 
 def finetune(config, workdir: str, overwrite: bool = False) -> dict:
-  """Runs (or resumes) the task of `config` in `workdir`; returns the contents of results.json, or {}
-  when a SIGTERM stopped the run (saved: rerun to resume)."""
+  """Runs (or resumes) the task of `config` in `workdir`; returns the contents of results.json, or
+  {"stopped_by": the signal} when a SIGTERM or Ctrl-C stopped the run (saved: rerun to resume)."""
   config_checks.check_glue(config)
   task = tasks.task_from_config(config)
   _earlier_outputs(workdir, overwrite)
@@ -67,8 +69,8 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
     _prepare_staging(staging)
     result = engine.Engine(run.job, mesh, rules, seed=config.seed).fit(
         staging, run.schedule, checkpoint_dir=os.path.join(staging, "checkpoints"))
-    if result.get("terminated"):
-      return {}
+    if "stopped_by" in result:
+      return {"stopped_by": result["stopped_by"]}
     results = run.write_outputs()
     if distributed.is_primary():
       _publish(staging, workdir)
