@@ -32,6 +32,30 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
+# A real SIGKILL at one point of a finished run's end: writing its outputs (best/ renamed in the staging
+# folder, the test predictions under way), moving them into the workdir (best/ moved), or removing the
+# published staging folder.
+_KILLED_AT_THE_END = textwrap.dedent("""
+  import os, signal, sys
+  from bipft_jax import cli, files
+  from bipft_jax.glue import finetune, predictions
+  die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+  point = sys.argv[1]
+  if point == "outputs":
+    predictions.write_submission = die
+  elif point == "publication":
+    replace = files.replace_tree
+    def replace_then_die(source, target):
+      replace(source, target)
+      if os.path.basename(target) == "best":
+        die()
+    files.replace_tree = replace_then_die
+  else:
+    finetune._remove = die
+  sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
 def _argv(glue_dir, vocab_dir, workdir, *extra) -> list:
   return (["finetune", "--config", CONFIG, "--workdir", str(workdir)]
           + [f"--config.{o}" for o in tiny_overrides(glue_dir, vocab_dir, *extra)])
@@ -83,6 +107,38 @@ def test_finetune_killed_or_stopped_mid_epoch_resumes_bit_identically(glue_dir, 
     assert whole_params.keys() == run_params.keys()
     for name, value in whole_params.items():
       np.testing.assert_array_equal(run_params[name], value, err_msg=f"{run.name}: {name}")
+
+
+@pytest.mark.parametrize("point", ["outputs", "publication", "staging removal"])
+def test_a_run_killed_at_its_end_is_completed_by_the_same_command(glue_dir, vocab_dir, tmp_path, point, capsys):
+  # Before, a kill after best/ was renamed left a workdir the same command could never finish (a
+  # FileNotFoundError each rerun), and a kill mid-way through the move had the rerun refuse the workdir.
+  extra = ("epochs=2",)
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  assert cli.main(_argv(glue_dir, vocab_dir, whole, *extra)) == 0
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-c", _KILLED_AT_THE_END, point, *_argv(glue_dir, vocab_dir, killed, *extra)],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+  capsys.readouterr()
+  if point == "staging removal":  # the run is published: the same command is refused, --overwrite starts afresh
+    assert cli.main(_argv(glue_dir, vocab_dir, killed, *extra)) == 2
+    assert "already holds a finetuning run" in capsys.readouterr().err
+    assert _results(killed) == _results(whole)
+    assert cli.main(_argv(glue_dir, vocab_dir, killed, *extra) + ["--overwrite"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+  else:
+    assert cli.main(_argv(glue_dir, vocab_dir, killed, *extra)) == 0
+    if point == "publication":
+      assert "(they were being moved when it stopped)" in capsys.readouterr().out
+  assert sorted(os.listdir(killed)) == sorted(os.listdir(whole))  # no staging folder left, nothing missing
+  assert _losses(killed) == _losses(whole)
+  assert _results(killed) == _results(whole)
+  whole_params, killed_params = _best_params(whole), _best_params(killed)
+  for name, value in whole_params.items():
+    np.testing.assert_array_equal(killed_params[name], value, err_msg=name)
+  for name in os.listdir(whole / "submission"):
+    assert (killed / "submission" / name).read_text() == (whole / "submission" / name).read_text()
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "fp"])

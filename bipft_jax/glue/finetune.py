@@ -16,9 +16,11 @@ dev split is kept (MNLI-mm is reported from the last epoch, as the release does)
 holds its checkpoint, `results.json` the reported numbers and `submission/` the GLUE leaderboard files
 of whatever test splits exist. Everything is written to `WORKDIR/.finetune-staging/` (a killed run
 resumes from there) and moved into the workdir when the run ends, so a workdir with an earlier run
-(replaced only with `--overwrite`) keeps it whole until then. From its first write to its last the run
-holds the workdir: another run started there is refused (`distributed.workdir_lock`).
+(replaced only with `--overwrite`) keeps it whole until then; a run killed while its outputs were
+written or moved is completed by the next `bipft finetune` there. From its first write to its last
+the run holds the workdir: another run started there is refused (`distributed.workdir_lock`).
 """
+import json
 import os
 import shutil
 
@@ -30,6 +32,7 @@ from bipft_jax.glue import finetuning, tasks
 
 OUTPUTS = ("metrics.jsonl", "results.json", "best", "submission", "tensorboard")
 STAGING = ".finetune-staging"  # a run's outputs until it ends; then they replace an earlier run's
+PUBLISHING = ".publishing.json"  # in STAGING while its outputs move into the workdir: their names
 OWN = ("results.json", "best", "submission", STAGING)  # what only a finetuning workdir holds
 
 
@@ -58,12 +61,14 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   {"stopped_by": the signal} when a SIGTERM or Ctrl-C stopped the run (saved: rerun to resume)."""
   config_checks.check_glue(config)
   task = tasks.task_from_config(config)
+  staging = os.path.join(workdir, STAGING)
+  if os.path.exists(os.path.join(staging, "results.json")):
+    return _complete_publication(config, staging, workdir)
   _earlier_outputs(workdir, overwrite)
   files.check_writable_dir(workdir, "--workdir")
   finetuning.check_init(config)
   engine.start(config)
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
-  staging = os.path.join(workdir, STAGING)
   run = finetuning.Finetuning(config, task, mesh, rules, staging)  # every input read: outputs may start
   with distributed.workdir_lock(workdir, "finetune"):
     _prepare_staging(staging)
@@ -91,29 +96,69 @@ def _earlier_outputs(workdir: str, overwrite: bool) -> list:
   return existing
 
 
+def _complete_publication(config, staging: str, workdir: str) -> dict:
+  """Publishes the finished run in `staging` that was stopped while its outputs were written or moved
+  into `workdir` (whatever the command: the run has ended, only its outputs are left to move); returns
+  its results.json."""
+  engine.start(config)
+  with distributed.workdir_lock(workdir, "finetune"):
+    results_file = os.path.join(staging, "results.json")
+    if not os.path.exists(results_file):
+      raise UserError(f"another run published the finished run in {staging} meanwhile; rerun the command")
+    with open(results_file) as f:
+      results = json.load(f)
+    multihost_utils.sync_global_devices("bipft finetune publication")  # every host has read it
+    distributed.log(f"bipft finetune: moving the outputs of the finished run in {staging} into {workdir} "
+                    "(they were being moved when it stopped)")
+    if distributed.is_primary():
+      _publish(staging, workdir)
+  return results
+
+
 def _prepare_staging(staging: str) -> None:
   """Readies the folder of this run's outputs: a killed run's is resumed if it saved a checkpoint; a
-  crashed run's leftovers without one are removed."""
-  checkpoints = os.path.join(staging, "checkpoints")
-  if checkpointing.saved_steps(checkpoints):
-    distributed.log(f"bipft finetune: resuming the run in {staging} (delete that folder to start afresh)")
-  elif distributed.is_primary():
-    shutil.rmtree(staging, ignore_errors=True)
+  crashed run's leftovers without one, and a published run's, are removed."""
+  if distributed.is_primary():
+    if os.path.exists(os.path.join(staging, PUBLISHING)):  # published; stopped before removing its staging
+      _remove(staging)
+    shutil.rmtree(staging + _DELETED, ignore_errors=True)
+    if checkpointing.saved_steps(os.path.join(staging, "checkpoints")):
+      distributed.log(f"bipft finetune: resuming the run in {staging} (delete that folder to start afresh)")
+    else:
+      shutil.rmtree(staging, ignore_errors=True)
   multihost_utils.sync_global_devices("bipft finetune staging")  # no host writes there before that
 
 
 def _publish(staging: str, workdir: str) -> None:
   """Moves a finished run's outputs from `staging` into `workdir`, each replacing an earlier run's
-  by rename (results.json, the mark of a finished run, last); earlier outputs it lacks are removed."""
+  by rename (results.json, the mark of a finished run, last); earlier outputs it lacks are removed.
+  Resumable: the names it moves are written down first, so a rerun after a kill tells an output
+  already moved from an earlier run's that the new one lacks."""
+  manifest = os.path.join(staging, PUBLISHING)
+  if not os.path.exists(manifest):
+    files.write_json(manifest, [name for name in OUTPUTS if os.path.exists(os.path.join(staging, name))])
+  with open(manifest) as f:
+    moving = json.load(f)
   for name in sorted(OUTPUTS, key=lambda name: name == "results.json"):
     source, target = os.path.join(staging, name), os.path.join(workdir, name)
-    if os.path.exists(source):
-      files.replace_tree(source, target)
+    if name in moving:
+      if os.path.exists(source):  # else moved before a kill
+        files.replace_tree(source, target)
     elif os.path.isdir(target):
       shutil.rmtree(target)
     elif os.path.exists(target):
       os.remove(target)
-  shutil.rmtree(staging)
+  _remove(staging)
+
+
+_DELETED = ".deleted"
+
+
+def _remove(folder: str) -> None:
+  """Deletes `folder` after renaming it away, so that a kill mid-way leaves no part of it by its name."""
+  shutil.rmtree(folder + _DELETED, ignore_errors=True)  # an earlier removal's, killed mid-way
+  os.rename(folder, folder + _DELETED)
+  shutil.rmtree(folder + _DELETED)
 
 
 def summary_line(results: dict) -> str:

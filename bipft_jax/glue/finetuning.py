@@ -241,7 +241,7 @@ class Finetuning:
     results = select_results(self.task, self.history)
     self._remove_best(keep=results["best_epoch"])
     best_dir = os.path.join(self.staging, BEST)
-    if distributed.is_primary():
+    if distributed.is_primary() and not os.path.isdir(best_dir):  # else renamed before a kill
       os.replace(os.path.join(self.staging, f"{BEST}.{results['best_epoch']}"), best_dir)
     multihost_utils.sync_global_devices("bipft finetune best")
     _, _, best_params = checkpointing.restore_params(best_dir, shardings=self.params_shardings)
