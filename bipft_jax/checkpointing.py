@@ -193,6 +193,8 @@ def verify(manager: ocp.CheckpointManager, step: int, items) -> None:
   save time; a step without checksums.json passes unverified."""
   step_dir = epath.Path(manager.directory) / str(step)
   if not (step_dir / CHECKSUMS).exists():
+    if removed := _removed_while_read(manager.directory, step):
+      raise removed
     return
   try:
     listed = json.loads((step_dir / CHECKSUMS).read_text())["sha256"]
@@ -204,12 +206,21 @@ def verify(manager: ocp.CheckpointManager, step: int, items) -> None:
   present = _item_files(step_dir, items)
   missing = sorted(set(listed) - set(present))
   if missing:
-    raise CorruptCheckpoint(manager.directory, step, f"{missing[0]} is missing")
+    raise _removed_while_read(manager.directory, step) or CorruptCheckpoint(manager.directory, step, f"{missing[0]} is missing")
   for name in present:
     if name not in listed:
       raise CorruptCheckpoint(manager.directory, step, f"{name} was not written by the save")
     if _sha256(step_dir / name) != listed[name]:
       raise CorruptCheckpoint(manager.directory, step, f"{name} fails its sha256 check")
+
+
+def _removed_while_read(directory, step: int) -> Optional[UserError]:
+  """The error for a step folder gone since this read chose it: a run writing to the workdir keeps only
+  its newest `keep_checkpoints` steps. Not a corrupt step; None while the folder is there."""
+  if (epath.Path(directory) / str(step)).exists():
+    return None
+  return UserError(f"checkpoint step {step} was removed from {directory} while it was being read (a run "
+                   "writing there keeps only its newest keep_checkpoints steps); run the command again")
 
 
 def all_finite(tree) -> jax.Array:
@@ -268,7 +279,8 @@ def _resolve(path: str, step: Optional[int]) -> tuple:
   if step is None:
     step = max(steps)
   elif step not in steps:
-    raise UserError(f"no step {step} in {path}; steps there: {sorted(steps)}")
+    removed = " (a run writing there keeps only its newest steps)" if step < min(steps) else ""
+    raise UserError(f"no step {step} in {path}; steps there: {sorted(steps)}{removed}")
   return manager, step
 
 
@@ -405,8 +417,9 @@ def _cause(error: Exception) -> str:
 
 def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> UserError:
   """The one-line error for arrays orbax could not read (and nothing printed after it)."""
-  return UserError(f"checkpoint step {step} in {manager.directory} could not be restored "
-                   f"({errors.first_line(error)}); it may be corrupt or from a different model")
+  return _removed_while_read(manager.directory, step) or UserError(
+      f"checkpoint step {step} in {manager.directory} could not be restored ({errors.first_line(error)}); it may "
+      "be corrupt or from a different model")
 
 
 def save_params(directory: str, params, config: model_lib.BertConfig, head: str, step: int = 0) -> None:

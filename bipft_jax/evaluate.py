@@ -215,9 +215,10 @@ def evaluate_pretraining(config, checkpoint: str) -> dict:
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
   student = model_lib.build(student_config, "pretraining")
   params_shardings = engine.param_shardings(student, mesh, rules)
+  # Read at once: a run still writing to the workdir removes its older steps as it saves new ones.
+  _, _, params = checkpointing.restore_params(directory, step, shardings=params_shardings)
   tokenizer = pytorch_io.load_tokenizer(pretraining.tokenizer_folder(config), student_config.vocab_size,
                                         fix="set --config.tokenizer to the vocabulary the run used")
   batches = pretraining.held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
   evaluate = pretraining.mlm_evaluator(student, batches, mesh, rules, params_shardings)
-  _, _, params = checkpointing.restore_params(directory, step, shardings=params_shardings)
   return {"checkpoint": directory, "step": step, **evaluate(params)}

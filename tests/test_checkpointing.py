@@ -95,6 +95,31 @@ def test_bad_checkpoints_are_user_errors(saved, tmp_path):
     checkpointing.restore_params(str(workdir))
 
 
+@pytest.mark.parametrize("checksums", [True, False])
+def test_a_step_removed_while_it_is_read_is_not_called_corrupt(saved, monkeypatch, checksums):
+  # A run still writing to the workdir removes its older steps as it saves (keep_checkpoints): a read
+  # that chose the newest step can find it gone, which is not a damaged checkpoint.
+  workdir, _, params = saved
+  if not checksums:
+    (workdir / "2" / "checksums.json").unlink()
+  read_config = checkpointing.read_config
+
+  def rotated_away_after_the_config(manager, step):
+    record = read_config(manager, step)
+    shutil.rmtree(workdir / str(step))
+    return record
+  monkeypatch.setattr(checkpointing, "read_config", rotated_away_after_the_config)
+  with pytest.raises(UserError) as error:
+    checkpointing.restore_params(str(workdir))
+  assert not isinstance(error.value, checkpointing.CorruptCheckpoint)
+  assert str(error.value) == (f"checkpoint step 2 was removed from {workdir} while it was being read (a run "
+                              "writing there keeps only its newest keep_checkpoints steps); run the command again")
+  monkeypatch.undo()
+  checkpointing.save_params(str(workdir), params, saved[1], "encoder", step=4)
+  with pytest.raises(UserError, match=r"no step 2 in .*; steps there: \[4\] \(a run writing there keeps only"):
+    checkpointing.restore_params(str(workdir), step=2)
+
+
 def _step_files(step_dir) -> list:
   return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file())
 
