@@ -258,6 +258,9 @@ class Engine:
     manager = checkpointing.make_manager(checkpoint_dir or workdir, max_to_keep=schedule.keep_checkpoints)
     try:
       state, step, batches = self._start(workdir, manager)
+      if step >= schedule.total_steps:  # a finished run's rerun, or total_steps lowered
+        distributed.log(f"bipft {self.job.name}: {workdir} is at step {step}, total_steps is "
+                        f"{schedule.total_steps}: nothing left to train")
       return _Loop(self, workdir, manager, schedule).run(state, step, batches)
     finally:
       try:

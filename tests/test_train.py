@@ -293,6 +293,14 @@ def trained(files, tmp_path_factory):
   return workdir
 
 
+def test_a_rerun_past_total_steps_says_there_is_nothing_to_train(files, trained, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=3")) == 0
+  assert f"bipft pretrain: {workdir} is at step 4, total_steps is 3: nothing left to train" in capsys.readouterr().out
+  assert checkpointing.saved_steps(str(workdir)) == [2, 4]
+
+
 def _flip_a_bit(step_dir) -> str:
   """Flips one bit in the middle of the step's largest parameter file; returns its path in the step."""
   arrays = [os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(step_dir, "params"))
