@@ -86,3 +86,18 @@ def test_an_unknown_row_is_one_error_line_before_any_work(files, tmp_path, capsy
   assert err == ["bipft track: error: row 'xnr+bivit': unknown linear binarizer 'xnr'; choose one of "
                  + ", ".join(policy.LINEAR_BINARIZERS)]
   assert not workdir.exists()
+
+
+def test_a_sigterm_between_commands_lets_the_row_end_then_stops_the_track(files, tmp_path, monkeypatch,  # noqa: F811
+                                                                        capsys):
+  from bipft_jax import track
+
+  def row_then_sigterm(config, row_dir, linear, probs):  # a signal landing outside any training loop
+    os.kill(os.getpid(), signal.SIGTERM)
+    return {"error": "finetune: a failure of the row's own"}
+  monkeypatch.setattr(track, "run_row", row_then_sigterm)
+  workdir = tmp_path / "track"
+  assert cli.main(_track_args(files, tmp_path, workdir)) == 143
+  out = capsys.readouterr().out
+  assert "bipft track: SIGTERM: stopped after row bipft; rerun the same command to resume" in out
+  assert [r["row"] for r in json.loads((workdir / "track.json").read_text())["rows"]] == ["bipft"]  # not dbllm_fdb
