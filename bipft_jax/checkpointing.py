@@ -206,7 +206,8 @@ def verify(manager: ocp.CheckpointManager, step: int, items) -> None:
   present = _item_files(step_dir, items)
   missing = sorted(set(listed) - set(present))
   if missing:
-    raise _removed_while_read(manager.directory, step) or CorruptCheckpoint(manager.directory, step, f"{missing[0]} is missing")
+    raise (_removed_while_read(manager.directory, step)
+           or CorruptCheckpoint(manager.directory, step, f"{missing[0]} is missing"))
   for name in present:
     if name not in listed:
       raise CorruptCheckpoint(manager.directory, step, f"{name} was not written by the save")

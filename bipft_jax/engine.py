@@ -19,7 +19,6 @@ owns the rest, the same for every job:
 import dataclasses
 import functools
 import queue
-import signal
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -36,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bipft_jax import checkpointing, distributed, kinds, sharding
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
-from bipft_jax.errors import UserError
+from bipft_jax.errors import STOPPED, UserError, signal_exit_code
 from bipft_jax.metrics_writer import MetricsWriter
 
 
@@ -373,9 +372,8 @@ class _Loop:
         if stop:
           self.manager.wait_until_finished()
           if distributed.is_primary():
-            name = "Ctrl-C" if stop == signal.SIGINT else stop.name
-            self.bar.write(f"bipft {job.name}: {name}: saved step {step} to {self.workdir}; rerun the "
-                           "command to resume")
+            self.bar.write(f"bipft {job.name}: {STOPPED[signal_exit_code(stop)]}: saved step {step} to "
+                           f"{self.workdir}; rerun the command to resume")
           return {"step": step, "stopped_by": stop}
       if pending:
         self._report(*pending)

@@ -33,6 +33,7 @@ from bipft_jax.glue import finetuning, tasks
 OUTPUTS = ("metrics.jsonl", "results.json", "best", "submission", "tensorboard")
 STAGING = ".finetune-staging"  # a run's outputs until it ends; then they replace an earlier run's
 PUBLISHING = ".publishing.json"  # in STAGING while its outputs move into the workdir: their names
+_DELETED = ".deleted"  # the suffix of a folder renamed away to be deleted
 OWN = ("results.json", "best", "submission", STAGING)  # what only a finetuning workdir holds
 
 
@@ -149,9 +150,6 @@ def _publish(staging: str, workdir: str) -> None:
     elif os.path.exists(target):
       os.remove(target)
   _remove(staging)
-
-
-_DELETED = ".deleted"
 
 
 def _remove(folder: str) -> None:
