@@ -5,6 +5,8 @@
   bipft evaluate --config configs/glue.py:task=rte --checkpoint runs/rte --config.data.path=glue_data \
       --split test --predictions RTE.tsv
   bipft evaluate --config configs/glue.py:task=rt_demo --checkpoint runs/rt --json > rt_dev.json
+  # the same classifier run 1-bit: its `bipft export-packed` file, on this machine's fastest kernel
+  bipft evaluate --config configs/glue.py:task=rt_demo --checkpoint rt.bipft.safetensors [--kernel native]
   # a pretraining checkpoint: a `bipft pretrain` workdir (its latest step) or one step folder
   bipft evaluate --config configs/pretrain.py:demo --checkpoint workdirs/demo
   bipft evaluate --config configs/pretrain.py:demo --checkpoint workdirs/demo/50
@@ -12,15 +14,18 @@
 The config decides what is measured: a GLUE config (configs/glue.py, it has `task`) scores the
 task's metrics on its dev splits (`--split` picks one: train, a dev or a test split); a pretraining
 config (configs/pretrain.py, it has `teacher` and `data.max_predictions`) the held-out MLM accuracy
-and cross entropy. The model comes from the checkpoint; everything else from the config, so pass
-the config and overrides of the run that wrote the checkpoint (GLUE: data, max_length, min_bucket,
-eval_batch_size, and max_train_examples/seed for the majority-class rate; pretraining: the data,
-eval_batches, eval_batch_size and seed that fix the held-out set, and the mesh). The data reading,
-tokenization, batching, prediction and metrics are the runs' own (glue/splits.py,
-glue/predictions.py, pretraining.py), so the numbers equal what the runs log: a finetune workdir's
-results.json (except MNLI-mm, which it takes from the last epoch rather than the best), and a
-pretraining step's eval_mlm_accuracy in metrics.jsonl (on the same devices; other meshes can change
-the last float bits of the loss).
+and cross entropy. A packed file (`bipft export-packed` of a finetuned classifier) is scored by the
+packed forward (packed.py: popcount counts on the bit-planes, `--kernel`, default `auto`), the model
+a user deploys, so its metrics can be set beside the simulated student's: the two predict the same
+up to float rounding near a tie. The model comes from the checkpoint; everything else from the
+config, so pass the config and overrides of the run that wrote the checkpoint (GLUE: data,
+max_length, min_bucket, eval_batch_size, and max_train_examples/seed for the majority-class rate;
+pretraining: the data, eval_batches, eval_batch_size and seed that fix the held-out set, and the
+mesh). The data reading, tokenization, batching, prediction and metrics are the runs' own
+(glue/splits.py, glue/predictions.py, pretraining.py), so the numbers equal what the runs log: a
+finetune workdir's results.json (except MNLI-mm, which it takes from the last epoch rather than the
+best), and a pretraining step's eval_mlm_accuracy in metrics.jsonl (on the same devices; other
+meshes can change the last float bits of the loss).
 
 Output on stdout: one line per split (GLUE: metrics in percent and the majority-class rate;
 pretraining: accuracy and cross entropy), or with `--json` one JSON object instead. GLUE:
@@ -37,7 +42,7 @@ import jax
 from tqdm import tqdm
 
 from bipft_jax import checkpointing, config_checks, config_loading, distributed, engine, files, pretraining
-from bipft_jax import pytorch_io, sharding
+from bipft_jax import packed, packed_file, pytorch_io, sharding
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import predictions, splits, tasks
@@ -47,7 +52,10 @@ from bipft_jax.glue import metrics as metrics_lib
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   config_loading.add_config_argument(parser)
   parser.add_argument("--checkpoint", required=True,
-                      help="a finetune workdir (its best/), a pretrain workdir (latest step) or a checkpoint folder")
+                      help="a finetune workdir (its best/), a pretrain workdir (latest step), a checkpoint folder, "
+                           "or a packed file (`bipft export-packed` of a classifier: run 1-bit)")
+  parser.add_argument("--kernel", default=None, help=f"packed file: the kernel ({', '.join(packed.KERNELS)}; default "
+                      "auto: this machine's fastest, measured once)")
   parser.add_argument("--split", default=None,
                       help="GLUE: the split to score (default: every dev split of the task)")
   parser.add_argument("--predictions", default=None,
@@ -60,12 +68,15 @@ def run(args: argparse.Namespace) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
   if is_glue_config(config):
     config_checks.check_glue(config)
-    results = evaluate_glue(config, args.checkpoint, args.split, args.predictions, args.overwrite)
+    results = evaluate_glue(config, args.checkpoint, args.split, args.predictions, args.overwrite, args.kernel)
     lines = glue_lines(results)
   else:
     if args.split or args.predictions:
       raise UserError("--split and --predictions are for GLUE configs; a pretraining checkpoint is scored on the "
                       "held-out set its config describes")
+    if os.path.isfile(args.checkpoint) or args.kernel:
+      raise UserError("a packed file holds no MLM head to score (export-packed keeps the encoder): pass a "
+                      "`bipft pretrain` workdir as --checkpoint, or a packed classifier with a GLUE config")
     config_checks.check_pretrain(config)
     distributed.initialize(config)  # before any JAX computation, as `bipft pretrain`
     results = evaluate_pretraining(config, args.checkpoint)
@@ -83,6 +94,15 @@ def is_glue_config(config) -> bool:
     return False
   raise UserError("the config is neither a GLUE config (configs/glue.py: it has `task`) nor a pretraining "
                   "config (configs/pretrain.py: `teacher` and `data.max_predictions`)")
+
+
+def _packed_classifier(path: str, kernel: str | None, fix: str) -> tuple:
+  """(BertConfig, params prepared for `kernel`, predict_step, the kernel's name) of a packed file."""
+  model_config, head, params = packed_file.load_packed(path, kernel or "auto")
+  if head != "classification":
+    raise UserError(f"{path} holds a packed {head}, not a classifier (an export of a pretraining run): {fix}")
+  logits = lambda p, batch: packed.forward(model_config, head, p, *(batch[k] for k in model_lib.MODEL_INPUTS))["logits"]
+  return model_config, params, packed.jit(logits), packed.resolve_kernel(kernel or "auto")
 
 
 def _checkpoint(path: str, head: str, fix: str) -> tuple:
@@ -130,30 +150,40 @@ def _read_examples(config, task: tasks.Task, chosen: tuple) -> dict:
 
 
 def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions_path: str | None = None,
-                  overwrite: bool = False) -> dict:
-  """Scores the classifier at `checkpoint` on `split` (default: every dev split) of config's task;
-  `overwrite` lets `predictions_path` replace an existing file.
+                  overwrite: bool = False, kernel: str | None = None) -> dict:
+  """Scores the classifier at `checkpoint` (or a packed file of one, run on `kernel`) on `split`
+  (default: every dev split) of config's task; `overwrite` lets `predictions_path` replace an
+  existing file.
 
-  Returns {"task", "checkpoint", "step", "metrics": {split: {metric: %}}, "majority_rate": {split: %},
-  "predictions": the TSV written or None, "examples": {split: count}}.
+  Returns {"task", "checkpoint", "step" (None for a packed file), "kernel" (the packed kernel, else
+  None), "metrics": {split: {metric: %}}, "majority_rate": {split: %}, "predictions": the TSV
+  written or None, "examples": {split: count}}.
   """
   task = tasks.task_from_config(config)
   chosen = _chosen_splits(task, config.data, split, predictions_path, overwrite)
-  directory, step, model_config = _checkpoint(checkpoint, "classification",
-                                              f"pass a `bipft finetune` workdir (or its best/) of {task.name}")
+  fix = f"pass a `bipft finetune` workdir (or its best/) of {task.name}, or a packed file of one"
+  if os.path.isfile(checkpoint):  # orbax checkpoints are folders
+    model_config, params, predict_step, kernel = _packed_classifier(checkpoint, kernel, fix)
+    source, step, tokenizer_folder = checkpoint, None, os.path.dirname(os.path.abspath(checkpoint))
+  elif kernel:
+    raise UserError(f"--kernel is for a packed file (`bipft export-packed`); {checkpoint} is not one")
+  else:
+    source, step, model_config = _checkpoint(checkpoint, "classification", fix)
+    tokenizer_folder = source
   if model_config.num_labels != task.num_labels:
-    raise UserError(f"{directory} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
+    raise UserError(f"{source} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
                     "pass the checkpoint finetuned on this task")
   splits.check_max_length(config, model_config)
   examples = _read_examples(config, task, chosen)
   labeled = any(examples[s].labels is not None for s in chosen)
   train_labels = None if task.is_regression or not labeled else _training_labels(config, task)
-  tokenizer = splits.load_tokenizer(config, directory, model_config)
-  params = jax.device_get(checkpointing.restore_params(directory, step)[2])  # one host copy, as finetune's
+  tokenizer = splits.load_tokenizer(config, tokenizer_folder, model_config)
+  if step is not None:
+    params = jax.device_get(checkpointing.restore_params(source, step)[2])  # one host copy, as finetune's
+    predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)
-  predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
-  results = {"task": task.name, "checkpoint": directory, "step": step, "metrics": {}, "majority_rate": {},
-             "predictions": predictions_path, "examples": {}}
+  results = {"task": task.name, "checkpoint": source, "step": step, "kernel": kernel, "metrics": {},
+             "majority_rate": {}, "predictions": predictions_path, "examples": {}}
   for name in chosen:
     data = tasks.encode(tokenizer, examples[name], config.max_length)
     with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
@@ -193,7 +223,8 @@ def glue_lines(results: dict) -> list:
   """One line per split: its metrics and majority-class rate, or where its predictions went."""
   lines = []
   for name, count in results["examples"].items():
-    line = f"{results['task']} {name} ({count} examples): "
+    packed_run = f", packed 1-bit on the {results['kernel']} kernel" if results.get("kernel") else ""
+    line = f"{results['task']} {name} ({count} examples{packed_run}): "
     if name in results["metrics"]:
       line += ", ".join(f"{m} {v:.2f}" for m, v in results["metrics"][name].items())
       if name in results["majority_rate"]:

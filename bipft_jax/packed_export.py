@@ -4,12 +4,12 @@
       [--remainder auto|float16|float32] [--overwrite]
 
 An existing --out file is replaced only with --overwrite, and then whole (temporary name, rename).
-The FP remainder is stored in float16 when that keeps the model's predictions (`--remainder auto`).
+The FP remainder is stored in float16 when that keeps the model's predictions on 256 random
+sequences (`--remainder auto`; packed_file.py says why a binary model often needs float32).
 """
 import argparse
 
-from bipft_jax import files, packed
-from bipft_jax.packed_file import export
+from bipft_jax import files, packed, packed_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,18 +18,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", required=True, help="path of the .safetensors file to write")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
   parser.add_argument("--remainder", choices=["auto", *packed.REMAINDER_DTYPES], default="auto",
-                      help="dtype of the FP remainder; auto: float16 if the predictions are unchanged")
+                      help="dtype of the FP remainder; auto: float16 if 256 probe predictions are unchanged")
 
 
 def run(args) -> int:
   from bipft_jax import checkpointing
   files.check_output_file(args.out, "--out", args.overwrite)
   config, head, params = checkpointing.restore_params(args.checkpoint, args.step)
-  result = export(config, head, params, args.out, args.remainder)
+  result = packed_file.export(config, head, params, args.out, args.remainder)
   if head == "pretraining":
     print("note: exported the encoder; the pretraining heads (MLM decoder tied to the latent FP "
           "word embedding, NSP) are not part of a 1-bit model")
-  print(f"wrote {args.out}: head {result['head']}, FP remainder in {result['remainder_dtype']}")
+  changed, probes = result["float16_changed_probes"], packed_file.PROBE_SEQUENCES
+  why = ""  # --remainder given
+  if changed is not None:
+    why = f" (auto: float16 changed {changed} of {probes} probe predictions)" if changed else \
+        f" (auto: float16 kept all {probes} probe predictions)"
+  print(f"wrote {args.out}: head {result['head']}, FP remainder in {result['remainder_dtype']}{why}")
   print(f"packed file      {result['packed_bytes']:>14,} bytes ({result['packed_bytes'] / 2**20:.2f} MiB)")
   print(f"fp32 checkpoint  {result['fp32_bytes']:>14,} bytes ({result['fp32_bytes'] / 2**20:.2f} MiB)")
   print(f"ratio            {result['ratio']:>14.1f}x smaller")

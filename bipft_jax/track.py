@@ -13,6 +13,8 @@ commands a user would, through `cli.main`, and reads what they write:
                  (the paper's accounting, backbone only) and the honest ones;
   model.bipft.safetensors  `bipft export-packed` of the finetuned classifier (its size), or the
                  command's refusal by name for a binarizer whose inference is not sign planes;
+  packed dev     `bipft evaluate` of that file (the 1-bit forward a user deploys) on the dev split the
+                 finetuning selected by: its score beside the simulated student's;
   speed          the packed file's forward vs the simulated student's, one batch, side by side.
 The row's results go to WORKDIR/ROW/row.json (atomically) when it is complete; a rerun skips rows
 that have one and resumes the others (pretraining from its checkpoint, a finetuning run without
@@ -141,7 +143,13 @@ def run_row(config, row_dir: str, linear: str, probs: str) -> dict:
   elif code:
     return {"error": f"export-packed: {error}"}
   else:
+    code, stdout, error = run_command(["evaluate", "--config", config.finetune.config, "--checkpoint", packed_path,
+                                       "--kernel", config.speed.kernel, "--split", selection_split, "--json",
+                                       *override_args(config.finetune.overrides)], quiet=True)
+    if code:
+      return {"error": f"evaluate (packed): {error}"}
     result.update(packed="packed", packed_file_bytes=os.path.getsize(packed_path),
+                  packed_dev_score=json.loads(stdout)["metrics"][selection_split][metric],
                   **packed_speed(packed_path, best, config.speed))
   result["row_seconds"] = round(time.time() - started, 1)
   return result
@@ -149,7 +157,7 @@ def run_row(config, row_dir: str, linear: str, probs: str) -> dict:
 
 # --- the table ---------------------------------------------------------------------
 
-COLUMNS = ("row", "linear", "probs", "dev acc %", "hidden MSE", "OPs ratio", "memory ratio",
+COLUMNS = ("row", "linear", "probs", "dev acc %", "packed dev acc %", "hidden MSE", "OPs ratio", "memory ratio",
            "honest OPs / memory", "packed bytes", "packed ms", "packed vs simulated", "train tok/s",
            "step s")
 
@@ -160,7 +168,9 @@ def _cells(row: dict) -> list:
     return head + [f"failed: {row['error']}"] + [""] * (len(COLUMNS) - 4)
   packs = row["packed"] == "packed"
   return head + [
-      f"{row['dev_score']:.1f}", f"{row['hidden_mse']:.3f}", f"{row['ops_ratio']:.1f}x",
+      f"{row['dev_score']:.1f}",
+      f"{row['packed_dev_score']:.1f}" if "packed_dev_score" in row else "",  # rows of older versions lack it
+      f"{row['hidden_mse']:.3f}", f"{row['ops_ratio']:.1f}x",
       f"{row['memory_ratio']:.1f}x", f"{row['honest_ops_ratio']:.1f}x / {row['honest_memory_ratio']:.1f}x",
       f"{row['packed_file_bytes']:,}" if packs else row["packed"],
       f"{row['packed_ms']:.1f}" if packs else "", f"{row['packed_speedup']:.2f}x" if packs else "",
@@ -180,7 +190,8 @@ def write_table(workdir: str, header: dict, rows: list) -> str:
   speed = header["speed"]
   note = (f"{header['host']}, {header['date']}; config {header['config']}. Dev accuracy: the finetuning "
           f"task's dev set (its majority class: dev_majority_rate in track.json); ratios: `bipft summary` at "
-          f"{header['seq_len']} tokens; packed: the finetuned classifier's export, its forward vs the "
+          f"{header['seq_len']} tokens; packed: the finetuned classifier's export (its dev accuracy from "
+          f"`bipft evaluate` of the file), its forward vs the "
           f"simulated student's at batch {speed['batch_size']} x {speed['length']}; step s = the batch's "
           "positions / the median tokens per second of the logged pretraining steps.")
   with files.atomic_write(os.path.join(workdir, "track.md")) as f:

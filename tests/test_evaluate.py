@@ -1,5 +1,6 @@
 """`bipft evaluate` reproduces what the runs log: a finetune workdir's results.json and leaderboard
-file, a pretraining run's held-out MLM accuracy; bad checkpoints, splits and paths exit 2 in one line."""
+file, a pretraining run's held-out MLM accuracy; a packed export of a classifier predicts what the
+classifier predicts on every kernel; bad checkpoints, splits and paths exit 2 in one line."""
 import json
 import os
 import shutil
@@ -7,7 +8,7 @@ import shutil
 import jax
 import pytest
 
-from bipft_jax import checkpointing, cli
+from bipft_jax import checkpointing, cli, packed_file
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
 from bipft_jax.glue import finetune
@@ -74,6 +75,43 @@ def test_pretraining_accuracy_equals_the_runs_last_evaluation(files, tmp_path, c
 
 
 @pytest.fixture(scope="module")
+def packed_classifier(finetuned, tmp_path_factory):
+  """The finetuned classifier's packed file, FP remainder in float32 (no rounding of its own)."""
+  path = str(tmp_path_factory.mktemp("packed") / "sst2.bipft.safetensors")
+  assert cli.main(["export-packed", "--checkpoint", os.path.join(finetuned[0], "best"), "--out", path,
+                   "--remainder", "float32"]) == 0
+  return path
+
+
+def _evaluate_json(checkpoint, glue_dir, vocab_dir, capsys, *extra) -> dict:
+  capsys.readouterr()
+  assert cli.main(["evaluate", "--config", f"{GLUE_CONFIG}:task=sst2", "--checkpoint", checkpoint, "--json",
+                   *extra] + _glue_args(glue_dir, vocab_dir)) == 0
+  return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_packed_file_predicts_what_the_classifier_predicts(split, finetuned, packed_classifier, exact_kernels,
+                                                            glue_dir, vocab_dir, tmp_path, capsys):
+  simulated_tsv = tmp_path / "simulated.tsv"
+  simulated = _evaluate_json(finetuned[0], glue_dir, vocab_dir, capsys, "--split", split,
+                             "--predictions", str(simulated_tsv))
+  for kernel in ("popcount", *exact_kernels):
+    packed_tsv = tmp_path / f"{kernel}.tsv"
+    ours = _evaluate_json(packed_classifier, glue_dir, vocab_dir, capsys, "--split", split, "--kernel", kernel,
+                          "--predictions", str(packed_tsv))
+    assert ours["kernel"] == kernel and ours["step"] is None and ours["checkpoint"] == packed_classifier
+    assert ours["metrics"] == simulated["metrics"] and ours["examples"] == simulated["examples"] == {split: 16}
+    assert packed_tsv.read_text() == simulated_tsv.read_text()  # every example's prediction
+
+
+def test_packed_file_line_names_the_kernel(packed_classifier, glue_dir, vocab_dir, capsys):
+  assert cli.main(["evaluate", "--config", f"{GLUE_CONFIG}:task=sst2", "--checkpoint", packed_classifier,
+                   "--kernel", "popcount"] + _glue_args(glue_dir, vocab_dir)) == 0
+  assert capsys.readouterr().out.startswith("sst2 dev (16 examples, packed 1-bit on the popcount kernel): accuracy ")
+
+
+@pytest.fixture(scope="module")
 def pretraining_checkpoint(tmp_path_factory):
   config = model_lib.BertConfig.from_dict(dict(vocab_size=64, hidden_size=32, num_heads=2, intermediate_size=64,
                                                num_layers=1, max_position_embeddings=64, binary=True))
@@ -105,12 +143,31 @@ def _corrupt(workdir, tmp_path) -> str:
     ("test without predictions", "has no labels to score: pass --predictions"),
     ("unwritable", "cannot be a folder: "),
     ("classifier for MLM", "holds a classification model, not a pretraining one"),
+    ("packed encoder", "holds a packed encoder, not a classifier"),
+    ("packed for MLM", "a packed file holds no MLM head to score"),
+    ("packed num_labels", "has 2 outputs but mnli needs 3"),
+    ("unknown kernel", "unknown packed kernel 'fastest'; choose one of popcount, int8, native, auto"),
+    ("kernel of a folder", "--kernel is for a packed file (`bipft export-packed`)"),
+    ("not a packed file", "is not a readable safetensors file"),
 ])
-def test_bad_input_exits_2_in_one_line(case, message, finetuned, pretraining_checkpoint, glue_dir, vocab_dir,
-                                       tmp_path, capsys):
+def test_bad_input_exits_2_in_one_line(case, message, finetuned, pretraining_checkpoint, packed_classifier, glue_dir,
+                                       vocab_dir, tmp_path, capsys):
   workdir, _ = finetuned
   task, checkpoint, extra = "sst2", workdir, []
-  if case == "missing":
+  if case.startswith("packed") or case == "unknown kernel":
+    checkpoint = packed_classifier
+  if case == "packed encoder":
+    checkpoint = str(tmp_path / "encoder.safetensors")
+    packed_file.export(*checkpointing.restore_params(pretraining_checkpoint), checkpoint, remainder="float32")
+  elif case == "packed num_labels":
+    task = "mnli"
+  elif case == "unknown kernel":
+    extra = ["--kernel", "fastest"]
+  elif case == "kernel of a folder":
+    extra = ["--kernel", "popcount"]
+  elif case == "not a packed file":
+    checkpoint = os.path.join(workdir, "results.json")
+  elif case == "missing":
     checkpoint = str(tmp_path / "nowhere")
   elif case == "corrupt":
     checkpoint = _corrupt(workdir, tmp_path)
@@ -125,7 +182,7 @@ def test_bad_input_exits_2_in_one_line(case, message, finetuned, pretraining_che
   elif case == "unwritable":
     extra = ["--split", "dev", "--predictions", os.path.join(workdir, "results.json", "dev.tsv")]
   config = [f"{GLUE_CONFIG}:task={task}"] + _glue_args(glue_dir, vocab_dir)
-  if case == "classifier for MLM":
+  if case in ("classifier for MLM", "packed for MLM"):
     config = [f"{PRETRAIN_CONFIG}:tiny"]
   code = cli.main(["evaluate", "--config", config[0], "--checkpoint", checkpoint] + extra + config[1:])
   err = capsys.readouterr().err.strip().splitlines()

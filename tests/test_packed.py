@@ -1,6 +1,7 @@
 """Packed 1-bit inference: bit packing, popcount matmuls, the packed encoder, the exported file."""
 import functools
 import pathlib
+import re
 
 import flax
 import jax
@@ -369,7 +370,24 @@ def test_export_cli_prints_sizes(tmp_path, capsys):
   assert cli.main(["export-packed", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   assert f"{out.stat().st_size:,} bytes" in printed and "ratio" in printed
+  assert re.search(r"FP remainder in float(16|32) \(auto: float16 (kept all|changed \d+ of) 256 probe predictions\)",
+                   printed), printed
   assert packed_file.load_packed(str(out))[0] == config
+
+
+@pytest.mark.parametrize("case", ["float16 flips a tie", "float16 exact"])
+def test_auto_remainder_keeps_float16_only_when_no_probe_prediction_changes(case, tmp_path):
+  config, _, params, _ = _trained_like_student()
+  if case == "float16 exact":  # every FP parameter already a float16 value: storing it so changes nothing
+    params = jax.tree.map(lambda x: x.astype(jnp.float16).astype(jnp.float32), params)
+  else:  # logits = the bias: class 1 by 2^-20 in float32, a tie (argmax 0) once the bias is float16
+    params["classifier"] = {"kernel": jnp.zeros_like(params["classifier"]["kernel"]),
+                            "bias": jnp.array([1.0, 1.0 + 2.0**-20, 0.0], jnp.float32)}
+  result = packed_file.export(config, "classification", params, str(tmp_path / "m.safetensors"), remainder="auto")
+  if case == "float16 exact":
+    assert (result["remainder_dtype"], result["float16_changed_probes"]) == ("float16", 0)
+  else:
+    assert (result["remainder_dtype"], result["float16_changed_probes"]) == ("float32", packed_file.PROBE_SEQUENCES)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flipped_bit", "drop_tensor", "wrong_shape", "no_metadata"])

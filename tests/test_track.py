@@ -58,6 +58,8 @@ def test_track_runs_every_row_writes_the_table_and_skips_finished_rows(files, tm
   # The packable row's packed file is the finetuned classifier (same logits) and its size is predicted.
   assert packs["packed_file_bytes"] == os.path.getsize(workdir / "bipft" / "model.bipft.safetensors")
   assert packs["packed_max_logit_difference"] < 1e-4 and packs["packed_ms"] > 0
+  assert packs["packed_dev_score"] == packs["dev_score"]  # the file, run 1-bit by `bipft evaluate`
+  assert "packed_dev_score" not in refused
   assert refused["packed"].startswith("refused: linear binarizer 'dbllm_fdb' does not pack")
   assert not (workdir / "dbllm_fdb" / "model.bipft.safetensors").exists()
   markdown = (workdir / "track.md").read_text()
