@@ -169,6 +169,8 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
     raise UserError(f"--kernel is for a packed file (`bipft export-packed`); {checkpoint} is not one")
   else:
     source, step, model_config = _checkpoint(checkpoint, "classification", fix)
+    params = jax.device_get(checkpointing.restore_params(source, step)[2])  # one host copy, as finetune's
+    predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
     tokenizer_folder = source
   if model_config.num_labels != task.num_labels:
     raise UserError(f"{source} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
@@ -178,9 +180,6 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
   labeled = any(examples[s].labels is not None for s in chosen)
   train_labels = None if task.is_regression or not labeled else _training_labels(config, task)
   tokenizer = splits.load_tokenizer(config, tokenizer_folder, model_config)
-  if step is not None:
-    params = jax.device_get(checkpointing.restore_params(source, step)[2])  # one host copy, as finetune's
-    predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)
   results = {"task": task.name, "checkpoint": source, "step": step, "kernel": kernel, "metrics": {},
              "majority_rate": {}, "predictions": predictions_path, "examples": {}}
