@@ -4,8 +4,10 @@ A subcommand module defines `add_arguments(parser)` and `run(args) -> int`; it i
 when used, so `bipft --help` stays fast. Bad input raises `UserError`: one line, exit code 2; a write
 the machine refused (`WriteFailed`, or any error carrying a full disk's error number): one line,
 exit code 1. A Ctrl-C outside a training loop (whose first Ctrl-C saves, `distributed.StopSignals`):
-one line, exit code 130, what was written complete (every file is written atomically). In a
-multi-process job a failed process ends the others with its line (`distributed.leave_job`).
+one line, exit code 130, what was written complete (every file is written atomically); a SIGTERM there
+the same, exit code 143 (left to its default action, it would kill the process mid-write and leave its
+temporary file behind). In a multi-process job a failed process ends the others with its line
+(`distributed.leave_job`).
 """
 import argparse
 import importlib
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
     except UserError as e:
       print(f"bipft: error: {e}", file=sys.stderr)
       return 2
+    signal.signal(signal.SIGTERM, _terminate)  # only here: a driver's in-process commands keep its handler
   argv = sys.argv[1:] if argv is None else list(argv)
   # transformers serves tokenizers here; without the torch extra it would advise on every run that
   # "PyTorch was not found".
@@ -74,8 +77,10 @@ def main(argv=None) -> int:
   except (UserError, WriteFailed) as e:
     failure = e
     code, line = (2 if isinstance(e, UserError) else 1), f"bipft {name}: error: {e}"
-  except KeyboardInterrupt as e:
-    failure, code, line = e, errors.signal_exit_code(signal.SIGINT), f"bipft {name}: stopped by Ctrl-C"
+  except (KeyboardInterrupt, errors.Terminated) as e:
+    failure = e
+    code = errors.signal_exit_code(signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
+    line = f"bipft {name}: stopped by {errors.STOPPED[code]}"
   except Exception as e:
     failure = e
     if errors.os_error_code(e) in errors.WRITE_REFUSED:
@@ -92,6 +97,12 @@ def main(argv=None) -> int:
     sys.stderr.flush()
     os._exit(code)
   return code
+
+
+def _terminate(*_) -> None:
+  """The SIGTERM handler outside training loops; a second SIGTERM kills at once, as by default."""
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  raise errors.Terminated()
 
 
 def _several_processes() -> bool:

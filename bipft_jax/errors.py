@@ -36,6 +36,11 @@ class Stopped(Exception):
     self.code = code
 
 
+class Terminated(BaseException):
+  """A SIGTERM outside a training loop (whose own handler saves first): the command unwinds like a
+  Ctrl-C, its temporary files removed, and exits 143. A BaseException, so `except Exception` lets it by."""
+
+
 class UserError(Exception):
   """Bad input from the user; the message names the problem and what to do."""
 

@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -109,3 +110,42 @@ def test_other_errors_keep_their_traceback(monkeypatch):
   monkeypatch.setattr(summary, "run", run)
   with pytest.raises(FileNotFoundError):
     cli.main(["summary", "--config", "unused.py"])
+
+
+# `bipft summary` stands in for any command that writes: it writes OUT (a file or a folder) the way
+# every command does, and a SIGTERM arrives in the middle of the write.
+_SIGTERM_MID_WRITE = textwrap.dedent("""
+  import os, signal, sys, time
+  from bipft_jax import cli, files, summary
+  def write_slowly(f):
+    f.write("half of it")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+    f.write(" and the rest")
+  def run(args):
+    out = os.environ["OUT"]
+    if out.endswith("/"):
+      with files.atomic_folder(out) as folder, open(os.path.join(folder, "part"), "w") as f:
+        write_slowly(f)
+    else:
+      with files.atomic_write(out) as f:
+        write_slowly(f)
+  summary.run = run
+  sys.argv[0] = "bipft"
+  sys.exit(cli.main())
+""")
+
+
+@pytest.mark.parametrize("target", ["earlier.json", "new_folder/"])
+def test_a_sigterm_outside_training_removes_the_half_written_output(tmp_path, target):
+  # The default action killed the process mid-write: no word, and the temporary file left beside the
+  # output. Now it unwinds like a Ctrl-C: one line, exit code 143, the earlier file as it was.
+  (tmp_path / "earlier.json").write_text('{"kept": true}')
+  env = {**os.environ, "OUT": str(tmp_path / target)}
+  result = subprocess.run([sys.executable, "-c", _SIGTERM_MID_WRITE, "summary", "--config", "unused.py"],
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 143, result.stderr
+  assert result.stderr == "bipft summary: stopped by SIGTERM\n"
+  assert sorted(os.listdir(tmp_path)) == ["earlier.json"]
+  assert (tmp_path / "earlier.json").read_text() == '{"kept": true}'
