@@ -16,7 +16,10 @@ two-mask form is used), else the cheaper form `nnz(x) - 2 * popcount((x_sign ^ w
 Binarized attention probabilities are {0, 1} bits p, so p . v = #(p & v_nonzero) - 2 * #(p & v_sign).
 Integer counts are exact; each is scaled once by the product of the two binarizers' scales, as the
 simulated model's fp32 products are, so the packed encoder gives the simulated logits up to fp32
-summation order.
+summation order. The FP products (the estimators', the classifier's) follow the model's `precision`
+as model.py's do: a student trained in "mixed" takes bf16 operands there in both (the rt_demo
+classifier evaluated in "mixed" disagreed with its packed forward on 39 of 1,281 dev predictions
+while that computed them in fp32; on 1 since, by summation order).
 
 Which binarizer a Linear uses is the config's LinearOp (`model.policy_of(config).linear`): its
 `weight_planes` give the weight's planes and scales (the release's BWN: one plane, one scale; a
@@ -459,8 +462,14 @@ def _layer_norm(p: dict, x: Array, config: BertConfig) -> Array:
   return nn.LayerNorm(epsilon=config.layer_norm_eps).apply({"params": p}, x)
 
 
+def _fp_einsum(config: BertConfig, spec: str, a: Array, b: Array) -> Array:
+  """A product of FP operands (estimators, classifier) as the simulated model computes it: under
+  precision "mixed", bf16 operands with fp32 accumulation (rounding that flips predictions if skipped)."""
+  return precision.fp_einsum(spec, a, b, config.precision, config.matmul_precision)
+
+
 def _fp_dense(p: dict, x: Array, config: BertConfig) -> Array:
-  return jnp.matmul(x, p["kernel"], precision=config.matmul_precision) + p["bias"]
+  return _fp_einsum(config, precision.LINEAR_SPEC, x, p["kernel"]) + p["bias"]
 
 
 def _unfused(fn, x: Array, always_true: Array) -> Array:
@@ -535,7 +544,7 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   estimate = config.estimator_rank > 0
   if estimate:
     q_p, k_p, q_m, k_m = (_fp_dense(p[n], x_BxLxD, config) for n in ("q_p", "k_p", "q_m", "k_m"))
-    einsum = lambda a, b: jnp.einsum("bqr,bsr->bqs", a, b, precision=config.matmul_precision)
+    einsum = functools.partial(_fp_einsum, config, "bqr,bsr->bqs")
     scores_BxHxLxL = scores_BxHxLxL + (einsum(q_m, k_p) + einsum(q_p, k_m) + einsum(q_p, k_p))[:, None]
   scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + mask_bias_Bx1x1xL
   probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
@@ -545,6 +554,8 @@ def _self_attention(p: dict, x_BxLxD: Array, mask_bias_Bx1x1xL: Array, config: B
   context_BxLxHxK = _probs_value_counts(keep_BxHxLxL, v_BxLxHxK, kernel) * (p_scale * v_alpha)
   if estimate:
     v_p_BxLxR = _fp_dense(p["v_p"], x_BxLxD, config)
+    if config.precision == "mixed":  # the simulated product's bf16 operands; each term stays exact in fp32
+      v_p_BxLxR, p_scale = (t.astype(jnp.bfloat16).astype(jnp.float32) for t in (v_p_BxLxR, p_scale))
     # Sums of v_p over the kept positions, one rank at a time: a reduction XLA fuses into the
     # booleans' pass (as an einsum it was a product of [B, H, L, L] copied transposed first).
     keep_BxHxLxL = keep_BxHxLxL.astype(jnp.float32)

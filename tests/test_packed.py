@@ -65,9 +65,10 @@ def test_unsigned_signed_matmul_equals_integer_matmul(m, k, n):
 
 
 @functools.lru_cache(maxsize=None)
-def _student(head, estimator_rank, pooling="cls"):
+def _student(head, estimator_rank, pooling="cls", precision="fp32"):
   """A tiny student with random non-zero biases, move biases and calibrated alphas (cached)."""
-  config = model_lib.BertConfig.from_dict({**TINY, "estimator_rank": estimator_rank, "pooling": pooling})
+  config = model_lib.BertConfig.from_dict({**TINY, "estimator_rank": estimator_rank, "pooling": pooling,
+                                           "precision": precision})
   module = model_lib.build(config, head)
   params = jax.jit(lambda key: model_params.init_params(module, key))(jax.random.key(0))
   flat = flax.traverse_util.flatten_dict(params)
@@ -102,8 +103,8 @@ def test_binary_dense_equals_simulated_layer(zero_inputs):
     np.testing.assert_allclose(got[0, 1], params["bias"], atol=1e-6)  # zeros contribute nothing
 
 
-def _trained_like_student(head="classification", estimator_rank=1, pooling="cls"):
-  return _student(head, estimator_rank, pooling)
+def _trained_like_student(head="classification", estimator_rank=1, pooling="cls", precision="fp32"):
+  return _student(head, estimator_rank, pooling, precision)
 
 
 def _batch(config, batch_size=4, length=24):
@@ -122,9 +123,13 @@ def _run_packed(config, head, packed_params, batch):
   return fn(packed_params, batch)
 
 
-@pytest.mark.parametrize("estimator_rank,pooling", [(1, "cls"), (0, "cls"), (1, "mean")])
-def test_packed_encoder_equals_simulated_student(estimator_rank, pooling):
-  config, module, params, batch = _trained_like_student(estimator_rank=estimator_rank, pooling=pooling)
+# "mixed": a student trained in mixed precision computes its FP products (estimators, classifier) on
+# bf16 operands; its packed forward must too, or it is not the model the checkpoint's evaluation scored.
+@pytest.mark.parametrize("estimator_rank,pooling,precision",
+                         [(1, "cls", "fp32"), (0, "cls", "fp32"), (1, "mean", "fp32"), (1, "cls", "mixed")])
+def test_packed_encoder_equals_simulated_student(estimator_rank, pooling, precision):
+  config, module, params, batch = _trained_like_student(estimator_rank=estimator_rank, pooling=pooling,
+                                                        precision=precision)
   simulated = jax.jit(lambda p, b: module.apply({"params": p}, b["input_ids"], b["token_type_ids"],
                                                 b["attention_mask"]))(params, batch)
   head, packed_params = packed.pack_params(config, "classification", params)
