@@ -128,7 +128,7 @@ def hf_config_dict(config: model_lib.BertConfig, head: str) -> dict:
       weight_quant_method=config.weight_binarizer, input_quant_method=config.activation_binarizer,
       linear_quant_method=config.linear_binarizer,
       attention_prob_quant_method=config.attention_prob_binarizer,
-      estimator_rank=config.estimator_rank, pooling=config.pooling)
+      estimator_rank=config.estimator_rank, pooling=config.pooling, precision=config.precision)
   if config.binary:
     # The rest of what the release's model constructors read (clip_init_val is unused by `elastic`).
     hf.update(RELEASE_BINARY_FIELDS, learnable_scaling=True, sym_quant_qkvo=True, sym_quant_ffn_attn=False,

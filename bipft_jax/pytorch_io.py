@@ -152,8 +152,9 @@ def config_from_hf(hf: Mapping, **overrides) -> model_lib.BertConfig:
     del values["pad_token_id"]
   if hf.get("classifier_dropout") is not None:
     values["classifier_dropout"] = hf["classifier_dropout"]
-  if "pooling" in hf:  # ours; Hugging Face BERT pools [CLS]
-    values["pooling"] = hf["pooling"]
+  for field in ("pooling", "precision"):  # ours; Hugging Face BERT pools [CLS], in fp32
+    if field in hf:
+      values[field] = hf[field]
   values["binary"] = hf.get("weight_bits", 32) == 1
   # The release's student config sets hidden_act=relu; it reaches only the MLM transform.
   values["mlm_transform_act"] = hf.get("hidden_act", "gelu")

@@ -103,11 +103,14 @@ def assert_bit_identical(a: dict, b: dict):
 
 # --- JAX -> PyTorch (hf): the exported model computes what ours does ------------------------
 
-@pytest.mark.parametrize("head,binary,pooling", [("pretraining", True, "cls"), ("classification", True, "cls"),
-                                                 ("pretraining", False, "cls"), ("classification", True, "mean")])
-def test_hf_export_matches_jax(tmp_path, head, binary, pooling):
+# "mixed": a model trained with precision=mixed computes its FP products on bf16 operands; its export must too.
+@pytest.mark.parametrize("head,binary,pooling,precision", [
+    ("pretraining", True, "cls", "fp32"), ("classification", True, "cls", "fp32"), ("pretraining", False, "cls", "fp32"),
+    ("classification", True, "mean", "fp32"), ("classification", True, "cls", "mixed"),
+    ("pretraining", False, "cls", "mixed")])
+def test_hf_export_matches_jax(tmp_path, head, binary, pooling, precision):
   config = tiny_config(binary=binary, num_labels=3, mlm_transform_act="relu" if binary else "gelu",
-                       pooling=pooling)
+                       pooling=pooling, precision=precision)
   batch = padded_two_segment_batch(config.vocab_size)
   params = realistic_params(config, head, batch)
   checkpointing.save_params(str(tmp_path / "ckpt"), params, config, head)
@@ -124,6 +127,7 @@ def test_hf_export_matches_jax(tmp_path, head, binary, pooling):
                                rtol=0, atol=ATOL)
   else:
     np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(ours["logits"]), rtol=0, atol=ATOL)
+  assert convert.read_pytorch_checkpoint(str(tmp_path / "hf"))[0].precision == precision
 
 
 # --- exact round trips ----------------------------------------------------------------------

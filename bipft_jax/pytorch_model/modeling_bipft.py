@@ -19,6 +19,7 @@ here; its backward raises (those operators train in bipft-jax).
 
 Shapes: B batch, L length, D hidden, H heads, K head size, R estimator rank, V vocab.
 """
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -61,6 +62,7 @@ class BiPFTConfig(PreTrainedConfig):
   linear_quant_method: str = "bipft"  # the binarized Linears: the release's, or a zoo operator (ZOO_LINEARS)
   attention_prob_quant_method: str = "elastic"  # or "bivit" (softmax-aware)
   pooling: str = "cls"           # the pooler's input: "cls" (BERT) | "mean" over real tokens (bipft-jax)
+  precision: str = "fp32"        # "mixed": FP products on bf16-rounded operands (bipft-jax's precision=mixed)
 
   @property
   def binary(self) -> bool:
@@ -236,6 +238,8 @@ ZOO_LINEARS = {
 def _check_supported(config: BiPFTConfig) -> None:
   if config.pooling not in ("cls", "mean"):
     raise ValueError(f"pooling must be 'cls' or 'mean', not {config.pooling!r}")
+  if config.precision not in ("fp32", "mixed"):
+    raise ValueError(f"precision must be 'fp32' or 'mixed', not {config.precision!r}")
   if config.binary and config.linear_quant_method not in ("bipft", *ZOO_LINEARS):
     raise ValueError(f"linear_quant_method {config.linear_quant_method!r} is not implemented here; "
                      f"choose one of bipft, {', '.join(ZOO_LINEARS)}")
@@ -248,6 +252,28 @@ def _check_supported(config: BiPFTConfig) -> None:
 
 
 # --- layers ------------------------------------------------------------------------
+
+def _fp_operands(precision: str, *tensors: torch.Tensor) -> tuple:
+  """The operands of a full-precision product (the teacher's, the estimators', the heads'): under
+  precision "mixed" rounded to bf16, then multiplied and summed in fp32, as bipft-jax's mixed
+  precision computes them (the binarized products are exact either way); the gradients pass the
+  rounding unchanged. The rt_demo classifier evaluated so in bipft-jax and exported: run here in fp32,
+  40 of its 1,281 dev predictions differed; with this, 1."""
+  if precision != "mixed":
+    return tensors
+  return tuple(t.to(torch.bfloat16).to(t.dtype) for t in tensors)
+
+
+class FPLinear(nn.Linear):
+  """nn.Linear whose operands follow `precision` (`_fp_operands`)."""
+
+  def __init__(self, config: BiPFTConfig, in_features: int, out_features: int):
+    super().__init__(in_features, out_features)
+    self.precision = config.precision
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(*_fp_operands(self.precision, x, self.weight), self.bias)
+
 
 class LearnableBias(nn.Module):
   """The release's `move`: a learned per-channel shift before binarization."""
@@ -294,7 +320,7 @@ def _linear(config: BiPFTConfig, in_features: int, out_features: int) -> nn.Modu
     return ZooLinear(config.linear_quant_method, in_features, out_features)
   if config.binary:
     return BinaryLinear(in_features, out_features)
-  return nn.Linear(in_features, out_features)
+  return FPLinear(config, in_features, out_features)
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -346,6 +372,7 @@ class SelfAttention(nn.Module):
     super().__init__()
     D, self.H = config.hidden_size, config.num_attention_heads
     self.K, self.binary = D // self.H, config.binary
+    self.precision = config.precision
     self.query, self.key, self.value = (_linear(config, D, D) for _ in range(3))
     self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
     self.rank = config.estimator_rank if config.binary else 0
@@ -357,7 +384,7 @@ class SelfAttention(nn.Module):
     if self.rank:
       if self.K % self.rank:
         raise ValueError(f"estimator_rank {self.rank} must divide the head size {self.K}")
-      self.q_p, self.k_p, self.q_m, self.k_m, self.v_p = (nn.Linear(D, self.rank) for _ in range(5))
+      self.q_p, self.k_p, self.q_m, self.k_m, self.v_p = (FPLinear(config, D, self.rank) for _ in range(5))
 
   def _heads(self, linear: nn.Module, alpha, x_BxLxD):
     B, L, _ = x_BxLxD.shape
@@ -369,10 +396,12 @@ class SelfAttention(nn.Module):
     q_BxHxLxK = self._heads(self.query, getattr(self, "clip_query", None), x_BxLxD)
     k_BxHxLxK = self._heads(self.key, getattr(self, "clip_key", None), x_BxLxD)
     v_BxHxLxK = self._heads(self.value, getattr(self, "clip_value", None), x_BxLxD)
-    scores_BxHxLxL = q_BxHxLxK @ k_BxHxLxK.transpose(-1, -2)
+    fp_operands = functools.partial(_fp_operands, self.precision)
+    product = torch.matmul if self.binary else (lambda a, b: torch.matmul(*fp_operands(a, b)))
+    scores_BxHxLxL = product(q_BxHxLxK, k_BxHxLxK.transpose(-1, -2))
     if self.rank:
       # Qh dK^T ~ q_m k_p^T, dQ Kh^T ~ q_p k_m^T, dQ dK^T ~ q_p k_p^T; one correction for all heads.
-      q_p, k_p, q_m, k_m = (f(x_BxLxD) for f in (self.q_p, self.k_p, self.q_m, self.k_m))
+      q_p, k_p, q_m, k_m = fp_operands(*(f(x_BxLxD) for f in (self.q_p, self.k_p, self.q_m, self.k_m)))
       correction_BxLxL = q_m @ k_p.transpose(-1, -2) + q_p @ k_m.transpose(-1, -2) + q_p @ k_p.transpose(-1, -2)
       scores_BxHxLxL = scores_BxHxLxL + correction_BxLxL[:, None]
     # The mask goes on after the estimators and the scaling: masked probabilities are exactly 0.
@@ -382,10 +411,10 @@ class SelfAttention(nn.Module):
       probs_BxHxLxL = UnsignedBinarize.apply(probs_BxHxLxL, self.clip_attn)
     elif self.probs_method == "bivit":
       probs_BxHxLxL = InferenceOnly.apply(_softmax_aware, "bivit", probs_BxHxLxL)
-    context_BxHxLxK = probs_BxHxLxL @ v_BxHxLxK
+    context_BxHxLxK = product(probs_BxHxLxL, v_BxHxLxK)
     if self.rank:
       # The value residual dV ~ v_p(X), tiled over each head's channels.
-      residual_BxHxLxR = probs_BxHxLxL @ self.v_p(x_BxLxD)[:, None]
+      residual_BxHxLxR = torch.matmul(*fp_operands(probs_BxHxLxL, self.v_p(x_BxLxD)[:, None]))
       context_BxHxLxK = context_BxHxLxK + residual_BxHxLxR.repeat(1, 1, 1, self.K // self.rank)
     return context_BxHxLxK.transpose(1, 2).reshape(B, L, self.H * self.K), probs_BxHxLxL
 
@@ -473,7 +502,7 @@ class MlmTransform(nn.Module):
     if config.hidden_act not in ("gelu", "relu"):
       raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (gelu or relu)")
     self.act = F.gelu if config.hidden_act == "gelu" else F.relu
-    self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+    self.dense = FPLinear(config, config.hidden_size, config.hidden_size)
     self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
   def forward(self, h):
@@ -487,16 +516,17 @@ class MlmPredictions(nn.Module):
     super().__init__()
     self.transform = MlmTransform(config)
     self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+    self.precision = config.precision
 
   def forward(self, h_BxLxD, word_embeddings_VxD):
-    return F.linear(self.transform(h_BxLxD), word_embeddings_VxD, self.bias)
+    return F.linear(*_fp_operands(self.precision, self.transform(h_BxLxD), word_embeddings_VxD), self.bias)
 
 
 class PretrainingHeads(nn.Module):
   def __init__(self, config: BiPFTConfig):
     super().__init__()
     self.predictions = MlmPredictions(config)
-    self.seq_relationship = nn.Linear(config.hidden_size, 2)
+    self.seq_relationship = FPLinear(config, config.hidden_size, 2)
 
 
 # --- Hugging Face models -------------------------------------------------------------
@@ -624,7 +654,7 @@ class BiPFTForSequenceClassification(BiPFTPreTrainedModel):
     self.bert = BiPFTModel(config)
     dropout = config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
     self.dropout = nn.Dropout(dropout)
-    self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+    self.classifier = FPLinear(config, config.hidden_size, config.num_labels)
     self.post_init()
 
   def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
