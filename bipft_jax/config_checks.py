@@ -90,6 +90,7 @@ def check_pretrain(config) -> None:
 def check_glue(config) -> None:
   """A configs/glue.py config (the model section with the task-independent fields it sets)."""
   from bipft_jax import model as model_lib
+  from bipft_jax import precision
   from bipft_jax.glue import tasks
   ints_at_least(config, 1, "epochs", "batch_size", "eval_batch_size", "min_bucket", "log_every")
   ints_at_least(config, 0, "seed", "steps_per_epoch", "max_train_examples", "data.split_seed", "checkpoint_every")
@@ -98,6 +99,8 @@ def check_glue(config) -> None:
   numbers_in(config, 0, 1, "dropout", open_high=True)
   numbers_in(config, 0, 1, "data.dev_fraction", open_low=True, open_high=True)
   one_of(config, "pooling", model_lib.POOLINGS)
+  if config.precision:  # empty: the init's
+    one_of(config, "precision", precision.PRECISIONS)
   one_of(config, "init.kind", ("checkpoint", "teacher", "scratch"))
   one_of(config, "data.format", tasks.FORMATS)
   check_distill(config)

@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
 
 
-def load_classifier(directory: str, task: tasks.Task):
-  """The exported sequence classifier in eval mode; UserError if it is missing or has the wrong head."""
+def load_classifier(directory: str, task: tasks.Task, precision: str = ""):
+  """The exported sequence classifier in eval mode, computing in `precision` (empty: its config.json's);
+  UserError if it is missing or has the wrong head."""
   try:
     import torch  # noqa: F401
     import transformers
@@ -49,6 +50,11 @@ def load_classifier(directory: str, task: tasks.Task):
     if config.num_labels != task.num_labels:
       raise UserError(f"{directory} has {config.num_labels} outputs but {task.name} needs {task.num_labels}: "
                       "export the checkpoint finetuned on this task")
+    if precision and config.model_type != "bipft":
+      raise UserError(f"{directory} is a {config.model_type} model, which computes in fp32 only: leave precision "
+                      "empty (it is for `bipft convert to-pytorch` exports)")
+    if precision:
+      config.precision = precision
     model = transformers.AutoModelForSequenceClassification.from_pretrained(directory, config=config,
                                                                             trust_remote_code=True)
   except (OSError, ValueError, KeyError) as e:
@@ -73,7 +79,7 @@ def torch_predict_step(model, progress=None):
 def evaluate(config, model_dir: str) -> dict:
   """split -> {"metrics": {...}, "ids": [...], "predictions": array} for every dev split of the task."""
   task = tasks.get_task(config.task)
-  model = load_classifier(model_dir, task)
+  model = load_classifier(model_dir, task, config.precision)
   splits.check_max_length(config, model.config)
   tokenizer = splits.load_tokenizer(config, model_dir, model.config)
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)

@@ -17,8 +17,8 @@ config (configs/pretrain.py, it has `teacher` and `data.max_predictions`) the he
 and cross entropy. A packed file (`bipft export-packed` of a finetuned classifier) is scored by the
 packed forward (packed.py: popcount counts on the bit-planes, `--kernel`, default `auto`), the model
 a user deploys, so its metrics can be set beside the simulated student's: the two predict the same
-up to float rounding near a tie. The model comes from the checkpoint; everything else from the
-config, so pass the config and overrides of the run that wrote the checkpoint (GLUE: data,
+up to float rounding near a tie. The model comes from the checkpoint (GLUE: `precision`, if set,
+changes the one it computes in); everything else from the config, so pass the config and overrides of the run that wrote the checkpoint (GLUE: data,
 max_length, min_bucket, eval_batch_size, and max_train_examples/seed for the majority-class rate;
 pretraining: the data, eval_batches, eval_batch_size and seed that fix the held-out set, and the
 mesh). The data reading, tokenization, batching, prediction and metrics are the runs' own
@@ -34,6 +34,7 @@ strings of the GLUE leaderboard (`--split test` gives the file to submit); an ex
 replaced only with `--overwrite`, and then whole (written to a temporary name and renamed).
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -96,11 +97,17 @@ def is_glue_config(config) -> bool:
                   "config (configs/pretrain.py: `teacher` and `data.max_predictions`)")
 
 
-def _packed_classifier(path: str, kernel: str | None, fix: str) -> tuple:
+def _in_precision(model_config, precision: str):
+  """The model computing in `precision` (config.precision), or in its own if that is empty."""
+  return dataclasses.replace(model_config, precision=precision) if precision else model_config
+
+
+def _packed_classifier(path: str, kernel: str | None, fix: str, precision: str) -> tuple:
   """(BertConfig, params prepared for `kernel`, predict_step, the kernel's name) of a packed file."""
   model_config, head, params = packed_file.load_packed(path, kernel or "auto")
   if head != "classification":
     raise UserError(f"{path} holds a packed {head}, not a classifier (an export of a pretraining run): {fix}")
+  model_config = _in_precision(model_config, precision)
   logits = lambda p, batch: packed.forward(model_config, head, p, *(batch[k] for k in model_lib.MODEL_INPUTS))["logits"]
   return model_config, params, packed.jit(logits), packed.resolve_kernel(kernel or "auto")
 
@@ -163,12 +170,13 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
   chosen = _chosen_splits(task, config.data, split, predictions_path, overwrite)
   fix = f"pass a `bipft finetune` workdir (or its best/) of {task.name}, or a packed file of one"
   if os.path.isfile(checkpoint):  # orbax checkpoints are folders
-    model_config, params, predict_step, kernel = _packed_classifier(checkpoint, kernel, fix)
+    model_config, params, predict_step, kernel = _packed_classifier(checkpoint, kernel, fix, config.precision)
     source, step, tokenizer_folder = checkpoint, None, os.path.dirname(os.path.abspath(checkpoint))
   elif kernel:
     raise UserError(f"--kernel is for a packed file (`bipft export-packed`); {checkpoint} is not one")
   else:
     source, step, model_config = _checkpoint(checkpoint, "classification", fix)
+    model_config = _in_precision(model_config, config.precision)
     params = jax.device_get(checkpointing.restore_params(source, step)[2])  # one host copy, as finetune's
     predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
     tokenizer_folder = source

@@ -87,6 +87,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({k: v for k, v in model_configs.get_config("tiny,binary").to_dict().items() if k not in _TASK_FIELDS})
   c.dropout = 0.1                  # hidden, attention and the pooled output before the classifier
   c.pooling = "cls"                # the pooler's input: cls (the release) | mean (over real tokens)
+  # fp32 | mixed (FP matmuls on bf16 operands, fp32 accumulation: README "Numerics and speed"); the
+  # finetuned checkpoint keeps it, so its evaluation and exports compute the same way. Empty: the
+  # init's (a checkpoint's own; fp32 for a teacher or scratch).
+  c.precision = ""
 
   # Downstream (task-level) distillation from a finetuned classifier: a `bipft finetune` workdir or a
   # Hugging Face classifier folder. loss = label_weight * CE(labels) + logit_weight * softCE(s/T, t/T)
@@ -151,4 +155,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 # Model fields every finetuning run sets from the task and the fields above, whatever its init.
-_TASK_FIELDS = ("num_labels", "hidden_dropout", "attention_dropout", "classifier_dropout", "pooling")
+_TASK_FIELDS = ("num_labels", "hidden_dropout", "attention_dropout", "classifier_dropout", "pooling", "precision")

@@ -342,6 +342,7 @@ CASES = [
     Case("finetune min_bucket=0", finetune_argv("min_bucket=0"), "min_bucket " + MUST_BE_1),
     Case("finetune max_length=1", finetune_argv("max_length=1"), "max_length must be an integer >= 3"),
     Case("finetune pooling=max", finetune_argv("pooling=max"), "unknown pooling 'max'"),
+    Case("finetune precision=bf16", finetune_argv("precision=bf16"), "unknown precision 'bf16'; choose one of fp32, mixed"),
     Case("finetune log_every=0", finetune_argv("log_every=0"), "log_every " + MUST_BE_1),
     Case("finetune batch_size=0", finetune_argv("batch_size=0"), "batch_size " + MUST_BE_1),
     Case("finetune eval_batch_size=0", finetune_argv("eval_batch_size=0"), "eval_batch_size " + MUST_BE_1),

@@ -1,13 +1,15 @@
 """`bipft eval-pytorch`: the PyTorch export predicts what the JAX evaluation predicts, on a GLUE dev set."""
+import dataclasses
 import json
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bipft_jax import checkpointing, cli, convert, config_loading
+from bipft_jax import checkpointing, cli, convert, config_loading, eval_pytorch
 from bipft_jax import model as model_lib
 from bipft_jax.glue import predictions, splits, tasks
 from bipft_jax.glue import metrics as metrics_lib
@@ -52,14 +54,20 @@ def exported_classifier(tmp_path_factory):
   return config, params, root / "export"
 
 
-def test_eval_pytorch_agrees_with_the_jax_evaluation(tmp_path, capsys, exported_classifier):
+@pytest.mark.parametrize("precision", ["", "mixed"])  # empty: the export's own (fp32)
+def test_eval_pytorch_agrees_with_the_jax_evaluation(tmp_path, capsys, exported_classifier, precision, monkeypatch):
   config, params, export = exported_classifier
+  config = dataclasses.replace(config, precision=precision or config.precision)
   data_root = write_sst2_dev(tmp_path / "glue_data")
-  overrides = [f"data.path={data_root}", "max_length=48", "eval_batch_size=32"]
+  overrides = [f"data.path={data_root}", "max_length=48", "eval_batch_size=32", f"precision={precision}"]
+  loaded = []
+  real_load = eval_pytorch.load_classifier
+  monkeypatch.setattr(eval_pytorch, "load_classifier", lambda *args: loaded.append(real_load(*args)) or loaded[-1])
   code = cli.main(["eval-pytorch", "--model", str(export), "--config", f"{GLUE_CONFIG}:task=sst2",
                    "--predictions", str(tmp_path / "predictions.json")] + [f"--config.{o}" for o in overrides])
   out = capsys.readouterr().out
   assert code == 0
+  assert loaded[0].classifier.precision == config.precision  # what the model's layers compute in
   torch_predictions = np.array(json.loads((tmp_path / "predictions.json").read_text())["dev"]["predictions"])
 
   # The JAX evaluation of the finetuning run, on the same checkpoint and data.
@@ -84,6 +92,19 @@ def test_eval_pytorch_rejects_a_model_with_the_wrong_number_of_labels(tmp_path, 
   line = assert_one_error_line(*_run(capsys, "eval-pytorch", "--model", export, "--config",
                                      f"{GLUE_CONFIG}:task=mnli", f"--config.data.path={tmp_path}"))
   assert "has 2 outputs but mnli needs 3" in line
+
+
+def test_eval_pytorch_precision_is_for_bipft_exports(tmp_path, capsys, exported_classifier):
+  _, _, export = exported_classifier
+  plain = tmp_path / "plain"
+  shutil.copytree(export, plain)
+  hf = json.loads((plain / "config.json").read_text())
+  hf.update(model_type="bert", architectures=["BertForSequenceClassification"])
+  del hf["auto_map"]
+  (plain / "config.json").write_text(json.dumps(hf))
+  line = assert_one_error_line(*_run(capsys, "eval-pytorch", "--model", plain, "--config", f"{GLUE_CONFIG}:task=sst2",
+                                     f"--config.data.path={tmp_path}", "--config.precision=mixed"))
+  assert "is a bert model, which computes in fp32 only: leave precision empty" in line
 
 
 def test_eval_pytorch_of_a_folder_without_a_model(tmp_path, capsys):

@@ -8,10 +8,10 @@ import shutil
 import jax
 import pytest
 
-from bipft_jax import checkpointing, cli, packed_file
+from bipft_jax import checkpointing, cli, packed, packed_file
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
-from bipft_jax.glue import finetune
+from bipft_jax.glue import finetune, predictions
 
 from test_glue_finetune import ROOT, glue_dir, tiny_config, vocab_dir  # noqa: F401  (fixtures)
 from test_train import CONFIG as PRETRAIN_CONFIG
@@ -103,6 +103,26 @@ def test_packed_file_predicts_what_the_classifier_predicts(split, finetuned, pac
     assert ours["kernel"] == kernel and ours["step"] is None and ours["checkpoint"] == packed_classifier
     assert ours["metrics"] == simulated["metrics"] and ours["examples"] == simulated["examples"] == {split: 16}
     assert packed_tsv.read_text() == simulated_tsv.read_text()  # every example's prediction
+
+
+def test_precision_sets_how_checkpoint_and_packed_file_compute(finetuned, packed_classifier, glue_dir, vocab_dir,
+                                                               tmp_path, capsys, monkeypatch):
+  # Empty: the model's own (fp32 here); mixed: bf16 FP products in both, which then predict alike.
+  real_step, real_forward = predictions.make_predict_step, packed.forward
+  used = set()
+  monkeypatch.setattr(predictions, "make_predict_step", lambda module: used.add(module.config.precision)
+                      or real_step(module))
+  monkeypatch.setattr(packed, "forward", lambda c, head, *args: (head == "classification" and used.add(c.precision))
+                      or real_forward(c, head, *args))  # not the kernel probes' encoders
+  for precision in ("", "mixed"):
+    written = []
+    for checkpoint in (finetuned[0], packed_classifier):
+      used.clear()
+      written.append(tmp_path / f"{len(written)}{precision}.tsv")
+      _evaluate_json(checkpoint, glue_dir, vocab_dir, capsys, f"--config.precision={precision}",
+                     "--predictions", str(written[-1]))
+      assert used == {precision or "fp32"}, checkpoint
+    assert written[0].read_text() == written[1].read_text()
 
 
 def test_packed_file_line_names_the_kernel(packed_classifier, glue_dir, vocab_dir, capsys):

@@ -183,6 +183,25 @@ def test_checkpoint_start_keeps_bert_and_a_fresh_classifier(glue_dir, vocab_dir,
     splits.load_tokenizer(config, "", small)
 
 
+def test_precision_is_the_inits_unless_the_run_sets_it(glue_dir, vocab_dir, tmp_path):
+  # --config.precision chooses it; empty keeps the init's. A checkpoint's own used to win over
+  # --config.model.precision without a word: a run asked to be mixed trained in fp32.
+  mixed = _tiny_model_config(binary=True, precision="mixed")
+  pretrained = model_params.init_params(model_lib.build(mixed, "pretraining"), jax.random.key(3))
+  checkpointing.save_params(str(tmp_path / "pretrain"), pretrained, mixed, "pretraining", step=7)
+  _write_teacher(str(tmp_path / "teacher"), _tiny_model_config())
+  starts = {"mixed": ["init.kind=checkpoint", f"init.path={tmp_path / 'pretrain'}"],
+            "fp32": ["init.kind=teacher", f"init.path={tmp_path / 'teacher'}"]}
+  task = tasks.get_task("rte")
+  for inherited, extra in starts.items():
+    for chosen in ("", "fp32", "mixed"):
+      config = tiny_config("rte", glue_dir, vocab_dir, *extra, f"precision={chosen}")
+      assert finetuning.initial_model(config, task).model_config.precision == (chosen or inherited)
+  config = tiny_config("rte", glue_dir, vocab_dir, "precision=mixed", "steps_per_epoch=1", "epochs=1")
+  finetune.finetune(config, str(tmp_path / "run"))
+  assert checkpointing.restore_params(str(tmp_path / "run" / "best"))[0].precision == "mixed"  # evaluation's
+
+
 def _write_teacher(folder, config):
   """A Hugging Face BERT folder (config.json + model.safetensors) of random FP weights."""
   params = model_params.init_params(model_lib.build(config, "encoder"), jax.random.key(5))

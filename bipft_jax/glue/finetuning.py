@@ -58,6 +58,8 @@ def initial_model(config, task: tasks.Task) -> Start:
   baseline, or binarized with init.binary=True) or random weights (config.init.kind)."""
   overrides = dict(num_labels=task.num_labels, pooling=config.pooling, hidden_dropout=config.dropout,
                    attention_dropout=config.dropout, classifier_dropout=config.dropout)
+  if config.precision:
+    overrides["precision"] = config.precision
   check_init(config)
   kind, path = config.init.kind, config.init.path
   if kind == "checkpoint":
