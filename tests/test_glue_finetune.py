@@ -202,6 +202,19 @@ def test_precision_is_the_inits_unless_the_run_sets_it(glue_dir, vocab_dir, tmp_
   assert checkpointing.restore_params(str(tmp_path / "run" / "best"))[0].precision == "mixed"  # evaluation's
 
 
+def test_a_model_override_the_start_ignores_is_refused(glue_dir, vocab_dir):
+  check = finetuning.check_model_overrides
+  config = tiny_config("rte", glue_dir, vocab_dir)
+  check(config, ["model.hidden_size=32", "epochs=2"])  # scratch: the model section is its
+  config.init.kind, config.init.binary = "teacher", True
+  check(config, ["model.linear_binarizer=xnor", "model.estimator_rank=0"])  # binarizing the teacher
+  with pytest.raises(UserError, match="model.hidden_size has no effect with init.kind=teacher"):
+    check(config, ["model.linear_binarizer=xnor", "model.hidden_size=32"])
+  config.init.kind = "checkpoint"
+  with pytest.raises(UserError, match="model.linear_binarizer has no effect with init.kind=checkpoint"):
+    check(config, ["pooling=mean", "model.linear_binarizer=xnor"])
+
+
 def _write_teacher(folder, config):
   """A Hugging Face BERT folder (config.json + model.safetensors) of random FP weights."""
   params = model_params.init_params(model_lib.build(config, "encoder"), jax.random.key(5))

@@ -49,6 +49,7 @@ def run(args) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
   if args.init_from:
     config.init.kind, config.init.path = "checkpoint", args.init_from
+  finetuning.check_model_overrides(config, args.config_overrides)
   results = finetune(config, args.workdir, overwrite=args.overwrite)
   if "stopped_by" in results:
     return errors.signal_exit_code(results["stopped_by"])

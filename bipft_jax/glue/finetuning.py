@@ -37,6 +37,11 @@ class Start:
   description: str
 
 
+# The model section's fields that a teacher start binarized (init.binary=True) takes.
+BINARIZED_TEACHER_FIELDS = ("estimator_rank", "weight_binarizer", "activation_binarizer", "linear_binarizer",
+                            "attention_prob_binarizer", "mlm_transform_act", "matmul_precision")
+
+
 def check_init(config) -> None:
   """Fails fast, before any data is read, on a config without a valid starting point."""
   if config.init.kind not in ("checkpoint", "teacher", "scratch"):
@@ -44,6 +49,24 @@ def check_init(config) -> None:
   if config.init.kind == "checkpoint" and not config.init.path:
     raise UserError("no starting point: pass --init_from CHECKPOINT, or --config.init.kind=teacher "
                     "(the FP baseline) or scratch")
+
+
+def check_model_overrides(config, overrides) -> None:
+  """A `--config.model.FIELD` override that the run's start ignores is an error, not a silent no-op:
+  a checkpoint brings its own model, a teacher its architecture (binarized, it takes the
+  BINARIZED_TEACHER_FIELDS); the model section is scratch's."""
+  kind = config.init.kind
+  for item in overrides:
+    key = item.partition("=")[0]
+    field = key[len("model."):] if key.startswith("model.") else None
+    if field is None or kind == "scratch" or (kind == "teacher" and config.init.binary
+                                             and field in BINARIZED_TEACHER_FIELDS):
+      continue
+    brings = ("the checkpoint brings its own model" if kind == "checkpoint" else
+              "the teacher brings its own architecture (binarized with init.binary=True, it takes "
+              f"{', '.join(BINARIZED_TEACHER_FIELDS)})")
+    raise UserError(f"--config.model.{field} has no effect with init.kind={kind}: {brings}; a run sets "
+                    "its own dropout, pooling and precision")
 
 
 def _model_config(values: dict) -> model_lib.BertConfig:
@@ -76,9 +99,7 @@ def initial_model(config, task: tasks.Task) -> Start:
     name = path or "all-MiniLM-L6-v2"
     if not config.init.binary:
       return Start(fp_config, teacher, (), folder, f"FP teacher {name}")
-    binary_fields = {k: config.model[k] for k in (
-        "estimator_rank", "weight_binarizer", "activation_binarizer", "linear_binarizer",
-        "attention_prob_binarizer", "mlm_transform_act", "matmul_precision")}
+    binary_fields = {k: config.model[k] for k in BINARIZED_TEACHER_FIELDS}
     model_config = _model_config({**dataclasses.asdict(fp_config), "binary": True, **binary_fields})
     return Start(model_config, teacher, (), folder, f"binarized teacher {name}")
   return Start(_model_config({**config.model.to_dict(), **overrides}), {}, (), "", "scratch")
