@@ -18,10 +18,10 @@ and cross entropy. A packed file (`bipft export-packed` of a finetuned classifie
 packed forward (packed.py: popcount counts on the bit-planes, `--kernel`, default `auto`), the model
 a user deploys, so its metrics can be set beside the simulated student's: the two predict the same
 up to float rounding near a tie. The model comes from the checkpoint (GLUE: `precision`, if set,
-changes the one it computes in); everything else from the config, so pass the config and overrides of the run that wrote the checkpoint (GLUE: data,
-max_length, min_bucket, eval_batch_size, and max_train_examples/seed for the majority-class rate;
-pretraining: the data, eval_batches, eval_batch_size and seed that fix the held-out set, and the
-mesh). The data reading, tokenization, batching, prediction and metrics are the runs' own
+changes the one it computes in); everything else from the config, so pass the config and overrides
+of the run that wrote the checkpoint (GLUE: data, max_length, min_bucket, eval_batch_size, and
+max_train_examples/seed for the majority-class rate; pretraining: the data, eval_batches,
+eval_batch_size and seed that fix the held-out set, and the mesh). The data reading, tokenization, batching, prediction and metrics are the runs' own
 (glue/splits.py, glue/predictions.py, pretraining.py), so the numbers equal what the runs log: a
 finetune workdir's results.json (except MNLI-mm, which it takes from the last epoch rather than the
 best), and a pretraining step's eval_mlm_accuracy in metrics.jsonl (on the same devices; other

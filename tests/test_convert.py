@@ -105,8 +105,8 @@ def assert_bit_identical(a: dict, b: dict):
 
 # "mixed": a model trained with precision=mixed computes its FP products on bf16 operands; its export must too.
 @pytest.mark.parametrize("head,binary,pooling,precision", [
-    ("pretraining", True, "cls", "fp32"), ("classification", True, "cls", "fp32"), ("pretraining", False, "cls", "fp32"),
-    ("classification", True, "mean", "fp32"), ("classification", True, "cls", "mixed"),
+    ("pretraining", True, "cls", "fp32"), ("classification", True, "cls", "fp32"),
+    ("pretraining", False, "cls", "fp32"), ("classification", True, "mean", "fp32"), ("classification", True, "cls", "mixed"),
     ("pretraining", False, "cls", "mixed")])
 def test_hf_export_matches_jax(tmp_path, head, binary, pooling, precision):
   config = tiny_config(binary=binary, num_labels=3, mlm_transform_act="relu" if binary else "gelu",
