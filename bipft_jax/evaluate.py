@@ -38,6 +38,7 @@ import dataclasses
 import json
 import os
 import sys
+from typing import Callable
 
 import jax
 from tqdm import tqdm
@@ -102,14 +103,46 @@ def _in_precision(model_config, precision: str):
   return dataclasses.replace(model_config, precision=precision) if precision else model_config
 
 
-def _packed_classifier(path: str, kernel: str | None, fix: str, precision: str) -> tuple:
-  """(BertConfig, params prepared for `kernel`, predict_step, the kernel's name) of a packed file."""
-  model_config, head, params = packed_file.load_packed(path, kernel or "auto")
-  if head != "classification":
-    raise UserError(f"{path} holds a packed {head}, not a classifier (an export of a pretraining run): {fix}")
-  model_config = _in_precision(model_config, precision)
-  logits = lambda p, batch: packed.forward(model_config, head, p, *(batch[k] for k in model_lib.MODEL_INPUTS))["logits"]
-  return model_config, params, packed.jit(logits), packed.resolve_kernel(kernel or "auto")
+@dataclasses.dataclass
+class Classifier:
+  """A finetuned classifier ready to predict, from a checkpoint or a packed file."""
+  source: str             # the checkpoint folder or the packed file
+  step: int | None        # the checkpoint's step; None for a packed file
+  kernel: str | None      # a packed file's kernel; None for a checkpoint
+  params: dict
+  predict_step: Callable  # (params, batch) -> logits
+  tokenizer: object
+
+
+def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | None = None) -> Classifier:
+  """The classifier of `task` at `checkpoint` (a finetune workdir: its best/; a checkpoint folder; or a
+  packed file, run on `kernel`), computing in config.precision (empty: its own), with the tokenizer
+  config names (else the checkpoint's, else MiniLM's); UserError for a model of another shape."""
+  fix = f"pass a `bipft finetune` workdir (or its best/) of {task.name}, or a packed file of one"
+  if os.path.isfile(checkpoint):  # orbax checkpoints are folders
+    model_config, head, params = packed_file.load_packed(checkpoint, kernel or "auto")
+    if head != "classification":
+      raise UserError(f"{checkpoint} holds a packed {head}, not a classifier (an export of a pretraining run): "
+                      f"{fix}")
+    model_config = _in_precision(model_config, config.precision)
+    logits = lambda p, batch: packed.forward(model_config, head, p, *(batch[k] for k in model_lib.MODEL_INPUTS))[
+        "logits"]
+    source, step, predict_step = checkpoint, None, packed.jit(logits)
+    kernel, tokenizer_folder = packed.resolve_kernel(kernel or "auto"), os.path.dirname(os.path.abspath(checkpoint))
+  elif kernel:
+    raise UserError(f"--kernel is for a packed file (`bipft export-packed`); {checkpoint} is not one")
+  else:
+    source, step, model_config = _checkpoint(checkpoint, "classification", fix)
+    model_config = _in_precision(model_config, config.precision)
+    params = jax.device_get(checkpointing.restore_params(source, step)[2])  # one host copy, as finetune's
+    predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
+    tokenizer_folder = source
+  if model_config.num_labels != task.num_labels:
+    raise UserError(f"{source} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
+                    "pass the checkpoint finetuned on this task")
+  splits.check_max_length(config, model_config)
+  tokenizer = splits.load_tokenizer(config, tokenizer_folder, model_config)
+  return Classifier(source, step, kernel, params, predict_step, tokenizer)
 
 
 def _checkpoint(path: str, head: str, fix: str) -> tuple:
@@ -168,35 +201,20 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
   """
   task = tasks.task_from_config(config)
   chosen = _chosen_splits(task, config.data, split, predictions_path, overwrite)
-  fix = f"pass a `bipft finetune` workdir (or its best/) of {task.name}, or a packed file of one"
-  if os.path.isfile(checkpoint):  # orbax checkpoints are folders
-    model_config, params, predict_step, kernel = _packed_classifier(checkpoint, kernel, fix, config.precision)
-    source, step, tokenizer_folder = checkpoint, None, os.path.dirname(os.path.abspath(checkpoint))
-  elif kernel:
-    raise UserError(f"--kernel is for a packed file (`bipft export-packed`); {checkpoint} is not one")
-  else:
-    source, step, model_config = _checkpoint(checkpoint, "classification", fix)
-    model_config = _in_precision(model_config, config.precision)
-    params = jax.device_get(checkpointing.restore_params(source, step)[2])  # one host copy, as finetune's
-    predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
-    tokenizer_folder = source
-  if model_config.num_labels != task.num_labels:
-    raise UserError(f"{source} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
-                    "pass the checkpoint finetuned on this task")
-  splits.check_max_length(config, model_config)
+  classifier = load_classifier(config, task, checkpoint, kernel)
   examples = _read_examples(config, task, chosen)
   labeled = any(examples[s].labels is not None for s in chosen)
   train_labels = None if task.is_regression or not labeled else _training_labels(config, task)
-  tokenizer = splits.load_tokenizer(config, tokenizer_folder, model_config)
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)
-  results = {"task": task.name, "checkpoint": source, "step": step, "kernel": kernel, "metrics": {},
-             "majority_rate": {}, "predictions": predictions_path, "examples": {}}
+  results = {"task": task.name, "checkpoint": classifier.source, "step": classifier.step,
+             "kernel": classifier.kernel, "metrics": {}, "majority_rate": {}, "predictions": predictions_path,
+             "examples": {}}
   for name in chosen:
-    data = tasks.encode(tokenizer, examples[name], config.max_length)
+    data = tasks.encode(classifier.tokenizer, examples[name], config.max_length)
     with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
               file=sys.stderr, dynamic_ncols=True, disable=None) as progress:
-      predicted = predictions.predict(_counting(predict_step, progress), params, data, config.eval_batch_size,
-                                      buckets, task.is_regression)
+      predicted = predictions.predict(counting(classifier.predict_step, progress), classifier.params, data,
+                                      config.eval_batch_size, buckets, task.is_regression)
     results["examples"][name] = len(data)
     if data.labels is not None:
       results["metrics"][name] = metrics_lib.compute(task.metrics, data.labels, predicted)
@@ -217,7 +235,7 @@ def _training_labels(config, task: tasks.Task):
     return None
 
 
-def _counting(predict_step, progress):
+def counting(predict_step, progress):
   """`predict_step` advancing `progress` by one batch per call."""
   def step(params, batch):
     logits = predict_step(params, batch)

@@ -124,7 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.path = ""                 # glue: glue_data/ or the task folder; tfds: the data_dir
   c.data.train_file = ""           # csv / jsonl files
   c.data.dev_file = ""
-  c.data.test_file = ""
+  c.data.test_file = ""            # unlabeled: predicted at the end (submission/), or by `bipft evaluate --split test`
   c.data.text_fields = "sentence"  # csv / jsonl: one field, or two comma-separated for pairs
   c.data.label_field = "label"
   c.data.labels = ""               # task=custom: the classes as written in the files ("neg,pos"); empty = regression

@@ -103,6 +103,8 @@ def fx(tmp_path_factory):
     f.write('["the film was good .", "1"]\n["the film was bad .", "0"]\n')
   with open(p("a_file"), "w") as f:
     f.write("a regular file\n")
+  with open(p("texts_blank_line.txt"), "w") as f:
+    f.write("the film was good .\n\nthe film was bad .\n")
   os.makedirs(p("readonly"))
 
   classifier = _checkpoint(p("classifier"), "classification")
@@ -285,6 +287,11 @@ def eval_pytorch(model="export", *overrides, extra=()):
   return argv
 
 
+def predict_argv(texts, *overrides, checkpoint="classifier", task="sst2"):
+  return lambda fx, tmp: (["predict", "--config", f"{GLUE}:task={task}", "--checkpoint", fx["p"](checkpoint),
+                           "--input", fx["p"](texts)] + _overrides(["max_length=16", *overrides]))
+
+
 def glue_report(*workdirs, submission=None):
   return lambda fx, tmp: (["glue-report", "--workdirs", *[fx["p"](w) for w in workdirs]]
                           + (["--submission_dir", submission(fx, tmp)] if submission else []))
@@ -456,6 +463,15 @@ CASES = [
     Case("eval-pytorch --predictions existing",
          eval_pytorch(extra=["--predictions", fixture("predictions.tsv")]),
          "already exists"),
+    # predict
+    Case("predict a blank line", predict_argv("texts_blank_line.txt"), "line 2 is empty"),
+    Case("predict one text for a pair task", predict_argv("a_file", task="mrpc"), "mrpc takes two texts per line"),
+    Case("predict missing input", predict_argv("nowhere.txt"), "does not exist"),
+    Case("predict encoder checkpoint", predict_argv("a_file", checkpoint="encoder"), "not a classification one"),
+    Case("predict num_labels", predict_argv("a_file", "data.labels=neg,neutral,pos", task="custom"),
+         "has 2 outputs but custom needs 3"),
+    Case("predict max_length beyond positions", predict_argv("a_file", "max_length=65"),
+         "max_length 65 exceeds the model's 64 positions"),
     # glue-report
     Case("glue-report results without the metric", glue_report("runs/no_metric"), "no accuracy score"),
     Case("glue-report string metric", glue_report("runs/string_metric"), "scores must be numbers"),
@@ -483,7 +499,7 @@ def test_there_are_enough_cases():
   assert len(CASES) >= 80
   assert {c.name.split()[0] for c in CASES} == {
       "pretrain", "finetune", "evaluate", "summary", "from-pytorch", "to-pytorch", "export-packed",
-      "eval-pytorch", "glue-report"}
+      "eval-pytorch", "predict", "glue-report"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -1,17 +1,20 @@
 """`bipft evaluate` reproduces what the runs log: a finetune workdir's results.json and leaderboard
 file, a pretraining run's held-out MLM accuracy; a packed export of a classifier predicts what the
-classifier predicts on every kernel; bad checkpoints, splits and paths exit 2 in one line."""
+classifier predicts on every kernel; bad checkpoints, splits and paths exit 2 in one line.
+`bipft predict` labels texts of one's own as evaluate labels a split, with the softmax of the logits."""
+import io
 import json
 import os
 import shutil
 
 import jax
+import numpy as np
 import pytest
 
-from bipft_jax import checkpointing, cli, packed, packed_file
+from bipft_jax import checkpointing, cli, config_loading, evaluate, packed, packed_file, predict
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
-from bipft_jax.glue import finetune, predictions
+from bipft_jax.glue import finetune, predictions, tasks
 
 from test_glue_finetune import ROOT, glue_dir, tiny_config, vocab_dir  # noqa: F401  (fixtures)
 from test_train import CONFIG as PRETRAIN_CONFIG
@@ -210,3 +213,106 @@ def test_bad_input_exits_2_in_one_line(case, message, finetuned, pretraining_che
   assert len(err) == 1 and err[0].startswith("bipft evaluate: error: ") and message in err[0], err
   if case == "unwritable":
     assert not os.listdir(tmp_path)
+
+
+# --- bipft predict ------------------------------------------------------------------
+
+def _dev_sentences(glue_dir: str) -> list:
+  rows = open(os.path.join(glue_dir, "SST-2", "dev.tsv"), encoding="utf-8").read().splitlines()
+  return [row.split("\t")[0] for row in rows[1:]]
+
+
+def _predict(checkpoint, texts_file, glue_dir, vocab_dir, capsys, *extra) -> list:
+  capsys.readouterr()
+  assert cli.main(["predict", "--config", f"{GLUE_CONFIG}:task=sst2", "--checkpoint", checkpoint,
+                   "--input", str(texts_file), *extra] + _glue_args(glue_dir, vocab_dir)) == 0
+  return capsys.readouterr().out.splitlines()
+
+
+def test_predict_labels_texts_as_evaluate_does_with_their_probabilities(finetuned, packed_classifier, glue_dir,
+                                                                        vocab_dir, tmp_path, capsys):
+  texts = tmp_path / "texts.txt"
+  texts.write_text("\n".join(_dev_sentences(glue_dir)) + "\n")
+  expected = tmp_path / "dev.tsv"
+  _evaluate_json(finetuned[0], glue_dir, vocab_dir, capsys, "--split", "dev", "--predictions", str(expected))
+  labels = [row.split("\t")[1] for row in expected.read_text().splitlines()[1:]]
+  tsv = _predict(finetuned[0], texts, glue_dir, vocab_dir, capsys)
+  assert tsv[0] == "prediction\t0\t1" and len(tsv) == 17
+  rows = [row.split("\t") for row in tsv[1:]]
+  assert [r[0] for r in rows] == labels
+  probabilities = np.array([[float(p) for p in r[1:]] for r in rows])
+  np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=2e-6)
+  assert [str(i) for i in probabilities.argmax(-1)] == labels
+  # The probabilities are the softmax of the classifier's logits.
+  config = config_loading.load_config(f"{GLUE_CONFIG}:task=sst2", [o[len("--config."):] for o in
+                                                                     _glue_args(glue_dir, vocab_dir)])
+  classifier = evaluate.load_classifier(config, tasks.get_task("sst2"), finetuned[0])
+  data = tasks.encode(classifier.tokenizer, predict.read_examples(str(texts), 1, "sst2"), 16)
+  logits = predictions.predict_logits(classifier.predict_step, classifier.params, data, 8, tasks.length_buckets(16))
+  np.testing.assert_allclose(probabilities, np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), atol=1e-6)
+  # --json: the same, one object per line; the packed file run 1-bit: the same labels.
+  as_json = [json.loads(line) for line in _predict(finetuned[0], texts, glue_dir, vocab_dir, capsys, "--json")]
+  assert [r["prediction"] for r in as_json] == labels
+  np.testing.assert_allclose([[r["probabilities"][k] for k in ("0", "1")] for r in as_json], probabilities,
+                             atol=1e-6)
+  packed_rows = _predict(packed_classifier, texts, glue_dir, vocab_dir, capsys, "--kernel", "popcount")
+  assert [r.split("\t")[0] for r in packed_rows] == [r.split("\t")[0] for r in tsv]
+
+
+def test_predict_reads_standard_input_and_sentence_pairs(finetuned, glue_dir, vocab_dir, tmp_path, capsys,
+                                                         monkeypatch):
+  sentences = _dev_sentences(glue_dir)
+  texts = tmp_path / "texts.txt"
+  texts.write_text("\n".join(sentences[:3]) + "\n")
+  from_file = _predict(finetuned[0], texts, glue_dir, vocab_dir, capsys)
+  monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\n".join(sentences[:3]).encode())))
+  assert _predict(finetuned[0], "-", glue_dir, vocab_dir, capsys) == from_file
+  # A sentence-pair task takes two tab-separated texts per line (the sst2 classifier has mrpc's 2 labels).
+  pairs = tmp_path / "pairs.txt"
+  pairs.write_text("".join(f"{a}\t{b}\n" for a, b in zip(sentences[:3], sentences[3:6])))
+  capsys.readouterr()
+  assert cli.main(["predict", "--config", f"{GLUE_CONFIG}:task=mrpc", "--checkpoint", finetuned[0],
+                   "--input", str(pairs)] + _glue_args(glue_dir, vocab_dir)) == 0
+  assert len(capsys.readouterr().out.splitlines()) == 4
+
+
+def test_predict_prints_scores_for_a_regression_task():
+  logits = np.array([[6.25], [1.5], [-0.5]], np.float32)
+  assert predict.output_rows(tasks.get_task("stsb"), logits, False) == ["prediction", "5.000", "1.500", "0.000"]
+  # A custom regression task keeps its own scale (it was clipped to STS-B's [0, 5] before 2026-12-04).
+  custom = tasks.custom_task("", 3)
+  assert predict.output_rows(custom, logits, False) == ["prediction", "6.250", "1.500", "-0.500"]
+  assert [json.loads(r) for r in predict.output_rows(custom, logits, True)] == [
+      {"prediction": 6.25}, {"prediction": 1.5}, {"prediction": -0.5}]
+
+
+@pytest.mark.parametrize("case, content, message", [
+    ("empty line", "the film was good .\n\nthe film was bad .\n", "line 2 is empty; give one example per line"),
+    ("two texts", "the film was good .\tthe film was bad .\n", "line 1 holds 2 tab-separated texts; sst2 takes one"),
+    ("one text of a pair", "the film was good .\n", "line 1 holds 1 text; mrpc takes two texts"),
+    ("empty text of a pair", "the film was good .\t \n", "line 1 has an empty text"),
+    ("not utf-8", "the film was good .\ncaf\xe9\n", "line 2 is not valid UTF-8 (byte 0xe9)"),
+    ("nothing", "", "holds no text to predict"),
+    ("missing", None, "does not exist"),
+    ("folder", None, "is a folder; name a text file"),
+    ("pretraining config", "the film was good .\n", "bipft predict takes a GLUE config"),
+    ("packed encoder", "the film was good .\n", "holds a packed encoder, not a classifier"),
+])
+def test_predict_bad_input_exits_2_in_one_line(case, content, message, finetuned, pretraining_checkpoint, glue_dir,
+                                               vocab_dir, tmp_path, capsys):
+  texts = tmp_path / ("folder" if case == "folder" else "texts.txt")
+  if content is not None:
+    texts.write_bytes(content.encode("latin-1"))
+  elif case == "folder":
+    texts.mkdir()
+  checkpoint = finetuned[0]
+  if case == "packed encoder":
+    checkpoint = str(tmp_path / "encoder.safetensors")
+    packed_file.export(*checkpointing.restore_params(pretraining_checkpoint), checkpoint, remainder="float32")
+  config = f"{PRETRAIN_CONFIG}:tiny" if case == "pretraining config" else \
+      f"{GLUE_CONFIG}:task={'mrpc' if 'pair' in case else 'sst2'}"
+  overrides = [] if case == "pretraining config" else _glue_args(glue_dir, vocab_dir)
+  code = cli.main(["predict", "--config", config, "--checkpoint", checkpoint, "--input", str(texts)] + overrides)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2
+  assert len(err) == 1 and err[0].startswith("bipft predict: error: ") and message in err[0], err

@@ -141,6 +141,30 @@ def test_finetune_writes_metrics_best_checkpoint_and_submission(glue_dir, vocab_
     finetune.finetune(config, str(tmp_path))
 
 
+def test_custom_task_predicts_its_test_file(vocab_dir, tmp_path, capsys):
+  # A task of one's own: labels as written in the files, an unlabeled test file predicted at the end
+  # (it was ignored before 2026-12-04) and by `bipft evaluate --split test`.
+  for split, n in (("train", 8), ("dev", 8), ("test", 5)):
+    with open(tmp_path / f"{split}.jsonl", "w") as f:
+      for i in range(n):
+        record = {"review": glue_fixtures.sentence(i, i % 2), "idx": f"r{i}"}
+        f.write(json.dumps(record if split == "test" else {**record, "stars": ("neg", "pos")[i % 2]}) + "\n")
+  data = [f"data.{split}_file={tmp_path / split}.jsonl" for split in ("train", "dev", "test")] + [
+      "data.text_fields=review", "data.label_field=stars", "data.labels=neg,pos"]
+  config = tiny_config("custom", "", vocab_dir, "epochs=1", "steps_per_epoch=2", *data)
+  finetune.finetune(config, str(tmp_path / "run"))
+  written = (tmp_path / "run" / "submission" / predictions.CUSTOM_TEST_FILE).read_text()
+  rows = [row.split("\t") for row in written.splitlines()]
+  assert rows[0] == ["index", "prediction"] and [r[0] for r in rows[1:]] == [f"r{i}" for i in range(5)]
+  assert {r[1] for r in rows[1:]} <= {"neg", "pos"}
+  target = tmp_path / "test.tsv"
+  assert cli.main(["evaluate", "--config", os.path.join(ROOT, "configs/glue.py:task=custom"), "--checkpoint",
+                   str(tmp_path / "run"), "--split", "test", "--predictions", str(target)]
+                  + [f"--config.{o}" for o in tiny_overrides("", vocab_dir, *data)]) == 0
+  assert target.read_text() == written
+  assert capsys.readouterr().out.splitlines()[-1] == f"custom test (5 examples): predictions written to {target}"
+
+
 def test_mnli_reports_both_dev_sets_and_writes_m_mm_and_ax(glue_dir, vocab_dir, tmp_path):
   results = finetune.finetune(tiny_config("mnli", glue_dir, vocab_dir, "epochs=2", "steps_per_epoch=1"), str(tmp_path))
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l]

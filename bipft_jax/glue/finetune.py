@@ -14,11 +14,12 @@ stop on a NaN/Inf loss or update before best/ or results.json exist. Each epoch 
 split evaluated (metrics.jsonl, TensorBoard). The best epoch by the task's first metric on the first
 dev split is kept (MNLI-mm is reported from the last epoch, as the release does); at the end `best/`
 holds its checkpoint, `results.json` the reported numbers and `submission/` the GLUE leaderboard files
-of whatever test splits exist. Everything is written to `WORKDIR/.finetune-staging/` (a killed run
-resumes from there) and moved into the workdir when the run ends, so a workdir with an earlier run
-(replaced only with `--overwrite`) keeps it whole until then; a run killed while its outputs were
-written or moved is completed by the next `bipft finetune` there. From its first write to its last
-the run holds the workdir: another run started there is refused (`distributed.workdir_lock`).
+of whatever test splits exist (a custom task: test_predictions.tsv, its data.test_file predicted).
+Everything is written to `WORKDIR/.finetune-staging/` (a killed run resumes from there) and moved
+into the workdir when the run ends, so a workdir with an earlier run (replaced only with
+`--overwrite`) keeps it whole until then; a run killed while its outputs were written or moved is
+completed by the next `bipft finetune` there. From its first write to its last the run holds the
+workdir: another run started there is refused (`distributed.workdir_lock`).
 """
 import json
 import os

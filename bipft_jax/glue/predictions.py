@@ -22,6 +22,7 @@ SUBMISSION_FILES = {
     ("mnli", "test_mismatched"): "MNLI-mm.tsv", ("qnli", "test"): "QNLI.tsv", ("rte", "test"): "RTE.tsv",
     ("wnli", "test"): "WNLI.tsv", ("ax", "test"): "AX.tsv",
 }
+CUSTOM_TEST_FILE = "test_predictions.tsv"  # a custom task's data.test_file, predicted
 
 
 def model_batch(batch: dict) -> dict:
@@ -55,27 +56,36 @@ def sharded_predict_step(module: nn.Module, mesh, rules, params_shardings) -> Ca
   return predict_step
 
 
-def predict(predict_step: Callable, params, data: tasks.Encoded, batch_size: int, buckets,
-            regression: bool) -> np.ndarray:
-  """Predicted class ids (or scores) of every example of `data`, in order."""
-  out = np.zeros(len(data), np.float32 if regression else np.int64)
+def predict_logits(predict_step: Callable, params, data: tasks.Encoded, batch_size: int, buckets) -> np.ndarray:
+  """The logits [N, num_labels] of every example of `data`, in order."""
+  out = np.zeros((0, 1), np.float32)  # no examples, no batches
   for batch in tasks.batches(data, batch_size, buckets, sort_by_length=True):
-    logits = np.asarray(jax.device_get(predict_step(params, model_batch(batch))))
+    logits = np.asarray(jax.device_get(predict_step(params, model_batch(batch))), np.float32)
+    if not len(out):
+      out = np.zeros((len(data), logits.shape[-1]), np.float32)
     keep = batch["positions"] >= 0
-    out[batch["positions"][keep]] = logits[keep, 0] if regression else logits[keep].argmax(-1)
+    out[batch["positions"][keep]] = logits[keep]
   return out
 
 
+def predict(predict_step: Callable, params, data: tasks.Encoded, batch_size: int, buckets,
+            regression: bool) -> np.ndarray:
+  """Predicted class ids (or scores) of every example of `data`, in order."""
+  logits = predict_logits(predict_step, params, data, batch_size, buckets)
+  return logits[:, 0] if regression else logits.argmax(-1)
+
+
 def format_prediction(task: tasks.Task, prediction) -> str:
-  """The leaderboard's spelling: a label string, or STS-B's score clipped to [0, 5]."""
+  """The leaderboard's spelling: a label string, or a score (STS-B's clipped to its range, [0, 5])."""
   if task.is_regression:
-    return f"{float(np.clip(prediction, 0.0, 5.0)):.3f}"
+    return f"{float(np.clip(prediction, 0.0, 5.0) if task.name == 'stsb' else prediction):.3f}"
   return task.labels[int(prediction)]
 
 
 def write_submission(directory: str, task: tasks.Task, split: str, ids, predictions) -> str:
-  """Writes `index<TAB>prediction` rows for a test split under its leaderboard name; returns the path."""
-  name = SUBMISSION_FILES.get((task.name, split))
+  """Writes `index<TAB>prediction` rows for a test split under its leaderboard name (a custom task's:
+  CUSTOM_TEST_FILE, which `bipft glue-report` does not collect); returns the path."""
+  name = CUSTOM_TEST_FILE if task.name == "custom" else SUBMISSION_FILES.get((task.name, split))
   if name is None:
     raise UserError(f"{task.name} {split} has no GLUE leaderboard file")
   os.makedirs(directory, exist_ok=True)

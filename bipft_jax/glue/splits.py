@@ -13,7 +13,9 @@ from bipft_jax.glue import tasks
 
 def leaderboard_splits(task: tasks.Task, data) -> tuple:
   """The unlabeled splits predicted for the GLUE leaderboard: the task's test splits, plus `ax` (the
-  diagnostic set) for MNLI from GLUE or TFDS."""
+  diagnostic set) for MNLI from GLUE or TFDS; a custom task's test file if it has one."""
+  if task.name == "custom":
+    return ("test",) if data.test_file else ()
   return task.test_splits + (("ax",) if task.name == "mnli" and data.format in ("glue", "tfds") else ())
 
 

@@ -152,6 +152,13 @@ def task_from_config(config) -> Task:
   return get_task(config.task)
 
 
+def texts_per_example(task: Task, data) -> int:
+  """1 for a single-sentence task, 2 for a sentence-pair task (a custom task: its data.text_fields)."""
+  if task.name == "custom":
+    return len(data.text_fields.split(","))
+  return 2 if task.tfds_fields[1:] and task.tfds_fields[1] else 1
+
+
 @dataclasses.dataclass
 class Split:
   """One split's examples: texts, label ids (floats for regression; None for a test split), ids."""
@@ -197,31 +204,36 @@ def _task_folder(task: Task, path: str) -> str:
   return inner if os.path.isdir(inner) else path
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
+  """The UTF-8 text of the file at `path`; UserError if it cannot be read or is not UTF-8."""
   try:
     with open(path, "rb") as f:
       raw = f.read()
   except OSError as e:
     raise UserError(f"cannot read {path}: {e.strerror}") from None
+  return decode_text(raw, path)
+
+
+def decode_text(raw: bytes, where: str) -> str:
+  """`raw` as UTF-8 (a byte-order mark dropped); UserError naming the line of the first bad byte."""
   try:
-    text = raw.decode("utf-8-sig")  # MRPC's files start with a byte-order mark
+    return raw.decode("utf-8-sig")  # MRPC's files start with a byte-order mark
   except UnicodeDecodeError as e:
     line = raw[:e.start].count(b"\n") + 1
-    raise UserError(f"{path} line {line} is not valid UTF-8 (byte {raw[e.start]:#04x}); re-encode the file "
+    raise UserError(f"{where} line {line} is not valid UTF-8 (byte {raw[e.start]:#04x}); re-encode it "
                     "as UTF-8") from None
-  return text
 
 
-def _lines(text: str) -> list:
+def lines(text: str) -> list:
   """The text's lines, split at line feeds only: str.splitlines() also splits at characters a field
   may hold (U+2028, U+0085, form feeds...), which would cut a record in two."""
-  lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-  return lines[:-1] if lines and not lines[-1] else lines
+  found = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+  return found[:-1] if found and not found[-1] else found
 
 
 def read_glue_tsv(task: Task, path: str, layout: TsvLayout) -> Split:
   """One GLUE TSV file, read with quoting disabled."""
-  rows = list(csv.reader(_lines(_read_text(path)), delimiter="\t", quoting=csv.QUOTE_NONE))
+  rows = list(csv.reader(lines(read_text(path)), delimiter="\t", quoting=csv.QUOTE_NONE))
   columns = {}
   if layout.header:
     if not rows:
@@ -327,11 +339,11 @@ def _tfds_label(task: Task, label, where: str) -> str:
 # --- CSV and JSONL with configurable fields -----------------------------------
 
 def _records(path: str, file_format: str) -> list:
-  text = _read_text(path)
+  text = read_text(path)
   if file_format == "csv":  # the csv module splits the rows itself: a quoted field may span lines
     return list(csv.DictReader(io.StringIO(text, newline="")))
   records = []
-  for number, line in enumerate(_lines(text), start=1):
+  for number, line in enumerate(lines(text), start=1):
     if line.strip():
       try:
         record = json.loads(line)
