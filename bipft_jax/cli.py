@@ -68,7 +68,9 @@ def main(argv=None) -> int:
     return 2
   name, rest = argv[0], argv[1:]
   module = importlib.import_module(COMMANDS[name][0])
-  sub = argparse.ArgumentParser(prog=f"bipft {name}", description=COMMANDS[name][1])
+  sub = argparse.ArgumentParser(prog=f"bipft {name}", description=COMMANDS[name][1],
+                                epilog=usage_examples(module.__doc__),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
   module.add_arguments(sub)
   rest, overrides = split_overrides(rest)
   args = sub.parse_args(rest)
@@ -99,6 +101,18 @@ def main(argv=None) -> int:
     sys.stderr.flush()
     os._exit(code)
   return code
+
+
+def usage_examples(docstring: str | None) -> str | None:
+  """The examples `bipft CMD --help` ends with: the indented lines that follow the first line of the
+  subcommand module's docstring."""
+  block = []
+  for line in (docstring or "").splitlines()[1:]:
+    if line.strip() and not line.startswith("  "):
+      break
+    block.append(line)
+  text = "\n".join(block).strip("\n")
+  return f"examples:\n{text}" if text else None
 
 
 def _terminate(*_) -> None:

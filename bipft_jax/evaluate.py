@@ -1,4 +1,4 @@
-"""`bipft evaluate`: score a saved checkpoint without training.
+r"""`bipft evaluate`: score a saved checkpoint without training.
 
   # a finetuned classifier: a `bipft finetune` workdir (its best/) or a checkpoint folder
   bipft evaluate --config configs/glue.py:task=rte --checkpoint runs/rte --config.data.path=glue_data

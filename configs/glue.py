@@ -1,4 +1,4 @@
-"""GLUE finetuning of a BiPFT student (or of its FP teacher): the release's recipe per task.
+r"""GLUE finetuning of a BiPFT student (or of its FP teacher): the release's recipe per task.
 
 `get_config("task=NAME")`; NAME is one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli
 (ax, the diagnostic set, is predicted by the MNLI run), rt_demo (the offline Rotten Tomatoes demo)

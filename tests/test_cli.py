@@ -40,6 +40,15 @@ def test_help_lists_every_command():
     assert name in result.stdout
 
 
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_command_help_ends_with_examples_of_it(name, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main([name, "--help"])
+  assert exit_info.value.code == 0
+  examples = capsys.readouterr().out.split("\nexamples:\n")[1].splitlines()
+  assert any(line.startswith(f"  bipft {name} ") or f"| bipft {name} " in line for line in examples), examples
+
+
 def test_version():
   result = _bipft("--version")
   assert result.returncode == 0

@@ -1,4 +1,9 @@
-"""`bipft finetune`: one GLUE task, the release's recipe (METHOD.md section 7).
+r"""`bipft finetune`: one GLUE task, the release's recipe (METHOD.md section 7).
+
+  bipft finetune --config configs/glue.py:task=rt_demo --workdir runs/rt --init_from runs/pretrain_demo
+  bipft finetune --config configs/glue.py:task=rte --workdir runs/rte --init_from runs/pretrain \
+      --config.data.path=glue_data
+  # more (the FP baseline, TFDS, CSV/JSONL and tasks of your own, distillation, meshes): configs/glue.py
 
 Start (config.init.kind): a pretrained checkpoint (`--init_from`: its `bert` subtree is kept, the
 classifier is fresh), a PyTorch teacher folder (the FP baseline, or the teacher binarized with

@@ -1,5 +1,8 @@
 """`bipft glue-report`: a markdown table of finetuning runs, and the GLUE leaderboard files.
 
+  bipft glue-report --workdirs runs/cola runs/sst2 runs/mrpc ... [--submission_dir submission/]
+  bipft glue-report --workdirs workdirs/study
+
 Each finetuning workdir holds `results.json` (the reported dev numbers) and `submission/` (its
 test predictions, already in the leaderboard's format: `index<TAB>prediction` with the label
 strings GLUE expects). The report groups runs by their `model` name, one table row per model,
