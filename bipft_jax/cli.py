@@ -25,8 +25,8 @@ COMMANDS = {
     "pretrain": ("bipft_jax.train", "distil the 1-bit student from a full-precision teacher (orbax checkpoints, resumable)"),
     "finetune": ("bipft_jax.glue.finetune", "finetune on a GLUE task (or rt_demo) and evaluate every epoch"),
     "evaluate": ("bipft_jax.evaluate", "score a checkpoint: GLUE dev metrics (and test predictions) or held-out MLM accuracy"),
-    "predict": ("bipft_jax.predict", "a finetuned classifier's labels and probabilities for texts of your own "
-                "(a checkpoint, or a packed file run 1-bit)"),
+    "predict": ("bipft_jax.predict", "label texts of your own with a finetuned classifier (a checkpoint, or a "
+                "packed file run 1-bit), or fill their [MASK]s with a pretrained model"),
     "glue-report": ("bipft_jax.glue.report", "markdown table of finetuning runs and GLUE leaderboard files"),
     "convert": ("bipft_jax.convert", "convert checkpoints: orbax <-> PyTorch (Hugging Face or release names)"),
     "eval-pytorch": ("bipft_jax.eval_pytorch", "score a PyTorch export on a GLUE dev set with the JAX run's data and metrics"),

@@ -132,7 +132,7 @@ def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | Non
   elif kernel:
     raise UserError(f"--kernel is for a packed file (`bipft export-packed`); {checkpoint} is not one")
   else:
-    source, step, model_config = _checkpoint(checkpoint, "classification", fix)
+    source, step, model_config = find_checkpoint(checkpoint, "classification", fix)
     model_config = _in_precision(model_config, config.precision)
     params = jax.device_get(checkpointing.restore_params(source, step)[2])  # one host copy, as finetune's
     predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
@@ -145,7 +145,7 @@ def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | Non
   return Classifier(source, step, kernel, params, predict_step, tokenizer)
 
 
-def _checkpoint(path: str, head: str, fix: str) -> tuple:
+def find_checkpoint(path: str, head: str, fix: str) -> tuple:
   """(folder, step, BertConfig) of the checkpoint at `path` (a finetune workdir: its best/; a
   workdir: its latest step; or a step folder); UserError unless it has `head`."""
   best = os.path.join(path, "best")
@@ -266,7 +266,7 @@ def evaluate_pretraining(config, checkpoint: str) -> dict:
   """The held-out MLM accuracy and cross entropy of a pretraining checkpoint, as `bipft pretrain`
   measures them (the same evaluator, on the config's mesh): {"checkpoint", "step", "eval_mlm_accuracy",
   "eval_mlm_loss"}."""
-  directory, step, student_config = _checkpoint(checkpoint, "pretraining",
+  directory, step, student_config = find_checkpoint(checkpoint, "pretraining",
                                                 "pass a `bipft pretrain` workdir or one of its step folders")
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
   student = model_lib.build(student_config, "pretraining")

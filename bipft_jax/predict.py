@@ -1,4 +1,4 @@
-"""`bipft predict`: a finetuned classifier's predictions for texts of your own.
+"""`bipft predict`: label texts of your own with a finetuned classifier, or fill their [MASK]s.
 
   # one text per line (a sentence-pair task: the two sentences on one line, separated by a tab)
   bipft predict --config configs/glue.py:task=rt_demo --checkpoint runs/rt --input reviews.txt
@@ -7,6 +7,9 @@
   bipft predict --config configs/glue.py:task=rt_demo --checkpoint rt.bipft.safetensors --input reviews.txt
   # a task of your own: its labels, as finetuned
   bipft predict --config configs/glue.py:task=custom --config.data.labels=neg,pos --checkpoint runs/mine
+  # a pretraining checkpoint (a `bipft pretrain` workdir, or `bipft convert from-pytorch` of a BERT with
+  # its MLM head): the --top_k likeliest tokens for every [MASK]
+  echo "the capital of france is [MASK] ." | bipft predict --config configs/pretrain.py:demo --checkpoint workdirs/demo
 
 Output on stdout, one row per input line and in its order: a TSV with a header, the predicted label
 and each class's probability (the softmax of the logits), or with `--json` one JSON object per line
@@ -16,16 +19,24 @@ config.max_length and batched as `bipft evaluate` does, so a text predicts here 
 dev split: pass the config overrides of the run that wrote the checkpoint (max_length, precision,
 data.tokenizer, custom: data.labels and data.text_fields). A malformed input (not UTF-8, an empty
 line, a line with the wrong number of tab-separated texts) is refused before the model is read.
+
+A pretraining config (configs/pretrain.py) fills masks instead, with the tokenizer `bipft evaluate`
+scores the checkpoint with (`tokenizer`, else the teacher's) and data.max_seq_length: one TSV row
+per guess (line, mask, rank, token, probability: the MLM head's softmax), or with `--json` one
+object per input line ({"masks": [[{"token": "paris", "probability": 0.41}, ...], ...]}); a line
+without a [MASK] token (within its first data.max_seq_length tokens) is refused.
 """
 import argparse
 import json
 import os
 import sys
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
-from bipft_jax import config_checks, config_loading, evaluate, packed
+from bipft_jax import checkpointing, config_checks, config_loading, evaluate, packed, pretraining, pytorch_io
+from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import predictions, tasks
 
@@ -40,26 +51,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "default -, standard input")
   parser.add_argument("--kernel", default=None, help=f"packed file: the kernel ({', '.join(packed.KERNELS)}; default "
                       "auto: this machine's fastest, measured once)")
+  parser.add_argument("--top_k", type=int, default=None,
+                      help="pretraining config: how many guesses to print for each [MASK] (default 5)")
   parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a TSV")
 
 
 def run(args: argparse.Namespace) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
-  if not evaluate.is_glue_config(config):
-    raise UserError("bipft predict takes a GLUE config (configs/glue.py:task=NAME), the one the classifier was "
-                    "finetuned with")
+  if evaluate.is_glue_config(config):
+    if args.top_k is not None:
+      raise UserError("--top_k is for filling masks with a pretraining config (configs/pretrain.py)")
+    rows = classify(config, args.checkpoint, args.input, args.kernel, args.json)
+  elif args.kernel or os.path.isfile(args.checkpoint):
+    raise UserError("a packed file holds no MLM head to fill masks with (export-packed keeps the encoder): pass a "
+                    "`bipft pretrain` workdir as --checkpoint, or a packed classifier with a GLUE config")
+  else:
+    rows = fill_masks(config, args.checkpoint, args.input, 5 if args.top_k is None else args.top_k, args.json)
+  print("\n".join(rows))
+  return 0
+
+
+def classify(config, checkpoint: str, path: str, kernel: str | None, as_json: bool) -> list:
+  """The output rows of the classifier at `checkpoint` for the examples in `path`."""
   config_checks.check_glue(config)
   task = tasks.task_from_config(config)
-  examples = read_examples(args.input, tasks.texts_per_example(task, config.data), task.name)
-  classifier = evaluate.load_classifier(config, task, args.checkpoint, args.kernel)
+  examples = read_examples(path, tasks.texts_per_example(task, config.data), task.name)
+  classifier = evaluate.load_classifier(config, task, checkpoint, kernel)
   data = tasks.encode(classifier.tokenizer, examples, config.max_length)
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)
   with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} predict", unit="batch",
             file=sys.stderr, dynamic_ncols=True, disable=None) as progress:
     logits = predictions.predict_logits(evaluate.counting(classifier.predict_step, progress), classifier.params,
                                         data, config.eval_batch_size, buckets)
-  print("\n".join(output_rows(task, logits, args.json)))
-  return 0
+  return output_rows(task, logits, as_json)
 
 
 def read_examples(path: str, texts: int, task_name: str) -> tasks.Split:
@@ -107,3 +131,64 @@ def output_rows(task: tasks.Task, logits: np.ndarray, as_json: bool) -> list:
             for label, row in zip(labels, probabilities)]
   return (["\t".join(("prediction",) + task.labels)]
           + ["\t".join([label] + [f"{p:.6f}" for p in row]) for label, row in zip(labels, probabilities)])
+
+
+# --- filling masks ------------------------------------------------------------------
+
+def fill_masks(config, checkpoint: str, path: str, top_k: int, as_json: bool) -> list:
+  """The output rows of the pretraining model at `checkpoint` for the [MASK]s of the lines of `path`."""
+  config_checks.check_pretrain(config)
+  if top_k < 1:
+    raise UserError(f"--top_k must be >= 1, got {top_k}")
+  texts = read_examples(path, 1, "filling masks").texts_a
+  directory, step, model_config = evaluate.find_checkpoint(
+      checkpoint, "pretraining", "pass a `bipft pretrain` workdir or one of its step folders")
+  tokenizer = pytorch_io.load_tokenizer(pretraining.tokenizer_folder(config), model_config.vocab_size,
+                                        fix="set --config.tokenizer to the vocabulary the model was trained with")
+  max_length = min(config.data.max_seq_length, model_config.max_position_embeddings)
+  data = tasks.encode(tokenizer, tasks.Split(texts, None, None, [str(i) for i in range(len(texts))]), max_length)
+  masks = [[i for i, token in enumerate(ids) if token == tokenizer.mask_token_id] for ids in data.input_ids]
+  where = "standard input" if path == "-" else path
+  for number, found in enumerate(masks, start=1):
+    if not found:
+      raise UserError(f"{where} line {number} has no {tokenizer.mask_token} token within its first {max_length} "
+                      "tokens (data.max_seq_length)")
+  module = model_lib.build(model_config, "pretraining")
+  params = jax.device_get(checkpointing.restore_params(directory, step)[2])
+  mlm_logits = jax.jit(lambda p, inputs, positions: module.apply(
+      {"params": p}, *(inputs[k] for k in model_lib.MODEL_INPUTS), mlm_positions_BxN=positions,
+      deterministic=True)["mlm_logits"])
+  guesses = [None] * len(texts)  # per line: per mask, [(token id, probability)] best first
+  for batch in tasks.batches(data, config.eval_batch_size, tasks.length_buckets(max_length), sort_by_length=True):
+    lines = [line for line in batch["positions"] if line >= 0]
+    # The decoder runs at the masks only (a vocabulary of logits per token would not fit), their
+    # count padded to a power of two so that few shapes compile.
+    positions_BxN = np.zeros((len(batch["positions"]), 1 << (max(len(masks[i]) for i in lines) - 1).bit_length()),
+                             np.int32)
+    for row, line in enumerate(lines):
+      positions_BxN[row, :len(masks[line])] = masks[line]
+    logits_BxNxV = np.asarray(mlm_logits(params, predictions.model_batch(batch), positions_BxN), np.float64)
+    for row, line in enumerate(lines):
+      guesses[line] = [_top(logits_V, top_k) for logits_V in logits_BxNxV[row, :len(masks[line])]]
+  return mask_rows(tokenizer, guesses, as_json)
+
+
+def _top(logits_V: np.ndarray, k: int) -> list:
+  """The k likeliest (token id, probability) under softmax(logits_V), likeliest first."""
+  probabilities = np.exp(logits_V - logits_V.max())
+  probabilities /= probabilities.sum()
+  best = np.argsort(-probabilities, kind="stable")[:k]
+  return [(int(i), float(probabilities[i])) for i in best]
+
+
+def mask_rows(tokenizer, guesses: list, as_json: bool) -> list:
+  """One TSV row per guess (after a header), or one JSON object per line."""
+  if as_json:
+    return [json.dumps({"masks": [[{"token": tokenizer.convert_ids_to_tokens(i), "probability": round(p, 6)}
+                                   for i, p in mask] for mask in line]}) for line in guesses]
+  rows = ["line\tmask\trank\ttoken\tprobability"]
+  for number, line in enumerate(guesses, start=1):
+    for mask_number, mask in enumerate(line, start=1):
+      rows += [f"{number}\t{mask_number}\t{rank}\t{tokenizer.convert_ids_to_tokens(i)}\t{p:.6f}"
+               for rank, (i, p) in enumerate(mask, start=1)]
+  return rows

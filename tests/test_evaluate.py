@@ -10,12 +10,15 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from bipft_jax import checkpointing, cli, config_loading, evaluate, packed, packed_file, predict
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
 from bipft_jax.glue import finetune, predictions, tasks
 
+from test_convert import hf_bert
 from test_glue_finetune import ROOT, glue_dir, tiny_config, vocab_dir  # noqa: F401  (fixtures)
 from test_train import CONFIG as PRETRAIN_CONFIG
 from test_train import files, tiny_overrides  # noqa: F401  (fixture)
@@ -286,6 +289,35 @@ def test_predict_prints_scores_for_a_regression_task():
       {"prediction": 6.25}, {"prediction": 1.5}, {"prediction": -0.5}]
 
 
+def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
+  # A Hugging Face BERT with its MLM head, imported by `bipft convert from-pytorch`.
+  original = hf_bert("BertForMaskedLM", tmp_path / "hf")
+  (tmp_path / "hf" / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + [f"w{i}" for i in range(96)]) + "\n")
+  assert cli.main(["convert", "from-pytorch", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "work")]) == 0
+  texts = ["w1 w2 [MASK] w3", "[MASK] w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17 [MASK] w9", "w10 [MASK]"]
+  (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+  capsys.readouterr()
+  assert cli.main(["predict", "--config", f"{PRETRAIN_CONFIG}:tiny", "--checkpoint", str(tmp_path / "work"),
+                   "--input", str(tmp_path / "texts.txt"), "--top_k", "4", "--json",
+                   f"--config.tokenizer={tmp_path / 'hf'}"]) == 0
+  ours = [json.loads(line)["masks"] for line in capsys.readouterr().out.splitlines()]
+  tokenizer = transformers.BertTokenizerFast.from_pretrained(str(tmp_path / "hf"))
+  for text, masks in zip(texts, ours):
+    inputs = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+      logits = original(**inputs).logits[0]
+    at_masks = logits[inputs["input_ids"][0] == tokenizer.mask_token_id].softmax(-1)
+    assert len(masks) == len(at_masks) == text.count("[MASK]")
+    for guesses, probabilities in zip(masks, at_masks):
+      best = probabilities.topk(4)
+      assert [g["token"] for g in guesses] == tokenizer.convert_ids_to_tokens(best.indices.tolist())
+      np.testing.assert_allclose([g["probability"] for g in guesses], best.values.numpy(), atol=2e-6)
+
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MASKS = {"no mask", "top_k 0", "packed file for masks", "classifier for masks"}  # pretraining config cases
+
+
 @pytest.mark.parametrize("case, content, message", [
     ("empty line", "the film was good .\n\nthe film was bad .\n", "line 2 is empty; give one example per line"),
     ("two texts", "the film was good .\tthe film was bad .\n", "line 1 holds 2 tab-separated texts; sst2 takes one"),
@@ -295,24 +327,31 @@ def test_predict_prints_scores_for_a_regression_task():
     ("nothing", "", "holds no text to predict"),
     ("missing", None, "does not exist"),
     ("folder", None, "is a folder; name a text file"),
-    ("pretraining config", "the film was good .\n", "bipft predict takes a GLUE config"),
     ("packed encoder", "the film was good .\n", "holds a packed encoder, not a classifier"),
+    ("top_k of a classifier", "the film was good .\n", "--top_k is for filling masks with a pretraining config"),
+    ("no mask", "the film was [MASK] .\nthe film was good .\n", "line 2 has no [MASK] token within its first 32"),
+    ("top_k 0", "the film was [MASK] .\n", "--top_k must be >= 1, got 0"),
+    ("packed file for masks", "the film was [MASK] .\n", "a packed file holds no MLM head to fill masks with"),
+    ("classifier for masks", "the film was [MASK] .\n", "holds a classification model, not a pretraining one"),
 ])
-def test_predict_bad_input_exits_2_in_one_line(case, content, message, finetuned, pretraining_checkpoint, glue_dir,
-                                               vocab_dir, tmp_path, capsys):
+def test_predict_bad_input_exits_2_in_one_line(case, content, message, finetuned, pretraining_checkpoint,
+                                               packed_classifier, glue_dir, vocab_dir, tmp_path, capsys):
   texts = tmp_path / ("folder" if case == "folder" else "texts.txt")
   if content is not None:
     texts.write_bytes(content.encode("latin-1"))
   elif case == "folder":
     texts.mkdir()
-  checkpoint = finetuned[0]
+  checkpoint = {"packed encoder": str(tmp_path / "encoder.safetensors"), "no mask": pretraining_checkpoint,
+                "top_k 0": pretraining_checkpoint, "packed file for masks": packed_classifier}.get(case, finetuned[0])
   if case == "packed encoder":
-    checkpoint = str(tmp_path / "encoder.safetensors")
     packed_file.export(*checkpointing.restore_params(pretraining_checkpoint), checkpoint, remainder="float32")
-  config = f"{PRETRAIN_CONFIG}:tiny" if case == "pretraining config" else \
-      f"{GLUE_CONFIG}:task={'mrpc' if 'pair' in case else 'sst2'}"
-  overrides = [] if case == "pretraining config" else _glue_args(glue_dir, vocab_dir)
-  code = cli.main(["predict", "--config", config, "--checkpoint", checkpoint, "--input", str(texts)] + overrides)
+  if case in MASKS:
+    config = [f"{PRETRAIN_CONFIG}:tiny", f"--config.tokenizer={vocab_dir}"]
+  else:
+    config = [f"{GLUE_CONFIG}:task={'mrpc' if 'pair' in case else 'sst2'}"] + _glue_args(glue_dir, vocab_dir)
+  top_k = {"top_k of a classifier": ["--top_k", "3"], "top_k 0": ["--top_k", "0"]}.get(case, [])
+  code = cli.main(["predict", "--config", config[0], "--checkpoint", checkpoint, "--input", str(texts)] + top_k
+                  + config[1:])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2
   assert len(err) == 1 and err[0].startswith("bipft predict: error: ") and message in err[0], err
