@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   config_loading.add_config_argument(parser)
   parser.add_argument("--checkpoint", required=True,
                       help="a finetune workdir (its best/), a checkpoint folder, or a packed file of a classifier "
-                           "(`bipft export-packed`: run 1-bit)")
+                           "(`bipft export-packed`: run 1-bit); with a pretraining config, a pretrain workdir")
   parser.add_argument("--input", default="-",
                       help="a UTF-8 text file, one example per line (a pair: two texts separated by a tab); "
                            "default -, standard input")
@@ -122,8 +122,7 @@ def output_rows(task: tasks.Task, logits: np.ndarray, as_json: bool) -> list:
   if task.is_regression:
     scores = [predictions.format_prediction(task, score) for score in logits[:, 0]]
     return [json.dumps({"prediction": float(s)}) for s in scores] if as_json else ["prediction"] + scores
-  shifted = np.exp(logits - logits.max(-1, keepdims=True))
-  probabilities = shifted / shifted.sum(-1, keepdims=True)
+  probabilities = softmax(logits)
   labels = [task.labels[i] for i in logits.argmax(-1)]
   if as_json:
     return [json.dumps({"prediction": label, "probabilities": {name: round(float(p), 6) for name, p in
@@ -131,6 +130,11 @@ def output_rows(task: tasks.Task, logits: np.ndarray, as_json: bool) -> list:
             for label, row in zip(labels, probabilities)]
   return (["\t".join(("prediction",) + task.labels)]
           + ["\t".join([label] + [f"{p:.6f}" for p in row]) for label, row in zip(labels, probabilities)])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  shifted = np.exp(logits - logits.max(-1, keepdims=True))
+  return shifted / shifted.sum(-1, keepdims=True)
 
 
 # --- filling masks ------------------------------------------------------------------
@@ -175,8 +179,7 @@ def fill_masks(config, checkpoint: str, path: str, top_k: int, as_json: bool) ->
 
 def _top(logits_V: np.ndarray, k: int) -> list:
   """The k likeliest (token id, probability) under softmax(logits_V), likeliest first."""
-  probabilities = np.exp(logits_V - logits_V.max())
-  probabilities /= probabilities.sum()
+  probabilities = softmax(logits_V)
   best = np.argsort(-probabilities, kind="stable")[:k]
   return [(int(i), float(probabilities[i])) for i in best]
 
