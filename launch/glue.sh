@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The paper's GLUE table from one pretrained student: `bipft finetune` on each GLUE task (the
+# release's recipe per task, configs/glue.py), then `bipft glue-report` over the runs, with the
+# leaderboard files collected. A task whose workdir already holds results.json is skipped, so the
+# same command run again after a failure or a kill finishes the rest (a killed task resumes where
+# its last checkpoint left it).
+#
+#   launch/glue.sh --init_from runs/pretrain --data glue_data --out runs/glue
+#   launch/glue.sh --out runs/glue_fp --tasks rte,mrpc,stsb -- \
+#     --config.init.kind=teacher --config.init.path=teachers/bert-base-uncased --config.data.path=glue_data
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: launch/glue.sh --out DIR [options] [-- FINETUNE_ARGS...]
+
+Runs `bipft finetune --config configs/glue.py:task=TASK --workdir DIR/TASK ... FINETUNE_ARGS` for
+each task, then writes `bipft glue-report` of the finished ones to DIR/report.md (and prints it)
+and their leaderboard files to DIR/submission/ (AX.tsv comes with mnli).
+
+Options:
+  --out DIR         one workdir per task under DIR (required)
+  --init_from CKPT  the pretrained student: a `bipft pretrain` workdir or `bipft convert` output
+  --data DIR        the GLUE distribution folder (glue_data/ with CoLA/, SST-2/, ...); for TFDS pass
+                    --config.data.format=tfds --config.data.path=DATA_DIR after --
+  --tasks LIST      comma-separated (default cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli)
+  --dry-run         print the commands instead of running them
+  -h, --help        this help
+
+Exit code: 0 when every task finished; a task that fails (say, a diverging run) does not stop the
+others, and the script then exits 1 naming it; a SIGTERM or Ctrl-C stops at once (143, 130).
+USAGE
+}
+
+all_tasks=(cola sst2 mrpc stsb qqp mnli qnli rte wnli)
+out="" init_from="" data="" task_list="" dry_run=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    --init_from) init_from="$2"; shift 2 ;;
+    --data) data="$2"; shift 2 ;;
+    --tasks) task_list="$2"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) echo "glue.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [[ -z "$out" ]]; then echo "glue.sh: error: give --out DIR, where the task workdirs go" >&2; exit 2; fi
+tasks=("${all_tasks[@]}")
+if [[ -n "$task_list" ]]; then IFS=, read -r -a tasks <<< "$task_list"; fi
+for task in "${tasks[@]}"; do
+  known=0
+  for name in "${all_tasks[@]}"; do if [[ "$name" == "$task" ]]; then known=1; fi; done
+  if [[ $known -eq 0 ]]; then
+    echo "glue.sh: error: unknown GLUE task '$task'; choose from ${all_tasks[*]}" >&2
+    exit 2
+  fi
+done
+
+config="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/configs/glue.py"
+run() {
+  if [[ $dry_run -eq 1 ]]; then printf '%q ' "$@"; printf '\n'; else "$@"; fi
+}
+
+failed=() finished=()
+for task in "${tasks[@]}"; do
+  workdir="$out/$task"
+  if [[ -f "$workdir/results.json" ]]; then
+    echo "glue.sh: $task already finished ($workdir/results.json): skipped" >&2
+    finished+=("$workdir")
+    continue
+  fi
+  command=(bipft finetune --config "$config:task=$task" --workdir "$workdir")
+  if [[ -n "$init_from" ]]; then command+=(--init_from "$init_from"); fi
+  if [[ -n "$data" ]]; then command+=("--config.data.path=$data"); fi
+  status=0
+  run "${command[@]}" "$@" || status=$?
+  if [[ $status -eq 130 || $status -eq 143 ]]; then
+    echo "glue.sh: stopped during $task; run the same command again to resume" >&2
+    exit "$status"
+  elif [[ $status -ne 0 ]]; then
+    failed+=("$task")
+  else
+    finished+=("$workdir")
+  fi
+done
+
+if [[ ${#finished[@]} -gt 0 ]]; then
+  report=(bipft glue-report --workdirs "${finished[@]}" --submission_dir "$out/submission" --overwrite)
+  if [[ $dry_run -eq 1 ]]; then
+    run "${report[@]}"
+  else
+    "${report[@]}" > "$out/report.md.tmp"
+    mv "$out/report.md.tmp" "$out/report.md"
+    cat "$out/report.md"
+  fi
+fi
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "glue.sh: ${failed[*]} did not finish (their errors above); run the same command again to retry them" >&2
+  exit 1
+fi
