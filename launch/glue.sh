@@ -28,7 +28,8 @@ Options:
   -h, --help        this help
 
 Exit code: 0 when every task finished; a task that fails (say, a diverging run) does not stop the
-others, and the script then exits 1 naming it; a SIGTERM or Ctrl-C stops at once (143, 130).
+others, and the script then exits 1 naming it. A SIGTERM (to the script or its process group) or a
+Ctrl-C makes the running task save and stop, and the script exits with its code (143, 130).
 USAGE
 }
 
@@ -59,8 +60,25 @@ for task in "${tasks[@]}"; do
 done
 
 config="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/configs/glue.py"
+
+# The running task gets the signals that stop this script, to save and stop: a SIGTERM to the script
+# alone (`kill PID`) is passed on to it; a Ctrl-C reaches it from the terminal, which signals both
+# (its SIGINT is restored: bash starts a background command with SIGINT ignored). The script then
+# waits for the task's save and exits with its code.
+child=0
+trap 'if [[ $child -ne 0 ]]; then kill -TERM "$child" 2>/dev/null || true; fi' TERM
+trap ':' INT
 run() {
-  if [[ $dry_run -eq 1 ]]; then printf '%q ' "$@"; printf '\n'; else "$@"; fi
+  if [[ $dry_run -eq 1 ]]; then printf '%q ' "$@"; printf '\n'; return 0; fi
+  env --default-signal=INT "$@" &
+  child=$!
+  while kill -0 "$child" 2>/dev/null; do  # a trapped signal ends a wait before the task does
+    wait "$child" || true
+  done
+  local status=0
+  wait "$child" || status=$?  # bash keeps the status of a finished background command
+  child=0
+  return "$status"
 }
 
 failed=() finished=()
@@ -91,7 +109,9 @@ if [[ ${#finished[@]} -gt 0 ]]; then
   if [[ $dry_run -eq 1 ]]; then
     run "${report[@]}"
   else
-    "${report[@]}" > "$out/report.md.tmp"
+    status=0
+    run "${report[@]}" > "$out/report.md.tmp" || status=$?
+    if [[ $status -ne 0 ]]; then rm -f "$out/report.md.tmp"; exit "$status"; fi
     mv "$out/report.md.tmp" "$out/report.md"
     cat "$out/report.md"
   fi

@@ -3,8 +3,10 @@ import glob
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -130,3 +132,39 @@ def test_glue_runs_every_task_goes_on_past_a_failure_and_reports(glue_dir, vocab
   assert os.listdir(tmp_path / "submission") == ["SST-2.tsv"]
   written = tmp_path / "sst2" / "submission" / "SST-2.tsv"
   assert (tmp_path / "submission" / "SST-2.tsv").read_text() == written.read_text()
+
+
+FAKE_BIPFT = """#!/usr/bin/env python3
+# A stand-in for bipft: says whether it can see a Ctrl-C, then waits for a signal and exits with its code.
+import os, signal, sys, time
+log = open(os.environ["FAKE_LOG"], "a", buffering=1)
+ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+log.write(f"started {sys.argv[1]} SIGINT {'ignored' if ignored else 'seen'}\\n")
+def stop(signum, frame):
+  log.write(f"got {signal.Signals(signum).name}\\n")
+  sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM to the script", "Ctrl-C to the process group"])
+def test_glue_passes_a_stop_signal_to_the_running_task_and_exits_with_its_code(tmp_path, signum, to_group):
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "bipft").write_text(FAKE_BIPFT)
+  (tmp_path / "bin" / "bipft").chmod(0o755)
+  log = tmp_path / "log"
+  env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log)}
+  script = subprocess.Popen([os.path.join(REPO, "launch", "glue.sh"), "--out", str(tmp_path / "runs"), "--tasks",
+                             "rte,sst2"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal gives it
+  deadline = time.time() + 30
+  while not (log.exists() and "started" in log.read_text()) and time.time() < deadline:
+    time.sleep(0.05)
+  os.killpg(script.pid, signum) if to_group else os.kill(script.pid, signum)
+  _, err = script.communicate(timeout=30)
+  assert script.returncode == 128 + signum, err
+  assert log.read_text().splitlines() == ["started finetune SIGINT seen", f"got {signum.name}"]  # sst2 never ran
+  assert err.strip() == "glue.sh: stopped during rte; run the same command again to resume"
