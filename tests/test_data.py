@@ -1,5 +1,7 @@
 """The pretraining pipeline: masking and NSP statistics, determinism, resumable state, host split, sources."""
 import gzip
+import mmap
+import re
 
 import ml_collections
 import numpy as np
@@ -160,6 +162,26 @@ def test_sentence_splitting_and_wikitext(tmp_path):
   assert list(wiki) == ["Intro text-here . Second [UNK] sentence .\nMore text .", "Lobster text ."]
   with pytest.raises(UserError, match="missing"):
     sources.WikiText(str(tmp_path), "train")
+
+
+def test_text_files_are_indexed_into_the_documents_a_split_of_the_whole_text_gives(tmp_path):
+  # Until 2026-12-04 every file was read whole and split at the regular expression below; the index
+  # must find the same documents (a run resumed across the change reads the same data).
+  rng = np.random.default_rng(0)
+  pieces = np.array(["w", "two words", ".", "\n", "\n", "\n", "\r", " ", "\t", "\ufeff", "\u2028", "\x1c", "\xa0",
+                     "\u3000", "é", "\x0b"], dtype=object)
+  texts = {name: "".join(rng.choice(pieces, 4000)) for name in ("a.txt", "b.txt.gz", "c.txt")}
+  texts["empty.txt"] = ""
+  for name, text in texts.items():
+    with (gzip.open if name.endswith(".gz") else open)(tmp_path / name, "wt", encoding="utf-8") as f:
+      f.write(text)
+  source = sources.TextFiles([str(tmp_path / "*")])
+  expected = [d.strip() for name in sorted(texts) for d in re.split(r"\n\s*\n", texts[name]) if d.strip()]
+  assert len(expected) > 300 and list(source) == expected
+  assert isinstance(source.contents[0], mmap.mmap) and isinstance(source.contents[1], bytes)  # a.txt, b.txt.gz
+  (tmp_path / "d.txt").write_bytes(b"fine\n\ncaf\xe9\n")
+  with pytest.raises(UserError, match=r"d.txt: line 3 is not UTF-8 \(byte 0xe9\)"):
+    sources.TextFiles([str(tmp_path / "d.txt")])
 
 
 def test_text_source_errors(tmp_path):

@@ -7,6 +7,8 @@ without loading a corpus like Wikipedia into memory. Documents are split into se
 """
 import glob
 import gzip
+import io
+import mmap
 import os
 import re
 import zlib
@@ -32,25 +34,11 @@ def split_sentences(text: str) -> list:
   return sentences
 
 
-class TextFiles(Sequence):
-  """Documents from local UTF-8 text files: blank lines separate documents (BERT's format, where
-  each line is a sentence, works as is; lines of running text are split into sentences)."""
+class Documents(Sequence):
+  """Documents held in memory."""
 
-  def __init__(self, patterns: Sequence[str]):
-    paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
-    if not paths:
-      raise UserError(f"no text files match {list(patterns)}; set data.paths to files or globs")
-    self.documents = []
-    for path in paths:
-      opener = gzip.open if path.endswith(".gz") else open
-      try:
-        with opener(path, "rt", encoding="utf-8") as f:
-          text = f.read()
-      except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # EOFError: a truncated .gz
-        raise UserError(f"cannot read text file {path}: {e or type(e).__name__}") from None
-      self.documents.extend(d.strip() for d in re.split(r"\n\s*\n", text) if d.strip())
-    if not self.documents:
-      raise UserError(f"the text files {paths} hold no text")
+  def __init__(self, documents: list):
+    self.documents = documents
 
   def __len__(self):
     return len(self.documents)
@@ -59,7 +47,72 @@ class TextFiles(Sequence):
     return self.documents[index]
 
 
-class WikiText(TextFiles):
+class TextFiles(Sequence):
+  """Documents from local UTF-8 text files: blank lines separate documents (BERT's format, where
+  each line is a sentence, works as is; lines of running text are split into sentences).
+
+  A plain file is indexed, not loaded: one pass notes each document's byte span, and a document is
+  read from the memory-mapped file when asked for, so a corpus larger than memory trains (and a host
+  keeps only what its shard reads in the page cache). A .gz file cannot be read at an offset: it is
+  decompressed into memory.
+  """
+
+  def __init__(self, patterns: Sequence[str]):
+    paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
+    if not paths:
+      raise UserError(f"no text files match {list(patterns)}; set data.paths to files or globs")
+    self.contents, spans = [], []
+    for path in paths:
+      contents = _file_contents(path)
+      spans += [(len(self.contents), start, end) for start, end in _document_spans(contents, path)]
+      self.contents.append(contents)
+    if not spans:
+      raise UserError(f"the text files {paths} hold no text")
+    self.spans_Dx3 = np.array(spans, np.int64)  # (file, first byte, end byte) of each document
+
+  def __len__(self):
+    return len(self.spans_Dx3)
+
+  def __getitem__(self, index: int) -> str:
+    which, start, end = (int(x) for x in self.spans_Dx3[index])
+    return self.contents[which][start:end].decode("utf-8").strip()
+
+
+def _file_contents(path: str):
+  """The bytes of `path`: a read-only memory map, or for a .gz file its decompressed bytes."""
+  try:
+    if path.endswith(".gz"):
+      with gzip.open(path, "rb") as f:
+        return f.read()
+    with open(path, "rb") as f:
+      return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+  except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated .gz
+    raise UserError(f"cannot read text file {path}: {e or type(e).__name__}") from None
+
+
+def _document_spans(contents, path: str) -> list:
+  """(start, end) byte offsets of the documents of `contents`: the runs of lines between lines of
+  whitespace only (what splitting the text at a regular expression \\n\\s*\\n gives)."""
+  spans, start, offset = [], None, 0
+  lines = iter((io.BytesIO(contents) if isinstance(contents, bytes) else contents).readline, b"")
+  for number, line in enumerate(lines, start=1):  # "\n" never occurs inside a UTF-8 sequence
+    try:
+      blank = not line.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+      raise UserError(f"cannot read text file {path}: line {number} is not UTF-8 (byte "
+                      f"{line[e.start]:#04x}); re-encode it as UTF-8") from None
+    if blank and start is not None:
+      spans.append((start, offset))
+      start = None
+    elif not blank and start is None:
+      start = offset
+    offset += len(line)
+  if start is not None:
+    spans.append((start, offset))
+  return spans
+
+
+class WikiText(Documents):
   """WikiText raw (`train.raw.gz`, `valid.raw.gz`, `test.raw.gz`): one document per article.
 
   Articles start at ` = Title = ` lines; section headings (` = = Section = = `) are dropped and
@@ -82,7 +135,7 @@ class WikiText(TextFiles):
         current.append(_clean_wikitext(line))
     if current:
       articles.append("\n".join(current))
-    self.documents = articles
+    super().__init__(articles)
 
 
 def _clean_wikitext(line: str) -> str:
