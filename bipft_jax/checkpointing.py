@@ -423,13 +423,15 @@ def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> 
       "be corrupt or from a different model")
 
 
-def save_params(directory: str, params, config: model_lib.BertConfig, head: str, step: int = 0) -> None:
+def save_params(directory: str, params, config: model_lib.BertConfig, head: str, step: int = 0,
+                run_config: Optional[dict] = None) -> None:
   """Writes `params` as a params-only checkpoint that `restore_params` and `--init_from` accept
-  (UserError, nothing written, if any of them is NaN or Inf)."""
+  (UserError, nothing written, if any of them is NaN or Inf); `run_config`: the job's config, kept
+  beside the model's."""
   if not bool(jax.jit(all_finite)(params)):
     raise UserError("the parameters hold NaN or Inf values; refusing to save them as a checkpoint")
   manager = make_manager(directory, max_to_keep=None)
-  save(manager, step, params=params, config=config_record(config, head))
+  save(manager, step, params=params, config=config_record(config, head, run_config))
   wait(manager)
   manager.close()
 
@@ -445,6 +447,15 @@ def read_model(path: str, step: Optional[int] = None) -> tuple:
   except (KeyError, TypeError, ValueError) as e:
     raise UserError(f"checkpoint step {step} in {manager.directory} has a bad config item: {e}") from None
   return manager, step, config, head
+
+
+def read_run_config(path: str, step: Optional[int] = None) -> Optional[dict]:
+  """The config of the job that wrote a checkpoint, or None where it was not recorded (a converted or
+  hand-made checkpoint, a finetuned best/ from before 2026-12-04)."""
+  manager, step = _resolve(path, step)
+  record = read_config(manager, step)
+  manager.close()
+  return record.get("run") if isinstance(record, dict) else None
 
 
 def restore_params(path: str, step: Optional[int] = None, shardings=None) -> tuple:

@@ -20,9 +20,11 @@ a user deploys, so its metrics can be set beside the simulated student's: the tw
 up to float rounding near a tie. The model comes from the checkpoint (GLUE: `precision`, if set,
 changes the one it computes in); everything else from the config, so pass the config and overrides
 of the run that wrote the checkpoint (GLUE: data, max_length, min_bucket, eval_batch_size, and
-max_train_examples/seed for the majority-class rate; pretraining: the data, eval_batches,
-eval_batch_size and seed that fix the held-out set, and the mesh). The data reading, tokenization, batching, prediction and metrics are the runs' own
-(glue/splits.py, glue/predictions.py, pretraining.py), so the numbers equal what the runs log: a
+max_train_examples/seed for the majority-class rate; a finetuned checkpoint records its run's
+config, and another task or custom labels than the run's are refused, another max_length or
+tokenizer noted on stderr; pretraining: the data, eval_batches, eval_batch_size and seed that fix
+the held-out set, and the mesh). The data reading, tokenization, batching, prediction and metrics
+are the runs' own (glue/splits.py, glue/predictions.py, pretraining.py), so the numbers equal what the runs log: a
 finetune workdir's results.json (except MNLI-mm, which it takes from the last epoch rather than the
 best), and a pretraining step's eval_mlm_accuracy in metrics.jsonl (on the same devices; other
 meshes can change the last float bits of the loss).
@@ -133,6 +135,7 @@ def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | Non
     raise UserError(f"--kernel is for a packed file (`bipft export-packed`); {checkpoint} is not one")
   else:
     source, step, model_config = find_checkpoint(checkpoint, "classification", fix)
+    check_against_run(config, checkpointing.read_run_config(source, step), source)
     model_config = _in_precision(model_config, config.precision)
     params = jax.device_get(checkpointing.restore_params(source, step)[2])  # one host copy, as finetune's
     predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
@@ -143,6 +146,33 @@ def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | Non
   splits.check_max_length(config, model_config)
   tokenizer = splits.load_tokenizer(config, tokenizer_folder, model_config)
   return Classifier(source, step, kernel, params, predict_step, tokenizer)
+
+
+# What turns a text into the model's inputs, beside the task: set otherwise than in the run that
+# wrote the checkpoint, a text predicts otherwise than it did there.
+INPUT_FIELDS = ("max_length", "data.tokenizer")
+
+
+def check_against_run(config, run: dict | None, source: str) -> None:
+  """UserError if the classifier at `source` was finetuned on another task (or, a custom task, other
+  labels) than config names; a note for each INPUT_FIELDS value other than the run's. `run`: the
+  config recorded in the checkpoint (None: not recorded, nothing to check)."""
+  if not run:
+    return
+  if run.get("task") != config.task:
+    raise UserError(f"{source} was finetuned on {run.get('task')}, not {config.task}: pass "
+                    f"configs/glue.py:task={run.get('task')}, or a checkpoint finetuned on {config.task}")
+  labels = run.get("data", {}).get("labels")
+  if config.task == "custom" and labels != config.data.labels:
+    raise UserError(f"{source} was finetuned with data.labels={labels!r}, not {config.data.labels!r}: its outputs "
+                    f"are those labels in that order; pass --config.data.labels={labels}")
+  for field in INPUT_FIELDS:
+    theirs, ours = run, config
+    for key in field.split("."):
+      theirs, ours = theirs.get(key) if isinstance(theirs, dict) else None, ours.get(key)
+    if theirs is not None and theirs != ours:
+      print(f"bipft: note: {field} is {ours!r} here but was {theirs!r} in the run that wrote {source}; pass "
+            f"--config.{field}={theirs} to read texts as it did", file=sys.stderr)
 
 
 def find_checkpoint(path: str, head: str, fix: str) -> tuple:

@@ -164,7 +164,7 @@ def _corrupt(workdir, tmp_path) -> str:
     ("missing", "does not exist; pass a workdir"),
     ("corrupt", "is corrupt: params/"),
     ("pretraining head", "holds a pretraining model, not a classification one"),
-    ("num_labels", "has 2 outputs but mnli needs 3"),
+    ("num_labels", "was finetuned on sst2, not mnli"),  # its record names the task, before its shape
     ("split", "sst2 has no split 'validation'; choose one of train, dev, test"),
     ("test without predictions", "has no labels to score: pass --predictions"),
     ("unwritable", "cannot be a folder: "),
@@ -270,11 +270,15 @@ def test_predict_reads_standard_input_and_sentence_pairs(finetuned, glue_dir, vo
   from_file = _predict(finetuned[0], texts, glue_dir, vocab_dir, capsys)
   monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\n".join(sentences[:3]).encode())))
   assert _predict(finetuned[0], "-", glue_dir, vocab_dir, capsys) == from_file
-  # A sentence-pair task takes two tab-separated texts per line (the sst2 classifier has mrpc's 2 labels).
+  # A sentence-pair task takes two tab-separated texts per line: the sst2 classifier's parameters, saved
+  # without the record of their run (which names sst2), as a classifier of mrpc's two labels.
   pairs = tmp_path / "pairs.txt"
   pairs.write_text("".join(f"{a}\t{b}\n" for a, b in zip(sentences[:3], sentences[3:6])))
+  unrecorded = str(tmp_path / "unrecorded")
+  model_config, head, params = checkpointing.restore_params(os.path.join(finetuned[0], "best"))
+  checkpointing.save_params(unrecorded, params, model_config, head)
   capsys.readouterr()
-  assert cli.main(["predict", "--config", f"{GLUE_CONFIG}:task=mrpc", "--checkpoint", finetuned[0],
+  assert cli.main(["predict", "--config", f"{GLUE_CONFIG}:task=mrpc", "--checkpoint", unrecorded,
                    "--input", str(pairs)] + _glue_args(glue_dir, vocab_dir)) == 0
   assert len(capsys.readouterr().out.splitlines()) == 4
 
@@ -287,6 +291,23 @@ def test_predict_prints_scores_for_a_regression_task():
   assert predict.output_rows(custom, logits, False) == ["prediction", "6.250", "1.500", "-0.500"]
   assert [json.loads(r) for r in predict.output_rows(custom, logits, True)] == [
       {"prediction": 6.25}, {"prediction": 1.5}, {"prediction": -0.5}]
+
+
+def test_a_checkpoint_is_read_as_the_run_that_wrote_it(finetuned, glue_dir, vocab_dir, tmp_path, capsys):
+  # Another task with as many labels would misread its outputs without a word (before 2026-12-04).
+  (tmp_path / "pairs.txt").write_text("the film was good .\tthe film was bad .\n")
+  for command, extra in (("evaluate", []), ("predict", ["--input", str(tmp_path / "pairs.txt")])):
+    code = cli.main([command, "--config", f"{GLUE_CONFIG}:task=rte", "--checkpoint", finetuned[0], *extra]
+                    + _glue_args(glue_dir, vocab_dir))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "was finetuned on sst2, not rte: pass configs/glue.py:task=sst2" in err[0]
+  # Another max_length: the texts are read otherwise than in the run, which the command says.
+  _evaluate_json(finetuned[0], glue_dir, vocab_dir, capsys)  # as the run: no note
+  assert cli.main(["evaluate", "--config", f"{GLUE_CONFIG}:task=sst2", "--checkpoint", finetuned[0]]
+                  + _glue_args(glue_dir, vocab_dir) + ["--config.max_length=32"]) == 0
+  err = capsys.readouterr().err
+  assert "bipft: note: max_length is 32 here but was 16 in the run that wrote " in err
+  assert "pass --config.max_length=16 to read texts as it did" in err
 
 
 def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):

@@ -163,6 +163,11 @@ def test_custom_task_predicts_its_test_file(vocab_dir, tmp_path, capsys):
                   + [f"--config.{o}" for o in tiny_overrides("", vocab_dir, *data)]) == 0
   assert target.read_text() == written
   assert capsys.readouterr().out.splitlines()[-1] == f"custom test (5 examples): predictions written to {target}"
+  # The labels in another order would name every prediction wrongly: refused.
+  swapped = [o.replace("labels=neg,pos", "labels=pos,neg") for o in data]
+  assert cli.main(["evaluate", "--config", os.path.join(ROOT, "configs/glue.py:task=custom"), "--checkpoint",
+                   str(tmp_path / "run")] + [f"--config.{o}" for o in tiny_overrides("", vocab_dir, *swapped)]) == 2
+  assert "was finetuned with data.labels='neg,pos', not 'pos,neg'" in capsys.readouterr().err
 
 
 def test_mnli_reports_both_dev_sets_and_writes_m_mm_and_ax(glue_dir, vocab_dir, tmp_path):

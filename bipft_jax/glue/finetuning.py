@@ -250,7 +250,7 @@ class Finetuning:
     best = select_results(self.task, self.history)["best_epoch"]
     if best == record["epoch"]:
       checkpointing.save_params(os.path.join(self.staging, f"{BEST}.{best}"), params, self.start.model_config,
-                                "classification", step=best)
+                                "classification", step=best, run_config=self.config.to_dict())
       self._remove_best(keep=best)
 
   def _remove_best(self, keep: int) -> None:
