@@ -9,7 +9,8 @@ pretraining or GLUE finetuning); the head is detected from the tensor names. `to
 --format hf` writes a directory that plain transformers loads with `trust_remote_code=True` (our
 own PyTorch model, `pytorch_model/modeling_bipft.py`, travels with it); `--format reference`
 writes the release's state dict, tie aliases included, so the authors' scripts load it with a
-strict `load_state_dict`.
+strict `load_state_dict`. A classifier whose checkpoint records its run names its task's classes in
+config.json (`id2label`, `label2id`); others keep LABEL_0, LABEL_1, ...
 Names and transposes come from the single table in `pytorch_io`.
 """
 import argparse
@@ -115,15 +116,17 @@ def from_pytorch(src: str, out: str) -> dict:
 
 # --- ours -> PyTorch ------------------------------------------------------------
 
-def hf_config_dict(config: model_lib.BertConfig, head: str) -> dict:
-  """A Hugging Face BertConfig dict with the release's binary fields and our own switches."""
+def hf_config_dict(config: model_lib.BertConfig, head: str, labels: tuple | None = None) -> dict:
+  """A Hugging Face BertConfig dict with the release's binary fields and our own switches; `labels`:
+  the classifier's class names (else LABEL_0, LABEL_1, ...)."""
+  labels = labels or tuple(f"LABEL_{i}" for i in range(config.num_labels))
   hf = {theirs: getattr(config, ours) for theirs, ours in pytorch_io.HF_CONFIG_FIELDS.items()}
   hf.update(
       # hidden_act reaches only the MLM transform (the FFN is always erf-GELU), as in the release.
       hidden_act=config.mlm_transform_act, initializer_range=0.02, position_embedding_type="absolute",
       classifier_dropout=config.classifier_dropout,
-      id2label={str(i): f"LABEL_{i}" for i in range(config.num_labels)},
-      label2id={f"LABEL_{i}": i for i in range(config.num_labels)},
+      id2label={str(i): label for i, label in enumerate(labels)},
+      label2id={label: i for i, label in enumerate(labels)},
       weight_bits=1 if config.binary else 32, input_bits=1 if config.binary else 32,
       weight_quant_method=config.weight_binarizer, input_quant_method=config.activation_binarizer,
       linear_quant_method=config.linear_binarizer,
@@ -142,9 +145,9 @@ HF_CLASSES = {"pretraining": "BiPFTForPreTraining", "classification": "BiPFTForS
               "encoder": "BiPFTModel"}
 
 
-def hf_export_config(config: model_lib.BertConfig, head: str) -> dict:
+def hf_export_config(config: model_lib.BertConfig, head: str, labels: tuple | None = None) -> dict:
   """config.json of the `hf` export: loads through `auto_map` into modeling_bipft.py."""
-  hf = hf_config_dict(config, head)
+  hf = hf_config_dict(config, head, labels)
   hf.update(model_type="bipft", architectures=[HF_CLASSES[head]], auto_map={
       "AutoConfig": "modeling_bipft.BiPFTConfig",
       "AutoModel": "modeling_bipft.BiPFTModel",
@@ -176,11 +179,12 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
   config, head, params = checkpointing.restore_params(checkpoint, step)
   _check_exportable(config, fmt)
   params = _to_host(params)
+  labels = task_labels(checkpointing.read_run_config(checkpoint, step), config)
   if fmt == "hf":
-    state, config_json = pytorch_io.to_torch_state(params), hf_export_config(config, head)
+    state, config_json = pytorch_io.to_torch_state(params), hf_export_config(config, head, labels)
   else:
     state = reference_state(params, head)
-    config_json = dict(hf_config_dict(config, head), model_type="bert")
+    config_json = dict(hf_config_dict(config, head, labels), model_type="bert")
   with files.atomic_folder(out) as tmp:
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:  # inside the temp folder: renamed whole
@@ -189,6 +193,17 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
       shutil.copy2(MODELING_FILE, os.path.join(tmp, "modeling_bipft.py"))
     copied = _copy_tokenizer(tokenizer or _tokenizer_folder(checkpoint), tmp)
   return {"head": head, "binary": config.binary, "tensors": len(state), "tokenizer": copied}
+
+
+def task_labels(run: dict | None, config: model_lib.BertConfig) -> tuple | None:
+  """The class names of the task a classifier was finetuned on (its run's record), for id2label; None
+  for another model, a regression task or a checkpoint without the record."""
+  from bipft_jax.glue import tasks
+  if not run or "task" not in run or config.num_labels < 2:
+    return None
+  task = tasks.custom_task(run.get("data", {}).get("labels", ""), 1) if run["task"] == "custom" else \
+      tasks.TASKS.get(run["task"])
+  return task.labels if task is not None and task.num_labels == config.num_labels else None
 
 
 def _check_exportable(config: model_lib.BertConfig, fmt: str) -> None:

@@ -122,6 +122,7 @@ def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | Non
   config names (else the checkpoint's, else MiniLM's); UserError for a model of another shape."""
   fix = f"pass a `bipft finetune` workdir (or its best/) of {task.name}, or a packed file of one"
   if os.path.isfile(checkpoint):  # orbax checkpoints are folders
+    check_against_run(config, packed_file.read_run_config(checkpoint), checkpoint)
     model_config, head, params = packed_file.load_packed(checkpoint, kernel or "auto")
     if head != "classification":
       raise UserError(f"{checkpoint} holds a packed {head}, not a classifier (an export of a pretraining run): "

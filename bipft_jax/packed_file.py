@@ -78,12 +78,16 @@ def _digest(tensors: dict) -> str:
   return digest.hexdigest()
 
 
-def write_packed(path: str, config: BertConfig, head: str, packed_params: dict, remainder_dtype: str) -> int:
-  """Writes the file atomically (temp file, then rename); returns its size in bytes."""
+def write_packed(path: str, config: BertConfig, head: str, packed_params: dict, remainder_dtype: str,
+                 run_config: dict | None = None) -> int:
+  """Writes the file atomically (temp file, then rename); returns its size in bytes. `run_config`: the
+  config of the run that trained the model, kept in the metadata (`read_run_config`)."""
   tensors = file_tensors(config, head, packed_params, remainder_dtype)
   metadata = {"sha256": _digest(tensors), "format": FORMAT, "format_version": FORMAT_VERSION, "head": head,
               "config": json.dumps(dataclasses.asdict(config)), "remainder_dtype": remainder_dtype,
               "word_bits": str(packed.WORD_BITS)}
+  if run_config:
+    metadata["run"] = json.dumps(run_config)
   with files.atomic_path(path) as tmp:
     safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
   return os.path.getsize(path)
@@ -107,8 +111,22 @@ def _read(path: str) -> tuple:
       metadata = f.metadata() or {}
       tensors = {name: f.get_tensor(name) for name in f.keys()}
   except Exception as e:  # safetensors raises several types for truncated/garbled files
-    raise UserError(f"{path} is not a readable safetensors file ({e}); re-export it with `bipft export-packed`") from None
+    raise _unreadable(path, e) from None
   return metadata, tensors
+
+
+def _unreadable(path: str, error: Exception) -> UserError:
+  return UserError(f"{path} is not a readable safetensors file ({error}); re-export it with `bipft export-packed`")
+
+
+def read_run_config(path: str) -> dict | None:
+  """The config of the run that trained the packed model at `path`, or None where it was not kept."""
+  try:
+    with safetensors.safe_open(path, framework="numpy") as f:
+      run = (f.metadata() or {}).get("run")
+    return json.loads(run) if run else None
+  except Exception as e:  # safetensors raises several types for truncated/garbled files
+    raise _unreadable(path, e) from None
 
 
 def load_packed(path: str, kernel: str = "auto") -> tuple:
@@ -184,8 +202,10 @@ def choose_remainder(config: BertConfig, head: str, packed_params: dict) -> tupl
 
 # --- the command ---------------------------------------------------------------------
 
-def export(config: BertConfig, head: str, params: dict, out: str, remainder: str = "auto") -> dict:
-  """Packs and writes `params`; returns the sizes (bytes) and choices made."""
+def export(config: BertConfig, head: str, params: dict, out: str, remainder: str = "auto",
+           run_config: dict | None = None) -> dict:
+  """Packs and writes `params` (with the config of the run that trained them, if given); returns the
+  sizes (bytes) and choices made."""
   if not config.binary:
     raise UserError("the checkpoint holds a full-precision model (binary=False); export a 1-bit student")
   try:
@@ -194,7 +214,7 @@ def export(config: BertConfig, head: str, params: dict, out: str, remainder: str
     raise UserError(f"{e}; export-packed needs one of {', '.join(policy.packable_binarizers())}") from None
   packed_head, packed_params = packed.pack_params(config, head, params)
   dtype, changed = choose_remainder(config, packed_head, packed_params) if remainder == "auto" else (remainder, None)
-  size = write_packed(out, config, packed_head, packed_params, dtype)
+  size = write_packed(out, config, packed_head, packed_params, dtype, run_config)
   kept = params["bert"] if head == "pretraining" else params  # the model the file holds
   return {"head": packed_head, "remainder_dtype": dtype, "float16_changed_probes": changed, "packed_bytes": size,
           "fp32_bytes": 4 * packed.param_count(kept), "ratio": 4 * packed.param_count(kept) / size}

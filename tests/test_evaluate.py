@@ -171,7 +171,7 @@ def _corrupt(workdir, tmp_path) -> str:
     ("classifier for MLM", "holds a classification model, not a pretraining one"),
     ("packed encoder", "holds a packed encoder, not a classifier"),
     ("packed for MLM", "a packed file holds no MLM head to score"),
-    ("packed num_labels", "has 2 outputs but mnli needs 3"),
+    ("packed num_labels", "was finetuned on sst2, not mnli"),  # the export keeps the run's record
     ("unknown kernel", "unknown packed kernel 'fastest'; choose one of popcount, int8, native, auto"),
     ("kernel of a folder", "--kernel is for a packed file (`bipft export-packed`)"),
     ("not a packed file", "is not a readable safetensors file"),
@@ -293,14 +293,18 @@ def test_predict_prints_scores_for_a_regression_task():
       {"prediction": 6.25}, {"prediction": 1.5}, {"prediction": -0.5}]
 
 
-def test_a_checkpoint_is_read_as_the_run_that_wrote_it(finetuned, glue_dir, vocab_dir, tmp_path, capsys):
-  # Another task with as many labels would misread its outputs without a word (before 2026-12-04).
+def test_a_checkpoint_is_read_as_the_run_that_wrote_it(finetuned, packed_classifier, glue_dir, vocab_dir, tmp_path,
+                                                       capsys):
+  # Another task with as many labels would misread its outputs without a word (before 2026-12-04); the
+  # packed file keeps the checkpoint's record of its run.
   (tmp_path / "pairs.txt").write_text("the film was good .\tthe film was bad .\n")
-  for command, extra in (("evaluate", []), ("predict", ["--input", str(tmp_path / "pairs.txt")])):
-    code = cli.main([command, "--config", f"{GLUE_CONFIG}:task=rte", "--checkpoint", finetuned[0], *extra]
-                    + _glue_args(glue_dir, vocab_dir))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "was finetuned on sst2, not rte: pass configs/glue.py:task=sst2" in err[0]
+  for checkpoint in (finetuned[0], packed_classifier):
+    for command, extra in (("evaluate", []), ("predict", ["--input", str(tmp_path / "pairs.txt")])):
+      code = cli.main([command, "--config", f"{GLUE_CONFIG}:task=rte", "--checkpoint", checkpoint, *extra]
+                      + _glue_args(glue_dir, vocab_dir))
+      err = capsys.readouterr().err.strip().splitlines()
+      assert code == 2 and len(err) == 1, err
+      assert "was finetuned on sst2, not rte: pass configs/glue.py:task=sst2" in err[0]
   # Another max_length: the texts are read otherwise than in the run, which the command says.
   _evaluate_json(finetuned[0], glue_dir, vocab_dir, capsys)  # as the run: no note
   assert cli.main(["evaluate", "--config", f"{GLUE_CONFIG}:task=sst2", "--checkpoint", finetuned[0]]

@@ -168,6 +168,11 @@ def test_custom_task_predicts_its_test_file(vocab_dir, tmp_path, capsys):
   assert cli.main(["evaluate", "--config", os.path.join(ROOT, "configs/glue.py:task=custom"), "--checkpoint",
                    str(tmp_path / "run")] + [f"--config.{o}" for o in tiny_overrides("", vocab_dir, *swapped)]) == 2
   assert "was finetuned with data.labels='neg,pos', not 'pos,neg'" in capsys.readouterr().err
+  # A PyTorch export names the classes (Hugging Face's id2label) as the run did.
+  assert cli.main(["convert", "to-pytorch", "--checkpoint", str(tmp_path / "run" / "best"), "--out",
+                   str(tmp_path / "export")]) == 0
+  exported = json.loads((tmp_path / "export" / "config.json").read_text())
+  assert exported["id2label"] == {"0": "neg", "1": "pos"} and exported["label2id"] == {"neg": 0, "pos": 1}
 
 
 def test_mnli_reports_both_dev_sets_and_writes_m_mm_and_ax(glue_dir, vocab_dir, tmp_path):
