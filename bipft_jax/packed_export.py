@@ -6,12 +6,13 @@
 An existing --out file is replaced only with --overwrite, and then whole (temporary name, rename).
 The FP remainder is stored in float16 when that keeps the model's predictions on 256 random
 sequences (`--remainder auto`; packed_file.py says why a binary model often needs float32). A
-finetuned checkpoint's record of its run goes into the file's metadata, so that `bipft evaluate` and
-`predict` check a packed classifier against its task as they check the checkpoint.
+finetuned checkpoint's record of its run goes into the file's metadata, the fields that say how the
+model reads text (task, labels, max_length, tokenizer; not the run's paths), so that `bipft
+evaluate` and `predict` check a packed classifier against its task as they check the checkpoint.
 """
 import argparse
 
-from bipft_jax import files, packed, packed_file
+from bipft_jax import files, packed, packed_file, saved_models
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +28,8 @@ def run(args) -> int:
   from bipft_jax import checkpointing
   files.check_output_file(args.out, "--out", args.overwrite)
   config, head, params = checkpointing.restore_params(args.checkpoint, args.step)
-  run_config = checkpointing.read_run_config(args.checkpoint, args.step)
-  result = packed_file.export(config, head, params, args.out, args.remainder, run_config)
+  record = saved_models.reading_record(checkpointing.read_run_config(args.checkpoint, args.step))
+  result = packed_file.export(config, head, params, args.out, args.remainder, record)
   if head == "pretraining":
     print("note: exported the encoder; the pretraining heads (MLM decoder tied to the latent FP "
           "word embedding, NSP) are not part of a 1-bit model")

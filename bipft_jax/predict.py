@@ -35,7 +35,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from bipft_jax import checkpointing, config_checks, config_loading, evaluate, packed, pretraining, pytorch_io
+from bipft_jax import checkpointing, config_checks, config_loading, packed, pretraining, pytorch_io
+from bipft_jax import saved_models
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import predictions, tasks
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   config = config_loading.load_config(args.config, args.config_overrides)
-  if evaluate.is_glue_config(config):
+  if saved_models.is_glue_config(config):
     if args.top_k is not None:
       raise UserError("--top_k is for filling masks with a pretraining config (configs/pretrain.py)")
     rows = classify(config, args.checkpoint, args.input, args.kernel, args.json)
@@ -76,13 +77,13 @@ def classify(config, checkpoint: str, path: str, kernel: str | None, as_json: bo
   config_checks.check_glue(config)
   task = tasks.task_from_config(config)
   examples = read_examples(path, tasks.texts_per_example(task, config.data), task.name)
-  classifier = evaluate.load_classifier(config, task, checkpoint, kernel)
+  classifier = saved_models.load_classifier(config, task, checkpoint, kernel)
   data = tasks.encode(classifier.tokenizer, examples, config.max_length)
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)
   with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} predict", unit="batch",
             file=sys.stderr, dynamic_ncols=True, disable=None) as progress:
-    logits = predictions.predict_logits(evaluate.counting(classifier.predict_step, progress), classifier.params,
-                                        data, config.eval_batch_size, buckets)
+    logits = predictions.predict_logits(predictions.counting(classifier.predict_step, progress),
+                                        classifier.params, data, config.eval_batch_size, buckets)
   return output_rows(task, logits, as_json)
 
 
@@ -145,7 +146,7 @@ def fill_masks(config, checkpoint: str, path: str, top_k: int, as_json: bool) ->
   if top_k < 1:
     raise UserError(f"--top_k must be >= 1, got {top_k}")
   texts = read_examples(path, 1, "filling masks").texts_a
-  directory, step, model_config = evaluate.find_checkpoint(
+  directory, step, model_config = saved_models.find_checkpoint(
       checkpoint, "pretraining", "pass a `bipft pretrain` workdir or one of its step folders")
   tokenizer = pytorch_io.load_tokenizer(pretraining.tokenizer_folder(config), model_config.vocab_size,
                                         fix="set --config.tokenizer to the vocabulary the model was trained with")

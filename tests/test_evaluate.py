@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from bipft_jax import checkpointing, cli, config_loading, evaluate, packed, packed_file, predict
+from bipft_jax import checkpointing, cli, config_loading, packed, packed_file, predict, saved_models
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
 from bipft_jax.glue import finetune, predictions, tasks
@@ -249,7 +249,7 @@ def test_predict_labels_texts_as_evaluate_does_with_their_probabilities(finetune
   # The probabilities are the softmax of the classifier's logits.
   config = config_loading.load_config(f"{GLUE_CONFIG}:task=sst2", [o[len("--config."):] for o in
                                                                      _glue_args(glue_dir, vocab_dir)])
-  classifier = evaluate.load_classifier(config, tasks.get_task("sst2"), finetuned[0])
+  classifier = saved_models.load_classifier(config, tasks.get_task("sst2"), finetuned[0])
   data = tasks.encode(classifier.tokenizer, predict.read_examples(str(texts), 1, "sst2"), 16)
   logits = predictions.predict_logits(classifier.predict_step, classifier.params, data, 8, tasks.length_buckets(16))
   np.testing.assert_allclose(probabilities, np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), atol=1e-6)
@@ -298,6 +298,8 @@ def test_a_checkpoint_is_read_as_the_run_that_wrote_it(finetuned, packed_classif
   # Another task with as many labels would misread its outputs without a word (before 2026-12-04); the
   # packed file keeps the checkpoint's record of its run.
   (tmp_path / "pairs.txt").write_text("the film was good .\tthe film was bad .\n")
+  assert packed_file.read_run_config(packed_classifier) == {  # how it reads text; not the run's paths
+      "task": "sst2", "max_length": 16, "data": {"labels": "", "text_fields": "sentence", "tokenizer": vocab_dir}}
   for checkpoint in (finetuned[0], packed_classifier):
     for command, extra in (("evaluate", []), ("predict", ["--input", str(tmp_path / "pairs.txt")])):
       code = cli.main([command, "--config", f"{GLUE_CONFIG}:task=rte", "--checkpoint", checkpoint, *extra]

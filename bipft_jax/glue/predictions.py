@@ -75,6 +75,15 @@ def predict(predict_step: Callable, params, data: tasks.Encoded, batch_size: int
   return logits[:, 0] if regression else logits.argmax(-1)
 
 
+def counting(predict_step, progress):
+  """`predict_step` advancing `progress` by one batch per call."""
+  def step(params, batch):
+    logits = predict_step(params, batch)
+    progress.update(1)
+    return logits
+  return step
+
+
 def format_prediction(task: tasks.Task, prediction) -> str:
   """The leaderboard's spelling: a label string, or a score (STS-B's clipped to its range, [0, 5])."""
   if task.is_regression:

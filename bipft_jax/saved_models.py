@@ -1,0 +1,122 @@
+"""Trained models read back for scoring and prediction (`bipft evaluate`, `bipft predict`): the
+checkpoint of a given head, a finetuned classifier from a checkpoint or a packed file, and the check
+of a classifier against the record of the run that trained it.
+"""
+import dataclasses
+import os
+import sys
+from typing import Callable
+
+import jax
+
+from bipft_jax import checkpointing, packed, packed_file
+from bipft_jax import model as model_lib
+from bipft_jax.errors import UserError
+from bipft_jax.glue import predictions, splits, tasks
+
+
+def is_glue_config(config) -> bool:
+  """True for a GLUE config, False for a pretraining one; UserError for anything else."""
+  if "task" in config:
+    return True
+  if "teacher" in config and "max_predictions" in config.get("data", {}):
+    return False
+  raise UserError("the config is neither a GLUE config (configs/glue.py: it has `task`) nor a pretraining "
+                  "config (configs/pretrain.py: `teacher` and `data.max_predictions`)")
+
+
+def _in_precision(model_config, precision: str):
+  """The model computing in `precision` (config.precision), or in its own if that is empty."""
+  return dataclasses.replace(model_config, precision=precision) if precision else model_config
+
+
+@dataclasses.dataclass
+class Classifier:
+  """A finetuned classifier ready to predict, from a checkpoint or a packed file."""
+  source: str             # the checkpoint folder or the packed file
+  step: int | None        # the checkpoint's step; None for a packed file
+  kernel: str | None      # a packed file's kernel; None for a checkpoint
+  params: dict
+  predict_step: Callable  # (params, batch) -> logits
+  tokenizer: object
+
+
+def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | None = None) -> Classifier:
+  """The classifier of `task` at `checkpoint` (a finetune workdir: its best/; a checkpoint folder; or a
+  packed file, run on `kernel`), computing in config.precision (empty: its own), with the tokenizer
+  config names (else the checkpoint's, else MiniLM's); UserError for a model of another shape."""
+  fix = f"pass a `bipft finetune` workdir (or its best/) of {task.name}, or a packed file of one"
+  if os.path.isfile(checkpoint):  # orbax checkpoints are folders
+    check_against_run(config, packed_file.read_run_config(checkpoint), checkpoint)
+    model_config, head, params = packed_file.load_packed(checkpoint, kernel or "auto")
+    if head != "classification":
+      raise UserError(f"{checkpoint} holds a packed {head}, not a classifier (an export of a pretraining run): "
+                      f"{fix}")
+    model_config = _in_precision(model_config, config.precision)
+    logits = lambda p, batch: packed.forward(model_config, head, p, *(batch[k] for k in model_lib.MODEL_INPUTS))[
+        "logits"]
+    source, step, predict_step = checkpoint, None, packed.jit(logits)
+    kernel, tokenizer_folder = packed.resolve_kernel(kernel or "auto"), os.path.dirname(os.path.abspath(checkpoint))
+  elif kernel:
+    raise UserError(f"--kernel is for a packed file (`bipft export-packed`); {checkpoint} is not one")
+  else:
+    source, step, model_config = find_checkpoint(checkpoint, "classification", fix)
+    check_against_run(config, checkpointing.read_run_config(source, step), source)
+    model_config = _in_precision(model_config, config.precision)
+    params = jax.device_get(checkpointing.restore_params(source, step)[2])  # one host copy, as finetune's
+    predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
+    tokenizer_folder = source
+  if model_config.num_labels != task.num_labels:
+    raise UserError(f"{source} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
+                    "pass the checkpoint finetuned on this task")
+  splits.check_max_length(config, model_config)
+  tokenizer = splits.load_tokenizer(config, tokenizer_folder, model_config)
+  return Classifier(source, step, kernel, params, predict_step, tokenizer)
+
+
+# What turns a text into the model's inputs, beside the task: set otherwise than in the run that
+# wrote the checkpoint, a text predicts otherwise than it did there.
+INPUT_FIELDS = ("max_length", "data.tokenizer")
+
+
+def reading_record(run: dict | None) -> dict | None:
+  """The parts of a run's config that `check_against_run` reads (what a packed file keeps of it, not
+  the run's paths and recipe), or None."""
+  if not run or "task" not in run:
+    return None
+  data = run.get("data", {})
+  return {"task": run["task"], "max_length": run.get("max_length"),
+          "data": {k: data.get(k) for k in ("labels", "text_fields", "tokenizer")}}
+
+
+def check_against_run(config, run: dict | None, source: str) -> None:
+  """UserError if the classifier at `source` was finetuned on another task (or, a custom task, other
+  labels) than config names; a note for each INPUT_FIELDS value other than the run's. `run`: the
+  config recorded in the checkpoint (None: not recorded, nothing to check)."""
+  if not run:
+    return
+  if run.get("task") != config.task:
+    raise UserError(f"{source} was finetuned on {run.get('task')}, not {config.task}: pass "
+                    f"configs/glue.py:task={run.get('task')}, or a checkpoint finetuned on {config.task}")
+  labels = run.get("data", {}).get("labels")
+  if config.task == "custom" and labels != config.data.labels:
+    raise UserError(f"{source} was finetuned with data.labels={labels!r}, not {config.data.labels!r}: its outputs "
+                    f"are those labels in that order; pass --config.data.labels={labels}")
+  for field in INPUT_FIELDS:
+    theirs, ours = run, config
+    for key in field.split("."):
+      theirs, ours = theirs.get(key) if isinstance(theirs, dict) else None, ours.get(key)
+    if theirs is not None and theirs != ours:
+      print(f"bipft: note: {field} is {ours!r} here but was {theirs!r} in the run that wrote {source}; pass "
+            f"--config.{field}={theirs} to read texts as it did", file=sys.stderr)
+
+
+def find_checkpoint(path: str, head: str, fix: str) -> tuple:
+  """(folder, step, BertConfig) of the checkpoint at `path` (a finetune workdir: its best/; a
+  workdir: its latest step; or a step folder); UserError unless it has `head`."""
+  best = os.path.join(path, "best")
+  manager, step, model_config, saved_head = checkpointing.read_model(best if os.path.isdir(best) else path)
+  manager.close()
+  if saved_head != head:
+    raise UserError(f"{manager.directory} holds a {saved_head} model, not a {head} one: {fix}")
+  return str(manager.directory), step, model_config
