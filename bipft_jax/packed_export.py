@@ -7,7 +7,7 @@ An existing --out file is replaced only with --overwrite, and then whole (tempor
 The FP remainder is stored in float16 when that keeps the model's predictions on 256 random
 sequences (`--remainder auto`; packed_file.py says why a binary model often needs float32). A
 finetuned checkpoint's record of its run goes into the file's metadata, the fields that say how the
-model reads text (task, labels, max_length, tokenizer; not the run's paths), so that `bipft
+model reads text (task, labels, max_length, tokenizer; not its data or init paths), so that `bipft
 evaluate` and `predict` check a packed classifier against its task as they check the checkpoint.
 """
 import argparse

@@ -81,7 +81,7 @@ INPUT_FIELDS = ("max_length", "data.tokenizer")
 
 def reading_record(run: dict | None) -> dict | None:
   """The parts of a run's config that `check_against_run` reads (what a packed file keeps of it, not
-  the run's paths and recipe), or None."""
+  its data or init paths and recipe), or None."""
   if not run or "task" not in run:
     return None
   data = run.get("data", {})

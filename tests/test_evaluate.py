@@ -298,7 +298,7 @@ def test_a_checkpoint_is_read_as_the_run_that_wrote_it(finetuned, packed_classif
   # Another task with as many labels would misread its outputs without a word (before 2026-12-04); the
   # packed file keeps the checkpoint's record of its run.
   (tmp_path / "pairs.txt").write_text("the film was good .\tthe film was bad .\n")
-  assert packed_file.read_run_config(packed_classifier) == {  # how it reads text; not the run's paths
+  assert packed_file.read_run_config(packed_classifier) == {  # how it reads text; not its data paths
       "task": "sst2", "max_length": 16, "data": {"labels": "", "text_fields": "sentence", "tokenizer": vocab_dir}}
   for checkpoint in (finetuned[0], packed_classifier):
     for command, extra in (("evaluate", []), ("predict", ["--input", str(tmp_path / "pairs.txt")])):
