@@ -24,9 +24,9 @@ max_train_examples/seed for the majority-class rate; a finetuned checkpoint reco
 config, and another task or custom labels than the run's are refused, another max_length or
 tokenizer noted on stderr; pretraining: the data, eval_batches, eval_batch_size and seed that fix
 the held-out set, and the mesh). The data reading, tokenization, batching, prediction and metrics
-are the runs' own (glue/splits.py, glue/predictions.py, pretraining.py), so the numbers equal what the runs log: a
-finetune workdir's results.json (except MNLI-mm, which it takes from the last epoch rather than the
-best), and a pretraining step's eval_mlm_accuracy in metrics.jsonl (on the same devices; other
+are the runs' own (glue/splits.py, glue/predictions.py, pretraining.py), so the numbers equal what
+the runs log: a finetune workdir's results.json (except MNLI-mm, which it takes from the last epoch
+rather than the best), and a pretraining step's eval_mlm_accuracy in metrics.jsonl (on the same devices; other
 meshes can change the last float bits of the loss).
 
 Output on stdout: one line per split (GLUE: metrics in percent and the majority-class rate;
@@ -39,8 +39,6 @@ import argparse
 import json
 import os
 import sys
-
-from tqdm import tqdm
 
 from bipft_jax import checkpointing, config_checks, config_loading, distributed, engine, files, pretraining
 from bipft_jax import packed, pytorch_io, saved_models, sharding
@@ -142,8 +140,7 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
              "examples": {}}
   for name in chosen:
     data = tasks.encode(classifier.tokenizer, examples[name], config.max_length)
-    with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
-              file=sys.stderr, dynamic_ncols=True, disable=None) as progress:
+    with predictions.progress_bar(data, config.eval_batch_size, f"{task.name} {name}") as progress:
       predicted = predictions.predict(predictions.counting(classifier.predict_step, progress), classifier.params,
                                       data, config.eval_batch_size, buckets, task.is_regression)
     results["examples"][name] = len(data)
@@ -188,8 +185,8 @@ def evaluate_pretraining(config, checkpoint: str) -> dict:
   """The held-out MLM accuracy and cross entropy of a pretraining checkpoint, as `bipft pretrain`
   measures them (the same evaluator, on the config's mesh): {"checkpoint", "step", "eval_mlm_accuracy",
   "eval_mlm_loss"}."""
-  directory, step, student_config = saved_models.find_checkpoint(checkpoint, "pretraining",
-                                                "pass a `bipft pretrain` workdir or one of its step folders")
+  directory, step, student_config = saved_models.find_checkpoint(
+      checkpoint, "pretraining", "pass a `bipft pretrain` workdir or one of its step folders")
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
   student = model_lib.build(student_config, "pretraining")
   params_shardings = engine.param_shardings(student, mesh, rules)

@@ -33,7 +33,6 @@ import sys
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from bipft_jax import checkpointing, config_checks, config_loading, packed, pretraining, pytorch_io
 from bipft_jax import saved_models
@@ -80,8 +79,7 @@ def classify(config, checkpoint: str, path: str, kernel: str | None, as_json: bo
   classifier = saved_models.load_classifier(config, task, checkpoint, kernel)
   data = tasks.encode(classifier.tokenizer, examples, config.max_length)
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)
-  with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} predict", unit="batch",
-            file=sys.stderr, dynamic_ncols=True, disable=None) as progress:
+  with predictions.progress_bar(data, config.eval_batch_size, f"{task.name} predict") as progress:
     logits = predictions.predict_logits(predictions.counting(classifier.predict_step, progress),
                                         classifier.params, data, config.eval_batch_size, buckets)
   return output_rows(task, logits, as_json)
@@ -89,7 +87,7 @@ def classify(config, checkpoint: str, path: str, kernel: str | None, as_json: bo
 
 def read_examples(path: str, texts: int, task_name: str) -> tasks.Split:
   """The examples of `path` (- for standard input): one per line, `texts` tab-separated texts each."""
-  where = "standard input" if path == "-" else path
+  where = _where(path)
   if path == "-":
     if sys.stdin.isatty():
       print("bipft predict: reading standard input, one example per line; end it with Ctrl-D", file=sys.stderr)
@@ -116,6 +114,10 @@ def read_examples(path: str, texts: int, task_name: str) -> tasks.Split:
     raise UserError(f"{where} holds no text to predict")
   return tasks.Split([r[0] for r in rows], [r[1] for r in rows] if texts == 2 else None, None,
                      [str(i) for i in range(len(rows))])
+
+
+def _where(path: str) -> str:
+  return "standard input" if path == "-" else path
 
 
 def output_rows(task: tasks.Task, logits: np.ndarray, as_json: bool) -> list:
@@ -145,25 +147,24 @@ def fill_masks(config, checkpoint: str, path: str, top_k: int, as_json: bool) ->
   config_checks.check_pretrain(config)
   if top_k < 1:
     raise UserError(f"--top_k must be >= 1, got {top_k}")
-  texts = read_examples(path, 1, "filling masks").texts_a
+  examples = read_examples(path, 1, "filling masks")
   directory, step, model_config = saved_models.find_checkpoint(
       checkpoint, "pretraining", "pass a `bipft pretrain` workdir or one of its step folders")
   tokenizer = pytorch_io.load_tokenizer(pretraining.tokenizer_folder(config), model_config.vocab_size,
                                         fix="set --config.tokenizer to the vocabulary the model was trained with")
   max_length = min(config.data.max_seq_length, model_config.max_position_embeddings)
-  data = tasks.encode(tokenizer, tasks.Split(texts, None, None, [str(i) for i in range(len(texts))]), max_length)
+  data = tasks.encode(tokenizer, examples, max_length)
   masks = [[i for i, token in enumerate(ids) if token == tokenizer.mask_token_id] for ids in data.input_ids]
-  where = "standard input" if path == "-" else path
   for number, found in enumerate(masks, start=1):
     if not found:
-      raise UserError(f"{where} line {number} has no {tokenizer.mask_token} token within its first {max_length} "
+      raise UserError(f"{_where(path)} line {number} has no {tokenizer.mask_token} token within its first {max_length} "
                       "tokens (data.max_seq_length)")
   module = model_lib.build(model_config, "pretraining")
   params = jax.device_get(checkpointing.restore_params(directory, step)[2])
   mlm_logits = jax.jit(lambda p, inputs, positions: module.apply(
       {"params": p}, *(inputs[k] for k in model_lib.MODEL_INPUTS), mlm_positions_BxN=positions,
       deterministic=True)["mlm_logits"])
-  guesses = [None] * len(texts)  # per line: per mask, [(token id, probability)] best first
+  guesses = [None] * len(examples)  # per line: per mask, [(token id, probability)] best first
   for batch in tasks.batches(data, config.eval_batch_size, tasks.length_buckets(max_length), sort_by_length=True):
     lines = [line for line in batch["positions"] if line >= 0]
     # The decoder runs at the masks only (a vocabulary of logits per token would not fit), their

@@ -80,8 +80,9 @@ INPUT_FIELDS = ("max_length", "data.tokenizer")
 
 
 def reading_record(run: dict | None) -> dict | None:
-  """The parts of a run's config that `check_against_run` reads (what a packed file keeps of it, not
-  its data or init paths and recipe), or None."""
+  """What a packed file keeps of a run's config: the fields that say how the model reads text (those
+  `check_against_run` reads, and a custom task's text fields), not its data or init paths and recipe;
+  or None."""
   if not run or "task" not in run:
     return None
   data = run.get("data", {})

@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+import glue_fixtures
 from bipft_jax import checkpointing, cli, config_loading, packed, packed_file, predict, saved_models
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
@@ -319,7 +320,8 @@ def test_a_checkpoint_is_read_as_the_run_that_wrote_it(finetuned, packed_classif
 def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
   # A Hugging Face BERT with its MLM head, imported by `bipft convert from-pytorch`.
   original = hf_bert("BertForMaskedLM", tmp_path / "hf")
-  (tmp_path / "hf" / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + [f"w{i}" for i in range(96)]) + "\n")
+  vocab = glue_fixtures.SPECIAL + tuple(f"w{i}" for i in range(96))  # 101 tokens, as hf_bert's model
+  (tmp_path / "hf" / "vocab.txt").write_text("\n".join(vocab) + "\n")
   assert cli.main(["convert", "from-pytorch", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "work")]) == 0
   texts = ["w1 w2 [MASK] w3", "[MASK] w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17 [MASK] w9", "w10 [MASK]"]
   (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
@@ -341,7 +343,6 @@ def test_predict_fills_masks_as_transformers_does(tmp_path, capsys):
       np.testing.assert_allclose([g["probability"] for g in guesses], best.values.numpy(), atol=2e-6)
 
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MASKS = {"no mask", "top_k 0", "packed file for masks", "classifier for masks"}  # pretraining config cases
 
 

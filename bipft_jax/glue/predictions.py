@@ -3,12 +3,14 @@ leaderboard TSVs). The prediction loop is shared by finetuning's evaluator, `bip
 `bipft eval-pytorch` (which plugs in a PyTorch forward), so all three score the same batches.
 """
 import os
+import sys
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from bipft_jax import engine, files, sharding
 from bipft_jax import model as model_lib
@@ -73,6 +75,12 @@ def predict(predict_step: Callable, params, data: tasks.Encoded, batch_size: int
   """Predicted class ids (or scores) of every example of `data`, in order."""
   logits = predict_logits(predict_step, params, data, batch_size, buckets)
   return logits[:, 0] if regression else logits.argmax(-1)
+
+
+def progress_bar(data: tasks.Encoded, batch_size: int, description: str) -> tqdm:
+  """A progress bar on stderr over the batches of `data` (none where stderr is not a terminal)."""
+  return tqdm(total=-(-len(data) // batch_size), desc=description, unit="batch", file=sys.stderr,
+              dynamic_ncols=True, disable=None)
 
 
 def counting(predict_step, progress):
