@@ -139,12 +139,12 @@ FAKE_BIPFT = """#!/usr/bin/env python3
 import os, signal, sys, time
 log = open(os.environ["FAKE_LOG"], "a", buffering=1)
 ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-log.write(f"started {sys.argv[1]} SIGINT {'ignored' if ignored else 'seen'}\\n")
 def stop(signum, frame):
   log.write(f"got {signal.Signals(signum).name}\\n")
   sys.exit(128 + signum)
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
+log.write(f"started {sys.argv[1]} SIGINT {'ignored' if ignored else 'seen'}\\n")  # the test signals after it
 time.sleep(60)
 """
 
