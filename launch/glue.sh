@@ -64,14 +64,16 @@ config="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/configs/glue.py"
 # The running task gets the signals that stop this script, to save and stop: a SIGTERM to the script
 # alone (`kill PID`) is passed on to it; a Ctrl-C reaches it from the terminal, which signals both
 # (its SIGINT is restored: bash starts a background command with SIGINT ignored). The script then
-# waits for the task's save and exits with its code.
-child=0
-trap 'if [[ $child -ne 0 ]]; then kill -TERM "$child" 2>/dev/null || true; fi' TERM
-trap ':' INT
+# waits for the task's save and exits with its code. A signal is also remembered (`stop`), so that one
+# arriving while no task holds it (between two tasks, or as a task starts) still stops the script.
+child=0 stop=0 forwarded=0
+trap 'stop=143; if [[ $child -ne 0 && $forwarded -eq 0 ]]; then forwarded=1; kill -TERM "$child" 2>/dev/null || true; fi' TERM
+trap 'stop=130' INT
 run() {
   if [[ $dry_run -eq 1 ]]; then printf '%q ' "$@"; printf '\n'; return 0; fi
   env --default-signal=INT "$@" &
-  child=$!
+  child=$! forwarded=0
+  if [[ $stop -eq 143 && $forwarded -eq 0 ]]; then forwarded=1; kill -TERM "$child" 2>/dev/null || true; fi
   while kill -0 "$child" 2>/dev/null; do  # a trapped signal ends a wait before the task does
     wait "$child" || true
   done
@@ -79,6 +81,13 @@ run() {
   wait "$child" || status=$?  # bash keeps the status of a finished background command
   child=0
   return "$status"
+}
+
+stop_if_asked() {
+  if [[ $stop -ne 0 ]]; then
+    echo "glue.sh: stopped $1; run the same command again to resume" >&2
+    exit "$stop"
+  fi
 }
 
 failed=() finished=()
@@ -92,6 +101,7 @@ for task in "${tasks[@]}"; do
   command=(bipft finetune --config "$config:task=$task" --workdir "$workdir")
   if [[ -n "$init_from" ]]; then command+=(--init_from "$init_from"); fi
   if [[ -n "$data" ]]; then command+=("--config.data.path=$data"); fi
+  stop_if_asked "before $task"
   status=0
   run "${command[@]}" "$@" || status=$?
   if [[ $status -eq 130 || $status -eq 143 ]]; then
@@ -103,6 +113,7 @@ for task in "${tasks[@]}"; do
     finished+=("$workdir")
   fi
 done
+stop_if_asked "before the report"
 
 if [[ ${#finished[@]} -gt 0 ]]; then
   report=(bipft glue-report --workdirs "${finished[@]}" --submission_dir "$out/submission" --overwrite)

@@ -135,13 +135,14 @@ def test_glue_runs_every_task_goes_on_past_a_failure_and_reports(glue_dir, vocab
 
 
 FAKE_BIPFT = """#!/usr/bin/env python3
-# A stand-in for bipft: says whether it can see a Ctrl-C, then waits for a signal and exits with its code.
+# A stand-in for bipft: says whether it can see a Ctrl-C, then waits for a signal and exits with its
+# code, or with FAKE_EXIT's (a task that finished as the signal came).
 import os, signal, sys, time
 log = open(os.environ["FAKE_LOG"], "a", buffering=1)
 ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 def stop(signum, frame):
   log.write(f"got {signal.Signals(signum).name}\\n")
-  sys.exit(128 + signum)
+  sys.exit(int(os.environ.get("FAKE_EXIT", 128 + signum)))
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
 log.write(f"started {sys.argv[1]} SIGINT {'ignored' if ignored else 'seen'}\\n")  # the test signals after it
@@ -149,22 +150,38 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM to the script", "Ctrl-C to the process group"])
-def test_glue_passes_a_stop_signal_to_the_running_task_and_exits_with_its_code(tmp_path, signum, to_group):
+def start_glue_on_the_stand_in(tmp_path, **env):
+  """glue.sh on rte then sst2 with FAKE_BIPFT as bipft, once the stand-in for rte has started."""
   (tmp_path / "bin").mkdir()
   (tmp_path / "bin" / "bipft").write_text(FAKE_BIPFT)
   (tmp_path / "bin" / "bipft").chmod(0o755)
   log = tmp_path / "log"
-  env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log)}
+  env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log), **env}
   script = subprocess.Popen([os.path.join(REPO, "launch", "glue.sh"), "--out", str(tmp_path / "runs"), "--tasks",
                              "rte,sst2"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, as a terminal gives it
   deadline = time.time() + 30
   while not (log.exists() and "started" in log.read_text()) and time.time() < deadline:
     time.sleep(0.05)
+  return script, log
+
+
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM to the script", "Ctrl-C to the process group"])
+def test_glue_passes_a_stop_signal_to_the_running_task_and_exits_with_its_code(tmp_path, signum, to_group):
+  script, log = start_glue_on_the_stand_in(tmp_path)
   os.killpg(script.pid, signum) if to_group else os.kill(script.pid, signum)
   _, err = script.communicate(timeout=30)
   assert script.returncode == 128 + signum, err
   assert log.read_text().splitlines() == ["started finetune SIGINT seen", f"got {signum.name}"]  # sst2 never ran
   assert err.strip() == "glue.sh: stopped during rte; run the same command again to resume"
+
+
+def test_glue_stops_after_a_task_that_finished_as_the_signal_came(tmp_path):
+  # The signal is remembered: a task ending normally does not let the script start the next one.
+  script, log = start_glue_on_the_stand_in(tmp_path, FAKE_EXIT="0")
+  os.kill(script.pid, signal.SIGTERM)
+  _, err = script.communicate(timeout=30)
+  assert script.returncode == 143, err
+  assert log.read_text().splitlines() == ["started finetune SIGINT seen", "got SIGTERM"]
+  assert err.strip() == "glue.sh: stopped before sst2; run the same command again to resume"
