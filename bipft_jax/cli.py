@@ -19,14 +19,14 @@ from bipft_jax import __version__, errors, hugepages
 from bipft_jax.config_loading import split_overrides
 from bipft_jax.errors import UserError, WriteFailed
 
-# name -> (module, one-line help). Subcommands register here.
+# name -> (module, one-line help), in the order of a user's work. Subcommands register here.
 COMMANDS = {
-    "export-packed": ("bipft_jax.packed_export", "bit-packed 1-bit export (safetensors) with sizes vs FP32"),
     "pretrain": ("bipft_jax.train", "distil the 1-bit student from a full-precision teacher (orbax checkpoints, resumable)"),
     "finetune": ("bipft_jax.glue.finetune", "finetune on a GLUE task (or rt_demo) and evaluate every epoch"),
     "evaluate": ("bipft_jax.evaluate", "score a checkpoint: GLUE dev metrics (and test predictions) or held-out MLM accuracy"),
     "predict": ("bipft_jax.predict", "label texts of your own with a finetuned classifier (a checkpoint, or a "
                 "packed file run 1-bit), or fill their [MASK]s with a pretrained model"),
+    "export-packed": ("bipft_jax.packed_export", "bit-packed 1-bit export (safetensors) with sizes vs FP32"),
     "glue-report": ("bipft_jax.glue.report", "markdown table of finetuning runs and GLUE leaderboard files"),
     "convert": ("bipft_jax.convert", "convert checkpoints: orbax <-> PyTorch (Hugging Face or release names)"),
     "eval-pytorch": ("bipft_jax.eval_pytorch", "score a PyTorch export on a GLUE dev set with the JAX run's data and metrics"),
