@@ -140,7 +140,7 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
              "examples": {}}
   for name in chosen:
     data = tasks.encode(classifier.tokenizer, examples[name], config.max_length)
-    with predictions.progress_bar(data, config.eval_batch_size, f"{task.name} {name}") as progress:
+    with predictions.progress_bar(len(data), f"{task.name} {name}") as progress:
       predicted = predictions.predict(predictions.counting(classifier.predict_step, progress), classifier.params,
                                       data, config.eval_batch_size, buckets, task.is_regression)
     results["examples"][name] = len(data)

@@ -17,8 +17,14 @@ and each class's probability (the softmax of the logits), or with `--json` one J
 (STS-B, a custom task without labels) gives its score. The texts are tokenized, truncated to
 config.max_length and batched as `bipft evaluate` does, so a text predicts here what it predicts in a
 dev split: pass the config overrides of the run that wrote the checkpoint (max_length, precision,
-data.tokenizer, custom: data.labels and data.text_fields). A malformed input (not UTF-8, an empty
-line, a line with the wrong number of tab-separated texts) is refused before the model is read.
+data.tokenizer, custom: data.labels and data.text_fields).
+
+The input is read, predicted and printed a chunk at a time (eval_batch_size x 16 lines; at a
+terminal, line by line), so any number of lines fits in memory and rows come out as they are
+predicted: a run stopped early (Ctrl-C, a closed pipe) has printed the rows of its finished chunks.
+A malformed line (not UTF-8, empty, with the wrong number of tab-separated texts) is refused in one
+line: in a file before the model is read (the file is checked whole first), on standard input when
+it is reached, after the rows of the lines before it.
 
 A pretraining config (configs/pretrain.py) fills masks instead, with the tokenizer `bipft evaluate`
 scores the checkpoint with (`tokenizer`, else the teacher's) and data.max_seq_length: one TSV row
@@ -27,9 +33,12 @@ object per input line ({"masks": [[{"token": "paris", "probability": 0.41}, ...]
 without a [MASK] token (within its first data.max_seq_length tokens) is refused.
 """
 import argparse
+import itertools
 import json
 import os
+import signal
 import sys
+from typing import Iterator, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -39,6 +48,8 @@ from bipft_jax import saved_models
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import predictions, tasks
+
+CHUNK_BATCHES = 16  # lines read, predicted and printed at a time: eval_batch_size x this
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,45 +72,84 @@ def run(args: argparse.Namespace) -> int:
   if saved_models.is_glue_config(config):
     if args.top_k is not None:
       raise UserError("--top_k is for filling masks with a pretraining config (configs/pretrain.py)")
-    rows = classify(config, args.checkpoint, args.input, args.kernel, args.json)
+    config_checks.check_glue(config)
+    task = tasks.task_from_config(config)
+    lines = read_chunks(args.input, tasks.texts_per_example(task, config.data), task.name, config.eval_batch_size)
+    header, rows_of = classifier_rows(config, task, args.checkpoint, args.kernel, args.json)
   elif args.kernel or os.path.isfile(args.checkpoint):
     raise UserError("a packed file holds no MLM head to fill masks with (export-packed keeps the encoder): pass a "
                     "`bipft pretrain` workdir as --checkpoint, or a packed classifier with a GLUE config")
   else:
-    rows = fill_masks(config, args.checkpoint, args.input, 5 if args.top_k is None else args.top_k, args.json)
-  print("\n".join(rows))
+    config_checks.check_pretrain(config)
+    top_k = 5 if args.top_k is None else args.top_k
+    if top_k < 1:
+      raise UserError(f"--top_k must be >= 1, got {top_k}")
+    lines = read_chunks(args.input, 1, "filling masks", config.eval_batch_size)
+    header, rows_of = mask_rows(config, args.checkpoint, top_k, args.json, _where(args.input))
+  try:
+    with predictions.progress_bar(lines.total, "predict", disable=True if lines.interactive else None) as progress:
+      for chunk in lines.chunks:
+        rows = rows_of(chunk, progress)
+        print("\n".join([header] + rows if header else rows), flush=True)
+        header = None
+  except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other filters do
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+    return 128 + signal.SIGPIPE
   return 0
 
 
-def classify(config, checkpoint: str, path: str, kernel: str | None, as_json: bool) -> list:
-  """The output rows of the classifier at `checkpoint` for the examples in `path`."""
-  config_checks.check_glue(config)
-  task = tasks.task_from_config(config)
-  examples = read_examples(path, tasks.texts_per_example(task, config.data), task.name)
-  classifier = saved_models.load_classifier(config, task, checkpoint, kernel)
-  data = tasks.encode(classifier.tokenizer, examples, config.max_length)
-  buckets = tasks.length_buckets(config.max_length, config.min_bucket)
-  with predictions.progress_bar(data, config.eval_batch_size, f"{task.name} predict") as progress:
-    logits = predictions.predict_logits(predictions.counting(classifier.predict_step, progress),
-                                        classifier.params, data, config.eval_batch_size, buckets)
-  return output_rows(task, logits, as_json)
+# --- reading the input --------------------------------------------------------------
+
+class Chunk(NamedTuple):
+  first_line: int  # the input's line number of its first example
+  examples: tasks.Split
 
 
-def read_examples(path: str, texts: int, task_name: str) -> tasks.Split:
-  """The examples of `path` (- for standard input): one per line, `texts` tab-separated texts each."""
-  where = _where(path)
+class Lines(NamedTuple):
+  total: Optional[int]  # the number of examples, when known before reading them (a file)
+  chunks: Iterator[Chunk]
+  interactive: bool  # typed at a terminal
+
+
+def read_chunks(path: str, texts: int, task_name: str, batch_size: int) -> Lines:
+  """The examples of `path` (- for standard input), `texts` tab-separated texts a line, in chunks of
+  batch_size x CHUNK_BATCHES lines (one at a terminal). A regular file is checked whole here; standard
+  input or a pipe line by line as it is read, its first chunk here."""
+  where, size = _where(path), batch_size * CHUNK_BATCHES
+  interactive = path == "-" and sys.stdin.isatty()
   if path == "-":
-    if sys.stdin.isatty():
+    if interactive:
       print("bipft predict: reading standard input, one example per line; end it with Ctrl-D", file=sys.stderr)
-    text = tasks.decode_text(sys.stdin.buffer.read(), where)
+      size = 1
+    total, raw_lines = None, sys.stdin.buffer
   elif os.path.isdir(path):
     raise UserError(f"--input {path} is a folder; name a text file, one example per line")
   elif not os.path.exists(path):
     raise UserError(f"--input {path} does not exist")
+  elif not os.path.isfile(path):  # a pipe (`--input <(zcat texts.gz)`) is read once, as standard input is
+    total, raw_lines = None, _file_lines(path)
   else:
-    text = tasks.read_text(path)
-  rows = []
-  for number, line in enumerate(tasks.lines(text), start=1):
+    total = sum(1 for _ in _examples(_file_lines(path), where, texts, task_name))
+    raw_lines = _file_lines(path)
+  chunks = _chunks(_examples(raw_lines, where, texts, task_name), size)
+  first = next(chunks, None)
+  if first is None:
+    raise UserError(f"{where} holds no text to predict")
+  return Lines(total, itertools.chain([first], chunks), interactive)
+
+
+def _file_lines(path: str) -> Iterator[bytes]:
+  try:
+    with open(path, "rb") as f:
+      yield from f
+  except OSError as e:
+    raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _examples(raw_lines, where: str, texts: int, task_name: str) -> Iterator[list]:
+  """Each line's texts, split at line feeds only and checked (as tasks.lines reads a file)."""
+  for number, raw in enumerate(raw_lines, start=1):
+    line = tasks.decode_text(raw, where, first_line=number).removesuffix("\n").removesuffix("\r")
     fields = line.split("\t")
     if not line.strip():
       raise UserError(f"{where} line {number} is empty; give one example per line")
@@ -109,30 +159,53 @@ def read_examples(path: str, texts: int, task_name: str) -> tasks.Split:
       raise UserError(f"{where} line {number} holds {found}; {task_name} takes {shape}")
     if not all(field.strip() for field in fields):
       raise UserError(f"{where} line {number} has an empty text")
-    rows.append(fields)
-  if not rows:
-    raise UserError(f"{where} holds no text to predict")
-  return tasks.Split([r[0] for r in rows], [r[1] for r in rows] if texts == 2 else None, None,
-                     [str(i) for i in range(len(rows))])
+    yield fields
+
+
+def _chunks(examples: Iterator[list], size: int) -> Iterator[Chunk]:
+  for first_line in itertools.count(1, size):
+    rows = list(itertools.islice(examples, size))
+    if not rows:
+      return
+    yield Chunk(first_line, tasks.Split([r[0] for r in rows], [r[1] for r in rows] if len(rows[0]) == 2 else None,
+                                        None, [str(first_line + i) for i in range(len(rows))]))
 
 
 def _where(path: str) -> str:
   return "standard input" if path == "-" else path
 
 
+# --- classifying --------------------------------------------------------------------
+
+def classifier_rows(config, task: tasks.Task, checkpoint: str, kernel: str | None, as_json: bool):
+  """The TSV header (None for JSON) and chunk -> output rows of the classifier at `checkpoint`."""
+  classifier = saved_models.load_classifier(config, task, checkpoint, kernel)
+  buckets = tasks.length_buckets(config.max_length, config.min_bucket)
+
+  def rows_of(chunk: Chunk, progress) -> list:
+    data = tasks.encode(classifier.tokenizer, chunk.examples, config.max_length)
+    logits = predictions.predict_logits(predictions.counting(classifier.predict_step, progress), classifier.params,
+                                        data, config.eval_batch_size, buckets)
+    return output_rows(task, logits, as_json)
+  return None if as_json else tsv_header(task), rows_of
+
+
+def tsv_header(task: tasks.Task) -> str:
+  return "\t".join(("prediction",) + (() if task.is_regression else task.labels))
+
+
 def output_rows(task: tasks.Task, logits: np.ndarray, as_json: bool) -> list:
-  """One row per example: the TSV's (after its header) or a JSON object's."""
+  """One row per example: the TSV's (under tsv_header) or a JSON object's."""
   if task.is_regression:
     scores = [predictions.format_prediction(task, score) for score in logits[:, 0]]
-    return [json.dumps({"prediction": float(s)}) for s in scores] if as_json else ["prediction"] + scores
+    return [json.dumps({"prediction": float(s)}) for s in scores] if as_json else scores
   probabilities = softmax(logits)
   labels = [task.labels[i] for i in logits.argmax(-1)]
   if as_json:
     return [json.dumps({"prediction": label, "probabilities": {name: round(float(p), 6) for name, p in
                                                                 zip(task.labels, row)}})
             for label, row in zip(labels, probabilities)]
-  return (["\t".join(("prediction",) + task.labels)]
-          + ["\t".join([label] + [f"{p:.6f}" for p in row]) for label, row in zip(labels, probabilities)])
+  return ["\t".join([label] + [f"{p:.6f}" for p in row]) for label, row in zip(labels, probabilities)]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -142,41 +215,42 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 # --- filling masks ------------------------------------------------------------------
 
-def fill_masks(config, checkpoint: str, path: str, top_k: int, as_json: bool) -> list:
-  """The output rows of the pretraining model at `checkpoint` for the [MASK]s of the lines of `path`."""
-  config_checks.check_pretrain(config)
-  if top_k < 1:
-    raise UserError(f"--top_k must be >= 1, got {top_k}")
-  examples = read_examples(path, 1, "filling masks")
+def mask_rows(config, checkpoint: str, top_k: int, as_json: bool, where: str):
+  """The TSV header (None for JSON) and chunk -> output rows of the pretraining model at `checkpoint`:
+  the top_k guesses for every [MASK]."""
   directory, step, model_config = saved_models.find_checkpoint(
       checkpoint, "pretraining", "pass a `bipft pretrain` workdir or one of its step folders")
   tokenizer = pytorch_io.load_tokenizer(pretraining.tokenizer_folder(config), model_config.vocab_size,
                                         fix="set --config.tokenizer to the vocabulary the model was trained with")
   max_length = min(config.data.max_seq_length, model_config.max_position_embeddings)
-  data = tasks.encode(tokenizer, examples, max_length)
-  masks = [[i for i, token in enumerate(ids) if token == tokenizer.mask_token_id] for ids in data.input_ids]
-  for number, found in enumerate(masks, start=1):
-    if not found:
-      raise UserError(f"{_where(path)} line {number} has no {tokenizer.mask_token} token within its first {max_length} "
-                      "tokens (data.max_seq_length)")
   module = model_lib.build(model_config, "pretraining")
   params = jax.device_get(checkpointing.restore_params(directory, step)[2])
   mlm_logits = jax.jit(lambda p, inputs, positions: module.apply(
       {"params": p}, *(inputs[k] for k in model_lib.MODEL_INPUTS), mlm_positions_BxN=positions,
       deterministic=True)["mlm_logits"])
-  guesses = [None] * len(examples)  # per line: per mask, [(token id, probability)] best first
-  for batch in tasks.batches(data, config.eval_batch_size, tasks.length_buckets(max_length), sort_by_length=True):
-    lines = [line for line in batch["positions"] if line >= 0]
-    # The decoder runs at the masks only (a vocabulary of logits per token would not fit), their
-    # count padded to a power of two so that few shapes compile.
-    positions_BxN = np.zeros((len(batch["positions"]), 1 << (max(len(masks[i]) for i in lines) - 1).bit_length()),
-                             np.int32)
-    for row, line in enumerate(lines):
-      positions_BxN[row, :len(masks[line])] = masks[line]
-    logits_BxNxV = np.asarray(mlm_logits(params, predictions.model_batch(batch), positions_BxN), np.float64)
-    for row, line in enumerate(lines):
-      guesses[line] = [_top(logits_V, top_k) for logits_V in logits_BxNxV[row, :len(masks[line])]]
-  return mask_rows(tokenizer, guesses, as_json)
+
+  def rows_of(chunk: Chunk, progress) -> list:
+    data = tasks.encode(tokenizer, chunk.examples, max_length)
+    masks = [[i for i, token in enumerate(ids) if token == tokenizer.mask_token_id] for ids in data.input_ids]
+    for number, found in enumerate(masks, start=chunk.first_line):
+      if not found:
+        raise UserError(f"{where} line {number} has no {tokenizer.mask_token} token within its first {max_length} "
+                        "tokens (data.max_seq_length)")
+    guesses = [None] * len(masks)  # per line: per mask, [(token id, probability)] best first
+    for batch in tasks.batches(data, config.eval_batch_size, tasks.length_buckets(max_length), sort_by_length=True):
+      lines = [line for line in batch["positions"] if line >= 0]
+      # The decoder runs at the masks only (a vocabulary of logits per token would not fit), their
+      # count padded to a power of two so that few shapes compile.
+      positions_BxN = np.zeros((len(batch["positions"]), 1 << (max(len(masks[i]) for i in lines) - 1).bit_length()),
+                               np.int32)
+      for row, line in enumerate(lines):
+        positions_BxN[row, :len(masks[line])] = masks[line]
+      logits_BxNxV = np.asarray(mlm_logits(params, predictions.model_batch(batch), positions_BxN), np.float64)
+      for row, line in enumerate(lines):
+        guesses[line] = [_top(logits_V, top_k) for logits_V in logits_BxNxV[row, :len(masks[line])]]
+      progress.update(len(lines))
+    return guess_rows(tokenizer, guesses, as_json, chunk.first_line)
+  return None if as_json else "line\tmask\trank\ttoken\tprobability", rows_of
 
 
 def _top(logits_V: np.ndarray, k: int) -> list:
@@ -186,13 +260,13 @@ def _top(logits_V: np.ndarray, k: int) -> list:
   return [(int(i), float(probabilities[i])) for i in best]
 
 
-def mask_rows(tokenizer, guesses: list, as_json: bool) -> list:
-  """One TSV row per guess (after a header), or one JSON object per line."""
+def guess_rows(tokenizer, guesses: list, as_json: bool, first_line: int) -> list:
+  """One TSV row per guess, or one JSON object per line; `guesses` are those of lines first_line, ...."""
   if as_json:
     return [json.dumps({"masks": [[{"token": tokenizer.convert_ids_to_tokens(i), "probability": round(p, 6)}
                                    for i, p in mask] for mask in line]}) for line in guesses]
-  rows = ["line\tmask\trank\ttoken\tprobability"]
-  for number, line in enumerate(guesses, start=1):
+  rows = []
+  for number, line in enumerate(guesses, start=first_line):
     for mask_number, mask in enumerate(line, start=1):
       rows += [f"{number}\t{mask_number}\t{rank}\t{tokenizer.convert_ids_to_tokens(i)}\t{p:.6f}"
                for rank, (i, p) in enumerate(mask, start=1)]

@@ -6,6 +6,10 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -251,7 +255,8 @@ def test_predict_labels_texts_as_evaluate_does_with_their_probabilities(finetune
   config = config_loading.load_config(f"{GLUE_CONFIG}:task=sst2", [o[len("--config."):] for o in
                                                                      _glue_args(glue_dir, vocab_dir)])
   classifier = saved_models.load_classifier(config, tasks.get_task("sst2"), finetuned[0])
-  data = tasks.encode(classifier.tokenizer, predict.read_examples(str(texts), 1, "sst2"), 16)
+  sentences = _dev_sentences(glue_dir)
+  data = tasks.encode(classifier.tokenizer, tasks.Split(sentences, None, None, list(range(len(sentences)))), 16)
   logits = predictions.predict_logits(classifier.predict_step, classifier.params, data, 8, tasks.length_buckets(16))
   np.testing.assert_allclose(probabilities, np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), atol=1e-6)
   # --json: the same, one object per line; the packed file run 1-bit: the same labels.
@@ -271,6 +276,21 @@ def test_predict_reads_standard_input_and_sentence_pairs(finetuned, glue_dir, vo
   from_file = _predict(finetuned[0], texts, glue_dir, vocab_dir, capsys)
   monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\n".join(sentences[:3]).encode())))
   assert _predict(finetuned[0], "-", glue_dir, vocab_dir, capsys) == from_file
+  # A named pipe (`--input <(zcat texts.gz)`) is read once: a second open would wait for a writer forever.
+  fifo, done = tmp_path / "texts.fifo", threading.Event()
+  os.mkfifo(fifo)
+
+  def write_once():
+    fifo.write_text("\n".join(sentences[:3]))
+    if not done.wait(120):
+      fifo.write_text("")  # lets a second open return (empty) rather than hang the test
+  writer = threading.Thread(target=write_once)
+  writer.start()
+  try:
+    assert _predict(finetuned[0], fifo, glue_dir, vocab_dir, capsys) == from_file
+  finally:
+    done.set()
+    writer.join()
   # A sentence-pair task takes two tab-separated texts per line: the sst2 classifier's parameters, saved
   # without the record of their run (which names sst2), as a classifier of mrpc's two labels.
   pairs = tmp_path / "pairs.txt"
@@ -284,12 +304,80 @@ def test_predict_reads_standard_input_and_sentence_pairs(finetuned, glue_dir, vo
   assert len(capsys.readouterr().out.splitlines()) == 4
 
 
+class _TypedLines:
+  """Standard input from a pipe whose writer records what stdout held when each line was asked for."""
+
+  def __init__(self, lines, stdout):
+    self.lines, self.stdout, self.seen = lines, stdout, []
+
+  def isatty(self):
+    return False
+
+  @property
+  def buffer(self):
+    for line in self.lines:
+      self.seen.append(len(self.stdout.getvalue().splitlines()))
+      yield (line + "\n").encode()
+
+
+def test_predict_prints_each_chunk_before_reading_the_next(finetuned, glue_dir, vocab_dir, monkeypatch):
+  # It read its whole input before printing anything (until 2026-12-04): 17 GB of memory for 2 million
+  # lines, and nothing printed in hours of predicting. Chunks of eval_batch_size x CHUNK_BATCHES lines.
+  monkeypatch.setattr(predict, "CHUNK_BATCHES", 1)
+  stdout = io.StringIO()
+  monkeypatch.setattr("sys.stdout", stdout)
+  sentences = _dev_sentences(glue_dir)[:5]
+  stdin = _TypedLines(sentences, stdout)
+  monkeypatch.setattr("sys.stdin", stdin)
+  assert cli.main(["predict", "--config", f"{GLUE_CONFIG}:task=sst2", "--checkpoint", finetuned[0]]
+                  + _glue_args(glue_dir, vocab_dir, "--config.eval_batch_size=2")) == 0
+  # Lines 1-2 (the first chunk) are read before anything is printed, lines 3-4 after the header and their
+  # rows, line 5 after the rows of lines 3-4.
+  assert stdin.seen == [0, 0, 3, 3, 5]
+  rows = stdout.getvalue().splitlines()
+  assert len(rows) == 6
+  monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(("\n".join(sentences) + "\n").encode())))
+  stdout.truncate(0), stdout.seek(0)
+  assert cli.main(["predict", "--config", f"{GLUE_CONFIG}:task=sst2", "--checkpoint", finetuned[0]]
+                  + _glue_args(glue_dir, vocab_dir)) == 0
+  in_one_chunk = [row.split("\t") for row in stdout.getvalue().splitlines()]  # 8 x 16 lines
+  assert [row[0] for row in in_one_chunk] == [row.split("\t")[0] for row in rows]
+  np.testing.assert_allclose(np.array([row[1:] for row in in_one_chunk[1:]], float),
+                             np.array([row.split("\t")[1:] for row in rows[1:]], float), atol=2e-6)
+
+
+def test_predict_stops_quietly_when_its_reader_leaves(finetuned, glue_dir, vocab_dir):
+  # `bipft predict ... | head`: over a real pipe the first chunk's rows come out while standard input is
+  # still open, and a reader that leaves ends the command with SIGPIPE's code, no traceback.
+  script = shutil.which("bipft", path=os.path.dirname(sys.executable))
+  chunk = "".join(f"{sentence}\n" for sentence in _dev_sentences(glue_dir)[:predict.CHUNK_BATCHES]).encode()
+  command = subprocess.Popen([script, "predict", "--config", f"{GLUE_CONFIG}:task=sst2", "--checkpoint",
+                              finetuned[0]] + _glue_args(glue_dir, vocab_dir, "--config.eval_batch_size=1"),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  watchdog = threading.Timer(300, command.kill)  # a command that waits for the end of its input hangs here
+  watchdog.start()
+  try:
+    command.stdin.write(chunk)
+    command.stdin.flush()
+    rows = [command.stdout.readline() for _ in range(1 + predict.CHUNK_BATCHES)]
+    command.stdout.close()
+    command.stdin.write(chunk)
+    command.stdin.close()
+    err = command.stderr.read().decode()
+    command.wait()
+  finally:
+    watchdog.cancel()
+  assert rows[0] == b"prediction\t0\t1\n" and all(row.count(b"\t") == 2 for row in rows[1:]), rows
+  assert command.returncode == 128 + signal.SIGPIPE and "Traceback" not in err, err
+
+
 def test_predict_prints_scores_for_a_regression_task():
   logits = np.array([[6.25], [1.5], [-0.5]], np.float32)
-  assert predict.output_rows(tasks.get_task("stsb"), logits, False) == ["prediction", "5.000", "1.500", "0.000"]
+  assert predict.tsv_header(tasks.get_task("stsb")) == "prediction"
+  assert predict.output_rows(tasks.get_task("stsb"), logits, False) == ["5.000", "1.500", "0.000"]
   # A custom regression task keeps its own scale (it was clipped to STS-B's [0, 5] before 2026-12-04).
   custom = tasks.custom_task("", 3)
-  assert predict.output_rows(custom, logits, False) == ["prediction", "6.250", "1.500", "-0.500"]
+  assert predict.output_rows(custom, logits, False) == ["6.250", "1.500", "-0.500"]
   assert [json.loads(r) for r in predict.output_rows(custom, logits, True)] == [
       {"prediction": 6.25}, {"prediction": 1.5}, {"prediction": -0.5}]
 

@@ -77,17 +77,18 @@ def predict(predict_step: Callable, params, data: tasks.Encoded, batch_size: int
   return logits[:, 0] if regression else logits.argmax(-1)
 
 
-def progress_bar(data: tasks.Encoded, batch_size: int, description: str) -> tqdm:
-  """A progress bar on stderr over the batches of `data` (none where stderr is not a terminal)."""
-  return tqdm(total=-(-len(data) // batch_size), desc=description, unit="batch", file=sys.stderr,
-              dynamic_ncols=True, disable=None)
+def progress_bar(total: int | None, description: str, disable: bool | None = None) -> tqdm:
+  """A progress bar on stderr over `total` examples (None: unknown), shown only where stderr is a
+  terminal unless `disable` says otherwise."""
+  return tqdm(total=total, desc=description, unit="example", file=sys.stderr, dynamic_ncols=True,
+              disable=disable)
 
 
 def counting(predict_step, progress):
-  """`predict_step` advancing `progress` by one batch per call."""
+  """`predict_step` advancing `progress` by the examples of each batch (not its padding rows)."""
   def step(params, batch):
     logits = predict_step(params, batch)
-    progress.update(1)
+    progress.update(int(np.count_nonzero(batch["weights"])))
     return logits
   return step
 

@@ -214,12 +214,13 @@ def read_text(path: str) -> str:
   return decode_text(raw, path)
 
 
-def decode_text(raw: bytes, where: str) -> str:
-  """`raw` as UTF-8 (a byte-order mark dropped); UserError naming the line of the first bad byte."""
+def decode_text(raw: bytes, where: str, first_line: int = 1) -> str:
+  """`raw`, the text of `where` from line `first_line` on, as UTF-8 (a byte-order mark at its start
+  dropped); UserError naming the line of the first bad byte."""
   try:
-    return raw.decode("utf-8-sig")  # MRPC's files start with a byte-order mark
+    return raw.decode("utf-8-sig" if first_line == 1 else "utf-8")  # MRPC's files start with a byte-order mark
   except UnicodeDecodeError as e:
-    line = raw[:e.start].count(b"\n") + 1
+    line = first_line + raw[:e.start].count(b"\n")
     raise UserError(f"{where} line {line} is not valid UTF-8 (byte {raw[e.start]:#04x}); re-encode it "
                     "as UTF-8") from None
 
