@@ -231,9 +231,9 @@ def mask_rows(config, checkpoint: str, top_k: int, as_json: bool, where: str):
 
   def rows_of(chunk: Chunk, progress) -> list:
     data = tasks.encode(tokenizer, chunk.examples, max_length)
-    masks = [[i for i, token in enumerate(ids) if token == tokenizer.mask_token_id] for ids in data.input_ids]
+    masks = [np.flatnonzero(data.tokens(i) == tokenizer.mask_token_id) for i in range(len(data))]
     for number, found in enumerate(masks, start=chunk.first_line):
-      if not found:
+      if not len(found):
         raise UserError(f"{where} line {number} has no {tokenizer.mask_token} token within its first {max_length} "
                         "tokens (data.max_seq_length)")
     guesses = [None] * len(masks)  # per line: per mask, [(token id, probability)] best first

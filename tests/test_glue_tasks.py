@@ -176,8 +176,9 @@ def test_batches_pad_to_buckets_and_cover_every_example(tmp_path):
   texts = ["the film was good ."] * 5 + ["the film was very very very very good and the plot was bad ."] * 4
   split = tasks.Split(texts, None, np.arange(9, dtype=np.int32) % 2, [str(i) for i in range(9)])
   data = tasks.encode(tokenizer, split, max_length=12)
-  assert data.input_ids[0] == tokenizer("the film was good .")["input_ids"]
-  assert sorted({len(x) for x in data.input_ids}) == [7, 12]  # the long ones truncated
+  assert data.tokens(0).tolist() == tokenizer("the film was good .")["input_ids"]
+  assert sorted(set(data.lengths.tolist())) == [7, 12]  # the long ones truncated
+  assert data.type_ids.tolist() == [0] * len(data.type_ids)
   buckets = tasks.length_buckets(12, smallest=4)
   assert buckets == (4, 8, 12)
   seen = []
@@ -185,12 +186,12 @@ def test_batches_pad_to_buckets_and_cover_every_example(tmp_path):
     assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] in buckets
     real = batch["positions"] >= 0
     # Shuffled batches group similar lengths: no batch mixes the short and the long examples.
-    assert len({len(data.input_ids[i]) for i in batch["positions"][real]}) == 1
+    assert len(set(data.lengths[batch["positions"][real]].tolist())) == 1
     assert batch["weights"].tolist() == real.astype(float).tolist()
     for row in np.flatnonzero(real):
       i = batch["positions"][row]
-      k = len(data.input_ids[i])
-      assert batch["input_ids"][row, :k].tolist() == data.input_ids[i] and batch["attention_mask"][row].sum() == k
+      k = data.lengths[i]
+      assert batch["input_ids"][row, :k].tolist() == data.tokens(i).tolist() and batch["attention_mask"][row].sum() == k
       assert batch["labels"][row] == data.labels[i]
     seen += batch["positions"][real].tolist()
   assert sorted(seen) == list(range(9))

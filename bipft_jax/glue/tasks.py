@@ -16,6 +16,7 @@ handful of shapes instead of one per batch.
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import os
 import sys
@@ -425,20 +426,43 @@ def read_splits(task: Task, data, splits: Sequence[str]) -> dict:
 
 @dataclasses.dataclass
 class Encoded:
-  """A tokenized split: one id list per example, plus labels (None for test splits)."""
-  input_ids: list
-  token_type_ids: list
+  """A tokenized split, its examples' tokens end to end in flat arrays (example i is positions
+  offsets[i]:offsets[i + 1]): a few bytes a token, where lists of Python ints took about 7 KB an
+  example (7.3 GB for a million sentences); plus labels (None for test splits) and ids."""
+  token_ids: np.ndarray  # int32 [tokens]
+  type_ids: np.ndarray   # int8 [tokens]
+  offsets: np.ndarray    # int64 [examples + 1]
   labels: Optional[np.ndarray]
   ids: list
 
   def __len__(self) -> int:
-    return len(self.input_ids)
+    return len(self.offsets) - 1
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+  def tokens(self, i: int) -> np.ndarray:
+    """Example i's WordPiece ids."""
+    return self.token_ids[self.offsets[i]:self.offsets[i + 1]]
+
+
+ENCODE_CHUNK = 8192  # examples tokenized at a time: the tokenizer's own output is large while it lasts
 
 
 def encode(tokenizer, split: Split, max_length: int) -> Encoded:
   """WordPiece ids of each example ([CLS] a [SEP] b [SEP]), truncated longest-first to max_length."""
-  out = tokenizer(split.texts_a, split.texts_b, truncation=True, max_length=max_length)
-  return Encoded(out["input_ids"], out["token_type_ids"], split.labels, split.ids)
+  token_ids, type_ids, lengths = [], [], [np.zeros(1, np.int64)]
+  for start in range(0, len(split), ENCODE_CHUNK):
+    end = start + ENCODE_CHUNK
+    out = tokenizer(split.texts_a[start:end], None if split.texts_b is None else split.texts_b[start:end],
+                    truncation=True, max_length=max_length)
+    lengths.append(np.array([len(ids) for ids in out["input_ids"]], np.int64))
+    token_ids.append(np.fromiter(itertools.chain.from_iterable(out["input_ids"]), np.int32, lengths[-1].sum()))
+    type_ids.append(np.fromiter(itertools.chain.from_iterable(out["token_type_ids"]), np.int8, lengths[-1].sum()))
+  return Encoded(np.concatenate(token_ids or [np.zeros(0, np.int32)]),
+                 np.concatenate(type_ids or [np.zeros(0, np.int8)]), np.cumsum(np.concatenate(lengths)),
+                 split.labels, split.ids)
 
 
 def length_buckets(max_length: int, smallest: int = 16) -> tuple:
@@ -457,7 +481,7 @@ def batch_plan(data: Encoded, batch_size: int, buckets: Sequence[int], *, shuffl
   Shuffled: batches of examples from one length bucket, the batches in random order, so little
   padding is computed. Otherwise in order, or sorted by length (evaluation).
   """
-  lengths = np.array([len(x) for x in data.input_ids])
+  lengths = data.lengths
   if shuffle_seed is not None:
     rng = np.random.default_rng(shuffle_seed)
     order = rng.permutation(len(data))
@@ -473,14 +497,15 @@ def make_batch(data: Encoded, chosen: np.ndarray, batch_size: int, buckets: Sequ
   """Arrays `input_ids`, `token_type_ids`, `attention_mask` (B x the smallest bucket that fits),
   `labels` (B), `weights` (B; 0 marks padding rows) and `positions` (B; each row's index in
   `data`, -1 for padding rows). B is always `batch_size`, so a short last batch adds no shape."""
-  longest = max(len(data.input_ids[i]) for i in chosen)
+  longest = int((data.offsets[chosen + 1] - data.offsets[chosen]).max())
   length = next((b for b in buckets if b >= longest), longest)
   ids = np.zeros((batch_size, length), np.int32)
   types = np.zeros((batch_size, length), np.int32)
   mask = np.zeros((batch_size, length), np.int32)
   for row, i in enumerate(chosen):
-    k = len(data.input_ids[i])
-    ids[row, :k], types[row, :k], mask[row, :k] = data.input_ids[i], data.token_type_ids[i], 1
+    start, end = data.offsets[i], data.offsets[i + 1]
+    ids[row, :end - start], types[row, :end - start] = data.token_ids[start:end], data.type_ids[start:end]
+    mask[row, :end - start] = 1
   positions = np.full((batch_size,), -1, np.int64)
   positions[:len(chosen)] = chosen
   regression = data.labels is not None and data.labels.dtype.kind == "f"
