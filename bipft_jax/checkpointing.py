@@ -87,6 +87,27 @@ def check_same_model(manager: ocp.CheckpointManager, step: int, model_config: mo
                     "rerun with that run's model config to resume it, or choose another --workdir")
 
 
+def changed_settings(manager: ocp.CheckpointManager, step: int, run_config: dict) -> tuple:
+  """(the run config saved at `step`, [(field, then, now)] for each field `run_config` sets otherwise,
+  nested fields dotted); (None, []) when the step has no readable record of its run."""
+  try:
+    saved = read_config(manager, step)["run"]
+  except (UserError, KeyError, TypeError):
+    return None, []
+  if not isinstance(saved, dict):
+    return None, []
+  then, now = _dotted(saved), _dotted(json.loads(json.dumps(run_config)))  # as the record stores it
+  return saved, [(name, then.get(name), now.get(name)) for name in sorted(then.keys() | now.keys())
+                 if then.get(name) != now.get(name)]
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for name, value in tree.items():
+    out.update(_dotted(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}": value})
+  return out
+
+
 class SealingManager(ocp.CheckpointManager):
   """orbax's asynchronous CheckpointManager that seals every step it saves with `checksums.json`.
 

@@ -27,6 +27,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from etils import epath
@@ -34,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bipft_jax import checkpointing, distributed, kinds, sharding
 from bipft_jax import model as model_lib
-from bipft_jax import model_params
+from bipft_jax import model_params, optim
 from bipft_jax.errors import STOPPED, UserError, signal_exit_code
 from bipft_jax.metrics_writer import MetricsWriter
 
@@ -279,12 +280,31 @@ class Engine:
         distributed.log(f"bipft {self.job.name}: skipped step {error.step}, {error.reason}; "
                         f"moved it to {error.moved_to}")
       distributed.log(f"bipft {self.job.name}: resuming {workdir} from step {step}")
+      self._note_changed_settings(manager, step)
       state = {"params": restored["params"], "opt_state": restored["opt_state"]}
       return state, step, self.job.batches(step, restored.get("data"))
     batches = self.job.batches(0, None)
     first = next(batches)
     state = self.new_state(self.job.source(), self.global_batch(first[0]))
     return state, 0, _prepend(first, batches)
+
+  def _note_changed_settings(self, manager, step: int) -> None:
+    """Says which settings differ from those the run was saved with (extending total_steps, say, is
+    legitimate, but it also moves the learning rate of a decaying schedule) and the learning rate
+    the resumed step now gets."""
+    saved, changes = checkpointing.changed_settings(manager, step, self.job.run_config)
+    if not changes:
+      return
+    listed = "; ".join(f"{name} {then!r} -> {now!r}" for name, then, now in changes)
+    note = f"bipft {self.job.name}: settings changed since step {step} was saved: {listed}"
+    try:
+      then_rate = float(optim.learning_rate_schedule(ml_collections.ConfigDict(saved["optimizer"]))(step))
+    except (UserError, KeyError, TypeError, ValueError):  # a record without a usable optimizer section
+      then_rate = None
+    now_rate = float(self.job.schedule(step))
+    if then_rate is not None and then_rate != now_rate:
+      note += f" (learning rate at step {step}: {now_rate:.3g}, {then_rate:.3g} in the saved run's schedule)"
+    distributed.log(note)
 
 
 def _prepend(first, rest: Iterator) -> Iterator:

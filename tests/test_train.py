@@ -19,7 +19,7 @@ import pytest
 from bipft_jax import checkpointing, cli, config_loading, engine, losses, pretraining, pytorch_io, sharding
 from bipft_jax import model as model_lib
 from bipft_jax import files as bipft_files  # the `files` fixture takes the name
-from bipft_jax import model_params
+from bipft_jax import model_params, optim
 from bipft_jax.data import pipeline, sources
 from bipft_jax.metrics_writer import MetricsWriter
 
@@ -260,7 +260,19 @@ def test_resuming_another_model_is_refused_and_a_dropout_change_resumes(files, t
     assert f"{workdir} holds a run of another model (step 2: {named}); rerun with that run's model" in error
     assert {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()} == written
   assert cli.main(_pretrain_args(files, workdir, *steps, "--config.model.hidden_dropout=0.0")) == 0
-  assert f"resuming {workdir} from step 2" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert f"resuming {workdir} from step 2" in out
+  # What the resume changes is said, with the learning rate the longer schedule now gives step 2 (a
+  # decaying schedule was at 0 there).
+  note = re.search(r"settings changed since step 2 was saved: (.*) \(learning rate at step 2: (\S+), (\S+) in the "
+                   r"saved run's schedule\)\n", out)
+  assert note, out
+  assert note.group(1) == ("checkpoint_every 2 -> 5; model.hidden_dropout 0.1 -> 0.0; optimizer.total_steps 2 -> 4; "
+                           "total_steps 2 -> 4")
+  config = config_loading.load_config(f"{CONFIG}:tiny", [o[len("--config."):] for o in _pretrain_args(
+      files, workdir, *steps) if o.startswith("--config.")])
+  assert float(note.group(2)) == pytest.approx(float(optim.learning_rate_schedule(config.optimizer)(2)), rel=1e-3)
+  assert float(note.group(3)) == 0.0
 
 
 def test_diverging_run_saves_only_finite_checkpoints(files, tmp_path, capsys):
