@@ -167,12 +167,13 @@ class SealingManager(ocp.CheckpointManager):
     write_checksums(uncommitted if uncommitted.exists() else step_dir)  # object stores write in place
 
 
-def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3,
+def make_manager(workdir: str, *, max_to_keep: Optional[int] = 3, keep_period: Optional[int] = None,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager over `workdir` holding the items above: an asynchronous `SealingManager`,
-  or with `read_only` a plain one that never creates or writes anything."""
+  or with `read_only` a plain one that never creates or writes anything. It keeps the newest
+  `max_to_keep` steps and every multiple of `keep_period`."""
   _drop_abandoned_io()  # reports that may come, during a failed read or write and after it
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period, create=not read_only,
                                          enable_async_checkpointing=not read_only)
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
   handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})

@@ -77,8 +77,11 @@ def check_pretrain(config) -> None:
   ints_at_least(config, 1, "batch_size", "grad_accum_steps", "total_steps", "checkpoint_every",
                 "keep_checkpoints", "log_every", "eval_every", "eval_batches", "eval_batch_size",
                 "data.max_predictions")
-  ints_at_least(config, 0, "seed", "data.shards")
+  ints_at_least(config, 0, "seed", "data.shards", "keep_every")
   ints_at_least(config, 8, "data.max_seq_length")
+  if config.keep_every % config.checkpoint_every:
+    raise UserError(f"keep_every ({config.keep_every}) must be a multiple of checkpoint_every "
+                    f"({config.checkpoint_every}): only the steps saved can be kept")
   numbers_in(config, 0, 1, "data.mask_prob", open_low=True)
   numbers_in(config, 0, 1, "data.short_seq_prob")
   one_of(config, "data.source", sources.SOURCES)

@@ -152,6 +152,7 @@ class Schedule:
   checkpoint_every: int
   keep_checkpoints: Optional[int] = 3
   evaluate_at_start: bool = True
+  keep_every: int = 0  # steps kept for good beyond keep_checkpoints: the multiples of this (0: none)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +256,8 @@ class Engine:
     Returns {"step", "metrics" (the last logged), "start" and "final" (evaluations), "params"} or,
     after the save that a SIGTERM or Ctrl-C asked for, {"step", "stopped_by": the signal}."""
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
-    manager = checkpointing.make_manager(checkpoint_dir or workdir, max_to_keep=schedule.keep_checkpoints)
+    manager = checkpointing.make_manager(checkpoint_dir or workdir, max_to_keep=schedule.keep_checkpoints,
+                                         keep_period=schedule.keep_every or None)
     try:
       state, step, batches = self._start(workdir, manager)
       if step >= schedule.total_steps:  # a finished run's rerun, or total_steps lowered

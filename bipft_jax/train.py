@@ -49,7 +49,8 @@ def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) ->
   run_engine = engine.Engine(job, mesh, rules, seed=config.seed, grad_accum_steps=config.grad_accum_steps)
   with distributed.workdir_lock(workdir, "pretrain"):  # every input read
     result = run_engine.fit(workdir, engine.Schedule(config.total_steps, config.log_every, config.eval_every,
-                                                     config.checkpoint_every, config.keep_checkpoints))
+                                                     config.checkpoint_every, config.keep_checkpoints,
+                                                     keep_every=config.keep_every))
   if result.get("final") and result.get("start"):
     distributed.log(f"bipft pretrain: {pretraining.describe(result['step'], result['final'])}; at the start of "
                     f"this run: {result['start']['eval_mlm_accuracy']:.4f}")

@@ -106,6 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.checkpoint_every = 5_000    # steps between (asynchronous) orbax checkpoints; the last step is always saved
   c.keep_checkpoints = 3
+  c.keep_every = 0              # also keep every step that is a multiple of this for good (0: none): milestones
   c.log_every = 100             # steps between metrics.jsonl/TensorBoard records
   c.eval_every = 10_000         # steps between held-out MLM accuracy evaluations (also at start and end)
   c.eval_batches = 10

@@ -313,6 +313,14 @@ def test_a_rerun_past_total_steps_says_there_is_nothing_to_train(files, trained,
   assert checkpointing.saved_steps(str(workdir)) == [2, 4]
 
 
+def test_keep_every_keeps_milestone_steps_beyond_the_newest(files, tmp_path):
+  workdir = tmp_path / "run"
+  assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=5", "--config.checkpoint_every=1",
+                                 "--config.keep_checkpoints=1", "--config.keep_every=2")) == 0
+  assert checkpointing.saved_steps(str(workdir)) == [2, 4, 5]
+  assert checkpointing.restore_params(str(workdir), 2)[2]  # a milestone is whole and readable
+
+
 def _flip_a_bit(step_dir) -> str:
   """Flips one bit in the middle of the step's largest parameter file; returns its path in the step."""
   arrays = [os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(step_dir, "params"))
@@ -427,6 +435,8 @@ def test_a_bit_flipped_step_is_refused_in_one_line(files, trained, tmp_path, cap
     (["--config.data.masking=sometimes"], "unknown data.masking"),
     (["--config.model.num_heads=3"], "bad model config: hidden_size 128 is not a multiple"),
     (["--config.no_such_field=1"], "unknown config field"),
+    (["--config.checkpoint_every=2", "--config.keep_every=3"], r"keep_every \(3\) must be a multiple of "
+                                                                r"checkpoint_every \(2\)"),
 ])
 def test_bad_configs_exit_2(files, tmp_path, capsys, args, message):
   base = ["pretrain", "--config", f"{CONFIG}:tiny", "--workdir", str(tmp_path / "run")]
