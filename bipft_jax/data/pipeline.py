@@ -5,8 +5,8 @@ order shuffled per epoch, and cuts every document into examples with a generator
 (seed, epoch, document). With `masking="dynamic"` (the default, as RoBERTa) pairs and masks are
 drawn anew every epoch; with "static" they are the same in every epoch (BERT's single
 duplication). A random next segment reads a few sentences of a random document, tokenized as read
-(the document may be a book). The iterator's state, {epoch, position, offset}, is a small JSON dict: restoring it
-continues with exactly the batches an uninterrupted run would have produced.
+(the document may be a book). The iterator's state, {epoch, position, offset}, is a small JSON
+dict: restoring it continues with exactly the batches an uninterrupted run would have produced.
 """
 import collections
 import functools
