@@ -1,7 +1,10 @@
 """The pretraining pipeline: masking and NSP statistics, determinism, resumable state, host split, sources."""
 import gzip
 import mmap
+import os
 import re
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -235,10 +238,42 @@ def test_text_files_are_indexed_into_the_documents_a_split_of_the_whole_text_giv
   source = sources.TextFiles([str(tmp_path / "*")])
   expected = [d.strip() for name in sorted(texts) for d in re.split(r"\n\s*\n", texts[name]) if d.strip()]
   assert len(expected) > 300 and list(source) == expected
-  assert isinstance(source.contents[0], mmap.mmap) and isinstance(source.contents[1], bytes)  # a.txt, b.txt.gz
+  assert isinstance(source.contents[0], mmap.mmap) and isinstance(source.contents[1], mmap.mmap)  # a.txt, b.txt.gz
   (tmp_path / "d.txt").write_bytes(b"fine\n\ncaf\xe9\n")
   with pytest.raises(UserError, match=r"d.txt: line 3 is not UTF-8 \(byte 0xe9\)"):
     sources.TextFiles([str(tmp_path / "d.txt")])
+
+
+_INDEX_WITH_SMALL_FILES_ONLY = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))  # a file system without room
+from bipft_jax.data import sources
+from bipft_jax.errors import UserError
+try:
+  sources.TextFiles([sys.argv[1]])
+except UserError as e:
+  sys.exit(str(e))
+"""
+
+
+def test_a_gz_corpus_is_decompressed_to_disk_not_into_memory(tmp_path, monkeypatch):
+  # Until 2026-12-04 a .gz corpus was decompressed into every host's memory; now into an unlinked file
+  # of the asset cache, mapped: nothing left on disk after it, an error naming the cache when it is full.
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("BIPFT_CACHE", str(cache))
+  corpus = tmp_path / "corpus.txt.gz"
+  with gzip.open(corpus, "wt", encoding="utf-8") as f:
+    f.write("".join(f"Document {i} starts. It ends.\n\n" for i in range(10000)))
+  source = sources.TextFiles([str(corpus)])
+  assert isinstance(source.contents[0], mmap.mmap) and len(source.contents[0]) > 1 << 16
+  assert len(source) == 10000 and source[1234] == "Document 1234 starts. It ends."
+  assert os.listdir(cache) == []
+  full = subprocess.run([sys.executable, "-c", _INDEX_WITH_SMALL_FILES_ONLY, str(corpus)], capture_output=True,
+                        text=True, env={**os.environ, "BIPFT_CACHE": str(cache)}, timeout=120)
+  assert full.returncode == 1 and full.stderr.strip() == (
+      f"cannot decompress text file {corpus} into {cache}: File too large; decompress it yourself (gunzip), "
+      "or set BIPFT_CACHE to a folder with room"), full.stderr
+  assert os.listdir(cache) == []
 
 
 def test_text_source_errors(tmp_path):

@@ -12,11 +12,14 @@ import itertools
 import mmap
 import os
 import re
+import shutil
+import tempfile
 import zlib
 from typing import Sequence
 
 import numpy as np
 
+from bipft_jax import assets
 from bipft_jax.errors import UserError
 
 SOURCES = ("wikitext2", "text", "tfds")
@@ -67,7 +70,7 @@ class TextFiles(Sequence):
   A plain file is indexed, not loaded: one pass notes each document's byte span, and a document is
   read from the memory-mapped file when asked for, so a corpus larger than memory trains (and a host
   keeps only what its shard reads in the page cache). A .gz file cannot be read at an offset: it is
-  decompressed into memory.
+  decompressed into a temporary file first (`_decompressed`).
   """
 
   def __init__(self, patterns: Sequence[str]):
@@ -92,15 +95,33 @@ class TextFiles(Sequence):
 
 
 def _file_contents(path: str):
-  """The bytes of `path`: a read-only memory map, or for a .gz file its decompressed bytes."""
+  """The bytes of `path`, a read-only memory map (of a .gz file: of its decompressed bytes)."""
   try:
     if path.endswith(".gz"):
-      with gzip.open(path, "rb") as f:
-        return f.read()
+      return _decompressed(path)
     with open(path, "rb") as f:
       return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
   except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated .gz
     raise UserError(f"cannot read text file {path}: {e or type(e).__name__}") from None
+
+
+def _decompressed(path: str):
+  """A .gz file's bytes, decompressed into an unlinked temporary file in the asset cache and mapped:
+  they take disk while the process lives (however it ends), not memory. They were read into memory,
+  a whole compressed corpus on every host."""
+  folder = assets.cache_dir()
+  with gzip.open(path, "rb") as compressed:
+    try:
+      folder.mkdir(parents=True, exist_ok=True)
+      with tempfile.TemporaryFile(dir=folder) as f:
+        shutil.copyfileobj(compressed, f, 1 << 22)
+        f.flush()
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if f.tell() else b""
+    except OSError as e:
+      if e.errno is None:  # gzip's own (not a gzip file): an error of the file read
+        raise
+      raise UserError(f"cannot decompress text file {path} into {folder}: {e.strerror}; decompress it "
+                      f"yourself (gunzip), or set {assets.CACHE_ENV} to a folder with room") from None
 
 
 def _document_spans(contents, path: str) -> list:
@@ -202,7 +223,6 @@ def open_source(data_config, split: str) -> Sequence:
   """The documents of `split` ("train" or "eval") named by a job's `data` config."""
   kind = data_config.source
   if kind == "wikitext2":
-    from bipft_jax import assets
     return WikiText(str(assets.fetch(*WIKITEXT2)), "train" if split == "train" else "valid")
   if kind == "text":
     patterns = data_config.paths if split == "train" else data_config.eval_paths
