@@ -89,7 +89,8 @@ def check_same_model(manager: ocp.CheckpointManager, step: int, model_config: mo
 
 def changed_settings(manager: ocp.CheckpointManager, step: int, run_config: dict) -> tuple:
   """(the run config saved at `step`, [(field, then, now)] for each field `run_config` sets otherwise,
-  nested fields dotted); (None, []) when the step has no readable record of its run."""
+  nested fields dotted; fields one side lacks, which a code change added or dropped, are not listed);
+  (None, []) when the step has no readable record of its run."""
   try:
     saved = read_config(manager, step)["run"]
   except (UserError, KeyError, TypeError):
@@ -97,8 +98,7 @@ def changed_settings(manager: ocp.CheckpointManager, step: int, run_config: dict
   if not isinstance(saved, dict):
     return None, []
   then, now = _dotted(saved), _dotted(json.loads(json.dumps(run_config)))  # as the record stores it
-  return saved, [(name, then.get(name), now.get(name)) for name in sorted(then.keys() | now.keys())
-                 if then.get(name) != now.get(name)]
+  return saved, [(name, then[name], now[name]) for name in sorted(then.keys() & now.keys()) if then[name] != now[name]]
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict:
