@@ -349,6 +349,10 @@ class Prefetch:
     self.stopped.set()
 
 
+INPUT_BOUND = 0.25  # an input_wait_fraction above this is said once, measured over at least:
+INPUT_BOUND_SECONDS = 10.0  # (tiny runs' milliseconds between logs are no evidence)
+
+
 class _Loop:
   """The steps of one `Engine.fit` call, with logging, evaluation, checkpoints, the stop on a signal and
   the NaN stop."""
@@ -357,6 +361,8 @@ class _Loop:
     self.engine, self.job, self.workdir, self.manager, self.schedule = engine, engine.job, workdir, manager, schedule
     self.record = checkpointing.config_record(self.job.model_config, self.job.head, self.job.run_config)
     self.logged = {}
+    self.waited = 0.0  # seconds the loop waited for batches since the last log
+    self.warned_of_input = False
 
   def run(self, state: dict, step: int, batches: Iterator) -> dict:
     from tqdm import tqdm
@@ -367,12 +373,14 @@ class _Loop:
                     dynamic_ncols=True)
     self.writer = writer
     start = final = self._evaluate(step, state["params"]) if schedule.evaluate_at_start else None
-    self.reported_at = time.perf_counter()
+    self.reported_at = self.logged_at = time.perf_counter()
     pending, data_state = None, None
     signals = distributed.StopSignals(say=lambda line: self.bar.write(f"bipft {job.name}: {line}"))
     try:
       while step < schedule.total_steps:
+        asked = time.perf_counter()
         batch, data_state = next(prefetch)
+        self.waited += time.perf_counter() - asked
         tokens = int(np.sum(batch["attention_mask"])) * jax.process_count()
         state, metrics = self.engine.train_step(state, frozen, self.engine.global_batch(batch), step)
         if pending:
@@ -420,7 +428,18 @@ class _Loop:
     if step % self.schedule.log_every == 0 or step == self.schedule.total_steps:
       self.logged = {k: float(v) for k, v in metrics.items()}
       self.logged["tokens_per_second"] = tokens / max(seconds, 1e-9)
+      # The share of the time since the last log the loop spent waiting for batches: the data thread
+      # (one a host, tokenizing on the fly) falling behind the accelerators.
+      interval = now - self.logged_at
+      self.logged["input_wait_fraction"] = min(1.0, self.waited / max(interval, 1e-9))
+      self.waited, self.logged_at = 0.0, now
       self.writer.write(step, self.logged)
+      if (self.logged["input_wait_fraction"] > INPUT_BOUND and interval >= INPUT_BOUND_SECONDS
+          and not self.warned_of_input and distributed.is_primary()):
+        self.warned_of_input = True
+        self.bar.write(f"bipft {self.job.name}: the steps waited for data {self.logged['input_wait_fraction']:.0%} "
+                       f"of the time up to step {step} (input_wait_fraction in metrics.jsonl): the data pipeline, "
+                       "one thread a host, is the bottleneck; more hosts, shorter documents or a faster CPU help")
 
   def _evaluate(self, step: int, params) -> dict:
     scores = self.job.evaluate(params)
