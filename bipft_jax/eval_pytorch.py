@@ -10,10 +10,8 @@ export of `bipft convert to-pytorch` (or a plain Hugging Face BERT classifier) w
 """
 import argparse
 import os
-import sys
 
 import numpy as np
-from tqdm import tqdm
 
 from bipft_jax import config_checks, config_loading, files, pytorch_io
 from bipft_jax import model as model_lib
@@ -62,17 +60,14 @@ def load_classifier(directory: str, task: tasks.Task, precision: str = ""):
   return model.eval()
 
 
-def torch_predict_step(model, progress=None):
+def torch_predict_step(model):
   """A `predict_step(params, batch) -> logits` for `predictions.predict`, run by PyTorch."""
   import torch
 
   def predict_step(_, batch):
     inputs = {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in model_lib.MODEL_INPUTS}
     with torch.no_grad():
-      logits = model(**inputs).logits.float().numpy()
-    if progress is not None:
-      progress.update(1)
-    return logits
+      return model(**inputs).logits.float().numpy()
   return predict_step
 
 
@@ -86,10 +81,9 @@ def evaluate(config, model_dir: str) -> dict:
   results = {}
   for name, split in tasks.read_splits(task, config.data, task.dev_splits).items():
     data = tasks.encode(tokenizer, split, config.max_length)
-    with tqdm(total=-(-len(data) // config.eval_batch_size), desc=f"{task.name} {name}", unit="batch",
-              file=sys.stderr, dynamic_ncols=True) as progress:
-      predicted = predictions.predict(torch_predict_step(model, progress), None, data, config.eval_batch_size,
-                                     buckets, task.is_regression)
+    with predictions.progress_bar(len(data), f"{task.name} {name}", disable=False) as progress:  # in logs too
+      predicted = predictions.predict(predictions.counting(torch_predict_step(model), progress), None, data,
+                                      config.eval_batch_size, buckets, task.is_regression)
     results[name] = {"metrics": metrics_lib.compute(task.metrics, data.labels, predicted),
                      "ids": list(data.ids), "predictions": predicted}
   return results
