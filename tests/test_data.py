@@ -276,6 +276,19 @@ def test_a_gz_corpus_is_decompressed_to_disk_not_into_memory(tmp_path, monkeypat
   assert os.listdir(cache) == []
 
 
+def test_a_run_of_lines_longer_than_the_document_limit_is_cut_at_its_line_breaks(tmp_path, monkeypatch):
+  # A file without blank lines was one document, read and tokenized whole (294 MB: 14 GB, no batch in
+  # 3 minutes); runs of lines beyond MAX_DOCUMENT_BYTES become several documents, cut at line breaks.
+  monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 100)
+  lines = [f"Sentence {i} of the dump." for i in range(40)] + ["x" * 150, "The end."]
+  (tmp_path / "dump.txt").write_text("\n".join(lines) + "\n\nA short document.\n")
+  source = sources.TextFiles([str(tmp_path / "dump.txt")])
+  documents = list(source)
+  assert documents[-1] == "A short document." and "\n".join(documents[:-1]).split("\n") == lines
+  assert all(len(d.encode()) <= 100 for d in documents if "x" * 150 not in d)  # a longer line stays whole
+  assert len(documents) > 10
+
+
 def test_text_source_errors(tmp_path):
   with pytest.raises(UserError, match="no text files match"):
     sources.TextFiles([str(tmp_path / "*.txt")])

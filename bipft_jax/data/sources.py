@@ -63,6 +63,12 @@ class Documents(Sequence):
     return self.documents[index]
 
 
+# A document is read, tokenized and cut into examples whole, so a file without blank lines (a dump of
+# one sentence a line, say) was one document: 294 MB of text took 14 GB and gave no batch in 3 minutes.
+# Longer runs of lines are cut into documents of this size; books (BooksCorpus' are ~0.5 MB) stay whole.
+MAX_DOCUMENT_BYTES = 1 << 20
+
+
 class TextFiles(Sequence):
   """Documents from local UTF-8 text files: blank lines separate documents (BERT's format, where
   each line is a sentence, works as is; lines of running text are split into sentences).
@@ -126,7 +132,9 @@ def _decompressed(path: str):
 
 def _document_spans(contents, path: str) -> list:
   """(start, end) byte offsets of the documents of `contents`: the runs of lines between lines of
-  whitespace only (what splitting the text at a regular expression \\n\\s*\\n gives)."""
+  whitespace only (what splitting the text at a regular expression \\n\\s*\\n gives), a run longer
+  than MAX_DOCUMENT_BYTES cut at its line breaks into documents of at most that (a line longer stays
+  whole)."""
   spans, start, offset = [], None, 0
   lines = iter((io.BytesIO(contents) if isinstance(contents, bytes) else contents).readline, b"")
   for number, line in enumerate(lines, start=1):  # "\n" never occurs inside a UTF-8 sequence
@@ -139,6 +147,9 @@ def _document_spans(contents, path: str) -> list:
       spans.append((start, offset))
       start = None
     elif not blank and start is None:
+      start = offset
+    elif not blank and offset + len(line) - start > MAX_DOCUMENT_BYTES and offset > start:
+      spans.append((start, offset))
       start = offset
     offset += len(line)
   if start is not None:
