@@ -59,8 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # source=text: comma-separated files/globs (.gz too); blank lines end documents, as does each 1 MB
   # of lines (sources.MAX_DOCUMENT_BYTES). Plain files are indexed and read from memory maps as the
   # data asks (no RAM held for them: a 400 MB file left 33 MB of process memory, against 429 MB read
-  # whole); .gz files are decompressed into an unlinked
-  # temporary file in the asset cache ($BIPFT_CACHE), so they take disk while the run lives, not memory.
+  # whole); .gz files are decompressed into an unlinked temporary file in the asset cache
+  # ($BIPFT_CACHE), so they take disk while the run lives, not memory.
   c.data.paths = ""
   c.data.eval_paths = ""        # source=text: held-out files for the MLM accuracy
   # source=tfds: datasets prepared with array_record files; several names (comma-separated) are concatenated.
