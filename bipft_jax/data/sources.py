@@ -63,9 +63,11 @@ class Documents(Sequence):
     return self.documents[index]
 
 
-# A document is read, tokenized and cut into examples whole, so a file without blank lines (a dump of
-# one sentence a line, say) was one document: 294 MB of text took 14 GB and gave no batch in 3 minutes.
-# Longer runs of lines are cut into documents of this size; books (BooksCorpus' are ~0.5 MB) stay whole.
+# A document is read, tokenized and cut into examples whole, and read whole for every random next
+# segment drawn from it, so a file without blank lines (a dump of one sentence a line, say) was one
+# document: 294 MB of text took 14 GB and gave no batch in 3 minutes. Longer runs of lines are cut
+# into documents of this size (at 8 MB the first batch took 85 s, each draw decoding 8 MB); most books
+# (BooksCorpus' average ~0.5 MB) stay whole, a longer one becomes consecutive documents.
 MAX_DOCUMENT_BYTES = 1 << 20
 
 

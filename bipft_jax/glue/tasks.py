@@ -497,15 +497,14 @@ def make_batch(data: Encoded, chosen: np.ndarray, batch_size: int, buckets: Sequ
   """Arrays `input_ids`, `token_type_ids`, `attention_mask` (B x the smallest bucket that fits),
   `labels` (B), `weights` (B; 0 marks padding rows) and `positions` (B; each row's index in
   `data`, -1 for padding rows). B is always `batch_size`, so a short last batch adds no shape."""
-  longest = int((data.offsets[chosen + 1] - data.offsets[chosen]).max())
+  lengths = data.offsets[chosen + 1] - data.offsets[chosen]  # not data.lengths: that is every example's
+  longest = int(lengths.max())
   length = next((b for b in buckets if b >= longest), longest)
   ids = np.zeros((batch_size, length), np.int32)
   types = np.zeros((batch_size, length), np.int32)
   mask = np.zeros((batch_size, length), np.int32)
-  for row, i in enumerate(chosen):
-    start, end = data.offsets[i], data.offsets[i + 1]
-    ids[row, :end - start], types[row, :end - start] = data.token_ids[start:end], data.type_ids[start:end]
-    mask[row, :end - start] = 1
+  for row, (start, k) in enumerate(zip(data.offsets[chosen], lengths)):
+    ids[row, :k], types[row, :k], mask[row, :k] = data.token_ids[start:start + k], data.type_ids[start:start + k], 1
   positions = np.full((batch_size,), -1, np.int64)
   positions[:len(chosen)] = chosen
   regression = data.labels is not None and data.labels.dtype.kind == "f"
