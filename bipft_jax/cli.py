@@ -2,8 +2,8 @@
 
 A subcommand module defines `add_arguments(parser)` and `run(args) -> int`; it is imported only
 when used, so `bipft --help` stays fast. Bad input raises `UserError`: one line, exit code 2; a write
-the machine refused (`WriteFailed`, or any error carrying a full disk's error number): one line,
-exit code 1. A Ctrl-C outside a training loop (whose first Ctrl-C saves, `distributed.StopSignals`):
+the machine refused (`WriteFailed`, or any error carrying a full disk's error number) or a resource it
+took away (`HostFailed`): one line, exit code 1. A Ctrl-C outside a training loop (whose first Ctrl-C saves, `distributed.StopSignals`):
 one line, exit code 130, what was written complete (every file is written atomically); a SIGTERM there
 the same, exit code 143 (left to its default action, it would kill the process mid-write and leave its
 temporary file behind). In a multi-process job a failed process ends the others with its line
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
   unexpected = None  # an error of ours, shown with its traceback
   try:
     return int(module.run(args) or 0)
-  except (UserError, WriteFailed) as e:
+  except (UserError, WriteFailed, errors.HostFailed) as e:
     failure = e
     code, line = (2 if isinstance(e, UserError) else 1), f"bipft {name}: error: {e}"
   except (KeyboardInterrupt, errors.Terminated) as e:

@@ -78,6 +78,7 @@ def check_pretrain(config) -> None:
                 "keep_checkpoints", "log_every", "eval_every", "eval_batches", "eval_batch_size",
                 "data.max_predictions")
   ints_at_least(config, 0, "seed", "data.shards", "keep_every")
+  ints_at_least(config, -1, "data.workers")  # -1: auto
   ints_at_least(config, 8, "data.max_seq_length")
   if config.keep_every % config.checkpoint_every:
     raise UserError(f"keep_every ({config.keep_every}) must be a multiple of checkpoint_every "

@@ -335,6 +335,8 @@ class Prefetch:
       self.queue.put(StopIteration())
     except Exception as e:  # handed to the training thread, which raises it
       self.queue.put(e)
+    finally:  # in this thread, which runs it: a generator's cleanup (pretraining's worker processes)
+      getattr(self.items, "close", lambda: None)()
 
   def __iter__(self):
     return self
@@ -428,8 +430,8 @@ class _Loop:
     if step % self.schedule.log_every == 0 or step == self.schedule.total_steps:
       self.logged = {k: float(v) for k, v in metrics.items()}
       self.logged["tokens_per_second"] = tokens / max(seconds, 1e-9)
-      # The share of the time since the last log the loop spent waiting for batches: the data thread
-      # (one a host, tokenizing on the fly) falling behind the accelerators.
+      # The share of the time since the last log the loop spent waiting for batches: the data pipeline
+      # (tokenizing on the fly) falling behind the accelerators.
       interval = now - self.logged_at
       self.logged["input_wait_fraction"] = min(1.0, self.waited / max(interval, 1e-9))
       self.waited, self.logged_at = 0.0, now
@@ -438,8 +440,8 @@ class _Loop:
           and not self.warned_of_input and distributed.is_primary()):
         self.warned_of_input = True
         self.bar.write(f"bipft {self.job.name}: the steps waited for data {self.logged['input_wait_fraction']:.0%} "
-                       f"of the time up to step {step} (input_wait_fraction in metrics.jsonl): the data pipeline, "
-                       "one thread a host, is the bottleneck; more hosts, shorter documents or a faster CPU help")
+                       f"of the time up to step {step} (input_wait_fraction in metrics.jsonl): the data pipeline is "
+                       "the bottleneck; pretraining: more --config.data.workers (processes a host making examples)")
 
   def _evaluate(self, step: int, params) -> dict:
     scores = self.job.evaluate(params)

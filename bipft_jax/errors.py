@@ -1,10 +1,11 @@
-"""The two exceptions the CLI reports in one `error: ...` line instead of a traceback, how a
-failed write is recognised and described, and the exit code of a run a signal stopped.
+"""The exceptions the CLI reports in one `error: ...` line instead of a traceback, how a failed write
+is recognised and described, and the exit code of a run a signal stopped.
 
 `UserError`: bad user input (configs, data files, checkpoints, CLI arguments), exit code 2.
 `WriteFailed`: the machine refused a write (disk full, quota, a read-only or failing file system),
 exit code 1; what was written before it is intact. Any other exception that carries one of
 `WRITE_REFUSED`'s error numbers is reported the same way.
+`HostFailed`: the machine took away something a run needs (a data worker process killed), exit code 1.
 A run that a SIGTERM or Ctrl-C stopped after saving exits with the shell's code for that signal,
 128 + its number (143, 130): not 0, so that `bipft pretrain ... && bipft finetune ...`, a job
 controller that restarts failed jobs, and `bipft study`/`track` do not take it for a finished run.
@@ -47,6 +48,10 @@ class UserError(Exception):
 
 class WriteFailed(Exception):
   """An output that could not be written; the message names it, the cause and what is intact."""
+
+
+class HostFailed(Exception):
+  """The machine took away something the run needs; the message names it and how to go on."""
 
 
 def os_error_code(error: BaseException) -> Optional[int]:

@@ -3,7 +3,6 @@ loss and the held-out MLM evaluator. `bipft pretrain` (train.py) hands them to t
 `bipft evaluate` scores checkpoints with the same evaluator.
 """
 import dataclasses
-import itertools
 from typing import Optional
 
 import flax.linen as nn
@@ -147,6 +146,16 @@ def describe(step: int, evaluation: dict) -> str:
           f"(cross entropy {evaluation['eval_mlm_loss']:.3f})")
 
 
+def _endless(data: hosts.HostData):
+  """(batch, data state) pairs without end (the step count ends the run); closing the generator
+  (engine.Prefetch does) or dropping it ends the data's worker processes."""
+  try:
+    while True:
+      yield next(data), data.state()
+  finally:
+    data.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # The job
 
@@ -176,7 +185,7 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
                           global_batch_size=config.batch_size, seed=config.seed)
     if data_state is not None:
       data.restore(data_state)
-    return ((next(data), data.state()) for _ in itertools.count())  # endless: the step count ends the run
+    return _endless(data)
 
   def source():
     if init_from:

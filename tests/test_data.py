@@ -1,19 +1,24 @@
 """The pretraining pipeline: masking and NSP statistics, determinism, resumable state, host split, sources."""
 import gzip
 import mmap
+import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 
 import ml_collections
 import numpy as np
 import pytest
 
 from bipft_jax import pytorch_io
-from bipft_jax.data import examples, pipeline, sources
-from bipft_jax.errors import UserError
+from bipft_jax.data import examples, hosts, pipeline, sources, workers
+from bipft_jax.errors import HostFailed, UserError
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DOCS = 40
 WORDS = [f"w{i}" for i in range(60)]
 
@@ -137,6 +142,86 @@ def test_document_order_drawn_once_an_epoch(corpus, tokenizer, monkeypatch):
   assert drawn == list(range(data.state()["epoch"] + 1))
 
 
+def test_worker_processes_make_the_same_batches(tmp_path, tokenizer):
+  # A plain and a .gz file: the decompressed one reaches the workers as an open file (it has no name).
+  plain = write_corpus(tmp_path)
+  (tmp_path / "more").mkdir()
+  more = write_corpus(tmp_path / "more", num_docs=30, seed=1)
+  with open(more, "rb") as f, gzip.open(more + ".gz", "wb") as g:
+    g.write(f.read())
+  corpus = sources.TextFiles([plain, more + ".gz"])
+
+  def host_data(workers):
+    return hosts.HostData(corpus, tokenizer, data_config(shards=2, workers=workers), global_batch_size=16, seed=0)
+
+  in_thread, pooled = host_data(0), host_data(2)
+  expected = [next(in_thread) for _ in range(40)]  # several epochs of both shards
+  got, state = [], None
+  for i in range(40):
+    got.append(next(pooled))
+    state = pooled.state() if i == 12 else state
+  assert len(multiprocessing.active_children()) == 2
+  pooled.close()
+  resumed = host_data(2)
+  resumed.restore(state)
+  got += [next(resumed) for _ in range(5)]
+  resumed.close()
+  assert in_thread.state()["shards"][0]["epoch"] >= 2 and in_thread.pool is None
+  for x, y in zip(expected + expected[13:18], got):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  assert not multiprocessing.active_children()
+
+
+def test_a_killed_worker_stops_the_data_in_one_line(corpus, tokenizer):
+  data = hosts.HostData(corpus, tokenizer, data_config(shards=0, workers=1), global_batch_size=16, seed=0)
+  next(data)
+  (worker,) = multiprocessing.active_children()
+  os.kill(worker.pid, signal.SIGKILL)  # the out-of-memory killer, say
+  with pytest.raises(HostFailed, match="a data worker process ended abruptly .* rerun the same command to resume"):
+    for _ in range(1000):  # the examples made before the kill are still taken
+      next(data)
+  data.close()
+
+
+_ORPHANED_WORKERS = textwrap.dedent("""
+  import json, multiprocessing, os, signal, sys, time
+  import ml_collections
+  from bipft_jax import pytorch_io
+  from bipft_jax.data import hosts, sources
+  if __name__ == "__main__":
+    corpus, vocab, config = sys.argv[1:]
+    data = hosts.HostData(sources.TextFiles([corpus]), pytorch_io.load_tokenizer(vocab),
+                          ml_collections.ConfigDict(json.loads(config)), global_batch_size=16, seed=0)
+    next(data)
+    workers = multiprocessing.active_children()
+    for worker in workers:
+      os.kill(worker.pid, signal.SIGINT)  # a Ctrl-C reaches the whole process group; the run handles it
+    time.sleep(1)
+    for _ in range(20):
+      next(data)
+    print(*(worker.pid for worker in workers if worker.is_alive()), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_worker_processes_ignore_ctrl_c_and_leave_with_their_parent(tmp_path, tokenizer):
+  corpus = write_corpus(tmp_path)
+  vocab = tmp_path / "vocab"
+  tokenizer.save_pretrained(str(vocab))
+  config = data_config(shards=0, workers=2).to_json()
+  run = subprocess.run([sys.executable, "-c", _ORPHANED_WORKERS, corpus, str(vocab), config], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+  assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+  workers = [int(pid) for pid in run.stdout.split()]
+  assert len(workers) == 2 and "KeyboardInterrupt" not in run.stderr
+  deadline = time.time() + 10
+  while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+    time.sleep(0.2)
+  assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "orphaned data workers"
+
+
 def test_hosts_read_disjoint_documents(corpus, tokenizer):
   seen = []
   for host in range(2):
@@ -151,9 +236,9 @@ def test_hosts_read_disjoint_documents(corpus, tokenizer):
 def test_dynamic_masking_changes_per_epoch_static_does_not(corpus, tokenizer):
   for masking, same in (("dynamic", False), ("static", True)):
     data = pipeline.PretrainingData(corpus, tokenizer, data_config(masking=masking), batch_size=4, seed=0)
-    epoch0, epoch1 = data._document_examples(0, 3), data._document_examples(1, 3)
-    identical = len(epoch0) == len(epoch1) and all(
-        np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(epoch0, epoch1))
+    epoch0, epoch1 = data.document_examples(0, 3), data.document_examples(1, 3)
+    identical = epoch0["input_ids"].shape == epoch1["input_ids"].shape and np.array_equal(
+        epoch0["input_ids"], epoch1["input_ids"])
     assert identical == same, masking
 
 
@@ -333,6 +418,11 @@ def test_tfds_array_record_source(tmp_path, tokenizer):
   assert len(source) == 6 and sorted(source[i].split()[1] for i in range(6)) == [f"d{d}" for d in range(6)]
   batch = next(pipeline.PretrainingData(source, tokenizer, config, batch_size=4, seed=0))
   assert batch["input_ids"].shape == (4, 32)
+  pool = workers.ExamplePool(1, source, tokenizer, config, seed=0)  # the source pickled to a worker
+  pooled = next(pipeline.PretrainingData(source, tokenizer, config, batch_size=4, seed=0, pool=pool))
+  pool.close()
+  for key in batch:
+    np.testing.assert_array_equal(pooled[key], batch[key])
   config.text_field = "body"
   with pytest.raises(UserError, match="no feature 'body'"):
     sources.open_source(config, "train")

@@ -147,13 +147,14 @@ def _run(files, command: list, script=None, **popen):
 
 
 def test_sigkill_and_resume_is_bit_identical(files, tmp_path):
+  # The interrupted run makes its examples in worker processes, the whole one in its data thread.
   steps = ["--config.total_steps=6", "--config.checkpoint_every=2"]
-  whole = _pretrain(files, tmp_path / "whole", *steps)
+  whole = _pretrain(files, tmp_path / "whole", *steps, "--config.data.workers=0")
   assert whole.returncode == 0, whole.stderr[-2000:]
-  killed = _pretrain(files, tmp_path / "killed", *steps, script=_KILLED_RUN)
+  killed = _pretrain(files, tmp_path / "killed", *steps, "--config.data.workers=2", script=_KILLED_RUN)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   assert (tmp_path / "killed" / bipft_files.LOCK_FILE).exists()  # the killed run's, whose lock died with it
-  resumed = _pretrain(files, tmp_path / "killed", *steps)
+  resumed = _pretrain(files, tmp_path / "killed", *steps, "--config.data.workers=2")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   resumed_from = int(re.search(r"resuming \S+ from step (\d+)", resumed.stdout).group(1))
   assert resumed_from in (2, 4)
@@ -199,8 +200,11 @@ def _tensorboard_events(path) -> list:
 def test_a_sigterm_or_ctrl_c_saves_and_exits_with_its_code(files, tmp_path, capsys, signum):
   # Not exit code 0: `bipft pretrain ... && bipft finetune ...` and job controllers would take the
   # stopped run for a finished one.
-  steps = ["--config.total_steps=100000", "--config.checkpoint_every=100000"]
-  run = _pretrain(files, tmp_path / "run", *steps, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # Its examples made by a worker process: the signal goes to the whole process group, as a Ctrl-C at a
+  # terminal or launch/glue.sh's SIGTERM does; the worker leaves it to the run, which saves first.
+  steps = ["--config.total_steps=100000", "--config.checkpoint_every=100000", "--config.data.workers=1"]
+  run = _pretrain(files, tmp_path / "run", *steps, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                  start_new_session=True)
   metrics = tmp_path / "run" / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and run.poll() is None:
@@ -212,7 +216,7 @@ def test_a_sigterm_or_ctrl_c_saves_and_exits_with_its_code(files, tmp_path, caps
   assert (f"is in use by another run: bipft pretrain, pid {run.pid} on "
           in _error_line(capsys.readouterr().err, "pretrain"))
   assert run.poll() is None
-  run.send_signal(signum)
+  os.killpg(run.pid, signum)
   out, err = run.communicate(timeout=120)
   assert run.returncode == 128 + signum, err[-2000:]
   what = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}[signum]
@@ -454,6 +458,7 @@ def test_a_bit_flipped_step_is_refused_in_one_line(files, trained, tmp_path, cap
     (["--config", f"{CONFIG}:huge"], "unknown pretrain variant"),
     (["--config.batch_size=6"], "batch_size 6 must be a multiple"),
     (["--config.data.masking=sometimes"], "unknown data.masking"),
+    (["--config.data.workers=-2"], "data.workers must be an integer >= -1, got -2"),
     (["--config.model.num_heads=3"], "bad model config: hidden_size 128 is not a multiple"),
     (["--config.no_such_field=1"], "unknown config field"),
     (["--config.checkpoint_every=2", "--config.keep_every=3"], r"keep_every \(3\) must be a multiple of "

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from bipft_jax.data import pipeline
+from bipft_jax.data import pipeline, workers
 from bipft_jax.errors import UserError
 
 
@@ -36,13 +36,22 @@ def _shard_batch_size(global_batch_size: int, count: int, field: str) -> int:
 
 
 class HostData(Iterator):
-  """This host's rows of every global batch; `state()` is this host's, `global_state()` every host's."""
+  """This host's rows of every global batch; `state()` is this host's, `global_state()` every host's.
+
+  Its shards share `data.workers` worker processes (`workers.py`); `close()` ends them."""
 
   def __init__(self, source: Sequence, tokenizer, data_config, *, global_batch_size: int, seed: int):
     self.shards, self.count = host_shards(data_config.shards)
     batch_size = _shard_batch_size(global_batch_size, self.count, "batch_size")
+    count = workers.worker_count(data_config.get("workers", 0))
+    self.pool = workers.ExamplePool(count, source, tokenizer, data_config, seed) if count else None
     self.streams = [pipeline.PretrainingData(source, tokenizer, data_config, batch_size=batch_size, seed=seed,
-                                             process_index=i, process_count=self.count) for i in self.shards]
+                                             process_index=i, process_count=self.count, pool=self.pool)
+                    for i in self.shards]
+
+  def close(self) -> None:
+    if self.pool is not None:
+      self.pool.close()
 
   def __next__(self) -> dict:
     return _concatenate([next(stream) for stream in self.streams])

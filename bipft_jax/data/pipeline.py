@@ -7,10 +7,12 @@ drawn anew every epoch; with "static" they are the same in every epoch (BERT's s
 duplication). A random next segment reads a few sentences of a random document, tokenized as read
 (the document may be a book). The iterator's state, {epoch, position, offset}, is a small JSON
 dict: restoring it continues with exactly the batches an uninterrupted run would have produced.
+Documents' examples are made in the data thread or, ahead of it, by worker processes (`workers.py`):
+the same batches either way.
 """
 import collections
 import functools
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -23,10 +25,12 @@ SPANS_BUDGET = 512 << 20  # bytes of sentence spans kept per host: every book of
 
 
 class PretrainingData(Iterator):
-  """Iterates over per-host batches (dicts of numpy arrays with leading axis `batch_size`)."""
+  """Iterates over per-host batches (dicts of numpy arrays with leading axis `batch_size`).
+
+  With `pool` (`workers.ExamplePool`), worker processes make the documents ahead of the stream."""
 
   def __init__(self, source: Sequence, tokenizer, data_config, *, batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, pool=None):
     if data_config.masking not in MASKING:
       raise UserError(f"unknown data.masking {data_config.masking!r}; choose one of {', '.join(MASKING)}")
     if data_config.max_seq_length < 8 or data_config.max_seq_length > 512:
@@ -39,10 +43,13 @@ class PretrainingData(Iterator):
                       f"{len(source)}")
     self.tokenizer = tokenizer
     self.spans = _SpanCache(SPANS_BUDGET)
-    self.document_examples = functools.lru_cache(maxsize=2)(self._document_examples)
     # Drawn once an epoch: a permutation of a host's documents per example took 290 ms at Wikipedia's
-    # 6M articles (a 1.2M-document corpus gave 35 examples/s instead of about 1,300).
-    self.order = functools.lru_cache(maxsize=1)(self._order)
+    # 6M articles (a 1.2M-document corpus gave 35 examples/s instead of about 1,300). Two: the pool
+    # works ahead into the next epoch.
+    self.order = functools.lru_cache(maxsize=2)(self._order)
+    self.pool, self.ahead = pool, collections.deque()  # (epoch, first position, future) of chunks being made
+    self.made = None  # (epoch, first position, [examples of each document]) of the chunk being read
+    self.examples_made, self.documents_made = 0, 0  # sizing the chunks
     self.epoch, self.position, self.offset = 0, 0, 0
 
   def state(self) -> dict:
@@ -63,8 +70,9 @@ class PretrainingData(Iterator):
     text = self.source[document]
     return _SentencesOnDemand(text, self.spans.get(document, text), self.tokenizer)
 
-  def _document_examples(self, epoch: int, document: int) -> list:
-    """Every example of one document in one epoch (a pure function of seed, epoch and document)."""
+  def document_examples(self, epoch: int, document: int) -> Optional[dict]:
+    """Every example of one document in one epoch, stacked (None if it has none): a pure function of
+    seed, epoch and document."""
     draw = epoch if self.config.masking == "dynamic" else 0
     rng = np.random.default_rng([self.seed, draw, document])
 
@@ -78,27 +86,64 @@ class PretrainingData(Iterator):
     cfg = self.config
     pairs = examples_lib.segment_pairs(self._sentences(document).all(), random_document, cfg.max_seq_length - 3,
                                        cfg.short_seq_prob, rng)
-    return [examples_lib.masked_example(a, b, is_random, self.special, cfg.max_seq_length,
-                                        cfg.max_predictions, cfg.mask_prob, rng) for a, b, is_random in pairs]
+    examples = [examples_lib.masked_example(a, b, is_random, self.special, cfg.max_seq_length,
+                                            cfg.max_predictions, cfg.mask_prob, rng) for a, b, is_random in pairs]
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]} if examples else None
 
-  def _next_example(self) -> dict:
-    empty_documents = 0
-    while True:
-      order = self.order(self.epoch)
-      examples = self.document_examples(self.epoch, int(order[self.position]))
-      if self.offset < len(examples):
-        self.offset += 1
-        return examples[self.offset - 1]
-      empty_documents = empty_documents + 1 if not examples else 0
+  def _examples_at(self, epoch: int, position: int) -> Optional[dict]:
+    """The examples of the document at `position` of `epoch`'s order."""
+    made = self.made
+    if made and made[0] == epoch and made[1] <= position < made[1] + len(made[2]):
+      return made[2][position - made[1]]
+    if self.pool is None:
+      self.made = (epoch, position, [self.document_examples(epoch, int(self.order(epoch)[position]))])
+      return self.made[2][0]
+    if not (self.ahead and self.ahead[0][:2] == (epoch, position)):  # the first read, or a restore
+      for chunk in self.ahead:
+        chunk[2].cancel()
+      self.ahead.clear()
+      self.next_chunk = (epoch, position)
+    self._make_ahead()
+    _, _, future = self.ahead.popleft()
+    self._make_ahead()
+    made = self.pool.result(future)
+    self.examples_made += sum(len(e["input_ids"]) for e in made if e is not None)
+    self.documents_made += len(made)
+    self.made = (epoch, position, made)
+    return made[0]
+
+  def _make_ahead(self) -> None:
+    """Keeps two chunks a worker in the making, each of about a batch of examples (one book, or dozens
+    of short articles; one document until some are made), so that the examples waiting stay a few
+    batches whatever the documents."""
+    size = 1
+    if self.examples_made:
+      size = int(np.clip(self.batch_size * self.documents_made / self.examples_made, 1, 64))
+    while len(self.ahead) < 2 * self.pool.workers:
+      epoch, first = self.next_chunk
+      order = self.order(epoch)
+      documents = order[first:first + size]
+      self.ahead.append((epoch, first, self.pool.submit(epoch, documents)))
+      end = first + len(documents)
+      self.next_chunk = (epoch, end) if end < len(order) else (epoch + 1, 0)
+
+  def __next__(self) -> dict:
+    parts, wanted, empty_documents = [], self.batch_size, 0
+    while wanted:
+      examples = self._examples_at(self.epoch, self.position)
+      available = 0 if examples is None else len(examples["input_ids"]) - self.offset
+      if available > 0:
+        take = min(wanted, available)
+        parts.append({key: value[self.offset:self.offset + take] for key, value in examples.items()})
+        self.offset, wanted = self.offset + take, wanted - take
+        continue
+      empty_documents = empty_documents + 1 if examples is None else 0
       if empty_documents > len(self.documents):
         raise UserError("the data source yields no examples: its documents have no sentence pairs")
       self.position, self.offset = self.position + 1, 0
-      if self.position == len(order):
+      if self.position == len(self.documents):
         self.epoch, self.position = self.epoch + 1, 0
-
-  def __next__(self) -> dict:
-    batch = [self._next_example() for _ in range(self.batch_size)]
-    return {key: np.stack([example[key] for example in batch]) for key in batch[0]}
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 class _SentencesOnDemand(Sequence):

@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import zlib
+from multiprocessing import reduction
 from typing import Sequence
 
 import numpy as np
@@ -85,11 +86,12 @@ class TextFiles(Sequence):
     paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
     if not paths:
       raise UserError(f"no text files match {list(patterns)}; set data.paths to files or globs")
-    self.contents, spans = [], []
+    self.paths, self.contents, self.decompressed, spans = paths, [], [], []
     for path in paths:
-      contents = _file_contents(path)
+      contents, decompressed = _file_contents(path)
       spans += [(len(self.contents), start, end) for start, end in _document_spans(contents, path)]
       self.contents.append(contents)
+      self.decompressed.append(decompressed)
     if not spans:
       raise UserError(f"the text files {paths} hold no text")
     self.spans_Dx3 = np.array(spans, np.int64)  # (file, first byte, end byte) of each document
@@ -101,30 +103,54 @@ class TextFiles(Sequence):
     which, start, end = (int(x) for x in self.spans_Dx3[index])
     return self.contents[which][start:end].decode("utf-8").strip()
 
+  def __reduce__(self):
+    """Pickled for the data's worker processes (data/workers.py) with its index: a plain file by its
+    path, a decompressed one (it has no name) by a duplicate of its open file."""
+    files = [(path, f and reduction.DupFd(f.fileno())) for path, f in zip(self.paths, self.decompressed)]
+    return _reopened, (files, self.spans_Dx3)
 
-def _file_contents(path: str):
-  """The bytes of `path`, a read-only memory map (of a .gz file: of its decompressed bytes)."""
+
+def _reopened(files: list, spans_Dx3: np.ndarray) -> TextFiles:
+  text = TextFiles.__new__(TextFiles)
+  text.paths, text.spans_Dx3 = [path for path, _ in files], spans_Dx3
+  text.decompressed = [handle and os.fdopen(handle.detach(), "rb") for _, handle in files]
+  text.contents = [_file_contents(path)[0] if f is None else _mapped(f)
+                   for path, f in zip(text.paths, text.decompressed)]
+  return text
+
+
+def _mapped(f) -> "mmap.mmap | bytes":
+  return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+
+
+def _file_contents(path: str) -> tuple:
+  """(the bytes of `path` as a read-only memory map, the open temporary file of a .gz file's
+  decompressed bytes (mapped instead) or None)."""
   try:
     if path.endswith(".gz"):
       return _decompressed(path)
     with open(path, "rb") as f:
-      return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+      return _mapped(f), None
   except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated .gz
     raise UserError(f"cannot read text file {path}: {e or type(e).__name__}") from None
 
 
-def _decompressed(path: str):
-  """A .gz file's bytes, decompressed into an unlinked temporary file in the asset cache and mapped:
-  they take disk while the process lives (however it ends), not memory. They were read into memory,
-  a whole compressed corpus on every host."""
+def _decompressed(path: str) -> tuple:
+  """A .gz file's bytes, decompressed into an unlinked temporary file in the asset cache, mapped, and
+  that file: they take disk while the process lives (however it ends), not memory. They were read
+  into memory, a whole compressed corpus on every host."""
   folder = assets.cache_dir()
   with gzip.open(path, "rb") as compressed:
     try:
       folder.mkdir(parents=True, exist_ok=True)
-      with tempfile.TemporaryFile(dir=folder) as f:
+      f = tempfile.TemporaryFile(dir=folder)
+      try:
         shutil.copyfileobj(compressed, f, 1 << 22)
         f.flush()
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if f.tell() else b""
+        return _mapped(f), f
+      except BaseException:
+        f.close()
+        raise
     except OSError as e:
       if e.errno is None:  # gzip's own (not a gzip file): an error of the file read
         raise
@@ -204,13 +230,18 @@ class TfdsText(Sequence):
       raise UserError(f"cannot open TFDS dataset {name!r} split {split!r} in data_dir {data_dir!r}: "
                       f"{reason}. Prepare it first (tfds build {name.split('/')[0]} --data_dir=...) "
                       "with file_format=array_record") from None
-    self.text_field = text_field
+    self.opened_with, self.text_field = (name, split, data_dir, text_field), text_field
     if len(self.source) and text_field not in self.source[0]:
       raise UserError(f"TFDS dataset {name!r} has no feature {text_field!r}; features: "
                       f"{sorted(self.source[0])}; set data.text_field")
 
   def __len__(self):
     return len(self.source)
+
+  def __reduce__(self):
+    """Pickled for the data's worker processes (data/workers.py) by name: TFDS pickles a data source with
+    its builder, which a worker may not import (one defined in a user's script)."""
+    return TfdsText, self.opened_with
 
   def __getitem__(self, index: int) -> str:
     text = self.source[int(index)][self.text_field]
