@@ -68,9 +68,10 @@ def _failure():
   try:
     yield
   except BrokenProcessPool:
-    raise HostFailed("a data worker process ended abruptly (killed, by the out-of-memory killer say); the run "
-                     "stopped without saving: rerun the same command to resume from the newest checkpoint "
-                     "(with fewer --config.data.workers if memory is short)") from None
+    raise HostFailed("a data worker process ended abruptly (its error is above if it had one; else it was killed, "
+                     "by the out-of-memory killer say); the run stopped without saving: rerun the same command to "
+                     "resume from the newest checkpoint, with fewer --config.data.workers if memory is short (0: "
+                     "examples made in the run's own process)") from None
 
 
 _stream = None  # the worker's PretrainingData
