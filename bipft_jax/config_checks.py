@@ -88,6 +88,7 @@ def check_pretrain(config) -> None:
   one_of(config, "data.source", sources.SOURCES)
   one_of(config, "data.masking", pipeline.MASKING)
   check_optimizer(config)
+  check_profile(config)
   check_model(config.model.to_dict())
 
 
@@ -109,8 +110,15 @@ def check_glue(config) -> None:
   one_of(config, "data.format", tasks.FORMATS)
   check_distill(config)
   check_optimizer(config)
+  check_profile(config)
   check_model({**config.model.to_dict(), "pooling": config.pooling, "hidden_dropout": config.dropout,
                "attention_dropout": config.dropout, "classifier_dropout": config.dropout})
+
+
+def check_profile(config) -> None:
+  """The `profile` section: a step to start a trace at (0: none) and how many steps it takes."""
+  ints_at_least(config, 0, "profile.first_step")
+  ints_at_least(config, 1, "profile.steps")
 
 
 def check_distill(config) -> None:

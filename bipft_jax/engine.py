@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bipft_jax import checkpointing, distributed, kinds, sharding
 from bipft_jax import model as model_lib
-from bipft_jax import model_params, optim
+from bipft_jax import model_params, optim, profiling
 from bipft_jax.errors import STOPPED, UserError, signal_exit_code
 from bipft_jax.metrics_writer import MetricsWriter
 
@@ -153,6 +153,13 @@ class Schedule:
   keep_checkpoints: Optional[int] = 3
   evaluate_at_start: bool = True
   keep_every: int = 0  # steps kept for good beyond keep_checkpoints: the multiples of this (0: none)
+  profile_first_step: int = 0  # a jax.profiler trace of profile_steps steps from this one (0: none)
+  profile_steps: int = 3
+
+  def __post_init__(self):
+    if self.profile_first_step > self.total_steps:
+      raise UserError(f"profile.first_step {self.profile_first_step} is after the run's last step, "
+                      f"{self.total_steps}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,16 +385,22 @@ class _Loop:
     self.reported_at = self.logged_at = time.perf_counter()
     pending, data_state = None, None
     signals = distributed.StopSignals(say=lambda line: self.bar.write(f"bipft {job.name}: {line}"))
+    profile = profiling.StepProfile(self.workdir, schedule.profile_first_step, schedule.profile_steps,
+                                    say=self._say)
     try:
       while step < schedule.total_steps:
         asked = time.perf_counter()
         batch, data_state = next(prefetch)
         self.waited += time.perf_counter() - asked
         tokens = int(np.sum(batch["attention_mask"])) * jax.process_count()
-        state, metrics = self.engine.train_step(state, frozen, self.engine.global_batch(batch), step)
+        profile.before(step + 1)
+        with jax.profiler.StepTraceAnnotation(job.name, step_num=step + 1):
+          state, metrics = self.engine.train_step(state, frozen, self.engine.global_batch(batch), step)
+          profile.wait(state)
         if pending:
           self._report(*pending)  # the previous step's metrics: computed by now
         step += 1
+        profile.after(step)
         pending = (step, metrics, tokens)
         last, stop = step == schedule.total_steps, signals.stop_at(step)  # asked once: a signal
         stop = None if last else stop                                      # arriving later waits a step
@@ -403,13 +416,13 @@ class _Loop:
                              data_state=job.checkpoint_state(data_state), config=self.record)
         if stop:
           self.manager.wait_until_finished()
-          if distributed.is_primary():
-            self.bar.write(f"bipft {job.name}: {STOPPED[signal_exit_code(stop)]}: saved step {step} to "
-                           f"{self.workdir}; rerun the command to resume")
+          self._say(f"{STOPPED[signal_exit_code(stop)]}: saved step {step} to {self.workdir}; rerun the "
+                    "command to resume")
           return {"step": step, "stopped_by": stop}
       if pending:
         self._report(*pending)
     finally:
+      profile.stop(step)
       self.bar.close()
       prefetch.close()
       writer.close()
@@ -437,17 +450,20 @@ class _Loop:
       self.waited, self.logged_at = 0.0, now
       self.writer.write(step, self.logged)
       if (self.logged["input_wait_fraction"] > INPUT_BOUND and interval >= INPUT_BOUND_SECONDS
-          and not self.warned_of_input and distributed.is_primary()):
+          and not self.warned_of_input):
         self.warned_of_input = True
-        self.bar.write(f"bipft {self.job.name}: the steps waited for data {self.logged['input_wait_fraction']:.0%} "
-                       f"of the time up to step {step} (input_wait_fraction in metrics.jsonl): the data pipeline is "
-                       "the bottleneck; pretraining: more --config.data.workers (processes a host making examples)")
+        self._say(f"the steps waited for data {self.logged['input_wait_fraction']:.0%} of the time up to step "
+                  f"{step} (input_wait_fraction in metrics.jsonl): the data pipeline is the bottleneck; "
+                  "pretraining: more --config.data.workers (processes a host making examples)")
+
+  def _say(self, line: str) -> None:
+    if distributed.is_primary():
+      self.bar.write(f"bipft {self.job.name}: {line}")
 
   def _evaluate(self, step: int, params) -> dict:
     scores = self.job.evaluate(params)
     self.writer.write(step, scores)
-    if distributed.is_primary():
-      self.bar.write(f"bipft {self.job.name}: {self.job.describe(step, scores)}")
+    self._say(self.job.describe(step, scores))
     self.job.after_evaluation(step, params, scores)
     return scores
 

@@ -44,13 +44,14 @@ def run(args) -> int:
 def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) -> dict:
   """Runs (or resumes) pretraining to `config.total_steps`: `Engine.fit`'s result (the last metrics,
   the held-out scores at the start and end, the final global parameters)."""
+  schedule = engine.Schedule(config.total_steps, config.log_every, config.eval_every, config.checkpoint_every,
+                             config.keep_checkpoints, keep_every=config.keep_every,
+                             profile_first_step=config.profile.first_step, profile_steps=config.profile.steps)
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
   job = pretraining.distillation_job(config, mesh, rules, init_from)
   run_engine = engine.Engine(job, mesh, rules, seed=config.seed, grad_accum_steps=config.grad_accum_steps)
   with distributed.workdir_lock(workdir, "pretrain"):  # every input read
-    result = run_engine.fit(workdir, engine.Schedule(config.total_steps, config.log_every, config.eval_every,
-                                                     config.checkpoint_every, config.keep_checkpoints,
-                                                     keep_every=config.keep_every))
+    result = run_engine.fit(workdir, schedule)
   if result.get("final") and result.get("start"):
     distributed.log(f"bipft pretrain: {pretraining.describe(result['step'], result['final'])}; at the start of "
                     f"this run: {result['start']['eval_mlm_accuracy']:.4f}")

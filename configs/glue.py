@@ -71,6 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_train_examples = 0         # > 0: train on the first N (shuffled once by `seed`) only
   c.log_every = 10                 # steps between metrics.jsonl/TensorBoard loss points
   c.checkpoint_every = 0           # steps between checkpoints (a killed run resumes there); 0 = each epoch's end
+  # A jax.profiler trace of `steps` steps from `first_step` (0: none) into WORKDIR/profile, for
+  # TensorBoard's profile plugin or ui.perfetto.dev (bipft_jax/profiling.py).
+  c.profile = ml_collections.ConfigDict({"first_step": 0, "steps": 3})
 
   # Devices: `mesh=NAME` (configs/meshes.py; default every device on data), as pretraining. Several
   # hosts: `distributed.enabled` or BIPFT_DISTRIBUTED=1 (the launch scripts set it).

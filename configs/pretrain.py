@@ -117,6 +117,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 10_000         # steps between held-out MLM accuracy evaluations (also at start and end)
   c.eval_batches = 10
   c.eval_batch_size = 64
+  # A jax.profiler trace of `steps` steps from `first_step` (0: none) into WORKDIR/profile, for
+  # TensorBoard's profile plugin or ui.perfetto.dev (bipft_jax/profiling.py).
+  c.profile = ml_collections.ConfigDict({"first_step": 0, "steps": 3})
 
   if variant == "demo":
     # Sized for <= 10 minutes on a 2-core CPU: short sequences, a small batch, 300 steps (about 5

@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import glue_fixtures
+from test_train import traced_steps
 from bipft_jax import checkpointing, cli, config_loading, engine, losses, pytorch_io
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
@@ -112,9 +113,11 @@ def test_best_epoch_selection_and_mnli_mismatched_from_last_epoch():
   assert picked["best_epoch"] == 2 and picked["dev"]["dev"]["accuracy"] == 60.0
 
 
-def test_finetune_writes_metrics_best_checkpoint_and_submission(glue_dir, vocab_dir, tmp_path):
-  config = tiny_config("sst2", glue_dir, vocab_dir, "epochs=3", "pooling=mean")
+def test_finetune_writes_metrics_best_checkpoint_submission_and_profile(glue_dir, vocab_dir, tmp_path):
+  config = tiny_config("sst2", glue_dir, vocab_dir, "epochs=3", "pooling=mean", "profile.first_step=5",
+                       "profile.steps=2")
   results = finetune.finetune(config, str(tmp_path))
+  assert traced_steps(tmp_path, "finetune") == [5, 6]  # moved from the staging folder with the other outputs
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l]
   assert [l["epoch"] for l in lines] == [1, 2, 3] and lines[-1]["step"] == 3 * 4
   scores = [l["dev"]["dev"]["accuracy"] for l in lines]

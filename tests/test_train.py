@@ -1,6 +1,7 @@
 """The pretraining loop: masked-position MLM, sharded == single device, exact resume, NaN stop, a full
 disk, CLI errors."""
 import errno
+import gzip
 import json
 import os
 import re
@@ -338,6 +339,24 @@ def test_steps_waiting_for_data_are_measured_and_said(files, tmp_path, capsys, m
   assert len(said) == 1 and "is the bottleneck" in said[0], said
 
 
+def traced_steps(workdir, job: str) -> list:
+  """The step numbers annotated in the one profile in `workdir` (its Chrome-format trace)."""
+  (run,) = (workdir / "profile" / "plugins" / "profile").iterdir()
+  (trace,) = run.glob("*.trace.json.gz")
+  assert list(run.glob("*.xplane.pb"))  # what TensorBoard's profile plugin reads
+  events = json.load(gzip.open(trace))["traceEvents"]
+  return sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == job and "step_num" in e.get("args", {}))
+
+
+def test_a_profile_traces_the_chosen_steps(files, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=5", "--config.profile.first_step=2",
+                                 "--config.profile.steps=2")) == 0
+  (run,) = (workdir / "profile" / "plugins" / "profile").iterdir()
+  assert f"bipft pretrain: profile of steps 2-3 written to {run}" in capsys.readouterr().out
+  assert traced_steps(workdir, "pretrain") == [2, 3]
+
+
 def test_keep_every_keeps_milestone_steps_beyond_the_newest(files, tmp_path):
   workdir = tmp_path / "run"
   assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=5", "--config.checkpoint_every=1",
@@ -459,6 +478,8 @@ def test_a_bit_flipped_step_is_refused_in_one_line(files, trained, tmp_path, cap
     (["--config.batch_size=6"], "batch_size 6 must be a multiple"),
     (["--config.data.masking=sometimes"], "unknown data.masking"),
     (["--config.data.workers=-2"], "data.workers must be an integer >= -1, got -2"),
+    (["--config.profile.steps=0"], "profile.steps must be an integer >= 1, got 0"),
+    (["--config.profile.first_step=11"], "profile.first_step 11 is after the run's last step, 10"),
     (["--config.model.num_heads=3"], "bad model config: hidden_size 128 is not a multiple"),
     (["--config.no_such_field=1"], "unknown config field"),
     (["--config.checkpoint_every=2", "--config.keep_every=3"], r"keep_every \(3\) must be a multiple of "

@@ -36,7 +36,7 @@ from bipft_jax import checkpointing, config_checks, config_loading, distributed,
 from bipft_jax.errors import UserError
 from bipft_jax.glue import finetuning, tasks
 
-OUTPUTS = ("metrics.jsonl", "results.json", "best", "submission", "tensorboard")
+OUTPUTS = ("metrics.jsonl", "results.json", "best", "submission", "tensorboard", "profile")
 STAGING = ".finetune-staging"  # a run's outputs until it ends; then they replace an earlier run's
 PUBLISHING = ".publishing.json"  # in STAGING while its outputs move into the workdir: their names
 _DELETED = ".deleted"  # the suffix of a folder renamed away to be deleted

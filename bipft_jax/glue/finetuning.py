@@ -202,7 +202,8 @@ class Finetuning:
     self.schedule = engine.Schedule(
         total_steps=config.optimizer.total_steps, log_every=config.log_every, eval_every=self.steps_per_epoch,
         checkpoint_every=config.checkpoint_every if config.checkpoint_every > 0 else self.steps_per_epoch,
-        keep_checkpoints=2, evaluate_at_start=False)
+        keep_checkpoints=2, evaluate_at_start=False, profile_first_step=config.profile.first_step,
+        profile_steps=config.profile.steps)
 
   def _encode(self, split: tasks.Split) -> tasks.Encoded:
     return tasks.encode(self.tokenizer, split, self.config.max_length)
