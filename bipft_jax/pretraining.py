@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bipft_jax import engine, losses, optim, pytorch_io, sharding
+from bipft_jax import distributed, engine, losses, optim, pytorch_io, sharding
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
 from bipft_jax.data import hosts, sources
@@ -185,6 +185,10 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
                           global_batch_size=config.batch_size, seed=config.seed)
     if data_state is not None:
       data.restore(data_state)
+    if data.pool:  # data.workers=-1 chose by the host's CPUs
+      count = data.pool.workers
+      distributed.log(f"bipft pretrain: examples made by {count} worker process{'es' * (count > 1)} a host "
+                      "(data.workers)")
     return _endless(data)
 
   def source():

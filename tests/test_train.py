@@ -222,6 +222,7 @@ def test_a_sigterm_or_ctrl_c_saves_and_exits_with_its_code(files, tmp_path, caps
   assert run.returncode == 128 + signum, err[-2000:]
   what = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}[signum]
   assert f"{what}: saved step" in out and "Traceback" not in err
+  assert "bipft pretrain: examples made by 1 worker process a host (data.workers)" in out
   manager = checkpointing.make_manager(str(tmp_path / "run"), read_only=True)
   assert 2 <= manager.latest_step() < 100000
   assert not (tmp_path / "run" / bipft_files.LOCK_FILE).exists()
