@@ -19,6 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import ml_collections
 
+from bipft_jax.data import pipeline
 from bipft_jax.errors import HostFailed
 
 MAX_AUTO_WORKERS = 8
@@ -83,7 +84,6 @@ def _start_worker(parent: int, source, tokenizer, data_config: dict, seed: int) 
   signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
   threading.Thread(target=_leave_with, args=(parent,), daemon=True).start()
   os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-  from bipft_jax.data import pipeline
   global _stream
   _stream = pipeline.PretrainingData(source, tokenizer, ml_collections.ConfigDict(data_config), batch_size=1,
                                      seed=seed)
