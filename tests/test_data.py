@@ -1,4 +1,5 @@
 """The pretraining pipeline: masking and NSP statistics, determinism, resumable state, host split, sources."""
+import copy
 import gzip
 import mmap
 import multiprocessing
@@ -260,7 +261,11 @@ class _Tokenized(list):
 
 
 class _WholeDocuments(pipeline.PretrainingData):
-  """The pipeline as it was until 2026-12-04: every document read is tokenized whole."""
+  """The pipeline as it was until 2026-12-04: every document read is tokenized whole (by transformers)."""
+
+  def __init__(self, source, tokenizer, *args, **kwargs):
+    super().__init__(source, tokenizer, *args, **kwargs)
+    self.tokenizer = tokenizer
 
   def _sentences(self, document):
     texts = sentences(self.source[document])
@@ -281,16 +286,27 @@ def test_a_random_next_segment_tokenizes_only_the_sentences_it_reads(tmp_path, t
   expected = next(_WholeDocuments(corpus, tokenizer, config, batch_size=16, seed=4))
   sentences_tokenized = []
 
-  def counting_tokenizer(texts, **kwargs):
-    sentences_tokenized.append(len(texts) if isinstance(texts, list) else 1)
-    return tokenizer(texts, **kwargs)
+  class CountingEncoder:
+    def encode(self, text, **kwargs):
+      sentences_tokenized.append(text)
+      return encoder.encode(text, **kwargs)
   data = pipeline.PretrainingData(corpus, tokenizer, config, batch_size=16, seed=4)
-  data.tokenizer = counting_tokenizer
+  encoder, data.encoder = data.encoder, CountingEncoder()
   got = next(data)
   assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
   assert data._order(0)[-1] == 6 and data.state()["position"] < 6  # the book was drawn from, not cut up
   assert sum(got["next_sentence_label"]) >= 4
-  assert sum(sentences_tokenized) < 200, sum(sentences_tokenized)
+  assert len(sentences_tokenized) < 200, len(sentences_tokenized)
+
+
+def test_a_tokenizer_files_truncation_and_padding_do_not_reach_the_examples(corpus, tokenizer):
+  # transformers clears them on each of its calls; the pipeline calls the Rust tokenizer itself.
+  padded = copy.deepcopy(tokenizer)
+  padded.backend_tokenizer.enable_truncation(3)
+  padded.backend_tokenizer.enable_padding(length=40)
+  for x, y in zip(batches(corpus, tokenizer, 3), batches(corpus, padded, 3)):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
 
 
 def test_sentence_splitting_and_wikitext(tmp_path):

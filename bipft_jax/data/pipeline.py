@@ -15,6 +15,7 @@ import functools
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import tokenizers
 
 from bipft_jax.data import examples as examples_lib
 from bipft_jax.data.sources import sentence_spans
@@ -41,7 +42,7 @@ class PretrainingData(Iterator):
     if not len(self.documents):
       raise UserError(f"host {process_index} of {process_count} gets no documents: the source has only "
                       f"{len(source)}")
-    self.tokenizer = tokenizer
+    self.encoder = sentence_encoder(tokenizer)
     self.spans = _SpanCache(SPANS_BUDGET)
     # Drawn once an epoch: a permutation of a host's documents per example took 290 ms at Wikipedia's
     # 6M articles (a 1.2M-document corpus gave 35 examples/s instead of about 1,300). Two: the pool
@@ -68,7 +69,7 @@ class PretrainingData(Iterator):
 
   def _sentences(self, document: int) -> "_SentencesOnDemand":
     text = self.source[document]
-    return _SentencesOnDemand(text, self.spans.get(document, text), self.tokenizer)
+    return _SentencesOnDemand(text, self.spans.get(document, text), self.encoder)
 
   def document_examples(self, epoch: int, document: int) -> Optional[dict]:
     """Every example of one document in one epoch, stacked (None if it has none): a pure function of
@@ -151,22 +152,33 @@ class _SentencesOnDemand(Sequence):
   a few sentences of another document, which may be a whole book: tokenizing all of it for them made
   a corpus of books yield about 10 examples a second."""
 
-  def __init__(self, text: str, spans: np.ndarray, tokenizer):
-    self.text, self.spans, self.tokenizer = text, spans, tokenizer
+  def __init__(self, text: str, spans: np.ndarray, encoder):
+    self.text, self.spans, self.encoder = text, spans, encoder
 
   def __len__(self) -> int:
     return len(self.spans)
 
   def __getitem__(self, i: int) -> list:
     start, end = self.spans[i]
-    return self.tokenizer(self.text[start:end], add_special_tokens=False)["input_ids"]
+    return self.encoder.encode(self.text[start:end], add_special_tokens=False).ids
 
   def all(self) -> list:
     """Every sentence's WordPiece ids (no special tokens), those of no tokens left out."""
-    sentences = [self.text[start:end] for start, end in self.spans.tolist()]
-    if not sentences:
-      return []
-    return [ids for ids in self.tokenizer(sentences, add_special_tokens=False)["input_ids"] if ids]
+    encoded = (self.encoder.encode(self.text[start:end], add_special_tokens=False).ids
+               for start, end in self.spans.tolist())
+    return [ids for ids in encoded if ids]
+
+
+def sentence_encoder(tokenizer):
+  """The transformers tokenizer's Rust tokenizer, called one sentence at a time: through transformers,
+  even one sentence went through the parallel batch encoder, whose threads cost more than short
+  sentences' tokenizing (1.15-2x the examples a second without it, the same ids). A copy, without the
+  truncation and padding its tokenizer.json may set (MiniLM's pads to 128; transformers clears them
+  on each of its calls)."""
+  encoder = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+  encoder.no_truncation()
+  encoder.no_padding()
+  return encoder
 
 
 class _SpanCache:
