@@ -83,7 +83,6 @@ def _start_worker(parent: int, source, tokenizer, data_config: dict, seed: int) 
     signal.signal(signum, signal.SIG_IGN)
   signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
   threading.Thread(target=_leave_with, args=(parent,), daemon=True).start()
-  os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
   global _stream
   _stream = pipeline.PretrainingData(source, tokenizer, ml_collections.ConfigDict(data_config), batch_size=1,
                                      seed=seed)
