@@ -22,7 +22,7 @@ from bipft_jax.data.sources import sentence_spans
 from bipft_jax.errors import UserError
 
 MASKING = ("dynamic", "static")
-SPANS_BUDGET = 512 << 20  # bytes of sentence spans kept per host: every book of BooksCorpus (about 24 KB each)
+SPANS_BUDGET = 512 << 20  # bytes of sentence spans a process keeps: every book of BooksCorpus (about 24 KB each)
 
 
 class PretrainingData(Iterator):
@@ -42,13 +42,14 @@ class PretrainingData(Iterator):
     if not len(self.documents):
       raise UserError(f"host {process_index} of {process_count} gets no documents: the source has only "
                       f"{len(source)}")
-    self.encoder = sentence_encoder(tokenizer)
+    self.encoder = _sentence_encoder(tokenizer)
     self.spans = _SpanCache(SPANS_BUDGET)
     # Drawn once an epoch: a permutation of a host's documents per example took 290 ms at Wikipedia's
     # 6M articles (a 1.2M-document corpus gave 35 examples/s instead of about 1,300). Two: the pool
     # works ahead into the next epoch.
     self.order = functools.lru_cache(maxsize=2)(self._order)
     self.pool, self.ahead = pool, collections.deque()  # (epoch, first position, future) of chunks being made
+    self.next_chunk = (0, 0)  # (epoch, position) where the next chunk to make starts
     self.made = None  # (epoch, first position, [examples of each document]) of the chunk being read
     self.examples_made, self.documents_made = 0, 0  # sizing the chunks
     self.epoch, self.position, self.offset = 0, 0, 0
@@ -169,7 +170,7 @@ class _SentencesOnDemand(Sequence):
     return [ids for ids in encoded if ids]
 
 
-def sentence_encoder(tokenizer):
+def _sentence_encoder(tokenizer):
   """The transformers tokenizer's Rust tokenizer, called one sentence at a time: through transformers,
   even one sentence went through the parallel batch encoder, whose threads cost more than short
   sentences' tokenizing (1.15-2x the examples a second without it, the same ids). A copy, without the
