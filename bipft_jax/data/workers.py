@@ -41,10 +41,9 @@ class ExamplePool:
 
   def __init__(self, workers: int, source, tokenizer, data_config, seed: int):
     self.workers = workers
-    config = data_config.to_dict() if isinstance(data_config, ml_collections.ConfigDict) else dict(data_config)
     self.executor = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-        initargs=(os.getpid(), source, tokenizer, config, seed))
+        initargs=(os.getpid(), source, tokenizer, data_config.to_dict(), seed))
 
   def submit(self, epoch: int, documents) -> concurrent.futures.Future:
     # The pool starts its workers in submit: blocked here, a Ctrl-C or SIGTERM stays blocked in them
