@@ -94,15 +94,18 @@ def _ours_breakdown(args, run, state, teacher_params, global_batch, config, teac
   return seconds
 
 
-def ours(args, batch: dict) -> tuple:
+def ours_engine(args, batch: dict, **model_fields) -> tuple:
+  """(engine, state, teacher params, batch, config, teacher module): the step `bipft pretrain` runs,
+  on one device, for `args`' size, precision and sign products (and `model_fields`)."""
   config = config_loading.load_config(os.path.join(REPO, "configs", "pretrain.py") + ":base")
   config.model = config_loading.load_config(os.path.join(REPO, "configs", "model.py") + f":{args.size},binary")
   config.data.max_seq_length, config.data.max_predictions = args.length, batch["mlm_positions"].shape[1]
   config.loss.nsp_distill = True  # a BERT teacher with its NSP head, as in the paper
   config.model.precision = args.precision
   config.model.binary_matmul_dtype = args.sign_dtype
+  config.model.update(model_fields)
   student_config = pretraining.student_config(config)
-  teacher_config = dataclasses.replace(student_config, binary=False, mlm_transform_act="gelu")
+  teacher_config = dataclasses.replace(student_config, binary=False, mlm_transform_act="gelu", remat=False)
   student, teacher = model_lib.build(student_config, "pretraining"), model_lib.build(teacher_config, "pretraining")
   teacher_params = model_params.init_params(teacher, jax.random.key(1))
   # The engine's own step on one device; the job's data, source and evaluator are not used here.
@@ -116,7 +119,12 @@ def ours(args, batch: dict) -> tuple:
   run = engine.Engine(job, mesh, sharding.rules_from_config(config.mesh.rules), seed=0)
   teacher_params = run.place_frozen()
   global_batch = run.global_batch(batch)
-  state = [run.new_state(teacher_params, global_batch)]
+  return run, run.new_state(teacher_params, global_batch), teacher_params, global_batch, config, teacher
+
+
+def ours(args, batch: dict) -> tuple:
+  run, state, teacher_params, global_batch, config, teacher = ours_engine(args, batch)
+  state = [state]
 
   def step():
     state[0], metrics = run.train_step(state[0], teacher_params, global_batch, 0)

@@ -64,9 +64,9 @@ def config_record(model_config: model_lib.BertConfig, head: str, run_config: Opt
 
 
 # Model fields a resumed run may change: how exactly it computes (choices equal bit for bit, the
-# precision policy) and its dropout. The others say what the parameters mean.
+# precision policy, rematerialization) and its dropout. The others say what the parameters mean.
 RESUMABLE_MODEL_CHANGES = frozenset({"hidden_dropout", "attention_dropout", "classifier_dropout",
-                                     "matmul_precision", "binary_matmul_dtype", "precision"})
+                                     "matmul_precision", "binary_matmul_dtype", "precision", "remat"})
 
 
 def check_same_model(manager: ocp.CheckpointManager, step: int, model_config: model_lib.BertConfig) -> None:

@@ -253,6 +253,11 @@ class Engine:
   def train_step(self, state: dict, frozen: Any, batch: dict, step: int) -> tuple:
     return self.on_mesh(self._train_step, state, frozen, batch, jnp.int32(step))
 
+  def compiled_step(self, state: dict, frozen: Any, batch: dict):
+    """The train step compiled ahead of time for these inputs: its `memory_analysis()` is XLA's
+    account of the memory a device needs (bench/remat.py)."""
+    return self.on_mesh(lambda *args: self._train_step.lower(*args).compile(), state, frozen, batch, jnp.int32(0))
+
   def global_batch(self, local_batch: dict) -> dict:
     return global_batch(local_batch, self.batch_sharding)
 

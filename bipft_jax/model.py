@@ -54,6 +54,10 @@ class BertConfig:
   binary_matmul_dtype: str = "auto"  # sign products: float32 | bfloat16 | int8 | auto (the fastest); exact
   precision: str = "fp32"        # "mixed": FP matmuls in bf16 with fp32 accumulation (precision.py)
   pooling: str = "cls"           # the pooler's input: "cls" (BERT, the release) | "mean" (over real tokens)
+  # Each layer's activations recomputed from its input in the backward (jax.checkpoint per layer)
+  # instead of kept from the forward: less memory for one more forward. The same arithmetic, but XLA
+  # fuses the program otherwise, so gradients agree to rounding, not bit for bit.
+  remat: bool = False
 
   @classmethod
   def from_dict(cls, values: Any) -> "BertConfig":
@@ -401,8 +405,9 @@ class LayerStack(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, mask_bias_Bx1x1xL, deterministic: bool, calibrate: bool):
     hidden_states, attentions = [x_BxLxD], []
+    layer = nn.remat(Layer, static_argnums=(3, 4)) if self.config.remat else Layer  # (self, x, mask, det, cal)
     for i in range(self.config.num_layers):
-      x_BxLxD, probs_BxHxLxL = Layer(self.config, name=str(i))(
+      x_BxLxD, probs_BxHxLxL = layer(self.config, name=str(i))(
           x_BxLxD, mask_bias_Bx1x1xL, deterministic, calibrate)
       hidden_states.append(x_BxLxD)
       attentions.append(probs_BxHxLxL)

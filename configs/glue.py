@@ -94,6 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # finetuned checkpoint keeps it, so its evaluation and exports compute the same way. Empty: the
   # init's (a checkpoint's own; fp32 for a teacher or scratch).
   c.precision = ""
+  # Recompute each layer's activations in the backward instead of keeping them (jax.checkpoint per
+  # layer): less memory for long sequences or large batches, for about one more forward a step.
+  c.remat = False
 
   # Downstream (task-level) distillation from a finetuned classifier: a `bipft finetune` workdir or a
   # Hugging Face classifier folder. loss = label_weight * CE(labels) + logit_weight * softCE(s/T, t/T)
@@ -158,4 +161,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 # Model fields every finetuning run sets from the task and the fields above, whatever its init.
-_TASK_FIELDS = ("num_labels", "hidden_dropout", "attention_dropout", "classifier_dropout", "pooling", "precision")
+_TASK_FIELDS = ("num_labels", "hidden_dropout", "attention_dropout", "classifier_dropout", "pooling", "precision",
+                "remat")

@@ -74,4 +74,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.binary_matmul_dtype = "auto"   # sign products: the host's fastest exact one of float32, bfloat16, int8
   c.precision = "fp32"             # "mixed": FP matmuls (teacher too) in bf16, fp32 accumulation and weights
   c.pooling = "cls"                # the pooler's input: the [CLS] state (BERT) or "mean" over real tokens
+  c.remat = False                  # recompute each layer's activations in the backward: less memory, ~1 forward more
   return c

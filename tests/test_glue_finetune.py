@@ -220,7 +220,7 @@ def test_checkpoint_start_keeps_bert_and_a_fresh_classifier(glue_dir, vocab_dir,
     splits.load_tokenizer(config, "", small)
 
 
-def test_precision_is_the_inits_unless_the_run_sets_it(glue_dir, vocab_dir, tmp_path):
+def test_precision_is_the_inits_unless_the_run_sets_it_remat_the_runs(glue_dir, vocab_dir, tmp_path):
   # --config.precision chooses it; empty keeps the init's. A checkpoint's own used to win over
   # --config.model.precision without a word: a run asked to be mixed trained in fp32.
   mixed = _tiny_model_config(binary=True, precision="mixed")
@@ -234,9 +234,13 @@ def test_precision_is_the_inits_unless_the_run_sets_it(glue_dir, vocab_dir, tmp_
     for chosen in ("", "fp32", "mixed"):
       config = tiny_config("rte", glue_dir, vocab_dir, *extra, f"precision={chosen}")
       assert finetuning.initial_model(config, task).model_config.precision == (chosen or inherited)
-  config = tiny_config("rte", glue_dir, vocab_dir, "precision=mixed", "steps_per_epoch=1", "epochs=1")
+    for remat in (False, True):  # the run's, whatever the start's (the pretraining saved False)
+      config = tiny_config("rte", glue_dir, vocab_dir, *extra, f"remat={remat}")
+      assert finetuning.initial_model(config, task).model_config.remat == remat
+  config = tiny_config("rte", glue_dir, vocab_dir, "precision=mixed", "remat=True", "steps_per_epoch=1", "epochs=1")
   finetune.finetune(config, str(tmp_path / "run"))
-  assert checkpointing.restore_params(str(tmp_path / "run" / "best"))[0].precision == "mixed"  # evaluation's
+  saved = checkpointing.restore_params(str(tmp_path / "run" / "best"))[0]
+  assert saved.precision == "mixed" and saved.remat  # evaluation's
 
 
 def test_a_model_override_the_start_ignores_is_refused(glue_dir, vocab_dir):

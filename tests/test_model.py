@@ -1,5 +1,6 @@
 """Properties of the Flax BERT teacher and the 1-bit student on tiny configs."""
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -285,6 +286,33 @@ def test_jit_agrees_with_eager():
     np.testing.assert_array_equal(x, y)
   for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
     np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_remat_recomputes_each_layer_and_gives_the_gradients_to_rounding(binary):
+  # model.remat wraps each layer in jax.checkpoint: the same parameters, the same loss and gradients up
+  # to rounding (XLA fuses the recomputing program otherwise), dropout included.
+  config = dataclasses.replace(STUDENT if binary else TEACHER, num_layers=3, hidden_dropout=0.1, attention_dropout=0.1)
+  module, remat = (model.build(dataclasses.replace(config, remat=on), "pretraining") for on in (False, True))
+  params = _randomized(_init(module))
+  assert _paths(_init(remat)) == _paths(params)
+  if binary:  # the activation scales, calibrated through either
+    params, by_remat = (model_params.calibrate_alphas(m, params, _batch()) for m in (module, remat))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-6), params, by_remat)
+  batch = _batch()
+
+  def loss(m, p):
+    out = _forward(m, p, batch, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    return sum(jnp.sum(jnp.square(h)) for h in out["hidden_states"][1:]) + jnp.sum(jnp.square(out["mlm_logits"]))
+
+  jaxprs = [str(jax.make_jaxpr(lambda p: loss(m, p))(params)) for m in (module, remat)]
+  assert [j.count("remat2[") for j in jaxprs] == [0, config.num_layers]
+  (plain, plain_grads), (recomputed, recomputed_grads) = (
+      jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params) for m in (module, remat))
+  np.testing.assert_allclose(recomputed, plain, rtol=1e-6)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(plain_grads))
+  for g, h in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(recomputed_grads)):
+    np.testing.assert_allclose(h, g, rtol=1e-5, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("teacher_head, student_head", [

@@ -253,7 +253,7 @@ def _all_finite(params) -> bool:
   return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-def test_resuming_another_model_is_refused_and_a_dropout_change_resumes(files, tmp_path, capsys):
+def test_resuming_another_model_is_refused_and_a_dropout_or_remat_change_resumes(files, tmp_path, capsys):
   workdir, steps = tmp_path / "run", ("--config.total_steps=4", "--config.optimizer.warmup_steps=1")
   assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=2", "--config.optimizer.warmup_steps=1",
                                  "--config.checkpoint_every=2")) == 0
@@ -265,7 +265,8 @@ def test_resuming_another_model_is_refused_and_a_dropout_change_resumes(files, t
     error = _error_line(capsys.readouterr().err, "pretrain")
     assert f"{workdir} holds a run of another model (step 2: {named}); rerun with that run's model" in error
     assert {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()} == written
-  assert cli.main(_pretrain_args(files, workdir, *steps, "--config.model.hidden_dropout=0.0")) == 0
+  assert cli.main(_pretrain_args(files, workdir, *steps, "--config.model.hidden_dropout=0.0",
+                                 "--config.model.remat=True")) == 0
   out = capsys.readouterr().out
   assert f"resuming {workdir} from step 2" in out
   # What the resume changes is said, with the learning rate the longer schedule now gives step 2 (a
@@ -273,8 +274,8 @@ def test_resuming_another_model_is_refused_and_a_dropout_change_resumes(files, t
   note = re.search(r"settings changed since step 2 was saved: (.*) \(learning rate at step 2: (\S+), (\S+) in the "
                    r"saved run's schedule\)\n", out)
   assert note, out
-  assert note.group(1) == ("checkpoint_every 2 -> 5; model.hidden_dropout 0.1 -> 0.0; optimizer.total_steps 2 -> 4; "
-                           "total_steps 2 -> 4")
+  assert note.group(1) == ("checkpoint_every 2 -> 5; model.hidden_dropout 0.1 -> 0.0; model.remat False -> True; "
+                           "optimizer.total_steps 2 -> 4; total_steps 2 -> 4")
   config = config_loading.load_config(f"{CONFIG}:tiny", [o[len("--config."):] for o in _pretrain_args(
       files, workdir, *steps) if o.startswith("--config.")])
   assert float(note.group(2)) == pytest.approx(float(optim.learning_rate_schedule(config.optimizer)(2)), rel=1e-3)

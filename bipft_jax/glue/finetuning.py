@@ -66,7 +66,7 @@ def check_model_overrides(config, overrides) -> None:
               "the teacher brings its own architecture (binarized with init.binary=True, it takes "
               f"{', '.join(BINARIZED_TEACHER_FIELDS)})")
     raise UserError(f"--config.model.{field} has no effect with init.kind={kind}: {brings}; a run sets "
-                    "its own dropout, pooling and precision")
+                    "its own dropout, pooling, precision and remat")
 
 
 def _model_config(values: dict) -> model_lib.BertConfig:
@@ -80,7 +80,7 @@ def initial_model(config, task: tasks.Task) -> Start:
   """A pretrained checkpoint (its `bert` kept, a fresh classifier), a PyTorch teacher folder (the FP
   baseline, or binarized with init.binary=True) or random weights (config.init.kind)."""
   overrides = dict(num_labels=task.num_labels, pooling=config.pooling, hidden_dropout=config.dropout,
-                   attention_dropout=config.dropout, classifier_dropout=config.dropout)
+                   attention_dropout=config.dropout, classifier_dropout=config.dropout, remat=config.remat)
   if config.precision:
     overrides["precision"] = config.precision
   check_init(config)
