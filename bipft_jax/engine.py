@@ -254,9 +254,26 @@ class Engine:
     return self.on_mesh(self._train_step, state, frozen, batch, jnp.int32(step))
 
   def compiled_step(self, state: dict, frozen: Any, batch: dict):
-    """The train step compiled ahead of time for these inputs: its `memory_analysis()` is XLA's
-    account of the memory a device needs (bench/remat.py)."""
+    """The train step compiled ahead of time for these inputs (the compilation the step's first call
+    then reuses): its `memory_analysis()` is XLA's account of the memory a device needs."""
     return self.on_mesh(lambda *args: self._train_step.lower(*args).compile(), state, frozen, batch, jnp.int32(0))
+
+  def memory_report(self, state: dict, frozen: Any, batch: dict) -> Optional[str]:
+    """What a step on `batch` takes of a device's memory, by XLA's account of the compiled step
+    (None where the backend gives none)."""
+    try:
+      memory = self.compiled_step(state, frozen, batch).memory_analysis()
+    except NotImplementedError:
+      memory = None
+    if memory is None:
+      return None
+    held = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+    work = memory.temp_size_in_bytes
+    limit = (self.mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+    shape = " x ".join(map(str, batch["input_ids"].shape))
+    return (f"a step on batches of {shape} takes {_size(held + work)} a device"
+            + (f" of its {_size(limit)}" if limit else "") + f" (XLA's account: {_size(held)} of parameters, "
+            f"optimizer state, frozen weights and batch; {_size(work)} of activations and workspace)")
 
   def global_batch(self, local_batch: dict) -> dict:
     return global_batch(local_batch, self.batch_sharding)
@@ -363,6 +380,10 @@ class Prefetch:
     self.stopped.set()
 
 
+def _size(size: int) -> str:
+  return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 INPUT_BOUND = 0.25  # an input_wait_fraction above this is said once, measured over at least:
 INPUT_BOUND_SECONDS = 10.0  # (tiny runs' milliseconds between logs are no evidence)
 
@@ -388,7 +409,7 @@ class _Loop:
     self.writer = writer
     start = final = self._evaluate(step, state["params"]) if schedule.evaluate_at_start else None
     self.reported_at = self.logged_at = time.perf_counter()
-    pending, data_state = None, None
+    pending, data_state, memory_unreported = None, None, True
     signals = distributed.StopSignals(say=lambda line: self.bar.write(f"bipft {job.name}: {line}"))
     profile = profiling.StepProfile(self.workdir, schedule.profile_first_step, schedule.profile_steps,
                                     say=self._say)
@@ -398,9 +419,14 @@ class _Loop:
         batch, data_state = next(prefetch)
         self.waited += time.perf_counter() - asked
         tokens = int(np.sum(batch["attention_mask"])) * jax.process_count()
+        global_batch = self.engine.global_batch(batch)
+        if memory_unreported:
+          memory_unreported, report = False, self.engine.memory_report(state, frozen, global_batch)
+          if report:
+            self._say(report)
         profile.before(step + 1)
         with jax.profiler.StepTraceAnnotation(job.name, step_num=step + 1):
-          state, metrics = self.engine.train_step(state, frozen, self.engine.global_batch(batch), step)
+          state, metrics = self.engine.train_step(state, frozen, global_batch, step)
           profile.wait(state)
         if pending:
           self._report(*pending)  # the previous step's metrics: computed by now

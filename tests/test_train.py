@@ -257,6 +257,15 @@ def test_resuming_another_model_is_refused_and_a_dropout_or_remat_change_resumes
   workdir, steps = tmp_path / "run", ("--config.total_steps=4", "--config.optimizer.warmup_steps=1")
   assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=2", "--config.optimizer.warmup_steps=1",
                                  "--config.checkpoint_every=2")) == 0
+  # Its first lines say what a step takes of a device: the parameters and AdamW's two moments, the
+  # teacher (at most the student's size) and the batch held, besides the activations.
+  said = re.search(r"bipft pretrain: a step on batches of 8 x 32 takes ([\d.]+) MiB a device \(XLA's account: "
+                   r"([\d.]+) MiB of parameters, optimizer state, frozen weights and batch; ([\d.]+) MiB of "
+                   r"activations and workspace\)\n", capsys.readouterr().out)
+  total, held, work = (float(said.group(i)) * 2**20 for i in (1, 2, 3))
+  params = sum(x.nbytes for x in jax.tree.leaves(checkpointing.restore_params(str(workdir))[2]))
+  assert 3 * params <= held + 2**19 and held <= 4 * params + 2**19 and work > 0
+  assert total == pytest.approx(held + work, abs=2**19)
   written = {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()}
   for change, named in (("model.mlm_transform_act=gelu", "mlm_transform_act 'relu' there, 'gelu' now"),
                         ("model.intermediate_size=48", "intermediate_size 512 there, 48 now")):
