@@ -189,8 +189,9 @@ def _run_side(side: str, malloc: str, argv: list) -> dict:
   return json.loads(lines[-1][len("SIDE "):])
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_parser(description: str) -> argparse.ArgumentParser:
+  """The arguments of our step: its model size, batch, precision and sign products, and the timing."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--size", default="base", help="a size of configs/model.py (tiny, mini, small, base...)")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--length", type=int, default=128)
@@ -200,6 +201,11 @@ def main() -> None:
                       help="our training precision policy (model.precision); the peer is always FP32")
   parser.add_argument("--sign-dtype", choices=precision.BINARY_MATMUL_DTYPES, default="auto",
                       help="model.binary_matmul_dtype: the units of the exact forward sign products")
+  return parser
+
+
+def main() -> None:
+  parser = step_parser(__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=2,
                       help="rounds over the four sides and allocators; each keeps its fastest round")
   parser.add_argument("--quick", action="store_true", help="1 round of 2 repeats (BERT-base still): 6-9 minutes")

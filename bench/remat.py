@@ -51,14 +51,7 @@ def measure(args) -> dict:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size", default="base", help="a size of configs/model.py (tiny, mini, small, base...)")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--length", type=int, default=128)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--precision", choices=precision.PRECISIONS, default="fp32")
-  parser.add_argument("--sign-dtype", choices=precision.BINARY_MATMUL_DTYPES, default="auto")
+  parser = pretrain_step.step_parser(__doc__.splitlines()[0])
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if min(args.repeats, args.batch, args.length) < 1 or args.warmup < 0:
