@@ -269,7 +269,7 @@ class Engine:
       return None
     held = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     work = memory.temp_size_in_bytes
-    limit = (self.mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+    limit = (self.mesh.local_devices[0].memory_stats() or {}).get("bytes_limit")  # another host's: an error
     shape = " x ".join(map(str, batch["input_ids"].shape))
     return (f"a step on batches of {shape} takes {_size(held + work)} a device"
             + (f" of its {_size(limit)}" if limit else "") + f" (XLA's account: {_size(held)} of parameters, "
