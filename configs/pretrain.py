@@ -62,8 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # source=text: comma-separated files/globs (.gz too); blank lines end documents, as does each 1 MB
   # of lines (sources.MAX_DOCUMENT_BYTES). Plain files are indexed and read from memory maps as the
   # data asks (no RAM held for them: a 400 MB file left 33 MB of process memory, against 429 MB read
-  # whole); .gz files are decompressed into an unlinked temporary file in the asset cache
-  # ($BIPFT_CACHE), so they take disk while the run lives, not memory.
+  # whole); a file's index is kept in the asset cache ($BIPFT_CACHE) for the next start if it is over
+  # 64 MiB; .gz files are decompressed into an unlinked temporary file there, so they take disk while
+  # the run lives, not memory.
   # source=jsonl: JSON Lines files/globs (.jsonl or .jsonl.gz, as C4 and Dolma ship), indexed the same
   # way; one object a line, its data.text_field one document.
   c.data.paths = ""

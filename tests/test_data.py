@@ -450,6 +450,41 @@ def test_json_lines_errors_name_the_file_and_line(tmp_path, line, error):
     sources.JsonLines([str(path)])
 
 
+def test_a_files_index_is_kept_until_the_file_changes(tmp_path, monkeypatch):
+  # Indexing reads the whole corpus on every host at every start: a large file's document spans are
+  # kept in the asset cache, one entry a file (and JSON Lines field) stamped with its size,
+  # modification time and inode.
+  monkeypatch.setenv("BIPFT_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr(sources, "CACHED_INDEX_MIN_BYTES", 1000)
+  indexed = []
+  for kind in (sources.TextFiles, sources.JsonLines):
+    monkeypatch.setattr(kind, "_document_spans", lambda self, contents, path, real=kind._document_spans: (
+        indexed.append(os.path.basename(path)) or real(self, contents, path)))
+  text = write_corpus(tmp_path)
+  records = tmp_path / "corpus.jsonl"
+  records.write_text("".join(json.dumps({"text": d, "body": d[::-1]}) + "\n" for d in open(text).read().split("\n\n")))
+  documents = list(sources.TextFiles([text]))
+  assert list(sources.TextFiles([text])) == documents and indexed == ["corpus.txt"]
+  assert list(sources.JsonLines([str(records)])) == documents
+  assert list(sources.JsonLines([str(records)], text_field="body")) == [d[::-1] for d in documents]
+  assert list(sources.JsonLines([str(records)])) == documents
+  assert indexed == ["corpus.txt", "corpus.jsonl", "corpus.jsonl"]  # a field of its own
+  with open(text, "a") as f:
+    f.write("\nThe d1 w1 added.\n")
+  assert list(sources.TextFiles([text])) == documents + ["The d1 w1 added."]
+  entries = sorted((tmp_path / "cache" / "corpus_index").iterdir())
+  assert len(entries) == 3  # the changed file's entry replaced
+  for entry in entries:
+    entry.write_bytes(b"PK damaged")
+  assert list(sources.TextFiles([text])) == documents + ["The d1 w1 added."]
+  assert indexed == ["corpus.txt", "corpus.jsonl", "corpus.jsonl", "corpus.txt", "corpus.txt"]
+  (tmp_path / "small.txt").write_text("A small file.\n")
+  assert list(sources.TextFiles([str(tmp_path / "small.txt")])) == ["A small file."]
+  assert len(list((tmp_path / "cache" / "corpus_index").iterdir())) == 3  # indexed, not kept
+  monkeypatch.setenv("BIPFT_CACHE", str(records / "cannot"))  # under a file: no cache, no error
+  assert list(sources.TextFiles([text])) == documents + ["The d1 w1 added."]
+
+
 def test_text_source_errors(tmp_path):
   with pytest.raises(UserError, match="no files match"):
     sources.TextFiles([str(tmp_path / "*.txt")])
