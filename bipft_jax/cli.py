@@ -3,7 +3,7 @@
 A subcommand module defines `add_arguments(parser)` and `run(args) -> int`; it is imported only
 when used, so `bipft --help` stays fast. Bad input raises `UserError`: one line, exit code 2; a write
 the machine refused (`WriteFailed`, or any error carrying a full disk's error number) or a resource it
-took away (`HostFailed`): one line, exit code 1. A Ctrl-C outside a training loop (whose first Ctrl-C saves, `distributed.StopSignals`):
+took away (`HostFailed`) or a device's memory that ran out (`errors.out_of_memory`): one line, exit code 1. A Ctrl-C outside a training loop (whose first Ctrl-C saves, `distributed.StopSignals`):
 one line, exit code 130, what was written complete (every file is written atomically); a SIGTERM there
 the same, exit code 143 (left to its default action, it would kill the process mid-write and leave its
 temporary file behind). In a multi-process job a failed process ends the others with its line
@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     failure = e
     if errors.os_error_code(e) in errors.WRITE_REFUSED:
       code, line = 1, f"bipft {name}: error: the file system refused a write: {errors.first_line(e)}"
+    elif errors.out_of_memory(e):
+      code, line = 1, f"bipft {name}: error: {errors.OUT_OF_MEMORY_ADVICE} ({errors.first_line(e)})"
     elif _several_processes():
       unexpected, code, line = e, 1, f"bipft {name}: error: {errors.first_line(e)} (its traceback above)"
     else:

@@ -6,6 +6,8 @@ is recognised and described, and the exit code of a run a signal stopped.
 exit code 1; what was written before it is intact. Any other exception that carries one of
 `WRITE_REFUSED`'s error numbers is reported the same way.
 `HostFailed`: the machine took away something a run needs (a data worker process killed), exit code 1.
+An XLA error saying a device's memory ran out (`out_of_memory`) is reported in one line with what to
+change, exit code 1.
 A run that a SIGTERM or Ctrl-C stopped after saving exits with the shell's code for that signal,
 128 + its number (143, 130): not 0, so that `bipft pretrain ... && bipft finetune ...`, a job
 controller that restarts failed jobs, and `bipft study`/`track` do not take it for a finished run.
@@ -67,3 +69,15 @@ def first_line(error: BaseException) -> str:
   """`Type: first line` of an error, at most 300 characters (tensorstore appends kilobytes of spec)."""
   detail = (str(error).splitlines() or [""])[0]
   return f"{type(error).__name__}: {detail if len(detail) <= 300 else detail[:300] + '...'}"
+
+
+# What to change when a step does not fit in a device's memory.
+OUT_OF_MEMORY_ADVICE = ("a device ran out of memory: lower batch_size, raise grad_accum_steps (the same batch in "
+                        "smaller pieces), turn on remat (pretrain: model.remat, finetune: remat), or shard the "
+                        "parameters over an fsdp mesh axis (configs/meshes.py); a rerun resumes training from its "
+                        "newest checkpoint")
+
+
+def out_of_memory(error: BaseException) -> bool:
+  """An XLA runtime error (compiling or running a program) saying a device's memory ran out."""
+  return type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and str(error).startswith("RESOURCE_EXHAUSTED")

@@ -111,6 +111,23 @@ def test_a_refused_write_is_one_line_and_exit_1(monkeypatch, capsys, error):
   assert capsys.readouterr().err == f"bipft summary: error: the file system refused a write: OSError: {error}\n"
 
 
+def test_a_device_out_of_memory_is_one_line_with_what_to_change(monkeypatch, capsys):
+  # XLA's own error, as XLA:CPU raised it for a 256 GiB buffer here (GPU and TPU raise the same status);
+  # before, a traceback of jax's internals.
+  import jax
+  from bipft_jax import summary
+
+  def run(args):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 274877906944 bytes.")
+  monkeypatch.setattr(summary, "run", run)
+  assert cli.main(["summary", "--config", "unused.py"]) == 1
+  assert capsys.readouterr().err == (
+      "bipft summary: error: a device ran out of memory: lower batch_size, raise grad_accum_steps (the same batch "
+      "in smaller pieces), turn on remat (pretrain: model.remat, finetune: remat), or shard the parameters over an "
+      "fsdp mesh axis (configs/meshes.py); a rerun resumes training from its newest checkpoint (JaxRuntimeError: "
+      "RESOURCE_EXHAUSTED: Out of memory allocating 274877906944 bytes.)\n")
+
+
 def test_other_errors_keep_their_traceback(monkeypatch):
   from bipft_jax import summary
 
