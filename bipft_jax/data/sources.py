@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from bipft_jax import assets
+from bipft_jax.files import atomic_write
 from bipft_jax.errors import UserError
 
 SOURCES = ("wikitext2", "text", "jsonl", "tfds")
@@ -197,11 +198,9 @@ def _indexed(path: str, size: int, key: list, index) -> np.ndarray:
   except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
     pass
   spans_Nx2 = np.array(index(), np.int64).reshape(-1, 2)
-  try:
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".tmp", delete=False) as f:
+  try:  # whole or absent, with other hosts or runs writing the same entry
+    with atomic_write(str(cached), "wb") as f:
       np.savez(f, spans=spans_Nx2, stamp=stamp)
-    os.replace(f.name, cached)  # whole or absent, with other hosts or runs writing the same entry
   except OSError:
     pass
   return spans_Nx2
