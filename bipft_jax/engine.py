@@ -208,7 +208,7 @@ class Engine:
   """One job's state, shardings and jitted functions on one mesh."""
 
   def __init__(self, job: Job, mesh: jax.sharding.Mesh, rules: tuple, *, seed: int, grad_accum_steps: int = 1):
-    self.job, self.mesh, self.rules, self.seed = job, mesh, rules, seed
+    self.job, self.mesh, self.rules, self.seed, self.grad_accum_steps = job, mesh, rules, seed, grad_accum_steps
     boxed_state = _abstract_boxed_state(job.module, job.tx)
     self.state_shardings = sharding.boxed_shardings(boxed_state, mesh, rules)
     # The target of a restore: the same shapes, unboxed, on their shardings.
@@ -271,6 +271,8 @@ class Engine:
     work = memory.temp_size_in_bytes
     limit = (self.mesh.local_devices[0].memory_stats() or {}).get("bytes_limit")  # another host's: an error
     shape = " x ".join(map(str, batch["input_ids"].shape))
+    if self.grad_accum_steps > 1:
+      shape += f" in {self.grad_accum_steps} micro-batches"
     return (f"a step on batches of {shape} takes {_size(held + work)} a device"
             + (f" of its {_size(limit)}" if limit else "") + f" (XLA's account: {_size(held)} of parameters, "
             f"optimizer state, frozen weights and batch; {_size(work)} of activations and workspace)")

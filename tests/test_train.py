@@ -87,11 +87,18 @@ def _two_steps(config, mesh, batches):
   teacher = run.place_frozen()
   global_batches = [run.global_batch(b) for b in batches]
   state = run.new_state(job.source(), global_batches[0])
+  memory = run.memory_report(state, teacher, global_batches[0])
   losses_ = []
   for step, batch in enumerate(global_batches):
     state, metrics = run.train_step(state, teacher, batch, step)
     losses_.append(float(metrics["total_loss"]))
-  return jax.device_get(state["params"]), losses_, state
+  return jax.device_get(state["params"]), losses_, state, memory
+
+
+def _held_bytes(memory: str) -> float:
+  """The parameters, optimizer state, frozen weights and batch a memory report says a device holds."""
+  size, unit = re.search(r"XLA's account: ([\d.]+) (MiB|GiB) of parameters", memory).groups()
+  return float(size) * 2 ** (20 if unit == "MiB" else 30)
 
 
 @pytest.mark.parametrize("accum, shape", [(1, {"data": -1}), (2, {"data": 2, "fsdp": 2, "tensor": 2})])
@@ -99,10 +106,18 @@ def test_sharded_step_equals_single_device(files, accum, shape):
   config = tiny_config(files, grad_accum_steps=accum)
   batch = first_batch(config, files)
   batches = [batch, jax.tree.map(lambda x: np.roll(x, 1, axis=0), batch)]
-  single, single_losses, _ = _two_steps(config, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batches)
+  single, single_losses, _, single_memory = _two_steps(config, sharding.make_mesh({"data": 1}, jax.devices()[:1]),
+                                                      batches)
   config.mesh.shape = shape
-  sharded, sharded_losses, state = _two_steps(config, sharding.make_mesh(shape), batches)
+  sharded, sharded_losses, state, sharded_memory = _two_steps(config, sharding.make_mesh(shape), batches)
   assert len(jax.tree.leaves(state["params"])[0].sharding.device_set) == 8
+  # What a step takes of a device: the batches' shape, the micro-batches, less held where fsdp and
+  # tensor shard the parameters and optimizer state.
+  micro = f" in {accum} micro-batches" if accum > 1 else ""
+  assert single_memory.startswith(f"a step on batches of 8 x 32{micro} takes ") and sharded_memory.startswith(
+      f"a step on batches of 8 x 32{micro} takes ")
+  if "fsdp" in shape:
+    assert _held_bytes(sharded_memory) < 0.5 * _held_bytes(single_memory)
   np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
