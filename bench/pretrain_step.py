@@ -62,6 +62,12 @@ def synthetic_batch(batch: int, length: int, vocab: int, max_predictions: int, s
           "next_sentence_label": rng.integers(0, 2, batch).astype(np.int32)}
 
 
+def step_batch(args) -> dict:
+  """`synthetic_batch` of `args`' size, batch and length, 15% of the positions masked."""
+  size = config_loading.load_config(os.path.join(REPO, "configs", "model.py") + f":{args.size}")
+  return synthetic_batch(args.batch, args.length, size.vocab_size, max(1, round(0.15 * args.length)))
+
+
 def median_seconds(step, warmup: int, repeats: int) -> float:
   for _ in range(warmup):
     step()
@@ -215,8 +221,7 @@ def main() -> None:
     args.repeats, args.rounds = 2, 1
   if min(args.repeats, args.rounds) < 1:
     parser.error("--repeats and --rounds must be at least 1")
-  size = config_loading.load_config(os.path.join(REPO, "configs", "model.py") + f":{args.size}")
-  batch = synthetic_batch(args.batch, args.length, size.vocab_size, max(1, round(0.15 * args.length)))
+  batch = step_batch(args)
   if args.side:
     seconds, parts = (ours if args.side == "ours" else peer)(args, batch)
     print("SIDE " + json.dumps({"seconds": seconds, "parts": parts,

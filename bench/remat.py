@@ -25,15 +25,14 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import pretrain_step  # noqa: E402
-from bipft_jax import config_loading, precision  # noqa: E402
+from bipft_jax import precision  # noqa: E402
 
 SCHEDULERS = {"default": "", "memory": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
 
 
 def measure(args) -> dict:
   """Bytes and median seconds of the step without and with remat, in this process."""
-  size = config_loading.load_config(os.path.join(pretrain_step.REPO, "configs", "model.py") + f":{args.size}")
-  batch = pretrain_step.synthetic_batch(args.batch, args.length, size.vocab_size, max(1, round(0.15 * args.length)))
+  batch = pretrain_step.step_batch(args)
   out = {}
   for remat in (False, True):
     run, state, teacher_params, global_batch, _, _ = pretrain_step.ours_engine(args, batch, remat=remat)

@@ -264,7 +264,7 @@ class Engine:
     try:
       memory = self.compiled_step(state, frozen, batch).memory_analysis()
     except NotImplementedError:
-      memory = None
+      return None
     if memory is None:
       return None
     held = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes

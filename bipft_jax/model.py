@@ -369,6 +369,11 @@ class Layer(nn.Module):
     return out_BxLxD, probs_BxHxLxL
 
 
+# model.remat's layer: the same parameters, its activations recomputed in the backward. Static:
+# deterministic and calibrate (arguments 3 and 4, counting self).
+RematLayer = nn.remat(Layer, static_argnums=(3, 4))
+
+
 POOLINGS = ("cls", "mean")
 _AT_LEAST_ONE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                  "max_position_embeddings", "type_vocab_size", "num_labels")
@@ -405,7 +410,7 @@ class LayerStack(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, mask_bias_Bx1x1xL, deterministic: bool, calibrate: bool):
     hidden_states, attentions = [x_BxLxD], []
-    layer = nn.remat(Layer, static_argnums=(3, 4)) if self.config.remat else Layer  # (self, x, mask, det, cal)
+    layer = RematLayer if self.config.remat else Layer
     for i in range(self.config.num_layers):
       x_BxLxD, probs_BxHxLxL = layer(self.config, name=str(i))(
           x_BxLxD, mask_bias_Bx1x1xL, deterministic, calibrate)
