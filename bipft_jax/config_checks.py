@@ -86,6 +86,10 @@ def check_pretrain(config) -> None:
   numbers_in(config, 0, 1, "data.mask_prob", open_low=True)
   numbers_in(config, 0, 1, "data.short_seq_prob")
   one_of(config, "data.source", sources.SOURCES)
+  one_of(config, "data.shard_by", sources.SHARD_BY)
+  if config.data.shard_by == "files" and config.data.source not in sources.FILE_SOURCES:
+    raise UserError(f"data.shard_by=files deals files to the data shards: data.source {config.data.source!r} has "
+                    f"none (use it with {' or '.join(sources.FILE_SOURCES)}, or set data.shard_by=documents)")
   one_of(config, "data.masking", pipeline.MASKING)
   check_optimizer(config)
   check_profile(config)

@@ -179,16 +179,20 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
   tokenizer = pytorch_io.load_tokenizer(tokenizer_dir, student_cfg.vocab_size,
                                         fix="set --config.model.vocab_size or --config.tokenizer")
   held_out = held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
+  corpus = hosts.training_source(config.data)
 
   def batches(step: int, data_state: Optional[dict]):
-    data = hosts.HostData(sources.open_source(config.data, "train"), tokenizer, config.data,
-                          global_batch_size=config.batch_size, seed=config.seed)
+    data = hosts.HostData(corpus, tokenizer, config.data, global_batch_size=config.batch_size, seed=config.seed)
     if data_state is not None:
       data.restore(data_state)
     if data.pool:  # data.workers=-1 chose by the host's CPUs
       count = data.pool.workers
       distributed.log(f"bipft pretrain: examples made by {count} worker process{'es' * (count > 1)} a host "
                       "(data.workers)")
+    if isinstance(corpus, sources.FileShards):
+      files = sum(len(source.paths) for source in data.sources)
+      distributed.log(f"bipft pretrain: data.shard_by=files: this host reads {files} of the {len(corpus.paths)} "
+                      f"files, {sum(map(len, data.sources)):,} documents")
     return _endless(data)
 
   def source():

@@ -83,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Disjoint document streams, spread over the hosts (data/hosts.py); 0 = one per host. Fixed, the
   # batches are the same on any number of hosts dividing it.
   c.data.shards = 0
+  # documents: shard s takes every shards-th document (every host indexes every file); files (text and
+  # jsonl): every shards-th file, so a host indexes, decompresses and reads its own files alone; for a
+  # corpus of many files, as C4 (1,024), on many hosts. Held-out files are read whole either way.
+  c.data.shard_by = "documents"
   # Processes a host making examples (tokenizing, pairing, masking), beside the training: one Python
   # thread makes 1,600-3,200 examples of 128 tokens a second, fewer than a TPU or GPU host trains on.
   # 0 = in the data thread; -1 = one per 4 CPUs, at most 8 (0 below 4 CPUs). The batches are the same.

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -175,6 +176,51 @@ def test_worker_processes_make_the_same_batches(tmp_path, tokenizer):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
   assert not multiprocessing.active_children()
+
+
+def test_sharded_by_files_a_host_opens_its_shards_files_alone(tmp_path, tokenizer, monkeypatch):
+  # Six files (one .gz) dealt to 4 shards, 2 hosts: host 1 (shards 2, 3) must open files 2 and 3 only,
+  # and put into the global batch what one host reading all 4 shards puts in its rows 8-15.
+  paths = []
+  for i in range(6):
+    (tmp_path / f"f{i}").mkdir()
+    paths.append(write_corpus(tmp_path / f"f{i}", num_docs=4 + i, seed=i))
+  with open(paths[4], "rb") as f, gzip.open(paths[4] + ".gz", "wb") as g:
+    g.write(f.read())
+  os.remove(paths[4])
+  paths[4] += ".gz"
+  config = data_config(source="text", paths=str(tmp_path / "f*" / "corpus.txt*"), text_field="text", shards=4,
+                       shard_by="files")
+  opened, file_contents = [], sources._file_contents
+  monkeypatch.setattr(sources, "_file_contents", lambda path: opened.append(path) or file_contents(path))
+
+  def host_data(workers=0):
+    return hosts.HostData(hosts.training_source(config), tokenizer, data_config(**config, workers=workers),
+                          global_batch_size=16, seed=0)
+
+  whole = host_data()
+  assert sorted(opened) == paths
+  expected = [next(whole) for _ in range(12)]  # epochs of every shard (4-9 documents each)
+  assert [s["num_documents"] for s in whole.state()["shards"]] == [4 + 8, 5 + 9, 6, 7]
+  by_documents = hosts.HostData(sources.TextFiles(paths), tokenizer, data_config(shards=4), global_batch_size=16,
+                                seed=0).state()
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  opened.clear()
+  host1, pooled = host_data(), host_data(workers=1)
+  assert opened == paths[2:4] * 2
+  for want in expected:
+    got, got_pooled = next(host1), next(pooled)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key][8:])
+      np.testing.assert_array_equal(got_pooled[key], want[key][8:])
+  pooled.close()
+  unmasked = [np.where(b["labels"] >= 0, b["labels"], b["input_ids"])[8:12] for b in expected]  # shard 2's rows
+  documents = {int(d[1:]) for rows in unmasked for row in rows for d in tokenizer.convert_ids_to_tokens(row)
+               if re.fullmatch(r"d\d+", d)}
+  assert documents == set(range(6))  # file 2's documents, d0-d5, random next segments too
+  with pytest.raises(UserError, match="different seed, corpus or data.shard_by"):
+    host_data().restore(by_documents)
 
 
 def test_a_killed_worker_stops_the_data_in_one_line(corpus, tokenizer):
@@ -518,7 +564,7 @@ def test_tfds_array_record_source(tmp_path, tokenizer):
   assert len(source) == 6 and sorted(source[i].split()[1] for i in range(6)) == [f"d{d}" for d in range(6)]
   batch = next(pipeline.PretrainingData(source, tokenizer, config, batch_size=4, seed=0))
   assert batch["input_ids"].shape == (4, 32)
-  pool = workers.ExamplePool(1, source, tokenizer, config, seed=0)  # the source pickled to a worker
+  pool = workers.ExamplePool(1, [source], tokenizer, config, seed=0)  # the source pickled to a worker
   pooled = next(pipeline.PretrainingData(source, tokenizer, config, batch_size=4, seed=0, pool=pool))
   pool.close()
   for key in batch:

@@ -4,14 +4,16 @@ Each shard is one `PretrainingData` stream (`shard::shards` of the documents). H
 contiguous block of shards and its part of every global batch is their batches, concatenated, so
 the global batch (host 0's rows first, as `jax.make_array_from_process_local_data` lays them out)
 depends on the shard count only, not on the number of hosts: a 2-host run and a 1-host run with
-`data.shards=2` train on the same batches. `data.shards=0` means one shard per host.
+`data.shards=2` train on the same batches. `data.shards=0` means one shard per host. A shard takes
+every `shards`-th document of the corpus (`data.shard_by=documents`) or every `shards`-th file
+(`files`: a host then opens its shards' files alone, `sources.FileShards`).
 """
 from typing import Iterator, Sequence
 
 import jax
 import numpy as np
 
-from bipft_jax.data import pipeline, workers
+from bipft_jax.data import pipeline, sources, workers
 from bipft_jax.errors import UserError
 
 
@@ -23,6 +25,15 @@ def host_shards(num_shards: int) -> tuple:
     raise UserError(f"data.shards {num_shards} must be a positive multiple of the {hosts} hosts (or 0: one per host)")
   per_host = count // hosts
   return range(host * per_host, (host + 1) * per_host), count
+
+
+def training_source(data_config) -> "Sequence | sources.FileShards":
+  """The training corpus `HostData` reads (`sources.open_source`), its files checked against the
+  shard count now rather than when the data starts."""
+  source = sources.open_source(data_config, "train")
+  if isinstance(source, sources.FileShards):
+    source.check(host_shards(data_config.shards)[1])
+  return source
 
 
 def _concatenate(batches: list) -> dict:
@@ -40,14 +51,22 @@ class HostData(Iterator):
 
   Its shards share `data.workers` worker processes (`workers.py`); `close()` ends them."""
 
-  def __init__(self, source: Sequence, tokenizer, data_config, *, global_batch_size: int, seed: int):
+  def __init__(self, source: "Sequence | sources.FileShards", tokenizer, data_config, *, global_batch_size: int,
+               seed: int):
     self.shards, self.count = host_shards(data_config.shards)
     batch_size = _shard_batch_size(global_batch_size, self.count, "batch_size")
+    if isinstance(source, sources.FileShards):  # each shard its own files, the whole of them
+      self.sources = [source.open(i, self.count) for i in self.shards]
+      parts = [(j, 0, 1) for j in range(len(self.shards))]
+    else:  # each shard every count-th document of the one source
+      self.sources = [source]
+      parts = [(0, i, self.count) for i in self.shards]
     count = workers.worker_count(data_config.get("workers", 0))
-    self.pool = workers.ExamplePool(count, source, tokenizer, data_config, seed) if count else None
-    self.streams = [pipeline.PretrainingData(source, tokenizer, data_config, batch_size=batch_size, seed=seed,
-                                             process_index=i, process_count=self.count, pool=self.pool)
-                    for i in self.shards]
+    self.pool = workers.ExamplePool(count, self.sources, tokenizer, data_config, seed) if count else None
+    self.streams = [pipeline.PretrainingData(self.sources[j], tokenizer, data_config, batch_size=batch_size,
+                                             seed=seed, process_index=i, process_count=n, pool=self.pool,
+                                             pool_source=j)
+                    for j, i, n in parts]
 
   def close(self) -> None:
     if self.pool is not None:

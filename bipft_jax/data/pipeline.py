@@ -28,10 +28,11 @@ SPANS_BUDGET = 512 << 20  # bytes of sentence spans a process keeps: every book 
 class PretrainingData(Iterator):
   """Iterates over per-host batches (dicts of numpy arrays with leading axis `batch_size`).
 
-  With `pool` (`workers.ExamplePool`), worker processes make the documents ahead of the stream."""
+  With `pool` (`workers.ExamplePool`), worker processes make the documents ahead of the stream (its
+  `pool_source`-th source is this `source`)."""
 
   def __init__(self, source: Sequence, tokenizer, data_config, *, batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1, pool=None):
+               process_index: int = 0, process_count: int = 1, pool=None, pool_source: int = 0):
     if data_config.masking not in MASKING:
       raise UserError(f"unknown data.masking {data_config.masking!r}; choose one of {', '.join(MASKING)}")
     if data_config.max_seq_length < 8 or data_config.max_seq_length > 512:
@@ -48,7 +49,7 @@ class PretrainingData(Iterator):
     # 6M articles (a 1.2M-document corpus gave 35 examples/s instead of about 1,300). Two: the pool
     # works ahead into the next epoch.
     self.order = functools.lru_cache(maxsize=2)(self._order)
-    self.pool, self.ahead = pool, collections.deque()  # (epoch, first position, future) of chunks being made
+    self.pool, self.pool_source, self.ahead = pool, pool_source, collections.deque()  # (epoch, first position, future) of chunks being made
     self.next_chunk = (0, 0)  # (epoch, position) where the next chunk to make starts
     self.made = None  # (epoch, first position, [examples of each document]) of the chunk being read
     self.examples_made, self.documents_made = 0, 0  # sizing the chunks
@@ -61,7 +62,7 @@ class PretrainingData(Iterator):
 
   def restore(self, state: dict) -> None:
     if state.get("seed") != self.seed or state.get("num_documents") != len(self.documents):
-      raise UserError(f"the checkpointed data state {state} belongs to a different seed or corpus "
+      raise UserError(f"the checkpointed data state {state} belongs to a different seed, corpus or data.shard_by "
                       f"(seed {self.seed}, {len(self.documents)} documents here)")
     self.epoch, self.position, self.offset = state["epoch"], state["position"], state["offset"]
 
@@ -125,7 +126,7 @@ class PretrainingData(Iterator):
       epoch, first = self.next_chunk
       order = self.order(epoch)
       documents = order[first:first + size]
-      self.ahead.append((epoch, first, self.pool.submit(epoch, documents)))
+      self.ahead.append((epoch, first, self.pool.submit(epoch, documents, self.pool_source)))
       end = first + len(documents)
       self.next_chunk = (epoch, end) if end < len(order) else (epoch + 1, 0)
 

