@@ -141,6 +141,9 @@ class Job:
   after_evaluation: Callable = lambda step, params, scores: None
   checkpoint_state: Callable[[Any], dict] = lambda data_state: data_state
   describe: Callable[[int, dict], str] = lambda step, scores: f"step {step}: {scores}"
+  # This host's rows of the largest batch the run trains on, for the memory report; None: every batch
+  # has the first one's shape.
+  largest_batch: Optional[Callable[[], dict]] = None
 
 
 @dataclasses.dataclass
@@ -258,9 +261,9 @@ class Engine:
     then reuses): its `memory_analysis()` is XLA's account of the memory a device needs."""
     return self.on_mesh(lambda *args: self._train_step.lower(*args).compile(), state, frozen, batch, jnp.int32(0))
 
-  def memory_report(self, state: dict, frozen: Any, batch: dict) -> Optional[str]:
-    """What a step on `batch` takes of a device's memory, by XLA's account of the compiled step
-    (None where the backend gives none)."""
+  def memory_report(self, state: dict, frozen: Any, batch: dict, which: str = "") -> Optional[str]:
+    """What a step on `batch` (`which` batches: "the longest" or "") takes of a device's memory, by
+    XLA's account of the compiled step (None where the backend gives none)."""
     try:
       memory = self.compiled_step(state, frozen, batch).memory_analysis()
     except NotImplementedError:
@@ -273,7 +276,8 @@ class Engine:
     shape = " x ".join(map(str, batch["input_ids"].shape))
     if self.grad_accum_steps > 1:
       shape += f" in {self.grad_accum_steps} micro-batches"
-    return (f"a step on batches of {shape} takes {_size(held + work)} a device"
+    batches = f"{which} batches, {shape}," if which else f"batches of {shape}"
+    return (f"a step on {batches} takes {_size(held + work)} a device"
             + (f" of its {_size(limit)}" if limit else "") + f" (XLA's account: {_size(held)} of parameters, "
             f"optimizer state, frozen weights and batch; {_size(work)} of activations and workspace)")
 
@@ -423,7 +427,9 @@ class _Loop:
         tokens = int(np.sum(batch["attention_mask"])) * jax.process_count()
         global_batch = self.engine.global_batch(batch)
         if memory_unreported:
-          memory_unreported, report = False, self.engine.memory_report(state, frozen, global_batch)
+          largest = job.largest_batch and self.engine.global_batch(job.largest_batch())
+          memory_unreported, report = False, self.engine.memory_report(
+              state, frozen, largest or global_batch, "the longest" if largest else "")
           if report:
             self._say(report)
         profile.before(step + 1)

@@ -335,3 +335,23 @@ def test_a_diverging_overwrite_leaves_the_earlier_run_byte_identical(glue_dir, v
   assert {name: (workdir / name).read_bytes() for name in earlier} == earlier
   assert {p.relative_to(workdir) for p in (workdir / "best").rglob("*") if p.is_file()} == {
       name for name in earlier if name.parts[0] == "best"}
+
+
+def test_the_memory_line_is_the_longest_batches_whose_step_compiles_once(glue_dir, vocab_dir, tmp_path, capsys,
+                                                                         caplog):
+  # Length buckets give a run batches of several shapes: the memory a step takes is the longest's (a
+  # first batch of 8 tokens said a quarter of it), compiled ahead and then reused, not compiled again.
+  config = tiny_config("sst2", glue_dir, vocab_dir, "max_length=32", "min_bucket=4", "epochs=2")
+  task = tasks.get_task("sst2")
+  train = tasks.encode(pytorch_io.load_tokenizer(vocab_dir), tasks.read_splits(task, config.data, ("train",))["train"],
+                       32)
+  buckets = tasks.length_buckets(32, 4)
+  trained = {next(b for b in buckets if b >= train.lengths[chosen].max())
+             for epoch in (1, 2) for chosen in tasks.batch_plan(train, 4, buckets, shuffle_seed=config.seed + epoch)}
+  assert len(trained) > 1
+  with jax.log_compiles(), caplog.at_level("WARNING"):
+    finetune.finetune(config, str(tmp_path))
+  said = re.findall(r"a step on the longest batches, 4 x (\d+), takes [\d.]+ MiB a device", capsys.readouterr().out)
+  assert said == [str(max(trained))]
+  compiled = re.findall(r"Finished XLA compilation of jit\(train_step\)", caplog.text)
+  assert len(compiled) == len(trained), (trained, caplog.text)

@@ -198,7 +198,7 @@ class Finetuning:
         batches=self._batches, source=lambda: self.start.source, evaluate=self._evaluate,
         run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher_module,
         merge_complete=self.start.complete, after_evaluation=self._keep_best,
-        checkpoint_state=lambda _: {"history": self.history}, describe=describe)
+        checkpoint_state=lambda _: {"history": self.history}, describe=describe, largest_batch=self._longest_batch)
     self.schedule = engine.Schedule(
         total_steps=config.optimizer.total_steps, log_every=config.log_every, eval_every=self.steps_per_epoch,
         checkpoint_every=config.checkpoint_every if config.checkpoint_every > 0 else self.steps_per_epoch,
@@ -234,6 +234,14 @@ class Finetuning:
         batch = tasks.make_batch(self.train_data, chosen, self.config.batch_size, self.buckets)
         yield engine.host_rows(predictions.model_batch(batch)), None
     return from_step()
+
+  def _longest_batch(self) -> dict:
+    """This host's rows of the run's batch of the longest bucket (the step compiled for it, ahead,
+    is the one its batches then run)."""
+    batches = (chosen for epoch in range(1, self.config.epochs + 1) for chosen in self._plan(epoch)[:self.steps_per_epoch])
+    longest = max(batches, key=lambda chosen: int(self.train_data.lengths[chosen].max()))
+    return engine.host_rows(predictions.model_batch(
+        tasks.make_batch(self.train_data, longest, self.config.batch_size, self.buckets)))
 
   def predict(self, params, data: tasks.Encoded) -> np.ndarray:
     return predictions.predict(self.predict_step, params, data, self.config.eval_batch_size, self.buckets,
