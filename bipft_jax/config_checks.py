@@ -55,7 +55,7 @@ def check_optimizer(config) -> None:
   """The `optimizer` section: a finite positive learning rate, Adam's betas in [0, 1), ..."""
   one_of(config, "optimizer.schedule", optim.SCHEDULES)
   numbers_in(config, 0, math.inf, "optimizer.learning_rate", "optimizer.eps", open_low=True)
-  numbers_in(config, 0, math.inf, "optimizer.weight_decay")
+  numbers_in(config, 0, math.inf, "optimizer.weight_decay", "optimizer.max_grad_norm")
   numbers_in(config, 0, 1, "optimizer.b1", "optimizer.b2", open_high=True)
   ints_at_least(config, 0, "optimizer.warmup_steps", "optimizer.total_steps")
   if "head_lr_multiplier" in config.optimizer:

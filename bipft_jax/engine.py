@@ -170,12 +170,15 @@ class Schedule:
 
 
 def make_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int,
-              accum: int = 1) -> Callable:
+              accum: int = 1, max_grad_norm: float = 0.0) -> Callable:
   """(state, frozen, batch, step) -> (state, metrics); state = {params, opt_state}.
 
   The batch is split into `accum` micro-batches (example i goes to micro-batch i % accum, so each
-  device keeps its own examples); their gradients are averaged. The dropout key is the seed folded
-  with the step: a resumed run draws what the uninterrupted one would.
+  device keeps its own examples); their gradients are averaged, then scaled down to a global norm of
+  `max_grad_norm` if they exceed it (0: never; `grad_norm` reports the norm before). Clipping here,
+  not in `tx`, keeps the optimizer state the same tree with or without it, so a run may switch it
+  when resumed. The dropout key is the seed folded with the step: a resumed run draws what the
+  uninterrupted one would.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -197,8 +200,10 @@ def make_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: opt
           lambda: (params, grad_fn(params, frozen, first, key)[0][1])))
       (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum)))
       grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
+    metrics["grad_norm"] = norm = optax.tree.norm(grads)
+    if max_grad_norm:
+      grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, max_grad_norm / norm), grads)  # as optax's, statelessly
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(step)
     state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
     metrics["state_finite"] = checkpointing.all_finite(state)  # fetched with the metrics: no extra sync
@@ -210,7 +215,8 @@ def make_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: opt
 class Engine:
   """One job's state, shardings and jitted functions on one mesh."""
 
-  def __init__(self, job: Job, mesh: jax.sharding.Mesh, rules: tuple, *, seed: int, grad_accum_steps: int = 1):
+  def __init__(self, job: Job, mesh: jax.sharding.Mesh, rules: tuple, *, seed: int, grad_accum_steps: int = 1,
+               max_grad_norm: float = 0.0):
     self.job, self.mesh, self.rules, self.seed, self.grad_accum_steps = job, mesh, rules, seed, grad_accum_steps
     boxed_state = _abstract_boxed_state(job.module, job.tx)
     self.state_shardings = sharding.boxed_shardings(boxed_state, mesh, rules)
@@ -222,7 +228,7 @@ class Engine:
     self.batch_sharding = sharding.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     params_sh = self.state_shardings["params"]
-    step = make_step(job.loss_fn, job.tx, job.schedule, seed, grad_accum_steps)
+    step = make_step(job.loss_fn, job.tx, job.schedule, seed, grad_accum_steps, max_grad_norm)
     self._train_step = jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
                                                    self.batch_sharding, replicated),
                                out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
@@ -520,8 +526,7 @@ def diverged(manager, step: int, loss: float) -> str:
     moved = checkpointing.set_aside(manager, step, "diverged")
     aside = f" (step {step}, whose parameters gave this loss, moved to {moved})"
   newest, stopped = manager.latest_step(), f"{what} at step {step}; stopped without saving{aside}."
-  workdir = manager.directory
+  workdir, remedy = manager.directory, "lower optimizer.learning_rate, set optimizer.max_grad_norm or check the data"
   if newest is None:
-    return f"{stopped} There is no checkpoint in {workdir}: lower optimizer.learning_rate or check the data"
-  return (f"{stopped} The newest finite checkpoint is step {newest} in {workdir}: lower "
-          "optimizer.learning_rate or check the data, then rerun to resume from it")
+    return f"{stopped} There is no checkpoint in {workdir}: {remedy}"
+  return f"{stopped} The newest finite checkpoint is step {newest} in {workdir}: {remedy}, then rerun to resume from it"

@@ -49,7 +49,8 @@ def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) ->
                              profile_first_step=config.profile.first_step, profile_steps=config.profile.steps)
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
   job = pretraining.distillation_job(config, mesh, rules, init_from)
-  run_engine = engine.Engine(job, mesh, rules, seed=config.seed, grad_accum_steps=config.grad_accum_steps)
+  run_engine = engine.Engine(job, mesh, rules, seed=config.seed, grad_accum_steps=config.grad_accum_steps,
+                             max_grad_norm=config.optimizer.max_grad_norm)
   with distributed.workdir_lock(workdir, "pretrain"):  # every input read
     result = run_engine.fit(workdir, schedule)
   if result.get("final") and result.get("start"):

@@ -124,6 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8           # torch AdamW's default
   c.optimizer.head_lr_multiplier = 1.0  # the fresh classifier's learning rate relative to the rest
+  c.optimizer.max_grad_norm = 0.0  # gradients scaled down to this global norm when above it; 0 = never (the release)
 
   c.data = ml_collections.ConfigDict()
   c.data.format = "glue"           # glue (the distribution's TSVs) | tfds | csv | jsonl

@@ -106,6 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.head_lr_multiplier = 1.0  # the MLM/NSP heads' learning rate relative to the rest
+  # Gradients scaled down to this global norm when above it (BERT's and the Hugging Face Trainer's
+  # 1.0); 0 = never, the release's. `grad_norm` in metrics.jsonl is the norm before.
+  c.optimizer.max_grad_norm = 0.0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.nsp_distill = True     # soft-CE between NSP logits; off for teachers without an NSP head

@@ -334,6 +334,7 @@ CASES = [
     Case("pretrain learning_rate=inf", pretrain("optimizer.learning_rate=1e999"), "optimizer.learning_rate"),
     Case("pretrain learning_rate=-1", pretrain("optimizer.learning_rate=-1.0"), "optimizer.learning_rate"),
     Case("pretrain optimizer.b1=1", pretrain("optimizer.b1=1.0"), "optimizer.b1"),
+    Case("pretrain optimizer.max_grad_norm=-1", pretrain("optimizer.max_grad_norm=-1.0"), "optimizer.max_grad_norm"),
     Case("pretrain optimizer.schedule=cosine", pretrain("optimizer.schedule=cosine"), "optimizer.schedule"),
     Case("pretrain data.mask_prob=0", pretrain("data.mask_prob=0.0"), "data.mask_prob"),
     Case("pretrain data.max_seq_length=4", pretrain("data.max_seq_length=4"), "data.max_seq_length"),

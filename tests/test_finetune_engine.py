@@ -10,10 +10,15 @@ import textwrap
 import flax
 import jax
 import numpy as np
+import optax
 import pytest
 
-from bipft_jax import checkpointing, cli, distributed, losses
+from bipft_jax import checkpointing, cli, config_loading, distributed, engine, losses, train
+from bipft_jax.glue import finetune
 from test_glue_finetune import ROOT, glue_dir, tiny_overrides, vocab_dir  # noqa: F401  (fixtures)
+from test_train import CONFIG as TRAIN_CONFIG
+from test_train import files as train_files  # noqa: F401  (a fixture)
+from test_train import tiny_overrides as train_overrides
 
 CONFIG = os.path.join(ROOT, "configs/glue.py:task=sst2")
 
@@ -228,3 +233,51 @@ def test_a_batch_the_mesh_cannot_split_is_one_line(glue_dir, vocab_dir, tmp_path
   assert err[-1] == ("bipft finetune: error: batch_size 4 must be a multiple of the 8 batch shards of the mesh, "
                      "and of the 1 hosts; change it or --config.mesh.shape")
   assert not (tmp_path / "run" / ".finetune-staging").exists()
+
+
+def test_max_grad_norm_clips_as_optax_does_and_keeps_the_optimizer_state():
+  x, y = jax.random.normal(jax.random.key(0), (8, 3)), jax.random.normal(jax.random.key(1), (8, 4))
+  params = {"w": jax.random.normal(jax.random.key(2), (3, 4)), "b": jax.numpy.ones(4)}
+
+  def loss_fn(params, frozen, batch, key):
+    loss = jax.numpy.mean((batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2)
+    return loss, {"loss": loss}
+
+  batch = {"x": x, "y": y}
+  norm = float(optax.tree.norm(jax.grad(lambda p: loss_fn(p, None, batch, None)[0])(params)))
+
+  def stepped(tx, max_grad_norm, accum=1):
+    step = jax.jit(engine.make_step(loss_fn, tx, lambda s: 0.1, seed=0, accum=accum, max_grad_norm=max_grad_norm))
+    return step({"params": params, "opt_state": tx.init(params)}, None, batch, 0)
+
+  sgd = optax.sgd(0.1)
+  for limit in (norm / 4, 2 * norm):
+    for accum in (1, 2):
+      (state, metrics), (unclipped, _) = stepped(sgd, limit, accum), stepped(sgd, 0.0, accum)
+      reference = optax.chain(optax.clip_by_global_norm(limit), sgd)
+      grads = jax.tree.map(lambda new, old: (old - new) / 0.1, unclipped["params"], params)
+      updates, _ = reference.update(grads, reference.init(params), params)
+      for name in params:
+        np.testing.assert_allclose(state["params"][name], params[name] + updates[name], rtol=1e-5, atol=1e-6)
+      assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-5)  # the norm before clipping
+      if limit > norm:  # under the limit: the unclipped step, bit for bit
+        jax.tree.map(np.testing.assert_array_equal, state["params"], unclipped["params"])
+  adam = optax.adamw(0.1)
+  assert jax.tree.structure(stepped(adam, norm / 4)[0]) == jax.tree.structure(stepped(adam, 0.0)[0])
+
+
+class _Built(Exception):
+  pass
+
+
+def test_max_grad_norm_reaches_the_step_of_both_jobs(glue_dir, vocab_dir, train_files, tmp_path, monkeypatch):
+  def built(*args, **kwargs):
+    raise _Built(kwargs.get("max_grad_norm", args[5] if len(args) > 5 else None))
+  monkeypatch.setattr(engine, "make_step", built)
+  glue_config = config_loading.load_config(CONFIG, tiny_overrides(glue_dir, vocab_dir, "optimizer.max_grad_norm=0.5"))
+  with pytest.raises(_Built, match="^0.5$"):
+    finetune.finetune(glue_config, str(tmp_path / "ft"))
+  pretrain_config = config_loading.load_config(f"{TRAIN_CONFIG}:tiny",
+                                               train_overrides(train_files, **{"optimizer.max_grad_norm": 2.0}))
+  with pytest.raises(_Built, match="^2.0$"):
+    train.train_and_evaluate(pretrain_config, str(tmp_path / "pt"))

@@ -268,7 +268,7 @@ def _all_finite(params) -> bool:
   return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-def test_resuming_another_model_is_refused_and_a_dropout_or_remat_change_resumes(files, tmp_path, capsys):
+def test_resuming_another_model_is_refused_and_a_dropout_remat_or_clipping_change_resumes(files, tmp_path, capsys):
   workdir, steps = tmp_path / "run", ("--config.total_steps=4", "--config.optimizer.warmup_steps=1")
   assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=2", "--config.optimizer.warmup_steps=1",
                                  "--config.checkpoint_every=2")) == 0
@@ -290,7 +290,7 @@ def test_resuming_another_model_is_refused_and_a_dropout_or_remat_change_resumes
     assert f"{workdir} holds a run of another model (step 2: {named}); rerun with that run's model" in error
     assert {path: path.read_bytes() for path in workdir.rglob("*") if path.is_file()} == written
   assert cli.main(_pretrain_args(files, workdir, *steps, "--config.model.hidden_dropout=0.0",
-                                 "--config.model.remat=True")) == 0
+                                 "--config.model.remat=True", "--config.optimizer.max_grad_norm=1.0")) == 0
   out = capsys.readouterr().out
   assert f"resuming {workdir} from step 2" in out
   # What the resume changes is said, with the learning rate the longer schedule now gives step 2 (a
@@ -299,7 +299,7 @@ def test_resuming_another_model_is_refused_and_a_dropout_or_remat_change_resumes
                    r"saved run's schedule\)\n", out)
   assert note, out
   assert note.group(1) == ("checkpoint_every 2 -> 5; model.hidden_dropout 0.1 -> 0.0; model.remat False -> True; "
-                           "optimizer.total_steps 2 -> 4; total_steps 2 -> 4")
+                           "optimizer.max_grad_norm 0.0 -> 1.0; optimizer.total_steps 2 -> 4; total_steps 2 -> 4")
   config = config_loading.load_config(f"{CONFIG}:tiny", [o[len("--config."):] for o in _pretrain_args(
       files, workdir, *steps) if o.startswith("--config.")])
   assert float(note.group(2)) == pytest.approx(float(optim.learning_rate_schedule(config.optimizer)(2)), rel=1e-3)

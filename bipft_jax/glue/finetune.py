@@ -80,7 +80,7 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   run = finetuning.Finetuning(config, task, mesh, rules, staging)  # every input read: outputs may start
   with distributed.workdir_lock(workdir, "finetune"):
     _prepare_staging(staging)
-    result = engine.Engine(run.job, mesh, rules, seed=config.seed).fit(
+    result = engine.Engine(run.job, mesh, rules, seed=config.seed, max_grad_norm=config.optimizer.max_grad_norm).fit(
         staging, run.schedule, checkpoint_dir=os.path.join(staging, "checkpoints"))
     if "stopped_by" in result:
       return {"stopped_by": result["stopped_by"]}
