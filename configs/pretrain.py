@@ -59,14 +59,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "wikitext2"   # wikitext2 | text | jsonl | tfds
-  # source=text: comma-separated files/globs (.gz too); blank lines end documents, as does each 1 MB
-  # of lines (sources.MAX_DOCUMENT_BYTES). Plain files are indexed and read from memory maps as the
-  # data asks (no RAM held for them: a 400 MB file left 33 MB of process memory, against 429 MB read
-  # whole); a file's index is kept in the asset cache ($BIPFT_CACHE) for the next start if it is over
-  # 64 MiB; .gz files are decompressed into an unlinked temporary file there, so they take disk while
-  # the run lives, not memory.
-  # source=jsonl: JSON Lines files/globs (.jsonl or .jsonl.gz, as C4 and Dolma ship), indexed the same
-  # way; one object a line, its data.text_field one document.
+  # source=text: comma-separated files/globs (.gz and .zst too); blank lines end documents, as does
+  # each 1 MB of lines (sources.MAX_DOCUMENT_BYTES). Plain files are indexed and read from memory maps
+  # as the data asks (no RAM held for them: a 400 MB file left 33 MB of process memory, against 429 MB
+  # read whole); a file's index is kept in the asset cache ($BIPFT_CACHE) for the next start if it is
+  # over 64 MiB; .gz and .zst files are decompressed into an unlinked temporary file there, so they
+  # take disk while the run lives, not memory.
+  # source=jsonl: JSON Lines files/globs (.jsonl, .jsonl.gz or .jsonl.zst, as C4, Dolma and the Pile
+  # ship), indexed the same way; one object a line, its data.text_field one document.
   c.data.paths = ""
   c.data.eval_paths = ""        # source=text or jsonl: held-out files for the MLM accuracy
   # source=tfds: datasets prepared with array_record files; several names (comma-separated) are concatenated.

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+import zstandard
 from safetensors.numpy import save_file
 
 import glue_fixtures
@@ -95,6 +96,8 @@ def fx(tmp_path_factory):
     f.write(corpus)
   with open(p("corpus.txt.gz"), "wb") as f:
     f.write(gzip.compress(corpus.encode())[:-40])  # truncated
+  with open(p("corpus.txt.zst"), "wb") as f:
+    f.write(zstandard.ZstdCompressor().compress(corpus.encode())[:-40])  # truncated
   os.makedirs(p("vocab"))
   with open(p("vocab", "vocab.txt"), "w") as f:
     f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "."] + WORDS) + "\n")
@@ -341,6 +344,8 @@ CASES = [
     Case("pretrain data.masking=foo", pretrain("data.masking=foo"), "data.masking"),
     Case("pretrain data.source=foo", pretrain("data.source=foo"), "data.source"),
     Case("pretrain truncated .txt.gz corpus", pretrain("data.paths={gz}"), "cannot read text file"),
+    Case("pretrain truncated .txt.zst corpus", pretrain("data.paths={zst}"),
+         "corpus.txt.zst: it ends inside a zstd frame (truncated)"),
     Case("pretrain no corpus files", pretrain("data.paths=/nonexistent/*.txt"), "no files match"),
     Case("pretrain jsonl source on a text corpus", pretrain("data.source=jsonl"),
          "corpus.txt: line 1 is not JSON (Expecting value at column 1)"),
@@ -501,8 +506,8 @@ CASES = [
 
 
 def _expand(value, fx):
-  """`{gz}` and `{arrays}` in overrides name fixture files."""
-  return value.format(gz=fx["p"]("corpus.txt.gz"), arrays=fx["p"]("arrays.jsonl"))
+  """`{gz}`, `{zst}` and `{arrays}` in overrides name fixture files."""
+  return value.format(gz=fx["p"]("corpus.txt.gz"), zst=fx["p"]("corpus.txt.zst"), arrays=fx["p"]("arrays.jsonl"))
 
 
 def test_there_are_enough_cases():

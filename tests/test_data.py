@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+import zstandard
 
 from bipft_jax import pytorch_io
 from bipft_jax.data import examples, hosts, pipeline, sources, workers
@@ -454,19 +455,40 @@ def test_json_lines_are_indexed_into_their_records_texts(tmp_path):
   # text file's documents are); blank texts and blank lines are skipped, a UTF-8 BOM is allowed.
   rng = np.random.default_rng(0)
   pieces = np.array(["w", "two words", ".", "\n", "\n\n", " ", "\t", "\u2028", "é", "\"", "\\", "\x00"], dtype=object)
-  expected, files = [], {"a.jsonl": [], "b.json.gz": [], "c.jsonl": []}
+  expected, files = [], {"a.jsonl": [], "b.json.gz": [], "c.jsonl": [], "d.jsonl.zst": []}
   for name, lines in files.items():
     for i in range(60):
       text = "".join(rng.choice(pieces, int(rng.integers(0, 30))))
       lines.append(json.dumps({"id": i, "text": text}, ensure_ascii=bool(i % 2)) if i % 7 else "")
       expected += [text.strip()] if i % 7 and text.strip() else []
     data = ("\ufeff" if name == "a.jsonl" else "") + "\n".join(lines) + "\n"
+    if name.endswith(".zst"):  # two frames, as zstd -T writes
+      half = len(data) // 2
+      (tmp_path / name).write_bytes(b"".join(zstandard.ZstdCompressor().compress(part.encode())
+                                             for part in (data[:half], data[half:])))
+      continue
     with (gzip.open if name.endswith(".gz") else open)(tmp_path / name, "wt", encoding="utf-8") as f:
       f.write(data)
   source = sources.open_source(ml_collections.ConfigDict({"source": "jsonl", "paths": str(tmp_path / "*"),
                                                           "text_field": "text"}), "train")
   assert isinstance(source, sources.JsonLines) and len(expected) > 100 and list(source) == expected
   assert list(pickle.loads(pickle.dumps(source))) == expected  # as the data workers receive it
+
+
+def test_a_damaged_or_unreadable_zst_corpus_is_one_line(tmp_path, monkeypatch):
+  text = "".join(f"The d{i} w1 w2.\n\n" for i in range(2000)).encode()
+  compressed = zstandard.ZstdCompressor().compress(text)
+  for name, data, error in [("cut.txt.zst", compressed[:len(compressed) // 2], "it ends inside a zstd frame"),
+                            ("cut_at_a_byte.txt.zst", compressed[:-1], "it ends inside a zstd frame"),
+                            ("gz.txt.zst", gzip.compress(text), "not zstd data, or damaged")]:
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UserError, match=f"cannot read text file {re.escape(str(tmp_path / name))}: {error}"):
+      sources.TextFiles([str(tmp_path / name)])
+  (tmp_path / "whole.txt.zst").write_bytes(compressed)
+  assert len(sources.TextFiles([str(tmp_path / "whole.txt.zst")])) == 2000
+  monkeypatch.setitem(sys.modules, "zstandard", None)  # not installed
+  with pytest.raises(UserError, match=r"\.zst files need the zstandard package \(pip install zstandard\)"):
+    sources.TextFiles([str(tmp_path / "whole.txt.zst")])
 
 
 def test_json_lines_give_the_batches_a_text_file_of_the_same_documents_gives(tmp_path, tokenizer):

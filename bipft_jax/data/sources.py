@@ -15,7 +15,6 @@ import json
 import mmap
 import os
 import re
-import shutil
 import tempfile
 import zipfile
 import zlib
@@ -85,8 +84,8 @@ class TextFiles(Sequence):
 
   A plain file is indexed, not loaded: one pass notes each document's byte span, and a document is
   read from the memory-mapped file when asked for, so a corpus larger than memory trains (and a host
-  keeps only what its shard reads in the page cache). A .gz file cannot be read at an offset: it is
-  decompressed into a temporary file first (`_decompressed`).
+  keeps only what its shard reads in the page cache). A .gz or .zst file cannot be read at an offset:
+  it is decompressed into a temporary file first (`_decompressed`).
   """
 
   def __init__(self, patterns: Sequence[str]):
@@ -128,8 +127,8 @@ class TextFiles(Sequence):
 
 
 class JsonLines(TextFiles):
-  """Documents from JSON Lines files (.jsonl, or .jsonl.gz: C4's, Dolma's, the Pile's once
-  decompressed): one JSON object a line, whose `text_field` is one document; records whose text is
+  """Documents from JSON Lines files (.jsonl, .jsonl.gz or .jsonl.zst: C4's, Dolma's, the Pile's):
+  one JSON object a line, whose `text_field` is one document; records whose text is
   blank are skipped. Indexed and mapped as TextFiles are (every record checked once when indexed), a
   record parsed when its document is read; a record is one document however long."""
 
@@ -258,38 +257,74 @@ def _mapped(f) -> "mmap.mmap | bytes":
 
 
 def _file_contents(path: str) -> tuple:
-  """(the bytes of `path` as a read-only memory map, the open temporary file of a .gz file's
+  """(the bytes of `path` as a read-only memory map, the open temporary file of a compressed file's
   decompressed bytes (mapped instead) or None)."""
   try:
-    if path.endswith(".gz"):
+    if path.endswith(COMPRESSED):
       return _decompressed(path)
     with open(path, "rb") as f:
       return _mapped(f), None
-  except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated .gz
+  except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated file
     raise UserError(f"cannot read text file {path}: {e or type(e).__name__}") from None
 
 
+# Compressed corpora read through an unlinked temporary file: .gz (C4, Dolma) and .zst (the Pile,
+# SlimPajama; with the zstandard package, `pip install zstandard`).
+COMPRESSED = (".gz", ".zst")
+
+
 def _decompressed(path: str) -> tuple:
-  """A .gz file's bytes, decompressed into an unlinked temporary file in the asset cache, mapped, and
-  that file: they take disk while the process lives (however it ends), not memory. They were read
+  """A compressed file's bytes, decompressed into an unlinked temporary file in the asset cache, mapped,
+  and that file: they take disk while the process lives (however it ends), not memory. They were read
   into memory, a whole compressed corpus on every host."""
   folder = assets.cache_dir()
-  with gzip.open(path, "rb") as compressed:
+  with open(path, "rb") as compressed:
     try:
       folder.mkdir(parents=True, exist_ok=True)
       f = tempfile.TemporaryFile(dir=folder)
       try:
-        shutil.copyfileobj(compressed, f, 1 << 22)
+        for piece in _decompressed_pieces(compressed, path):
+          f.write(piece)
         f.flush()
         return _mapped(f), f
       except BaseException:
         f.close()
         raise
     except OSError as e:
-      if e.errno is None:  # gzip's own (not a gzip file): an error of the file read
+      if e.errno is None:  # the format's own (not gzip, damaged): an error of the file read
         raise
+      tool = "gunzip" if path.endswith(".gz") else "unzstd"
       raise UserError(f"cannot decompress text file {path} into {folder}: {e.strerror}; decompress it "
-                      f"yourself (gunzip), or set {assets.CACHE_ENV} to a folder with room") from None
+                      f"yourself ({tool}), or set {assets.CACHE_ENV} to a folder with room") from None
+
+
+def _decompressed_pieces(compressed, path: str) -> Iterator[bytes]:
+  """The decompressed bytes of an open .gz or .zst file, in pieces. A file that is not of its format or
+  is damaged raises an OSError without errno (as gzip does), a truncated one EOFError."""
+  if path.endswith(".gz"):
+    with gzip.GzipFile(fileobj=compressed) as f:
+      yield from iter(lambda: f.read(1 << 22), b"")
+    return
+  try:
+    import zstandard
+  except ImportError:
+    raise UserError(f"cannot read text file {path}: .zst files need the zstandard package "
+                    "(pip install zstandard), or decompress it yourself (unzstd)") from None
+  decompressor = zstandard.ZstdDecompressor()
+  frame, fed, pending = decompressor.decompressobj(), False, b""
+  while True:
+    chunk, pending = pending or compressed.read(1 << 22), b""
+    if not chunk:
+      if fed:  # zstandard's stream reader returns what it has without a word
+        raise EOFError("it ends inside a zstd frame (truncated)")
+      return
+    try:
+      yield frame.decompress(chunk)
+    except zstandard.ZstdError as e:
+      raise OSError(f"not zstd data, or damaged ({e})") from None
+    fed = True
+    if frame.eof:  # a file may hold several frames (zstd -T, pzstd)
+      pending, frame, fed = frame.unused_data, decompressor.decompressobj(), False
 
 
 def _document_spans(contents, path: str) -> list:
