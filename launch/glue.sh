@@ -6,6 +6,7 @@
 # its last checkpoint left it).
 #
 #   launch/glue.sh --init_from runs/pretrain --data glue_data --out runs/glue
+#   launch/glue.sh --init_from runs/pretrain --data glue_data --out runs/glue5 --seeds 1,2,3,4,5
 #   launch/glue.sh --out runs/glue_fp --tasks rte,mrpc,stsb -- \
 #     --config.init.kind=teacher --config.init.path=teachers/bert-base-uncased --config.data.path=glue_data
 set -euo pipefail
@@ -24,6 +25,9 @@ Options:
   --data DIR        the GLUE distribution folder (glue_data/ with CoLA/, SST-2/, ...); for TFDS pass
                     --config.data.format=tfds --config.data.path=DATA_DIR after --
   --tasks LIST      comma-separated (default cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli)
+  --seeds LIST      comma-separated finetuning seeds: each task runs once a seed, in DIR/TASK-seedN; the
+                    report gives each task's mean and standard deviation over them, and the leaderboard
+                    files are the best dev run's (default: one run a task, in DIR/TASK, configs/glue.py's seed)
   --dry-run         print the commands instead of running them
   -h, --help        this help
 
@@ -34,13 +38,14 @@ USAGE
 }
 
 all_tasks=(cola sst2 mrpc stsb qqp mnli qnli rte wnli)
-out="" init_from="" data="" task_list="" dry_run=0
+out="" init_from="" data="" task_list="" seed_list="" dry_run=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --init_from) init_from="$2"; shift 2 ;;
     --data) data="$2"; shift 2 ;;
     --tasks) task_list="$2"; shift 2 ;;
+    --seeds) seed_list="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -55,6 +60,15 @@ for task in "${tasks[@]}"; do
   for name in "${all_tasks[@]}"; do if [[ "$name" == "$task" ]]; then known=1; fi; done
   if [[ $known -eq 0 ]]; then
     echo "glue.sh: error: unknown GLUE task '$task'; choose from ${all_tasks[*]}" >&2
+    exit 2
+  fi
+done
+
+seeds=("")  # "": configs/glue.py's seed, in DIR/TASK
+if [[ -n "$seed_list" ]]; then IFS=, read -r -a seeds <<< "$seed_list"; fi
+for seed in "${seeds[@]}"; do
+  if [[ -n "$seed_list" && ! "$seed" =~ ^[0-9]+$ ]]; then
+    echo "glue.sh: error: --seeds takes comma-separated integers >= 0, got '$seed_list'" >&2
     exit 2
   fi
 done
@@ -92,26 +106,30 @@ stop_if_asked() {
 
 failed=() finished=()
 for task in "${tasks[@]}"; do
-  workdir="$out/$task"
-  if [[ -f "$workdir/results.json" ]]; then
-    echo "glue.sh: $task already finished ($workdir/results.json): skipped" >&2
-    finished+=("$workdir")
-    continue
-  fi
-  command=(bipft finetune --config "$config:task=$task" --workdir "$workdir")
-  if [[ -n "$init_from" ]]; then command+=(--init_from "$init_from"); fi
-  if [[ -n "$data" ]]; then command+=("--config.data.path=$data"); fi
-  stop_if_asked "before $task"
-  status=0
-  run "${command[@]}" "$@" || status=$?
-  if [[ $status -eq 130 || $status -eq 143 ]]; then
-    echo "glue.sh: stopped during $task; run the same command again to resume" >&2
-    exit "$status"
-  elif [[ $status -ne 0 ]]; then
-    failed+=("$task")
-  else
-    finished+=("$workdir")
-  fi
+  for seed in "${seeds[@]}"; do
+    run_name="$task${seed:+-seed$seed}"
+    workdir="$out/$run_name"
+    if [[ -f "$workdir/results.json" ]]; then
+      echo "glue.sh: $run_name already finished ($workdir/results.json): skipped" >&2
+      finished+=("$workdir")
+      continue
+    fi
+    command=(bipft finetune --config "$config:task=$task" --workdir "$workdir")
+    if [[ -n "$init_from" ]]; then command+=(--init_from "$init_from"); fi
+    if [[ -n "$data" ]]; then command+=("--config.data.path=$data"); fi
+    if [[ -n "$seed" ]]; then command+=("--config.seed=$seed"); fi
+    stop_if_asked "before $run_name"
+    status=0
+    run "${command[@]}" "$@" || status=$?
+    if [[ $status -eq 130 || $status -eq 143 ]]; then
+      echo "glue.sh: stopped during $run_name; run the same command again to resume" >&2
+      exit "$status"
+    elif [[ $status -ne 0 ]]; then
+      failed+=("$run_name")
+    else
+      finished+=("$workdir")
+    fi
+  done
 done
 stop_if_asked "before the report"
 

@@ -68,6 +68,33 @@ def test_leaderboard_files(tmp_path, task_name, split, name, predicted, expected
   assert open(path).read() == "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in enumerate(expected))
 
 
+def test_runs_of_several_seeds_are_averaged_and_the_best_ones_predictions_submitted(tmp_path, capsys):
+  # A later run of a model and task used to replace the earlier ones in the table and in the
+  # leaderboard files, without a word.
+  workdirs = [write_run(tmp_path / name, name, dev) for name, dev in DEV.items() if name != "rte"]
+  seeds = [write_run(tmp_path / f"rte-seed{seed}", "rte", {"dev": {"accuracy": score}})
+           for seed, score in ((1, 66.0), (2, 70.0), (3, 62.0))]
+  for run, label in zip(seeds, (0, 1, 0)):
+    predictions.write_submission(os.path.join(run, "submission"), tasks.get_task("rte"), "test", ["0"], [label])
+  out = tmp_path / "out"
+  argv = ["glue-report", "--submission_dir", str(out), "--workdirs", *workdirs, *seeds, seeds[0]]  # one twice
+  assert cli.main(argv) == 0
+  printed, said = capsys.readouterr()
+  lines = printed.strip().splitlines()
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  row = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|"))))
+  assert row["RTE"] == "66.0 ± 4.0 (3)" and row["SST-2"] == "86.0"
+  assert row["avg (8, MNLI-m)"] == f"{np.mean([70.0, 84.0, 82.0, 86.0, 23.0, 80.0, 76.0, 66.0]):.1f}"
+  assert "is their mean ± standard deviation (the number of runs)" in printed
+  assert (out / "RTE.tsv").read_text() == "index\tprediction\n0\tnot_entailment\n"  # seed 2's, dev 70.0
+  assert f"rte's leaderboard files come from {seeds[1]}, the best dev score of its 3 runs" in said
+  other = write_run(tmp_path / "fp-rte", "rte", {"dev": {"accuracy": 72.0}}, model="fp")
+  written = {name: (out / name).read_bytes() for name in os.listdir(out)}
+  assert cli.main([*argv, other, "--overwrite"]) == 2
+  assert "--submission_dir takes the runs of one model, these are of 2 (bipft, fp)" in capsys.readouterr().err
+  assert {name: (out / name).read_bytes() for name in os.listdir(out)} == written
+
+
 def test_submission_collection_and_bad_workdirs(tmp_path, capsys):
   run = write_run(tmp_path / "rte", "rte", DEV["rte"])
   predictions.write_submission(os.path.join(run, "submission"), tasks.get_task("rte"), "test", ["0"], [0])

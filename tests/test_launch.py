@@ -78,6 +78,7 @@ def test_local_dry_run_prints_one_process_per_rank():
     ("local.sh", ["--what"], "unknown option --what"),
     ("glue.sh", ["--tasks", "rte"], "give --out DIR"),
     ("glue.sh", ["--out", "runs", "--tasks", "rte,mnli-mm"], "unknown GLUE task 'mnli-mm'; choose from cola"),
+    ("glue.sh", ["--out", "runs", "--seeds", "1,two"], "--seeds takes comma-separated integers >= 0, got '1,two'"),
 ])
 def test_bad_flags_exit_2_with_one_line(script, args, message):
   run = _launch(script, "--dry-run", *args)
@@ -114,6 +115,22 @@ def test_glue_dry_run_prints_a_finetune_per_task_and_the_report(tmp_path):
                           str(tmp_path / "rte"), str(tmp_path / "wnli"), "--submission_dir",
                           str(tmp_path / "submission"), "--overwrite"]
   assert f"rte already finished ({tmp_path / 'rte'}/results.json): skipped" in run.stderr
+
+
+def test_glue_dry_run_with_seeds_runs_each_task_once_a_seed(tmp_path):
+  (tmp_path / "rte-seed2").mkdir()
+  (tmp_path / "rte-seed2" / "results.json").write_text("{}")
+  run = _launch("glue.sh", "--dry-run", "--out", str(tmp_path), "--tasks", "rte,mrpc", "--seeds", "1,2",
+                "--", "--config.epochs=3")
+  assert run.returncode == 0, run.stderr
+  commands = [shlex.split(line) for line in run.stdout.splitlines()]
+  config = os.path.join(REPO, "configs", "glue.py")
+  runs = [("rte", 1), ("mrpc", 1), ("mrpc", 2)]
+  assert commands[:-1] == [["bipft", "finetune", "--config", f"{config}:task={task}", "--workdir",
+                            str(tmp_path / f"{task}-seed{seed}"), f"--config.seed={seed}", "--config.epochs=3"]
+                           for task, seed in runs]
+  assert commands[-1][:3] == ["bipft", "glue-report", "--workdirs"]
+  assert commands[-1][3:7] == [str(tmp_path / name) for name in ("rte-seed1", "rte-seed2", "mrpc-seed1", "mrpc-seed2")]
 
 
 def test_glue_runs_every_task_goes_on_past_a_failure_and_reports(glue_dir, vocab_dir, tmp_path):

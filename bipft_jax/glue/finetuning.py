@@ -285,7 +285,7 @@ class Finetuning:
                                      "test" if split == "ax" else split, data.ids, predicted)
     selection = selection_split(self.task)
     results.update(model=self.config.name or self.start.description, init=self.start.description,
-                   task=self.task.name, selection=f"{selection} {self.task.metrics[0]}",
+                   task=self.task.name, seed=self.config.seed, selection=f"{selection} {self.task.metrics[0]}",
                    steps=self.schedule.total_steps, seconds=round(time.time() - self.started, 1))
     if not self.task.is_regression:
       results["dev_majority_rate"] = splits.majority_rate(self.train.labels, self.dev_data[selection].labels)

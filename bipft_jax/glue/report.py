@@ -44,11 +44,16 @@ def run(args) -> int:
   studies = [w for w in args.workdirs if study_results.is_study(w)]
   for workdir in studies:
     print(f"study {workdir}:\n\n{study_results.read(workdir)}")
-  runs = [read_results(w) for w in args.workdirs if w not in studies]
+  workdirs = list({os.path.realpath(w): w for w in args.workdirs if w not in studies}.values())  # each once
+  runs = {w: read_results(w) for w in workdirs}
+  models = sorted({r["model"] for r in runs.values()})
+  if args.submission_dir and len(models) > 1:
+    raise UserError(f"--submission_dir takes the runs of one model, these are of {len(models)} ({', '.join(models)}): "
+                    "pass one model's workdirs (or name the runs alike with --config.name)")
   if runs:
-    print(markdown_table(runs))
+    print(markdown_table(list(runs.values())))
   if args.submission_dir:
-    written = collect_submission(args.workdirs, args.submission_dir, args.overwrite)
+    written = collect_submission(runs, args.submission_dir, args.overwrite)
     missing = sorted(set(SUBMISSION_FILES.values()) - set(written))
     print(f"\nwrote {len(written)} leaderboard files to {args.submission_dir}"
           + (f"; missing: {', '.join(missing)}" if missing else ""))
@@ -89,33 +94,44 @@ def _results_problem(task, dev, model, majority_rate) -> str:
   return ""
 
 
-def _scores(runs: list) -> dict:
-  """model -> {column header: score}; a later run of the same model and task replaces an earlier one."""
+def _cells(results: dict) -> list:
+  """[(column header, score)] of a run's table cells (its task's first metric on each of its dev
+  splits that has a column; none for a task outside GLUE)."""
   from bipft_jax.glue import tasks
+  if results["task"] not in {task for _, task, _ in COLUMNS}:
+    return []
+  metric = tasks.get_task(results["task"]).metrics[0]
+  return [(header, results["dev"][split][metric]) for header, task, split in COLUMNS
+          if task == results["task"] and split in results["dev"]]
+
+
+def _scores(runs: list) -> dict:
+  """model -> {column header: [the score of each run]} (several runs of a model and task: seeds)."""
   table = {}
-  glue = {task for _, task, _ in COLUMNS}
   for results in runs:
-    if results["task"] not in glue:
-      continue
-    row = table.setdefault(results["model"], {})
-    metric = tasks.get_task(results["task"]).metrics[0]
-    for header, task, split in COLUMNS:
-      if task == results["task"] and split in results["dev"]:
-        row[header] = results["dev"][split][metric]
+    for header, score in _cells(results):
+      table.setdefault(results["model"], {}).setdefault(header, []).append(score)
   return table
+
+
+def _cell(scores: list) -> str:
+  if len(scores) == 1:
+    return f"{scores[0]:.1f}"
+  return f"{np.mean(scores):.1f} ± {np.std(scores, ddof=1):.1f} ({len(scores)})"
 
 
 def _average(row: dict, headers) -> str:
   missing = [h for h in headers if h not in row]
   if missing:
     return f"n/a (missing {', '.join(missing)})" if len(missing) < len(headers) else "n/a"
-  return f"{np.mean([row[h] for h in headers]):.1f}"
+  return f"{np.mean([np.mean(row[h]) for h in headers]):.1f}"
 
 
 def markdown_table(runs: list) -> str:
   """One row per model; each cell the task's first metric (MRPC/QQP accuracy, STS-B mean of
-  Pearson and Spearman, CoLA Matthews corr.) on dev, in percent. Runs of other tasks (rt_demo,
-  custom) follow in a second table with the majority-class rate."""
+  Pearson and Spearman, CoLA Matthews corr.) on dev, in percent; several runs of a model and task
+  (seeds) are their mean ± standard deviation. Runs of other tasks (rt_demo, custom) follow in a
+  second table with the majority-class rate."""
   sections = []
   table = _scores(runs)
   if table:
@@ -123,9 +139,12 @@ def markdown_table(runs: list) -> str:
     lines = ["| model | " + " | ".join(headers) + " | avg (8, MNLI-m) | avg (9, +MNLI-mm) |",
              "|---" * (len(headers) + 3) + "|"]
     for model, row in table.items():
-      cells = [f"{row[h]:.1f}" if h in row else "-" for h in headers]
+      cells = [_cell(row[h]) if h in row else "-" for h in headers]
       lines.append(f"| {model} | " + " | ".join(cells) + f" | {_average(row, AVERAGE_8)} | {_average(row, AVERAGE_9)} |")
     sections.append("\n".join(lines))
+    if any(len(scores) > 1 for row in table.values() for scores in row.values()):
+      sections.append("A cell of several runs of its model and task (seeds) is their mean ± standard deviation "
+                      "(the number of runs); the averages are over the means.")
   others = [r for r in runs if r["task"] not in {task for _, task, _ in COLUMNS}]
   if others:
     lines = ["| model | task | dev | majority class |", "|---|---|---|---|"]
@@ -137,15 +156,26 @@ def markdown_table(runs: list) -> str:
   return "\n\n".join(sections)
 
 
-def collect_submission(workdirs, directory: str, overwrite: bool = False) -> list:
-  """Copies every run's leaderboard files into `directory`; returns the file names written. Files
-  already there are replaced only with `overwrite` (else UserError before anything is copied)."""
-  copies = []
-  for workdir in workdirs:
+def collect_submission(runs: dict, directory: str, overwrite: bool = False) -> list:
+  """Copies the leaderboard files of `runs` ({workdir: results}, one model's) into `directory`, each
+  from the run of its task with the best dev score (the table's) when there are several (seeds);
+  returns the file names written. Files already there are replaced only with `overwrite` (else
+  UserError before anything is copied)."""
+  by_task = {}
+  for workdir, results in runs.items():
     source = os.path.join(workdir, "submission")
     if not os.path.isdir(source):
       print(f"bipft: {workdir} has no test predictions (submission/)", file=sys.stderr)
       continue
+    by_task.setdefault(results["task"], []).append((workdir, results))
+  copies = []
+  for task, candidates in by_task.items():
+    scored = [(cells[0][1], workdir) for workdir, results in candidates for cells in [_cells(results)] if cells]
+    chosen = max(scored)[1] if scored else candidates[-1][0]
+    if len(candidates) > 1:
+      print(f"bipft: {task}'s leaderboard files come from {chosen}, the best dev score of its {len(candidates)} runs",
+            file=sys.stderr)
+    source = os.path.join(chosen, "submission")
     copies += [(os.path.join(source, name), name) for name in sorted(os.listdir(source))
                if name in SUBMISSION_FILES.values()]
   existing = sorted({name for _, name in copies if os.path.exists(os.path.join(directory, name))})
