@@ -190,9 +190,8 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
       distributed.log(f"bipft pretrain: examples made by {count} worker process{'es' * (count > 1)} a host "
                       "(data.workers)")
     if isinstance(corpus, sources.FileShards):
-      files = sum(len(source.paths) for source in data.sources)
-      distributed.log(f"bipft pretrain: data.shard_by=files: this host reads {files} of the {len(corpus.paths)} "
-                      f"files, {sum(map(len, data.sources)):,} documents")
+      for line in data.describe_file_shards(len(corpus.paths)):
+        distributed.log(f"bipft pretrain: {line}")
     return _endless(data)
 
   def source():

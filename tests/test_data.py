@@ -203,6 +203,10 @@ def test_sharded_by_files_a_host_opens_its_shards_files_alone(tmp_path, tokenize
   assert sorted(opened) == paths
   expected = [next(whole) for _ in range(12)]  # epochs of every shard (4-9 documents each)
   assert [s["num_documents"] for s in whole.state()["shards"]] == [4 + 8, 5 + 9, 6, 7]
+  assert whole.describe_file_shards(6) == [
+      "data.shard_by=files: 6 files in 4 shards of 6-14 documents (39 in all)",
+      "warning: the documents of the smallest data shard come round 2.3x as often as the largest's (every shard "
+      "gives a batch as many rows): give the shards files of about equal size, or set data.shard_by=documents"]
   by_documents = hosts.HostData(sources.TextFiles(paths), tokenizer, data_config(shards=4), global_batch_size=16,
                                 seed=0).state()
   monkeypatch.setattr(jax, "process_count", lambda: 2)

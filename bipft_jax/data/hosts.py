@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from bipft_jax.data import pipeline, sources, workers
 from bipft_jax.errors import UserError
@@ -68,6 +69,19 @@ class HostData(Iterator):
                                              pool_source=j)
                     for j, i, n in parts]
 
+  def describe_file_shards(self, files: int) -> list:
+    """Lines on the shards of `files` files dealt by file (a collective: every host calls it), with a
+    warning when their sizes differ: each shard gives every batch as many rows, so the documents of a
+    small shard come round more often than a large one's."""
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(s) for s in self.sources]))).reshape(-1)
+    lines = [f"data.shard_by=files: {files} files in {self.count} shards of {sizes.min():,}-{sizes.max():,} "
+             f"documents ({sizes.sum():,} in all)"]
+    if sizes.max() > 2 * sizes.min():
+      lines.append(f"warning: the documents of the smallest data shard come round {sizes.max() / sizes.min():.1f}x "
+                   "as often as the largest's (every shard gives a batch as many rows): give the shards files of "
+                   "about equal size, or set data.shard_by=documents")
+    return lines
+
   def close(self) -> None:
     if self.pool is not None:
       self.pool.close()
@@ -96,7 +110,6 @@ def global_state(local_state: dict) -> dict:
   """
   if jax.process_count() == 1:
     return local_state
-  from jax.experimental import multihost_utils
   keys = sorted(local_state["shards"][0])
   values = np.array([[state[k] for k in keys] for state in local_state["shards"]], np.int32)
   gathered = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, len(keys))
