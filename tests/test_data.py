@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,6 +227,34 @@ def test_sharded_by_files_a_host_opens_its_shards_files_alone(tmp_path, tokenize
   assert documents == set(range(6))  # file 2's documents, d0-d5, random next segments too
   with pytest.raises(UserError, match="different seed, corpus or data.shard_by"):
     host_data().restore(by_documents)
+
+
+@pytest.mark.parametrize("shard_by", ["documents", "files"])
+def test_hosts_that_see_other_training_files_stop_in_one_line(tmp_path, monkeypatch, shard_by):
+  # Host 1 of 2 sees the corpus with a file more, or a file under another name (a copy under way, a
+  # stale mount): caught before training, on every host (each compares the same gathered rows).
+  for name in ("a", "b"):
+    (tmp_path / name).mkdir()
+    write_corpus(tmp_path / name, num_docs=5)
+  config = data_config(source="text", paths=str(tmp_path / "*" / "corpus.txt"), text_field="text",
+                       shards=2, shard_by=shard_by)
+  host_1 = lambda: np.array(hosts._seen(sources.open_source(config, "train")))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  seen = [host_1()]
+  monkeypatch.setattr(hosts.multihost_utils, "process_allgather", lambda mine: np.stack([mine, seen[0]]))
+  assert hosts.training_source(config) is not None  # host 1 sees what host 0 sees
+  (tmp_path / "c").mkdir()
+  write_corpus(tmp_path / "c", num_docs=5)
+  seen[0] = host_1()
+  shutil.rmtree(tmp_path / "c")
+  documents = "" if shard_by == "files" else f", {len(sources.open_source(config, 'train'))} documents"
+  with pytest.raises(UserError, match=re.escape("host 1 sees other training data than host 0 (3 files, ")):
+    hosts.training_source(config)
+  os.rename(tmp_path / "b", tmp_path / "b_copy")
+  seen[0] = host_1()
+  os.rename(tmp_path / "b_copy", tmp_path / "b")
+  with pytest.raises(UserError, match=f"bytes{documents}; other file names or sizes\\): every host must see the same"):
+    hosts.training_source(config)
 
 
 def test_a_killed_worker_stops_the_data_in_one_line(corpus, tokenizer):

@@ -8,6 +8,9 @@ depends on the shard count only, not on the number of hosts: a 2-host run and a 
 every `shards`-th document of the corpus (`data.shard_by=documents`) or every `shards`-th file
 (`files`: a host then opens its shards' files alone, `sources.FileShards`).
 """
+import hashlib
+import json
+import os
 from typing import Iterator, Sequence
 
 import jax
@@ -30,11 +33,36 @@ def host_shards(num_shards: int) -> tuple:
 
 def training_source(data_config) -> "Sequence | sources.FileShards":
   """The training corpus `HostData` reads (`sources.open_source`), its files checked against the
-  shard count now rather than when the data starts."""
+  shard count now rather than when the data starts, and the same on every host (a collective)."""
   source = sources.open_source(data_config, "train")
   if isinstance(source, sources.FileShards):
     source.check(host_shards(data_config.shards)[1])
+  _check_same_everywhere(source)
   return source
+
+
+def _seen(source) -> list:
+  """[files, their bytes, documents (-1: not counted yet), a digest of the files' names and sizes]."""
+  files = [(path, os.path.getsize(path)) for path in getattr(source, "paths", [])]
+  seen = [len(files), sum(size for _, size in files), -1 if isinstance(source, sources.FileShards) else len(source)]
+  return seen + [int.from_bytes(hashlib.sha256(json.dumps([files, seen]).encode()).digest()[:7], "little")]
+
+
+def _check_same_everywhere(source) -> None:
+  """UserError on every host unless every host sees the same training files (names and sizes) and
+  documents: a host seeing a file more or less (one being copied, a stale network mount) would
+  otherwise read other shards than the others think it reads, without a word."""
+  if jax.process_count() == 1:
+    return
+  gathered = np.asarray(multihost_utils.process_allgather(np.array(_seen(source), np.int64))).reshape(-1, 4)
+  differ = [i for i, row in enumerate(gathered) if not np.array_equal(row, gathered[0])]
+  if differ:
+    host, other = differ[0], gathered[differ[0]]
+    counts = lambda row: f"{row[0]} files, {row[1]:,} bytes" + (f", {row[2]:,} documents" if row[2] >= 0 else "")
+    names = "; other file names or sizes" if np.array_equal(other[:3], gathered[0][:3]) else ""
+    raise UserError(f"host {host} sees other training data than host 0 ({counts(other)} against "
+                    f"{counts(gathered[0])}{names}): every host must see the same data.paths (a shared file "
+                    "system, or identical copies)")
 
 
 def _concatenate(batches: list) -> dict:
