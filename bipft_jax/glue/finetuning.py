@@ -238,7 +238,8 @@ class Finetuning:
   def _longest_batch(self) -> dict:
     """This host's rows of the run's batch of the longest bucket (the step compiled for it, ahead,
     is the one its batches then run)."""
-    batches = (chosen for epoch in range(1, self.config.epochs + 1) for chosen in self._plan(epoch)[:self.steps_per_epoch])
+    epochs = range(1, self.config.epochs + 1)
+    batches = (chosen for epoch in epochs for chosen in self._plan(epoch)[:self.steps_per_epoch])
     longest = max(batches, key=lambda chosen: int(self.train_data.lengths[chosen].max()))
     return engine.host_rows(predictions.model_batch(
         tasks.make_batch(self.train_data, longest, self.config.batch_size, self.buckets)))
