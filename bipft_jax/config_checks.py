@@ -102,7 +102,8 @@ def check_glue(config) -> None:
   from bipft_jax import precision
   from bipft_jax.glue import tasks
   ints_at_least(config, 1, "epochs", "batch_size", "eval_batch_size", "min_bucket", "log_every")
-  ints_at_least(config, 0, "seed", "steps_per_epoch", "max_train_examples", "data.split_seed", "checkpoint_every")
+  ints_at_least(config, 0, "seed", "steps_per_epoch", "max_train_examples", "data.split_seed", "checkpoint_every",
+                "early_stop_patience")
   ints_at_least(config, -1, "init.step")  # -1: the latest
   ints_at_least(config, 3, "max_length")  # [CLS] a [SEP]: nothing shorter holds a token
   numbers_in(config, 0, 1, "dropout", open_high=True)

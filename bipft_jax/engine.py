@@ -144,6 +144,9 @@ class Job:
   # This host's rows of the largest batch the run trains on, for the memory report; None: every batch
   # has the first one's shape.
   largest_batch: Optional[Callable[[], dict]] = None
+  # True once the job has trained enough before total_steps (early stopping): asked after each
+  # evaluation (that step is then saved and the run ends) and when a run resumes.
+  finished: Callable[[], bool] = lambda: False
 
 
 @dataclasses.dataclass
@@ -304,6 +307,8 @@ class Engine:
       if step >= schedule.total_steps:  # a finished run's rerun, or total_steps lowered
         distributed.log(f"bipft {self.job.name}: {workdir} is at step {step}, total_steps is "
                         f"{schedule.total_steps}: nothing left to train")
+      elif self.job.finished():
+        distributed.log(f"bipft {self.job.name}: {workdir} stopped early at step {step}: nothing left to train")
       return _Loop(self, workdir, manager, schedule).run(state, step, batches)
     finally:
       try:
@@ -426,7 +431,7 @@ class _Loop:
     profile = profiling.StepProfile(self.workdir, schedule.profile_first_step, schedule.profile_steps,
                                     say=self._say)
     try:
-      while step < schedule.total_steps:
+      while step < schedule.total_steps and not job.finished():
         asked = time.perf_counter()
         batch, data_state = next(prefetch)
         self.waited += time.perf_counter() - asked
@@ -456,6 +461,7 @@ class _Loop:
           pending = None
         if evaluate:
           final = self._evaluate(step, state["params"])
+          save = save or job.finished()
         if save:
           checkpointing.save(self.manager, step, params=state["params"], opt_state=state["opt_state"],
                              data_state=job.checkpoint_state(data_state), config=self.record)

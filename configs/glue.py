@@ -68,6 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_length = 128               # tokens, [CLS]/[SEP] included; longer pairs truncated longest-first
   c.min_bucket = 16                # batches pad to 16, 32, 64, ... max_length: one compile per bucket
   c.steps_per_epoch = 0            # > 0: cut each epoch to this many steps (demos, smoke tests)
+  # > 0: stop after this many epochs in a row without a better dev score than the best epoch's (its
+  # selection metric); 0 = every epoch, the release's recipe (CoLA runs 50).
+  c.early_stop_patience = 0
   c.max_train_examples = 0         # > 0: train on the first N (shuffled once by `seed`) only
   c.log_every = 10                 # steps between metrics.jsonl/TensorBoard loss points
   c.checkpoint_every = 0           # steps between checkpoints (a killed run resumes there); 0 = each epoch's end

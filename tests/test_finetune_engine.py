@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from bipft_jax import checkpointing, cli, config_loading, distributed, engine, losses, train
-from bipft_jax.glue import finetune
+from bipft_jax.glue import finetune, finetuning
 from test_glue_finetune import ROOT, glue_dir, tiny_overrides, vocab_dir  # noqa: F401  (fixtures)
 from test_train import CONFIG as TRAIN_CONFIG
 from test_train import files as train_files  # noqa: F401  (a fixture)
@@ -281,3 +281,33 @@ def test_max_grad_norm_reaches_the_step_of_both_jobs(glue_dir, vocab_dir, train_
                                                train_overrides(train_files, **{"optimizer.max_grad_norm": 2.0}))
   with pytest.raises(_Built, match="^2.0$"):
     train.train_and_evaluate(pretrain_config, str(tmp_path / "pt"))
+
+
+class _KilledAtTheEnd(Exception):
+  pass
+
+
+def test_early_stopping_ends_after_patience_epochs_and_a_rerun_trains_no_more(glue_dir, vocab_dir, tmp_path,
+                                                                              capsys, monkeypatch):
+  # Dev accuracy by epoch: the best is epoch 2's, so with a patience of 2 the run ends after epoch 4 of 6.
+  # Killed as it writes its outputs, the same command completes it without training further.
+  scores = iter([50.0, 60.0, 55.0, 58.0, 99.0, 99.0])
+  monkeypatch.setattr(finetuning.metrics_lib, "compute", lambda metrics, labels, predicted: {"accuracy": next(scores)})
+  config = config_loading.load_config(CONFIG, tiny_overrides(glue_dir, vocab_dir, "epochs=6", "early_stop_patience=2"))
+  write_outputs = finetuning.Finetuning.write_outputs
+
+  def killed(self):
+    raise _KilledAtTheEnd
+
+  monkeypatch.setattr(finetuning.Finetuning, "write_outputs", killed)
+  with pytest.raises(_KilledAtTheEnd):
+    finetune.finetune(config, str(tmp_path))
+  assert ("stopping after epoch 4 of 6: no better dev accuracy than epoch 2's in the 2 epochs since "
+          "(early_stop_patience=2)") in capsys.readouterr().out
+  monkeypatch.setattr(finetuning.Finetuning, "write_outputs", write_outputs)
+  results = finetune.finetune(config, str(tmp_path))
+  assert "stopped early at step 16: nothing left to train" in capsys.readouterr().out
+  assert results["epochs"] == 4 and results["best_epoch"] == 2 and results["stopped_early"] == "after epoch 4 of 6"
+  assert results["dev"]["dev"]["accuracy"] == 60.0 and next(scores) == 99.0  # evaluated 4 times, not again
+  assert max(_losses(tmp_path)) == 16  # no step trained after the stop
+  assert json.loads((tmp_path / "results.json").read_text())["stopped_early"] == "after epoch 4 of 6"

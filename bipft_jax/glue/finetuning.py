@@ -198,7 +198,8 @@ class Finetuning:
         batches=self._batches, source=lambda: self.start.source, evaluate=self._evaluate,
         run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher_module,
         merge_complete=self.start.complete, after_evaluation=self._keep_best,
-        checkpoint_state=lambda _: {"history": self.history}, describe=describe, largest_batch=self._longest_batch)
+        checkpoint_state=lambda _: {"history": self.history}, describe=describe, largest_batch=self._longest_batch,
+        finished=self._stopped_early)
     self.schedule = engine.Schedule(
         total_steps=config.optimizer.total_steps, log_every=config.log_every, eval_every=self.steps_per_epoch,
         checkpoint_every=config.checkpoint_every if config.checkpoint_every > 0 else self.steps_per_epoch,
@@ -262,6 +263,16 @@ class Finetuning:
       checkpointing.save_params(os.path.join(self.staging, f"{BEST}.{best}"), params, self.start.model_config,
                                 "classification", step=best, run_config=self.config.to_dict())
       self._remove_best(keep=best)
+    if self._stopped_early():
+      distributed.log(f"bipft finetune: stopping after epoch {record['epoch']} of {self.config.epochs}: no better "
+                      f"dev {self.task.metrics[0]} than epoch {best}'s in the {record['epoch'] - best} epochs since "
+                      f"(early_stop_patience={self.config.early_stop_patience})")
+
+  def _stopped_early(self) -> bool:
+    """Whether `early_stop_patience` epochs in a row have not bettered the best epoch's dev score."""
+    patience = self.config.early_stop_patience
+    return bool(patience and self.history and len(self.history) < self.config.epochs
+                and len(self.history) - select_results(self.task, self.history)["best_epoch"] >= patience)
 
   def _remove_best(self, keep: int) -> None:
     if distributed.is_primary():
@@ -288,6 +299,8 @@ class Finetuning:
     results.update(model=self.config.name or self.start.description, init=self.start.description,
                    task=self.task.name, seed=self.config.seed, selection=f"{selection} {self.task.metrics[0]}",
                    steps=self.schedule.total_steps, seconds=round(time.time() - self.started, 1))
+    if self._stopped_early():
+      results["stopped_early"] = f"after epoch {len(self.history)} of {self.config.epochs}"
     if not self.task.is_regression:
       results["dev_majority_rate"] = splits.majority_rate(self.train.labels, self.dev_data[selection].labels)
     if distributed.is_primary():
