@@ -209,8 +209,12 @@ class FileShards:
 
   def open(self, shard: int, count: int) -> TextFiles:
     self.check(count)
-    mine = [glob.escape(path) for path in self.paths[shard::count]]
-    return TextFiles(mine) if self.kind == "text" else JsonLines(mine, self.text_field)
+    return _files_source(self.kind, [glob.escape(path) for path in self.paths[shard::count]], self.text_field)
+
+
+def _files_source(kind: str, patterns: list, text_field: str) -> TextFiles:
+  """The documents of the files `patterns` match, as `kind` ("text" or "jsonl") reads them."""
+  return TextFiles(patterns) if kind == "text" else JsonLines(patterns, text_field)
 
 
 def _indexed(path: str, size: int, key: list, index) -> np.ndarray:
@@ -448,7 +452,7 @@ def open_source(data_config, split: str) -> "Sequence | FileShards":
                       "(comma-separated files or globs)")
     if split == "train" and data_config.get("shard_by") == "files":
       return FileShards(kind, matching_files(patterns), data_config.text_field)
-    return TextFiles(patterns) if kind == "text" else JsonLines(patterns, data_config.text_field)
+    return _files_source(kind, patterns, data_config.text_field)
   if kind == "tfds":
     tfds_split = data_config.tfds_split if split == "train" else data_config.tfds_eval_split
     names = [n.strip() for n in data_config.tfds_name.split(",") if n.strip()]

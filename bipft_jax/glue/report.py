@@ -25,6 +25,7 @@ from bipft_jax.glue.predictions import SUBMISSION_FILES
 COLUMNS = (("MNLI-m", "mnli", "dev_matched"), ("MNLI-mm", "mnli", "dev_mismatched"), ("QQP", "qqp", "dev"),
            ("QNLI", "qnli", "dev"), ("SST-2", "sst2", "dev"), ("CoLA", "cola", "dev"), ("STS-B", "stsb", "dev"),
            ("MRPC", "mrpc", "dev"), ("RTE", "rte", "dev"), ("WNLI", "wnli", "dev"))
+GLUE_TASKS = frozenset(task for _, task, _ in COLUMNS)
 AVERAGE_8 = ("MNLI-m", "QQP", "QNLI", "SST-2", "CoLA", "STS-B", "MRPC", "RTE")
 AVERAGE_9 = AVERAGE_8 + ("MNLI-mm",)
 
@@ -98,7 +99,7 @@ def _cells(results: dict) -> list:
   """[(column header, score)] of a run's table cells (its task's first metric on each of its dev
   splits that has a column; none for a task outside GLUE)."""
   from bipft_jax.glue import tasks
-  if results["task"] not in {task for _, task, _ in COLUMNS}:
+  if results["task"] not in GLUE_TASKS:
     return []
   metric = tasks.get_task(results["task"]).metrics[0]
   return [(header, results["dev"][split][metric]) for header, task, split in COLUMNS
@@ -145,7 +146,7 @@ def markdown_table(runs: list) -> str:
     if any(len(scores) > 1 for row in table.values() for scores in row.values()):
       sections.append("A cell of several runs of its model and task (seeds) is their mean ± standard deviation "
                       "(the number of runs); the averages are over the means.")
-  others = [r for r in runs if r["task"] not in {task for _, task, _ in COLUMNS}]
+  others = [r for r in runs if r["task"] not in GLUE_TASKS]
   if others:
     lines = ["| model | task | dev | majority class |", "|---|---|---|---|"]
     for r in others:
