@@ -80,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.mask_prob = 0.15
   c.data.short_seq_prob = 0.1   # BERT: 10% of pairs get a random shorter target length
   c.data.masking = "dynamic"    # dynamic: new pairs and masks every epoch; static: BERT's fixed masks
+  # True: a word's WordPiece pieces are masked together (BERT's whole-word-masking models; the held-out
+  # MLM accuracy then too). The release: False.
+  c.data.whole_word_masking = False
   # Disjoint document streams, spread over the hosts (data/hosts.py); 0 = one per host. Fixed, the
   # batches are the same on any number of hosts dividing it.
   c.data.shards = 0

@@ -61,7 +61,7 @@ def corpus(tmp_path_factory):
 
 def data_config(**overrides):
   c = ml_collections.ConfigDict(dict(max_seq_length=32, max_predictions=5, mask_prob=0.15, short_seq_prob=0.1,
-                                     masking="dynamic"))
+                                     masking="dynamic", whole_word_masking=False))
   c.update(overrides)
   return c
 
@@ -314,6 +314,73 @@ def test_hosts_read_disjoint_documents(corpus, tokenizer):
                                   b["token_type_ids"], b["attention_mask"]))))
   assert seen[0] and seen[1] and not seen[0] & seen[1]
   assert {d % 2 for d in seen[0]} == {0} and {d % 2 for d in seen[1]} == {1}
+
+
+PIECES = ["", "a", "bc", "abc"]  # a word's suffix, split by WordPiece into "##a", "##b", "##c"
+
+
+def words_of(ids, continues, candidate):
+  """The positions of each word of one example: a "##" piece joins the candidate token before it."""
+  words = []
+  for i in np.flatnonzero(candidate):
+    if continues[ids[i]] and candidate[i - 1]:
+      words[-1].append(i)
+    else:
+      words.append([i])
+  return words
+
+
+def test_whole_word_masking_masks_all_of_a_words_pieces_or_none(tmp_path):
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", ".", "##a", "##b", "##c"] + WORDS
+  (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  tokenizer = pytorch_io.load_tokenizer(str(tmp_path))
+  rng = np.random.default_rng(1)
+  documents = ["\n".join(" ".join(w + PIECES[rng.integers(4)] for w in rng.choice(WORDS, rng.integers(3, 12))) + "."
+                         for _ in range(rng.integers(6, 13))) for _ in range(40)]
+  (tmp_path / "corpus.txt").write_text("\n\n".join(documents) + "\n")
+  corpus = sources.TextFiles([str(tmp_path / "corpus.txt")])
+  continues = examples.word_continuations(tokenizer)
+  assert sorted(tokenizer.convert_ids_to_tokens(np.flatnonzero(continues).tolist())) == ["##a", "##b", "##c"]
+  special = examples.SpecialTokens.from_tokenizer(tokenizer)
+  split_words = {}
+  for whole in (True, False):
+    b = stacked(batches(corpus, tokenizer, 40, config=data_config(whole_word_masking=whole)))
+    masked = b["labels"] != examples.IGNORE_INDEX
+    original = np.where(masked, b["labels"], b["input_ids"])
+    split_words[whole] = masked_words = 0
+    for ids, targets, mask in zip(original, masked, b["attention_mask"]):
+      candidate = (mask == 1) & ~np.isin(ids, [special.cls_id, special.sep_id])
+      for word in words_of(ids, continues, candidate):
+        split_words[whole] += 0 < targets[word].sum() < len(word)
+        masked_words += len(word) > 1 and targets[word].all()
+    if whole:
+      assert masked_words > 100  # words of several pieces are masked, whole
+      lengths = b["attention_mask"].sum(1)
+      expected = np.minimum(5, np.maximum(1, np.round(lengths * 0.15)))
+      # a word that would overshoot the budget is skipped for a shorter one: at most 3 short (4 pieces)
+      assert (masked.sum(1) <= expected).all() and (masked.sum(1) >= expected - 3).all()
+      assert 0.13 < masked.sum() / lengths.sum() < 0.16
+      inputs = b["input_ids"][masked]
+      assert 0.75 < np.mean(inputs == special.mask_id) < 0.85  # then 80/10/10 as before, token by token
+  assert split_words[True] == 0 and split_words[False] > 100
+
+
+def test_whole_word_masking_does_not_join_a_word_across_sep():
+  """Segment B starting inside a word ("##b") is a word of its own, not the end of A's last word."""
+  special = examples.SpecialTokens(cls_id=2, sep_id=3, mask_id=4, pad_id=0, vocab_size=10)
+  continues = np.zeros(10, bool)
+  continues[[7, 8]] = True  # "##a", "##b"
+  chosen = set()
+  for seed in range(50):  # [CLS] w ##a [SEP] ##b w [SEP]: words {1, 2}, {4}, {5}; two targets
+    example = examples.masked_example([5, 7], [8, 5], False, special, 8, 2, 0.3, np.random.default_rng(seed),
+                                      continues)
+    chosen.add(tuple(np.flatnonzero(example["labels"] != examples.IGNORE_INDEX)))
+  assert chosen == {(1, 2), (4, 5)}
+
+
+def test_whole_word_masking_needs_wordpiece_pieces(corpus, tokenizer):
+  with pytest.raises(UserError, match="data.whole_word_masking needs a WordPiece tokenizer"):
+    pipeline.PretrainingData(corpus, tokenizer, data_config(whole_word_masking=True), batch_size=4, seed=0)
 
 
 def test_dynamic_masking_changes_per_epoch_static_does_not(corpus, tokenizer):

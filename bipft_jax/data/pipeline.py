@@ -39,6 +39,8 @@ class PretrainingData(Iterator):
       raise UserError(f"data.max_seq_length must be in [8, 512], got {data_config.max_seq_length}")
     self.source, self.config, self.batch_size, self.seed = source, data_config, batch_size, seed
     self.special = examples_lib.SpecialTokens.from_tokenizer(tokenizer)
+    self.word_continuations = (examples_lib.word_continuations(tokenizer) if data_config.whole_word_masking
+                               else None)
     self.documents = np.arange(process_index, len(source), process_count)
     if not len(self.documents):
       raise UserError(f"host {process_index} of {process_count} gets no documents: the source has only "
@@ -91,7 +93,8 @@ class PretrainingData(Iterator):
     pairs = examples_lib.segment_pairs(self._sentences(document).all(), random_document, cfg.max_seq_length - 3,
                                        cfg.short_seq_prob, rng)
     examples = [examples_lib.masked_example(a, b, is_random, self.special, cfg.max_seq_length,
-                                            cfg.max_predictions, cfg.mask_prob, rng) for a, b, is_random in pairs]
+                                            cfg.max_predictions, cfg.mask_prob, rng, self.word_continuations)
+                for a, b, is_random in pairs]
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]} if examples else None
 
   def _examples_at(self, epoch: int, position: int) -> Optional[dict]:
