@@ -1,7 +1,7 @@
 """The run engine: pretraining and finetuning are two jobs driven by one loop.
 
 A job (`Job`) supplies its parts: the model and optimizer, the loss, its batches, where its
-parameters come from when the run is new, and an evaluator `evaluate(params) -> dict`. The engine
+parameters come from when the run is new, and an evaluator `evaluate(params, frozen) -> dict`. The engine
 owns the rest, the same for every job:
 - the train state {params, opt_state} and its shardings, derived from the parameters' logical axes
   with `jax.eval_shape` (as flax's lm1b example and MaxText do: the optimizer state inherits them);
@@ -118,7 +118,7 @@ class Job:
   NaN stop and the progress bar read. `batches(step, data_state)` restores the job's position and
   returns an iterator of (this host's rows of a batch, the data state after it) from `step` on
   (`data_state`: what `checkpoint_state` saved, None for a new run). `source()` gives the parameters
-  of a new run (host arrays; merged into the model). `evaluate(params) -> dict` scores the
+  of a new run (host arrays; merged into the model). `evaluate(params, frozen) -> dict` scores the
   parameters; `after_evaluation(step, params, scores)` lets the job keep what it needs (the best
   epoch); `checkpoint_state(data_state)` is the JSON saved with a checkpoint (a collective: every host
   calls it).
@@ -133,7 +133,7 @@ class Job:
   loss_key: str
   batches: Callable[[int, Optional[dict]], Iterator]
   source: Callable[[], Any]
-  evaluate: Callable[[Any], dict]
+  evaluate: Callable[[Any, Any], dict]
   run_config: dict
   frozen: Any = None
   frozen_module: Optional[nn.Module] = None
@@ -424,7 +424,7 @@ class _Loop:
     self.bar = tqdm(total=schedule.total_steps, initial=step, desc=job.name, disable=not distributed.is_primary(),
                     dynamic_ncols=True)
     self.writer = writer
-    start = final = self._evaluate(step, state["params"]) if schedule.evaluate_at_start else None
+    start = final = self._evaluate(step, state["params"], frozen) if schedule.evaluate_at_start else None
     self.reported_at = self.logged_at = time.perf_counter()
     pending, data_state, memory_unreported = None, None, True
     signals = distributed.StopSignals(say=lambda line: self.bar.write(f"bipft {job.name}: {line}"))
@@ -460,7 +460,7 @@ class _Loop:
           self._report(*pending)
           pending = None
         if evaluate:
-          final = self._evaluate(step, state["params"])
+          final = self._evaluate(step, state["params"], frozen)
           save = save or job.finished()
         if save:
           checkpointing.save(self.manager, step, params=state["params"], opt_state=state["opt_state"],
@@ -511,8 +511,8 @@ class _Loop:
     if distributed.is_primary():
       self.bar.write(f"bipft {self.job.name}: {line}")
 
-  def _evaluate(self, step: int, params) -> dict:
-    scores = self.job.evaluate(params)
+  def _evaluate(self, step: int, params, frozen) -> dict:
+    scores = self.job.evaluate(params, frozen)
     self.writer.write(step, scores)
     self._say(self.job.describe(step, scores))
     self.job.after_evaluation(step, params, scores)

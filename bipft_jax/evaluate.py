@@ -14,7 +14,7 @@ r"""`bipft evaluate`: score a saved checkpoint without training.
 The config decides what is measured: a GLUE config (configs/glue.py, it has `task`) scores the
 task's metrics on its dev splits (`--split` picks one: train, a dev or a test split); a pretraining
 config (configs/pretrain.py, it has `teacher` and `data.max_predictions`) the held-out MLM accuracy
-and cross entropy. A packed file (`bipft export-packed` of a finetuned classifier) is scored by the
+and cross entropy, and the hidden-state MSE to its teacher (loaded as the run loads it). A packed file (`bipft export-packed` of a finetuned classifier) is scored by the
 packed forward (packed.py: popcount counts on the bit-planes, `--kernel`, default `auto`), the model
 a user deploys, so its metrics can be set beside the simulated student's: the two predict the same
 up to float rounding near a tie. The model comes from the checkpoint (GLUE: `precision`, if set,
@@ -22,15 +22,15 @@ changes the one it computes in); everything else from the config, so pass the co
 of the run that wrote the checkpoint (GLUE: data, max_length, min_bucket, eval_batch_size, and
 max_train_examples/seed for the majority-class rate; a finetuned checkpoint records its run's
 config, and another task or custom labels than the run's are refused, another max_length or
-tokenizer noted on stderr; pretraining: the data, eval_batches, eval_batch_size and seed that fix
-the held-out set, and the mesh). The data reading, tokenization, batching, prediction and metrics
+tokenizer noted on stderr; pretraining: the teacher, the data, eval_batches, eval_batch_size and seed
+that fix the held-out set, and the mesh). The data reading, tokenization, batching, prediction and metrics
 are the runs' own (glue/splits.py, glue/predictions.py, pretraining.py), so the numbers equal what
 the runs log: a finetune workdir's results.json (except MNLI-mm, which it takes from the last epoch
-rather than the best), and a pretraining step's eval_mlm_accuracy in metrics.jsonl (on the same devices; other
-meshes can change the last float bits of the loss).
+rather than the best), and a pretraining step's eval_* scores in metrics.jsonl (on the same devices; other
+meshes can change the last float bits of the losses).
 
 Output on stdout: one line per split (GLUE: metrics in percent and the majority-class rate;
-pretraining: accuracy and cross entropy), or with `--json` one JSON object instead. GLUE:
+pretraining: accuracy, cross entropy and the MSE to the teacher), or with `--json` one JSON object instead. GLUE:
 `--predictions FILE` writes the split's predictions as `index<TAB>prediction` with the label
 strings of the GLUE leaderboard (`--split test` gives the file to submit); an existing FILE is
 replaced only with `--overwrite`, and then whole (written to a temporary name and renamed).
@@ -182,18 +182,18 @@ def glue_lines(results: dict) -> list:
 # --- pretraining ----------------------------------------------------------------
 
 def evaluate_pretraining(config, checkpoint: str) -> dict:
-  """The held-out MLM accuracy and cross entropy of a pretraining checkpoint, as `bipft pretrain`
-  measures them (the same evaluator, on the config's mesh): {"checkpoint", "step", "eval_mlm_accuracy",
-  "eval_mlm_loss"}."""
+  """The held-out scores of a pretraining checkpoint, as `bipft pretrain` measures them (the same
+  evaluator and teacher, on the config's mesh): {"checkpoint", "step", "eval_mlm_accuracy",
+  "eval_mlm_loss", "eval_rep_dist_loss", "eval_total_loss"}."""
   directory, step, student_config = saved_models.find_checkpoint(
       checkpoint, "pretraining", "pass a `bipft pretrain` workdir or one of its step folders")
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
   student = model_lib.build(student_config, "pretraining")
-  params_shardings = engine.param_shardings(student, mesh, rules)
   # Read at once: a run still writing to the workdir removes its older steps as it saves new ones.
-  _, _, params = checkpointing.restore_params(directory, step, shardings=params_shardings)
+  _, _, params = checkpointing.restore_params(directory, step, shardings=engine.param_shardings(student, mesh, rules))
+  teacher, teacher_params = pretraining.placed_teacher(config, student_config, mesh, rules)
   tokenizer = pytorch_io.load_tokenizer(pretraining.tokenizer_folder(config), student_config.vocab_size,
                                         fix="set --config.tokenizer to the vocabulary the run used")
   batches = pretraining.held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
-  evaluate = pretraining.mlm_evaluator(student, batches, mesh, rules, params_shardings)
-  return {"checkpoint": directory, "step": step, **evaluate(params)}
+  evaluate = pretraining.held_out_evaluator(student, teacher, config, batches, mesh, rules)
+  return {"checkpoint": directory, "step": step, **evaluate(params, teacher_params)}

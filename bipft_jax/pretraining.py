@@ -59,12 +59,29 @@ def student_config(config, teacher_config: Optional[model_lib.BertConfig] = None
   except (TypeError, ValueError) as e:
     raise UserError(f"bad model config: {e}") from None
   if teacher_config is not None:
-    differ = {f: (getattr(student, f), getattr(teacher_config, f)) for f in SHAPE_FIELDS
-              if getattr(student, f) != getattr(teacher_config, f)}
-    if differ:
-      raise UserError(f"the student's shape differs from the teacher's (student, teacher): {differ}; "
-                      "set --config.model.FIELD to the teacher's values")
+    _check_same_shape(student, teacher_config, "set --config.model.FIELD to the teacher's values")
   return student
+
+
+def _check_same_shape(student: model_lib.BertConfig, teacher_config: model_lib.BertConfig, fix: str) -> None:
+  differ = {f: (getattr(student, f), getattr(teacher_config, f)) for f in SHAPE_FIELDS
+            if getattr(student, f) != getattr(teacher_config, f)}
+  if differ:
+    raise UserError(f"the student's shape differs from the teacher's (student, teacher): {differ}; {fix}")
+
+
+def teacher_module(config, teacher_config: model_lib.BertConfig, student: model_lib.BertConfig) -> nn.Module:
+  """The frozen teacher: its NSP head only if it is distilled; the student's precision policy."""
+  return model_lib.build(dataclasses.replace(teacher_config, precision=student.precision),
+                         "pretraining" if config.loss.nsp_distill else "encoder")
+
+
+def placed_teacher(config, student: model_lib.BertConfig, mesh, rules) -> tuple:
+  """(module, parameters on the mesh) of the teacher `config` names, for a saved `student`."""
+  teacher_config, params, _ = load_teacher(config)
+  _check_same_shape(student, teacher_config, "--config.teacher must name the run's teacher")
+  teacher = teacher_module(config, teacher_config, student)
+  return teacher, engine.put_global(params, engine.param_shardings(teacher, mesh, rules))
 
 
 def teacher_outputs(teacher: nn.Module, params, batch: dict, dropout: bool, key) -> dict:
@@ -113,23 +130,34 @@ def make_loss_fn(student: nn.Module, teacher: nn.Module, config):
   return loss_fn
 
 
-def mlm_evaluator(student: nn.Module, batches: list, mesh, rules, params_shardings):
-  """evaluate(params) -> {eval_mlm_accuracy, eval_mlm_loss} over the held-out `batches` (global arrays),
-  deterministic: what `bipft pretrain` logs and `bipft evaluate` prints."""
-  def eval_step(params, batch):
+def held_out_evaluator(student: nn.Module, teacher: nn.Module, config, batches: list, mesh, rules):
+  """evaluate(params, teacher_params) -> {eval_mlm_accuracy, eval_mlm_loss, eval_rep_dist_loss,
+  eval_total_loss} over the held-out `batches` (global arrays), deterministic: what `bipft pretrain`
+  logs and `bipft evaluate` prints. The last two are the training objective's hidden-state MSE to
+  the teacher and its total (losses.distillation_loss), without dropout."""
+  def eval_step(params, teacher_params, batch):
     out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                         mlm_positions_BxN=batch["mlm_positions"], deterministic=True)
+    teacher_out = teacher_outputs(teacher, teacher_params, batch, False, jax.random.key(0))
+    _, metrics = losses.distillation_loss(
+        out, teacher_out, batch, nsp_distill=config.loss.nsp_distill,
+        mask_padding_in_mse=config.loss.mask_padding_in_mse, mlm_labels=batch["mlm_labels"])
     correct, counted = masked_accuracy(out["mlm_logits"], batch["mlm_labels"])
-    return correct, counted, losses.cross_entropy(out["mlm_logits"], batch["mlm_labels"]) * counted
+    return correct, counted, metrics["mlm_loss"] * counted, metrics["rep_dist_loss"], metrics["total_loss"]
 
   replicated = NamedSharding(mesh, PartitionSpec())
-  step = jax.jit(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh, rules)),
+  step = jax.jit(eval_step, in_shardings=(engine.param_shardings(student, mesh, rules),
+                                          engine.param_shardings(teacher, mesh, rules),
+                                          sharding.batch_sharding(mesh, rules)),
                  out_shardings=replicated)
 
-  def evaluate(params) -> dict:
+  def evaluate(params, teacher_params) -> dict:
     with sharding.on_mesh(mesh, rules):
-      correct, counted, nll = np.sum([jax.device_get(step(params, b)) for b in batches], axis=0)
-    return {"eval_mlm_accuracy": float(correct / max(counted, 1)), "eval_mlm_loss": float(nll / max(counted, 1))}
+      per_batch = np.array([jax.device_get(step(params, teacher_params, b)) for b in batches], np.float64)
+    correct, counted, nll = per_batch[:, :3].sum(axis=0)
+    rep, total = per_batch[:, 3:].mean(axis=0)  # the batches are of one size
+    return {"eval_mlm_accuracy": float(correct / max(counted, 1)), "eval_mlm_loss": float(nll / max(counted, 1)),
+            "eval_rep_dist_loss": float(rep), "eval_total_loss": float(total)}
   return evaluate
 
 
@@ -141,9 +169,10 @@ def held_out_batches(config, tokenizer, batch_sharding: NamedSharding) -> list:
 
 
 def describe(step: int, evaluation: dict) -> str:
-  """One line for an `mlm_evaluator` result at `step`."""
+  """One line for a `held_out_evaluator` result at `step`."""
   return (f"held-out MLM accuracy at step {step}: {evaluation['eval_mlm_accuracy']:.4f} "
-          f"(cross entropy {evaluation['eval_mlm_loss']:.3f})")
+          f"(cross entropy {evaluation['eval_mlm_loss']:.3f}), hidden-state MSE to the teacher "
+          f"{evaluation['eval_rep_dist_loss']:.4f}")
 
 
 def _endless(data: hosts.HostData):
@@ -173,9 +202,7 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
   engine.check_batch_size("batch_size", config.batch_size, divisor, config.grad_accum_steps)
   engine.check_batch_size("eval_batch_size", config.eval_batch_size, divisor)
   student = model_lib.build(student_cfg, "pretraining")
-  # The precision policy covers the teacher too.
-  teacher = model_lib.build(dataclasses.replace(teacher_config, precision=student_cfg.precision),
-                            "pretraining" if config.loss.nsp_distill else "encoder")
+  teacher = teacher_module(config, teacher_config, student_cfg)
   tokenizer = pytorch_io.load_tokenizer(tokenizer_dir, student_cfg.vocab_size,
                                         fix="set --config.model.vocab_size or --config.tokenizer")
   held_out = held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
@@ -205,5 +232,5 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
       tx=optim.make_optimizer(config.optimizer, model_params.param_kinds(student)),
       schedule=schedule, loss_fn=make_loss_fn(student, teacher, config), loss_key="total_loss",
       batches=batches, source=source, run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher,
-      evaluate=mlm_evaluator(student, held_out, mesh, rules, engine.param_shardings(student, mesh, rules)),
+      evaluate=held_out_evaluator(student, teacher, config, held_out, mesh, rules),
       checkpoint_state=hosts.global_state, describe=describe)

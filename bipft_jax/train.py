@@ -54,6 +54,7 @@ def train_and_evaluate(config, workdir: str, init_from: Optional[str] = None) ->
   with distributed.workdir_lock(workdir, "pretrain"):  # every input read
     result = run_engine.fit(workdir, schedule)
   if result.get("final") and result.get("start"):
+    start = result["start"]
     distributed.log(f"bipft pretrain: {pretraining.describe(result['step'], result['final'])}; at the start of "
-                    f"this run: {result['start']['eval_mlm_accuracy']:.4f}")
+                    f"this run: accuracy {start['eval_mlm_accuracy']:.4f}, MSE {start['eval_rep_dist_loss']:.4f}")
   return result

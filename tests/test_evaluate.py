@@ -18,7 +18,8 @@ import torch
 import transformers
 
 import glue_fixtures
-from bipft_jax import checkpointing, cli, config_loading, packed, packed_file, predict, saved_models
+from bipft_jax import checkpointing, cli, config_loading, losses, packed, packed_file, predict, pretraining, pytorch_io
+from bipft_jax import saved_models, sharding
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
 from bipft_jax.glue import finetune, predictions, tasks
@@ -27,6 +28,7 @@ from test_convert import hf_bert
 from test_glue_finetune import ROOT, glue_dir, tiny_config, vocab_dir  # noqa: F401  (fixtures)
 from test_train import CONFIG as PRETRAIN_CONFIG
 from test_train import files, tiny_overrides  # noqa: F401  (fixture)
+from test_train import tiny_config as tiny_pretrain_config
 
 GLUE_CONFIG = os.path.join(ROOT, "configs/glue.py")
 
@@ -82,7 +84,39 @@ def test_pretraining_accuracy_equals_the_runs_last_evaluation(files, tmp_path, c
   out = json.loads(capsys.readouterr().out)
   assert out["step"] == 3
   assert out["eval_mlm_accuracy"] == final["eval_mlm_accuracy"]
-  assert out["eval_mlm_loss"] == final["eval_mlm_loss"]  # the same computation on the same devices
+  for key in ("eval_mlm_loss", "eval_rep_dist_loss", "eval_total_loss"):
+    assert out[key] == final[key], key  # the same computation on the same devices
+  assert 0 < out["eval_rep_dist_loss"] < out["eval_total_loss"]
+
+
+def test_held_out_mse_to_the_teacher_is_the_training_objectives(files):
+  """The evaluator's hidden-state MSE is losses.hidden_mse over the held-out batches (0 for the teacher
+  itself), and its total the distillation loss without dropout, with the run's loss switches."""
+  config = tiny_pretrain_config(files, **{"model.binary": False, "loss.mask_padding_in_mse": True})
+  mesh, rules = sharding.make_mesh({"data": 1}), sharding.rules_from_config(config.mesh.rules)
+  teacher_config, teacher_params, _ = pretraining.load_teacher(config)
+  student_cfg = pretraining.student_config(config, teacher_config)
+  student, teacher = model_lib.build(student_cfg, "pretraining"), pretraining.teacher_module(config, teacher_config,
+                                                                                             student_cfg)
+  tokenizer = pytorch_io.load_tokenizer(files["vocab"])
+  batches = pretraining.held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
+  evaluate = pretraining.held_out_evaluator(student, teacher, config, batches, mesh, rules)
+  params = model_params.init_params(student, jax.random.key(5))
+  assert evaluate(teacher_params, teacher_params)["eval_rep_dist_loss"] == 0.0
+  scores = evaluate(params, teacher_params)
+  expected_rep, expected_total = [], []
+  for batch in batches:
+    batch = jax.device_get(batch)
+    out = student.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                        mlm_positions_BxN=batch["mlm_positions"])
+    teacher_out = pretraining.teacher_outputs(teacher, teacher_params, batch, False, jax.random.key(0))
+    mse, _ = losses.hidden_mse(out["hidden_states"], teacher_out["hidden_states"], batch["attention_mask"])
+    total, _ = losses.distillation_loss(out, teacher_out, batch, mask_padding_in_mse=True,
+                                        mlm_labels=batch["mlm_labels"])
+    expected_rep.append(float(mse))
+    expected_total.append(float(total))
+  assert scores["eval_rep_dist_loss"] == pytest.approx(np.mean(expected_rep), rel=1e-5)
+  assert scores["eval_total_loss"] == pytest.approx(np.mean(expected_total), rel=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -249,7 +249,7 @@ class Finetuning:
     return predictions.predict(self.predict_step, params, data, self.config.eval_batch_size, self.buckets,
                                self.task.is_regression)
 
-  def _evaluate(self, params) -> dict:
+  def _evaluate(self, params, frozen=None) -> dict:
     dev = {name: metrics_lib.compute(self.task.metrics, data.labels, self.predict(params, data))
            for name, data in self.dev_data.items()}
     return {"epoch": len(self.history) + 1, "dev": dev}
