@@ -46,7 +46,14 @@ def load_teacher(config) -> tuple:
   head = "pretraining" if config.loss.nsp_distill else "encoder"
   tokenizer = tokenizer_folder(config)
   if config.teacher.path:
-    teacher_config, params = pytorch_io.load_pretrained(_teacher_folder(config), head)
+    try:
+      teacher_config, params = pytorch_io.load_pretrained(_teacher_folder(config), head)
+    except UserError as e:  # a bare BertModel (sentence encoders, MiniLM): name the switch, not 7 tensors
+      if head == "pretraining" and "missing tensor cls.seq_relationship." in str(e):
+        raise UserError(f"the teacher in {_teacher_folder(config)} has no NSP head (cls.seq_relationship), which "
+                        "loss.nsp_distill=True distils: set --config.loss.nsp_distill=False (and, without an MLM "
+                        "head either, --config.loss.detach_heads=True, as the demo does)") from None
+      raise
     return teacher_config, jax.device_get(params), tokenizer
   teacher_config = dataclasses.replace(student_config(config), binary=False, mlm_transform_act="gelu")
   params = model_params.init_params(model_lib.build(teacher_config, head), jax.random.key(config.seed + 1))

@@ -343,6 +343,9 @@ CASES = [
     Case("pretrain data.max_seq_length=4", pretrain("data.max_seq_length=4"), "data.max_seq_length"),
     Case("pretrain data.masking=foo", pretrain("data.masking=foo"), "data.masking"),
     Case("pretrain data.source=foo", pretrain("data.source=foo"), "data.source"),
+    Case("pretrain NSP distillation from a teacher without heads", pretrain("teacher.path={bare_teacher}"),
+         "has no NSP head (cls.seq_relationship), which loss.nsp_distill=True distils: set "
+         "--config.loss.nsp_distill=False"),
     Case("pretrain whole-word masking without WordPiece pieces", pretrain("data.whole_word_masking=True"),
          "data.whole_word_masking needs a WordPiece tokenizer, whose pieces inside a word start with '##'"),
     Case("pretrain data.whole_word_masking=yes", pretrain("data.whole_word_masking=yes"),
@@ -512,8 +515,10 @@ CASES = [
 
 
 def _expand(value, fx):
-  """`{gz}`, `{zst}` and `{arrays}` in overrides name fixture files."""
-  return value.format(gz=fx["p"]("corpus.txt.gz"), zst=fx["p"]("corpus.txt.zst"), arrays=fx["p"]("arrays.jsonl"))
+  """`{gz}`, `{zst}`, `{arrays}` and `{bare_teacher}` (a BertModel export, no heads) in overrides name
+  fixture files."""
+  return value.format(gz=fx["p"]("corpus.txt.gz"), zst=fx["p"]("corpus.txt.zst"), arrays=fx["p"]("arrays.jsonl"),
+                      bare_teacher=fx["p"]("export_encoder"))
 
 
 def test_there_are_enough_cases():
