@@ -214,6 +214,9 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
                                         fix="set --config.model.vocab_size or --config.tokenizer")
   held_out = held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
   corpus = hosts.training_source(config.data)
+  shared = sources.held_out_in_training(config.data)
+  if shared:
+    distributed.log(f"bipft pretrain: warning: {shared}: the held-out scores are on data the student trains on")
 
   def batches(step: int, data_state: Optional[dict]):
     data = hosts.HostData(corpus, tokenizer, config.data, global_batch_size=config.batch_size, seed=config.seed)

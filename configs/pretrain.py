@@ -71,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.eval_paths = ""        # source=text or jsonl: held-out files for the MLM accuracy
   # source=tfds: datasets prepared with array_record files; several names (comma-separated) are concatenated.
   c.data.tfds_name = "wikipedia/20230601.en"
-  c.data.tfds_split = "train"
+  # Wikipedia has one split: its last 1,000 articles are held out, and kept out of training.
+  c.data.tfds_split = "train[:-1000]"
   c.data.tfds_eval_split = "train[-1000:]"
   c.data.tfds_data_dir = ""     # "" = TFDS's default (~/tensorflow_datasets)
   c.data.text_field = "text"    # source=tfds or jsonl: the feature or field holding a document's text

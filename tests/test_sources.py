@@ -6,6 +6,7 @@ import mmap
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 import zstandard
 
+from bipft_jax import config_loading
 from bipft_jax.data import pipeline, sources, workers
 from bipft_jax.errors import UserError
-from test_data import batches, data_config, sentences, tokenizer, write_corpus  # noqa: F401  (a fixture)
+from test_data import REPO, batches, data_config, sentences, tokenizer, write_corpus  # noqa: F401  (a fixture)
 
 
 def test_sentence_splitting_and_wikitext(tmp_path):
@@ -223,8 +225,23 @@ def test_text_source_errors(tmp_path):
   assert len(two) == 3 and [two[i] for i in range(3)] == ["a", "b", "c"]
 
 
+def test_held_out_files_that_training_reads_too_are_named(tmp_path):
+  corpus, other = write_corpus(tmp_path), str(tmp_path / "other.txt")
+  shutil.copy(corpus, other)
+  os.symlink(corpus, tmp_path / "link.txt")
+  config = data_config(source="text", paths=f"{tmp_path}/*.txt", eval_paths=other)
+  assert sources.held_out_in_training(config) == "data.eval_paths names 1 of the training files (other.txt)"
+  config = data_config(source="text", paths=corpus, eval_paths=str(tmp_path / "link.txt"))  # the same file
+  assert sources.held_out_in_training(config) == "data.eval_paths names 1 of the training files (corpus.txt)"
+  config = data_config(source="jsonl", paths=corpus, eval_paths=other)
+  assert sources.held_out_in_training(config) == ""
+  config = data_config(source="tfds", tfds_split="train", tfds_eval_split="train")
+  assert sources.held_out_in_training(config) == "data.tfds_eval_split is the training split, 'train'"
+
+
 def test_tfds_array_record_source(tmp_path, tokenizer):
   tfds = pytest.importorskip("tensorflow_datasets")
+  DOCUMENTS = 1006
 
   class TinyWiki(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
@@ -237,14 +254,24 @@ def test_tfds_array_record_source(tmp_path, tokenizer):
       return {"train": self._generate_examples()}
 
     def _generate_examples(self):
-      for d in range(6):
+      for d in range(DOCUMENTS):
         yield d, {"title": f"d{d}", "text": "\n".join(f"The d{d} w{i} w{i + 1}." for i in range(8))}
 
   TinyWiki(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  # The base recipe's splits: Wikipedia has one, so the held-out articles are its last 1,000, kept out
+  # of training (until 2026-12-04 the training split was all of it: the "held-out" scores were on
+  # training data).
+  recipe = config_loading.load_config(os.path.join(REPO, "configs/pretrain.py:base")).data
+  config = data_config(source="tfds", tfds_name="tiny_wiki", tfds_data_dir=str(tmp_path),
+                       text_field="text", tfds_split=recipe.tfds_split, tfds_eval_split=recipe.tfds_eval_split)
+  train, held_out = (sources.open_source(config, split) for split in ("train", "eval"))
+  titles = lambda source: {source[i].split()[1] for i in range(len(source))}
+  assert len(train) == DOCUMENTS - 1000 and len(held_out) == 1000
+  assert not titles(train) & titles(held_out)
   config = data_config(source="tfds", tfds_name="tiny_wiki", tfds_split="train", tfds_data_dir=str(tmp_path),
                        text_field="text")
   source = sources.open_source(config, "train")
-  assert len(source) == 6 and sorted(source[i].split()[1] for i in range(6)) == [f"d{d}" for d in range(6)]
+  assert len(source) == DOCUMENTS and titles(source) == {f"d{d}" for d in range(DOCUMENTS)}
   batch = next(pipeline.PretrainingData(source, tokenizer, config, batch_size=4, seed=0))
   assert batch["input_ids"].shape == (4, 32)
   pool = workers.ExamplePool(1, [source], tokenizer, config, seed=0)  # the source pickled to a worker

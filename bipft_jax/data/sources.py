@@ -437,6 +437,21 @@ class Concatenated(Sequence):
     return self.sources[which][index - int(self.starts[which])]
 
 
+def held_out_in_training(data_config) -> str:
+  """What of the held-out data the training data holds too ("" if nothing seen): files both name (text
+  and JSON Lines), or the same TFDS split (overlapping slices are not checked)."""
+  if data_config.source in FILE_SOURCES:
+    named = [{os.path.realpath(p) for p in matching_files([x for x in patterns.split(",") if x.strip()])}
+             for patterns in (data_config.paths, data_config.eval_paths)]
+    shared = sorted(named[0] & named[1])
+    if shared:
+      listed = ", ".join(os.path.basename(p) for p in shared[:3]) + (", ..." if len(shared) > 3 else "")
+      return f"data.eval_paths names {len(shared)} of the training files ({listed})"
+  elif data_config.source == "tfds" and data_config.tfds_split == data_config.tfds_eval_split:
+    return f"data.tfds_eval_split is the training split, {data_config.tfds_split!r}"
+  return ""
+
+
 def open_source(data_config, split: str) -> "Sequence | FileShards":
   """The documents of `split` ("train" or "eval") named by a job's `data` config; with
   `data.shard_by=files`, the training files to be dealt to the shards (`FileShards`). Held-out files
