@@ -14,10 +14,11 @@ r"""`bipft evaluate`: score a saved checkpoint without training.
 The config decides what is measured: a GLUE config (configs/glue.py, it has `task`) scores the
 task's metrics on its dev splits (`--split` picks one: train, a dev or a test split); a pretraining
 config (configs/pretrain.py, it has `teacher` and `data.max_predictions`) the held-out MLM accuracy
-and cross entropy, and the hidden-state MSE to its teacher (loaded as the run loads it). A packed file (`bipft export-packed` of a finetuned classifier) is scored by the
-packed forward (packed.py: popcount counts on the bit-planes, `--kernel`, default `auto`), the model
-a user deploys, so its metrics can be set beside the simulated student's: the two predict the same
-up to float rounding near a tie. The model comes from the checkpoint (GLUE: `precision`, if set,
+and cross entropy, and the hidden-state MSE to its teacher (loaded as the run loads it). A packed
+file (`bipft export-packed` of a finetuned classifier) is scored by the packed forward (packed.py:
+popcount counts on the bit-planes, `--kernel`, default `auto`), the model a user deploys, so its
+metrics can be set beside the simulated student's: the two predict the same up to float rounding
+near a tie. The model comes from the checkpoint (GLUE: `precision`, if set,
 changes the one it computes in); everything else from the config, so pass the config and overrides
 of the run that wrote the checkpoint (GLUE: data, max_length, min_bucket, eval_batch_size, and
 max_train_examples/seed for the majority-class rate; a finetuned checkpoint records its run's

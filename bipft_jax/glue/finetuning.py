@@ -249,7 +249,8 @@ class Finetuning:
     return predictions.predict(self.predict_step, params, data, self.config.eval_batch_size, self.buckets,
                                self.task.is_regression)
 
-  def _evaluate(self, params, frozen=None) -> dict:
+  def _evaluate(self, params, frozen) -> dict:
+    """The dev scores (`frozen`, a task-distillation teacher, plays no part)."""
     dev = {name: metrics_lib.compute(self.task.metrics, data.labels, self.predict(params, data))
            for name, data in self.dev_data.items()}
     return {"epoch": len(self.history) + 1, "dev": dev}
