@@ -89,7 +89,8 @@ def read_jsonl(path: str) -> list:
 
 
 def pretraining_numbers(workdir: str, tokens_per_step: int) -> dict:
-  """Training speed and the final distillation numbers from a pretraining's metrics.jsonl."""
+  """Training speed and the final distillation numbers from a pretraining's metrics.jsonl: the last
+  logged step's (one batch, with dropout) and the last held-out evaluation's."""
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   speeds = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
   trained = [r for r in records if "rep_dist_loss" in r]
@@ -99,4 +100,6 @@ def pretraining_numbers(workdir: str, tokens_per_step: int) -> dict:
           # the batch's positions over the rate of its real tokens: padding counted, an upper bound
           "train_step_seconds": tokens_per_step / tokens_per_second,
           "hidden_mse": trained[-1]["rep_dist_loss"], "total_loss": trained[-1]["total_loss"],
-          "mlm_accuracy": evaluated[-1]["eval_mlm_accuracy"]}
+          "mlm_accuracy": evaluated[-1]["eval_mlm_accuracy"],
+          # the last held-out evaluation's (None from runs before 2026-12-04, which did not measure it)
+          "held_out_mse": evaluated[-1].get("eval_rep_dist_loss")}

@@ -229,6 +229,8 @@ def _progress(index: int, total: int, cell: Cell, record: dict, remaining: Optio
     outcome = f"FAILED: {record['error']}"
   elif labels["kind"] == "pretrain":
     outcome = f"held-out MLM accuracy {100 * record['mlm_accuracy']:.1f}%, hidden MSE {record['hidden_mse']:.3f}"
+    if record.get("held_out_mse") is not None:  # cells recorded before 2026-12-04 lack it
+      outcome += f" (held out {record['held_out_mse']:.3f})"
   else:
     outcome = f"dev {record['metric']} {record['score']:.1f} (majority class {record['majority']:.1f})"
   eta = f"; about {remaining / 60:.0f} min left" if remaining is not None else ""

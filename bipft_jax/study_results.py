@@ -58,7 +58,7 @@ def summarize(header: dict, records: list) -> dict:
   curves = {t: {m: _mean_curve([r["curve"] for r in main if (r["task"], r["method"]) == (t, m)])
                 for m in methods if m in table[t]} for t in tasks}
   majority = {t: next((r["majority"] for r in main if r["task"] == t), None) for t in tasks}
-  pretraining = {r["variant"]: {k: r[k] for k in ("steps", "seconds", "mlm_accuracy", "hidden_mse")}
+  pretraining = {r["variant"]: {k: r.get(k) for k in ("steps", "seconds", "mlm_accuracy", "hidden_mse", "held_out_mse")}
                  for r in records if r["kind"] == "pretrain"}
   return {**header, "table": table, "average": average, "differences": differences, "sweep": sweep,
           "curves": curves, "majority": majority, "pretraining": pretraining,
@@ -128,11 +128,12 @@ def markdown(results: dict) -> str:
         at = dict(map(tuple, curve))
         lines.append(f"| {names.get(m, m)} | " + " | ".join(f"{at[s]:.1f}" if s in at else "-" for s in steps) + " |")
   if results["pretraining"]:
-    lines += ["", "| pretraining | steps | held-out MLM accuracy | hidden-state MSE to the teacher | minutes |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| pretraining | steps | held-out MLM accuracy | hidden-state MSE to the teacher (last step) | "
+              "held out | minutes |", "|---|---|---|---|---|---|"]
     for variant, p in results["pretraining"].items():
+      held_out = f"{p['held_out_mse']:.3f}" if p["held_out_mse"] is not None else "-"  # cells before 2026-12-04
       lines.append(f"| {variant} | {p['steps']} | {100 * p['mlm_accuracy']:.1f}% | {p['hidden_mse']:.3f} | "
-                   f"{p['seconds'] / 60:.1f} |")
+                   f"{held_out} | {p['seconds'] / 60:.1f} |")
   return "\n".join(lines) + "\n"
 
 

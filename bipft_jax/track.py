@@ -157,7 +157,8 @@ def run_row(config, row_dir: str, linear: str, probs: str) -> dict:
 
 # --- the table ---------------------------------------------------------------------
 
-COLUMNS = ("row", "linear", "probs", "dev acc %", "packed dev acc %", "hidden MSE", "OPs ratio", "memory ratio",
+COLUMNS = ("row", "linear", "probs", "dev acc %", "packed dev acc %", "hidden MSE", "held-out MSE", "OPs ratio",
+           "memory ratio",
            "honest OPs / memory", "packed bytes", "packed ms", "packed vs simulated", "train tok/s",
            "step s")
 
@@ -170,7 +171,9 @@ def _cells(row: dict) -> list:
   return head + [
       f"{row['dev_score']:.1f}",
       f"{row['packed_dev_score']:.1f}" if "packed_dev_score" in row else "",  # rows of older versions lack it
-      f"{row['hidden_mse']:.3f}", f"{row['ops_ratio']:.1f}x",
+      f"{row['hidden_mse']:.3f}",
+      f"{row['held_out_mse']:.3f}" if row.get("held_out_mse") is not None else "",  # older rows lack it
+      f"{row['ops_ratio']:.1f}x",
       f"{row['memory_ratio']:.1f}x", f"{row['honest_ops_ratio']:.1f}x / {row['honest_memory_ratio']:.1f}x",
       f"{row['packed_file_bytes']:,}" if packs else row["packed"],
       f"{row['packed_ms']:.1f}" if packs else "", f"{row['packed_speedup']:.2f}x" if packs else "",
@@ -190,7 +193,8 @@ def write_table(workdir: str, header: dict, rows: list) -> str:
   speed = header["speed"]
   note = (f"{header['host']}, {header['date']}; config {header['config']}. Dev accuracy: the finetuning "
           f"task's dev set (its majority class: dev_majority_rate in track.json); ratios: `bipft summary` at "
-          f"{header['seq_len']} tokens; packed: the finetuned classifier's export (its dev accuracy from "
+          f"{header['seq_len']} tokens; hidden MSE: the student's to the teacher at the last logged pretraining "
+          "step (one batch, with dropout), held-out: at the final held-out evaluation; packed: the finetuned classifier's export (its dev accuracy from "
           f"`bipft evaluate` of the file), its forward vs the "
           f"simulated student's at batch {speed['batch_size']} x {speed['length']}; step s = the batch's "
           "positions / the median tokens per second of the logged pretraining steps.")

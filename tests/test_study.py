@@ -54,6 +54,10 @@ def test_micro_study_writes_tables_and_plots_and_a_rerun_skips_finished_cells(ti
   kd_metrics = (workdir / "finetune/rt/bipft_b_kd/lr0.001/seed42/metrics.jsonl").read_text()
   assert "logit_distill_loss" in kd_metrics  # distilled from the FP cell
   assert results["pretraining"]["bipft_b"]["steps"] == 3
+  evaluated = [json.loads(line) for line in (workdir / "pretrain/bipft_b/metrics.jsonl").read_text().splitlines()
+               if "eval_rep_dist_loss" in line]
+  held_out = results["pretraining"]["bipft_b"]["held_out_mse"]
+  assert held_out == evaluated[-1]["eval_rep_dist_loss"] and f"(held out {held_out:.3f})" in out
   dev_labels = [json.loads(line)["label"] for line in (workdir / "data/rt/dev.jsonl").read_text().splitlines()]
   assert len(dev_labels) == 64  # config.dev_examples
   largest = 100 * max(dev_labels.count(label) for label in set(dev_labels)) / 64

@@ -6,7 +6,7 @@ import signal
 import pytest
 
 import glue_fixtures
-from bipft_jax import cli, config_loading, distributed, policy, summary
+from bipft_jax import cli, config_loading, distributed, policy, summary, track
 from bipft_jax import model as model_lib
 from test_train import REPO, files  # noqa: F401 (files is a fixture)
 
@@ -51,6 +51,9 @@ def test_track_runs_every_row_writes_the_table_and_skips_finished_rows(files, tm
   for row in table["rows"]:
     assert 0 <= row["dev_score"] <= 100 and row["dev_metric"] == "accuracy"
     assert row["finetune_steps"] == 2 and row["train_tokens_per_second"] > 0 and row["hidden_mse"] > 0
+    evaluated = [json.loads(line) for line in open(workdir / row["row"] / "pretrain" / "metrics.jsonl")
+                 if "eval_rep_dist_loss" in line]
+    assert row["held_out_mse"] == evaluated[-1]["eval_rep_dist_loss"]  # the final held-out evaluation's
     expected = _summary(row["linear"])  # the summary command's numbers for the row's binarizer
     assert row["ops_ratio"] == pytest.approx(expected["ops_ratio"])
     assert row["memory_ratio"] == pytest.approx(expected["memory_ratio"])
@@ -64,6 +67,9 @@ def test_track_runs_every_row_writes_the_table_and_skips_finished_rows(files, tm
   assert not (workdir / "dbllm_fdb" / "model.bipft.safetensors").exists()
   markdown = (workdir / "track.md").read_text()
   assert markdown.count("\n| bipft | bipft | elastic |") == 1 and "| dbllm_fdb | dbllm_fdb |" in markdown
+  assert f"| {packs['hidden_mse']:.3f} | {packs['held_out_mse']:.3f} |" in markdown
+  older = {k: v for k, v in packs.items() if k != "held_out_mse"}  # a row recorded before 2026-12-04
+  assert f"| {packs['hidden_mse']:.3f} |  | {packs['ops_ratio']:.1f}x |" in track.format_table([older])
   assert markdown.split("\n\n", 1)[1] in out  # the same table printed
 
   # A rerun skips finished rows; a row without row.json (interrupted after its finetuning) is
