@@ -58,8 +58,8 @@ def summarize(header: dict, records: list) -> dict:
   curves = {t: {m: _mean_curve([r["curve"] for r in main if (r["task"], r["method"]) == (t, m)])
                 for m in methods if m in table[t]} for t in tasks}
   majority = {t: next((r["majority"] for r in main if r["task"] == t), None) for t in tasks}
-  pretraining = {r["variant"]: {k: r.get(k) for k in ("steps", "seconds", "mlm_accuracy", "hidden_mse", "held_out_mse")}
-                 for r in records if r["kind"] == "pretrain"}
+  kept = ("steps", "seconds", "mlm_accuracy", "hidden_mse", "held_out_mse")
+  pretraining = {r["variant"]: {k: r.get(k) for k in kept} for r in records if r["kind"] == "pretrain"}
   return {**header, "table": table, "average": average, "differences": differences, "sweep": sweep,
           "curves": curves, "majority": majority, "pretraining": pretraining,
           "seconds": round(sum(r["seconds"] for r in records), 1), "cells": records}

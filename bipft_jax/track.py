@@ -194,8 +194,8 @@ def write_table(workdir: str, header: dict, rows: list) -> str:
   note = (f"{header['host']}, {header['date']}; config {header['config']}. Dev accuracy: the finetuning "
           f"task's dev set (its majority class: dev_majority_rate in track.json); ratios: `bipft summary` at "
           f"{header['seq_len']} tokens; hidden MSE: the student's to the teacher at the last logged pretraining "
-          "step (one batch, with dropout), held-out: at the final held-out evaluation; packed: the finetuned classifier's export (its dev accuracy from "
-          f"`bipft evaluate` of the file), its forward vs the "
+          "step (one batch, with dropout), held-out: at the final held-out evaluation; packed: the finetuned "
+          "classifier's export (its dev accuracy from `bipft evaluate` of the file), its forward vs the "
           f"simulated student's at batch {speed['batch_size']} x {speed['length']}; step s = the batch's "
           "positions / the median tokens per second of the logged pretraining steps.")
   with files.atomic_write(os.path.join(workdir, "track.md")) as f:
