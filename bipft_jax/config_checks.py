@@ -108,6 +108,7 @@ def check_glue(config) -> None:
   ints_at_least(config, 3, "max_length")  # [CLS] a [SEP]: nothing shorter holds a token
   numbers_in(config, 0, 1, "dropout", open_high=True)
   numbers_in(config, 0, 1, "data.dev_fraction", open_low=True, open_high=True)
+  numbers_in(config, 0, math.inf, "early_stop_min_delta")
   one_of(config, "pooling", model_lib.POOLINGS)
   if config.precision:  # empty: the init's
     one_of(config, "precision", precision.PRECISIONS)

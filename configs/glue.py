@@ -71,6 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # > 0: stop after this many epochs in a row without a better dev score than the best epoch's (its
   # selection metric); 0 = every epoch, the release's recipe (CoLA runs 50).
   c.early_stop_patience = 0
+  # With early stopping: an epoch counts as better only if it beats the best score so far by more than
+  # this many points of the metric (as reported: accuracy in %); 0 = any gain.
+  c.early_stop_min_delta = 0.0
   c.max_train_examples = 0         # > 0: train on the first N (shuffled once by `seed`) only
   c.log_every = 10                 # steps between metrics.jsonl/TensorBoard loss points
   c.checkpoint_every = 0           # steps between checkpoints (a killed run resumes there); 0 = each epoch's end

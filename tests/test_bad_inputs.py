@@ -376,6 +376,8 @@ CASES = [
     Case("finetune log_every=0", finetune_argv("log_every=0"), "log_every " + MUST_BE_1),
     Case("finetune early_stop_patience=-1", finetune_argv("early_stop_patience=-1"),
          "early_stop_patience must be an integer >= 0"),
+    Case("finetune early_stop_min_delta=-0.5", finetune_argv("early_stop_min_delta=-0.5"),
+         "early_stop_min_delta must be a finite number in [0, inf]"),
     Case("finetune batch_size=0", finetune_argv("batch_size=0"), "batch_size " + MUST_BE_1),
     Case("finetune eval_batch_size=0", finetune_argv("eval_batch_size=0"), "eval_batch_size " + MUST_BE_1),
     Case("finetune epochs=0", finetune_argv("epochs=0"), "epochs " + MUST_BE_1),

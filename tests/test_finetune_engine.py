@@ -311,3 +311,17 @@ def test_early_stopping_ends_after_patience_epochs_and_a_rerun_trains_no_more(gl
   assert results["dev"]["dev"]["accuracy"] == 60.0 and next(scores) == 99.0  # evaluated 4 times, not again
   assert max(_losses(tmp_path)) == 16  # no step trained after the stop
   assert json.loads((tmp_path / "results.json").read_text())["stopped_early"] == "after epoch 4 of 6"
+
+
+def test_early_stopping_with_a_min_delta_waits_on_gains_above_it(glue_dir, vocab_dir, tmp_path, capsys, monkeypatch):
+  # Epochs 3 and 4 gain 0.5 and 0.3 points over epoch 2: under a min_delta of 1 they do not count, so a
+  # patience of 2 ends the run after epoch 4, whose score is still the one reported (the best).
+  scores = iter([50.0, 60.0, 60.5, 60.8, 99.0, 99.0])
+  monkeypatch.setattr(finetuning.metrics_lib, "compute", lambda metrics, labels, predicted: {"accuracy": next(scores)})
+  config = config_loading.load_config(CONFIG, tiny_overrides(glue_dir, vocab_dir, "epochs=6", "early_stop_patience=2",
+                                                             "early_stop_min_delta=1"))
+  results = finetune.finetune(config, str(tmp_path))
+  assert ("stopping after epoch 4 of 6: no better dev accuracy by more than 1 than epoch 2's in the 2 epochs since "
+          "(early_stop_patience=2, early_stop_min_delta=1)") in capsys.readouterr().out
+  assert results["stopped_early"] == "after epoch 4 of 6" and results["best_epoch"] == 4
+  assert results["dev"]["dev"]["accuracy"] == 60.8

@@ -265,15 +265,29 @@ class Finetuning:
                                 "classification", step=best, run_config=self.config.to_dict())
       self._remove_best(keep=best)
     if self._stopped_early():
+      improved, delta = self._last_improvement(), self.config.early_stop_min_delta
+      by = f" by more than {delta:g}" if delta else ""
+      settings = f"early_stop_patience={self.config.early_stop_patience}" + (
+          f", early_stop_min_delta={delta:g}" if delta else "")
       distributed.log(f"bipft finetune: stopping after epoch {record['epoch']} of {self.config.epochs}: no better "
-                      f"dev {self.task.metrics[0]} than epoch {best}'s in the {record['epoch'] - best} epochs since "
-                      f"(early_stop_patience={self.config.early_stop_patience})")
+                      f"dev {self.task.metrics[0]}{by} than epoch {improved}'s in the {record['epoch'] - improved} "
+                      f"epochs since ({settings})")
+
+  def _last_improvement(self) -> int:
+    """The last epoch whose dev score beat every earlier epoch's by more than `early_stop_min_delta`
+    (the first epoch counts): what early stopping waits on. With 0, the best epoch."""
+    selection, metric = selection_split(self.task), self.task.metrics[0]
+    improved, reference = 1, self.history[0]["dev"][selection][metric]
+    for record in self.history[1:]:
+      if record["dev"][selection][metric] > reference + self.config.early_stop_min_delta:
+        improved, reference = record["epoch"], record["dev"][selection][metric]
+    return improved
 
   def _stopped_early(self) -> bool:
-    """Whether `early_stop_patience` epochs in a row have not bettered the best epoch's dev score."""
+    """Whether `early_stop_patience` epochs in a row have not bettered the dev score (`_last_improvement`)."""
     patience = self.config.early_stop_patience
     return bool(patience and self.history and len(self.history) < self.config.epochs
-                and len(self.history) - select_results(self.task, self.history)["best_epoch"] >= patience)
+                and len(self.history) - self._last_improvement() >= patience)
 
   def _remove_best(self, keep: int) -> None:
     if distributed.is_primary():
