@@ -37,8 +37,12 @@ def test_sentence_splitting_and_wikitext(tmp_path):
 def test_sentence_spans_split_as_lines_then_sentence_ends_do():
   # One regular expression over the document (its spans cached, so a random next segment finds a
   # book's sentences without splitting it again) must cut where splitting each line did until 2026-12-04.
+  # The rule as first written: whitespace after sentence-ending punctuation, looked behind at (sources
+  # matches the punctuation instead, 2.4x faster).
+  sentence_end = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
+
   def by_lines(text):
-    return [s.strip() for line in text.splitlines() for s in sources._SENTENCE_END.split(line) if s.strip()]
+    return [s.strip() for line in text.splitlines() for s in sentence_end.split(line) if s.strip()]
   rng = np.random.default_rng(0)
   pieces = np.array(["w", "Two", "3", ".", "!", "?", "\"", "'", "(", ")", "]", " ", "\t", "\n", "\r", "\r\n", "\x0b",
                      "\x0c", "\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\u2028", "\u2029", "\xa0", "\u3000", "\ufeff",
