@@ -53,8 +53,54 @@ def test_gpu_slurm_dry_run_prints_the_batch_script():
   lines = run.stdout.splitlines()
   assert {"#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --partition=a100",
           "export BIPFT_DISTRIBUTED=1"} <= set(lines)
-  srun = shlex.split(next(line for line in lines if line.startswith("srun")))
+  srun = shlex.split(next(line for line in lines if line.startswith("srun ")).removesuffix(" &"))
   assert srun[-6:] == ["bipft", *BIPFT, "--workdir", "/shared/run"]
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun as the test drives it: records its command; FAKE_SRUN=run waits for a SIGTERM (the run saves and
+# exits 143), FAKE_SRUN=EXIT exits with that code at once.
+trap 'echo TERM >> "$FAKE_LOG"; exit 143' TERM
+echo "srun $*" >> "$FAKE_LOG"
+[[ $FAKE_SRUN == run ]] || exit "$FAKE_SRUN"
+while true; do sleep 0.05; done
+"""
+
+
+@pytest.mark.parametrize("srun, usr1, code, requeued", [
+    ("run", True, 143, True),     # the time limit: SIGUSR1 to the shell, SIGTERM to the run, requeued
+    ("143", False, 143, False),   # a scancel's SIGTERM reached the run alone: not requeued
+    ("0", False, 0, False),       # training ended
+    ("1", False, 1, False),       # a failure
+])
+def test_gpu_slurm_batch_script_stops_the_run_before_the_time_limit_and_requeues_it(tmp_path, srun, usr1, code,
+                                                                                    requeued):
+  fake_bin = tmp_path / "venv" / "bin"
+  fake_bin.mkdir(parents=True)
+  (fake_bin / "activate").write_text(f'export PATH="{fake_bin}:$PATH"\n')
+  (fake_bin / "srun").write_text(FAKE_SRUN)
+  (fake_bin / "scontrol").write_text('#!/usr/bin/env bash\necho "scontrol $*" >> "$FAKE_LOG"\n')
+  for tool in ("srun", "scontrol"):
+    os.chmod(fake_bin / tool, 0o755)
+  run = _launch("gpu_slurm.sh", "--dry-run", "--requeue", "--stop-before", "120", "--venv", str(tmp_path / "venv"),
+                "--workdir", "/shared/run", "--", *BIPFT)
+  assert run.returncode == 0, run.stderr
+  assert {"#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append"} <= set(
+      run.stdout.splitlines())
+  log = tmp_path / "log"
+  env = {**os.environ, "FAKE_LOG": str(log), "FAKE_SRUN": srun, "SLURM_JOB_ID": "4242"}
+  shell = subprocess.Popen(["bash", "-c", run.stdout], env=env, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 30
+  while not log.exists() and time.time() < deadline:  # srun has started
+    time.sleep(0.05)
+  if usr1:
+    shell.send_signal(signal.SIGUSR1)  # what SLURM sends 120 s before the limit
+  assert shell.wait(timeout=30) == code
+  calls = log.read_text().splitlines()
+  assert calls[0] == "srun --kill-on-bad-exit=1 bipft " + " ".join(BIPFT) + " --workdir /shared/run"
+  assert calls[1:] == (["TERM", "scontrol requeue 4242"] if requeued else [])
+  stderr = shell.stderr.read()
+  assert ("requeueing job 4242 to resume it" in stderr) == requeued
 
 
 def test_local_dry_run_prints_one_process_per_rank():
