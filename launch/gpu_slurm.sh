@@ -57,9 +57,13 @@ if [[ $# -eq 0 ]]; then echo "gpu_slurm.sh: error: give the bipft command after 
 for n in "$nodes" "$gpus"; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_slurm.sh: error: node and GPU counts must be positive integers, got $n" >&2; exit 2; }
 done
-[[ "$stop_before" =~ ^[0-9]+$ ]] || { echo "gpu_slurm.sh: error: --stop-before takes seconds >= 0, got $stop_before" >&2; exit 2; }
+if [[ ! "$stop_before" =~ ^[0-9]+$ ]]; then
+  echo "gpu_slurm.sh: error: --stop-before takes seconds >= 0, got $stop_before" >&2
+  exit 2
+fi
 if [[ $requeue -eq 1 && $stop_before -eq 0 ]]; then
-  echo "gpu_slurm.sh: error: --requeue needs --stop-before > 0 (the signal that tells a time limit from a scancel)" >&2; exit 2
+  echo "gpu_slurm.sh: error: --requeue needs --stop-before > 0 (the signal that tells a time limit from a scancel)" >&2
+  exit 2
 fi
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
