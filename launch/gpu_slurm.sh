@@ -78,7 +78,8 @@ if [[ $stop_before -eq 0 ]]; then
   run_lines="$command"
 else
   # srun runs in the background so that the shell's trap runs when the signal comes (a trapped signal
-  # ends `wait` early: wait again until srun has ended); srun passes the SIGTERM on to every task.
+  # ends `wait` early: wait again until srun has ended, then once more for its exit code, which bash
+  # keeps); srun passes the SIGTERM on to every task.
   run_lines=$(cat <<RUN
 srun_pid="" time_limit=0
 stop_for_time_limit() {
@@ -89,11 +90,11 @@ stop_for_time_limit() {
 trap stop_for_time_limit USR1
 $command &
 srun_pid=\$!
-code=0
-while true; do
-  wait "\$srun_pid" && code=0 || code=\$?
-  kill -0 "\$srun_pid" 2>/dev/null || break
+while kill -0 "\$srun_pid" 2>/dev/null; do
+  wait "\$srun_pid" || true
 done
+code=0
+wait "\$srun_pid" || code=\$?
 RUN
 )
   if [[ $requeue -eq 1 ]]; then
