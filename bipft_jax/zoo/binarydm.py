@@ -68,10 +68,6 @@ def initial_step(x: jax.Array, bits: int) -> jax.Array:
   return 2 * jnp.mean(jnp.abs(x)) / np.sqrt(_levels(bits)[1])
 
 
-def _residual(kernel, scale_1):
-  return kernel - sign_ste(kernel, True) * scale_1
-
-
 def _weight(kernel, extras, order):
   """s1 sign(W) [+ s2 sign(R), R = W - s1 sign(W) not detached]; both signs pass |v| <= 1."""
   first = sign_ste(kernel, True) * extras["scale_1"]
