@@ -88,11 +88,15 @@ run() {
   env --default-signal=INT "$@" &
   child=$! forwarded=0
   if [[ $stop -eq 143 && $forwarded -eq 0 ]]; then forwarded=1; kill -TERM "$child" 2>/dev/null || true; fi
+  local status=0 again=0
   while kill -0 "$child" 2>/dev/null; do  # a trapped signal ends a wait before the task does
-    wait "$child" || true
+    wait "$child" && status=0 || status=$?
   done
-  local status=0
-  wait "$child" || status=$?  # bash keeps the status of a finished background command
+  # Once more: bash usually keeps a finished background command's status (the last wait above may
+  # have been cut short by a trapped signal), but not always: a task reaped while a trap ran can
+  # report a bogus -1 or 127, and then the last wait's code stands.
+  wait "$child" 2>/dev/null || again=$?
+  if [[ $again -ge 0 && $again -le 255 && $again -ne 127 ]]; then status=$again; fi
   child=0
   return "$status"
 }

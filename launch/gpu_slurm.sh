@@ -79,7 +79,8 @@ if [[ $stop_before -eq 0 ]]; then
 else
   # srun runs in the background so that the shell's trap runs when the signal comes (a trapped signal
   # ends `wait` early: wait again until srun has ended, then once more for its exit code, which bash
-  # keeps); srun passes the SIGTERM on to every task.
+  # keeps, unless srun was reaped while the trap ran: a bogus -1 or 127, and the last wait's code
+  # stands; launch/glue.sh does the same); srun passes the SIGTERM on to every task.
   run_lines=$(cat <<RUN
 srun_pid="" time_limit=0
 stop_for_time_limit() {
@@ -90,11 +91,12 @@ stop_for_time_limit() {
 trap stop_for_time_limit USR1
 $command &
 srun_pid=\$!
+code=0 again=0
 while kill -0 "\$srun_pid" 2>/dev/null; do
-  wait "\$srun_pid" || true
+  wait "\$srun_pid" && code=0 || code=\$?
 done
-code=0
-wait "\$srun_pid" || code=\$?
+wait "\$srun_pid" 2>/dev/null || again=\$?
+if [[ \$again -ge 0 && \$again -le 255 && \$again -ne 127 ]]; then code=\$again; fi
 RUN
 )
   if [[ $requeue -eq 1 ]]; then
