@@ -202,6 +202,10 @@ def test_sharded_by_files_a_host_opens_its_shards_files_alone(tmp_path, tokenize
   whole = host_data()
   assert sorted(opened) == paths
   expected = [next(whole) for _ in range(12)]  # epochs of every shard (4-9 documents each)
+  # The shards' streams keep one SpanCache (one budget for the process), their documents apart by source.
+  spans = whole.streams[0].spans
+  assert all(stream.spans is spans for stream in whole.streams)
+  assert {source for source, _ in spans.items} == {id(source) for source in whole.sources}
   assert [s["num_documents"] for s in whole.state()["shards"]] == [4 + 8, 5 + 9, 6, 7]
   assert whole.describe_file_shards(6) == [
       "data.shard_by=files: 6 files in 4 shards of 6-14 documents (39 in all)",

@@ -92,9 +92,10 @@ class HostData(Iterator):
       parts = [(0, i, self.count) for i in self.shards]
     count = workers.worker_count(data_config.get("workers", 0))
     self.pool = workers.ExamplePool(count, self.sources, tokenizer, data_config, seed) if count else None
+    spans = pipeline.SpanCache(pipeline.SPANS_BUDGET)  # the shards' streams keep one budget between them
     self.streams = [pipeline.PretrainingData(self.sources[j], tokenizer, data_config, batch_size=batch_size,
                                              seed=seed, process_index=i, process_count=n, pool=self.pool,
-                                             pool_source=j)
+                                             pool_source=j, spans=spans)
                     for j, i, n in parts]
 
   def describe_file_shards(self, files: int) -> list:

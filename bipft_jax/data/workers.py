@@ -84,7 +84,9 @@ def _start_worker(parent: int, sources: list, tokenizer, data_config: dict, seed
   signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
   threading.Thread(target=_leave_with, args=(parent,), daemon=True).start()
   config = ml_collections.ConfigDict(data_config)
-  _streams[:] = [pipeline.PretrainingData(source, tokenizer, config, batch_size=1, seed=seed) for source in sources]
+  spans = pipeline.SpanCache(pipeline.SPANS_BUDGET)  # one budget for the process, as in HostData
+  _streams[:] = [pipeline.PretrainingData(source, tokenizer, config, batch_size=1, seed=seed, spans=spans)
+                 for source in sources]
 
 
 def _leave_with(parent: int) -> None:
