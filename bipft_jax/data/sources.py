@@ -436,12 +436,17 @@ class Concatenated(Sequence):
     return self.sources[which][index - int(self.starts[which])]
 
 
+def _patterns(value: str) -> list:
+  """The files or globs of a comma-separated data.paths or data.eval_paths."""
+  return [p for p in value.split(",") if p.strip()]
+
+
 def held_out_in_training(data_config) -> str:
   """What of the held-out data the training data holds too ("" if nothing seen): files both name (text
   and JSON Lines), or the same TFDS split (overlapping slices are not checked)."""
   if data_config.source in FILE_SOURCES:
-    named = [{os.path.realpath(p) for p in matching_files([x for x in patterns.split(",") if x.strip()])}
-             for patterns in (data_config.paths, data_config.eval_paths)]
+    named = [{os.path.realpath(p) for p in matching_files(_patterns(value))}
+             for value in (data_config.paths, data_config.eval_paths)]
     shared = sorted(named[0] & named[1])
     if shared:
       listed = ", ".join(os.path.basename(p) for p in shared[:3]) + (", ..." if len(shared) > 3 else "")
@@ -459,8 +464,7 @@ def open_source(data_config, split: str) -> "Sequence | FileShards":
   if kind == "wikitext2":
     return WikiText(str(assets.fetch(*WIKITEXT2)), "train" if split == "train" else "valid")
   if kind in FILE_SOURCES:
-    patterns = data_config.paths if split == "train" else data_config.eval_paths
-    patterns = [p for p in patterns.split(",") if p.strip()]
+    patterns = _patterns(data_config.paths if split == "train" else data_config.eval_paths)
     if not patterns:
       raise UserError(f"data.source={kind} needs data.{'paths' if split == 'train' else 'eval_paths'} "
                       "(comma-separated files or globs)")
