@@ -14,10 +14,17 @@ import ml_collections
 from bipft_jax.errors import UserError
 
 OVERRIDE_PREFIX = "--config."
+# What each kind of config file is called in errors, and the file that makes one.
+KINDS = {"pretrain": "a pretraining config (configs/pretrain.py)",
+         "glue": "a GLUE config (configs/glue.py:task=NAME)",
+         "track": "a track config (configs/track.py)",
+         "study": "a study config (configs/study.py)",
+         "model": "a model config (configs/model.py:SIZE)"}
 
 
-def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `path.py[:arg]` and applies `field.sub=value` overrides."""
+def load_config(spec: str, overrides: Iterable[str] = (), kinds: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` and applies `field.sub=value` overrides; with `kinds` (of KINDS), a config of
+  another kind is a UserError naming what it is and what the command takes."""
   path, _, arg = spec.partition(":")
   module = load_module(path)
   if not hasattr(module, "get_config"):
@@ -26,9 +33,28 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     config = module.get_config(arg or None)
   except (ValueError, KeyError) as e:
     raise UserError(f"{spec}: {e}") from None
+  kind = config_kind(config)
+  if kinds and kind not in kinds:
+    raise UserError(f"{spec} is {KINDS[kind] if kind else 'no config of bipft'}; this command takes "
+                    f"{' or '.join(KINDS[k] for k in kinds)}")
   for item in overrides:
     apply_override(config, item)
   return config
+
+
+def config_kind(config) -> Optional[str]:
+  """Which of KINDS `config` is, by the fields only that kind has; None for none of them."""
+  if "task" in config:
+    return "glue"
+  if "teacher" in config and "max_predictions" in config.get("data", {}):
+    return "pretrain"
+  if "rows" in config:
+    return "track"
+  if "methods" in config:
+    return "study"
+  if "hidden_size" in config:
+    return "model"
+  return None
 
 
 def load_module(path: str):
@@ -76,11 +102,12 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     raise UserError(f"bad value for config field {key!r}: {e}") from None
 
 
-def add_config_argument(parser, default: Optional[str] = None) -> None:
-  """Adds --config (plus free-form --config.field=value overrides, see `split_overrides`)."""
+def add_config_argument(parser, kinds: Iterable[str], default: Optional[str] = None) -> None:
+  """Adds --config, naming the KINDS of config the command takes (plus free-form --config.field=value
+  overrides, see `split_overrides`)."""
   parser.add_argument("--config", default=default, required=default is None,
-                      help="config file and argument, e.g. configs/pretrain.py:demo; override fields "
-                           "with --config.field=value")
+                      help=f"{' or '.join(KINDS[k] for k in kinds)}, FILE.py:ARG; override fields with "
+                           "--config.field=value")
 
 
 def split_overrides(argv: Iterable[str]) -> tuple:

@@ -19,10 +19,12 @@ from bipft_jax.errors import UserError
 from bipft_jax.glue import predictions, splits, tasks
 from bipft_jax.glue import metrics as metrics_lib
 
+CONFIG_KINDS = ("glue",)  # config_loading.KINDS this command takes
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", required=True, help="a `bipft convert to-pytorch` folder (or any HF classifier)")
-  config_loading.add_config_argument(parser)
+  config_loading.add_config_argument(parser, CONFIG_KINDS)
   parser.add_argument("--predictions", default=None,
                       help="also write every dev prediction here (JSON: split -> ids and predictions)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
@@ -90,7 +92,7 @@ def evaluate(config, model_dir: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-  config = config_loading.load_config(args.config, args.config_overrides)
+  config = config_loading.load_config(args.config, args.config_overrides, kinds=CONFIG_KINDS)
   config_checks.check_glue(config)
   if args.predictions:
     files.check_output_file(args.predictions, "--predictions", args.overwrite)

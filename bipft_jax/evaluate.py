@@ -48,9 +48,11 @@ from bipft_jax.errors import UserError
 from bipft_jax.glue import predictions, splits, tasks
 from bipft_jax.glue import metrics as metrics_lib
 
+CONFIG_KINDS = ("glue", "pretrain")  # config_loading.KINDS this command takes
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  config_loading.add_config_argument(parser)
+  config_loading.add_config_argument(parser, CONFIG_KINDS)
   parser.add_argument("--checkpoint", required=True,
                       help="a finetune workdir (its best/), a pretrain workdir (latest step), a checkpoint folder, "
                            "or a packed file (`bipft export-packed` of a classifier: run 1-bit)")
@@ -65,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  config = config_loading.load_config(args.config, args.config_overrides)
-  if saved_models.is_glue_config(config):
+  config = config_loading.load_config(args.config, args.config_overrides, kinds=CONFIG_KINDS)
+  if config_loading.config_kind(config) == "glue":
     config_checks.check_glue(config)
     results = evaluate_glue(config, args.checkpoint, args.split, args.predictions, args.overwrite, args.kernel)
     lines = glue_lines(results)

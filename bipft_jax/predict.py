@@ -49,11 +49,13 @@ from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import predictions, tasks
 
+CONFIG_KINDS = ("glue", "pretrain")  # config_loading.KINDS this command takes
+
 CHUNK_BATCHES = 16  # lines read, predicted and printed at a time: eval_batch_size x this
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  config_loading.add_config_argument(parser)
+  config_loading.add_config_argument(parser, CONFIG_KINDS)
   parser.add_argument("--checkpoint", required=True,
                       help="a finetune workdir (its best/), a checkpoint folder, or a packed file of a classifier "
                            "(`bipft export-packed`: run 1-bit); with a pretraining config, a pretrain workdir")
@@ -68,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  config = config_loading.load_config(args.config, args.config_overrides)
-  if saved_models.is_glue_config(config):
+  config = config_loading.load_config(args.config, args.config_overrides, kinds=CONFIG_KINDS)
+  if config_loading.config_kind(config) == "glue":
     if args.top_k is not None:
       raise UserError("--top_k is for filling masks with a pretraining config (configs/pretrain.py)")
     config_checks.check_glue(config)

@@ -15,16 +15,6 @@ from bipft_jax.errors import UserError
 from bipft_jax.glue import predictions, splits, tasks
 
 
-def is_glue_config(config) -> bool:
-  """True for a GLUE config, False for a pretraining one; UserError for anything else."""
-  if "task" in config:
-    return True
-  if "teacher" in config and "max_predictions" in config.get("data", {}):
-    return False
-  raise UserError("the config is neither a GLUE config (configs/glue.py: it has `task`) nor a pretraining "
-                  "config (configs/pretrain.py: `teacher` and `data.max_predictions`)")
-
-
 def _in_precision(model_config, precision: str):
   """The model computing in `precision` (config.precision), or in its own if that is empty."""
   return dataclasses.replace(model_config, precision=precision) if precision else model_config

@@ -37,6 +37,8 @@ from bipft_jax.errors import Stopped, UserError, signal_exit_code
 from bipft_jax.runs import (config_with_overrides, override_args, pretraining_numbers, read_jsonl, run_command,
                             sigterm_between_commands)
 
+CONFIG_KINDS = ("study",)  # config_loading.KINDS this command takes
+
 CELL_FILE = "cell.json"
 RECIPE_FILE = "recipe.json"
 # The config fields every cell's numbers depend on; the grid (methods, tasks, seeds, sweep) may grow or
@@ -349,12 +351,12 @@ def _run_cells(config, plan: Plan, workdir: str, config_name: Optional[str]) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  config_loading.add_config_argument(parser)
+  config_loading.add_config_argument(parser, CONFIG_KINDS)
   parser.add_argument("--workdir", required=True, help="one folder per cell, the tables and plots")
 
 
 def run(args: argparse.Namespace) -> int:
-  config = config_loading.load_config(args.config, args.config_overrides)
+  config = config_loading.load_config(args.config, args.config_overrides, kinds=CONFIG_KINDS)
   results = run_study(config, args.workdir, args.config)
   print(results["markdown"])
   print(f"bipft study: wrote results.json, results.md and the plots in {args.workdir}")

@@ -60,6 +60,8 @@ from bipft_jax import model_params
 from bipft_jax.errors import UserError
 from bipft_jax.packed import REMAINDER_DTYPES
 
+CONFIG_KINDS = ("model", "pretrain")  # config_loading.KINDS this command takes
+
 WORD_BITS = 32
 BOPS_PER_FLOP = 64
 LAYER_NORM_FLOPS = 5  # per element: mean, centre, variance, normalise, affine (DeepSpeed's count)
@@ -380,7 +382,7 @@ def format_ratios(s: dict) -> str:
 # --- command line ----------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  config_loading.add_config_argument(parser)
+  config_loading.add_config_argument(parser, CONFIG_KINDS)
   parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
   parser.add_argument("--head", choices=("classification", "encoder", "pretraining"), default="classification",
                       help="task head counted in the honest totals (default classification)")
@@ -388,9 +390,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_config(spec: str, overrides: Iterable[str]) -> model_lib.BertConfig:
-  """BertConfig from a model config file such as configs/model.py:base (a UserError if it does not fit)."""
+  """BertConfig from a model config such as configs/model.py:base, or the student of a pretraining
+  config (its `model` section; a UserError if it does not fit)."""
+  config = config_loading.load_config(spec, overrides, kinds=CONFIG_KINDS)
+  if config_loading.config_kind(config) == "pretrain":
+    config = config.model
   try:
-    return model_lib.BertConfig.from_dict(config_loading.load_config(spec, overrides).to_dict())
+    return model_lib.BertConfig.from_dict(config.to_dict())
   except (ValueError, TypeError) as e:
     raise UserError(f"{spec} is not a model config: {e}") from None
 

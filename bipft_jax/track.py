@@ -40,6 +40,8 @@ from bipft_jax.runs import (config_with_overrides, override_args, pretraining_nu
                             sigterm_between_commands)
 from bipft_jax.errors import Stopped, UserError, signal_exit_code
 
+CONFIG_KINDS = ("track",)  # config_loading.KINDS this command takes
+
 ROW_FILE = "row.json"
 PACKED_FILE = "model.bipft.safetensors"
 DEFAULT_PROBS = "elastic"
@@ -207,7 +209,7 @@ def write_table(workdir: str, header: dict, rows: list) -> str:
 # --- the command ---------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  config_loading.add_config_argument(parser)
+  config_loading.add_config_argument(parser, CONFIG_KINDS)
   parser.add_argument("--workdir", required=True, help="one folder per row, the table (track.md, track.json)")
 
 
@@ -255,7 +257,7 @@ def _run_rows(config, rows: list, workdir: str, config_name: Optional[str]) -> t
 
 
 def run(args: argparse.Namespace) -> int:
-  config = config_loading.load_config(args.config, args.config_overrides)
+  config = config_loading.load_config(args.config, args.config_overrides, kinds=CONFIG_KINDS)
   results, stopped = run_track(config, args.workdir, args.config)
   print(format_table(results))
   print(f"bipft track: wrote {os.path.join(args.workdir, 'track.md')} and track.json")

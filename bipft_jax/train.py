@@ -20,9 +20,11 @@ from bipft_jax import config_checks, config_loading, distributed, engine, errors
 from bipft_jax.errors import UserError
 from bipft_jax.glue import finetune
 
+CONFIG_KINDS = ("pretrain",)  # config_loading.KINDS this command takes
+
 
 def add_arguments(parser) -> None:
-  config_loading.add_config_argument(parser, default="configs/pretrain.py:demo")
+  config_loading.add_config_argument(parser, CONFIG_KINDS, default="configs/pretrain.py:demo")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard logs; "
                       "an existing workdir is resumed from its latest checkpoint")
   parser.add_argument("--init_from", default=None,
@@ -30,7 +32,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-  config = config_loading.load_config(args.config, args.config_overrides)
+  config = config_loading.load_config(args.config, args.config_overrides, kinds=CONFIG_KINDS)
   config_checks.check_pretrain(config)
   files.check_writable_dir(args.workdir, "--workdir")
   finetuned = [name for name in finetune.OWN if os.path.exists(os.path.join(args.workdir, name))]

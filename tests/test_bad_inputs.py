@@ -24,12 +24,15 @@ import glue_fixtures
 from bipft_jax import checkpointing, cli, convert, files
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
+from bipft_jax.config_loading import KINDS
 from bipft_jax.glue import finetune, predictions, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, "configs", "pretrain.py")
 GLUE = os.path.join(ROOT, "configs", "glue.py")
 MODEL = os.path.join(ROOT, "configs", "model.py")
+TRACK = os.path.join(ROOT, "configs", "track.py")
+STUDY = os.path.join(ROOT, "configs", "study.py")
 WORDS = [f"w{i}" for i in range(60)]
 TINY = dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
             max_position_embeddings=64, binary=True, mlm_transform_act="relu")
@@ -295,6 +298,13 @@ def predict_argv(texts, *overrides, checkpoint="classifier", task="sst2"):
                            "--input", fx["p"](texts)] + _overrides(["max_length=16", *overrides]))
 
 
+def wrong_kind(command: str, config: str):
+  """`command` with a config of a kind it does not take, and what else it needs."""
+  extra = {"pretrain": ["--workdir"], "finetune": ["--workdir"], "track": ["--workdir"], "study": ["--workdir"],
+           "evaluate": ["--checkpoint"], "predict": ["--checkpoint"], "eval-pytorch": ["--model"]}.get(command, [])
+  return lambda fx, tmp: [command, "--config", config, *[a for flag in extra for a in (flag, tmp / "out")]]
+
+
 def glue_report(*workdirs, submission=None):
   return lambda fx, tmp: (["glue-report", "--workdirs", *[fx["p"](w) for w in workdirs]]
                           + (["--submission_dir", submission(fx, tmp)] if submission else []))
@@ -513,6 +523,18 @@ CASES = [
     Case("glue-report --submission_dir read-only",
          glue_report("finished", submission=fixture("readonly", "s")),
          "read-only", "readonly"),
+    # a config of another kind: named, with the kind the command takes (it was a KeyError traceback)
+    *[Case(f"{command} given {kind}", wrong_kind(command, config), f"is {KINDS[kind]}; this command takes {takes}")
+      for command, config, kind, takes in [
+          ("pretrain", f"{GLUE}:task=sst2", "glue", KINDS["pretrain"]),
+          ("pretrain", f"{MODEL}:tiny", "model", KINDS["pretrain"]),
+          ("finetune", f"{PRETRAIN}:tiny", "pretrain", KINDS["glue"]),
+          ("evaluate", f"{MODEL}:tiny", "model", f"{KINDS['glue']} or {KINDS['pretrain']}"),
+          ("eval-pytorch", f"{PRETRAIN}:demo", "pretrain", KINDS["glue"]),
+          ("predict", f"{TRACK}:quick", "track", f"{KINDS['glue']} or {KINDS['pretrain']}"),
+          ("summary", f"{GLUE}:task=rte", "glue", f"{KINDS['model']} or {KINDS['pretrain']}"),
+          ("track", f"{STUDY}:quick", "study", KINDS["track"]),
+          ("study", f"{PRETRAIN}:demo", "pretrain", KINDS["study"])]],
 ]
 
 
@@ -527,7 +549,7 @@ def test_there_are_enough_cases():
   assert len(CASES) >= 80
   assert {c.name.split()[0] for c in CASES} == {
       "pretrain", "finetune", "evaluate", "summary", "from-pytorch", "to-pytorch", "export-packed",
-      "eval-pytorch", "predict", "glue-report"}
+      "eval-pytorch", "predict", "glue-report", "track", "study"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -6,7 +6,7 @@ import pathlib
 import jax
 import pytest
 
-from bipft_jax import cli, model, model_params, summary
+from bipft_jax import cli, config_loading, model, model_params, summary
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASE = "configs/model.py:base"
@@ -131,8 +131,23 @@ def test_cli_overrides_change_the_count(capsys, monkeypatch):
   assert "encoder/layer/0/output" in rows and "encoder/layer/1/output" not in rows
 
 
+def test_cli_takes_a_pretraining_configs_student(capsys, monkeypatch):
+  """The student a pretraining config trains is summarised as its model section, overrides included."""
+  pretraining = ["--config", "configs/pretrain.py:tiny", "--config.model.num_layers=1", "--seq-len", "16", "--json"]
+  code, out, _ = _run_cli(pretraining, capsys, monkeypatch)
+  assert code == 0
+  from_pretraining = json.loads(out.strip().splitlines()[-1])
+  fields = [f"--config.{k}={v}" for k, v in config_loading.load_config("configs/pretrain.py:tiny").model.items()]
+  code, out, _ = _run_cli(["--config", "configs/model.py:tiny", *fields, "--config.num_layers=1", "--seq-len", "16",
+                           "--json"], capsys, monkeypatch)
+  assert code == 0 and json.loads(out.strip().splitlines()[-1]) == from_pretraining
+  assert [r["name"] for r in from_pretraining["rows"]].count("encoder/layer/0/output") == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/missing.py"], "does not exist"),
+    (["--config", "configs/glue.py:task=rte"], "is a GLUE config (configs/glue.py:task=NAME); this command takes a "
+     "model config (configs/model.py:SIZE) or a pretraining config (configs/pretrain.py)"),
     (["--config", "configs/model.py:gigantic"], "unknown model size"),
     (["--config", BASE, "--config.hidden_size=100"], "not a multiple of num_heads"),
     (["--config", BASE, "--seq-len", "0"], "--seq-len 0"),

@@ -36,6 +36,8 @@ from bipft_jax import checkpointing, config_checks, config_loading, distributed,
 from bipft_jax.errors import UserError
 from bipft_jax.glue import finetuning, tasks
 
+CONFIG_KINDS = ("glue",)  # config_loading.KINDS this command takes
+
 OUTPUTS = ("metrics.jsonl", "results.json", "best", "submission", "tensorboard", "profile")
 STAGING = ".finetune-staging"  # a run's outputs until it ends; then they replace an earlier run's
 PUBLISHING = ".publishing.json"  # in STAGING while its outputs move into the workdir: their names
@@ -44,7 +46,7 @@ OWN = ("results.json", "best", "submission", STAGING)  # what only a finetuning 
 
 
 def add_arguments(parser) -> None:
-  config_loading.add_config_argument(parser)
+  config_loading.add_config_argument(parser, CONFIG_KINDS)
   parser.add_argument("--workdir", required=True, help="where metrics, TensorBoard, best/ and submission/ go")
   parser.add_argument("--init_from", default=None,
                       help="a pretrained checkpoint (workdir or step folder); sets init.kind=checkpoint")
@@ -52,7 +54,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-  config = config_loading.load_config(args.config, args.config_overrides)
+  config = config_loading.load_config(args.config, args.config_overrides, kinds=CONFIG_KINDS)
   if args.init_from:
     config.init.kind, config.init.path = "checkpoint", args.init_from
   finetuning.check_model_overrides(config, args.config_overrides)
