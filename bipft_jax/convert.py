@@ -30,7 +30,7 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 UNUSED_RELEASE_SUFFIXES = (".sa.weight",)
 # MLM-only checkpoints (BertForMaskedLM) have no pooler and no NSP head: those start from a fresh
 # init, and the conversion says so.
-OPTIONAL_PREFIXES = ("cls.seq_relationship.", "bert.pooler.", "pooler.")
+OPTIONAL_PREFIXES = ("cls.seq_relationship.", *pytorch_io.POOLER_PREFIXES)
 MODELING_FILE = os.path.join(os.path.dirname(__file__), "pytorch_model", "modeling_bipft.py")
 # The release's binarization switches, and the only values this implementation computes.
 RELEASE_BINARY_FIELDS = {"input_bits": 1, "weight_layerwise": True, "input_layerwise": True,
@@ -208,8 +208,11 @@ def task_labels(run: dict | None, config: model_lib.BertConfig) -> tuple | None:
 
 def _check_exportable(config: model_lib.BertConfig, fmt: str) -> None:
   """UserError naming a binarizer the PyTorch model (`hf`) or the release (`reference`) does not compute,
-  before anything is written."""
+  or an FP model plain BERT would misread, before anything is written."""
   if not config.binary:
+    if fmt == "reference" and config.mlm_transform_act != "gelu":  # plain BERT would apply it in the FFN too
+      raise UserError(f"an FP model with mlm_transform_act={config.mlm_transform_act!r} has no Hugging Face BERT "
+                      "config (its hidden_act is the FFN's activation too): export it with --format hf")
     return
   linear, probs = PYTORCH_LINEAR_BINARIZERS, PYTORCH_PROB_BINARIZERS
   if fmt != "hf":  # the release computes its own binarizers only

@@ -41,10 +41,15 @@ def load_classifier(directory: str, task: tasks.Task, precision: str = ""):
   if not os.path.isfile(os.path.join(directory, "config.json")):
     raise UserError(f"{directory} has no config.json: pass a folder written by `bipft convert to-pytorch`")
   # Our readers first: one-line errors for a bad config.json or weights file, never pickled code.
-  pytorch_io.config_from_hf(pytorch_io.read_config(directory))
-  if not any(name.startswith("classifier.") for name in pytorch_io.read_weights(directory)):
+  hf = pytorch_io.read_config(directory)
+  pytorch_io.config_from_hf(hf)
+  weights = pytorch_io.read_weights(directory)
+  if not any(name.startswith("classifier.") for name in weights):
     raise UserError(f"{directory} has no classifier head (no classifier.* tensors), so it would score a "
                     "random one: export the checkpoint finetuned on the task")
+  if hf.get("pooling", "cls") == "cls" and not any(name.startswith(pytorch_io.POOLER_PREFIXES) for name in weights):
+    raise UserError(f"{directory} has no pooler (no pooler.* tensors), which its classifier reads the [CLS] token "
+                    "through, so it would score a random one: export the checkpoint finetuned on the task")
   try:
     config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True)
     if config.num_labels != task.num_labels:

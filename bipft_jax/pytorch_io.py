@@ -9,6 +9,7 @@ no pickled code ever runs. Sharded checkpoints (`*.index.json`) and bfloat16/flo
 import json
 import os
 import pickle
+import sys
 from typing import Iterable, Mapping, Optional
 
 import flax
@@ -94,11 +95,13 @@ def from_torch_state(state: Mapping, template: Mapping, *, allow_missing: Iterab
   table = name_table(template)
   flat_template = flax.traverse_util.flatten_dict(template)
   state = dict(state)
+  problems, flat, report = [], {}, {"kept_from_init": [], "skipped": []}
   if not any(n.startswith("bert.") for n in table) and any(n.startswith("bert.") for n in state):
+    # The encoder of a model with heads: BERT's own heads are left out, any other tensor is named.
+    problems += [f"unexpected tensor {n}" for n in sorted(state) if not n.startswith(("bert.", *BERT_HEADS))]
     state = {n[len("bert."):]: v for n, v in state.items() if n.startswith("bert.")}
   elif any(n.startswith("bert.") for n in table) and not any(n.startswith("bert.") for n in state):
     state = {"bert." + n: v for n, v in state.items()}  # a bare BertModel checkpoint
-  problems, flat, report = [], {}, {"kept_from_init": [], "skipped": []}
   for alias, source in TIED_ALIASES.items():
     if alias in state:
       if source in state and not np.array_equal(np.asarray(state[alias]), np.asarray(state[source])):
@@ -132,6 +135,13 @@ def from_torch_state(state: Mapping, template: Mapping, *, allow_missing: Iterab
 
 # --- checkpoint directories ---------------------------------------------------
 
+# The heads of BERT checkpoints we read: pretraining (MLM and NSP) and sequence classification.
+BERT_HEADS = ("cls.", "classifier.")
+POOLER_PREFIXES = ("bert.pooler.", "pooler.")  # BertForMaskedLM has none: a fresh init, as transformers does
+# config.json's `architectures` whose tensors are those heads; ours (BiPFT*) are written by `convert to-pytorch`.
+ARCHITECTURES = ("BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSequenceClassification",
+                 "BiPFTModel", "BiPFTForPreTraining", "BiPFTForSequenceClassification")
+
 HF_CONFIG_FIELDS = {  # Hugging Face BertConfig field -> BertConfig field
     "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
     "num_attention_heads": "num_heads", "intermediate_size": "intermediate_size",
@@ -143,8 +153,23 @@ HF_CONFIG_FIELDS = {  # Hugging Face BertConfig field -> BertConfig field
 
 def config_from_hf(hf: Mapping, **overrides) -> model_lib.BertConfig:
   """Our BertConfig from a Hugging Face BERT config.json dict (the release's fields included)."""
-  if hf.get("hidden_act", "gelu") not in ("gelu", "relu"):
-    raise UserError(f"hidden_act {hf['hidden_act']!r} is not supported (gelu or relu)")
+  if hf.get("model_type", "bert") not in ("bert", "bipft"):
+    raise UserError(f"config.json describes a {hf['model_type']} model: bipft reads BERT checkpoints "
+                    "(model_type bert) and its own exports (bipft)")
+  unknown = [name for name in hf.get("architectures") or () if name not in ARCHITECTURES]
+  if unknown:
+    raise UserError(f"config.json describes a {unknown[0]}, whose head bipft does not compute: it reads "
+                    f"{', '.join(ARCHITECTURES[:4])} checkpoints")
+  for field in ("is_decoder", "add_cross_attention"):
+    if hf.get(field):
+      raise UserError(f"config.json sets {field}=true (a BERT decoder): bipft's BERT attends in both directions only")
+  binary = hf.get("weight_bits", 32) == 1
+  # The release's students (and our exports) set hidden_act for the MLM transform only, relu in the
+  # release; in a Hugging Face BERT it is the FFN's activation too, and our FFN is GELU.
+  transform_only = binary or hf.get("model_type") == "bipft"
+  if hf.get("hidden_act", "gelu") not in (("gelu", "relu") if transform_only else ("gelu",)):
+    raise UserError(f"hidden_act {hf['hidden_act']!r} is not supported: the FFN computes GELU"
+                    + (" (the release's students set relu for their MLM transform only)" if transform_only else ""))
   if hf.get("position_embedding_type", "absolute") != "absolute":
     raise UserError("only absolute position embeddings are supported")
   values = {ours: hf[theirs] for theirs, ours in HF_CONFIG_FIELDS.items() if theirs in hf}
@@ -155,8 +180,7 @@ def config_from_hf(hf: Mapping, **overrides) -> model_lib.BertConfig:
   for field in ("pooling", "precision"):  # ours; Hugging Face BERT pools [CLS], in fp32
     if field in hf:
       values[field] = hf[field]
-  values["binary"] = hf.get("weight_bits", 32) == 1
-  # The release's student config sets hidden_act=relu; it reaches only the MLM transform.
+  values["binary"] = binary
   values["mlm_transform_act"] = hf.get("hidden_act", "gelu")
   values.update(overrides)
   try:
@@ -265,14 +289,19 @@ def load_pretrained(directory: str, head: str = "encoder", *, allow_missing: Ite
                     drop: Iterable[str] = (), seed: int = 0, **config_overrides) -> tuple:
   """(config, params) from a PyTorch BERT checkpoint directory (Hugging Face or release names).
 
-  Tensors under `allow_missing` prefixes (e.g. heads the checkpoint lacks) keep a fresh init; those
-  under `drop` prefixes (e.g. pretraining heads a classifier does not have) are left out.
+  Tensors under `allow_missing` prefixes (e.g. heads the checkpoint lacks) keep a fresh init, as does a
+  missing pooler (said on stderr); those under `drop` prefixes (e.g. pretraining heads a classifier
+  does not have) are left out.
   """
   import jax
+  from bipft_jax import distributed
   config = config_from_hf(read_config(directory), **config_overrides)
   state = {name: value for name, value in read_weights(directory).items() if not name.startswith(tuple(drop))}
   template = model_params.init_params(model_lib.build(config, head), jax.random.key(seed))
-  params, _ = from_torch_state(state, template, allow_missing=allow_missing)
+  params, report = from_torch_state(state, template, allow_missing=(*allow_missing, *POOLER_PREFIXES))
+  if distributed.is_primary() and any(name.startswith(POOLER_PREFIXES) for name in report["kept_from_init"]):
+    print(f"bipft: note: {directory} has no pooler (a BertForMaskedLM, say): it starts from a fresh init",
+          file=sys.stderr)
   return config, params
 
 

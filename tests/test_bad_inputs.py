@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 import glue_fixtures
 from bipft_jax import checkpointing, cli, convert, files
@@ -143,12 +143,22 @@ def fx(tmp_path_factory):
       "pickled": _torch_dir(p("pt", "pickled"), hf, bin_object={"a": Pickled()}),
       "truncated_bin": _torch_dir(p("pt", "truncated_bin"), hf),
       "truncated_safetensors": _torch_dir(p("pt", "truncated_safetensors"), hf),
+      # checkpoints we would misread: another architecture, another head, a decoder, a ReLU FFN
+      "roberta": _torch_dir(p("pt", "roberta"), {**hf, "model_type": "roberta"}, weights=tensor),
+      "qa": _torch_dir(p("pt", "qa"), {**hf, "architectures": ["BertForQuestionAnswering"]}, weights=tensor),
+      "qa_tensors": _torch_dir(p("pt", "qa_tensors"), hf, weights={
+          "bert.embeddings.word_embeddings.weight": np.zeros((64, 32), np.float32),
+          "qa_outputs.weight": np.zeros((2, 32), np.float32)}),
+      "decoder": _torch_dir(p("pt", "decoder"), {**hf, "is_decoder": True}, weights=tensor),
+      "relu_ffn": _torch_dir(p("pt", "relu_ffn"), {**hf, "hidden_act": "relu"}, weights=tensor),
       # exports for eval-pytorch: the classifier's config with broken weights or config
       "export_pickled": _torch_dir(p("pt", "export_pickled"), export_config, bin_object={"a": Pickled()}),
       "export_truncated": _torch_dir(p("pt", "export_truncated"), export_config),
       "export_config_list": _torch_dir(p("pt", "export_config_list"), [export_config]),
       "export_zero_heads": _torch_dir(p("pt", "export_zero_heads"),
                                       {**export_config, "num_attention_heads": 0}),
+      "export_no_pooler": _torch_dir(p("pt", "export_no_pooler"), export_config, weights={
+          k: v for k, v in load_file(p("export", "model.safetensors")).items() if ".pooler." not in k}),
   }
   torch.save({"a": torch.zeros(2)}, p("pt", "truncated_bin", "pytorch_model.bin"))
   with open(p("pt", "truncated_bin", "pytorch_model.bin"), "r+b") as f:
@@ -453,6 +463,14 @@ CASES = [
     Case("from-pytorch config.json is a list", from_pytorch("config_list"), "holds a JSON list"),
     Case("from-pytorch hidden_size thirty-two", from_pytorch("hidden_size_text"), "hidden_size must be int"),
     Case("from-pytorch num_attention_heads 0", from_pytorch("zero_heads"), "num_heads=0 out of range"),
+    Case("from-pytorch RoBERTa", from_pytorch("roberta"), "config.json describes a roberta model"),
+    Case("from-pytorch question answering", from_pytorch("qa"),
+         "describes a BertForQuestionAnswering, whose head bipft does not compute"),
+    Case("from-pytorch a head's tensors without architectures", from_pytorch("qa_tensors"),
+         "unexpected tensor qa_outputs.weight"),
+    Case("from-pytorch decoder", from_pytorch("decoder"), "sets is_decoder=true (a BERT decoder)"),
+    Case("from-pytorch FP model with a ReLU FFN", from_pytorch("relu_ffn"),
+         "hidden_act 'relu' is not supported: the FFN computes GELU"),
     Case("from-pytorch id2label not a mapping", from_pytorch("bad_id2label"),
          "does not describe a supported"),
     Case("from-pytorch .bin bare tensor", from_pytorch("bare_tensor"), "holds a Tensor, not a state dict"),
@@ -484,6 +502,7 @@ CASES = [
          "full-precision"),
     # eval-pytorch
     Case("eval-pytorch export without classifier", eval_pytorch("export_encoder"), "no classifier head"),
+    Case("eval-pytorch export without pooler", eval_pytorch("export_no_pooler"), "has no pooler (no pooler.* tensors)"),
     Case("eval-pytorch truncated safetensors", eval_pytorch("export_truncated"),
          "not a readable safetensors"),
     Case("eval-pytorch .bin refused by weights_only", eval_pytorch("export_pickled"),

@@ -114,6 +114,23 @@ def test_checkpoint_round_trip(tmp_path, as_bin):
   _assert_same_tree(loaded, params)
 
 
+@pytest.mark.parametrize("head", ["encoder", "classification"])
+def test_a_checkpoint_without_pooler_loads_with_a_fresh_one(tmp_path, capsys, head):
+  """BertForMaskedLM has no pooler: as a pretraining teacher (encoder) or a classifier's start, the rest
+  loads exactly and the pooler keeps its init, as transformers does, with a note."""
+  params, state = _tiny_state("pretraining")
+  state = {k: v for k, v in state.items() if ".pooler." not in k and not k.startswith("cls.seq_relationship.")}
+  directory = _write_checkpoint(tmp_path / "mlm", state)
+  _, loaded = pytorch_io.load_pretrained(str(directory), head, allow_missing=("classifier",), drop=("cls.",), seed=1)
+  fresh = model_params.init_params(model.build(TINY, head), jax.random.key(1))
+  encoder = loaded.get("bert", loaded)
+  _assert_same_tree(encoder["pooler"], fresh.get("bert", fresh)["pooler"])
+  _assert_same_tree({k: v for k, v in encoder.items() if k != "pooler"},
+                    {k: v for k, v in params["bert"].items() if k != "pooler"})
+  assert capsys.readouterr().err == f"bipft: note: {directory} has no pooler (a BertForMaskedLM, say): it starts " \
+                                    "from a fresh init\n"
+
+
 @pytest.mark.parametrize("as_bin", [False, True], ids=["safetensors", "pytorch_model.bin"])
 def test_sharded_checkpoint_loads_like_one_file(tmp_path, as_bin):
   """Hugging Face's layout for large models: shards plus a `.index.json` weight map."""
