@@ -90,6 +90,12 @@ def check_pretrain(config) -> None:
   if config.data.shard_by == "files" and config.data.source not in sources.FILE_SOURCES:
     raise UserError(f"data.shard_by=files deals files to the data shards: data.source {config.data.source!r} has "
                     f"none (use it with {' or '.join(sources.FILE_SOURCES)}, or set data.shard_by=documents)")
+  if config.data.source not in sources.FILE_SOURCES:
+    named = [f"data.{field}" for field in ("paths", "eval_paths") if config.data[field]]
+    if named:  # they would be ignored: the run would train on the source's own corpus
+      raise UserError(f"{' and '.join(named)} {'are' if len(named) > 1 else 'is'} set, but data.source="
+                      f"{config.data.source!r} reads no files: set --config.data.source=text (or jsonl) to train "
+                      "on them")
   one_of(config, "data.masking", pipeline.MASKING)
   check_optimizer(config)
   check_profile(config)

@@ -197,6 +197,6 @@ def evaluate_pretraining(config, checkpoint: str) -> dict:
   teacher, teacher_params = pretraining.placed_teacher(config, student_config, mesh, rules)
   tokenizer = pytorch_io.load_tokenizer(pretraining.tokenizer_folder(config), student_config.vocab_size,
                                         fix="set --config.tokenizer to the vocabulary the run used")
-  batches = pretraining.held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
+  batches, _ = pretraining.held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
   evaluate = pretraining.held_out_evaluator(student, teacher, config, batches, mesh, rules)
   return {"checkpoint": directory, "step": step, **evaluate(params, teacher_params)}

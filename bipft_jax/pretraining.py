@@ -3,6 +3,7 @@ loss and the held-out MLM evaluator. `bipft pretrain` (train.py) hands them to t
 `bipft evaluate` scores checkpoints with the same evaluator.
 """
 import dataclasses
+import sys
 from typing import Optional
 
 import flax.linen as nn
@@ -168,11 +169,21 @@ def held_out_evaluator(student: nn.Module, teacher: nn.Module, config, batches: 
   return evaluate
 
 
-def held_out_batches(config, tokenizer, batch_sharding: NamedSharding) -> list:
-  """The fixed held-out batches (global arrays) the run measures its MLM accuracy on."""
-  return [engine.global_batch(b, batch_sharding) for b in hosts.fixed_batches(
-      sources.open_source(config.data, "eval"), tokenizer, config.data, global_batch_size=config.eval_batch_size,
-      num_batches=config.eval_batches, seed=config.seed + 1)]
+def held_out_batches(config, tokenizer, batch_sharding: NamedSharding) -> tuple:
+  """(the fixed held-out batches (global arrays) the run measures its MLM accuracy on, what their source
+  holds); a warning on stderr if they hold an example twice (a held-out set too small for them)."""
+  source = sources.open_source(config.data, "eval")
+  held = sources.describe(source)
+  try:
+    batches, repeated = hosts.fixed_batches(source, tokenizer, config.data, global_batch_size=config.eval_batch_size,
+                                            num_batches=config.eval_batches, seed=config.seed + 1)
+  except UserError as e:  # which data: the training corpus's error reads the same
+    raise UserError(f"the held-out data ({held}): {e}") from None
+  if repeated and distributed.is_primary():
+    print(f"bipft: warning: the held-out data ({held}) makes fewer examples than eval_batches x eval_batch_size "
+          f"({config.eval_batches} x {config.eval_batch_size}): the evaluation counts some twice or more; give it "
+          "more text, or lower eval_batches", file=sys.stderr)
+  return [engine.global_batch(b, batch_sharding) for b in batches], held
 
 
 def describe(step: int, evaluation: dict) -> str:
@@ -212,8 +223,9 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
   teacher = teacher_module(config, teacher_config, student_cfg)
   tokenizer = pytorch_io.load_tokenizer(tokenizer_dir, student_cfg.vocab_size,
                                         fix="set --config.model.vocab_size or --config.tokenizer")
-  held_out = held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
+  held_out, held = held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
   corpus = hosts.training_source(config.data)
+  distributed.log(f"bipft pretrain: training data: {sources.describe(corpus)}; held out: {held}")
   shared = sources.held_out_in_training(config.data)
   if shared:
     distributed.log(f"bipft pretrain: warning: {shared}: the held-out scores are on data the student trains on")

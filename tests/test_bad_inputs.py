@@ -327,6 +327,8 @@ MUST_BE_1 = "must be an integer >= 1"
 CASES = [
     # pretrain: every *_every, batch size, eval_batches, keep_checkpoints, model fields, optimizer, data
     Case("pretrain log_every=0", pretrain("log_every=0"), "log_every " + MUST_BE_1),
+    Case("pretrain data.paths with a source that reads none", pretrain("data.source=wikitext2"),
+         "data.paths and data.eval_paths are set, but data.source='wikitext2' reads no files"),
     Case("pretrain checkpoint_every=0", pretrain("checkpoint_every=0"), "checkpoint_every " + MUST_BE_1),
     Case("pretrain eval_every=0", pretrain("eval_every=0"), "eval_every " + MUST_BE_1),
     Case("pretrain batch_size=0", pretrain("batch_size=0"), "batch_size " + MUST_BE_1),
@@ -373,7 +375,7 @@ CASES = [
     Case("pretrain truncated .txt.gz corpus", pretrain("data.paths={gz}"), "cannot read text file"),
     Case("pretrain truncated .txt.zst corpus", pretrain("data.paths={zst}"),
          "corpus.txt.zst: it ends inside a zstd frame (truncated)"),
-    Case("pretrain no corpus files", pretrain("data.paths=/nonexistent/*.txt"), "no files match"),
+    Case("pretrain no corpus files", pretrain("data.paths=/nonexistent/*.txt"), "no file matches '/nonexistent/*.txt'"),
     Case("pretrain jsonl source on a text corpus", pretrain("data.source=jsonl"),
          "corpus.txt: line 1 is not JSON (Expecting value at column 1)"),
     Case("pretrain jsonl corpus of arrays", pretrain("data.source=jsonl", "data.paths={arrays}", "data.eval_paths={arrays}"),

@@ -5,6 +5,7 @@ classifier predicts on every kernel; bad checkpoints, splits and paths exit 2 in
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,8 @@ from bipft_jax import checkpointing, cli, config_loading, losses, packed, packed
 from bipft_jax import saved_models, sharding
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
+from bipft_jax.data import sources
+from bipft_jax.errors import UserError
 from bipft_jax.glue import finetune, predictions, tasks
 
 from test_convert import hf_bert
@@ -78,9 +81,12 @@ def test_pretraining_accuracy_equals_the_runs_last_evaluation(files, tmp_path, c
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   final = [r for r in logged if "eval_mlm_accuracy" in r][-1]
   assert final["step"] == 3
-  # the tiny config's held-out file is its corpus: the run says so
+  # the tiny config's held-out file is its corpus: the run says so, and what it reads
+  out, documents = capsys.readouterr().out, len(sources.TextFiles([files["corpus"]]))
   assert ("bipft pretrain: warning: data.eval_paths names 1 of the training files (corpus.txt): the held-out "
-          "scores are on data the student trains on") in capsys.readouterr().out
+          "scores are on data the student trains on") in out
+  assert re.search(rf"bipft pretrain: training data: 1 file \(\d+\.\d KB\), {documents} documents; held out: 1 file "
+                   rf"\(\d+\.\d KB\), {documents} documents\n", out)
   assert cli.main(["evaluate", "--config", f"{PRETRAIN_CONFIG}:tiny", "--checkpoint", workdir, "--json"]
                   + overrides) == 0
   out = json.loads(capsys.readouterr().out)
@@ -89,6 +95,29 @@ def test_pretraining_accuracy_equals_the_runs_last_evaluation(files, tmp_path, c
   for key in ("eval_mlm_loss", "eval_rep_dist_loss", "eval_total_loss"):
     assert out[key] == final[key], key  # the same computation on the same devices
   assert 0 < out["eval_rep_dist_loss"] < out["eval_total_loss"]
+
+
+def test_a_held_out_set_too_small_for_its_batches_is_named(files, tmp_path, capsys):
+  """Fewer held-out examples than eval_batches x eval_batch_size: the batches repeat some, and the run says so;
+  a held-out file without sentence pairs is named as the held-out data."""
+  mesh, rules = sharding.make_mesh({"data": 1}), sharding.rules_from_config({})
+  tokenizer = pytorch_io.load_tokenizer(files["vocab"])
+  small = tmp_path / "small.txt"
+  small.write_text("The first sentence of the only document.\nIts second sentence.\n")
+  for held_out, warned in ((files["corpus"], False), (str(small), True)):
+    config = tiny_pretrain_config(files, **{"data.eval_paths": held_out, "eval_batches": 2, "eval_batch_size": 4})
+    batches, held = pretraining.held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
+    rows = np.concatenate([jax.device_get(b["input_ids"]) for b in batches])
+    assert held.startswith("1 file (") and len(rows) == 8
+    assert (len(np.unique(rows, axis=0)) < len(rows)) == warned
+    err = capsys.readouterr().err
+    assert (f"bipft: warning: the held-out data ({held}) makes fewer examples than eval_batches x eval_batch_size "
+            "(2 x 4): the evaluation counts some twice or more" in err) == warned, err
+  small.write_text("\u200b\u200b\n")  # text that tokenizes to nothing
+  config = tiny_pretrain_config(files, **{"data.eval_paths": str(small)})
+  with pytest.raises(UserError, match=re.escape("the held-out data (1 file (0.0 KB), 1 document): the data source "
+                                                "yields no examples")):
+    pretraining.held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
 
 
 def test_held_out_mse_to_the_teacher_is_the_training_objectives(files):
@@ -101,7 +130,7 @@ def test_held_out_mse_to_the_teacher_is_the_training_objectives(files):
   student, teacher = model_lib.build(student_cfg, "pretraining"), pretraining.teacher_module(config, teacher_config,
                                                                                              student_cfg)
   tokenizer = pytorch_io.load_tokenizer(files["vocab"])
-  batches = pretraining.held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
+  batches, _ = pretraining.held_out_batches(config, tokenizer, sharding.batch_sharding(mesh, rules))
   evaluate = pretraining.held_out_evaluator(student, teacher, config, batches, mesh, rules)
   params = model_params.init_params(student, jax.random.key(5))
   assert evaluate(teacher_params, teacher_params)["eval_rep_dist_loss"] == 0.0

@@ -1,5 +1,6 @@
 """Where pretraining documents come from (bipft_jax/data/sources.py): sentence splitting, WikiText, text
 and JSON Lines files (indexed, kept index, .gz and .zst), TFDS; their errors."""
+import bz2
 import gzip
 import json
 import mmap
@@ -18,7 +19,7 @@ import zstandard
 from bipft_jax import config_loading
 from bipft_jax.data import pipeline, sources, workers
 from bipft_jax.errors import UserError
-from test_data import REPO, batches, data_config, sentences, tokenizer, write_corpus  # noqa: F401  (a fixture)
+from test_data import REPO, batches, data_config, gzipped, sentences, tokenizer, write_corpus  # noqa: F401  (a fixture)
 
 
 def test_sentence_splitting_and_wikitext(tmp_path):
@@ -221,12 +222,65 @@ def test_a_files_index_is_kept_until_the_file_changes(tmp_path, monkeypatch):
 
 
 def test_text_source_errors(tmp_path):
-  with pytest.raises(UserError, match="no files match"):
+  with pytest.raises(UserError, match=re.escape(f"no file matches '{tmp_path}/*.txt'; set data.paths")):
     sources.TextFiles([str(tmp_path / "*.txt")])
   with pytest.raises(UserError, match="unknown data.source"):
     sources.open_source(ml_collections.ConfigDict({"source": "s3"}), "train")
   two = sources.Concatenated([["a", "b"], ["c"]])
   assert len(two) == 3 and [two[i] for i in range(3)] == ["a", "b", "c"]
+
+
+def test_every_pattern_must_match_and_each_file_is_read_once(tmp_path):
+  """A comma-separated entry that matched nothing (a typo, a space after the comma) was dropped without
+  a word; the same file by two names was read twice; `**` matched one folder deep only."""
+  corpus = write_corpus(tmp_path)
+  (tmp_path / "a" / "b").mkdir(parents=True)
+  for name in ("a/one.txt", "a/b/two.txt"):
+    shutil.copy(corpus, tmp_path / name)
+  os.symlink(corpus, tmp_path / "link.txt")
+  with pytest.raises(UserError, match=re.escape(f"no file matches '{tmp_path}/typo.txt' (of ['{corpus}', "
+                                                f"'{tmp_path}/typo.txt']); set data.paths and data.eval_paths")):
+    sources.TextFiles([corpus, str(tmp_path / "typo.txt")])
+  config = data_config(source="text", paths=f"{corpus}, {tmp_path}/a/one.txt", eval_paths="", text_field="text")
+  assert sources.open_source(config, "train").paths == [f"{tmp_path}/a/one.txt", corpus]  # the space stripped
+  once = sources.TextFiles([corpus, f"{tmp_path}/./corpus.txt", str(tmp_path / "link.txt")])
+  assert once.paths == [corpus] and len(once) == len(sources.TextFiles([corpus]))
+  assert sources.matching_files([f"{tmp_path}/**/*.txt"]) == [f"{tmp_path}/a/b/two.txt", f"{tmp_path}/a/one.txt",
+                                                              corpus]
+
+
+def test_files_of_another_format_are_named(tmp_path):
+  """A compressed file without its suffix (or of a compression we do not read) was refused as not UTF-8,
+  a JSON Lines file under data.source=text trained on its JSON syntax, a pipe read as no text."""
+  corpus = write_corpus(tmp_path)
+  gz = gzipped(corpus)
+  shutil.copy(gz, tmp_path / "corpus.TXT.GZ")
+  assert len(sources.TextFiles([str(tmp_path / "corpus.TXT.GZ")])) == len(sources.TextFiles([corpus]))
+  shutil.copy(gz, tmp_path / "no_suffix")
+  with pytest.raises(UserError, match="no_suffix is gzip-compressed: name it \\*.gz to have it decompressed"):
+    sources.TextFiles([str(tmp_path / "no_suffix")])
+  with open(corpus, "rb") as f, bz2.open(corpus + ".bz2", "wb") as g:
+    g.write(f.read())
+  with pytest.raises(UserError, match="corpus.txt.bz2 is bzip2-compressed: decompress it \\(bipft reads .gz and"):
+    sources.TextFiles([corpus + ".bz2"])
+  for name in ("c4.json", "records.jsonl.gz"):
+    shutil.copy(gz if name.endswith(".gz") else corpus, tmp_path / name)
+    with pytest.raises(UserError, match=f"data.source=text would read .*{name} as plain text, its JSON syntax too: "
+                                        "set --config.data.source=jsonl"):
+      sources.TextFiles([str(tmp_path / name)])
+  os.mkfifo(tmp_path / "fifo")  # no writer: opening it would wait for one
+  with pytest.raises(UserError, match="fifo is not a regular file \\(a pipe\\?\\): write the corpus to a file"):
+    sources.TextFiles([str(tmp_path / "fifo")])
+
+
+def test_a_run_says_what_its_sources_hold():
+  assert sources.describe(sources.Concatenated([["a", "b"], ["c"]])) == "3 documents"
+  here = os.path.dirname(os.path.abspath(__file__))
+  files = sources.TextFiles([os.path.join(here, "test_sources.py"), os.path.join(here, "test_data.py")])
+  size = sum(os.path.getsize(p) for p in files.paths)
+  assert sources.describe(files) == f"2 files ({size / 1e3:.1f} KB), {len(files):,} documents"
+  shards = sources.FileShards("text", files.paths, "text")
+  assert sources.describe(shards) == f"2 files ({size / 1e3:.1f} KB)"
 
 
 def test_held_out_files_that_training_reads_too_are_named(tmp_path):

@@ -146,10 +146,12 @@ def global_state(local_state: dict) -> dict:
 
 
 def fixed_batches(source: Sequence, tokenizer, data_config, *, global_batch_size: int, num_batches: int,
-                  seed: int) -> list:
-  """This host's rows of `num_batches` fixed held-out batches (`pipeline.fixed_batches` per shard)."""
+                  seed: int) -> tuple:
+  """(this host's rows of `num_batches` fixed held-out batches, whether they hold an example twice), by
+  `pipeline.fixed_batches` per shard."""
   shards, count = host_shards(data_config.shards)
   batch_size = _shard_batch_size(global_batch_size, count, "eval_batch_size")
   per_shard = [pipeline.fixed_batches(source, tokenizer, data_config, batch_size=batch_size, num_batches=num_batches,
                                       seed=seed, process_index=i, process_count=count) for i in shards]
-  return [_concatenate(list(batches)) for batches in zip(*per_shard)]
+  return ([_concatenate(list(batches)) for batches in zip(*(b for b, _ in per_shard))],
+          any(repeated for _, repeated in per_shard))

@@ -208,10 +208,11 @@ class SpanCache:
 
 
 def fixed_batches(source: Sequence, tokenizer, data_config, *, batch_size: int, num_batches: int,
-                  seed: int, process_index: int = 0, process_count: int = 1) -> list:
-  """The same `num_batches` statically masked batches on every call: a held-out evaluation set."""
+                  seed: int, process_index: int = 0, process_count: int = 1) -> tuple:
+  """(the same `num_batches` statically masked batches on every call: a held-out evaluation set, whether
+  they hold an example twice: the source ran out and its second epoch began)."""
   eval_config = data_config.copy_and_resolve_references()
   eval_config.masking = "static"
   data = PretrainingData(source, tokenizer, eval_config, batch_size=batch_size, seed=seed,
                          process_index=process_index, process_count=process_count)
-  return [next(data) for _ in range(num_batches)]
+  return [next(data) for _ in range(num_batches)], data.epoch > 0

