@@ -417,6 +417,8 @@ CASES = [
          "--config.model.vocab_size has no effect with init.kind=teacher: the teacher brings its own architecture"),
     Case("finetune data.split_seed=-1", finetune_argv("data.split_seed=-1"), "data.split_seed"),
     Case("finetune one custom label", finetune_argv("data.labels=pos", task="custom"), "name one class"),
+    Case("finetune a custom label twice", finetune_argv("data.labels=neg,pos,neg", task="custom"),
+         "name 'neg' twice"),
     Case("finetune data.format=foo", finetune_argv("data.format=foo"), "data.format"),
     Case("finetune JSONL rows are arrays", finetune_argv("data.format=jsonl", "data.train_file={arrays}",
                                                          "data.dev_file={arrays}"), "is a JSON list"),

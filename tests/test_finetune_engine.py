@@ -309,7 +309,7 @@ def test_early_stopping_ends_after_patience_epochs_and_a_rerun_trains_no_more(gl
   assert "stopped early at step 16: nothing left to train" in capsys.readouterr().out
   assert results["epochs"] == 4 and results["best_epoch"] == 2 and results["stopped_early"] == "after epoch 4 of 6"
   assert results["dev"]["dev"]["accuracy"] == 60.0 and next(scores) == 99.0  # evaluated 4 times, not again
-  assert max(_losses(tmp_path)) == 16  # no step trained after the stop
+  assert max(_losses(tmp_path)) == 16 == results["steps"]  # no step trained after the stop, and it says so (24 before)
   assert json.loads((tmp_path / "results.json").read_text())["stopped_early"] == "after epoch 4 of 6"
 
 
@@ -325,3 +325,17 @@ def test_early_stopping_with_a_min_delta_waits_on_gains_above_it(glue_dir, vocab
           "(early_stop_patience=2, early_stop_min_delta=1)") in capsys.readouterr().out
   assert results["stopped_early"] == "after epoch 4 of 6" and results["best_epoch"] == 4
   assert results["dev"]["dev"]["accuracy"] == 60.8
+
+
+def test_a_custom_test_file_without_examples_is_refused_before_training(vocab_dir, tmp_path, capsys):
+  # It was only noted on stderr: the run trained, wrote no submission/ and exited 0, where
+  # `bipft evaluate --split test` refuses the file.
+  for split in ("train", "dev"):
+    (tmp_path / f"{split}.csv").write_text("review,stars\nthe film was good .,pos\nthe film was bad .,neg\n")
+  (tmp_path / "test.csv").write_text("review\n")
+  data = [f"data.{split}_file={tmp_path / split}.csv" for split in ("train", "dev", "test")] + [
+      "data.format=csv", "data.text_fields=review", "data.label_field=stars", "data.labels=neg,pos"]
+  argv = ["finetune", "--config", os.path.join(ROOT, "configs/glue.py:task=custom"), "--workdir", str(tmp_path / "run")]
+  assert cli.main(argv + [f"--config.{o}" for o in tiny_overrides("", vocab_dir, "epochs=1", *data)]) == 2
+  assert capsys.readouterr().err.strip() == f"bipft finetune: error: {tmp_path / 'test.csv'} has no examples"
+  assert not (tmp_path / "run").exists()

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from bipft_jax import cli
+from bipft_jax import checkpointing, cli
+from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
 from bipft_jax.glue import predictions, tasks
 
@@ -108,3 +109,46 @@ def test_submission_collection_and_bad_workdirs(tmp_path, capsys):
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "results.json").write_text("{not json")
   assert cli.main(["glue-report", "--workdirs", str(tmp_path / "bad")]) == 2
+  write_run(tmp_path / "no_dev", "rte", {})  # no score to pick the best of several runs by
+  assert cli.main(["glue-report", "--workdirs", str(tmp_path / "no_dev")]) == 2
+  assert "dev must map each dev split to its scores" in capsys.readouterr().err
+
+
+def write_custom_run(workdir, dev, train_file, majority=None, seed=42):
+  """A custom task's run: results.json, its best/ checkpoint (recording the run's config) and its
+  test predictions."""
+  workdir = write_run(workdir, "custom", dev)
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({**results, "seed": seed, **({"dev_majority_rate": majority} if majority else {})}, f)
+  config = model_lib.BertConfig(vocab_size=8, hidden_size=4, num_layers=1, num_heads=1, intermediate_size=4,
+                                max_position_embeddings=8)
+  checkpointing.save_params(os.path.join(workdir, "best"), {"w": np.zeros(2, np.float32)}, config, "classification",
+                            run_config={"task": "custom", "data": {"train_file": train_file}})
+  predictions.write_submission(os.path.join(workdir, "submission"), tasks.custom_task("neg,pos", 1), "test",
+                               ["0"], [1])
+  return workdir
+
+
+def test_custom_runs_are_averaged_per_training_file_and_have_no_leaderboard_files(tmp_path, capsys):
+  # Each custom run used to be a row of its own named `custom`, whatever its data; --submission_dir
+  # named the last run given as the best of its task and listed every GLUE file as missing.
+  seeds = [write_custom_run(tmp_path / f"ft_s{seed}", {"dev": {"accuracy": score, "f1": score - 10}}, "sent/train.csv",
+                            majority=50.0, seed=seed) for seed, score in ((1, 60.0), (2, 70.0), (3, 65.0))]
+  scores = write_custom_run(tmp_path / "scores", {"dev": {"pearson_spearman": 40.0}}, "scores/train.jsonl")
+  out = tmp_path / "out"
+  assert cli.main(["glue-report", "--workdirs", *seeds, scores, "--submission_dir", str(out)]) == 0
+  printed, said = capsys.readouterr()
+  assert printed.strip().splitlines()[2:4] == [
+      "| bipft | custom (sent/train.csv) | accuracy 65.0 ± 5.0 (3), f1 55.0 ± 5.0 (3) | 50.0 |",
+      "| bipft | custom (scores/train.jsonl) | pearson_spearman 40.0 | - |"]
+  assert "is their mean ± standard deviation (the number of runs)" in printed
+  assert "leaderboard" not in printed and "come from" not in said
+  assert "bipft: custom runs have no GLUE leaderboard files" in said
+  assert not out.exists() or not os.listdir(out)
+  # The files come from the GLUE runs alone: one model's, whatever model the custom runs are of.
+  rte = write_run(tmp_path / "rte", "rte", DEV["rte"], model="fp")
+  predictions.write_submission(os.path.join(rte, "submission"), tasks.get_task("rte"), "test", ["0"], [0])
+  assert cli.main(["glue-report", "--workdirs", *seeds, rte, "--submission_dir", str(out)]) == 0
+  assert os.listdir(out) == ["RTE.tsv"] and "wrote 1 leaderboard files" in capsys.readouterr().out

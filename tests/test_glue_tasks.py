@@ -1,5 +1,6 @@
 """GLUE readers: every task's TSV layout, TFDS records, CSV/JSONL, batching, and bad inputs."""
 import json
+import re
 
 import ml_collections
 import numpy as np
@@ -111,7 +112,7 @@ def test_csv_and_jsonl_with_configured_fields(tmp_path):
   assert jsonl.texts_a == ["p0", "p1"] and jsonl.texts_b == ["h0", "h1"] and jsonl.labels.tolist() == [0, 1]
   dev = tasks.read_records(task, str(tmp_path / "dev.csv"), "csv", ["p", "h"], "gold", True)
   assert dev.texts_a == ["a, quoted premise"] and dev.labels.tolist() == [2]
-  with pytest.raises(UserError, match="no field 'premise'"):
+  with pytest.raises(UserError, match=r"dev.csv has no field 'premise' \(its header: 'p', 'h', 'gold'\); set"):
     tasks.read_records(task, str(tmp_path / "dev.csv"), "csv", ["premise", "h"], "gold", True)
 
 
@@ -157,7 +158,7 @@ def test_bad_glue_files(glue_dir, tmp_path):
   (folder / "train.tsv").unlink()
   with pytest.raises(UserError, match="train.tsv is missing"):
     read()
-  with pytest.raises(UserError, match="not a number"):
+  with pytest.raises(UserError, match="x: label 'high' is not a finite number"):
     tasks.encode_label(tasks.get_task("stsb"), "high", "x")
 
 
@@ -211,8 +212,87 @@ def test_custom_task_from_config(tmp_path):
   config.data.labels = "neg,neutral,pos"
   assert tasks.task_from_config(config).metrics == ("accuracy",)
   config.data.labels = ""
-  with pytest.raises(UserError, match="label 'pos' is not a number"):
+  with pytest.raises(UserError, match="line 1: label 'pos' is not a finite number"):
     tasks.read_splits(tasks.task_from_config(config), config.data, ("train",))
   config.data.format = "glue"
   with pytest.raises(UserError, match="custom has no glue source"):
     tasks.read_splits(tasks.task_from_config(config), config.data, ("train",))
+
+
+def test_custom_labels_named_twice_are_refused():
+  # `neg,pos,neg` trained a 3-output model whose third class no example could be.
+  with pytest.raises(UserError, match="custom task labels 'neg,pos, neg' name 'neg' twice; name each class once"):
+    tasks.custom_task("neg,pos, neg", 3)
+
+
+@pytest.mark.parametrize("name,content,line,shown", [
+    ("nan.csv", "s,y\na,1.5\nb,nan\n", 3, "'nan'"),
+    ("inf.csv", "s,y\na,-inf\n", 2, "'-inf'"),
+    ("empty.csv", "s,y\na,\n", 2, "''"),
+    ("nan.jsonl", '{"s": "a", "y": 2}\n\n{"s": "b", "y": NaN}\n', 3, "nan"),
+    ("huge.jsonl", '{"s": "a", "y": 1e999}\n', 1, "inf"),
+    ("bool.jsonl", '{"s": "a", "y": 0.5}\n{"s": "b", "y": true}\n', 2, "True"),
+    ("null.jsonl", '{"s": "a", "y": null}\n', 1, "None"),
+])
+def test_a_regression_label_must_be_a_finite_number(tmp_path, name, content, line, shown):
+  # NaN and Inf scores used to be read, training on until the loss was NaN.
+  (tmp_path / name).write_text(content)
+  with pytest.raises(UserError, match=rf"{name} line {line}: label {re.escape(shown)} is not a finite number "
+                     r"\(custom is a regression task\)"):
+    tasks.read_records(tasks.custom_task("", 3), str(tmp_path / name), name.split(".")[1], ["s"], "y", True)
+
+
+def test_csv_rows_must_match_their_header(tmp_path):
+  task, path = tasks.custom_task("neg,pos", 3), tmp_path / "a.csv"
+  read = lambda: tasks.read_records(task, str(path), "csv", ["s"], "y", True)
+  # Blank lines are skipped; a quoted text spanning lines counts its lines; ids are the rows' order.
+  path.write_text('s,y\n\n"one\ntwo",pos\nthree,neg\n')
+  split = read()
+  assert split.texts_a == ["one\ntwo", "three"] and split.labels.tolist() == [1, 0] and split.ids == ["0", "1"]
+  # An unquoted comma in a text used to drop the rest of the text silently.
+  path.write_text('s,y\n"one\ntwo",pos\nthree, four,neg\n')
+  with pytest.raises(UserError, match=r"a.csv line 4 has 3 fields, the header has 2; quote a text that holds a comma"):
+    read()
+  path.write_text("s,y\na,pos\nb\n")
+  with pytest.raises(UserError, match=r"a.csv line 3 has 1 fields, the header has 2$"):
+    read()
+  # A repeated column used to give the last one's values.
+  path.write_text("s,s,y\na,b,pos\n")
+  with pytest.raises(UserError, match=r"a.csv: column 's' appears twice in the header"):
+    read()
+  path.write_text("")
+  with pytest.raises(UserError, match="a.csv has no examples"):
+    read()
+
+
+@pytest.mark.parametrize("separator,name", [("\t", "tab"), (";", "semicolon")])
+def test_a_csv_of_another_separator_is_named(tmp_path, separator, name):
+  # The header used to be listed with a literal tab in it, and no word on why.
+  (tmp_path / "a.csv").write_text(f"s{separator}y\na{separator}pos\n")
+  header = re.escape(repr(f"s{separator}y"))  # the tab shown as \t
+  with pytest.raises(UserError, match=rf"has no field 's' \(its header: {header}\); the file looks {name}-separated"):
+    tasks.read_records(tasks.custom_task("neg,pos", 3), str(tmp_path / "a.csv"), "csv", ["s"], "y", True)
+
+
+@pytest.mark.parametrize("value,problem", [
+    ("12345", "field 's' is a JSON number, not a string"),
+    ('["a", "b"]', "field 's' is a JSON array, not a string"),
+    ("null", "field 's' is a JSON null, not a string"),
+    ('" "', "field 's' is empty; give the example a text or remove it"),
+])
+def test_a_jsonl_text_must_be_a_string_with_text(tmp_path, value, problem):
+  # Numbers and lists used to be str()-ed ("['a', 'b']"), null called a missing field, "" trained on.
+  # The line is the file's, blank lines counted.
+  (tmp_path / "a.jsonl").write_text('{"s": "a", "t": "b", "y": "pos"}\n\n\n' + f'{{"s": {value}, "t": "b", "y": "neg"}}\n')
+  with pytest.raises(UserError, match=rf"a.jsonl line 4: {re.escape(problem)}"):
+    tasks.read_records(tasks.custom_task("neg,pos", 3), str(tmp_path / "a.jsonl"), "jsonl", ["s", "t"], "y", True)
+
+
+def test_an_empty_csv_text_is_refused_and_jsonl_missing_fields_name_the_line(tmp_path):
+  task = tasks.custom_task("neg,pos", 3)
+  (tmp_path / "a.csv").write_text("s,t,y\na,b,pos\nc,,neg\n")
+  with pytest.raises(UserError, match="a.csv line 3: field 't' is empty"):
+    tasks.read_records(task, str(tmp_path / "a.csv"), "csv", ["s", "t"], "y", True)
+  (tmp_path / "a.jsonl").write_text('\n{"s": "a", "y": "pos"}\n\n{"y": "neg"}\n')
+  with pytest.raises(UserError, match=r"a.jsonl line 4 has no field 's' \(fields: y\)"):
+    tasks.read_records(task, str(tmp_path / "a.jsonl"), "jsonl", ["s"], "y", True)

@@ -174,13 +174,13 @@ class JsonLines(TextFiles):
     except json.JSONDecodeError as e:
       raise UserError(f"{where} is not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(record, dict):
-      raise UserError(f"{where} is a JSON {_json_type(record)}, not an object with a {self.text_field!r} field")
+      raise UserError(f"{where} is a JSON {json_type(record)}, not an object with a {self.text_field!r} field")
     if self.text_field not in record:
       raise UserError(f"{where} has no field {self.text_field!r} (its fields: {', '.join(map(repr, record))}); "
                       "set data.text_field")
     text = record[self.text_field]
     if not isinstance(text, str):
-      raise UserError(f"{where}: field {self.text_field!r} is a JSON {_json_type(text)}, not a string")
+      raise UserError(f"{where}: field {self.text_field!r} is a JSON {json_type(text)}, not a string")
     return text
 
   def _text(self, document: bytes) -> str:
@@ -264,7 +264,7 @@ def _indexed(path: str, size: int, key: list, index) -> np.ndarray:
   return spans_Nx2
 
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
   return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
       type(value), "null")
 

@@ -7,7 +7,8 @@ Each finetuning workdir holds `results.json` (the reported dev numbers) and `sub
 test predictions, already in the leaderboard's format: `index<TAB>prediction` with the label
 strings GLUE expects). The report groups runs by their `model` name, one table row per model,
 with two GLUE averages: the 8 tasks with MNLI-m only (as METHOD.md's table), and all 9 numbers
-including MNLI-mm. WNLI is shown but, as in the paper's table, in neither average. A `bipft study`
+including MNLI-mm. WNLI is shown but, as in the paper's table, in neither average. Runs of other
+tasks (rt_demo, custom) get a table of their own and have no leaderboard files. A `bipft study`
 workdir prints the study's tables (study_results.py).
 """
 import json
@@ -17,7 +18,7 @@ import sys
 
 import numpy as np
 
-from bipft_jax import files, study_results
+from bipft_jax import checkpointing, files, study_results
 from bipft_jax.errors import UserError
 from bipft_jax.glue.predictions import SUBMISSION_FILES
 
@@ -47,17 +48,23 @@ def run(args) -> int:
     print(f"study {workdir}:\n\n{study_results.read(workdir)}")
   workdirs = list({os.path.realpath(w): w for w in args.workdirs if w not in studies}.values())  # each once
   runs = {w: read_results(w) for w in workdirs}
-  models = sorted({r["model"] for r in runs.values()})
+  glue_runs = {w: r for w, r in runs.items() if r["task"] in GLUE_TASKS}  # the only ones with leaderboard files
+  models = sorted({r["model"] for r in glue_runs.values()})
   if args.submission_dir and len(models) > 1:
     raise UserError(f"--submission_dir takes the runs of one model, these are of {len(models)} ({', '.join(models)}): "
                     "pass one model's workdirs (or name the runs alike with --config.name)")
   if runs:
     print(markdown_table(list(runs.values())))
   if args.submission_dir:
-    written = collect_submission(runs, args.submission_dir, args.overwrite)
-    missing = sorted(set(SUBMISSION_FILES.values()) - set(written))
-    print(f"\nwrote {len(written)} leaderboard files to {args.submission_dir}"
-          + (f"; missing: {', '.join(missing)}" if missing else ""))
+    others = sorted({r["task"] for r in runs.values()} - GLUE_TASKS)
+    if others:
+      print(f"bipft: {', '.join(others)} runs have no GLUE leaderboard files (their test predictions stay in "
+            "WORKDIR/submission/)", file=sys.stderr)
+    if glue_runs:
+      written = collect_submission(glue_runs, args.submission_dir, args.overwrite)
+      missing = sorted(set(SUBMISSION_FILES.values()) - set(written))
+      print(f"\nwrote {len(written)} leaderboard files to {args.submission_dir}"
+            + (f"; missing: {', '.join(missing)}" if missing else ""))
   return 0
 
 
@@ -76,7 +83,17 @@ def read_results(workdir: str) -> dict:
   problem = _results_problem(task, dev, model, results.get("dev_majority_rate", 0.0))
   if problem:
     raise UserError(f"{path} is not a finetuning results file: {problem}")
+  if task == "custom":
+    results["train_file"] = _train_file(workdir)
   return results
+
+
+def _train_file(workdir: str) -> str:
+  """A custom run's data.train_file ("" if not recorded), from its best/ checkpoint's record of the run:
+  what tells runs of different custom tasks apart, which results.json does not."""
+  best = os.path.join(workdir, "best")
+  run = checkpointing.read_run_config(best) if os.path.isdir(best) else None
+  return ((run or {}).get("data") or {}).get("train_file", "")
 
 
 def _results_problem(task, dev, model, majority_rate) -> str:
@@ -85,7 +102,7 @@ def _results_problem(task, dev, model, majority_rate) -> str:
   is_score = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
   if not (isinstance(task, str) and isinstance(model, str)):
     return "task and model must be strings"
-  if not isinstance(dev, dict) or not all(isinstance(scores, dict) for scores in dev.values()):
+  if not isinstance(dev, dict) or not dev or not all(isinstance(scores, dict) for scores in dev.values()):
     return "dev must map each dev split to its scores"
   metric = tasks.TASKS[task].metrics[0] if task in tasks.TASKS else None
   if metric and any(metric not in scores for scores in dev.values()):
@@ -131,8 +148,8 @@ def _average(row: dict, headers) -> str:
 def markdown_table(runs: list) -> str:
   """One row per model; each cell the task's first metric (MRPC/QQP accuracy, STS-B mean of
   Pearson and Spearman, CoLA Matthews corr.) on dev, in percent; several runs of a model and task
-  (seeds) are their mean ± standard deviation. Runs of other tasks (rt_demo, custom) follow in a
-  second table with the majority-class rate."""
+  (seeds) are their mean ± standard deviation. Runs of other tasks (rt_demo, custom: named by its
+  training file) follow in a second table, one row per model and task, with the majority-class rate."""
   sections = []
   table = _scores(runs)
   if table:
@@ -143,22 +160,33 @@ def markdown_table(runs: list) -> str:
       cells = [_cell(row[h]) if h in row else "-" for h in headers]
       lines.append(f"| {model} | " + " | ".join(cells) + f" | {_average(row, AVERAGE_8)} | {_average(row, AVERAGE_9)} |")
     sections.append("\n".join(lines))
-    if any(len(scores) > 1 for row in table.values() for scores in row.values()):
-      sections.append("A cell of several runs of its model and task (seeds) is their mean ± standard deviation "
-                      "(the number of runs); the averages are over the means.")
-  others = [r for r in runs if r["task"] not in GLUE_TASKS]
+  others = {}
+  for r in runs:
+    if r["task"] not in GLUE_TASKS:
+      task = f"custom ({r['train_file']})" if r.get("train_file") else r["task"]
+      others.setdefault((r["model"], task), []).append(r)
   if others:
     lines = ["| model | task | dev | majority class |", "|---|---|---|---|"]
-    for r in others:
-      scores = ", ".join(f"{m} {v:.1f}" for d in r["dev"].values() for m, v in d.items())
-      majority = f"{r['dev_majority_rate']:.1f}" if "dev_majority_rate" in r else "-"
-      lines.append(f"| {r['model']} | {r['task']} | {scores} | {majority} |")
+    for (model, task), group in others.items():
+      scores = {}
+      for r in group:
+        for split, d in r["dev"].items():
+          for metric, v in d.items():
+            scores.setdefault((split, metric), []).append(v)
+      rates = [r["dev_majority_rate"] for r in group if "dev_majority_rate" in r]
+      majority = f"{np.mean(rates):.1f}" if rates else "-"
+      dev = ", ".join(f"{metric} {_cell(v)}" for (_, metric), v in scores.items())
+      lines.append(f"| {model} | {task} | {dev} | {majority} |")
     sections.append("\n".join(lines))
+  several = [scores for row in table.values() for scores in row.values()] + list(others.values())
+  if any(len(runs) > 1 for runs in several):
+    sections.append("A cell of several runs of its model and task (seeds) is their mean ± standard deviation "
+                    "(the number of runs); the averages are over the means.")
   return "\n\n".join(sections)
 
 
 def collect_submission(runs: dict, directory: str, overwrite: bool = False) -> list:
-  """Copies the leaderboard files of `runs` ({workdir: results}, one model's) into `directory`, each
+  """Copies the leaderboard files of `runs` ({workdir: results}, one model's GLUE tasks) into `directory`, each
   from the run of its task with the best dev score (the table's) when there are several (seeds);
   returns the file names written. Files already there are replaced only with `overwrite` (else
   UserError before anything is copied)."""
@@ -171,8 +199,7 @@ def collect_submission(runs: dict, directory: str, overwrite: bool = False) -> l
     by_task.setdefault(results["task"], []).append((workdir, results))
   copies = []
   for task, candidates in by_task.items():
-    scored = [(cells[0][1], workdir) for workdir, results in candidates for cells in [_cells(results)] if cells]
-    chosen = max(scored)[1] if scored else candidates[-1][0]
+    chosen = max((_cells(results)[0][1], workdir) for workdir, results in candidates)[1]
     if len(candidates) > 1:
       print(f"bipft: {task}'s leaderboard files come from {chosen}, the best dev score of its {len(candidates)} runs",
             file=sys.stderr)

@@ -18,12 +18,14 @@ import dataclasses
 import io
 import itertools
 import json
+import math
 import os
 import sys
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from bipft_jax.data.sources import json_type
 from bipft_jax.errors import UserError
 
 csv.field_size_limit(sys.maxsize)  # GLUE rows (QQP, MNLI parses) exceed csv's 128 KiB default
@@ -140,6 +142,9 @@ def custom_task(labels: str, epochs: int) -> Task:
   names = tuple(l.strip() for l in labels.split(",") if l.strip())
   if len(names) == 1:
     raise UserError(f"custom task labels {labels!r} name one class; give two or more, or none for regression")
+  repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+  if repeated is not None:  # else the model gets an output that no example trains
+    raise UserError(f"custom task labels {labels!r} name {repeated!r} twice; name each class once")
   if not names:
     return Task("custom", None, ("pearson_spearman", "pearson", "spearman"), epochs, test_splits=())
   binary = ("f1", "matthews_corr") if len(names) == 2 else ()
@@ -176,9 +181,12 @@ def encode_label(task: Task, value, where: str):
   """Label id (int) or score (float) of a raw label; UserError for one the task does not know."""
   if task.is_regression:
     try:
-      return float(value)
+      score = math.nan if isinstance(value, bool) else float(value)  # JSON true is no score
     except (TypeError, ValueError):
-      raise UserError(f"{where}: label {value!r} is not a number ({task.name} is a regression task)") from None
+      score = math.nan
+    if not math.isfinite(score):  # a NaN or Inf score makes the loss NaN
+      raise UserError(f"{where}: label {value!r} is not a finite number ({task.name} is a regression task)")
+    return score
   text = str(value).strip()
   if text not in task.labels:
     raise UserError(f"{where}: unknown label {text!r} for {task.name}; expected one of {', '.join(task.labels)}")
@@ -340,11 +348,39 @@ def _tfds_label(task: Task, label, where: str) -> str:
 
 # --- CSV and JSONL with configurable fields -----------------------------------
 
-def _records(path: str, file_format: str) -> list:
-  text = read_text(path)
-  if file_format == "csv":  # the csv module splits the rows itself: a quoted field may span lines
-    return list(csv.DictReader(io.StringIO(text, newline="")))
-  records = []
+def _csv_records(path: str, text: str, fields: Sequence[str]) -> Iterator[tuple]:
+  """(line number, {column: value}) of each row of a CSV file with a header row; UserError for a
+  header without one of `fields` or with it twice, and for a row of more or fewer fields than the
+  header (an unquoted comma in a text)."""
+  reader = csv.reader(io.StringIO(text, newline=""))  # csv splits the rows itself: a quoted field may span lines
+  header = next(reader, [])
+  for field in fields if header else ():  # an empty file: no examples
+    if field not in header:
+      raise UserError(f"{path} has no field {field!r} (its header: {', '.join(map(repr, header))})"
+                      f"{_separator_hint(header)}; set --config.data.text_fields / --config.data.label_field")
+    if header.count(field) > 1:
+      raise UserError(f"{path}: column {field!r} appears twice in the header")
+  first_line = reader.line_num + 1
+  for row in reader:
+    if row and len(row) != len(header):
+      comma = '; quote a text that holds a comma ("a, b")' if len(row) > len(header) else ""
+      raise UserError(f"{path} line {first_line} has {len(row)} fields, the header has {len(header)}{comma}")
+    if row:  # not a blank line
+      yield first_line, dict(zip(header, row))
+    first_line = reader.line_num + 1
+
+
+def _separator_hint(header: list) -> str:
+  """Why a field is missing from a one-column CSV header that holds a tab or a semicolon."""
+  for separator, name in (("\t", "tab"), (";", "semicolon")):
+    if len(header) == 1 and separator in header[0]:
+      return (f"; the file looks {name}-separated: data.format=csv reads comma-separated files, convert it to "
+              "CSV or JSON Lines (data.format=jsonl)")
+  return ""
+
+
+def _jsonl_records(path: str, text: str) -> Iterator[tuple]:
+  """(line number, record) of each non-blank line of a JSON Lines file."""
   for number, line in enumerate(lines(text), start=1):
     if line.strip():
       try:
@@ -353,13 +389,23 @@ def _records(path: str, file_format: str) -> list:
         raise UserError(f"{path} line {number} is not valid JSON: {e.msg}") from None
       if not isinstance(record, dict):
         raise UserError(f"{path} line {number} is a JSON {type(record).__name__}, not an object of fields")
-      records.append(record)
-  return records
+      yield number, record
+
+
+def _example_text(record: dict, field: str, where: str) -> str:
+  """The text `field` of a record; UserError unless it is a string and not blank (`bipft predict`
+  refuses an empty text too)."""
+  text = record[field]
+  if not isinstance(text, str):
+    raise UserError(f"{where}: field {field!r} is a JSON {json_type(text)}, not a string")
+  if not text.strip():
+    raise UserError(f"{where}: field {field!r} is empty; give the example a text or remove it")
+  return text
 
 
 def read_records(task: Task, path: str, file_format: str, text_fields: Sequence[str], label_field: str,
-                 has_labels: bool, ignore_labels: Sequence[str] = ()) -> Split:
-  """A CSV (header row) or JSONL file; rows whose label is in `ignore_labels` are dropped."""
+                 has_labels: bool) -> Split:
+  """A CSV (header row) or JSONL file; errors name the file's line."""
   if file_format not in ("csv", "jsonl"):
     raise UserError(f"unknown data format {file_format!r}; use glue, tfds, csv or jsonl")
   if not os.path.isfile(path):
@@ -369,18 +415,17 @@ def read_records(task: Task, path: str, file_format: str, text_fields: Sequence[
   if not 1 <= len(text_fields) <= 2:
     raise UserError(f"text_fields must name one or two fields, got {list(text_fields)}")
   fields = list(text_fields) + ([label_field] if has_labels else [])
+  text = read_text(path)
+  records = _csv_records(path, text, fields) if file_format == "csv" else _jsonl_records(path, text)
   rows = []
-  for i, record in enumerate(_records(path, file_format)):
-    where = f"{path} {'row' if file_format == 'csv' else 'line'} {i + 1}"
-    missing = [f for f in fields if record.get(f) is None]
+  for i, (number, record) in enumerate(records):
+    where = f"{path} line {number}"
+    missing = [f for f in fields if f not in record]  # a JSON record's (a CSV's header is checked)
     if missing:
       raise UserError(f"{where} has no field {missing[0]!r} (fields: {', '.join(map(str, record))}); set "
                       "--config.data.text_fields / --config.data.label_field")
-    label = record[label_field] if has_labels else None
-    if has_labels and str(label).strip() in ignore_labels:
-      continue
-    b = str(record[text_fields[1]]) if len(text_fields) > 1 else None
-    rows.append((str(record[text_fields[0]]), b, label, record.get("idx", i), where))
+    a, *b = (_example_text(record, f, where) for f in text_fields)
+    rows.append((a, b[0] if b else None, record[label_field] if has_labels else None, record.get("idx", i), where))
   return _split_from_rows(task, rows, path, has_labels)
 
 
