@@ -288,15 +288,18 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 
 def _resolve(path: str, step: Optional[int]) -> tuple:
-  """(manager, step) for a workdir (latest step by default) or a step folder inside one."""
+  """(manager, step) for a workdir (latest step by default), a step folder inside one, or a `bipft
+  finetune` workdir (its best/: the classifier of its best epoch)."""
   path = _absolute(path)
   if not epath.Path(path).is_dir():
-    raise UserError(f"checkpoint {path} does not exist; pass a workdir written by `bipft pretrain` "
-                    "or by checkpointing.save_params")
+    raise UserError(f"checkpoint {path} does not exist")
   if step is None and os.path.basename(path).isdigit() and epath.Path(path, "config").is_dir():
     path, step = os.path.dirname(path), int(os.path.basename(path))
   manager = make_manager(path, max_to_keep=None, read_only=True)
   steps = manager.all_steps()
+  if not steps and step is None and epath.Path(path, "best").is_dir():
+    manager.close()
+    return _resolve(os.path.join(path, "best"), None)
   if not steps:
     raise UserError(f"no checkpoint in {path}: it has no completed step folder")
   if step is None:

@@ -93,7 +93,7 @@ def read_pytorch_checkpoint(directory: str, seed: int = 0) -> tuple:
 
 
 def _copy_tokenizer(src: str, dst: str) -> list:
-  copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src, name))]
+  copied = [name for name in TOKENIZER_FILES if src and os.path.isfile(os.path.join(src, name))]
   if copied:
     os.makedirs(dst, exist_ok=True)
     for name in copied:
@@ -106,6 +106,8 @@ def from_pytorch(src: str, out: str) -> dict:
   from bipft_jax import checkpointing
   files.check_new_folder(out, "--out")
   config, head, params, report = read_pytorch_checkpoint(src)
+  if any(os.path.isfile(os.path.join(src, name)) for name in ("vocab.txt", "tokenizer.json")):
+    pytorch_io.load_tokenizer(src, config.vocab_size, fix="the checkpoint's vocabulary is not its tokenizer's")
   with files.atomic_folder(out) as tmp:
     checkpointing.save_params(tmp, params, config, head, step=0)
     # Beside the step folders, where `bipft finetune --init_from WORKDIR` looks for a tokenizer.
@@ -179,7 +181,8 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
   config, head, params = checkpointing.restore_params(checkpoint, step)
   _check_exportable(config, fmt)
   params = _to_host(params)
-  labels = task_labels(checkpointing.read_run_config(checkpoint, step), config)
+  run = checkpointing.read_run_config(checkpoint, step)
+  labels = task_labels(run, config)
   if fmt == "hf":
     state, config_json = pytorch_io.to_torch_state(params), hf_export_config(config, head, labels)
   else:
@@ -191,7 +194,7 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
       json.dump(config_json, f, indent=2, sort_keys=True)
     if fmt == "hf":
       shutil.copy2(MODELING_FILE, os.path.join(tmp, "modeling_bipft.py"))
-    copied = _copy_tokenizer(tokenizer or _tokenizer_folder(checkpoint), tmp)
+    copied = _copy_tokenizer(tokenizer or _run_tokenizer(checkpoint, run), tmp)
   return {"head": head, "binary": config.binary, "tensors": len(state), "tokenizer": copied}
 
 
@@ -224,12 +227,12 @@ def _check_exportable(config: model_lib.BertConfig, fmt: str) -> None:
                       f"convert to-pytorch exports {', '.join(supported)}")
 
 
-def _tokenizer_folder(checkpoint: str) -> str:
-  """The workdir of `checkpoint` (a workdir or one of its step folders): its tokenizer lives there."""
-  checkpoint = os.path.abspath(checkpoint)
-  if os.path.basename(checkpoint).isdigit():
-    return os.path.dirname(checkpoint)
-  return checkpoint
+def _run_tokenizer(checkpoint: str, run: dict | None) -> str:
+  """The folder of the tokenizer the model reads texts with: beside its steps, or its run's (MiniLM's for
+  a run that used the default); "" when nothing says (a converted checkpoint without one)."""
+  from bipft_jax import assets
+  from bipft_jax.glue import splits
+  return splits.saved_tokenizer(checkpoint, run) or (str(assets.minilm_dir()) if run else "")
 
 
 def _to_host(params: dict) -> dict:

@@ -3,6 +3,7 @@ loss and the held-out MLM evaluator. `bipft pretrain` (train.py) hands them to t
 `bipft evaluate` scores checkpoints with the same evaluator.
 """
 import dataclasses
+import os
 import sys
 from typing import Optional
 
@@ -249,10 +250,13 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
       return checkpointing.restore_params(init_from)[2]
     return teacher_params
 
+  run_config = config.to_dict()
+  if config.tokenizer or config.teacher.path != "minilm":  # found from any folder by finetune, convert, predict
+    run_config["tokenizer"] = os.path.abspath(tokenizer_dir)
   return engine.Job(
       name="pretrain", module=student, model_config=student_cfg, head="pretraining",
       tx=optim.make_optimizer(config.optimizer, model_params.param_kinds(student)),
       schedule=schedule, loss_fn=make_loss_fn(student, teacher, config), loss_key="total_loss",
-      batches=batches, source=source, run_config=config.to_dict(), frozen=teacher_params, frozen_module=teacher,
+      batches=batches, source=source, run_config=run_config, frozen=teacher_params, frozen_module=teacher,
       evaluate=held_out_evaluator(student, teacher, config, held_out, mesh, rules),
       checkpoint_state=hosts.global_state, describe=describe)

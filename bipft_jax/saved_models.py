@@ -37,7 +37,8 @@ def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | Non
   config names (else the checkpoint's, else MiniLM's); UserError for a model of another shape."""
   fix = f"pass a `bipft finetune` workdir (or its best/) of {task.name}, or a packed file of one"
   if os.path.isfile(checkpoint):  # orbax checkpoints are folders
-    check_against_run(config, packed_file.read_run_config(checkpoint), checkpoint)
+    run = packed_file.read_run_config(checkpoint)
+    check_against_run(config, run, checkpoint)
     model_config, head, params = packed_file.load_packed(checkpoint, kernel or "auto")
     if head != "classification":
       raise UserError(f"{checkpoint} holds a packed {head}, not a classifier (an export of a pretraining run): "
@@ -46,16 +47,18 @@ def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | Non
     logits = lambda p, batch: packed.forward(model_config, head, p, *(batch[k] for k in model_lib.MODEL_INPUTS))[
         "logits"]
     source, step, predict_step = checkpoint, None, packed.jit(logits)
-    kernel, tokenizer_folder = packed.resolve_kernel(kernel or "auto"), os.path.dirname(os.path.abspath(checkpoint))
+    kernel, tokenizer_folder = packed.resolve_kernel(kernel or "auto"), splits.saved_tokenizer(
+        os.path.dirname(os.path.abspath(checkpoint)), run)
   elif kernel:
     raise UserError(f"--kernel is for a packed file (`bipft export-packed`); {checkpoint} is not one")
   else:
     source, step, model_config = find_checkpoint(checkpoint, "classification", fix)
-    check_against_run(config, checkpointing.read_run_config(source, step), source)
+    run = checkpointing.read_run_config(source, step)
+    check_against_run(config, run, source)
     model_config = _in_precision(model_config, config.precision)
     params = jax.device_get(checkpointing.restore_params(source, step)[2])  # one host copy, as finetune's
     predict_step = predictions.make_predict_step(model_lib.build(model_config, "classification"))
-    tokenizer_folder = source
+    tokenizer_folder = splits.saved_tokenizer(source, run)
   if model_config.num_labels != task.num_labels:
     raise UserError(f"{source} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
                     "pass the checkpoint finetuned on this task")
@@ -97,6 +100,8 @@ def check_against_run(config, run: dict | None, source: str) -> None:
     theirs, ours = run, config
     for key in field.split("."):
       theirs, ours = theirs.get(key) if isinstance(theirs, dict) else None, ours.get(key)
+    if field == "data.tokenizer" and not ours:
+      continue  # the run's is read (splits.saved_tokenizer)
     if theirs is not None and theirs != ours:
       print(f"bipft: note: {field} is {ours!r} here but was {theirs!r} in the run that wrote {source}; pass "
             f"--config.{field}={theirs} to read texts as it did", file=sys.stderr)
@@ -105,8 +110,7 @@ def check_against_run(config, run: dict | None, source: str) -> None:
 def find_checkpoint(path: str, head: str, fix: str) -> tuple:
   """(folder, step, BertConfig) of the checkpoint at `path` (a finetune workdir: its best/; a
   workdir: its latest step; or a step folder); UserError unless it has `head`."""
-  best = os.path.join(path, "best")
-  manager, step, model_config, saved_head = checkpointing.read_model(best if os.path.isdir(best) else path)
+  manager, step, model_config, saved_head = checkpointing.read_model(path)
   manager.close()
   if saved_head != head:
     raise UserError(f"{manager.directory} holds a {saved_head} model, not a {head} one: {fix}")

@@ -231,7 +231,7 @@ def _corrupt(workdir, tmp_path) -> str:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist; pass a workdir"),
+    ("missing", "does not exist"),
     ("corrupt", "is corrupt: params/"),
     ("pretraining head", "holds a pretraining model, not a classification one"),
     ("num_labels", "was finetuned on sst2, not mnli"),  # its record names the task, before its shape

@@ -256,6 +256,44 @@ def test_a_model_override_the_start_ignores_is_refused(glue_dir, vocab_dir):
     check(config, ["pooling=mean", "model.linear_binarizer=xnor"])
 
 
+def test_a_runs_tokenizer_travels_with_its_checkpoints(glue_dir, vocab_dir, tmp_path, capsys, monkeypatch):
+  """Finetuning from a pretraining whose tokenizer is not MiniLM's (its record names it) reads texts with
+  it, records it, and evaluate, export-packed and convert find it from any folder, given the finetune
+  workdir itself: MiniLM's was taken for each (refused here for its size; a vocabulary as large would
+  have been read without a word)."""
+  pretrained_config = _tiny_model_config(binary=True)
+  pretrained = model_params.init_params(model_lib.build(pretrained_config, "pretraining"), jax.random.key(3))
+  checkpointing.save_params(str(tmp_path / "pretrain"), pretrained, pretrained_config, "pretraining", step=7,
+                            run_config={"teacher": {"path": "minilm"}, "tokenizer": vocab_dir})
+  glue = [f"--config.{o}" for o in tiny_overrides(glue_dir, vocab_dir, "data.tokenizer=", "epochs=1",
+                                                  "steps_per_epoch=1") if not o.startswith("model.")]
+  config = ["--config", os.path.join(ROOT, "configs/glue.py:task=sst2")]
+  workdir = str(tmp_path / "run")
+  assert cli.main(["finetune", *config, "--workdir", workdir, "--init_from", str(tmp_path / "pretrain"), *glue]) == 0
+  scores = json.load(open(os.path.join(workdir, "results.json")))["dev"]
+  assert checkpointing.read_run_config(os.path.join(workdir, "best"))["data"]["tokenizer"] == vocab_dir
+  monkeypatch.chdir(tmp_path)
+  capsys.readouterr()
+  assert cli.main(["evaluate", *config, "--checkpoint", workdir, "--json", *glue]) == 0
+  out, err = capsys.readouterr()
+  assert json.loads(out)["metrics"] == scores and "tokenizer" not in err
+  assert cli.main(["convert", "to-pytorch", "--checkpoint", workdir, "--out", str(tmp_path / "export")]) == 0
+  assert open(tmp_path / "export" / "vocab.txt").read() == open(os.path.join(vocab_dir, "vocab.txt")).read()
+  packed = str(tmp_path / "run.bipft.safetensors")
+  assert cli.main(["export-packed", "--checkpoint", workdir, "--out", packed]) == 0
+  capsys.readouterr()
+  assert cli.main(["evaluate", *config, "--checkpoint", packed, "--json", *glue]) == 0
+  assert json.loads(capsys.readouterr().out)["metrics"] == scores
+  os.remove(os.path.join(vocab_dir, "vocab.txt"))  # the recorded folder lost its tokenizer: named, not MiniLM's
+  try:
+    assert cli.main(["evaluate", *config, "--checkpoint", workdir, *glue]) == 2
+    assert capsys.readouterr().err == (f"bipft evaluate: error: no tokenizer in {vocab_dir} (vocab.txt or "
+                                       "tokenizer.json), the model's: pass --config.data.tokenizer=FOLDER with the "
+                                       "vocabulary it was trained with\n")
+  finally:
+    glue_fixtures.write_vocab(vocab_dir)
+
+
 def _write_teacher(folder, config):
   """A Hugging Face BERT folder (config.json + model.safetensors) of random FP weights."""
   params = model_params.init_params(model_lib.build(config, "encoder"), jax.random.key(5))

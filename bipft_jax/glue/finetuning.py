@@ -33,7 +33,7 @@ class Start:
   model_config: model_lib.BertConfig
   source: dict
   complete: tuple
-  folder: str          # where a tokenizer may live
+  folder: str          # its tokenizer's folder, if it has one ("": MiniLM's)
   description: str
 
 
@@ -86,22 +86,25 @@ def initial_model(config, task: tasks.Task) -> Start:
   check_init(config)
   kind, path = config.init.kind, config.init.path
   if kind == "checkpoint":
-    saved_config, head, saved = checkpointing.restore_params(path, None if config.init.step < 0 else config.init.step)
+    step = None if config.init.step < 0 else config.init.step
+    saved_config, head, saved = checkpointing.restore_params(path, step)
     source = jax.device_get(saved)  # host copies: the engine places them
     bert = source if head == "encoder" else source.get("bert", source)
-    return Start(dataclasses.replace(saved_config, **overrides), bert, ("bert",), path, f"checkpoint {path}")
+    # The pretraining's tokenizer: MiniLM's was taken for any checkpoint without one beside its steps.
+    folder = splits.saved_tokenizer(path, checkpointing.read_run_config(path, step))
+    return Start(dataclasses.replace(saved_config, **overrides), bert, ("bert",), folder, f"checkpoint {path}")
   if kind == "teacher":
     from bipft_jax import assets
-    folder = path or str(assets.minilm_dir())
     # A BertForPreTraining folder (bert-base-uncased's) also holds the MLM/NSP heads: not a classifier's.
-    fp_config, teacher = pytorch_io.load_pretrained(folder, "classification", allow_missing=("classifier",),
-                                                    drop=(PRETRAINING_HEADS,), **overrides)
+    fp_config, teacher = pytorch_io.load_pretrained(path or str(assets.minilm_dir()), "classification",
+                                                    allow_missing=("classifier",), drop=(PRETRAINING_HEADS,),
+                                                    **overrides)
     name = path or "all-MiniLM-L6-v2"
     if not config.init.binary:
-      return Start(fp_config, teacher, (), folder, f"FP teacher {name}")
+      return Start(fp_config, teacher, (), path, f"FP teacher {name}")
     binary_fields = {k: config.model[k] for k in BINARIZED_TEACHER_FIELDS}
     model_config = _model_config({**dataclasses.asdict(fp_config), "binary": True, **binary_fields})
-    return Start(model_config, teacher, (), folder, f"binarized teacher {name}")
+    return Start(model_config, teacher, (), path, f"binarized teacher {name}")
   return Start(_model_config({**config.model.to_dict(), **overrides}), {}, (), "", "scratch")
 
 
@@ -174,7 +177,10 @@ class Finetuning:
     self.config, self.task, self.staging, self.started = config, task, staging, time.time()
     self.train, devs, self.tests = read_data(config, task)
     self.start = initial_model(config, task)
+    folder = splits.tokenizer_folder(config, self.start.folder)
     self.tokenizer = splits.load_tokenizer(config, self.start.folder, self.start.model_config)
+    # Recorded in the run's checkpoints, where evaluate, predict and convert find it ("": MiniLM's).
+    config.data.tokenizer = os.path.abspath(folder) if folder else ""
     splits.check_max_length(config, self.start.model_config)
     self.train_data = self._encode(self.train)
     self.dev_data = {name: self._encode(split) for name, split in devs.items()}

@@ -51,12 +51,45 @@ def majority_rate(train_labels: np.ndarray, dev_labels: np.ndarray) -> float:
   return 100.0 * float(np.mean(dev_labels == majority))
 
 
+def has_tokenizer(folder: str) -> bool:
+  return any(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.txt", "tokenizer.json"))
+
+
+def recorded_tokenizer(run: dict | None) -> str:
+  """The tokenizer folder a checkpoint's run record names: a finetuning run's data.tokenizer (the one it
+  read texts with), a pretraining run's tokenizer, else its teacher's; "" for none or MiniLM's."""
+  if not run:
+    return ""
+  if "task" in run:
+    return (run.get("data") or {}).get("tokenizer") or ""
+  teacher = (run.get("teacher") or {}).get("path") or ""
+  return run.get("tokenizer") or ("" if teacher == "minilm" else teacher)
+
+
+def saved_tokenizer(checkpoint: str, run: dict | None) -> str:
+  """The tokenizer of a checkpoint (a workdir, a step folder or a packed file's folder): one beside its
+  steps (`bipft convert from-pytorch` copies it there), else the one its run read texts with; "" for
+  neither (MiniLM's, the default)."""
+  checkpoint = os.path.abspath(checkpoint)
+  workdir = os.path.dirname(checkpoint) if os.path.basename(checkpoint).isdigit() else checkpoint
+  return workdir if has_tokenizer(workdir) else recorded_tokenizer(run)
+
+
+def tokenizer_folder(config, init_folder: str) -> str:
+  """The folder of the tokenizer a run reads texts with: config.data.tokenizer, else the init folder ("":
+  all-MiniLM-L6-v2's uncased vocab); UserError if that has none (MiniLM's was taken, a wrong vocabulary of
+  the same size without a word)."""
+  if config.data.tokenizer:
+    return config.data.tokenizer
+  if init_folder and not has_tokenizer(init_folder):
+    raise UserError(f"no tokenizer in {init_folder} (vocab.txt or tokenizer.json), the model's: pass "
+                    "--config.data.tokenizer=FOLDER with the vocabulary it was trained with")
+  return init_folder
+
+
 def load_tokenizer(config, init_folder: str, model_config):
-  """The configured tokenizer, else the init folder's, else all-MiniLM-L6-v2's uncased vocab."""
-  folder = config.data.tokenizer
-  if not folder and init_folder and any(os.path.isfile(os.path.join(init_folder, f))
-                                        for f in ("vocab.txt", "tokenizer.json")):
-    folder = init_folder
+  """The tokenizer of `tokenizer_folder`, MiniLM's for none; UserError if its folder is gone."""
+  folder = tokenizer_folder(config, init_folder)
   if not folder:
     from bipft_jax import assets
     folder = str(assets.minilm_dir())
