@@ -47,7 +47,7 @@ from bipft_jax import checkpointing, config_checks, config_loading, packed, pret
 from bipft_jax import saved_models
 from bipft_jax import model as model_lib
 from bipft_jax.errors import UserError
-from bipft_jax.glue import predictions, tasks
+from bipft_jax.glue import predictions, splits, tasks
 
 CONFIG_KINDS = ("glue", "pretrain")  # config_loading.KINDS this command takes
 
@@ -222,7 +222,9 @@ def mask_rows(config, checkpoint: str, top_k: int, as_json: bool, where: str):
   the top_k guesses for every [MASK]."""
   directory, step, model_config = saved_models.find_checkpoint(
       checkpoint, "pretraining", "pass a `bipft pretrain` workdir or one of its step folders")
-  tokenizer = pytorch_io.load_tokenizer(pretraining.tokenizer_folder(config), model_config.vocab_size,
+  # The config's, else the checkpoint's (a converted workdir's, a pretraining's record), else its teacher's.
+  folder = config.tokenizer or splits.saved_tokenizer(directory, checkpointing.read_run_config(directory, step))
+  tokenizer = pytorch_io.load_tokenizer(folder or pretraining.tokenizer_folder(config), model_config.vocab_size,
                                         fix="set --config.tokenizer to the vocabulary the model was trained with")
   max_length = min(config.data.max_seq_length, model_config.max_position_embeddings)
   module = model_lib.build(model_config, "pretraining")
