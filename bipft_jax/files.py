@@ -122,6 +122,12 @@ def check_writable_dir(path: str, what: str) -> None:
     raise UserError(f"{what} {path} cannot be a folder: {ancestor} is a file")
   if not os.access(ancestor, os.W_OK | os.X_OK):
     raise UserError(f"{what} {path} is not writable: {ancestor} is read-only")
+  folder = ancestor
+  while os.path.dirname(folder) != folder:
+    if os.path.basename(folder).isdigit() and os.path.isfile(os.path.join(folder, "_CHECKPOINT_METADATA")):
+      raise UserError(f"{what} {path} is inside checkpoint step {folder}: a run that keeps fewer steps deletes it "
+                      "with the step; write it outside the workdir's step folders")
+    folder = os.path.dirname(folder)
 
 
 def check_new_folder(path: str, what: str) -> None:

@@ -489,6 +489,12 @@ CASES = [
          "readonly"),
     # convert to-pytorch
     Case("to-pytorch --out existing", to_pytorch(out=fixture("export")), "already exists"),
+    Case("to-pytorch --out inside a step", to_pytorch(checkpoint="pretrain_wd", out=fixture("pretrain_wd", "5", "hf")),
+         "is inside checkpoint step"),
+    Case("export-packed --out inside a step", export_packed(fixture("pretrain_wd", "5", "m.safetensors"),
+                                                            checkpoint="pretrain_wd"), "is inside checkpoint step"),
+    Case("pretrain workdir inside a step", pretrain(workdir=fixture("pretrain_wd", "0", "wd")),
+         "is inside checkpoint step"),
     Case("to-pytorch --out under a file", to_pytorch(out=under_file), "is a file"),
     Case("to-pytorch missing checkpoint", to_pytorch(checkpoint="nowhere"), "does not exist"),
     Case("to-pytorch missing step", to_pytorch(extra=["--step", "7"]), "no step 7"),
