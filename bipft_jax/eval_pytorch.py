@@ -82,7 +82,7 @@ def evaluate(config, model_dir: str) -> dict:
   """split -> {"metrics": {...}, "ids": [...], "predictions": array} for every dev split of the task."""
   task = tasks.get_task(config.task)
   model = load_classifier(model_dir, task, config.precision)
-  splits.check_max_length(config, model.config)
+  splits.check_inputs(config, task, model.config)
   tokenizer = splits.load_tokenizer(config, model_dir, model.config)
   buckets = tasks.length_buckets(config.max_length, config.min_bucket)
   results = {}

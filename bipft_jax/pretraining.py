@@ -217,6 +217,10 @@ def distillation_job(config, mesh, rules, init_from: Optional[str] = None) -> en
   if config.data.max_seq_length > student_cfg.max_position_embeddings:
     raise UserError(f"data.max_seq_length {config.data.max_seq_length} exceeds the model's "
                     f"{student_cfg.max_position_embeddings} positions")
+  if student_cfg.type_vocab_size < 2:  # a lookup past the table reads its last row: segment B read as A
+    raise UserError(f"pretraining makes sentence pairs, whose second segments have token type 1, but the model's "
+                    f"type_vocab_size is {student_cfg.type_vocab_size}: set --config.model.type_vocab_size=2 (and a "
+                    "teacher with two token types)")
   divisor = sharding.batch_divisor(mesh, rules)
   engine.check_batch_size("batch_size", config.batch_size, divisor, config.grad_accum_steps)
   engine.check_batch_size("eval_batch_size", config.eval_batch_size, divisor)

@@ -62,7 +62,7 @@ def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | Non
   if model_config.num_labels != task.num_labels:
     raise UserError(f"{source} has {model_config.num_labels} outputs but {task.name} needs {task.num_labels}: "
                     "pass the checkpoint finetuned on this task")
-  splits.check_max_length(config, model_config)
+  splits.check_inputs(config, task, model_config)
   tokenizer = splits.load_tokenizer(config, tokenizer_folder, model_config)
   return Classifier(source, step, kernel, params, predict_step, tokenizer)
 

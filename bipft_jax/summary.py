@@ -58,7 +58,7 @@ from bipft_jax import config_loading, kinds
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
 from bipft_jax.errors import UserError
-from bipft_jax.packed import REMAINDER_DTYPES
+from bipft_jax.packed import REMAINDER_DTYPES, packable
 
 CONFIG_KINDS = ("model", "pretrain")  # config_loading.KINDS this command takes
 
@@ -313,6 +313,11 @@ def summarize(config: model_lib.BertConfig, seq_len: int, head: str = "classific
   packed = int(total(binary_rows, "honest_memory_bytes"))
   packed_fp16 = int(sum(r.packed_memory_bytes("float16") for r in binary_rows))
   fp_ops_by_name = {r.name: r.honest_ops for r in fp_rows}
+  try:
+    packable(_binary_counterpart(config))
+    not_packed = ""
+  except ValueError as e:  # export-packed refuses it: the sizes are of sign planes it does not have
+    not_packed = str(e)
   return {
       "seq_len": seq_len, "head": head, "binary": _binary_counterpart(config).binary,
       "estimator_rank": config.estimator_rank, "linear_binarizer": config.linear_binarizer,
@@ -327,6 +332,7 @@ def summarize(config: model_lib.BertConfig, seq_len: int, head: str = "classific
       "honest_fp_memory_bytes": honest_fp_memory, "packed_bytes": packed,
       "honest_memory_ratio": honest_fp_memory / packed,
       "packed_fp16_bytes": packed_fp16, "honest_memory_ratio_fp16": honest_fp_memory / packed_fp16,
+      "not_packed": not_packed,
       "rows": [dict(dataclasses.asdict(r), ops=r.honest_ops, memory_bytes=r.honest_memory_bytes,
                     fp_model_ops=fp_ops_by_name[r.name])
                for r in binary_rows],
@@ -373,7 +379,9 @@ def format_ratios(s: dict) -> str:
       f"binarization ops, BWN scales, packing):",
       f"  OPs    FP {s['honest_fp_ops'] / 1e9:.2f} G  binary {s['honest_binary_ops'] / 1e9:.3f} G  "
       f"ratio {s['honest_ops_ratio']:.1f}x",
-      f"  memory FP {s['honest_fp_memory_bytes'] / mib:.1f} MiB  packed export {s['packed_bytes']:,} bytes "
+      f"  memory FP {s['honest_fp_memory_bytes'] / mib:.1f} MiB  "
+      + (f"no packed export ({s['not_packed']}); as sign planes " if s["not_packed"] else "packed export ")
+      + f"{s['packed_bytes']:,} bytes "
       f"({s['packed_bytes'] / mib:.2f} MiB)  ratio {s['honest_memory_ratio']:.1f}x; with a float16 "
       f"remainder {s['packed_fp16_bytes']:,} bytes, ratio {s['honest_memory_ratio_fp16']:.1f}x",
   ])

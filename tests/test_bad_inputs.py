@@ -327,6 +327,8 @@ MUST_BE_1 = "must be an integer >= 1"
 CASES = [
     # pretrain: every *_every, batch size, eval_batches, keep_checkpoints, model fields, optimizer, data
     Case("pretrain log_every=0", pretrain("log_every=0"), "log_every " + MUST_BE_1),
+    Case("pretrain one token type", pretrain("model.type_vocab_size=1"),
+         "pretraining makes sentence pairs, whose second segments have token type 1, but the model's type_vocab_size"),
     Case("pretrain data.paths with a source that reads none", pretrain("data.source=wikitext2"),
          "data.paths and data.eval_paths are set, but data.source='wikitext2' reads no files"),
     Case("pretrain checkpoint_every=0", pretrain("checkpoint_every=0"), "checkpoint_every " + MUST_BE_1),
@@ -416,6 +418,8 @@ CASES = [
     Case("finetune model field with a teacher start", finetune_argv("init.kind=teacher"),
          "--config.model.vocab_size has no effect with init.kind=teacher: the teacher brings its own architecture"),
     Case("finetune data.split_seed=-1", finetune_argv("data.split_seed=-1"), "data.split_seed"),
+    Case("finetune sentence pairs with one token type", finetune_argv("model.type_vocab_size=1", task="rte"),
+         "rte gives sentence pairs, whose second texts have token type 1, but the model's type_vocab_size is 1"),
     Case("finetune one custom label", finetune_argv("data.labels=pos", task="custom"), "name one class"),
     Case("finetune a custom label twice", finetune_argv("data.labels=neg,pos,neg", task="custom"),
          "name 'neg' twice"),

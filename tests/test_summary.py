@@ -131,6 +131,18 @@ def test_cli_overrides_change_the_count(capsys, monkeypatch):
   assert "encoder/layer/0/output" in rows and "encoder/layer/1/output" not in rows
 
 
+def test_a_binarizer_export_packed_refuses_has_no_packed_size(capsys, monkeypatch):
+  """The memory line gave FDA a packed export's size, though export-packed refuses it."""
+  code, out, _ = _run_cli(["--config", "configs/model.py:tiny,binary", "--config.linear_binarizer=fda", "--json"],
+                          capsys, monkeypatch)
+  assert code == 0
+  assert json.loads(out.strip().splitlines()[-1])["not_packed"] == (
+      "linear binarizer 'fda' does not pack: its inference weight is not scaled sign planes")
+  assert "no packed export (linear binarizer 'fda' does not pack" in out and "packed export 2" not in out
+  code, out, _ = _run_cli(["--config", "configs/model.py:tiny,binary", "--json"], capsys, monkeypatch)
+  assert json.loads(out.strip().splitlines()[-1])["not_packed"] == "" and "  packed export " in out
+
+
 def test_cli_takes_a_pretraining_configs_student(capsys, monkeypatch):
   """The student a pretraining config trains is summarised as its model section, overrides included."""
   pretraining = ["--config", "configs/pretrain.py:tiny", "--config.model.num_layers=1", "--seq-len", "16", "--json"]

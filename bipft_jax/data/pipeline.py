@@ -45,8 +45,8 @@ class PretrainingData(Iterator):
                                else None)
     self.documents = np.arange(process_index, len(source), process_count)
     if not len(self.documents):
-      raise UserError(f"host {process_index} of {process_count} gets no documents: the source has only "
-                      f"{len(source)}")
+      raise UserError(f"data shard {process_index} of {process_count} gets no documents: the source has only "
+                      f"{len(source)} (lower data.shards)")
     self.encoder = _sentence_encoder(tokenizer)
     self.spans = spans or SpanCache(SPANS_BUDGET)
     # Drawn once an epoch: a permutation of a host's documents per example took 290 ms at Wikipedia's

@@ -181,7 +181,7 @@ class Finetuning:
     self.tokenizer = splits.load_tokenizer(config, self.start.folder, self.start.model_config)
     # Recorded in the run's checkpoints, where evaluate, predict and convert find it ("": MiniLM's).
     config.data.tokenizer = os.path.abspath(folder) if folder else ""
-    splits.check_max_length(config, self.start.model_config)
+    splits.check_inputs(config, task, self.start.model_config)
     self.train_data = self._encode(self.train)
     self.dev_data = {name: self._encode(split) for name, split in devs.items()}
     self.buckets = tasks.length_buckets(config.max_length, config.min_bucket)

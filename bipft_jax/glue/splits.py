@@ -97,8 +97,12 @@ def load_tokenizer(config, init_folder: str, model_config):
                                    "set --config.data.tokenizer to the checkpoint's vocab")
 
 
-def check_max_length(config, model_config) -> None:
-  """UserError if config.max_length exceeds the model's position embeddings."""
+def check_inputs(config, task: tasks.Task, model_config) -> None:
+  """UserError if config.max_length exceeds the model's position embeddings, or the task's sentence pairs
+  need a token type the model has no embedding for (a lookup past the table reads its last row)."""
   if config.max_length > model_config.max_position_embeddings:
     raise UserError(f"max_length {config.max_length} exceeds the model's {model_config.max_position_embeddings} "
                     "positions; lower --config.max_length")
+  if tasks.texts_per_example(task, config.data) == 2 and model_config.type_vocab_size < 2:
+    raise UserError(f"{task.name} gives sentence pairs, whose second texts have token type 1, but the model's "
+                    f"type_vocab_size is {model_config.type_vocab_size}: start from a model with two token types")
