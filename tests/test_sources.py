@@ -108,14 +108,20 @@ def test_a_gz_corpus_is_decompressed_to_disk_not_into_memory(tmp_path, monkeypat
 def test_a_run_of_lines_longer_than_the_document_limit_is_cut_at_its_line_breaks(tmp_path, monkeypatch):
   # A file without blank lines was one document, read and tokenized whole (294 MB: 14 GB, no batch in
   # 3 minutes); runs of lines beyond MAX_DOCUMENT_BYTES become several documents, cut at line breaks.
+  # A longer line is cut at its spaces (whole, a 19 MB line took 323 s to a first batch), or, without
+  # any, between UTF-8 characters.
   monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 100)
-  lines = [f"Sentence {i} of the dump." for i in range(40)] + ["x" * 150, "The end."]
+  long_line = " ".join(f"word{i}." for i in range(60))  # 419 bytes
+  lines = [f"Sentence {i} of the dump." for i in range(40)] + [long_line, "é" * 150, "The end."]
   (tmp_path / "dump.txt").write_text("\n".join(lines) + "\n\nA short document.\n")
-  source = sources.TextFiles([str(tmp_path / "dump.txt")])
-  documents = list(source)
-  assert documents[-1] == "A short document." and "\n".join(documents[:-1]).split("\n") == lines
-  assert all(len(d.encode()) <= 100 for d in documents if "x" * 150 not in d)  # a longer line stays whole
-  assert len(documents) > 10
+  documents = list(sources.TextFiles([str(tmp_path / "dump.txt")]))
+  assert documents[-1] == "A short document." and all(len(d.encode()) <= 100 for d in documents)
+  assert "\n".join(documents[:-1]).split("\n")[:40] == lines[:40]  # the short lines, cut at line breaks only
+  words = lambda text: [w for w in text.split() if "é" not in w]
+  assert words(" ".join(documents[:-1])) == words("\n".join(lines))  # no word cut in two
+  pieces = [d for d in documents if "word" in d]
+  assert len(pieces) == 5 and all(p.startswith("word") and p.endswith(".") for p in pieces[1:])
+  assert "".join(d for d in documents if "é" in d).replace(" ", "").replace("\n", "") == "é" * 150  # 50 + 50 + 50
 
 
 def test_json_lines_are_indexed_into_their_records_texts(tmp_path):

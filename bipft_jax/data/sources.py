@@ -80,7 +80,9 @@ class Documents(Sequence):
 # segment drawn from it, so a file without blank lines (a dump of one sentence a line, say) was one
 # document: 294 MB of text took 14 GB and gave no batch in 3 minutes. Longer runs of lines are cut
 # into documents of this size (at 8 MB the first batch took 85 s, each draw decoding 8 MB); most books
-# (BooksCorpus' average ~0.5 MB) stay whole, a longer one becomes consecutive documents.
+# (BooksCorpus' average ~0.5 MB) stay whole, a longer one becomes consecutive documents. A single
+# line longer than that (a book without line breaks) is cut at spaces: whole, a 19 MB line gave its
+# first batch after 323 s, each example decoding it again.
 MAX_DOCUMENT_BYTES = 1 << 20
 
 
@@ -127,7 +129,7 @@ class TextFiles(Sequence):
 
   def _index_key(self) -> list:
     """What a file's index depends on besides the file."""
-    return ["text", MAX_DOCUMENT_BYTES]
+    return ["text", MAX_DOCUMENT_BYTES, "long lines cut"]  # indexes kept before the cut are read again
 
   def _text(self, document: bytes) -> str:
     return document.decode("utf-8").strip()
@@ -359,8 +361,8 @@ def _decompressed_pieces(compressed, path: str) -> Iterator[bytes]:
 def _document_spans(contents, path: str) -> list:
   """(start, end) byte offsets of the documents of `contents`: the runs of lines between lines of
   whitespace only (what splitting the text at a regular expression \\n\\s*\\n gives), a run longer
-  than MAX_DOCUMENT_BYTES cut at its line breaks into documents of at most that (a line longer stays
-  whole)."""
+  than MAX_DOCUMENT_BYTES cut at its line breaks into documents of at most that, a line longer at
+  its last space before each MAX_DOCUMENT_BYTES (`_line_pieces`)."""
   spans, start, offset = [], None, 0
   for number, line in enumerate(_lines(contents), start=1):
     try:
@@ -376,10 +378,29 @@ def _document_spans(contents, path: str) -> list:
     elif not blank and offset + len(line) - start > MAX_DOCUMENT_BYTES and offset > start:
       spans.append((start, offset))
       start = offset
+    if not blank and len(line) > MAX_DOCUMENT_BYTES:  # its pieces but the last are documents; the last goes on
+      pieces = _line_pieces(line)
+      spans += [(offset + a, offset + b) for a, b in zip(pieces, pieces[1:])]
+      start = offset + pieces[-1]
     offset += len(line)
   if start is not None:
     spans.append((start, offset))
   return spans
+
+
+def _line_pieces(line: bytes) -> list:
+  """Where a line longer than MAX_DOCUMENT_BYTES is cut: at the last space before each MAX_DOCUMENT_BYTES
+  of it (else, a line without spaces, between two UTF-8 characters), starting at 0."""
+  cuts = [0]
+  while len(line) - cuts[-1] > MAX_DOCUMENT_BYTES:
+    end = cuts[-1] + MAX_DOCUMENT_BYTES
+    cut = line.rfind(b" ", cuts[-1] + 1, end)
+    if cut < 0:
+      cut = end
+      while line[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+        cut -= 1
+    cuts.append(cut)
+  return cuts
 
 
 def _lines(contents) -> Iterator[bytes]:
