@@ -196,6 +196,9 @@ def read_config(directory: str) -> dict:
   if not os.path.isdir(directory):
     raise UserError(f"checkpoint directory {directory} does not exist")
   if not os.path.isfile(path):
+    if any(name.isdigit() or name == "best" for name in os.listdir(directory)):  # step folders: orbax's
+      raise UserError(f"{directory} is a bipft workdir (orbax checkpoints), not a PyTorch checkpoint folder: "
+                      f"`bipft convert to-pytorch --checkpoint {directory} --out FOLDER` writes one")
     raise UserError(f"{path} is missing: a checkpoint directory needs config.json and model.safetensors "
                     "or pytorch_model.bin")
   try:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bipft_jax import model, model_params, pytorch_io
+from bipft_jax import checkpointing, model, model_params, pytorch_io
 from bipft_jax.errors import UserError
 
 torch = pytest.importorskip("torch")
@@ -240,6 +240,11 @@ def test_directory_without_config_or_weights(tmp_path):
     pytorch_io.load_pretrained(str(tmp_path))
   with pytest.raises(UserError, match="no tokenizer in"):
     pytorch_io.load_tokenizer(str(tmp_path))
+  params, _ = _tiny_state()
+  checkpointing.save_params(str(tmp_path / "workdir"), params, TINY, "encoder")  # `convert from-pytorch`'s output
+  with pytest.raises(UserError, match="workdir is a bipft workdir \\(orbax checkpoints\\), not a PyTorch checkpoint "
+                                      "folder: `bipft convert to-pytorch --checkpoint .*workdir --out FOLDER`"):
+    pytorch_io.load_pretrained(str(tmp_path / "workdir"))
 
 
 def test_a_tokenizer_larger_than_the_model_vocab_is_refused(minilm_dir):
