@@ -157,16 +157,22 @@ def workdir_lock(workdir: str, command: str) -> Iterator[None]:
   checkpoints and logs, and a finetuning run would delete the other's staged outputs.
 
   An exclusive flock on WORKDIR/.bipft-lock, which the kernel releases however the process ends (a
-  SIGKILL leaves no stale lock); the file, naming the holder, is removed on the way out. A job of
+  SIGKILL leaves no stale lock); the file, naming the holder, is removed on the way out, and the workdir
+  too if this call created it and the run left nothing there (an error before its first write). A job of
   several processes takes it through `distributed.workdir_lock`. Object stores (gs://) and file
   systems without locks are not locked (a warning says so)."""
   if "://" in workdir:
     yield
     return
+  created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   while True:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except FileNotFoundError:  # a run that created the workdir removed it, empty, as it left
+      os.makedirs(workdir, exist_ok=True)
+      continue
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -193,3 +199,6 @@ def workdir_lock(workdir: str, command: str) -> Iterator[None]:
     with contextlib.suppress(OSError):
       os.remove(path)  # while still locked, so a process that opened it before sees a removed file
     os.close(fd)
+    if created:
+      with contextlib.suppress(OSError):  # not empty: the run wrote there
+        os.rmdir(workdir)

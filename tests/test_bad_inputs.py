@@ -25,6 +25,7 @@ from bipft_jax import checkpointing, cli, convert, files
 from bipft_jax import model as model_lib
 from bipft_jax import model_params
 from bipft_jax.config_loading import KINDS
+from bipft_jax.errors import UserError
 from bipft_jax.glue import finetune, predictions, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -650,6 +651,23 @@ def test_a_workdir_another_run_is_writing_is_refused(fx, tmp_path, capsys, comma
   assert f"{workdir} is in use by another run: bipft finetune, pid {os.getpid()} on " in line
   assert written.read_text() == '{"step": 1}\n'
   assert sorted(os.listdir(workdir)) == [written.relative_to(workdir).parts[0]]  # the lock's file left with it
+
+
+def test_a_workdir_the_run_created_and_left_empty_is_removed(tmp_path):
+  """An error after the lock made the workdir (data without examples, say) left an empty folder behind;
+  one that existed before, or that the run wrote to, stays."""
+  created = tmp_path / "new" / "run"
+  with pytest.raises(UserError, match="no examples"), files.workdir_lock(str(created), "pretrain"):
+    raise UserError("the data source yields no examples")
+  assert not created.exists() and (tmp_path / "new").exists()
+  with files.workdir_lock(str(created), "pretrain"):
+    (created / "metrics.jsonl").write_text("{}\n")
+  assert os.listdir(created) == ["metrics.jsonl"]
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  with files.workdir_lock(str(existing), "pretrain"):
+    pass
+  assert existing.is_dir() and not os.listdir(existing)
 
 
 def test_export_packed_keeps_an_existing_file_unless_overwrite(fx, tmp_path, capsys):
