@@ -137,7 +137,10 @@ def test_same_seed_same_batches_and_resume(corpus, tokenizer):
     got = next(resumed)
     for k in expected:
       np.testing.assert_array_equal(got[k], expected[k])
-  with pytest.raises(UserError, match="different seed"):
+  with pytest.raises(UserError, match=rf"data position is in {len(corpus)} documents of a shard \(seed 0\), where "
+                                      rf"this run's shard has {len(corpus)} \(seed 5\): the training data, data.shards, "
+                                      "data.shard_by or the seed changed; resume with the run's, or start a new workdir "
+                                      "from the checkpoint with --init_from"):
     pipeline.PretrainingData(corpus, tokenizer, data_config(), batch_size=16, seed=5).restore(state)
 
 
@@ -229,7 +232,7 @@ def test_sharded_by_files_a_host_opens_its_shards_files_alone(tmp_path, tokenize
   documents = {int(d[1:]) for rows in unmasked for row in rows for d in tokenizer.convert_ids_to_tokens(row)
                if re.fullmatch(r"d\d+", d)}
   assert documents == set(range(6))  # file 2's documents, d0-d5, random next segments too
-  with pytest.raises(UserError, match="different seed, corpus or data.shard_by"):
+  with pytest.raises(UserError, match="the training data, data.shards, data.shard_by or the seed changed"):
     host_data().restore(by_documents)
 
 

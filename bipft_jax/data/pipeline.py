@@ -67,8 +67,10 @@ class PretrainingData(Iterator):
 
   def restore(self, state: dict) -> None:
     if state.get("seed") != self.seed or state.get("num_documents") != len(self.documents):
-      raise UserError(f"the checkpointed data state {state} belongs to a different seed, corpus or data.shard_by "
-                      f"(seed {self.seed}, {len(self.documents)} documents here)")
+      raise UserError(f"the checkpoint's data position is in {state.get('num_documents')} documents of a shard "
+                      f"(seed {state.get('seed')}), where this run's shard has {len(self.documents)} (seed "
+                      f"{self.seed}): the training data, data.shards, data.shard_by or the seed changed; resume "
+                      "with the run's, or start a new workdir from the checkpoint with --init_from")
     self.epoch, self.position, self.offset = state["epoch"], state["position"], state["offset"]
 
   def _order(self, epoch: int) -> np.ndarray:
