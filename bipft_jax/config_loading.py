@@ -5,6 +5,7 @@ typed by the field they replace (ConfigDict's own type-safety); unknown fields a
 values are UserErrors.
 """
 import ast
+import difflib
 import importlib.util
 import os
 from typing import Iterable, Optional
@@ -77,6 +78,12 @@ def _parse_value(text: str):
     return text  # a bare string such as a path
 
 
+def _did_you_mean(name: str, node) -> str:
+  """` (did you mean 'x'?)` for the field of `node` closest to a misspelt `name`, else ""."""
+  close = difflib.get_close_matches(name, [k for k in node.keys() if isinstance(k, str)], n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   """Applies one `field.sub=value` (without the --config. prefix)."""
   key, sep, text = item.partition("=")
@@ -86,10 +93,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   node = config
   for part in parents:
     if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-      raise UserError(f"unknown config field {key!r}")
+      raise UserError(f"unknown config field {key!r}{_did_you_mean(part, node)}")
     node = node[part]
   if leaf not in node:
-    raise UserError(f"unknown config field {key!r}; fields here: {sorted(node.keys())}")
+    raise UserError(f"unknown config field {key!r}{_did_you_mean(leaf, node)}; fields here: {sorted(node.keys())}")
   value = _parse_value(text)
   current = node[leaf]
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

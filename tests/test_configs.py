@@ -44,3 +44,14 @@ def test_minilm_size_matches_the_real_checkpoint(minilm_dir):
 def test_unknown_size_is_a_user_error():
   with pytest.raises(UserError, match="unknown model size or variant 'huge'"):
     config_loading.load_config(f"{MODEL_CONFIG}:huge")
+
+
+def test_a_misspelt_override_names_the_field_meant():
+  config = config_loading.load_config(MODEL_CONFIG)
+  with pytest.raises(UserError, match=r"unknown config field 'num_layer' \(did you mean 'num_layers'\?\); fields here"):
+    config_loading.apply_override(config, "num_layer=2")
+  with pytest.raises(UserError, match=r"unknown config field 'zzz'; fields here"):  # nothing close: no guess
+    config_loading.apply_override(config, "zzz=2")
+  pretraining = config_loading.load_config(MODEL_CONFIG.replace("model.py", "pretrain.py"))
+  with pytest.raises(UserError, match=r"unknown config field 'dat.paths' \(did you mean 'data'\?\)$"):
+    config_loading.apply_override(pretraining, "dat.paths=x")
