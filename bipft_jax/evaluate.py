@@ -131,6 +131,7 @@ def evaluate_glue(config, checkpoint: str, split: str | None = None, predictions
   None), "metrics": {split: {metric: %}}, "majority_rate": {split: %}, "predictions": the TSV
   written or None, "examples": {split: count}}.
   """
+  saved_models.take_recorded_labels(config, checkpoint)
   task = tasks.task_from_config(config)
   chosen = _chosen_splits(task, config.data, split, predictions_path, overwrite)
   classifier = saved_models.load_classifier(config, task, checkpoint, kernel)

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k is not None:
       raise UserError("--top_k is for filling masks with a pretraining config (configs/pretrain.py)")
     config_checks.check_glue(config)
+    saved_models.take_recorded_labels(config, args.checkpoint)
     task = tasks.task_from_config(config)
     lines = read_chunks(args.input, tasks.texts_per_example(task, config.data), task.name, config.eval_batch_size)
     header, rows_of = classifier_rows(config, task, args.checkpoint, args.kernel, args.json)

@@ -83,6 +83,19 @@ def reading_record(run: dict | None) -> dict | None:
           "data": {k: data.get(k) for k in ("labels", "text_fields", "tokenizer")}}
 
 
+def take_recorded_labels(config, checkpoint: str) -> None:
+  """A custom task given no data.labels takes the classes the classifier at `checkpoint` was finetuned with
+  (its record), said on stderr: its outputs are those, and empty labels (regression) would be refused."""
+  if config.task != "custom" or config.data.labels:
+    return
+  run = packed_file.read_run_config(checkpoint) if os.path.isfile(checkpoint) else \
+      checkpointing.read_run_config(checkpoint)
+  labels = ((run or {}).get("data") or {}).get("labels")
+  if labels:
+    config.data.labels = labels
+    print(f"bipft: note: data.labels={labels} (the classes {checkpoint} was finetuned with)", file=sys.stderr)
+
+
 def check_against_run(config, run: dict | None, source: str) -> None:
   """UserError if the classifier at `source` was finetuned on another task (or, a custom task, other
   labels) than config names; a note for each INPUT_FIELDS value other than the run's. `run`: the

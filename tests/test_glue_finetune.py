@@ -171,6 +171,15 @@ def test_custom_task_predicts_its_test_file(vocab_dir, tmp_path, capsys):
   assert cli.main(["evaluate", "--config", os.path.join(ROOT, "configs/glue.py:task=custom"), "--checkpoint",
                    str(tmp_path / "run")] + [f"--config.{o}" for o in tiny_overrides("", vocab_dir, *swapped)]) == 2
   assert "was finetuned with data.labels='neg,pos', not 'pos,neg'" in capsys.readouterr().err
+  # None given: the run's (they were refused as '', a regression task's).
+  unlabeled = [o for o in data if not o.startswith("data.labels=")]
+  (tmp_path / "texts.txt").write_text("w1 w2\nw3\n")
+  assert cli.main(["predict", "--config", os.path.join(ROOT, "configs/glue.py:task=custom"), "--checkpoint",
+                   str(tmp_path / "run"), "--input", str(tmp_path / "texts.txt")]
+                  + [f"--config.{o}" for o in tiny_overrides("", vocab_dir, *unlabeled)]) == 0
+  out, err = capsys.readouterr()
+  assert out.splitlines()[0] == "prediction\tneg\tpos" and len(out.splitlines()) == 3
+  assert err == f"bipft: note: data.labels=neg,pos (the classes {tmp_path / 'run'} was finetuned with)\n"
   # A PyTorch export names the classes (Hugging Face's id2label) as the run did.
   assert cli.main(["convert", "to-pytorch", "--checkpoint", str(tmp_path / "run" / "best"), "--out",
                    str(tmp_path / "export")]) == 0
