@@ -109,11 +109,23 @@ def from_pytorch(src: str, out: str) -> dict:
   if any(os.path.isfile(os.path.join(src, name)) for name in ("vocab.txt", "tokenizer.json")):
     pytorch_io.load_tokenizer(src, config.vocab_size, fix="the checkpoint's vocabulary is not its tokenizer's")
   with files.atomic_folder(out) as tmp:
-    checkpointing.save_params(tmp, params, config, head, step=0)
+    checkpointing.save_params(tmp, params, config, head, step=0, run_config=_conversion_record(src, head, config))
     # Beside the step folders, where `bipft finetune --init_from WORKDIR` looks for a tokenizer.
     report["tokenizer"] = _copy_tokenizer(src, tmp)
   report.update(head=head, binary=config.binary, estimator_rank=config.estimator_rank)
   return report
+
+
+def _conversion_record(src: str, head: str, config: model_lib.BertConfig) -> dict:
+  """The run record of a converted checkpoint: its source and a classifier's class names (config.json's
+  id2label, unless transformers' defaults), which `to-pytorch` writes back (they were lost)."""
+  record = {"converted_from": os.path.abspath(src)}
+  id2label = pytorch_io.read_config(src).get("id2label")
+  if head == "classification" and isinstance(id2label, dict) and len(id2label) == config.num_labels > 1:
+    labels = [str(id2label.get(str(i), id2label.get(i, ""))) for i in range(config.num_labels)]
+    if labels != [f"LABEL_{i}" for i in range(config.num_labels)]:
+      record["labels"] = labels
+  return record
 
 
 # --- ours -> PyTorch ------------------------------------------------------------
@@ -199,9 +211,11 @@ def to_pytorch(checkpoint: str, out: str, step: int | None = None, fmt: str = "h
 
 
 def task_labels(run: dict | None, config: model_lib.BertConfig) -> tuple | None:
-  """The class names of the task a classifier was finetuned on (its run's record), for id2label; None
-  for another model, a regression task or a checkpoint without the record."""
+  """The class names of the task a classifier was finetuned on (its run's record), or converted with, for
+  id2label; None for another model, a regression task or a checkpoint without the record."""
   from bipft_jax.glue import tasks
+  if run and len(run.get("labels") or ()) == config.num_labels:  # converted from a classifier that named them
+    return tuple(run["labels"])
   if not run or "task" not in run or config.num_labels < 2:
     return None
   task = tasks.custom_task(run.get("data", {}).get("labels", ""), 1) if run["task"] == "custom" else \

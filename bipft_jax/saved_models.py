@@ -99,8 +99,8 @@ def take_recorded_labels(config, checkpoint: str) -> None:
 def check_against_run(config, run: dict | None, source: str) -> None:
   """UserError if the classifier at `source` was finetuned on another task (or, a custom task, other
   labels) than config names; a note for each INPUT_FIELDS value other than the run's. `run`: the
-  config recorded in the checkpoint (None: not recorded, nothing to check)."""
-  if not run:
+  config recorded in the checkpoint (None, or a conversion's record: nothing to check)."""
+  if not run or "task" not in run:
     return
   if run.get("task") != config.task:
     raise UserError(f"{source} was finetuned on {run.get('task')}, not {config.task}: pass "

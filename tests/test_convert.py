@@ -267,6 +267,23 @@ def test_hf_teacher_layouts_round_trip_through_jax(tmp_path, kind, head):
     np.testing.assert_allclose(getattr(ours, name).numpy(), getattr(theirs, name).numpy(), rtol=0, atol=ATOL)
 
 
+def test_a_classifiers_class_names_survive_the_round_trip(tmp_path):
+  """from-pytorch kept no id2label: the export named the classes LABEL_0, LABEL_1, LABEL_2."""
+  hf_bert("BertForSequenceClassification", tmp_path / "named")
+  config = json.loads((tmp_path / "named" / "config.json").read_text())
+  names = {"0": "negative", "1": "neutral", "2": "positive"}
+  (tmp_path / "named" / "config.json").write_text(json.dumps(dict(config, id2label=names,
+                                                                   label2id={v: int(k) for k, v in names.items()})))
+  convert.from_pytorch(str(tmp_path / "named"), str(tmp_path / "work"))
+  assert checkpointing.read_run_config(str(tmp_path / "work"))["labels"] == ["negative", "neutral", "positive"]
+  convert.to_pytorch(str(tmp_path / "work"), str(tmp_path / "export"))
+  exported = json.loads((tmp_path / "export" / "config.json").read_text())
+  assert exported["id2label"] == names and exported["label2id"] == {"negative": 0, "neutral": 1, "positive": 2}
+  hf_bert("BertForSequenceClassification", tmp_path / "default")  # transformers' own names: nothing kept
+  convert.from_pytorch(str(tmp_path / "default"), str(tmp_path / "work_default"))
+  assert "labels" not in checkpointing.read_run_config(str(tmp_path / "work_default"))
+
+
 def test_tf_converted_names_and_an_mlm_only_checkpoint(tmp_path, capsys):
   """LayerNorm gamma/beta in a pytorch_model.bin (bert-base-uncased's layout), no NSP head (BertForMaskedLM)."""
   original = hf_bert("BertForMaskedLM", tmp_path / "saved")
