@@ -185,12 +185,33 @@ def glue_lines(results: dict) -> list:
 
 # --- pretraining ----------------------------------------------------------------
 
+# What makes the held-out batches and their scores: set otherwise than in the run, they are not its.
+HELD_OUT_FIELDS = ("data.source", "data.eval_paths", "data.tfds_name", "data.tfds_eval_split", "eval_batches",
+                   "eval_batch_size", "seed", "data.max_seq_length", "data.max_predictions", "data.mask_prob",
+                   "data.whole_word_masking", "teacher.path")
+
+
+def _held_out_as_run(config, run: dict | None, directory: str) -> None:
+  """A file corpus without data.eval_paths takes the run's (it was an error); a note for each other
+  HELD_OUT_FIELDS value than the run's, whose held-out scores these are then not."""
+  if not run:
+    return
+  recorded = (run.get("data") or {}).get("eval_paths")
+  if config.data.source == (run.get("data") or {}).get("source") and not config.data.eval_paths and recorded:
+    config.data.eval_paths = recorded
+    print(f"bipft: note: data.eval_paths={recorded} (the run's)", file=sys.stderr)
+  for field, ours, theirs in saved_models.differing(config, run, HELD_OUT_FIELDS):
+    print(f"bipft: note: {field} is {ours!r} here but was {theirs!r} in the run that wrote {directory}: these "
+          "held-out scores are not the run's", file=sys.stderr)
+
+
 def evaluate_pretraining(config, checkpoint: str) -> dict:
   """The held-out scores of a pretraining checkpoint, as `bipft pretrain` measures them (the same
   evaluator and teacher, on the config's mesh): {"checkpoint", "step", "eval_mlm_accuracy",
   "eval_mlm_loss", "eval_rep_dist_loss", "eval_total_loss"}."""
   directory, step, student_config = saved_models.find_checkpoint(
       checkpoint, "pretraining", "pass a `bipft pretrain` workdir or one of its step folders")
+  _held_out_as_run(config, checkpointing.read_run_config(directory, step), directory)
   mesh, rules = sharding.make_mesh(dict(config.mesh.shape)), sharding.rules_from_config(config.mesh.rules)
   student = model_lib.build(student_config, "pretraining")
   # Read at once: a run still writing to the workdir removes its older steps as it saves new ones.

@@ -109,15 +109,23 @@ def check_against_run(config, run: dict | None, source: str) -> None:
   if config.task == "custom" and labels != config.data.labels:
     raise UserError(f"{source} was finetuned with data.labels={labels!r}, not {config.data.labels!r}: its outputs "
                     f"are those labels in that order; pass --config.data.labels={labels}")
-  for field in INPUT_FIELDS:
+  for field, ours, theirs in differing(config, run, INPUT_FIELDS):
+    if field == "data.tokenizer" and not ours:
+      continue  # the run's is read (splits.saved_tokenizer)
+    print(f"bipft: note: {field} is {ours!r} here but was {theirs!r} in the run that wrote {source}; pass "
+          f"--config.{field}={theirs} to read texts as it did", file=sys.stderr)
+
+
+def differing(config, run: dict, fields) -> list:
+  """(field, config's value, the run's) for each dotted field the run recorded otherwise."""
+  found = []
+  for field in fields:
     theirs, ours = run, config
     for key in field.split("."):
       theirs, ours = theirs.get(key) if isinstance(theirs, dict) else None, ours.get(key)
-    if field == "data.tokenizer" and not ours:
-      continue  # the run's is read (splits.saved_tokenizer)
     if theirs is not None and theirs != ours:
-      print(f"bipft: note: {field} is {ours!r} here but was {theirs!r} in the run that wrote {source}; pass "
-            f"--config.{field}={theirs} to read texts as it did", file=sys.stderr)
+      found.append((field, ours, theirs))
+  return found
 
 
 def find_checkpoint(path: str, head: str, fix: str) -> tuple:

@@ -95,6 +95,16 @@ def test_pretraining_accuracy_equals_the_runs_last_evaluation(files, tmp_path, c
   for key in ("eval_mlm_loss", "eval_rep_dist_loss", "eval_total_loss"):
     assert out[key] == final[key], key  # the same computation on the same devices
   assert 0 < out["eval_rep_dist_loss"] < out["eval_total_loss"]
+  # Without data.eval_paths (it was an error) the run's are read; another eval_batches is named
+  others = [o for o in overrides if not o.startswith("--config.data.eval_paths=")] + ["--config.eval_batches=1"]
+  assert cli.main(["evaluate", "--config", f"{PRETRAIN_CONFIG}:tiny", "--checkpoint", workdir, "--json"]
+                  + others) == 0
+  out, err = capsys.readouterr()
+  assert err.splitlines() == [
+      f"bipft: note: data.eval_paths={files['corpus']} (the run's)",
+      f"bipft: note: eval_batches is 1 here but was 2 in the run that wrote {workdir}: these held-out scores are "
+      "not the run's"]
+  assert json.loads(out)["step"] == 3
 
 
 def test_a_held_out_set_too_small_for_its_batches_is_named(files, tmp_path, capsys):
