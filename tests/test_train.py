@@ -345,12 +345,12 @@ def test_a_rerun_past_total_steps_says_there_is_nothing_to_train(files, trained,
 
 
 def test_steps_waiting_for_data_are_measured_and_said(files, tmp_path, capsys, monkeypatch):
-  # A data pipeline slower than the steps (0.3 s a batch here, against milliseconds of a tiny step)
+  # A data pipeline slower than the steps (0.5 s a batch here, against milliseconds of a tiny step)
   # shows in metrics.jsonl and is said once.
   real_next = pipeline.PretrainingData.__next__
 
   def slow_next(self):
-    time.sleep(0.3)
+    time.sleep(0.5)
     return real_next(self)
   monkeypatch.setattr(pipeline.PretrainingData, "__next__", slow_next)
   monkeypatch.setattr(engine, "INPUT_BOUND_SECONDS", 0.2)  # a real run's logs are seconds apart
@@ -359,8 +359,9 @@ def test_steps_waiting_for_data_are_measured_and_said(files, tmp_path, capsys, m
                                  "--config.checkpoint_every=10", "--config.eval_every=10")) == 0
   waits = [r["input_wait_fraction"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in r
            or "total_loss" in r]
-  # The first steps take the batches made while the first compiled; the later ones wait for each.
-  assert len(waits) == 10 and all(0 <= w <= 1 for w in waits) and min(waits[-5:]) > 0.5, waits
+  # The first steps take the batches made while the first compiled; the later ones wait for each (but
+  # one, which a step slowed by a loaded machine may have found ready: seen once in a CI run).
+  assert len(waits) == 10 and all(0 <= w <= 1 for w in waits) and sorted(waits[-5:])[1] > 0.5, waits
   said = [line for line in capsys.readouterr().out.splitlines() if "waited for data" in line]
   assert len(said) == 1 and "is the bottleneck" in said[0], said
 
