@@ -393,13 +393,10 @@ def _jsonl_records(path: str, text: str) -> Iterator[tuple]:
 
 
 def _example_text(record: dict, field: str, where: str) -> str:
-  """The text `field` of a record; UserError unless it is a string and not blank (`bipft predict`
-  refuses an empty text too)."""
+  """The text `field` of a record; UserError unless it is a string."""
   text = record[field]
   if not isinstance(text, str):
     raise UserError(f"{where}: field {field!r} is a JSON {json_type(text)}, not a string")
-  if not text.strip():
-    raise UserError(f"{where}: field {field!r} is empty; give the example a text or remove it")
   return text
 
 
@@ -424,7 +421,10 @@ def read_records(task: Task, path: str, file_format: str, text_fields: Sequence[
     if missing:
       raise UserError(f"{where} has no field {missing[0]!r} (fields: {', '.join(map(str, record))}); set "
                       "--config.data.text_fields / --config.data.label_field")
-    a, *b = (_example_text(record, f, where) for f in text_fields)
+    a, *b = texts = [_example_text(record, f, where) for f in text_fields]
+    if not any(t.strip() for t in texts):  # one side of a pair may be (QQP has empty questions)
+      raise UserError(f"{where}: {' and '.join(map(repr, text_fields))} {'are' if b else 'is'} empty; give the "
+                      "example a text or remove it")
     rows.append((a, b[0] if b else None, record[label_field] if has_labels else None, record.get("idx", i), where))
   return _split_from_rows(task, rows, path, has_labels)
 
