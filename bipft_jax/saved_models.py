@@ -110,8 +110,8 @@ def check_against_run(config, run: dict | None, source: str) -> None:
     raise UserError(f"{source} was finetuned with data.labels={labels!r}, not {config.data.labels!r}: its outputs "
                     f"are those labels in that order; pass --config.data.labels={labels}")
   for field, ours, theirs in differing(config, run, INPUT_FIELDS):
-    if field == "data.tokenizer" and not ours:
-      continue  # the run's is read (splits.saved_tokenizer)
+    if field == "data.tokenizer" and (not ours or os.path.realpath(ours) == os.path.realpath(theirs)):
+      continue  # the run's is read (splits.saved_tokenizer), or the same folder by another path
     print(f"bipft: note: {field} is {ours!r} here but was {theirs!r} in the run that wrote {source}; pass "
           f"--config.{field}={theirs} to read texts as it did", file=sys.stderr)
 

@@ -286,6 +286,9 @@ def test_a_runs_tokenizer_travels_with_its_checkpoints(glue_dir, vocab_dir, tmp_
   assert cli.main(["evaluate", *config, "--checkpoint", workdir, "--json", *glue]) == 0
   out, err = capsys.readouterr()
   assert json.loads(out)["metrics"] == scores and "tokenizer" not in err
+  relative = f"--config.data.tokenizer={os.path.relpath(vocab_dir)}"  # the same folder: no note either
+  assert cli.main(["evaluate", *config, "--checkpoint", workdir, *glue, relative]) == 0
+  assert "tokenizer" not in capsys.readouterr().err
   assert cli.main(["convert", "to-pytorch", "--checkpoint", workdir, "--out", str(tmp_path / "export")]) == 0
   assert open(tmp_path / "export" / "vocab.txt").read() == open(os.path.join(vocab_dir, "vocab.txt")).read()
   packed = str(tmp_path / "run.bipft.safetensors")
