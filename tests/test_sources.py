@@ -255,6 +255,20 @@ def test_every_pattern_must_match_and_each_file_is_read_once(tmp_path):
                                                               corpus]
 
 
+def test_a_corpus_cut_short_while_read_is_one_line_not_a_sigbus(tmp_path):
+  """A memory-mapped file truncated under a run (a corpus regenerated in place) killed it with SIGBUS, no
+  line and no save, at the first read past its new end. Run in a child process: a SIGBUS would kill it."""
+  corpus = write_corpus(tmp_path)
+  program = (f"import os, sys; from bipft_jax.data import sources; from bipft_jax.errors import UserError\n"
+             f"files = sources.TextFiles([{corpus!r}]); os.truncate({corpus!r}, 100)\n"
+             f"try:\n  files[len(files) - 1]\nexcept UserError as e:\n  print(e); sys.exit(3)")
+  done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120,
+                        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+  assert done.returncode == 3, done
+  assert done.stdout.startswith(f"{corpus} was cut short while the run read it (100 bytes, "), done.stdout
+  assert "put it back and rerun to resume from the newest checkpoint" in done.stdout
+
+
 def test_files_of_another_format_are_named(tmp_path):
   """A compressed file without its suffix (or of a compression we do not read) was refused as not UTF-8,
   a JSON Lines file under data.source=text trained on its JSON syntax, a pipe read as no text."""

@@ -115,7 +115,12 @@ class TextFiles(Sequence):
 
   def __getitem__(self, index: int) -> str:
     which, start, end = (int(x) for x in self.spans_Dx3[index])
-    return self._text(self.contents[which][start:end])
+    contents = self.contents[which]
+    if isinstance(contents, mmap.mmap) and end > contents.size():  # reading past its end would be a SIGBUS
+      raise UserError(f"{self.paths[which]} was cut short while the run read it ({contents.size():,} bytes, "
+                      f"{end:,} when indexed): put it back and rerun to resume from the newest checkpoint, and leave a "
+                      "corpus as it is until its run ends")
+    return self._text(contents[start:end])
 
   def _check_format(self, paths: list) -> None:
     """A JSON Lines file read as text would train on its JSON syntax, one document (no blank lines)."""
