@@ -297,9 +297,9 @@ def _resolve(path: str, step: Optional[int]) -> tuple:
     path, step = os.path.dirname(path), int(os.path.basename(path))
   manager = make_manager(path, max_to_keep=None, read_only=True)
   steps = manager.all_steps()
-  if not steps and step is None and epath.Path(path, "best").is_dir():
+  if not steps and epath.Path(path, "best").is_dir():
     manager.close()
-    return _resolve(os.path.join(path, "best"), None)
+    return _resolve(os.path.join(path, "best"), step)
   if not steps:
     raise UserError(f"no checkpoint in {path}: it has no completed step folder")
   if step is None:

@@ -243,10 +243,11 @@ def _check_exportable(config: model_lib.BertConfig, fmt: str) -> None:
 
 def _run_tokenizer(checkpoint: str, run: dict | None) -> str:
   """The folder of the tokenizer the model reads texts with: beside its steps, or its run's (MiniLM's for
-  a run that used the default); "" when nothing says (a converted checkpoint without one)."""
+  a training run that used the default); "" when nothing says (a converted checkpoint without one)."""
   from bipft_jax import assets
   from bipft_jax.glue import splits
-  return splits.saved_tokenizer(checkpoint, run) or (str(assets.minilm_dir()) if run else "")
+  trained = run and ("task" in run or "teacher" in run)
+  return splits.saved_tokenizer(checkpoint, run) or (str(assets.minilm_dir()) if trained else "")
 
 
 def _to_host(params: dict) -> dict:

@@ -192,17 +192,25 @@ HELD_OUT_FIELDS = ("data.source", "data.eval_paths", "data.tfds_name", "data.tfd
 
 
 def _held_out_as_run(config, run: dict | None, directory: str) -> None:
-  """A file corpus without data.eval_paths takes the run's (it was an error); a note for each other
-  HELD_OUT_FIELDS value than the run's, whose held-out scores these are then not."""
-  if not run:
-    return
-  recorded = (run.get("data") or {}).get("eval_paths")
-  if config.data.source == (run.get("data") or {}).get("source") and not config.data.eval_paths and recorded:
+  """A file corpus without data.eval_paths takes the run's (it was an error), a config without a
+  tokenizer the checkpoint's; a note for each other HELD_OUT_FIELDS value or tokenizer than the run's,
+  whose held-out scores these are then not."""
+  notes = []
+  tokenizer = splits.saved_tokenizer(directory, run)
+  if tokenizer and not config.tokenizer:
+    config.tokenizer = tokenizer  # the teacher's was read, or none was found for a random teacher
+  elif tokenizer and os.path.realpath(config.tokenizer) != os.path.realpath(tokenizer):
+    notes.append(f"tokenizer is {config.tokenizer!r} here but was {tokenizer!r}")
+  recorded = ((run or {}).get("data") or {}).get("eval_paths")
+  if recorded and config.data.source == run["data"].get("source") and not config.data.eval_paths:
     config.data.eval_paths = recorded
-    print(f"bipft: note: data.eval_paths={recorded} (the run's)", file=sys.stderr)
-  for field, ours, theirs in saved_models.differing(config, run, HELD_OUT_FIELDS):
-    print(f"bipft: note: {field} is {ours!r} here but was {theirs!r} in the run that wrote {directory}: these "
-          "held-out scores are not the run's", file=sys.stderr)
+    if distributed.is_primary():
+      print(f"bipft: note: data.eval_paths={recorded} (the run's)", file=sys.stderr)
+  notes += [f"{field} is {ours!r} here but was {theirs!r}"
+            for field, ours, theirs in saved_models.differing(config, run or {}, HELD_OUT_FIELDS)]
+  for note in notes if distributed.is_primary() else ():
+    print(f"bipft: note: {note} in the run that wrote {directory}: these held-out scores are not the run's",
+          file=sys.stderr)
 
 
 def evaluate_pretraining(config, checkpoint: str) -> dict:

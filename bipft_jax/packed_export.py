@@ -8,11 +8,14 @@ The FP remainder is stored in float16 when that keeps the model's predictions on
 sequences (`--remainder auto`; packed_file.py says why a binary model often needs float32). A
 finetuned checkpoint's record of its run goes into the file's metadata, the fields that say how the
 model reads text (task, labels, max_length, tokenizer; not its data or init paths), so that `bipft
-evaluate` and `predict` check a packed classifier against its task as they check the checkpoint.
+evaluate` and `predict` check a packed classifier against its task as they check the checkpoint; a
+converted checkpoint's file keeps the folder of its tokenizer.
 """
 import argparse
+import os
 
 from bipft_jax import files, packed, packed_file, saved_models
+from bipft_jax.glue import splits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +31,9 @@ def run(args) -> int:
   from bipft_jax import checkpointing
   files.check_output_file(args.out, "--out", args.overwrite)
   config, head, params = checkpointing.restore_params(args.checkpoint, args.step)
-  record = saved_models.reading_record(checkpointing.read_run_config(args.checkpoint, args.step))
+  run = checkpointing.read_run_config(args.checkpoint, args.step)
+  folder = splits.saved_tokenizer(args.checkpoint, run)  # the file's readers find it from anywhere
+  record = saved_models.reading_record(run, os.path.abspath(folder) if folder else "")
   result = packed_file.export(config, head, params, args.out, args.remainder, record)
   if head == "pretraining":
     print("note: exported the encoder; the pretraining heads (MLM decoder tied to the latent FP "

@@ -72,15 +72,15 @@ def load_classifier(config, task: tasks.Task, checkpoint: str, kernel: str | Non
 INPUT_FIELDS = ("max_length", "data.tokenizer")
 
 
-def reading_record(run: dict | None) -> dict | None:
+def reading_record(run: dict | None, tokenizer: str) -> dict | None:
   """What a packed file keeps of a run's config: the fields that say how the model reads text (those
   `check_against_run` reads, and a custom task's text fields), not its data or init paths and recipe;
-  or None."""
+  for another checkpoint (a conversion's) its `tokenizer` folder (`splits.saved_tokenizer`) alone; or None."""
   if not run or "task" not in run:
-    return None
+    return {"tokenizer": tokenizer} if tokenizer else None
   data = run.get("data", {})
   return {"task": run["task"], "max_length": run.get("max_length"),
-          "data": {k: data.get(k) for k in ("labels", "text_fields", "tokenizer")}}
+          "data": {k: data.get(k) for k in ("labels", "text_fields")} | {"tokenizer": tokenizer}}
 
 
 def take_recorded_labels(config, checkpoint: str) -> None:

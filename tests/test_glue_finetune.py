@@ -296,6 +296,12 @@ def test_a_runs_tokenizer_travels_with_its_checkpoints(glue_dir, vocab_dir, tmp_
   capsys.readouterr()
   assert cli.main(["evaluate", *config, "--checkpoint", packed, "--json", *glue]) == 0
   assert json.loads(capsys.readouterr().out)["metrics"] == scores
+  # Back from PyTorch and packed again: the conversion's file keeps the tokenizer beside the converted steps
+  assert cli.main(["convert", "from-pytorch", "--src", str(tmp_path / "export"), "--out", str(tmp_path / "back")]) == 0
+  assert cli.main(["export-packed", "--checkpoint", str(tmp_path / "back"), "--out", packed, "--overwrite"]) == 0
+  capsys.readouterr()
+  assert cli.main(["evaluate", *config, "--checkpoint", packed, "--json", *glue]) == 0
+  assert json.loads(capsys.readouterr().out)["metrics"] == scores
   os.remove(os.path.join(vocab_dir, "vocab.txt"))  # the recorded folder lost its tokenizer: named, not MiniLM's
   try:
     assert cli.main(["evaluate", *config, "--checkpoint", workdir, *glue]) == 2

@@ -253,6 +253,7 @@ def test_every_pattern_must_match_and_each_file_is_read_once(tmp_path):
   assert once.paths == [corpus] and len(once) == len(sources.TextFiles([corpus]))
   assert sources.matching_files([f"{tmp_path}/**/*.txt"]) == [f"{tmp_path}/a/b/two.txt", f"{tmp_path}/a/one.txt",
                                                               corpus]
+  assert sources.matching_files([f"{tmp_path}/a/**"]) == [f"{tmp_path}/a/b/two.txt", f"{tmp_path}/a/one.txt"]
 
 
 def test_a_corpus_cut_short_while_read_is_one_line_not_a_sigbus(tmp_path):

@@ -208,6 +208,8 @@ def matching_files(patterns: Sequence[str]) -> list:
   files = {}
   for pattern in patterns:
     matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+    if glob.has_magic(pattern):  # `d/**` matches d/ and its subfolders too; a folder named itself is refused
+      matches = [path for path in matches if not os.path.isdir(path)]
     if not matches:
       raise UserError(f"no file matches {pattern!r}" + (f" (of {list(patterns)})" if len(patterns) > 1 else "")
                       + "; set data.paths and data.eval_paths to files or globs")
