@@ -58,6 +58,8 @@ def main(argv=None) -> int:
       print(f"bipft: error: {e}", file=sys.stderr)
       return 2
     signal.signal(signal.SIGTERM, _terminate)  # only here: a driver's in-process commands keep its handler
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it
+      signal.signal(signal.SIGINT, errors.interrupt)
   argv = sys.argv[1:] if argv is None else list(argv)
   # transformers serves tokenizers here; without the torch extra it would advise on every run that
   # "PyTorch was not found".
@@ -67,22 +69,23 @@ def main(argv=None) -> int:
     parser.parse_args(argv or ["--help"])  # prints help/version, or the usage error (exit 2)
     return 2
   name, rest = argv[0], argv[1:]
-  module = importlib.import_module(COMMANDS[name][0])
-  sub = argparse.ArgumentParser(prog=f"bipft {name}", description=COMMANDS[name][1],
-                                epilog=usage_examples(module.__doc__),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  module.add_arguments(sub)
-  rest, overrides = split_overrides(rest)
-  args = sub.parse_args(rest)
-  args.config_overrides = overrides  # --config.field=value items, for load_config
   unexpected = None  # an error of ours, shown with its traceback
   try:
+    module = importlib.import_module(COMMANDS[name][0])  # seconds of imports: a Ctrl-C may come here
+    sub = argparse.ArgumentParser(prog=f"bipft {name}", description=COMMANDS[name][1],
+                                  epilog=usage_examples(module.__doc__),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(sub)
+    rest, overrides = split_overrides(rest)
+    args = sub.parse_args(rest)
+    args.config_overrides = overrides  # --config.field=value items, for load_config
     return int(module.run(args) or 0)
   except (UserError, WriteFailed, errors.HostFailed) as e:
     failure = e
     code, line = (2 if isinstance(e, UserError) else 1), f"bipft {name}: error: {e}"
   except (KeyboardInterrupt, errors.Terminated) as e:
     failure = e
+    errors.RECEIVED.clear()  # handled
     code = errors.signal_exit_code(signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
     line = f"bipft {name}: stopped by {errors.STOPPED[code]}"
   except Exception as e:
@@ -120,6 +123,7 @@ def usage_examples(docstring: str | None) -> str | None:
 def _terminate(*_) -> None:
   """The SIGTERM handler outside training loops; a second SIGTERM kills at once, as by default."""
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  errors.RECEIVED.append(signal.SIGTERM)
   raise errors.Terminated()
 
 

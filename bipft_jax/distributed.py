@@ -21,7 +21,7 @@ from typing import Callable, NoReturn, Optional
 import jax
 from jax.experimental import multihost_utils
 
-from bipft_jax import files, precision
+from bipft_jax import errors, files, precision
 from bipft_jax.errors import UserError
 
 
@@ -186,8 +186,13 @@ class StopSignals:
     self.previous = {}
     if not self.synced:
       self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.received.append(signal.SIGTERM))
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, errors.interrupt):
       self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._ctrl_c)
+    # A signal during setup whose raise was dropped (errors.RECEIVED): the first step saves and stops.
+    self.received += errors.RECEIVED
+    errors.RECEIVED.clear()
+    if self.synced and self.received:
+      os.kill(os.getpid(), signal.SIGTERM)  # to jax's preemption service, as a Ctrl-C is
 
   def _ctrl_c(self, *_) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt

@@ -420,7 +420,10 @@ class _Loop:
     from tqdm import tqdm
     job, schedule = self.job, self.schedule
     frozen = self.engine.place_frozen()
-    writer, prefetch = MetricsWriter(self.workdir, start_step=step), Prefetch(batches)
+    # An evaluation at the start is written again: a rerun of a finished run (or one resumed at an
+    # evaluated step) logged the step's evaluation twice.
+    evaluation = lambda record: schedule.evaluate_at_start and job.loss_key not in record
+    writer, prefetch = MetricsWriter(self.workdir, start_step=step, rewritten=evaluation), Prefetch(batches)
     self.bar = tqdm(total=schedule.total_steps, initial=step, desc=job.name, disable=not distributed.is_primary(),
                     dynamic_ncols=True)
     self.writer = writer

@@ -39,6 +39,18 @@ class Stopped(Exception):
     self.code = code
 
 
+# The signals the `bipft` command's handlers outside training loops raised for (cli.py), kept until the
+# command handles them: a raise that lands in a garbage-collection callback (XLA's) is dropped, and the
+# run's training loop then takes the signal from here (distributed.StopSignals).
+RECEIVED: list = []
+
+
+def interrupt(*_) -> None:
+  """The `bipft` command's Ctrl-C handler outside training loops: Python's, noting the signal."""
+  RECEIVED.append(signal.SIGINT)
+  raise KeyboardInterrupt
+
+
 class Terminated(BaseException):
   """A SIGTERM outside a training loop (whose own handler saves first): the command unwinds like a
   Ctrl-C, its temporary files removed, and exits 143. A BaseException, so `except Exception` lets it by."""

@@ -7,12 +7,14 @@ metrics.jsonl is rewritten whole on every record; local files are appended to. (
 metric_writers does the same job but would add a dependency, and TensorFlow for its summaries.)
 
 A resumed run writes the steps after its checkpoint again, so the writer first drops the records a
-killed run wrote after that step (and a line cut short by the kill), and TensorBoard hides that
-run's events from there on (`purge_step`): the log holds each step once, as the resumed run saw it.
+killed run wrote after that step (and a line cut short by the kill), and those of that step the run
+writes again (a pretraining's evaluation at its start), and TensorBoard hides that run's events from
+there on (`purge_step`): the log holds each step once, as the resumed run saw it.
 """
 import json
 import os
 from numbers import Number
+from typing import Callable
 
 from etils import epath
 
@@ -30,27 +32,32 @@ def _scalars(record: dict, prefix: str = "") -> dict:
   return out
 
 
-def _step_of(line: str) -> float:
-  """The step of a metrics.jsonl line; infinite for a line that is cut short or not a record."""
+def _kept(line: str, start_step: int, rewritten: Callable[[dict], bool]) -> bool:
+  """Whether a metrics.jsonl line stays for a run resuming at `start_step`: a record of an earlier step,
+  or of that step unless `rewritten` (the run writes it again); not a line cut short or not a record."""
   try:
-    step = json.loads(line)["step"]
+    record = json.loads(line)
+    step = record["step"]
   except (ValueError, TypeError, KeyError):
-    return float("inf")
-  return step if isinstance(step, Number) and not isinstance(step, bool) else float("inf")
+    return False
+  if not isinstance(step, Number) or isinstance(step, bool):
+    return False
+  return step < start_step or (step == start_step and not rewritten(record))
 
 
 class MetricsWriter:
   """Appends one JSON record per call to metrics.jsonl and its numbers to TensorBoard."""
 
-  def __init__(self, workdir: str, start_step: int = 0):
-    """`start_step`: the step the run starts from (a resumed run's checkpoint); records after it go."""
+  def __init__(self, workdir: str, start_step: int = 0, rewritten: Callable[[dict], bool] = lambda record: False):
+    """`start_step`: the step the run starts from (a resumed run's checkpoint); records after it go,
+    and those of it that `rewritten` says the run writes again."""
     self.active = distributed.is_primary()
     if self.active:
       from tensorboardX import SummaryWriter
       self.path = epath.Path(workdir) / "metrics.jsonl"
       self.rewrite = "://" in workdir
       text = self.path.read_text() if self.path.exists() else ""
-      kept = "".join(line for line in text.splitlines(keepends=True) if _step_of(line) <= start_step)
+      kept = "".join(line for line in text.splitlines(keepends=True) if _kept(line, start_step, rewritten))
       self.text = kept if self.rewrite else ""
       if not self.rewrite and kept != text:
         with files.atomic_write(os.fspath(self.path)) as f:

@@ -201,6 +201,35 @@ def test_a_resumed_runs_metrics_drop_what_the_killed_run_wrote_after_the_checkpo
   assert [(e.step, e.summary.value[0].simple_value) for e in events if e.HasField("summary")] == [(4, 0.5)]
 
 
+def test_a_rerun_or_resume_at_an_evaluated_step_logs_its_evaluation_once(files, tmp_path, capsys):
+  """A run evaluates at its start: rerunning a finished run, or resuming at a step it evaluated, wrote
+  that step's evaluation a second time (a third on the next rerun)."""
+  args = _pretrain_args(files, tmp_path / "run", "--config.total_steps=2", "--config.checkpoint_every=2",
+                        "--config.eval_every=2", "--config.optimizer.warmup_steps=1")
+  for extra in ([], [], ["--config.total_steps=4"]):  # the run, a rerun of it, an extension
+    assert cli.main(args + extra) == 0
+  logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in logged if "eval_mlm_accuracy" in r] == [0, 2, 4]
+  assert [r["step"] for r in logged if "total_loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_whose_raise_setup_dropped_still_stops_the_run_after_a_saved_step(files, tmp_path, capsys, signum):
+  """A SIGTERM or Ctrl-C while the run set up raises from its handler; raised inside XLA's garbage-
+  collection callback, Python drops the exception, and the run trained to its end and exited 0. The
+  handlers note the signal (errors.RECEIVED), as they do when the raise is dropped, and the loop stops."""
+  from bipft_jax import errors
+  errors.RECEIVED.append(signum)
+  try:
+    code = cli.main(_pretrain_args(files, tmp_path / "run", "--config.total_steps=6"))
+  finally:
+    errors.RECEIVED.clear()
+  assert code == errors.signal_exit_code(signum)
+  assert f"{errors.STOPPED[code]}: saved step 1 to " in capsys.readouterr().out
+  assert checkpointing.restore_params(str(tmp_path / "run"))[2] is not None
+  assert sorted(int(p.name) for p in (tmp_path / "run").iterdir() if p.name.isdigit()) == [1]
+
+
 def _tensorboard_events(path) -> list:
   """The events of a TensorBoard file (TFRecord framing: length, its CRC, the record, its CRC)."""
   from tensorboardX.proto import event_pb2
