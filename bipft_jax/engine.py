@@ -303,6 +303,7 @@ class Engine:
     manager = checkpointing.make_manager(checkpoint_dir or workdir, max_to_keep=schedule.keep_checkpoints,
                                          keep_period=schedule.keep_every or None)
     try:
+      _check_kept_steps(manager, schedule)
       state, step, batches = self._start(workdir, manager)
       if step >= schedule.total_steps:  # a finished run's rerun, or total_steps lowered
         distributed.log(f"bipft {self.job.name}: {workdir} is at step {step}, total_steps is "
@@ -353,6 +354,19 @@ class Engine:
     if then_rate is not None and then_rate != now_rate:
       note += f" (learning rate at step {step}: {now_rate:.3g}, {then_rate:.3g} in the saved run's schedule)"
     distributed.log(note)
+
+
+def _check_kept_steps(manager, schedule: Schedule) -> None:
+  """UserError if the workdir holds steps beyond its newest keep_checkpoints (an earlier keep_every's
+  milestones, or an earlier keep_checkpoints') that this run's settings would delete at its first save:
+  a resume that left out --config.keep_every removed the milestones it had kept "for good"."""
+  older = sorted(manager.all_steps())[:-schedule.keep_checkpoints]
+  doomed = [step for step in older if not (schedule.keep_every and step % schedule.keep_every == 0)]
+  if doomed:
+    raise UserError(f"{manager.directory} keeps step{'s' * (len(doomed) > 1)} {', '.join(map(str, doomed))} beyond its "
+                    f"newest {schedule.keep_checkpoints}, which this run would delete (keep_checkpoints="
+                    f"{schedule.keep_checkpoints}, keep_every={schedule.keep_every}): pass the settings that kept "
+                    "them (keep_every, keep_checkpoints), or move those steps out of the workdir")
 
 
 def _prepend(first, rest: Iterator) -> Iterator:

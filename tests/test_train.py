@@ -413,12 +413,22 @@ def test_a_profile_traces_the_chosen_steps(files, tmp_path, capsys):
   assert traced_steps(workdir, "pretrain") == [2, 3]
 
 
-def test_keep_every_keeps_milestone_steps_beyond_the_newest(files, tmp_path):
+def test_keep_every_keeps_milestone_steps_beyond_the_newest(files, tmp_path, capsys):
   workdir = tmp_path / "run"
   assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=5", "--config.checkpoint_every=1",
                                  "--config.keep_checkpoints=1", "--config.keep_every=2")) == 0
   assert checkpointing.saved_steps(str(workdir)) == [2, 4, 5]
   assert checkpointing.restore_params(str(workdir), 2)[2]  # a milestone is whole and readable
+  # Extended without keep_every, the first save deleted the milestones: refused, nothing touched.
+  extend = _pretrain_args(files, workdir, "--config.total_steps=7", "--config.checkpoint_every=1",
+                          "--config.keep_checkpoints=1")
+  assert cli.main(extend) == 2
+  assert _error_line(capsys.readouterr().err, "pretrain").endswith(
+      "keeps steps 2, 4 beyond its newest 1, which this run would delete (keep_checkpoints=1, keep_every=0): pass "
+      "the settings that kept them (keep_every, keep_checkpoints), or move those steps out of the workdir")
+  assert checkpointing.saved_steps(str(workdir)) == [2, 4, 5]
+  assert cli.main(extend + ["--config.keep_every=2"]) == 0
+  assert checkpointing.saved_steps(str(workdir)) == [2, 4, 6, 7]
 
 
 def _flip_a_bit(step_dir) -> str:
