@@ -106,7 +106,7 @@ def from_pytorch(src: str, out: str) -> dict:
   from bipft_jax import checkpointing
   files.check_new_folder(out, "--out")
   config, head, params, report = read_pytorch_checkpoint(src)
-  if any(os.path.isfile(os.path.join(src, name)) for name in ("vocab.txt", "tokenizer.json")):
+  if pytorch_io.has_tokenizer(src):
     pytorch_io.load_tokenizer(src, config.vocab_size, fix="the checkpoint's vocabulary is not its tokenizer's")
   with files.atomic_folder(out) as tmp:
     checkpointing.save_params(tmp, params, config, head, step=0, run_config=_conversion_record(src, head, config))

@@ -308,6 +308,11 @@ def load_pretrained(directory: str, head: str = "encoder", *, allow_missing: Ite
   return config, params
 
 
+def has_tokenizer(directory: str) -> bool:
+  """Whether `directory` holds a WordPiece tokenizer `load_tokenizer` reads."""
+  return any(os.path.isfile(os.path.join(directory, name)) for name in ("vocab.txt", "tokenizer.json"))
+
+
 def load_tokenizer(directory: str, vocab_size: Optional[int] = None, fix: str = ""):
   """The WordPiece tokenizer saved beside the weights (transformers BertTokenizerFast).
 
@@ -315,8 +320,7 @@ def load_tokenizer(directory: str, vocab_size: Optional[int] = None, fix: str = 
   `fix` tells the user which setting to change.
   """
   from transformers import BertTokenizerFast
-  if not (os.path.isfile(os.path.join(directory, "vocab.txt"))
-          or os.path.isfile(os.path.join(directory, "tokenizer.json"))):
+  if not has_tokenizer(directory):
     raise UserError(f"no tokenizer in {directory}: expected vocab.txt or tokenizer.json")
   tokenizer = BertTokenizerFast.from_pretrained(directory)
   if vocab_size is not None and len(tokenizer) > vocab_size:

@@ -51,10 +51,6 @@ def majority_rate(train_labels: np.ndarray, dev_labels: np.ndarray) -> float:
   return 100.0 * float(np.mean(dev_labels == majority))
 
 
-def has_tokenizer(folder: str) -> bool:
-  return any(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.txt", "tokenizer.json"))
-
-
 def recorded_tokenizer(run: dict | None) -> str:
   """The tokenizer folder a checkpoint's run record names: a finetuning run's data.tokenizer (the one it
   read texts with), a pretraining run's tokenizer, else its teacher's; "" for none or MiniLM's."""
@@ -72,7 +68,7 @@ def saved_tokenizer(checkpoint: str, run: dict | None) -> str:
   neither (MiniLM's, the default)."""
   checkpoint = os.path.abspath(checkpoint)
   workdir = os.path.dirname(checkpoint) if os.path.basename(checkpoint).isdigit() else checkpoint
-  return workdir if has_tokenizer(workdir) else recorded_tokenizer(run)
+  return workdir if pytorch_io.has_tokenizer(workdir) else recorded_tokenizer(run)
 
 
 def tokenizer_folder(config, init_folder: str) -> str:
@@ -81,7 +77,7 @@ def tokenizer_folder(config, init_folder: str) -> str:
   the same size without a word)."""
   if config.data.tokenizer:
     return config.data.tokenizer
-  if init_folder and not has_tokenizer(init_folder):
+  if init_folder and not pytorch_io.has_tokenizer(init_folder):
     raise UserError(f"no tokenizer in {init_folder} (vocab.txt or tokenizer.json), the model's: pass "
                     "--config.data.tokenizer=FOLDER with the vocabulary it was trained with")
   return init_folder
