@@ -114,8 +114,7 @@ def load_task_teacher(path: str, task: tasks.Task) -> tuple:
   if os.path.isfile(os.path.join(path, "config.json")):
     teacher_config, params = pytorch_io.load_pretrained(path, "classification")
   else:
-    best = os.path.join(path, BEST)
-    teacher_config, head, params = checkpointing.restore_params(best if os.path.isdir(best) else path)
+    teacher_config, head, params = checkpointing.restore_params(path)  # a finetune workdir: its best/
     if head != "classification":
       raise UserError(f"distill.teacher {path} holds a {head} model: pass a finetuned classifier")
     params = jax.device_get(params)
