@@ -6,8 +6,8 @@ the machine refused (`WriteFailed`, or any error carrying a full disk's error nu
 took away (`HostFailed`) or a device's memory that ran out (`errors.out_of_memory`): one line, exit code 1. A Ctrl-C outside a training loop (whose first Ctrl-C saves, `distributed.StopSignals`):
 one line, exit code 130, what was written complete (every file is written atomically); a SIGTERM there
 the same, exit code 143 (left to its default action, it would kill the process mid-write and leave its
-temporary file behind). In a multi-process job a failed process ends the others with its line
-(`distributed.leave_job`).
+temporary file behind), and a SIGHUP (a console that hung up: console.py) exit code 129. In a
+multi-process job a failed process ends the others with its line (`distributed.leave_job`).
 """
 import argparse
 import importlib
@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from bipft_jax import __version__, errors, hugepages
+from bipft_jax import __version__, console, errors, hugepages
 from bipft_jax.config_loading import split_overrides
 from bipft_jax.errors import UserError, WriteFailed
 
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
       print(f"bipft: error: {e}", file=sys.stderr)
       return 2
     signal.signal(signal.SIGTERM, _terminate)  # only here: a driver's in-process commands keep its handler
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # not under nohup
+      signal.signal(signal.SIGHUP, _terminate)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it
       signal.signal(signal.SIGINT, errors.interrupt)
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
   except (KeyboardInterrupt, errors.Terminated) as e:
     failure = e
     errors.RECEIVED.clear()  # handled
-    code = errors.signal_exit_code(signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
+    code = errors.signal_exit_code(signal.SIGINT if isinstance(e, KeyboardInterrupt) else e.signum)
     line = f"bipft {name}: stopped by {errors.STOPPED[code]}"
   except Exception as e:
     failure = e
@@ -120,11 +122,13 @@ def usage_examples(docstring: str | None) -> str | None:
   return f"examples:\n{text}" if text else None
 
 
-def _terminate(*_) -> None:
-  """The SIGTERM handler outside training loops; a second SIGTERM kills at once, as by default."""
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)
-  errors.RECEIVED.append(signal.SIGTERM)
-  raise errors.Terminated()
+def _terminate(signum: int, _) -> None:
+  """The SIGTERM and SIGHUP handler outside training loops; a second one kills at once, as by default."""
+  signal.signal(signum, signal.SIG_DFL)
+  errors.RECEIVED.append(signum)
+  if signum == signal.SIGHUP:
+    console.detach_lost()  # the command's last line has somewhere to go
+  raise errors.Terminated(signum)
 
 
 def _several_processes() -> bool:

@@ -21,7 +21,7 @@ from typing import Callable, NoReturn, Optional
 import jax
 from jax.experimental import multihost_utils
 
-from bipft_jax import errors, files, precision
+from bipft_jax import console, errors, files, precision
 from bipft_jax.errors import UserError
 
 
@@ -170,15 +170,17 @@ def workdir_lock(workdir: str, command: str):
 
 class StopSignals:
   """Whether a signal asks the run to save at a step and stop: a SIGTERM (a preemption, `scancel`,
-  `kill`) or a first Ctrl-C (SIGINT; a second one stops at once, without saving).
+  `kill`), a first Ctrl-C (SIGINT; a second one stops at once, without saving) or a hangup (SIGHUP,
+  or a console whose reader is gone: console.py).
 
   One process: handlers of ours note the signal, and the step after it saves. A jax.distributed
   job: jax's preemption service, which `jax.distributed.initialize` starts and which handles SIGTERM
   itself, passes a signal that any host gets to all of them, and they agree on one step to save at;
-  a Ctrl-C is handed to it as a SIGTERM of this process. A SIGTERM handler of ours would replace the
-  service's and stop the signalled host alone, whose save then waits forever for hosts gone on to
-  the next step's collectives (a job that hangs). Ctrl-C is left alone where the process was started
-  ignoring it (a background job) or with a handler other than Python's."""
+  a Ctrl-C or hangup is handed to it as a SIGTERM of this process. A SIGTERM handler of ours would
+  replace the service's and stop the signalled host alone, whose save then waits forever for hosts
+  gone on to the next step's collectives (a job that hangs). Ctrl-C is left alone where the process
+  was started ignoring it (a background job) or with a handler other than Python's, and SIGHUP where
+  it is ignored (nohup)."""
 
   def __init__(self, say: Callable[[str], None]):
     self.synced = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
@@ -188,6 +190,9 @@ class StopSignals:
       self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.received.append(signal.SIGTERM))
     if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, errors.interrupt):
       self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._ctrl_c)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+      self.previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
+    self.console = console.Guard(on_lost=self._hangup)
     # A signal during setup whose raise was dropped (errors.RECEIVED): the first step saves and stops.
     self.received += errors.RECEIVED
     errors.RECEIVED.clear()
@@ -196,8 +201,16 @@ class StopSignals:
 
   def _ctrl_c(self, *_) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
-    self.received.append(signal.SIGINT)
+    self._note(signal.SIGINT)
     self.say("Ctrl-C: saving after this step, then stopping (Ctrl-C again stops at once, without saving)")
+
+  def _hangup(self, *_) -> None:
+    console.detach_lost()  # the save's lines, and the exit's flush, have somewhere to go
+    self._note(signal.SIGHUP)
+    self.say("hangup (SIGHUP, or the console's reader left): saving after this step, then stopping")
+
+  def _note(self, signum: signal.Signals) -> None:
+    self.received.append(signum)
     if self.synced:
       os.kill(os.getpid(), signal.SIGTERM)  # to jax's preemption service: every process saves one step
 
@@ -207,9 +220,10 @@ class StopSignals:
     if self.synced and not multihost_utils.reached_preemption_sync_point(step):
       return None
     if self.synced or self.received:
-      return signal.SIGINT if signal.SIGINT in self.received else signal.SIGTERM
+      return next((s for s in (signal.SIGINT, signal.SIGHUP) if s in self.received), signal.SIGTERM)
     return None
 
   def close(self) -> None:
+    self.console.close()
     for signum, handler in self.previous.items():
       signal.signal(signum, handler)

@@ -11,8 +11,8 @@ owns the rest, the same for every job:
   else the job's source merged into the model by ONE function (`model_params.merge_params`), whose
   activation scales are calibrated by ONE rule (`needs_calibration`: a binary model whose scales
   are all still at their initial 1);
-- orbax checkpoints every `checkpoint_every` steps and at the end, a save on SIGTERM or Ctrl-C
-  (`distributed.StopSignals`), and the NaN stop: a non-finite loss or state ends the run before
+- orbax checkpoints every `checkpoint_every` steps and at the end, a save on SIGTERM, Ctrl-C or a
+  hangup (`distributed.StopSignals`), and the NaN stop: a non-finite loss or state ends the run before
   anything non-finite is saved;
 - multi-host start-up (`start`) and one metrics writer (metrics.jsonl + TensorBoard).
 """
@@ -298,7 +298,7 @@ class Engine:
     `schedule.total_steps`.
 
     Returns {"step", "metrics" (the last logged), "start" and "final" (evaluations), "params"} or,
-    after the save that a SIGTERM or Ctrl-C asked for, {"step", "stopped_by": the signal}."""
+    after the save that a SIGTERM, Ctrl-C or hangup asked for, {"step", "stopped_by": the signal}."""
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     manager = checkpointing.make_manager(checkpoint_dir or workdir, max_to_keep=schedule.keep_checkpoints,
                                          keep_period=schedule.keep_every or None)
@@ -438,16 +438,17 @@ class _Loop:
     # evaluated step) logged the step's evaluation twice.
     evaluation = lambda record: schedule.evaluate_at_start and job.loss_key not in record
     writer, prefetch = MetricsWriter(self.workdir, start_step=step, rewritten=evaluation), Prefetch(batches)
+    # Before the bar, which keeps the stream it finds: the signals' console guard (a hangup stops the run).
+    signals = distributed.StopSignals(say=lambda line: self.bar.write(f"bipft {job.name}: {line}"))
     self.bar = tqdm(total=schedule.total_steps, initial=step, desc=job.name, disable=not distributed.is_primary(),
                     dynamic_ncols=True)
     self.writer = writer
-    start = final = self._evaluate(step, state["params"], frozen) if schedule.evaluate_at_start else None
-    self.reported_at = self.logged_at = time.perf_counter()
     pending, data_state, memory_unreported = None, None, True
-    signals = distributed.StopSignals(say=lambda line: self.bar.write(f"bipft {job.name}: {line}"))
     profile = profiling.StepProfile(self.workdir, schedule.profile_first_step, schedule.profile_steps,
                                     say=self._say)
     try:
+      start = final = self._evaluate(step, state["params"], frozen) if schedule.evaluate_at_start else None
+      self.reported_at = self.logged_at = time.perf_counter()
       while step < schedule.total_steps and not job.finished():
         asked = time.perf_counter()
         batch, data_state = next(prefetch)

@@ -8,8 +8,8 @@ exit code 1; what was written before it is intact. Any other exception that carr
 `HostFailed`: the machine took away something a run needs (a data worker process killed), exit code 1.
 An XLA error saying a device's memory ran out (`out_of_memory`) is reported in one line with what to
 change, exit code 1.
-A run that a SIGTERM or Ctrl-C stopped after saving exits with the shell's code for that signal,
-128 + its number (143, 130): not 0, so that `bipft pretrain ... && bipft finetune ...`, a job
+A run that a SIGTERM, Ctrl-C or hangup stopped after saving exits with the shell's code for that
+signal, 128 + its number (143, 130, 129): not 0, so that `bipft pretrain ... && bipft finetune ...`, a job
 controller that restarts failed jobs, and `bipft study`/`track` do not take it for a finished run.
 """
 import errno
@@ -28,7 +28,8 @@ def signal_exit_code(signum: int) -> int:
 
 
 # The exit codes of a run a signal stopped, and what stopped it.
-STOPPED = {signal_exit_code(signal.SIGINT): "Ctrl-C", signal_exit_code(signal.SIGTERM): "SIGTERM"}
+STOPPED = {signal_exit_code(signal.SIGINT): "Ctrl-C", signal_exit_code(signal.SIGTERM): "SIGTERM",
+           signal_exit_code(signal.SIGHUP): "SIGHUP"}
 
 
 class Stopped(Exception):
@@ -52,8 +53,13 @@ def interrupt(*_) -> None:
 
 
 class Terminated(BaseException):
-  """A SIGTERM outside a training loop (whose own handler saves first): the command unwinds like a
-  Ctrl-C, its temporary files removed, and exits 143. A BaseException, so `except Exception` lets it by."""
+  """A SIGTERM or SIGHUP (`signum`) outside a training loop (whose own handler saves first): the
+  command unwinds like a Ctrl-C, its temporary files removed, and exits 143 or 129. A BaseException,
+  so `except Exception` lets it by."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
 
 
 class UserError(Exception):

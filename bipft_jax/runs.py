@@ -8,10 +8,9 @@ import os
 import signal
 import statistics
 import sys
-import threading
 from typing import Iterator
 
-from bipft_jax import cli, config_loading
+from bipft_jax import cli, config_loading, console
 from bipft_jax.errors import STOPPED, Stopped
 
 
@@ -70,16 +69,24 @@ def run_command(argv: list, quiet: bool = False) -> tuple:
 
 
 @contextlib.contextmanager
-def sigterm_between_commands() -> Iterator[threading.Event]:
-  """For a driver of commands: a SIGTERM outside their training loops (which save and stop on their
-  own: `Stopped`) is noted in the event this yields instead of killing the driver mid-way without
-  a word, so the driver can finish and record what it is doing, then stop."""
-  noted = threading.Event()
-  previous = signal.signal(signal.SIGTERM, lambda *_: noted.set())
+def signals_between_commands() -> Iterator[list]:
+  """For a driver of commands: a SIGTERM or SIGHUP outside their training loops (which save and stop
+  on their own: `Stopped`) is noted in the list this yields instead of killing the driver mid-way
+  without a word, so the driver can finish and record what it is doing, then stop."""
+  noted = []
+
+  def note(signum, _):
+    if signum == signal.SIGHUP:
+      console.detach_lost()  # the driver's last lines have somewhere to go
+    noted.append(signum)
+
+  previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGHUP)
+              if signal.getsignal(signum) != signal.SIG_IGN}
   try:
     yield noted
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def read_jsonl(path: str) -> list:

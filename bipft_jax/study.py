@@ -14,9 +14,9 @@ would run, through `cli.main`, each in a folder of its own (a cell) under WORKDI
                        the default learning rate), which therefore runs first.
 A cell is finished when its cell.json exists (its numbers, written atomically after the command
 ends); a rerun with the same workdir skips finished cells and resumes the one that was interrupted
-(`bipft pretrain` from its checkpoint, `bipft finetune` from its staging folder). A SIGTERM or Ctrl-C
-stops the study with the signal's exit code (143, 130): in a training loop after its save, a SIGTERM
-elsewhere once the cell is recorded, a Ctrl-C elsewhere at once. A rerun may change
+(`bipft pretrain` from its checkpoint, `bipft finetune` from its staging folder). A SIGTERM, Ctrl-C
+or hangup stops the study with the signal's exit code (143, 130, 129): in a training loop after its
+save, a SIGTERM or hangup elsewhere once the cell is recorded, a Ctrl-C elsewhere at once. A rerun may change
 the grid (methods, tasks, seeds, sweep), not the recipe (teacher, pretraining, finetuning: recipe.json).
 After every cell the tables and plots are rewritten (study_results.py): results.json, results.md, *.png.
 """
@@ -26,16 +26,15 @@ import datetime
 import filecmp
 import json
 import os
-import signal
 import time
 from typing import Optional
 
 import jax
 
 from bipft_jax import config_loading, files, precision, study_data, study_results
-from bipft_jax.errors import Stopped, UserError, signal_exit_code
+from bipft_jax.errors import STOPPED, Stopped, UserError, signal_exit_code
 from bipft_jax.runs import (config_with_overrides, override_args, pretraining_numbers, read_jsonl, run_command,
-                            sigterm_between_commands)
+                            signals_between_commands)
 
 CONFIG_KINDS = ("study",)  # config_loading.KINDS this command takes
 
@@ -319,7 +318,7 @@ def _run_cells(config, plan: Plan, workdir: str, config_name: Optional[str]) -> 
         records[cell.name] = json.load(f)
   print(f"bipft study: {len(cells)} cells, {len(records)} finished earlier (skipped)")
   stopped = None  # the exit code of a signal that stopped the study
-  with sigterm_between_commands() as sigterm:  # the cell ends and is recorded, then the study stops
+  with signals_between_commands() as noted:  # the cell ends and is recorded, then the study stops
     for index, cell in enumerate(cells, 1):
       if cell.name in records:
         continue
@@ -340,10 +339,10 @@ def _run_cells(config, plan: Plan, workdir: str, config_name: Optional[str]) -> 
       print(_progress(index, len(cells), cell, record, remaining), flush=True)
       results = study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])
       jax.clear_caches()  # each cell compiles its own programs: keep the memory of one
-      if sigterm.is_set():
-        stopped = signal_exit_code(signal.SIGTERM)
-        print(f"bipft study: SIGTERM: stopped after {cell.name} (recorded); rerun the same command to resume",
-              flush=True)
+      if noted:
+        stopped = signal_exit_code(noted[0])
+        print(f"bipft study: {STOPPED[stopped]}: stopped after {cell.name} (recorded); rerun the same command "
+              "to resume", flush=True)
         break
   if results is None:  # every cell finished earlier (or the first was stopped): the tables once
     results = study_results.write(workdir, header, [records[c.name] for c in cells if c.name in records])

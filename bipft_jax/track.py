@@ -19,9 +19,9 @@ commands a user would, through `cli.main`, and reads what they write:
 The row's results go to WORKDIR/ROW/row.json (atomically) when it is complete; a rerun skips rows
 that have one and resumes the others (pretraining from its checkpoint, a finetuning run without
 results.json afresh). A row whose pretraining or finetuning stops with an error is reported with that
-error and not saved. A SIGTERM or Ctrl-C stops the track with the signal's exit code (143, 130): in
-a training loop after the loop's save, the row left unsaved (a rerun resumes it); a SIGTERM elsewhere
-once the row is saved; a Ctrl-C elsewhere at once. After every row the table is rewritten:
+error and not saved. A SIGTERM, Ctrl-C or hangup stops the track with the signal's exit code (143,
+130, 129): in a training loop after the loop's save, the row left unsaved (a rerun resumes it); a
+SIGTERM or hangup elsewhere once the row is saved; a Ctrl-C elsewhere at once. After every row the table is rewritten:
 WORKDIR/track.md and WORKDIR/track.json.
 """
 import argparse
@@ -37,8 +37,8 @@ import numpy as np
 
 from bipft_jax import config_loading, files, policy, precision, zoo
 from bipft_jax.runs import (config_with_overrides, override_args, pretraining_numbers, run_command,
-                            sigterm_between_commands)
-from bipft_jax.errors import Stopped, UserError, signal_exit_code
+                            signals_between_commands)
+from bipft_jax.errors import STOPPED, Stopped, UserError, signal_exit_code
 
 CONFIG_KINDS = ("track",)  # config_loading.KINDS this command takes
 
@@ -228,7 +228,7 @@ def _run_rows(config, rows: list, workdir: str, config_name: Optional[str]) -> t
             "date": datetime.date.today().isoformat(), "seq_len": config.summary.seq_len,
             "speed": config.speed.to_dict()}
   results = []
-  with sigterm_between_commands() as sigterm:  # the row ends and is saved, then the track stops
+  with signals_between_commands() as noted:  # the row ends and is saved, then the track stops
     for name, linear, probs in rows:
       row_dir = os.path.join(workdir, name)
       row_file = os.path.join(row_dir, ROW_FILE)
@@ -250,9 +250,11 @@ def _run_rows(config, rows: list, workdir: str, config_name: Optional[str]) -> t
         jax.clear_caches()  # each row compiles its own model: keep the memory of one
       results.append(result)
       write_table(workdir, header, results)
-      if sigterm.is_set():
-        print(f"bipft track: SIGTERM: stopped after row {name}; rerun the same command to resume", flush=True)
-        return results, signal_exit_code(signal.SIGTERM)
+      if noted:
+        stopped = signal_exit_code(noted[0])
+        print(f"bipft track: {STOPPED[stopped]}: stopped after row {name}; rerun the same command to resume",
+              flush=True)
+        return results, stopped
   return results, None
 
 

@@ -5,8 +5,9 @@
 Where the parameters come from, in this order: the latest checkpoint in DIR (resume: parameters,
 optimizer and data state), else `--init_from` (parameters only), else the teacher's weights. A start
 whose activation scales are untrained calibrates them on the first batch. Checkpoints are orbax,
-asynchronous, every `checkpoint_every` steps and at the end; a SIGTERM or Ctrl-C saves and exits with
-the signal's code (143, 130: `errors.signal_exit_code`); a NaN/Inf
+asynchronous, every `checkpoint_every` steps and at the end; a SIGTERM, Ctrl-C or hangup (SIGHUP, or
+a console gone: console.py) saves and exits with the signal's code (143, 130, 129:
+`errors.signal_exit_code`); a NaN/Inf
 loss or update stops the run before it is saved (nothing non-finite is ever saved). A resume skips
 (and sets aside) newer steps that fail their checksums or are not finite. While it runs, the
 workdir is its own: another run started there is refused (`distributed.workdir_lock`). Process 0 writes

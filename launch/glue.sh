@@ -32,8 +32,9 @@ Options:
   -h, --help        this help
 
 Exit code: 0 when every task finished; a task that fails (say, a diverging run) does not stop the
-others, and the script then exits 1 naming it. A SIGTERM (to the script or its process group) or a
-Ctrl-C makes the running task save and stop, and the script exits with its code (143, 130).
+others, and the script then exits 1 naming it. A SIGTERM (to the script or its process group), a
+Ctrl-C or the terminal's hangup makes the running task save and stop, and the script exits with its
+code (143, 130, 129).
 USAGE
 }
 
@@ -77,12 +78,14 @@ config="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/configs/glue.py"
 
 # The running task gets the signals that stop this script, to save and stop: a SIGTERM to the script
 # alone (`kill PID`) is passed on to it; a Ctrl-C reaches it from the terminal, which signals both
-# (its SIGINT is restored: bash starts a background command with SIGINT ignored). The script then
+# (its SIGINT is restored: bash starts a background command with SIGINT ignored), as does a terminal's
+# hangup (SIGHUP), which is not passed on: a second one would end the task at once. The script then
 # waits for the task's save and exits with its code. A signal is also remembered (`stop`), so that one
 # arriving while no task holds it (between two tasks, or as a task starts) still stops the script.
 child=0 stop=0 forwarded=0
 trap 'stop=143; if [[ $child -ne 0 && $forwarded -eq 0 ]]; then forwarded=1; kill -TERM "$child" 2>/dev/null || true; fi' TERM
 trap 'stop=130' INT
+trap 'stop=129' HUP
 run() {
   if [[ $dry_run -eq 1 ]]; then printf '%q ' "$@"; printf '\n'; return 0; fi
   env --default-signal=INT "$@" &
@@ -125,7 +128,7 @@ for task in "${tasks[@]}"; do
     stop_if_asked "before $run_name"
     status=0
     run "${command[@]}" "$@" || status=$?
-    if [[ $status -eq 130 || $status -eq 143 ]]; then
+    if [[ $status -eq 129 || $status -eq 130 || $status -eq 143 ]]; then
       echo "glue.sh: stopped during $run_name; run the same command again to resume" >&2
       exit "$status"
     elif [[ $status -ne 0 ]]; then

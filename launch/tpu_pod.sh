@@ -8,6 +8,8 @@
 # with JAX for TPU (plus gcsfs and google-cloud-storage, for gs:// workdirs), then run the same
 # `bipft` command on all workers at once (--worker=all).
 # JAX's multi-controller runtime finds the pod's coordinator by itself (BIPFT_DISTRIBUTED=1).
+# The command runs in the foreground of gcloud's ssh: if the connection drops, every worker's run
+# saves the same step and stops (exit code 129 where the hangup was seen); the same command resumes it.
 set -euo pipefail
 
 usage() {

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -139,14 +140,14 @@ def test_other_errors_keep_their_traceback(monkeypatch):
 
 
 # `bipft summary` stands in for any command that writes: it writes OUT (a file or a folder) the way
-# every command does, and a SIGTERM arrives in the middle of the write.
-_SIGTERM_MID_WRITE = textwrap.dedent("""
+# every command does, and a SIGTERM (or SIGHUP) arrives in the middle of the write.
+_SIGNAL_MID_WRITE = textwrap.dedent("""
   import os, signal, sys, time
   from bipft_jax import cli, files, summary
   def write_slowly(f):
     f.write("half of it")
     f.flush()
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), int(os.environ["SIGNAL"]))
     time.sleep(60)
     f.write(" and the rest")
   def run(args):
@@ -163,15 +164,16 @@ _SIGTERM_MID_WRITE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("target", ["earlier.json", "new_folder/"])
-def test_a_sigterm_outside_training_removes_the_half_written_output(tmp_path, target):
+@pytest.mark.parametrize("target, signum", [("earlier.json", signal.SIGTERM), ("new_folder/", signal.SIGTERM),
+                                            ("earlier.json", signal.SIGHUP)])
+def test_a_sigterm_or_hangup_outside_training_removes_the_half_written_output(tmp_path, target, signum):
   # The default action killed the process mid-write: no word, and the temporary file left beside the
-  # output. Now it unwinds like a Ctrl-C: one line, exit code 143, the earlier file as it was.
+  # output. Now it unwinds like a Ctrl-C: one line, exit code 143 (129), the earlier file as it was.
   (tmp_path / "earlier.json").write_text('{"kept": true}')
-  env = {**os.environ, "OUT": str(tmp_path / target)}
-  result = subprocess.run([sys.executable, "-c", _SIGTERM_MID_WRITE, "summary", "--config", "unused.py"],
+  env = {**os.environ, "OUT": str(tmp_path / target), "SIGNAL": str(int(signum))}
+  result = subprocess.run([sys.executable, "-c", _SIGNAL_MID_WRITE, "summary", "--config", "unused.py"],
                           env=env, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 143, result.stderr
-  assert result.stderr == "bipft summary: stopped by SIGTERM\n"
+  assert result.returncode == 128 + signum, result.stderr
+  assert result.stderr == f"bipft summary: stopped by {signum.name}\n"
   assert sorted(os.listdir(tmp_path)) == ["earlier.json"]
   assert (tmp_path / "earlier.json").read_text() == '{"kept": true}'

@@ -212,6 +212,7 @@ def stop(signum, frame):
   sys.exit(int(os.environ.get("FAKE_EXIT", 128 + signum)))
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGHUP, stop)
 log.write(f"started {sys.argv[1]} SIGINT {'ignored' if ignored else 'seen'}\\n")  # the test signals after it
 time.sleep(60)
 """
@@ -233,8 +234,8 @@ def start_glue_on_the_stand_in(tmp_path, **env):
   return script, log
 
 
-@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM to the script", "Ctrl-C to the process group"])
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGHUP, True)],
+                         ids=["SIGTERM to the script", "Ctrl-C to the process group", "a hangup of the terminal"])
 def test_glue_passes_a_stop_signal_to_the_running_task_and_exits_with_its_code(tmp_path, signum, to_group):
   script, log = start_glue_on_the_stand_in(tmp_path)
   os.killpg(script.pid, signum) if to_group else os.kill(script.pid, signum)

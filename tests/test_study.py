@@ -3,6 +3,7 @@ the cells, the tables and plots, a rerun that skips finished cells; bad study co
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -128,25 +129,24 @@ def test_a_cell_a_signal_stopped_is_not_recorded_and_stops_the_study(tiny_teache
   assert not (tmp_path / "study/finetune").exists()  # no later cell ran
 
 
-def test_a_sigterm_outside_a_training_loop_lets_the_cell_finish_then_stops_the_study(
-    tiny_teacher, tmp_path, monkeypatch, capsys):
-  import signal
-
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_sigterm_or_hangup_outside_a_training_loop_lets_the_cell_finish_then_stops_the_study(
+    tiny_teacher, tmp_path, monkeypatch, capsys, signum):
   def fail(*_):
-    raise AssertionError("the SIGTERM reached the handler the study was given, not the study's")
+    raise AssertionError("the signal reached the handler the study was given, not the study's")
 
-  def cell_then_sigterm(config, cell, workdir):  # a signal landing between a cell's steps and its record
-    os.kill(os.getpid(), signal.SIGTERM)
+  def cell_then_signal(config, cell, workdir):  # a signal landing between a cell's steps and its record
+    os.kill(os.getpid(), signum)
     return {"mlm_accuracy": 0.1, "hidden_mse": 0.2, "steps": 3, "seconds": 1.0}
-  monkeypatch.setattr(study, "run_cell", cell_then_sigterm)
-  previous = signal.signal(signal.SIGTERM, fail)
+  monkeypatch.setattr(study, "run_cell", cell_then_signal)
+  previous = signal.signal(signum, fail)
   try:
-    assert _study(tmp_path / "study", tiny_teacher) == 143
-    assert signal.getsignal(signal.SIGTERM) is fail  # given back after the study
+    assert _study(tmp_path / "study", tiny_teacher) == 128 + signum
+    assert signal.getsignal(signum) is fail  # given back after the study
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signum, previous)
   out = capsys.readouterr().out
-  assert "SIGTERM: stopped after pretrain/bipft_b (recorded); rerun the same command to resume" in out
+  assert f"{signum.name}: stopped after pretrain/bipft_b (recorded); rerun the same command to resume" in out
   record = json.loads((tmp_path / "study/pretrain/bipft_b/cell.json").read_text())
   assert record["mlm_accuracy"] == 0.1 and (tmp_path / "study/results.json").exists()
   assert not (tmp_path / "study/finetune").exists()  # no later cell ran

@@ -96,16 +96,17 @@ def test_an_unknown_row_is_one_error_line_before_any_work(files, tmp_path, capsy
   assert not workdir.exists()
 
 
-def test_a_sigterm_between_commands_lets_the_row_end_then_stops_the_track(files, tmp_path, monkeypatch,  # noqa: F811
-                                                                        capsys):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_sigterm_or_hangup_between_commands_lets_the_row_end_then_stops_the_track(  # noqa: F811
+    files, tmp_path, monkeypatch, capsys, signum):
   from bipft_jax import track
 
-  def row_then_sigterm(config, row_dir, linear, probs):  # a signal landing outside any training loop
-    os.kill(os.getpid(), signal.SIGTERM)
+  def row_then_signal(config, row_dir, linear, probs):  # a signal landing outside any training loop
+    os.kill(os.getpid(), signum)
     return {"error": "finetune: a failure of the row's own"}
-  monkeypatch.setattr(track, "run_row", row_then_sigterm)
+  monkeypatch.setattr(track, "run_row", row_then_signal)
   workdir = tmp_path / "track"
-  assert cli.main(_track_args(files, tmp_path, workdir)) == 143
+  assert cli.main(_track_args(files, tmp_path, workdir)) == 128 + signum
   out = capsys.readouterr().out
-  assert "bipft track: SIGTERM: stopped after row bipft; rerun the same command to resume" in out
+  assert f"bipft track: {signum.name}: stopped after row bipft; rerun the same command to resume" in out
   assert [r["row"] for r in json.loads((workdir / "track.json").read_text())["rows"]] == ["bipft"]  # not dbllm_fdb

@@ -2,22 +2,26 @@
 disk, CLI errors."""
 import errno
 import gzip
+import io
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from bipft_jax import checkpointing, cli, config_loading, engine, losses, pretraining, pytorch_io, sharding
+from bipft_jax import checkpointing, cli, config_loading, console, engine, losses, pretraining, pytorch_io, sharding
 from bipft_jax import model as model_lib
 from bipft_jax import files as bipft_files  # the `files` fixture takes the name
 from bipft_jax import model_params, optim
@@ -247,17 +251,11 @@ def test_a_sigterm_or_ctrl_c_saves_and_exits_with_its_code(files, tmp_path, caps
   # stopped run for a finished one.
   # Its examples made by a worker process: the signal goes to the whole process group, as a Ctrl-C at a
   # terminal or launch/glue.sh's SIGTERM does; the worker leaves it to the run, which saves first.
-  steps = ["--config.total_steps=100000", "--config.checkpoint_every=100000", "--config.data.workers=1"]
-  run = _pretrain(files, tmp_path / "run", *steps, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                  start_new_session=True)
-  metrics = tmp_path / "run" / "metrics.jsonl"
-  deadline = time.time() + 240
-  while time.time() < deadline and run.poll() is None:
-    if metrics.exists() and sum(1 for _ in open(metrics)) >= 3:  # accuracy at step 0, then steps 1, 2
-      break
-    time.sleep(0.5)
+  run = _pretrain(files, tmp_path / "run", *_UNTIL_STOPPED, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                  text=True, start_new_session=True)
+  _wait_for_two_steps(run, tmp_path / "run")
   # The same command again while the run trains (a requeued job, a second terminal) is turned away.
-  assert cli.main(_pretrain_args(files, tmp_path / "run", *steps)) == 2
+  assert cli.main(_pretrain_args(files, tmp_path / "run", *_UNTIL_STOPPED)) == 2
   assert (f"is in use by another run: bipft pretrain, pid {run.pid} on "
           in _error_line(capsys.readouterr().err, "pretrain"))
   assert run.poll() is None
@@ -267,9 +265,110 @@ def test_a_sigterm_or_ctrl_c_saves_and_exits_with_its_code(files, tmp_path, caps
   what = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}[signum]
   assert f"{what}: saved step" in out and "Traceback" not in err
   assert "bipft pretrain: examples made by 1 worker process a host (data.workers)" in out
-  manager = checkpointing.make_manager(str(tmp_path / "run"), read_only=True)
+  _assert_saved_when_stopped(tmp_path / "run")
+
+
+# A run that only a signal ends (no checkpoint before it), its examples made by a worker process.
+_UNTIL_STOPPED = ["--config.total_steps=100000", "--config.checkpoint_every=100000", "--config.data.workers=1"]
+
+
+def _wait_for_two_steps(run, workdir) -> None:
+  metrics, deadline = workdir / "metrics.jsonl", time.time() + 240
+  while time.time() < deadline and run.poll() is None:
+    if metrics.exists() and sum(1 for _ in open(metrics)) >= 3:  # accuracy at step 0, then steps 1, 2
+      return
+    time.sleep(0.5)
+
+
+def _assert_saved_when_stopped(workdir) -> None:
+  """The run saved the step it stopped at (its only checkpoint) and let go of its workdir."""
+  manager = checkpointing.make_manager(str(workdir), read_only=True)
   assert 2 <= manager.latest_step() < 100000
-  assert not (tmp_path / "run" / bipft_files.LOCK_FILE).exists()
+  assert not (workdir / bipft_files.LOCK_FILE).exists()
+
+
+# The `bipft` command with the terminal on its stdin as its session's controlling terminal, as ssh gives.
+_ON_ITS_TERMINAL = textwrap.dedent("""
+  import fcntl, sys, termios
+  from bipft_jax import cli
+  fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+  sys.argv[0] = "bipft"
+  sys.exit(cli.main())
+""")
+
+
+def test_a_hangup_of_the_runs_terminal_saves_and_exits_129(files, tmp_path):
+  """An ssh connection that drops hangs up the run's terminal: the kernel sends the session leader a
+  SIGHUP, its shell passes one to the job's process group, and every write to the terminal fails with
+  EIO. The SIGHUP's default action killed the run with its steps since the last checkpoint."""
+  master, terminal = pty.openpty()
+  run = _pretrain(files, tmp_path / "run", *_UNTIL_STOPPED, script=_ON_ITS_TERMINAL, stdin=terminal, stdout=terminal,
+                  stderr=terminal, start_new_session=True)
+  os.close(terminal)
+  shown, connected = [], threading.Event()
+  connected.set()
+
+  def show():  # what the user's ssh client reads, until the connection drops
+    while connected.is_set():
+      if select.select([master], [], [], 0.1)[0]:
+        try:
+          shown.append(os.read(master, 1 << 16))
+        except OSError:
+          return
+  reader = threading.Thread(target=show)
+  reader.start()
+  _wait_for_two_steps(run, tmp_path / "run")
+  connected.clear()
+  reader.join()
+  os.close(master)  # the connection drops: the terminal hangs up
+  os.killpg(run.pid, signal.SIGHUP)  # the login shell's SIGHUP to its job
+  run.wait(timeout=120)
+  assert run.returncode == 129, b"".join(shown)[-3000:].decode(errors="replace")
+  _assert_saved_when_stopped(tmp_path / "run")
+
+
+class _FailingStream(io.StringIO):
+  def __init__(self, error_number: int):
+    super().__init__()
+    self.error_number = error_number
+
+  def write(self, text: str) -> int:
+    raise OSError(self.error_number, os.strerror(self.error_number))
+
+
+@pytest.mark.parametrize("error_number", [errno.EPIPE, errno.EIO])
+def test_a_console_guard_takes_a_lost_reader_once_and_lets_other_write_errors_through(monkeypatch, error_number):
+  hangups = []
+  monkeypatch.setattr(sys, "stdout", _FailingStream(error_number))
+  guard = console.Guard(on_lost=lambda: hangups.append(1))
+  try:
+    print("a line with nowhere to go")
+    print("and another")
+  finally:
+    guard.close()
+  assert hangups == [1] and isinstance(sys.stdout, _FailingStream)
+  monkeypatch.setattr(sys, "stdout", _FailingStream(errno.ENOSPC))  # a log file on a full disk: not a hangup
+  guard = console.Guard(on_lost=lambda: hangups.append(1))
+  try:
+    with pytest.raises(OSError, match="No space left"):
+      print("a line")
+  finally:
+    guard.close()
+  assert hangups == [1]
+
+
+def test_a_console_whose_reader_left_is_taken_for_a_hangup(files, tmp_path):
+  """Without a terminal (`ssh host cmd`, `gcloud ... ssh --command`), a dropped connection leaves the
+  run's output a pipe without a reader: the next progress-bar write raised BrokenPipeError, and the run
+  died with its steps since the last checkpoint."""
+  run = _pretrain(files, tmp_path / "run", *_UNTIL_STOPPED, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                  start_new_session=True)
+  _wait_for_two_steps(run, tmp_path / "run")
+  run.stdout.close()
+  run.stderr.close()
+  run.wait(timeout=120)
+  assert run.returncode == 129
+  _assert_saved_when_stopped(tmp_path / "run")
 
 
 def test_a_ctrl_c_outside_the_training_loop_is_one_line(files, tmp_path, capsys, monkeypatch):

@@ -4,8 +4,8 @@ its accelerators fed.
 A document's examples in an epoch are a pure function of (seed, epoch, document), so workers make
 the documents ahead of a stream and the stream takes them in its own order: the batches are the
 same for any number of workers (`data.workers=0`: made in the data thread). The workers are started
-with "spawn" (forking a process that runs JAX's threads can deadlock), ignore SIGINT and SIGTERM
-(the run's own handler saves first, then ends them) and leave when their parent has gone, however
+with "spawn" (forking a process that runs JAX's threads can deadlock), ignore SIGINT, SIGTERM and
+SIGHUP (the run's own handler saves first, then ends them) and leave when their parent has gone, however
 it ended.
 """
 import concurrent.futures
@@ -23,7 +23,8 @@ from bipft_jax.data import pipeline
 from bipft_jax.errors import HostFailed
 
 MAX_AUTO_WORKERS = 8
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the run's to handle: a Ctrl-C reaches the process group
+# The run's to handle: a Ctrl-C, or a terminal's hangup, reaches the whole process group.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def usable_cpus() -> int:

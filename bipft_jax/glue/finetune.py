@@ -14,7 +14,7 @@ distillation to it (configs/glue.py).
 
 The run engine (engine.py) drives it as it drives pretraining: sharded over `config.mesh`, multi-host
 through the launch scripts, checkpoints every `checkpoint_every` steps and at each epoch's end, exact
-resume after a kill (rerun the same command), a save on SIGTERM or Ctrl-C (exit code 143 or 130), and a
+resume after a kill (rerun the same command), a save on SIGTERM, Ctrl-C or a hangup (exit code 143, 130 or 129), and a
 stop on a NaN/Inf loss or update before best/ or results.json exist. Each epoch ends with every dev
 split evaluated (metrics.jsonl, TensorBoard). The best epoch by the task's first metric on the first
 dev split is kept (MNLI-mm is reported from the last epoch, as the release does); at the end `best/`
@@ -68,7 +68,7 @@ def run(args) -> int:
 
 def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   """Runs (or resumes) the task of `config` in `workdir`; returns the contents of results.json, or
-  {"stopped_by": the signal} when a SIGTERM or Ctrl-C stopped the run (saved: rerun to resume)."""
+  {"stopped_by": the signal} when a SIGTERM, Ctrl-C or hangup stopped the run (saved: rerun to resume)."""
   config_checks.check_glue(config)
   task = tasks.task_from_config(config)
   staging = os.path.join(workdir, STAGING)
