@@ -97,8 +97,14 @@ def changed_settings(manager: ocp.CheckpointManager, step: int, run_config: dict
     return None, []
   if not isinstance(saved, dict):
     return None, []
+  return saved, setting_changes(saved, run_config)
+
+
+def setting_changes(saved: dict, run_config: dict) -> list:
+  """[(field, then, now)] for each field `run_config` sets otherwise than the `saved` run record,
+  nested fields dotted; fields one side lacks, which a code change added or dropped, are not listed."""
   then, now = _dotted(saved), _dotted(json.loads(json.dumps(run_config)))  # as the record stores it
-  return saved, [(name, then[name], now[name]) for name in sorted(then.keys() & now.keys()) if then[name] != now[name]]
+  return [(name, then[name], now[name]) for name in sorted(then.keys() & now.keys()) if then[name] != now[name]]
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict:

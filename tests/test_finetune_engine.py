@@ -126,9 +126,19 @@ def test_a_run_killed_at_its_end_is_completed_by_the_same_command(glue_dir, voca
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
   capsys.readouterr()
-  if point == "staging removal":  # the run is published: the same command is refused, --overwrite starts afresh
-    assert cli.main(_argv(glue_dir, vocab_dir, killed, *extra)) == 2
-    assert "already holds a finetuning run" in capsys.readouterr().err
+  if point == "staging removal":
+    # The run is published: the same command has nothing left to train and exits 0, as a finished
+    # pretraining does (it was refused, exit 2: a script rerun after a later step failed stopped here);
+    # other settings are refused, naming them; --overwrite starts afresh.
+    published = (killed / "results.json").read_bytes()
+    assert cli.main(_argv(glue_dir, vocab_dir, killed, *extra)) == 0
+    out = capsys.readouterr().out
+    assert f"{killed} holds this run, finished earlier" in out and "nothing left to train" in out
+    assert out.splitlines()[-1] == finetune.summary_line(_results(whole))
+    assert cli.main(_argv(glue_dir, vocab_dir, killed, *extra, "seed=3")) == 2
+    assert ("already holds a finetuning run of other settings (seed 42 there, 3 now); choose another --workdir "
+            "or pass --overwrite") in capsys.readouterr().err
+    assert (killed / "results.json").read_bytes() == published
     assert _results(killed) == _results(whole)
     assert cli.main(_argv(glue_dir, vocab_dir, killed, *extra) + ["--overwrite"]) == 0
     assert "resuming" not in capsys.readouterr().out

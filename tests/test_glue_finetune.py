@@ -140,7 +140,10 @@ def test_finetune_writes_metrics_best_checkpoint_submission_and_profile(glue_dir
   assert rows[0] == "index\tprediction" and len(rows) == 17
   assert [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(16)]
   assert {r.split("\t")[1] for r in rows[1:]} <= {"0", "1"}
-  with pytest.raises(UserError, match="already holds a finetuning run"):
+  # The same run again has nothing left to train; another is refused, naming what differs.
+  assert finetune.finetune(config, str(tmp_path)) == json.loads((tmp_path / "results.json").read_text())
+  config.epochs = 4
+  with pytest.raises(UserError, match=r"already holds a finetuning run of other settings \(epochs 3 there, 4 now\)"):
     finetune.finetune(config, str(tmp_path))
 
 

@@ -14,16 +14,17 @@ distillation to it (configs/glue.py).
 
 The run engine (engine.py) drives it as it drives pretraining: sharded over `config.mesh`, multi-host
 through the launch scripts, checkpoints every `checkpoint_every` steps and at each epoch's end, exact
-resume after a kill (rerun the same command), a save on SIGTERM, Ctrl-C or a hangup (exit code 143, 130 or 129), and a
-stop on a NaN/Inf loss or update before best/ or results.json exist. Each epoch ends with every dev
-split evaluated (metrics.jsonl, TensorBoard). The best epoch by the task's first metric on the first
+resume after a kill (rerun the same command), a save on SIGTERM, Ctrl-C or a hangup (exit code 143,
+130 or 129), and a stop on a NaN/Inf loss or update before best/ or results.json exist. Each epoch
+ends with every dev split evaluated (metrics.jsonl, TensorBoard). The best epoch by the task's first metric on the first
 dev split is kept (MNLI-mm is reported from the last epoch, as the release does); at the end `best/`
 holds its checkpoint, `results.json` the reported numbers and `submission/` the GLUE leaderboard files
 of whatever test splits exist (a custom task: test_predictions.tsv, its data.test_file predicted).
 Everything is written to `WORKDIR/.finetune-staging/` (a killed run resumes from there) and moved
 into the workdir when the run ends, so a workdir with an earlier run (replaced only with
-`--overwrite`) keeps it whole until then; a run killed while its outputs were written or moved is
-completed by the next `bipft finetune` there. From its first write to its last the run holds the
+`--overwrite`) keeps it whole until then; the same command after the run finished has nothing left
+to train and exits 0, one with other settings is refused; a run killed while its outputs were
+written or moved is completed by the next `bipft finetune` there. From its first write to its last the run holds the
 workdir: another run started there is refused (`distributed.workdir_lock`).
 """
 import json
@@ -74,6 +75,9 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
   staging = os.path.join(workdir, STAGING)
   if os.path.exists(os.path.join(staging, "results.json")):
     return _complete_publication(config, staging, workdir)
+  finished = None if overwrite else _finished_earlier(config, workdir)
+  if finished is not None:
+    return finished
   _earlier_outputs(workdir, overwrite)
   files.check_writable_dir(workdir, "--workdir")
   finetuning.check_init(config)
@@ -89,6 +93,37 @@ def finetune(config, workdir: str, overwrite: bool = False) -> dict:
     results = run.write_outputs()
     if distributed.is_primary():
       _publish(staging, workdir)
+  return results
+
+
+def _finished_earlier(config, workdir: str):
+  """The results of the run that finished in `workdir` with `config`'s settings (the same command
+  again: nothing left to train, exit 0, as for a finished pretraining), else None; UserError naming
+  the settings of a finished run that differ (its results are not this command's)."""
+  results_file = os.path.join(workdir, "results.json")
+  try:
+    with open(results_file) as f:
+      results = json.load(f)
+    saved = checkpointing.read_run_config(os.path.join(workdir, finetuning.BEST))
+  except (UserError, OSError, ValueError):  # no finished run, or one _earlier_outputs describes
+    return None
+  if not isinstance(saved, dict) or not isinstance(results, dict):
+    return None
+  now = config.to_dict()
+  # What the run worked out before recording it: its steps (from epochs and the data) and its
+  # tokenizer's absolute folder (the one given, else the start's, which init.path names).
+  derived = {"optimizer.total_steps"}
+  if now["data"].get("tokenizer"):
+    now["data"]["tokenizer"] = os.path.abspath(now["data"]["tokenizer"])
+  else:
+    derived.add("data.tokenizer")
+  changes = [change for change in checkpointing.setting_changes(saved, now) if change[0] not in derived]
+  if changes:
+    listed = "; ".join(f"{name} {then!r} there, {value!r} now" for name, then, value in changes[:5])
+    raise UserError(f"{workdir} already holds a finetuning run of other settings ({listed}"
+                    f"{'; ...' if len(changes) > 5 else ''}); choose another --workdir or pass --overwrite")
+  distributed.log(f"bipft finetune: {workdir} holds this run, finished earlier ({results_file}): nothing left "
+                  "to train (--overwrite trains it again)")
   return results
 
 
