@@ -31,6 +31,9 @@ Options:
   --dry-run         print the commands instead of running them
   -h, --help        this help
 
+Options after -- that glue.sh sets for each run itself (--workdir, --config, and --config.seed with
+--seeds, --init_from with --init_from, --config.data.path with --data) are refused.
+
 Exit code: 0 when every task finished; a task that fails (say, a diverging run) does not stop the
 others, and the script then exits 1 naming it. A SIGTERM (to the script or its process group), a
 Ctrl-C or the terminal's hangup makes the running task save and stop, and the script exits with its
@@ -70,6 +73,23 @@ if [[ -n "$seed_list" ]]; then IFS=, read -r -a seeds <<< "$seed_list"; fi
 for seed in "${seeds[@]}"; do
   if [[ -n "$seed_list" && ! "$seed" =~ ^[0-9]+$ ]]; then
     echo "glue.sh: error: --seeds takes comma-separated integers >= 0, got '$seed_list'" >&2
+    exit 2
+  fi
+done
+
+# The finetune options after -- go to every run as given: one that would replace what this script
+# sets for each run is refused (a --config.seed there gave every --seeds run the same seed, and the
+# report then took their spread for a spread over seeds).
+for option in "$@"; do
+  name="${option%%=*}" set_by=""
+  case "$name" in
+    --workdir|--config) set_by="--out and --tasks" ;;
+    --config.seed) [[ -n "$seed_list" ]] && set_by="--seeds" ;;
+    --init_from|--config.init.path|--config.init.kind) [[ -n "$init_from" ]] && set_by="--init_from" ;;
+    --config.data.path) [[ -n "$data" ]] && set_by="--data" ;;
+  esac
+  if [[ -n "$set_by" ]]; then
+    echo "glue.sh: error: $name after -- would override what glue.sh sets for each run from $set_by: give it there" >&2
     exit 2
   fi
 done

@@ -20,10 +20,11 @@ DEV = {  # task -> reported dev numbers, as finetune writes them
 }
 
 
-def write_run(workdir, task, dev, model="bipft"):
+def write_run(workdir, task, dev, model="bipft", seed=None):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"task": task, "model": model, "dev": dev, "best_epoch": 1, "epochs": 1}, f)
+    json.dump({"task": task, "model": model, "dev": dev, "best_epoch": 1, "epochs": 1,
+               **({} if seed is None else {"seed": seed})}, f)
   return str(workdir)
 
 
@@ -94,6 +95,18 @@ def test_runs_of_several_seeds_are_averaged_and_the_best_ones_predictions_submit
   assert cli.main([*argv, other, "--overwrite"]) == 2
   assert "--submission_dir takes the runs of one model, these are of 2 (bipft, fp)" in capsys.readouterr().err
   assert {name: (out / name).read_bytes() for name in os.listdir(out)} == written
+
+
+def test_runs_of_one_model_and_task_with_the_same_seed_are_named(tmp_path, capsys):
+  # Averaged without a word, as if their seeds differed (every run of `glue.sh --seeds 1,2,3 --
+  # --config.seed=7` had seed 7): a spread of nothing presented as a spread over seeds.
+  runs = [write_run(tmp_path / name, "rte", {"dev": {"accuracy": 66.0}}, seed=seed)
+          for name, seed in (("rte-a", 7), ("rte-b", 3), ("rte-c", 7))]
+  fp = write_run(tmp_path / "fp-rte", "rte", {"dev": {"accuracy": 72.0}}, model="fp", seed=7)  # another model
+  assert cli.main(["glue-report", "--workdirs", *runs, fp]) == 0
+  warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+  assert warnings == [f"bipft glue-report: warning: {runs[0]}, {runs[2]} are runs of bipft on rte with the same "
+                      "seed, 7: the table's mean ± standard deviation over them is not a spread over seeds"]
 
 
 def test_submission_collection_and_bad_workdirs(tmp_path, capsys):

@@ -129,6 +129,14 @@ def test_local_dry_run_prints_one_process_per_rank():
     ("glue.sh", ["--tasks", "rte"], "give --out DIR"),
     ("glue.sh", ["--out", "runs", "--tasks", "rte,mnli-mm"], "unknown GLUE task 'mnli-mm'; choose from cola"),
     ("glue.sh", ["--out", "runs", "--seeds", "1,two"], "--seeds takes comma-separated integers >= 0, got '1,two'"),
+    # Options after -- that would replace what the script sets for each run (every --seeds run given
+    # one seed, its report's spread no spread over seeds).
+    ("glue.sh", ["--out", "runs", "--seeds", "1,2", "--", "--config.epochs=3", "--config.seed", "7"],
+     "--config.seed after -- would override what glue.sh sets for each run from --seeds: give it there"),
+    ("glue.sh", ["--out", "runs", "--", "--workdir=elsewhere"],
+     "--workdir after -- would override what glue.sh sets for each run from --out and --tasks"),
+    ("glue.sh", ["--out", "runs", "--data", "glue_data", "--", "--config.data.path=other"],
+     "--config.data.path after -- would override what glue.sh sets for each run from --data"),
 ])
 def test_bad_flags_exit_2_with_one_line(script, args, message):
   run = _launch(script, "--dry-run", *args)

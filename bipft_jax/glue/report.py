@@ -53,6 +53,8 @@ def run(args) -> int:
   if args.submission_dir and len(models) > 1:
     raise UserError(f"--submission_dir takes the runs of one model, these are of {len(models)} ({', '.join(models)}): "
                     "pass one model's workdirs (or name the runs alike with --config.name)")
+  for line in _shared_seeds(runs):
+    print(f"bipft glue-report: warning: {line}", file=sys.stderr)
   if runs:
     print(markdown_table(list(runs.values())))
   if args.submission_dir:
@@ -110,6 +112,19 @@ def _results_problem(task, dev, model, majority_rate) -> str:
   if not all(is_score(v) for scores in dev.values() for v in scores.values()) or not is_score(majority_rate):
     return "scores must be numbers"
   return ""
+
+
+def _shared_seeds(runs: dict) -> list:
+  """A line for each seed that several runs of one model and task share (a `--config.seed` given to
+  every run of `launch/glue.sh --seeds`, say): the table averages them as if they were seeds."""
+  groups = {}
+  for workdir, results in runs.items():
+    if results.get("seed") is not None:
+      key = results["model"], results["task"], results.get("train_file", ""), results["seed"]
+      groups.setdefault(key, []).append(workdir)
+  return [f"{', '.join(workdirs)} are runs of {model} on {task} with the same seed, {seed}: the table's mean ± "
+          "standard deviation over them is not a spread over seeds" for (model, task, _, seed), workdirs in
+          groups.items() if len(workdirs) > 1]
 
 
 def _cells(results: dict) -> list:
