@@ -167,6 +167,8 @@ def hf_export_config(config: model_lib.BertConfig, head: str, labels: tuple | No
       "AutoModel": "modeling_bipft.BiPFTModel",
       "AutoModelForPreTraining": "modeling_bipft.BiPFTForPreTraining",
       "AutoModelForSequenceClassification": "modeling_bipft.BiPFTForSequenceClassification"})
+  if head == "pretraining":  # only a pretraining export has the MLM head (elsewhere it would start random)
+    hf["auto_map"]["AutoModelForMaskedLM"] = "modeling_bipft.BiPFTForMaskedLM"
   return hf
 
 

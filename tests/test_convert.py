@@ -121,12 +121,20 @@ def test_hf_export_matches_jax(tmp_path, head, binary, pooling, precision):
   assert len(theirs.hidden_states) == config.num_layers + 1
   for ours_h, theirs_h in zip(ours["hidden_states"], theirs.hidden_states):
     np.testing.assert_allclose(theirs_h.numpy(), np.asarray(ours_h), rtol=0, atol=ATOL)
+  masked_lm = json.loads((tmp_path / "hf" / "config.json").read_text())["auto_map"].get("AutoModelForMaskedLM")
   if head == "pretraining":
     np.testing.assert_allclose(theirs.prediction_logits.numpy(), np.asarray(ours["mlm_logits"]), rtol=0, atol=ATOL)
     np.testing.assert_allclose(theirs.seq_relationship_logits.numpy(), np.asarray(ours["nsp_logits"]),
                                rtol=0, atol=ATOL)
+    # The same export as transformers' masked LM (fill-mask), every tensor used.
+    model, loading = transformers.AutoModelForMaskedLM.from_pretrained(
+        str(tmp_path / "hf"), trust_remote_code=True, output_loading_info=True)
+    assert masked_lm and not loading["missing_keys"] and not loading["unexpected_keys"]
+    np.testing.assert_allclose(torch_forward(model.eval(), batch).logits.numpy(), np.asarray(ours["mlm_logits"]),
+                               rtol=0, atol=ATOL)
   else:
     np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(ours["logits"]), rtol=0, atol=ATOL)
+    assert masked_lm is None  # no MLM head to load: it would start random
   assert convert.read_pytorch_checkpoint(str(tmp_path / "hf"))[0].precision == precision
 
 
@@ -389,6 +397,24 @@ def test_to_pytorch_of_a_directory_without_checkpoint(tmp_path, capsys):
                                       "--out", tmp_path / "hf"))
   assert "no checkpoint in" in line
   assert not (tmp_path / "hf").exists()
+
+
+def test_a_pretraining_export_fills_masks_in_the_transformers_pipeline(tmp_path, minilm_dir):
+  # A pretrained student's first check in the PyTorch world; the export had no AutoModelForMaskedLM,
+  # so pipeline("fill-mask") could not load it.
+  config = tiny_config(vocab_size=30522)
+  params = realistic_params(config, "pretraining", padded_two_segment_batch(config.vocab_size))
+  checkpointing.save_params(str(tmp_path / "ckpt"), params, config, "pretraining")
+  convert.to_pytorch(str(tmp_path / "ckpt"), str(tmp_path / "hf"), tokenizer=str(minilm_dir))
+  text = "the cat sat on the [MASK] ."
+  filled = transformers.pipeline("fill-mask", model=str(tmp_path / "hf"), trust_remote_code=True, top_k=3)(text)
+  ids = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(text, return_tensors="np")["input_ids"]
+  batch = {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
+  logits_V = np.asarray(jax_forward(config, "pretraining", params, batch)["mlm_logits"][0, list(ids[0]).index(103)])
+  top = np.argsort(-logits_V)[:3]
+  assert [f["token"] for f in filled] == top.tolist()
+  probs_V = np.exp(logits_V - logits_V.max()) / np.exp(logits_V - logits_V.max()).sum()
+  np.testing.assert_allclose([f["score"] for f in filled], probs_V[top], rtol=1e-4)
 
 
 def test_to_pytorch_ships_the_tokenizer_it_is_given(tmp_path, capsys, minilm_dir):

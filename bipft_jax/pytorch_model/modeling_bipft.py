@@ -4,9 +4,10 @@ Self-contained (torch + transformers >= 5 only): `bipft convert` copies this fil
 config.json and model.safetensors, and config.json's `auto_map` points here, so
 
   AutoModelForPreTraining.from_pretrained(DIR, trust_remote_code=True)
+  AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)  # and pipeline("fill-mask", DIR, ...)
   AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True)
 
-load it without bipft-jax. `weight_bits == 1` in the config is the 1-bit student (BWN weights and
+load it without bipft-jax (the masked LM from a pretraining export, the classifier from a finetuned one). `weight_bits == 1` in the config is the 1-bit student (BWN weights and
 word embedding, elastic binary activations, low-rank residual estimators in self-attention);
 otherwise it is the full-precision BERT teacher. The math is METHOD.md of bipft-jax, and every
 binarizer is an autograd Function with the release's straight-through gradients, so the model
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import (BaseModelOutputWithPooling, MaskedLMOutput, ModelOutput,
+                                           SequenceClassifierOutput)
 
 # The release clamps learned scales from below in the forward only: a clamped scale still gets
 # its LSQ gradient (computed with the clamped value) and can grow back.
@@ -646,6 +648,23 @@ class BiPFTForPreTraining(BiPFTPreTrainedModel):
     return result if _return_dict(self.config, return_dict) else result.to_tuple()
 
 
+class BiPFTForMaskedLM(BiPFTForPreTraining):
+  """The pretraining model as transformers' masked LM (AutoModelForMaskedLM, the fill-mask pipeline):
+  its MLM logits, and their cross entropy where `labels` are given (-100: not a masked position)."""
+
+  def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+              token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+              output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+              return_dict: Optional[bool] = None):
+    out = super().forward(input_ids, attention_mask, token_type_ids, output_attentions=output_attentions,
+                          output_hidden_states=output_hidden_states, return_dict=True)
+    logits_BxLxV = out.prediction_logits
+    loss = None if labels is None else F.cross_entropy(logits_BxLxV.reshape(-1, self.config.vocab_size),
+                                                       labels.reshape(-1))
+    result = MaskedLMOutput(loss=loss, logits=logits_BxLxV, hidden_states=out.hidden_states, attentions=out.attentions)
+    return result if _return_dict(self.config, return_dict) else result.to_tuple()
+
+
 class BiPFTForSequenceClassification(BiPFTPreTrainedModel):
   """`bert` + dropout + an FP classifier on the pooled output; num_labels = 1 is regression (MSE)."""
 
@@ -675,4 +694,4 @@ class BiPFTForSequenceClassification(BiPFTPreTrainedModel):
     return result if _return_dict(self.config, return_dict) else result.to_tuple()
 
 
-__all__ = ["BiPFTConfig", "BiPFTModel", "BiPFTForPreTraining", "BiPFTForSequenceClassification"]
+__all__ = ["BiPFTConfig", "BiPFTModel", "BiPFTForPreTraining", "BiPFTForMaskedLM", "BiPFTForSequenceClassification"]
