@@ -250,11 +250,12 @@ def test_a_workdir_another_run_holds_stops_every_process(files, tmp_path):
   assert errors[1] == f"{errors[0]} [on process 0]"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_to_one_host_saves_the_whole_job_at_one_step(files, tmp_path, signum):
-  # A preempted host gets its SIGTERM alone or first, a Ctrl-C reaches one host's terminal: every process
-  # must save the same step and stop (a handler of our own on that host alone left the job hanging in
-  # its save), each with a signal's exit code, not 0 (the run has not finished).
+  # A preempted host gets its SIGTERM alone or first, a Ctrl-C reaches one host's terminal, one host's
+  # ssh connection drops (SIGHUP): every process must save the same step and stop (a handler of our
+  # own on that host alone left the job hanging in its save), each with a signal's exit code, not 0
+  # (the run has not finished).
   workdir = tmp_path / "run"
   started = _start_pretrain(files, tmp_path, workdir)
   deadline = time.monotonic() + TIMEOUT_S
@@ -263,10 +264,11 @@ def test_a_signal_to_one_host_saves_the_whole_job_at_one_step(files, tmp_path, s
     assert time.monotonic() < deadline and all(p.poll() is None for p, _, _ in started), "the job did not train"
     time.sleep(0.5)
   started[1][0].send_signal(signum)
-  (out0, _), (out1, _) = _finish(started, expected=[143, 128 + signum])  # 130: process 1 saw a Ctrl-C
+  (out0, _), (out1, _) = _finish(started, expected=[143, 128 + signum])  # 130, 129: what process 1 saw
   saved = int(re.search(r"SIGTERM: saved step (\d+) to ", out0).group(1))
   assert "saved step" not in out1  # process 0 alone tells the story
   assert ("Ctrl-C: saving after this step" in out1) == (signum == signal.SIGINT)
+  assert ("hangup (SIGHUP, or the console's reader left): saving after this step" in out1) == (signum == signal.SIGHUP)
   manager = checkpointing.make_manager(str(workdir), read_only=True)
   assert manager.all_steps() == [saved] and saved >= 2
   _, _, params = checkpointing.restore_params(str(workdir))  # both processes' files, checksums verified
