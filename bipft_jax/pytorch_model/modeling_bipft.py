@@ -7,9 +7,10 @@ config.json and model.safetensors, and config.json's `auto_map` points here, so
   AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)  # and pipeline("fill-mask", DIR, ...)
   AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True)
 
-load it without bipft-jax (the masked LM from a pretraining export, the classifier from a finetuned one). `weight_bits == 1` in the config is the 1-bit student (BWN weights and
-word embedding, elastic binary activations, low-rank residual estimators in self-attention);
-otherwise it is the full-precision BERT teacher. The math is METHOD.md of bipft-jax, and every
+load it without bipft-jax (the masked LM from a pretraining export, the classifier from a finetuned
+one). `weight_bits == 1` in the config is the 1-bit student (BWN weights and word embedding,
+elastic binary activations, low-rank residual estimators in self-attention); otherwise it is the
+full-precision BERT teacher. The math is METHOD.md of bipft-jax, and every
 binarizer is an autograd Function with the release's straight-through gradients, so the model
 also trains in PyTorch. Parameter names are the original release's.
 
