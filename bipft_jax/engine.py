@@ -12,7 +12,7 @@ owns the rest, the same for every job:
   activation scales are calibrated by ONE rule (`needs_calibration`: a binary model whose scales
   are all still at their initial 1);
 - orbax checkpoints every `checkpoint_every` steps and at the end, a save on SIGTERM, Ctrl-C or a
-  hangup (`distributed.StopSignals`), and the NaN stop: a non-finite loss or state ends the run before
+  hangup (`distributed.StopSignals`) and, in a run of one process, on a data error, and the NaN stop: a non-finite loss or state ends the run before
   anything non-finite is saved;
 - multi-host start-up (`start`) and one metrics writer (metrics.jsonl + TensorBoard).
 """
@@ -451,7 +451,10 @@ class _Loop:
       self.reported_at = self.logged_at = time.perf_counter()
       while step < schedule.total_steps and not job.finished():
         asked = time.perf_counter()
-        batch, data_state = next(prefetch)
+        try:
+          batch, data_state = next(prefetch)
+        except UserError as e:  # the data failed (a corpus cut short, say): the steps trained are whole
+          raise self._saved_first(e, step, state, data_state) from None
         self.waited += time.perf_counter() - asked
         tokens = int(np.sum(batch["attention_mask"])) * jax.process_count()
         global_batch = self.engine.global_batch(batch)
@@ -497,6 +500,18 @@ class _Loop:
       writer.close()
       signals.close()
     return {"step": step, "metrics": self.logged, "start": start, "final": final, "params": state["params"]}
+
+  def _saved_first(self, error: UserError, step: int, state: dict, data_state) -> UserError:
+    """The data's `error`, once the steps trained since the newest checkpoint are saved where this
+    process can save alone. A job of several cannot: the other processes are in the step's
+    collectives, and a save of one would wait for them forever."""
+    self.manager.wait_until_finished()
+    if data_state is None or distributed.several_processes() or self.manager.latest_step() == step:
+      return error
+    checkpointing.save(self.manager, step, params=state["params"], opt_state=state["opt_state"],
+                       data_state=self.job.checkpoint_state(data_state), config=self.record)
+    self.manager.wait_until_finished()
+    return UserError(f"{error} (step {step} saved first)")
 
   def _report(self, step: int, metrics: dict, tokens: int) -> None:
     """Fetches a step's metrics, stops on a non-finite loss or state, logs every `log_every`."""

@@ -26,6 +26,7 @@ from bipft_jax import model as model_lib
 from bipft_jax import files as bipft_files  # the `files` fixture takes the name
 from bipft_jax import model_params, optim
 from bipft_jax.data import pipeline, sources
+from bipft_jax.errors import UserError
 from bipft_jax.metrics_writer import MetricsWriter
 
 from test_data import NUM_DOCS, WORDS, write_corpus
@@ -492,6 +493,28 @@ def test_steps_waiting_for_data_are_measured_and_said(files, tmp_path, capsys, m
   assert len(waits) == 10 and all(0 <= w <= 1 for w in waits) and sorted(waits[-5:])[1] > 0.5, waits
   said = [line for line in capsys.readouterr().out.splitlines() if "waited for data" in line]
   assert len(said) == 1 and "is the bottleneck" in said[0], said
+
+
+def test_a_data_error_mid_run_saves_the_steps_trained_first(files, tmp_path, capsys, monkeypatch):
+  # A corpus cut short under a run (sources.py) stopped it in one line, and the steps since the newest
+  # checkpoint were lost. One process saves them first; the rerun, once the data is back, resumes there.
+  real_next, served = pipeline.PretrainingData.__next__, []
+
+  def failing_next(self):
+    served.append(1)
+    if len(served) > 6:
+      raise UserError("corpus.txt was cut short while the run read it")
+    return real_next(self)
+  monkeypatch.setattr(pipeline.PretrainingData, "__next__", failing_next)
+  workdir = tmp_path / "run"
+  assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=50", "--config.checkpoint_every=50")) == 2
+  saved = checkpointing.make_manager(str(workdir), read_only=True).all_steps()
+  assert len(saved) == 1 and 2 <= saved[0] <= 6, saved
+  assert _error_line(capsys.readouterr().err, "pretrain").endswith(
+      f"corpus.txt was cut short while the run read it (step {saved[0]} saved first)")
+  monkeypatch.setattr(pipeline.PretrainingData, "__next__", real_next)
+  assert cli.main(_pretrain_args(files, workdir, "--config.total_steps=8", "--config.checkpoint_every=50")) == 0
+  assert f"resuming {workdir} from step {saved[0]}" in capsys.readouterr().out
 
 
 def traced_steps(workdir, job: str) -> list:
