@@ -12,8 +12,8 @@ owns the rest, the same for every job:
   activation scales are calibrated by ONE rule (`needs_calibration`: a binary model whose scales
   are all still at their initial 1);
 - orbax checkpoints every `checkpoint_every` steps and at the end, a save on SIGTERM, Ctrl-C or a
-  hangup (`distributed.StopSignals`) and, in a run of one process, on a data error, and the NaN stop: a non-finite loss or state ends the run before
-  anything non-finite is saved;
+  hangup (`distributed.StopSignals`) and, in a run of one process, on a data error, and the NaN
+  stop: a non-finite loss or state ends the run before anything non-finite is saved;
 - multi-host start-up (`start`) and one metrics writer (metrics.jsonl + TensorBoard).
 """
 import dataclasses
@@ -484,8 +484,7 @@ class _Loop:
           final = self._evaluate(step, state["params"], frozen)
           save = save or job.finished()
         if save:
-          checkpointing.save(self.manager, step, params=state["params"], opt_state=state["opt_state"],
-                             data_state=job.checkpoint_state(data_state), config=self.record)
+          self._save(step, state, data_state)
         if stop:
           self.manager.wait_until_finished()
           self._say(f"{STOPPED[signal_exit_code(stop)]}: saved step {step} to {self.workdir}; rerun the "
@@ -508,10 +507,14 @@ class _Loop:
     self.manager.wait_until_finished()
     if data_state is None or distributed.several_processes() or self.manager.latest_step() == step:
       return error
-    checkpointing.save(self.manager, step, params=state["params"], opt_state=state["opt_state"],
-                       data_state=self.job.checkpoint_state(data_state), config=self.record)
+    self._save(step, state, data_state)
     self.manager.wait_until_finished()
     return UserError(f"{error} (step {step} saved first)")
+
+  def _save(self, step: int, state: dict, data_state) -> None:
+    """Starts the (asynchronous) save of `step`: parameters, optimizer and data state, the run's record."""
+    checkpointing.save(self.manager, step, params=state["params"], opt_state=state["opt_state"],
+                       data_state=self.job.checkpoint_state(data_state), config=self.record)
 
   def _report(self, step: int, metrics: dict, tokens: int) -> None:
     """Fetches a step's metrics, stops on a non-finite loss or state, logs every `log_every`."""
