@@ -9,8 +9,9 @@ exit code 1; what was written before it is intact. Any other exception that carr
 An XLA error saying a device's memory ran out (`out_of_memory`) is reported in one line with what to
 change, exit code 1.
 A run that a SIGTERM, Ctrl-C or hangup stopped after saving exits with the shell's code for that
-signal, 128 + its number (143, 130, 129): not 0, so that `bipft pretrain ... && bipft finetune ...`, a job
-controller that restarts failed jobs, and `bipft study`/`track` do not take it for a finished run.
+signal, 128 + its number (143, 130, 129): not 0, so that `bipft pretrain ... && bipft finetune ...`,
+a job controller that restarts failed jobs, and `bipft study`/`track` do not take it for a finished
+run.
 """
 import errno
 import re

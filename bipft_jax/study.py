@@ -16,8 +16,9 @@ A cell is finished when its cell.json exists (its numbers, written atomically af
 ends); a rerun with the same workdir skips finished cells and resumes the one that was interrupted
 (`bipft pretrain` from its checkpoint, `bipft finetune` from its staging folder). A SIGTERM, Ctrl-C
 or hangup stops the study with the signal's exit code (143, 130, 129): in a training loop after its
-save, a SIGTERM or hangup elsewhere once the cell is recorded, a Ctrl-C elsewhere at once. A rerun may change
-the grid (methods, tasks, seeds, sweep), not the recipe (teacher, pretraining, finetuning: recipe.json).
+save, a SIGTERM or hangup elsewhere once the cell is recorded, a Ctrl-C elsewhere at once. A rerun
+may change the grid (methods, tasks, seeds, sweep), not the recipe (teacher, pretraining,
+finetuning: recipe.json).
 After every cell the tables and plots are rewritten (study_results.py): results.json, results.md, *.png.
 """
 import argparse

@@ -21,14 +21,13 @@ that have one and resumes the others (pretraining from its checkpoint, a finetun
 results.json afresh). A row whose pretraining or finetuning stops with an error is reported with that
 error and not saved. A SIGTERM, Ctrl-C or hangup stops the track with the signal's exit code (143,
 130, 129): in a training loop after the loop's save, the row left unsaved (a rerun resumes it); a
-SIGTERM or hangup elsewhere once the row is saved; a Ctrl-C elsewhere at once. After every row the table is rewritten:
-WORKDIR/track.md and WORKDIR/track.json.
+SIGTERM or hangup elsewhere once the row is saved; a Ctrl-C elsewhere at once. After every row the
+table is rewritten: WORKDIR/track.md and WORKDIR/track.json.
 """
 import argparse
 import datetime
 import json
 import os
-import signal
 import time
 from typing import Optional
 

@@ -5,8 +5,8 @@ A document's examples in an epoch are a pure function of (seed, epoch, document)
 the documents ahead of a stream and the stream takes them in its own order: the batches are the
 same for any number of workers (`data.workers=0`: made in the data thread). The workers are started
 with "spawn" (forking a process that runs JAX's threads can deadlock), ignore SIGINT, SIGTERM and
-SIGHUP (the run's own handler saves first, then ends them) and leave when their parent has gone, however
-it ended.
+SIGHUP (the run's own handler saves first, then ends them) and leave when their parent has gone,
+however it ended.
 """
 import concurrent.futures
 import contextlib

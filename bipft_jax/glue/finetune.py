@@ -16,16 +16,17 @@ The run engine (engine.py) drives it as it drives pretraining: sharded over `con
 through the launch scripts, checkpoints every `checkpoint_every` steps and at each epoch's end, exact
 resume after a kill (rerun the same command), a save on SIGTERM, Ctrl-C or a hangup (exit code 143,
 130 or 129), and a stop on a NaN/Inf loss or update before best/ or results.json exist. Each epoch
-ends with every dev split evaluated (metrics.jsonl, TensorBoard). The best epoch by the task's first metric on the first
-dev split is kept (MNLI-mm is reported from the last epoch, as the release does); at the end `best/`
-holds its checkpoint, `results.json` the reported numbers and `submission/` the GLUE leaderboard files
-of whatever test splits exist (a custom task: test_predictions.tsv, its data.test_file predicted).
+ends with every dev split evaluated (metrics.jsonl, TensorBoard). The best epoch by the task's first
+metric on the first dev split is kept (MNLI-mm is reported from the last epoch, as the release
+does); at the end `best/` holds its checkpoint, `results.json` the reported numbers and
+`submission/` the GLUE leaderboard files of whatever test splits exist (a custom task:
+test_predictions.tsv, its data.test_file predicted).
 Everything is written to `WORKDIR/.finetune-staging/` (a killed run resumes from there) and moved
 into the workdir when the run ends, so a workdir with an earlier run (replaced only with
 `--overwrite`) keeps it whole until then; the same command after the run finished has nothing left
 to train and exits 0, one with other settings is refused; a run killed while its outputs were
-written or moved is completed by the next `bipft finetune` there. From its first write to its last the run holds the
-workdir: another run started there is refused (`distributed.workdir_lock`).
+written or moved is completed by the next `bipft finetune` there. From its first write to its last
+the run holds the workdir: another run started there is refused (`distributed.workdir_lock`).
 """
 import json
 import os
